@@ -1,0 +1,93 @@
+"""What every shop service process does: parse flags, open its store, serve gRPC,
+run its saga participant, print ``READY <port>``, and drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from examples.shop import wiring
+from examples.shop.store import Store
+
+log = logging.getLogger("examples.shop")
+
+
+@dataclass
+class ServiceContext:
+    """What a service's ``build`` function gets."""
+
+    name: str
+    store: Store
+    bus: Any  # meshkit.saga.EventBus, or None when run without NATS
+    args: argparse.Namespace
+
+
+# build(ctx) -> (add servicers to the server, participant or None)
+Build = Callable[[ServiceContext], Awaitable[tuple[Callable[[grpc.aio.Server], None], Any]]]
+
+
+def parse_args(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"examples.shop.{name}")
+    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", ""))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--db", default=":memory:")
+    parser.add_argument("--log-level", default=os.environ.get("SHOP_LOG_LEVEL", "WARNING"))
+    return parser.parse_args(argv)
+
+
+async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None = None) -> int:
+    args = parse_args(name, argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
+    )
+    store = Store(args.db, schema)
+    bus = None
+    if args.nats_url:
+        from examples.shop.flow import connect_bus
+
+        bus = await connect_bus(args.nats_url, name=f"shop-{name}")
+    ctx = ServiceContext(name, store, bus, args)
+    add_servicers, participant = await build(ctx)
+    server = wiring.server()
+    add_servicers(server)
+    port = server.add_insecure_port(f"127.0.0.1:{args.port}")
+    await server.start()
+    consumer = None
+    if participant is not None and bus is not None:
+        consumer = await participant.start(bus)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {port}", flush=True)
+    await stop.wait()
+    log.info("%s stopping: draining in-flight events", name)
+    if consumer is not None:
+        await consumer.stop()
+    await server.stop(grace=2.0)
+    if bus is not None:
+        await bus.close()
+    store.close()
+    return 0
+
+
+def main(name: str, schema: str, build: Build) -> None:
+    """Entry point for ``python -m examples.shop.<name>``."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    sys.exit(asyncio.run(serve(name, schema, build)))

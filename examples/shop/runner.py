@@ -1,0 +1,250 @@
+"""Start the shop's services as separate processes (the demo, tests and bench use this).
+
+Each service is ``python -m examples.shop.<name>`` with the repository root as
+its working directory; it prints ``READY <port>`` on stdout once its gRPC
+server listens and its participant consumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from examples.shop._gen import REPO_ROOT
+
+SERVICES: tuple[str, ...] = ("order", "inventory", "payment", "shipping", "notification")
+
+
+class ServiceStartError(RuntimeError):
+    """A service process did not report READY."""
+
+
+@dataclass
+class ServiceProcess:
+    """One running service process."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_service(
+    name: str,
+    nats_url: str,
+    data_dir: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    extra_args: Iterable[str] = (),
+    timeout: float = 30.0,
+) -> ServiceProcess:
+    """Start ``examples.shop.<name>`` and wait for its READY line."""
+    data = Path(data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = data / f"{name}.log"
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        full_env.update(env)
+    args = [
+        sys.executable,
+        "-m",
+        f"examples.shop.{name}",
+        "--nats-url",
+        nats_url,
+        "--port",
+        "0",
+        "--db",
+        str(data / f"{name}.sqlite"),
+        *extra_args,
+    ]
+    log_file = open(log_path, "a")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        log_file.close()
+    assert proc.stdout is not None
+    ready: list[int] = []
+    done = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("READY ") and not ready:
+                ready.append(int(line.split()[1]))
+                done.set()
+        done.set()
+
+    threading.Thread(target=read, name=f"shop-{name}-stdout", daemon=True).start()
+    done.wait(timeout)
+    if not ready:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(5)
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise ServiceStartError(f"{name} did not become ready (exit {proc.poll()}):\n{tail}")
+    return ServiceProcess(name, proc, ready[0], log_path, lines)
+
+
+def stop_service(svc: ServiceProcess, timeout: float = 10.0) -> int | None:
+    """SIGTERM (graceful drain), then SIGKILL after ``timeout``; returns the exit code."""
+    if svc.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            svc.proc.send_signal(signal.SIGTERM)
+        try:
+            svc.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait(5)
+    return svc.proc.returncode
+
+
+def kill_service(svc: ServiceProcess) -> None:
+    """SIGKILL, as a crash would."""
+    if svc.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            svc.proc.kill()
+        svc.proc.wait(5)
+
+
+class ShopCluster:
+    """Every shop service as its own process, sharing one NATS server and a data dir."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        services: Iterable[str] = SERVICES,
+        env: Mapping[str, Mapping[str, str]] | None = None,
+        extra_args: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        self.nats_url = nats_url
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="meshkit-shop-")
+            data_dir = self._tmp.name
+        self.data_dir = Path(data_dir)
+        self.names = tuple(services)
+        self.env = dict(env or {})
+        self.extra_args = dict(extra_args or {})
+        self.procs: dict[str, ServiceProcess] = {}
+
+    def start(self) -> ShopCluster:
+        """Start every service (in parallel) and wait until all are ready."""
+        errors: list[BaseException] = []
+
+        def one(name: str) -> None:
+            try:
+                self.procs[name] = self._start(name)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in self.names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+        return self
+
+    def _start(self, name: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        merged = dict(self.env.get(name, {}))
+        merged.update(env or {})
+        return start_service(
+            name,
+            self.nats_url,
+            self.data_dir,
+            env=merged,
+            extra_args=self.extra_args.get(name, ()),
+        )
+
+    def restart(self, name: str, *, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        """Stop (if running) and start one service again with the same database."""
+        old = self.procs.get(name)
+        if old is not None:
+            stop_service(old)
+        self.procs[name] = self._start(name, env)
+        return self.procs[name]
+
+    def kill(self, name: str) -> None:
+        kill_service(self.procs[name])
+
+    def address(self, name: str) -> str:
+        return self.procs[name].address
+
+    def db_path(self, name: str) -> Path:
+        return self.data_dir / f"{name}.sqlite"
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop every service gracefully (in parallel); returns exit codes by name."""
+        codes: dict[str, int | None] = {}
+
+        def one(svc: ServiceProcess) -> None:
+            codes[svc.name] = stop_service(svc)
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in self.procs.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return codes
+
+    def cleanup(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ShopCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.cleanup()
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until true or ``timeout``; returns its last truth value."""
+    assert callable(predicate)
+    end = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)

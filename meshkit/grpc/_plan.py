@@ -1,0 +1,207 @@
+"""Per-method plans: a method's policy compiled once into what the interceptors need.
+
+The fused interceptors look a plan up by method name (one dict lookup per call) and
+take the fast path when the plan says so. Plans hold the shared state instances
+(breakers, budgets, bulkheads, limiters) fetched once from the :class:`Policy`
+registries, and the telemetry attribute dicts, so nothing is built per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from meshkit.telemetry import breaker_listener, method_attributes
+
+if TYPE_CHECKING:
+    from meshkit.config import MethodPolicy, Policy
+
+__all__ = ["ClientPlan", "PlanCache", "ServerPlan", "compile_client", "compile_server"]
+
+_log = logging.getLogger("meshkit.grpc")
+
+# Fast-path levels for client plans.
+PASS = 0  # no policy at all: only deadline propagation (skipped when no deadline is set)
+TIMEOUT = 1  # a timeout/deadline only: adjust the call's timeout and go
+FULL = 2  # anything else: the resilient path
+
+
+@dataclass(slots=True)
+class ClientPlan:
+    """What a client interceptor does for one method."""
+
+    method: str
+    level: int
+    policy: Any = None  # MethodPolicy
+    timeout: float | None = None
+    margin: float = 0.0
+    retry: Any = None
+    budget: Any = None
+    hedging: Any = None
+    breaker: Any = None
+    breaker_name: str = ""
+    bulkhead: Any = None
+    bulkhead_wait: float = 0.0
+    rate_limiter: Any = None
+    fault: Any = None
+    allow_fault_headers: bool = False
+    fallback: Any = None
+    attrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ServerPlan:
+    """What a server interceptor does for one method."""
+
+    method: str
+    active: bool
+    policy: Any = None
+    bulkhead: Any = None
+    bulkhead_wait: float = 0.0
+    adaptive: Any = None
+    rate_limit: Any = None  # the config; limiters are per key
+    rate_key: str | None = None
+    fault: Any = None
+    allow_fault_headers: bool = False
+    isolation: Any = None  # an isolation pool for sync servers
+    attrs: dict[str, str] = field(default_factory=dict)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    return getattr(obj, name, default) if obj is not None else default
+
+
+def _wait_of(cfg: Any) -> float:
+    wait = _get(cfg, "max_wait", 0.0)
+    return float(wait) if wait else 0.0
+
+
+def compile_client(
+    policy: Policy | None,
+    method: str,
+    target: str,
+    *,
+    client_faults: bool,
+    client_rate_limits: bool,
+) -> ClientPlan:
+    """Compile ``method``'s policy for a client channel to ``target``."""
+    attrs = method_attributes(method, "client", target=target)
+    if policy is None:
+        return ClientPlan(method, PASS, attrs=attrs)
+    mp: MethodPolicy = policy.for_method(method)
+    timeout = _get(mp, "timeout")
+    margin = float(_get(mp, "deadline_margin", 0.0) or 0.0)
+    if _get(mp, "is_noop", False):
+        return ClientPlan(method, PASS, mp, attrs=attrs, margin=margin)
+    plan = ClientPlan(method, FULL, mp, timeout=timeout, margin=margin, attrs=attrs)
+    retry = _get(mp, "retry")
+    if retry is not None and retry.max_attempts > 1:
+        plan.retry = retry
+    hedging = _get(mp, "hedging")
+    if hedging is not None and hedging.max_attempts > 1:
+        plan.hedging = hedging
+    budget_cfg = _get(retry, "budget") if retry is not None else None
+    if (plan.retry is not None or plan.hedging is not None) and budget_cfg is not None:
+        plan.budget = policy.retry_budget(target)
+    cb = _get(mp, "circuit_breaker")
+    if cb is not None:
+        scope = str(_get(cb, "scope", "target"))
+        key = f"{target}{method}" if scope == "method" else target
+        plan.breaker = policy.breaker(key, cb)
+        plan.breaker_name = key
+        _attach_breaker_listener(plan.breaker, key)
+    bh = _get(mp, "bulkhead")
+    if bh is not None:
+        plan.bulkhead = policy.bulkhead(f"client:{target}{method}", bh)
+        plan.bulkhead_wait = _wait_of(bh)
+    rl = _get(mp, "rate_limit")
+    if rl is not None and client_rate_limits:
+        plan.rate_limiter = policy.rate_limiter(f"client:{target}{method}", rl)
+    fault = _get(mp, "fault")
+    if fault is not None and client_faults:
+        plan.fault = fault
+        plan.allow_fault_headers = bool(_get(fault, "allow_headers", False))
+    plan.fallback = _get(mp, "fallback")
+    if (
+        plan.retry is None
+        and plan.hedging is None
+        and plan.breaker is None
+        and plan.bulkhead is None
+        and plan.rate_limiter is None
+        and plan.fault is None
+        and plan.fallback is None
+    ):
+        plan.level = TIMEOUT
+    return plan
+
+
+def compile_server(policy: Policy | None, method: str, *, isolation: Any = None) -> ServerPlan:
+    """Compile ``method``'s policy for a server."""
+    attrs = method_attributes(method, "server")
+    if policy is None:
+        return ServerPlan(method, isolation is not None, isolation=isolation, attrs=attrs)
+    mp: MethodPolicy = policy.for_method(method)
+    plan = ServerPlan(method, False, mp, isolation=isolation, attrs=attrs)
+    service = method.lstrip("/").partition("/")[0]
+    bh = _get(mp, "bulkhead")
+    if bh is not None:
+        plan.bulkhead = policy.bulkhead(f"server:{service}", bh)
+        plan.bulkhead_wait = _wait_of(bh)
+    al = _get(mp, "adaptive_limit")
+    if al is not None:
+        plan.adaptive = policy.adaptive_limiter(f"server:{service}", al)
+    rl = _get(mp, "rate_limit")
+    if rl is not None:
+        plan.rate_limit = rl
+        plan.rate_key = _get(rl, "key")
+    fault = _get(mp, "fault")
+    if fault is not None:
+        plan.fault = fault
+        plan.allow_fault_headers = bool(_get(fault, "allow_headers", False))
+    plan.active = any(
+        x is not None
+        for x in (plan.bulkhead, plan.adaptive, plan.rate_limit, plan.fault, plan.isolation)
+    )
+    return plan
+
+
+_listened: set[int] = set()
+_listened_lock = threading.Lock()
+
+
+def _attach_breaker_listener(breaker: Any, name: str) -> None:
+    """Record the breaker's transitions as metrics, once per breaker instance."""
+    add = getattr(breaker, "add_listener", None)
+    if add is None:
+        return
+    with _listened_lock:
+        if id(breaker) in _listened:
+            return
+        _listened.add(id(breaker))
+    record = breaker_listener(name)
+
+    def on_event(event: Any) -> None:
+        if getattr(event, "kind", None) == "state_transition":
+            record(event.from_state, event.to_state)
+
+    add(on_event)
+
+
+class PlanCache:
+    """Plans by method name; compiled on first use. Safe under threads (idempotent)."""
+
+    __slots__ = ("_compile", "_plans")
+
+    def __init__(self, compile_fn: Any) -> None:
+        self._plans: dict[str, Any] = {}
+        self._compile = compile_fn
+
+    def get(self, method: str) -> Any:
+        plan = self._plans.get(method)
+        if plan is None:
+            plan = self._compile(method)
+            # setdefault keeps the first plan when two threads race, so shared state is one.
+            plan = self._plans.setdefault(method, plan)
+        return plan

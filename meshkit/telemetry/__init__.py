@@ -1,0 +1,148 @@
+"""OpenTelemetry metrics and span events shared by meshkit's adapters.
+
+Instruments come from the OpenTelemetry *API* meter ``"meshkit"`` and are created
+once, on first use; with no SDK configured the API is a no-op and each record is a
+cheap method call. Attribute dicts are built once per method (see
+:func:`method_attributes`) and reused, so the hot path allocates nothing.
+
+Metrics (all counters unless noted):
+
+``meshkit.rpc.attempts``            every attempt sent (first tries, retries and hedges)
+``meshkit.rpc.retries``             attempts after the first (``kind``: retry or hedge)
+``meshkit.rpc.failed_before_send``  calls refused locally (``reason``: deadline, circuit_open,
+                                    bulkhead_full, rate_limited, budget, fault)
+``meshkit.retry_budget.exhausted``  retries refused by the per-target retry budget
+``meshkit.circuit_breaker.transitions``  state changes (``breaker``, ``from``, ``to``)
+``meshkit.circuit_breaker.state``   up-down counter per (``breaker``, ``state``): 1 for the current state
+``meshkit.bulkhead.in_flight``      up-down counter of permits held (``bulkhead``)
+``meshkit.bulkhead.rejections``     calls refused by a bulkhead or adaptive limit
+``meshkit.rate_limit.rejections``   calls refused by a rate limiter
+``meshkit.fallbacks``               fallbacks served (``kind``)
+``meshkit.faults``                  faults injected (``fault``: delay or abort)
+
+Span events go on the current span (the one opentelemetry-instrumentation-grpc opened,
+when it is installed): ``meshkit.retry``, ``meshkit.hedge``, ``meshkit.rejected``,
+``meshkit.fallback``, ``meshkit.fault``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import metrics as _otel_metrics
+from opentelemetry import trace as _otel_trace
+
+__all__ = ["Metrics", "instruments", "method_attributes", "span_event"]
+
+Attributes = Mapping[str, str | int | float | bool]
+
+
+class Metrics:
+    """The meshkit instruments, created once from the ``"meshkit"`` meter."""
+
+    def __init__(self, meter: _otel_metrics.Meter | None = None) -> None:
+        m = meter or _otel_metrics.get_meter("meshkit")
+        self.attempts = m.create_counter(
+            "meshkit.rpc.attempts", unit="{attempt}", description="RPC attempts sent"
+        )
+        self.retries = m.create_counter(
+            "meshkit.rpc.retries", unit="{attempt}", description="Attempts after the first"
+        )
+        self.failed_before_send = m.create_counter(
+            "meshkit.rpc.failed_before_send",
+            unit="{call}",
+            description="Calls refused locally before anything was sent",
+        )
+        self.budget_exhausted = m.create_counter(
+            "meshkit.retry_budget.exhausted",
+            unit="{retry}",
+            description="Retries refused by the per-target retry budget",
+        )
+        self.breaker_transitions = m.create_counter(
+            "meshkit.circuit_breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes",
+        )
+        self.breaker_state = m.create_up_down_counter(
+            "meshkit.circuit_breaker.state",
+            unit="1",
+            description="1 for each breaker's current state",
+        )
+        self.bulkhead_in_flight = m.create_up_down_counter(
+            "meshkit.bulkhead.in_flight", unit="{call}", description="Bulkhead permits held"
+        )
+        self.bulkhead_rejections = m.create_counter(
+            "meshkit.bulkhead.rejections",
+            unit="{call}",
+            description="Calls refused by a bulkhead or concurrency limit",
+        )
+        self.rate_limit_rejections = m.create_counter(
+            "meshkit.rate_limit.rejections",
+            unit="{call}",
+            description="Calls refused by a rate limiter",
+        )
+        self.fallbacks = m.create_counter(
+            "meshkit.fallbacks", unit="{call}", description="Fallbacks served"
+        )
+        self.faults = m.create_counter(
+            "meshkit.faults", unit="{call}", description="Faults injected"
+        )
+
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+
+
+def instruments() -> Metrics:
+    """The process-wide :class:`Metrics` (created on first call)."""
+    global _metrics
+    current = _metrics
+    if current is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = Metrics()
+            current = _metrics
+    return current
+
+
+def method_attributes(method: str, side: str, **extra: str) -> dict[str, str]:
+    """Attributes for one method, built once and reused for every record on that method.
+
+    ``method`` is the full gRPC method (``/pkg.Svc/M``); it is split into OpenTelemetry's
+    ``rpc.service`` and ``rpc.method``.
+    """
+    service, _, name = method.lstrip("/").partition("/")
+    attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "side": side}
+    attrs.update(extra)
+    return attrs
+
+
+def span_event(name: str, attributes: Attributes | None = None) -> None:
+    """Add an event to the current span, if one is recording (cheap when none is)."""
+    span = _otel_trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, attributes=dict(attributes) if attributes else None)
+
+
+def breaker_listener(name: str) -> Any:
+    """A transition listener that records breaker state metrics and a span event.
+
+    Its signature is ``(old_state, new_state)`` with states as strings or enums;
+    adapters register it on breakers that accept listeners.
+    """
+    m = instruments()
+
+    def on_transition(old: Any, new: Any, *_: Any) -> None:
+        old_name = getattr(old, "name", None) or str(old)
+        new_name = getattr(new, "name", None) or str(new)
+        m.breaker_transitions.add(1, {"breaker": name, "from": old_name, "to": new_name})
+        m.breaker_state.add(-1, {"breaker": name, "state": old_name})
+        m.breaker_state.add(1, {"breaker": name, "state": new_name})
+        span_event(
+            "meshkit.circuit_breaker.transition",
+            {"breaker": name, "from": old_name, "to": new_name},
+        )
+
+    return on_transition

@@ -1,0 +1,74 @@
+"""Shared fixtures: free ports, generated shop code, an embedded JetStream server, a fake clock."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshkit.resilience.clock import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _generate_shop() -> Path:
+    """Generate the example shop's code once per session (incremental: cheap when unchanged)."""
+    from meshkit.codegen import generate
+
+    descriptor_set = ROOT / "examples" / "shop" / "gen" / "shop.binpb"
+    generate(
+        ROOT / "proto",
+        ROOT,
+        package="examples.shop.gen",
+        only=["shop"],
+        descriptor_set=descriptor_set,
+    )
+    return descriptor_set
+
+
+SHOP_DESCRIPTOR_SET = _generate_shop()
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A clock that moves only when the test advances it."""
+    return FakeClock()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for servers that cannot bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A free loopback port."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def shop_descriptor_set() -> Path:
+    """The FileDescriptorSet of proto/shop (with imports and source info)."""
+    return SHOP_DESCRIPTOR_SET
+
+
+@pytest.fixture
+def nats_server() -> Iterator[object]:
+    """A fresh nats-server with JetStream and a temporary file store, for one test."""
+    from meshkit.nats import NatsServer
+
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def nats_server_module() -> Iterator[object]:
+    """One nats-server with JetStream shared by a test module."""
+    from meshkit.nats import NatsServer
+
+    with NatsServer() as server:
+        yield server

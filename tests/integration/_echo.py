@@ -1,0 +1,385 @@
+"""A scriptable test service for meshkit's gRPC integration tests (no codegen).
+
+Requests and responses are JSON in bytes. Each request scripts the server's behaviour
+for that call, so one service covers every resilience scenario:
+
+``key``          counter name; the server counts calls per key (``server.calls[key]``)
+``fail``         ``[{"code": "UNAVAILABLE", "times": 2, "pushback_ms": 100}]``: the first
+                 ``times`` calls with this key fail with ``code`` (and optional pushback)
+``code``         always fail with this code
+``delay``        seconds to sleep before answering (cancellable, bounded by the deadline)
+``delays``       per-attempt delays, ``[0.5, 0.0]``: call n sleeps ``delays[n-1]``
+``count``        stream this many response messages (server-streaming and bidi)
+``fail_after``   after ``count`` messages, fail with this code
+``next``         ``{"target": "...", "aio": false}``: call the same method on another server
+                 (through a meshkit channel) and nest its answer as ``downstream``
+
+Each answer carries ``n`` (the server's count for the key), ``deadline`` (seconds the
+server saw left, or null), ``prev`` (``grpc-previous-rpc-attempts``), ``port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import grpc.aio
+
+import meshkit.deadline
+
+SERVICE = "meshkit.test.Echo"
+OTHER_SERVICE = "meshkit.test.Other"
+UNARY = f"/{SERVICE}/Unary"
+SERVER_STREAM = f"/{SERVICE}/ServerStream"
+CLIENT_STREAM = f"/{SERVICE}/ClientStream"
+BIDI = f"/{SERVICE}/Bidi"
+OTHER_UNARY = f"/{OTHER_SERVICE}/Unary"
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def loads(data: bytes) -> Any:
+    return json.loads(data) if data else {}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Script:
+    """The server-side state shared by the sync and aio servers: counters and events."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.calls: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+        self.cancelled: dict[str, int] = defaultdict(int)
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def total(self, key: str) -> int:
+        with self.lock:
+            return self.calls[key]
+
+    def begin(self, req: dict[str, Any], md: Iterable[Any]) -> tuple[int, dict[str, Any]]:
+        key = str(req.get("key", "default"))
+        with self.lock:
+            self.calls[key] += 1
+            n = self.calls[key]
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        prev = None
+        for k, v in md or ():
+            if k == "grpc-previous-rpc-attempts":
+                prev = int(v)
+        info = {
+            "n": n,
+            "key": key,
+            "prev": prev,
+            "deadline": meshkit.deadline.remaining(),
+            "port": self.port,
+        }
+        return n, info
+
+    def end(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    @staticmethod
+    def failure(req: dict[str, Any], n: int) -> tuple[str, int | None] | None:
+        if req.get("code"):
+            return str(req["code"]), req.get("pushback_ms")
+        seen = 0
+        for step in req.get("fail", ()):
+            seen += int(step.get("times", 1))
+            if n <= seen:
+                return str(step["code"]), step.get("pushback_ms")
+        return None
+
+    @staticmethod
+    def delay(req: dict[str, Any], n: int) -> float:
+        delays = req.get("delays")
+        if delays:
+            return float(delays[n - 1]) if n - 1 < len(delays) else 0.0
+        return float(req.get("delay", 0.0))
+
+
+def _trailers(pushback_ms: int | None) -> tuple[tuple[str, str], ...]:
+    return () if pushback_ms is None else (("grpc-retry-pushback-ms", str(pushback_ms)),)
+
+
+# ---------------------------------------------------------------------------- sync
+
+
+class SyncEcho:
+    """Sync handlers over a :class:`Script`."""
+
+    def __init__(self, script: Script) -> None:
+        self.s = script
+        self._next_channels: dict[str, Any] = {}
+        self.policy: Any = None
+
+    def _wait(self, seconds: float, context: grpc.ServicerContext) -> None:
+        end = time.monotonic() + seconds
+        while context.is_active() and time.monotonic() < end:
+            time.sleep(min(0.01, max(0.0, end - time.monotonic())))
+
+    def _downstream(self, req: dict[str, Any]) -> Any:
+        nxt = req["next"]
+        target = nxt["target"]
+        ch = self._next_channels.get(target)
+        if ch is None:
+            import meshkit.grpc
+
+            ch = grpc.intercept_channel(
+                grpc.insecure_channel(target),
+                *meshkit.grpc.client_interceptors(self.policy, target=target),
+            )
+            self._next_channels[target] = ch
+        call = ch.unary_unary(UNARY, request_serializer=dumps, response_deserializer=loads)
+        return call(nxt.get("request", {}))
+
+    def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        req = loads(request)
+        n, info = self.s.begin(req, context.invocation_metadata())
+        try:
+            d = self.s.delay(req, n)
+            if d:
+                self._wait(d, context)
+                if not context.is_active():
+                    with self.s.lock:
+                        self.s.cancelled[info["key"]] += 1
+                    return b""
+            fail = self.s.failure(req, n)
+            if fail:
+                context.set_trailing_metadata(_trailers(fail[1]))
+                context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            if req.get("next"):
+                info["downstream"] = self._downstream(req)
+            if "reply" in req:
+                info["reply"] = req["reply"]
+            return dumps(info)
+        finally:
+            self.s.end()
+
+    def server_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        req = loads(request)
+        n, info = self.s.begin(req, context.invocation_metadata())
+        try:
+            if fail := self.s.failure(req, n):
+                context.set_trailing_metadata(_trailers(fail[1]))
+                context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            for i in range(int(req.get("count", 1))):
+                yield dumps({**info, "i": i, "deadline": meshkit.deadline.remaining()})
+            if req.get("fail_after"):
+                context.abort(getattr(grpc.StatusCode, req["fail_after"]), "scripted mid-stream")
+        finally:
+            self.s.end()
+
+    def client_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        items = [loads(r) for r in requests]
+        req = items[0] if items else {}
+        n, info = self.s.begin(req, context.invocation_metadata())
+        try:
+            if fail := self.s.failure(req, n):
+                context.set_trailing_metadata(_trailers(fail[1]))
+                context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            info["received"] = len(items)
+            return dumps(info)
+        finally:
+            self.s.end()
+
+    def bidi(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        first = True
+        n = 0
+        for raw in requests:
+            req = loads(raw)
+            if first:
+                n, info = self.s.begin(req, context.invocation_metadata())
+                self.s.end()
+                first = False
+                if fail := self.s.failure(req, n):
+                    context.set_trailing_metadata(_trailers(fail[1]))
+                    context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            yield dumps({"n": n, "echo": req, "deadline": meshkit.deadline.remaining()})
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        echo = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
+                "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+                "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+            },
+        )
+        other = grpc.method_handlers_generic_handler(
+            OTHER_SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(self.unary)}
+        )
+        return [echo, other]
+
+
+class SyncServer:
+    """A grpc.server on a free loopback port running :class:`SyncEcho`."""
+
+    def __init__(self, interceptors: list[Any] | None = None, workers: int = 16) -> None:
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors or ()
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.target = f"127.0.0.1:{self.port}"
+        self.script = Script(self.port)
+        self.echo = SyncEcho(self.script)
+        self.server.add_generic_rpc_handlers(self.echo.handlers())
+
+    def start(self) -> SyncServer:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+# ----------------------------------------------------------------------------- aio
+
+
+class AioEcho:
+    """Asyncio handlers over a :class:`Script`."""
+
+    def __init__(self, script: Script) -> None:
+        self.s = script
+        self._next_channels: dict[str, Any] = {}
+        self.policy: Any = None
+
+    async def _downstream(self, req: dict[str, Any]) -> Any:
+        import meshkit.grpc.aio
+
+        target = req["next"]["target"]
+        ch = self._next_channels.get(target)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(
+                target,
+                interceptors=meshkit.grpc.aio.client_interceptors(self.policy, target=target),
+            )
+            self._next_channels[target] = ch
+        call = ch.unary_unary(UNARY, request_serializer=dumps, response_deserializer=loads)
+        return await call(req["next"].get("request", {}))
+
+    async def unary(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = loads(request)
+        n, info = self.s.begin(req, context.invocation_metadata() or ())
+        try:
+            d = self.s.delay(req, n)
+            if d:
+                try:
+                    await asyncio.sleep(d)
+                except asyncio.CancelledError:
+                    with self.s.lock:
+                        self.s.cancelled[info["key"]] += 1
+                    raise
+            fail = self.s.failure(req, n)
+            if fail:
+                context.set_trailing_metadata(_trailers(fail[1]))
+                await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            if req.get("next"):
+                info["downstream"] = await self._downstream(req)
+            if "reply" in req:
+                info["reply"] = req["reply"]
+            return dumps(info)
+        finally:
+            self.s.end()
+
+    async def server_stream(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        req = loads(request)
+        n, info = self.s.begin(req, context.invocation_metadata() or ())
+        try:
+            if fail := self.s.failure(req, n):
+                context.set_trailing_metadata(_trailers(fail[1]))
+                await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            for i in range(int(req.get("count", 1))):
+                yield dumps({**info, "i": i, "deadline": meshkit.deadline.remaining()})
+            if req.get("fail_after"):
+                await context.abort(getattr(grpc.StatusCode, req["fail_after"]), "mid-stream")
+        finally:
+            self.s.end()
+
+    async def client_stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        items = [loads(r) async for r in requests]
+        req = items[0] if items else {}
+        n, info = self.s.begin(req, context.invocation_metadata() or ())
+        try:
+            if fail := self.s.failure(req, n):
+                context.set_trailing_metadata(_trailers(fail[1]))
+                await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            info["received"] = len(items)
+            return dumps(info)
+        finally:
+            self.s.end()
+
+    async def bidi(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        first = True
+        n = 0
+        async for raw in requests:
+            req = loads(raw)
+            if first:
+                n, _info = self.s.begin(req, context.invocation_metadata() or ())
+                self.s.end()
+                first = False
+                if fail := self.s.failure(req, n):
+                    context.set_trailing_metadata(_trailers(fail[1]))
+                    await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            yield dumps({"n": n, "echo": req, "deadline": meshkit.deadline.remaining()})
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        echo = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
+                "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+                "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+            },
+        )
+        other = grpc.method_handlers_generic_handler(
+            OTHER_SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(self.unary)}
+        )
+        return [echo, other]
+
+
+class AioServer:
+    """A grpc.aio server on a free loopback port running :class:`AioEcho`."""
+
+    def __init__(self, interceptors: list[Any] | None = None) -> None:
+        self.server = grpc.aio.server(interceptors=interceptors or ())
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.target = f"127.0.0.1:{self.port}"
+        self.script = Script(self.port)
+        self.echo = AioEcho(self.script)
+        self.server.add_generic_rpc_handlers(self.echo.handlers())
+
+    async def start(self) -> AioServer:
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.server.stop(0)
