@@ -15,6 +15,9 @@ from collections.abc import Sequence
 _COMMAND_MODULES: tuple[str, ...] = (
     "meshkit.codegen._cli",
     "meshkit.nats._cli",
+    "meshkit.saga._cli",
+    "meshkit.gateway._cli",
+    "meshkit.resilience._cli",
 )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
-DESCRIPTOR_SET = REPO_ROOT / "build" / "shop.binpb"
+DESCRIPTOR_SET = REPO_ROOT / "examples" / "shop" / "gen" / "shop.binpb"
 
 
 def ensure_generated() -> Path:

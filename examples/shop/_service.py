@@ -65,7 +65,12 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
     await server.start()
     consumer = None
     if participant is not None and bus is not None:
-        consumer = await participant.start(bus)
+        from meshkit.saga import SqliteInbox
+
+        from examples.shop import faults
+
+        inbox = SqliteInbox(store.conn, store.lock)
+        consumer = await participant.start(bus, inbox=inbox, after_commit=faults.after_commit_hook())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,8 +91,6 @@ def main(name: str, schema: str, build: Build) -> None:
     """Entry point for ``python -m examples.shop.<name>``."""
     try:
         import uvloop
-
-        uvloop.install()
     except ImportError:  # pragma: no cover
-        pass
-    sys.exit(asyncio.run(serve(name, schema, build)))
+        sys.exit(asyncio.run(serve(name, schema, build)))
+    sys.exit(uvloop.run(serve(name, schema, build)))

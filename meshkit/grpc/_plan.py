@@ -73,6 +73,16 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default) if obj is not None else default
 
 
+def _applies(cfg: Any, side: str) -> bool:
+    applies = getattr(cfg, "applies_to", None)
+    return True if applies is None else bool(applies(side))
+
+
+def _applies_strict(cfg: Any, side: str) -> bool:
+    applies = getattr(cfg, "applies_to", None)
+    return False if applies is None else bool(applies(side))
+
+
 def _wait_of(cfg: Any) -> float:
     wait = _get(cfg, "max_wait", 0.0)
     return float(wait) if wait else 0.0
@@ -85,42 +95,49 @@ def compile_client(
     *,
     client_faults: bool,
     client_rate_limits: bool,
+    flavour: str = "sync",
 ) -> ClientPlan:
     """Compile ``method``'s policy for a client channel to ``target``."""
     attrs = method_attributes(method, "client", target=target)
     if policy is None:
         return ClientPlan(method, PASS, attrs=attrs)
     mp: MethodPolicy = policy.for_method(method)
-    timeout = _get(mp, "timeout")
-    margin = float(_get(mp, "deadline_margin", 0.0) or 0.0)
-    if _get(mp, "is_noop", False):
+    timeout = mp.timeout
+    margin = float(mp.deadline_margin or 0.0)
+    if mp.client_is_noop and not client_faults and not client_rate_limits:
         return ClientPlan(method, PASS, mp, attrs=attrs, margin=margin)
     plan = ClientPlan(method, FULL, mp, timeout=timeout, margin=margin, attrs=attrs)
-    retry = _get(mp, "retry")
+    retry = mp.retry
     if retry is not None and retry.max_attempts > 1:
         plan.retry = retry
-    hedging = _get(mp, "hedging")
+    hedging = mp.hedging
     if hedging is not None and hedging.max_attempts > 1:
         plan.hedging = hedging
-    budget_cfg = _get(retry, "budget") if retry is not None else None
-    if (plan.retry is not None or plan.hedging is not None) and budget_cfg is not None:
-        plan.budget = policy.retry_budget(target)
-    cb = _get(mp, "circuit_breaker")
+    if plan.retry is not None or plan.hedging is not None:
+        if retry is not None:
+            plan.budget = (
+                policy.retry_budget(target, retry.budget) if retry.budget is not None else None
+            )
+        else:
+            plan.budget = policy.retry_budget(target)
+    service = mp.service
+    cb = mp.circuit_breaker
     if cb is not None:
-        scope = str(_get(cb, "scope", "target"))
-        key = f"{target}{method}" if scope == "method" else target
+        key = mp.key_for(str(cb.scope), target)
         plan.breaker = policy.breaker(key, cb)
         plan.breaker_name = key
         _attach_breaker_listener(plan.breaker, key)
     bh = _get(mp, "bulkhead")
-    if bh is not None:
-        plan.bulkhead = policy.bulkhead(f"client:{target}{method}", bh)
+    if bh is not None and _applies(bh, "client"):
+        scoped = method if str(_get(bh, "scope", "service")) == "method" else f"/{service}"
+        plan.bulkhead = policy.bulkhead(f"client:{flavour}:{target}{scoped}", bh)
         plan.bulkhead_wait = _wait_of(bh)
     rl = _get(mp, "rate_limit")
-    if rl is not None and client_rate_limits:
-        plan.rate_limiter = policy.rate_limiter(f"client:{target}{method}", rl)
+    if rl is not None and (client_rate_limits or _applies_strict(rl, "client")):
+        scoped = method if str(_get(rl, "scope", "service")) == "method" else f"/{service}"
+        plan.rate_limiter = policy.rate_limiter(f"client:{target}{scoped}", rl)
     fault = _get(mp, "fault")
-    if fault is not None and client_faults:
+    if fault is not None and (client_faults or _applies_strict(fault, "client")):
         plan.fault = fault
         plan.allow_fault_headers = bool(_get(fault, "allow_headers", False))
     plan.fallback = _get(mp, "fallback")
@@ -137,7 +154,9 @@ def compile_client(
     return plan
 
 
-def compile_server(policy: Policy | None, method: str, *, isolation: Any = None) -> ServerPlan:
+def compile_server(
+    policy: Policy | None, method: str, *, isolation: Any = None, flavour: str = "sync"
+) -> ServerPlan:
     """Compile ``method``'s policy for a server."""
     attrs = method_attributes(method, "server")
     if policy is None:
@@ -146,18 +165,20 @@ def compile_server(policy: Policy | None, method: str, *, isolation: Any = None)
     plan = ServerPlan(method, False, mp, isolation=isolation, attrs=attrs)
     service = method.lstrip("/").partition("/")[0]
     bh = _get(mp, "bulkhead")
-    if bh is not None:
-        plan.bulkhead = policy.bulkhead(f"server:{service}", bh)
+    if bh is not None and _applies(bh, "server"):
+        scoped = method if str(_get(bh, "scope", "service")) == "method" else f"/{service}"
+        plan.bulkhead = policy.bulkhead(f"server:{flavour}:{scoped}", bh)
         plan.bulkhead_wait = _wait_of(bh)
     al = _get(mp, "adaptive_limit")
-    if al is not None:
-        plan.adaptive = policy.adaptive_limiter(f"server:{service}", al)
+    if al is not None and _applies(al, "server"):
+        plan.adaptive = policy.adaptive_limiter(f"server:{flavour}:/{service}", al)
     rl = _get(mp, "rate_limit")
-    if rl is not None:
-        plan.rate_limit = rl
+    if rl is not None and _applies(rl, "server"):
+        scoped = method if str(_get(rl, "scope", "service")) == "method" else f"/{service}"
+        plan.rate_limit = policy.rate_limiter(f"server:{scoped}", rl)
         plan.rate_key = _get(rl, "key")
     fault = _get(mp, "fault")
-    if fault is not None:
+    if fault is not None and _applies(fault, "server"):
         plan.fault = fault
         plan.allow_fault_headers = bool(_get(fault, "allow_headers", False))
     plan.active = any(

@@ -21,6 +21,7 @@ from meshkit.errors import CallRejectedError, MeshkitError
 __all__ = [
     "CODES",
     "DETAILS_KEY",
+    "MESHKIT_ATTEMPTS_KEY",
     "PREVIOUS_ATTEMPTS_KEY",
     "PUSHBACK_KEY",
     "STOP",
@@ -35,6 +36,8 @@ __all__ = [
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+#: The same count under a name grpcio servers can read (the C core eats the reserved one).
+MESHKIT_ATTEMPTS_KEY = "x-meshkit-previous-attempts"
 DETAILS_KEY = "grpc-status-details-bin"
 
 #: ``grpc.StatusCode`` by name: ``CODES["UNAVAILABLE"]``.
@@ -118,7 +121,7 @@ def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None
     return grpc.StatusCode.INTERNAL, "internal error", None
 
 
-class LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
+class LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
     """An RPC error made on the client without a network exchange (a rejected or expired call).
 
     It is both a ``grpc.Call`` and a ``grpc.Future`` so the sync interceptor can return
@@ -145,10 +148,10 @@ class LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc
     def __str__(self) -> str:
         return f"<LocalRpcError {self._code.name}: {self._details}>"
 
-    def initial_metadata(self) -> Metadata:
+    def initial_metadata(self) -> Metadata:  # type: ignore[override]
         return ()
 
-    def trailing_metadata(self) -> Metadata:
+    def trailing_metadata(self) -> Metadata:  # type: ignore[override]
         return self._trailing
 
     def code(self) -> grpc.StatusCode:
@@ -163,7 +166,7 @@ class LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc
     def is_active(self) -> bool:
         return False
 
-    def time_remaining(self) -> float | None:
+    def time_remaining(self) -> float | None:  # type: ignore[override]
         return None
 
     def cancel(self) -> bool:
@@ -184,7 +187,7 @@ class LocalRpcError(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc
     def result(self, timeout: float | None = None) -> Any:
         raise self
 
-    def exception(self, timeout: float | None = None) -> BaseException:
+    def exception(self, timeout: float | None = None) -> BaseException:  # type: ignore[override]
         return self
 
     def traceback(self, timeout: float | None = None) -> Any:

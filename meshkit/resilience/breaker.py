@@ -308,9 +308,13 @@ class CircuitBreaker(EventEmitter):
                 now = self._clock.now()
                 w = self._window
                 w.record(now, (_FAILED if failed else 0) | (_SLOW if slow else 0))
-                if w.calls >= cfg.effective_minimum_calls and w.calls > 0 and (
-                    w.failed / w.calls >= cfg.failure_rate_threshold
-                    or w.slow / w.calls >= cfg.slow_call_rate_threshold
+                if (
+                    w.calls >= cfg.effective_minimum_calls
+                    and w.calls > 0
+                    and (
+                        w.failed / w.calls >= cfg.failure_rate_threshold
+                        or w.slow / w.calls >= cfg.slow_call_rate_threshold
+                    )
                 ):
                     self._to(BreakerState.OPEN, events)
             elif state is BreakerState.HALF_OPEN:

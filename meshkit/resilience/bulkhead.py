@@ -123,7 +123,7 @@ class Bulkhead(EventEmitter):
         self._reject()
         return False
 
-    async def acquire_async(self, timeout: float | None = None) -> bool:
+    async def acquire_async(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Take a permit, waiting on the event loop up to ``min(timeout, max_wait)``.
 
         Waiters are served first come, first served. Cancelling the waiting task
@@ -193,7 +193,6 @@ class Bulkhead(EventEmitter):
 
     def _reject(self) -> None:
         self._emit(Event("rejected", "bulkhead", self.name, self._clock.now()))
-
 
     def _wake(self, fut: asyncio.Future[bool]) -> None:
         loop = fut.get_loop()

@@ -59,7 +59,7 @@ class EventEmitter:
     def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener``; unknown listeners are ignored."""
         with self._listeners_lock:
-            self._listeners = tuple(x for x in self._listeners if x is not listener)
+            self._listeners = tuple(x for x in self._listeners if x != listener)
 
     def _emit(self, event: Event) -> None:
         for listener in self._listeners:

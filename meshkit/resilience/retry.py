@@ -12,6 +12,9 @@ from enum import StrEnum
 
 from meshkit.resilience.budget import RetryBudgetConfig
 
+_DEFAULT_BUDGET = RetryBudgetConfig()
+_RNG = random.Random()
+
 
 class Jitter(StrEnum):
     """How a backoff is randomised so that clients do not retry in lockstep."""
@@ -40,7 +43,7 @@ class RetryPolicy:
     jitter: Jitter = Jitter.FULL
     retryable_codes: frozenset[str] = frozenset({"UNAVAILABLE"})
     per_attempt_timeout: float | None = None
-    budget: RetryBudgetConfig | None = RetryBudgetConfig()
+    budget: RetryBudgetConfig | None = _DEFAULT_BUDGET
     max_buffer_bytes: int = 1 << 20
 
     def base_backoff(self, retry_index: int) -> float:
@@ -72,7 +75,7 @@ class RetryPolicy:
           where ``previous`` is ``previous_delay`` (the delay used before the last
           retry; ``initial_backoff`` when there was none).
         """
-        r = rng if rng is not None else random
+        r = rng if rng is not None else _RNG
         if self.jitter is Jitter.DECORRELATED:
             prev = previous_delay if previous_delay and previous_delay > 0 else self.initial_backoff
             high = max(self.initial_backoff, prev * 3)
@@ -89,7 +92,7 @@ class RetryPolicy:
         if self.jitter is Jitter.DECORRELATED:
             # previous*3 grows geometrically from initial_backoff, capped by max_backoff.
             try:
-                high = self.initial_backoff * 3**retry_index
+                high = self.initial_backoff * 3.0**retry_index
             except OverflowError:
                 return self.max_backoff
             return min(self.max_backoff, high)

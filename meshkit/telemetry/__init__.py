@@ -34,7 +34,7 @@ from typing import Any
 from opentelemetry import metrics as _otel_metrics
 from opentelemetry import trace as _otel_trace
 
-__all__ = ["Metrics", "instruments", "method_attributes", "span_event"]
+__all__ = ["Metrics", "configure", "instruments", "method_attributes", "span_event"]
 
 Attributes = Mapping[str, str | int | float | bool]
 
@@ -105,6 +105,20 @@ def instruments() -> Metrics:
                 _metrics = Metrics()
             current = _metrics
     return current
+
+
+def configure(meter_provider: _otel_metrics.MeterProvider | None = None) -> Metrics:
+    """Record meshkit's metrics through ``meter_provider`` (None: the global one).
+
+    Interceptors take the instruments when they are built, so call this before
+    building channels and servers. Mostly for tests; applications set the global
+    provider with the OpenTelemetry SDK and need nothing else.
+    """
+    global _metrics
+    meter = meter_provider.get_meter("meshkit") if meter_provider is not None else None
+    with _lock:
+        _metrics = Metrics(meter)
+        return _metrics
 
 
 def method_attributes(method: str, side: str, **extra: str) -> dict[str, str]:

@@ -83,7 +83,7 @@ class Script:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         prev = None
         for k, v in md or ():
-            if k == "grpc-previous-rpc-attempts":
+            if k in ("grpc-previous-rpc-attempts", "x-meshkit-previous-attempts"):
                 prev = int(v)
         info = {
             "n": n,
@@ -208,7 +208,7 @@ class SyncEcho:
         for raw in requests:
             req = loads(raw)
             if first:
-                n, info = self.s.begin(req, context.invocation_metadata())
+                n, _info = self.s.begin(req, context.invocation_metadata())
                 self.s.end()
                 first = False
                 if fail := self.s.failure(req, n):
@@ -383,3 +383,255 @@ class AioServer:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.server.stop(0)
+
+
+# ------------------------------------------------------------------ typed fallback service
+# Fallbacks need real message types: the client interceptor finds the response type in
+# the default descriptor pool by method name. This registers a tiny service there,
+# built from well-known types: meshkit.test.Typed/Get(StringValue) -> Struct.
+
+TYPED_SERVICE = "meshkit.test.Typed"
+TYPED_GET = f"/{TYPED_SERVICE}/Get"
+
+
+def _register_typed_service() -> None:
+    from google.protobuf import descriptor_pb2, descriptor_pool, struct_pb2, wrappers_pb2
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(TYPED_SERVICE)
+        return
+    except KeyError:
+        pass
+    _ = (struct_pb2.Struct, wrappers_pb2.StringValue)  # their files must be in the pool
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="meshkit/test/typed.proto",
+        package="meshkit.test",
+        syntax="proto3",
+        dependency=["google/protobuf/struct.proto", "google/protobuf/wrappers.proto"],
+    )
+    svc = fdp.service.add(name="Typed")
+    svc.method.add(
+        name="Get",
+        input_type=".google.protobuf.StringValue",
+        output_type=".google.protobuf.Struct",
+    )
+    pool.Add(fdp)
+
+
+_register_typed_service()
+
+
+def typed_handlers(script: Script) -> grpc.GenericRpcHandler:
+    """Sync handler for meshkit.test.Typed/Get: the StringValue holds a JSON script."""
+    from google.protobuf import struct_pb2, wrappers_pb2
+
+    def get(request: wrappers_pb2.StringValue, context: grpc.ServicerContext) -> Any:
+        req = json.loads(request.value or "{}")
+        n, _info = script.begin(req, context.invocation_metadata())
+        script.end()
+        if fail := script.failure(req, n):
+            context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+        out = struct_pb2.Struct()
+        out.update({"n": n, "port": script.port, "source": "server"})
+        return out
+
+    return grpc.method_handlers_generic_handler(
+        TYPED_SERVICE,
+        {
+            "Get": grpc.unary_unary_rpc_method_handler(
+                get,
+                request_deserializer=wrappers_pb2.StringValue.FromString,
+                response_serializer=struct_pb2.Struct.SerializeToString,
+            )
+        },
+    )
+
+
+def typed_handlers_aio(script: Script) -> grpc.GenericRpcHandler:
+    """The asyncio twin of :func:`typed_handlers`."""
+    from google.protobuf import struct_pb2, wrappers_pb2
+
+    async def get(request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext) -> Any:
+        req = json.loads(request.value or "{}")
+        n, _info = script.begin(req, context.invocation_metadata() or ())
+        script.end()
+        if fail := script.failure(req, n):
+            await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+        out = struct_pb2.Struct()
+        out.update({"n": n, "port": script.port, "source": "server"})
+        return out
+
+    return grpc.method_handlers_generic_handler(
+        TYPED_SERVICE,
+        {
+            "Get": grpc.unary_unary_rpc_method_handler(
+                get,
+                request_deserializer=wrappers_pb2.StringValue.FromString,
+                response_serializer=struct_pb2.Struct.SerializeToString,
+            )
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ harness
+# One suite, two flavours (go-grpc-middleware style): every test is async and talks to
+# a Mesh, which runs sync servers/clients on threads or aio ones on the loop.
+
+
+class Client:
+    """Calls the echo service through a meshkit channel, sync or aio, from async tests."""
+
+    def __init__(self, mesh: Mesh, channel: Any) -> None:
+        self.mesh = mesh
+        self.channel = channel
+
+    async def _run(self, fn: Any) -> Any:
+        if self.mesh.kind == "aio":
+            return await fn()
+        import contextvars
+        import functools
+
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.mesh.pool, functools.partial(ctx.run, fn))
+
+    async def unary(
+        self,
+        req: dict[str, Any],
+        *,
+        method: str = UNARY,
+        timeout: float | None = None,
+        metadata: Any = None,
+    ) -> Any:
+        call = self.channel.unary_unary(
+            method, request_serializer=dumps, response_deserializer=loads
+        )
+        return await self._run(lambda: call(req, timeout=timeout, metadata=metadata))
+
+    async def typed(self, req: dict[str, Any], *, timeout: float | None = None) -> Any:
+        from google.protobuf import struct_pb2, wrappers_pb2
+
+        call = self.channel.unary_unary(
+            TYPED_GET,
+            request_serializer=wrappers_pb2.StringValue.SerializeToString,
+            response_deserializer=struct_pb2.Struct.FromString,
+        )
+        msg = wrappers_pb2.StringValue(value=json.dumps(req, sort_keys=True))
+        return await self._run(lambda: call(msg, timeout=timeout))
+
+    async def server_stream(
+        self, req: dict[str, Any], *, timeout: float | None = None
+    ) -> list[Any]:
+        call = self.channel.unary_stream(
+            SERVER_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        return await self._collect(lambda: call(req, timeout=timeout))
+
+    async def _collect(self, make: Any) -> list[Any]:
+        """Collect a response stream; on error raise it with ``.received`` set."""
+        got: list[Any] = []
+        if self.mesh.kind == "aio":
+            try:
+                async for item in make():
+                    got.append(item)
+            except grpc.RpcError as err:
+                err.received = got  # type: ignore[attr-defined]
+                raise
+            return got
+
+        def consume() -> list[Any]:
+            try:
+                for item in make():
+                    got.append(item)
+            except grpc.RpcError as err:
+                err.received = got  # type: ignore[attr-defined]
+                raise
+            return got
+
+        return list(await self._run(consume))
+
+    async def client_stream(self, reqs: list[dict[str, Any]]) -> Any:
+        call = self.channel.stream_unary(
+            CLIENT_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        return await self._run(lambda: call(iter(reqs)))
+
+    async def bidi(self, reqs: list[dict[str, Any]]) -> list[Any]:
+        call = self.channel.stream_stream(
+            BIDI, request_serializer=dumps, response_deserializer=loads
+        )
+        return await self._collect(lambda: call(iter(reqs)))
+
+
+class Mesh:
+    """Servers and clients of one flavour (``"sync"`` or ``"aio"``) for a test."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.pool = futures.ThreadPoolExecutor(max_workers=32)
+        self._servers: list[Any] = []
+        self._channels: list[Any] = []
+
+    async def server(self, policy: Any = None, *, isolate: Any = None, typed: bool = False) -> Any:
+        import meshkit.grpc
+        import meshkit.grpc.aio
+
+        if self.kind == "aio":
+            srv: Any = AioServer(meshkit.grpc.aio.server_interceptors(policy))
+            if typed:
+                srv.server.add_generic_rpc_handlers((typed_handlers_aio(srv.script),))
+            srv.echo.policy = policy
+            await srv.start()
+        else:
+            srv = SyncServer(meshkit.grpc.server_interceptors(policy, isolate=isolate))
+            if typed:
+                srv.server.add_generic_rpc_handlers((typed_handlers(srv.script),))
+            srv.echo.policy = policy
+            srv.start()
+        self._servers.append(srv)
+        return srv
+
+    def client(self, policy: Any, target: str, **options: Any) -> Client:
+        import meshkit.grpc
+        import meshkit.grpc.aio
+
+        if self.kind == "aio":
+            ch: Any = grpc.aio.insecure_channel(
+                target,
+                interceptors=meshkit.grpc.aio.client_interceptors(policy, target=target, **options),
+            )
+        else:
+            ch = grpc.intercept_channel(
+                grpc.insecure_channel(target),
+                *meshkit.grpc.client_interceptors(policy, target=target, **options),
+            )
+        self._channels.append(ch)
+        return Client(self, ch)
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            if self.kind == "aio":
+                await ch.close()
+            else:
+                ch.close()
+        for srv in self._servers:
+            if self.kind == "aio":
+                await srv.stop()
+            else:
+                srv.stop()
+            for ch in srv.echo._next_channels.values():
+                res = ch.close()
+                if asyncio.iscoroutine(res):
+                    await res
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,208 @@
+"""meshkit gateway vs Envoy's grpc_json_transcoder, same backend, same load generator.
+
+Scenarios: GET with path and query variables, POST with a JSON body. For each
+gateway: requests/s, p50/p99 latency (wrk --latency) and CPU-microseconds per
+request of the gateway process (utime+stime from /proc/<pid>/stat).
+
+    .venv/bin/python bench/bench_gateway.py [--duration 10] [--connections 32]
+
+Needs wrk (Debian package ``wrk``). Writes bench/results/gateway.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from gateway_backend import compile_descriptor_sets, free_port, load_catalog, shop_backend  # noqa: E402
+from gateway_envoy import Envoy  # noqa: E402
+
+SHOP_SERVICES = [
+    "shop.v1.OrderService",
+    "shop.v1.InventoryService",
+    "shop.v1.PaymentService",
+    "shop.v1.ShippingService",
+    "shop.v1.NotificationService",
+]
+POST_BODY = json.dumps({
+    "customerId": "c-42",
+    "requestId": "bench",
+    "items": [{"sku": "sku-1", "quantity": 2, "unitPrice": {"currency": "KRW", "amountMinor": "1500"}},
+              {"sku": "sku-2", "quantity": 1, "unitPrice": {"currency": "KRW", "amountMinor": "990"}}],
+    "shippingAddress": {"name": "Kim", "line1": "1 Main St", "city": "Seoul", "postalCode": "04524",
+                        "country": "KR"},
+})
+SCENARIOS = {
+    "get_path_query": ("GET", "/v1/orders/o-1?customer_id=c-1", None),
+    "post_json": ("POST", "/v1/orders", POST_BODY),
+}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v = float(m.group(1))
+    return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+
+def run_wrk(url: str, method: str, body: str | None, duration: int, connections: int,
+            workdir: Path) -> dict[str, float]:
+    script = workdir / f"wrk_{method}.lua"
+    lines = [f'wrk.method = "{method}"', 'wrk.headers["Content-Type"] = "application/json"']
+    if body is not None:
+        lines.append(f"wrk.body = {json.dumps(body)}")
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total, "non_2xx": errors}
+
+
+def measure(pid: int, base: str, scenario: str, duration: int, connections: int,
+            workdir: Path) -> dict[str, float]:
+    method, path, body = SCENARIOS[scenario]
+    run_wrk(base + path, method, body, 2, connections, workdir)  # warm-up
+    before = cpu_seconds(pid)
+    res = run_wrk(base + path, method, body, duration, connections, workdir)
+    used = cpu_seconds(pid) - before
+    res["cpu_us_per_request"] = used * 1e6 / max(1, res["requests"])
+    return res
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} never opened")
+
+
+async def _serve_backend(desc: Path, port: int) -> None:
+    backend = shop_backend(load_catalog(desc))
+    await backend.start(port)
+    await asyncio.Event().wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per scenario")
+    ap.add_argument("--serve-backend", nargs=2, metavar=("DESC", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_backend:
+        asyncio.run(_serve_backend(Path(args.serve_backend[0]), int(args.serve_backend[1])))
+        return 0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    py = str(ROOT / ".venv" / "bin" / "python")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        desc = compile_descriptor_sets(work)["shop"]
+        bport, gport = free_port(), free_port()
+        procs: list[subprocess.Popen[bytes]] = []
+        envoy: Envoy | None = None
+        try:
+            backend = subprocess.Popen([py, __file__, "--serve-backend", str(desc), str(bport)])
+            procs.append(backend)
+            wait_port(bport, backend)
+            gateway = subprocess.Popen(
+                [py, "-m", "meshkit.cli", "gateway", "--descriptor-set", str(desc),
+                 "--upstream", f"127.0.0.1:{bport}", "--port", str(gport)],
+                cwd=ROOT,
+            )
+            procs.append(gateway)
+            wait_port(gport, gateway)
+            envoy = Envoy(work, desc, SHOP_SERVICES, bport, concurrency=1)
+            targets = {"meshkit": (gateway.pid, f"http://127.0.0.1:{gport}"),
+                       "envoy": (envoy.proc.pid, envoy.url)}
+            results: dict[str, dict[str, list[dict[str, float]]]] = {}
+            for scenario in SCENARIOS:
+                for r in range(args.rounds):
+                    order = ["envoy", "meshkit"] if r % 2 == 0 else ["meshkit", "envoy"]
+                    for name in order:
+                        pid, base = targets[name]
+                        res = measure(pid, base, scenario, args.duration, args.connections, work)
+                        results.setdefault(scenario, {}).setdefault(name, []).append(res)
+                        print(f"{scenario:15s} {name:8s} {res['rps']:8.0f} rps  p50 {res['p50_ms']:.2f} ms"
+                              f"  p99 {res['p99_ms']:.2f} ms  cpu {res['cpu_us_per_request']:.0f} us/req"
+                              f"  non2xx {res['non_2xx']}")
+        finally:
+            if envoy is not None:
+                envoy.stop()
+            for p in reversed(procs):
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    summary: dict[str, object] = {}
+    for scenario, by in results.items():
+        med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in by.items()}
+        m, e = med["meshkit"], med["envoy"]
+        summary[scenario] = {
+            "meshkit": m, "envoy": e,
+            "throughput_ratio": m["rps"] / e["rps"],
+            "p99_ratio": m["p99_ms"] / e["p99_ms"],
+            "p50_ratio": m["p50_ms"] / e["p50_ms"],
+            "cpu_ratio": m["cpu_us_per_request"] / e["cpu_us_per_request"],
+            "targets_met": m["rps"] >= 0.9 * e["rps"] and m["p99_ms"] <= 1.5 * e["p99_ms"],
+        }
+        print(f"{scenario}: throughput {summary[scenario]['throughput_ratio']:.2f}x envoy, "  # type: ignore[index]
+              f"p99 {summary[scenario]['p99_ratio']:.2f}x, cpu/req {summary[scenario]['cpu_ratio']:.2f}x")  # type: ignore[index]
+    out = {
+        "benchmark": "gateway",
+        "load_generator": "wrk -t1 (keep-alive)",
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "note": "medians over alternating rounds; same Python grpc.aio backend; "
+                "meshkit: 1 uvicorn worker (uvloop+httptools); envoy --concurrency 1",
+        "scenarios": summary,
+    }
+    dest = ROOT / "bench" / "results" / "gateway.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

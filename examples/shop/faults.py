@@ -1,0 +1,36 @@
+"""Fault hooks for the fault-injection tests, switched on by environment variables.
+
+``SHOP_HANDLER_DELAY=<seconds>``: every handler prints ``HANDLING <event id>`` and
+sleeps that long in the middle of its transaction (a test kills the process then).
+``SHOP_CRASH_AFTER_COMMIT=<file>``: if the file exists, delete it and exit at once
+after the next handler's transaction commits, before its outputs are published
+and its input is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def mid_handler(ctx: Any) -> None:
+    delay = float(os.environ.get("SHOP_HANDLER_DELAY", "0") or 0)
+    if delay > 0:
+        print(f"HANDLING {ctx.event_id} {ctx.envelope.event_type}", flush=True)
+        await asyncio.sleep(delay)
+
+
+def after_commit_hook() -> Callable[[Any], Awaitable[None]] | None:
+    path = os.environ.get("SHOP_CRASH_AFTER_COMMIT")
+    if not path:
+        return None
+
+    async def hook(env: Any) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+            print(f"CRASHING after commit of {env.event_id}", flush=True)
+            os._exit(137)
+
+    return hook

@@ -1,0 +1,83 @@
+"""The order saga's shared wiring: the stream, the saga definition, the business rules.
+
+Every shop process imports this; ``meshkit saga graph examples.shop.flow:PARTICIPANTS``
+draws the choreography from the participants declared in the service modules.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from meshkit._pb.meshkit.v1 import saga_pb2
+from meshkit.saga import ConsumerSpec, EventBus, SagaDefinition, StreamSpec
+
+from examples.shop.gen.shop.v1 import events_pb2 as ev
+
+SHOP_STREAM = StreamSpec(
+    name="SHOP",
+    prefix="shop.events",
+    duplicate_window=120.0,
+    description="the example shop's order saga events",
+)
+
+ORDER_SAGA = SagaDefinition.of(
+    "order",
+    start=[ev.OrderCreated],
+    completed=[ev.OrderCompleted],
+    failures=[ev.StockReservationFailed, ev.PaymentFailed, ev.ShipmentFailed],
+    compensations=[ev.PaymentRefunded, ev.StockReleased],
+    compensated=[ev.OrderCancelled],
+)
+
+SagaTimedOut = saga_pb2.SagaTimedOut
+
+
+def consumer_spec() -> ConsumerSpec:
+    """Participants' consumer settings; tests shorten the ack wait through SHOP_ACK_WAIT."""
+    return ConsumerSpec(
+        ack_wait=float(os.environ.get("SHOP_ACK_WAIT", "10")),
+        max_deliver=int(os.environ.get("SHOP_MAX_DELIVER", "5")),
+        nak_backoff=(0.1, 0.5, 1.0, 2.0),
+        max_in_flight=int(os.environ.get("SHOP_MAX_IN_FLIGHT", "128")),
+    )
+
+
+# Business rules that pick each saga path deterministically from the order itself.
+DECLINED_CUSTOMER_PREFIX = "declined"  # payment declines these customers
+PAYMENT_LIMIT_MINOR = 10_000_000  # and any order above this total
+UNSHIPPABLE_COUNTRIES = frozenset({"XX"})  # shipping fails for these addresses
+
+INITIAL_STOCK: dict[str, int] = {
+    "book": 1000,
+    "pen": 5000,
+    "lamp": 200,
+    "rare-vinyl": 1,
+}
+
+
+async def connect_bus(url: str, *, name: str) -> EventBus:
+    """Connect to NATS and make sure the shop's stream exists."""
+    bus = await EventBus.connect(url, name=name, source=name.removeprefix("shop-"))
+    await bus.ensure_stream(SHOP_STREAM)
+    return bus
+
+
+def participants() -> list[Any]:
+    """Every shop participant (imports the service modules)."""
+    from examples.shop import inventory, notification, order, payment, shipping
+
+    return [
+        order.PARTICIPANT,
+        inventory.PARTICIPANT,
+        payment.PARTICIPANT,
+        shipping.PARTICIPANT,
+        notification.PARTICIPANT,
+    ]
+
+
+def __getattr__(name: str) -> Any:
+    # PARTICIPANTS is computed lazily: the service modules import this one.
+    if name == "PARTICIPANTS":
+        return participants()
+    raise AttributeError(name)

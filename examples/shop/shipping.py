@@ -1,0 +1,142 @@
+"""The shipping service: schedules shipments for paid orders; fails for unshippable addresses."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from meshkit.saga import Context, Participant
+
+from examples.shop import faults
+from examples.shop._service import ServiceContext, main
+from examples.shop.flow import SHOP_STREAM, UNSHIPPABLE_COUNTRIES, consumer_spec
+from examples.shop.gen.shop.v1 import events_pb2 as ev
+from examples.shop.gen.shop.v1 import shipping_pb2, shipping_pb2_grpc
+from examples.shop.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS shipments (
+    shipment_id TEXT PRIMARY KEY,
+    order_id TEXT UNIQUE NOT NULL,
+    data BLOB NOT NULL,
+    status INTEGER NOT NULL
+);
+"""
+
+SCHEDULED = shipping_pb2.SHIPMENT_STATUS_SCHEDULED
+CANCELLED = shipping_pb2.SHIPMENT_STATUS_CANCELLED
+
+
+def schedule(conn: sqlite3.Connection, shipment: shipping_pb2.Shipment) -> tuple[shipping_pb2.Shipment | None, str]:
+    """Schedule once per order; returns (shipment, failure reason)."""
+    row = conn.execute(
+        "SELECT data, status FROM shipments WHERE order_id = ?", (shipment.order_id,)
+    ).fetchone()
+    if row is not None:
+        if row[1] == CANCELLED:
+            return None, "order was cancelled"
+        return shipping_pb2.Shipment.FromString(row[0]), ""
+    if shipment.address.country in UNSHIPPABLE_COUNTRIES or not shipment.address.country:
+        return None, f"cannot ship to country {shipment.address.country!r}"
+    shipment.shipment_id = uuid.uuid5(uuid.NAMESPACE_URL, f"shipment/{shipment.order_id}").hex
+    shipment.status = SCHEDULED
+    shipment.eta.FromSeconds(2 * 24 * 3600)
+    conn.execute(
+        "INSERT INTO shipments VALUES (?, ?, ?, ?)",
+        (shipment.shipment_id, shipment.order_id, shipment.SerializeToString(), SCHEDULED),
+    )
+    return shipment, ""
+
+
+def cancel(conn: sqlite3.Connection, order_id: str) -> None:
+    row = conn.execute("SELECT data FROM shipments WHERE order_id = ?", (order_id,)).fetchone()
+    if row is None:
+        tomb = shipping_pb2.Shipment(shipment_id=uuid.uuid4().hex, order_id=order_id, status=CANCELLED)
+        conn.execute(
+            "INSERT INTO shipments VALUES (?, ?, ?, ?)",
+            (tomb.shipment_id, order_id, tomb.SerializeToString(), CANCELLED),
+        )
+        return
+    shipment = shipping_pb2.Shipment.FromString(row[0])
+    shipment.status = CANCELLED
+    conn.execute(
+        "UPDATE shipments SET data = ?, status = ? WHERE order_id = ?",
+        (shipment.SerializeToString(), CANCELLED, order_id),
+    )
+
+
+PARTICIPANT = Participant("shipping", SHOP_STREAM, consumer=consumer_spec())
+
+
+@PARTICIPANT.on(ev.PaymentCompleted, emits=[ev.ShipmentScheduled, ev.ShipmentFailed])
+async def schedule_shipment(event: ev.PaymentCompleted, ctx: Context) -> Any:
+    shipment, reason = schedule(
+        ctx.tx, shipping_pb2.Shipment(order_id=event.order_id, address=event.shipping_address)
+    )
+    await faults.mid_handler(ctx)
+    if shipment is None:
+        return ev.ShipmentFailed(order_id=event.order_id, reason=reason)
+    return ev.ShipmentScheduled(order_id=event.order_id, shipment_id=shipment.shipment_id)
+
+
+@PARTICIPANT.compensate(ev.OrderCancelled)
+async def cancel_shipment(event: ev.OrderCancelled, ctx: Context) -> None:
+    cancel(ctx.tx, event.order_id)
+
+
+class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def ScheduleShipment(
+        self, request: shipping_pb2.ScheduleShipmentRequest, context: grpc.aio.ServicerContext
+    ) -> shipping_pb2.Shipment:
+        if not request.shipment.order_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shipment.order_id: required")
+        async with self.store.tx() as conn:
+            shipment, reason = schedule(conn, shipping_pb2.Shipment(
+                order_id=request.shipment.order_id, address=request.shipment.address
+            ))
+        if shipment is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        assert shipment is not None
+        return shipment
+
+    async def CancelShipment(
+        self, request: shipping_pb2.CancelShipmentRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        rows = self.store.query("SELECT order_id FROM shipments WHERE shipment_id = ?", (request.shipment_id,))
+        if not rows:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"shipment {request.shipment_id!r} not found")
+        async with self.store.tx() as conn:
+            cancel(conn, str(rows[0][0]))
+        return empty_pb2.Empty()
+
+    async def GetShipment(
+        self, request: shipping_pb2.GetShipmentRequest, context: grpc.aio.ServicerContext
+    ) -> shipping_pb2.Shipment:
+        if request.shipment_id:
+            rows = self.store.query("SELECT data FROM shipments WHERE shipment_id = ?", (request.shipment_id,))
+        else:
+            rows = self.store.query("SELECT data FROM shipments WHERE order_id = ?", (request.order_id,))
+        if not rows:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "shipment not found")
+        return shipping_pb2.Shipment.FromString(rows[0][0])  # type: ignore[arg-type]
+
+
+async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
+    service = ShippingService(ctx.store)
+
+    def add(server: grpc.aio.Server) -> None:
+        shipping_pb2_grpc.add_ShippingServiceServicer_to_server(service, server)
+
+    return add, PARTICIPANT
+
+
+if __name__ == "__main__":
+    main("shipping", SCHEMA, build)

@@ -1,0 +1,517 @@
+"""Authentication at the edge: JWT bearer tokens and API keys.
+
+* JWT (PyJWT): HS256, RS256 and ES256. Each key pins its algorithms, so a token
+  can never pick the verification algorithm (``alg: none`` is never allowed, and
+  an HS256 token "signed" with an RSA public key as the HMAC secret fails: the
+  RSA key only accepts RS256). ``exp``, ``nbf`` (with leeway), ``iss`` and
+  ``aud`` are checked. Keys come from the config, files, or a JWKS file;
+  :meth:`KeyStore.reload` re-reads the files (the gateway calls it on reload).
+* API keys: in a header or a query parameter; the config stores only their
+  SHA-256, compared with :func:`hmac.compare_digest`; each key has a name and
+  may carry its own rate limit.
+
+:class:`AuthMiddleware` enforces one :class:`AuthPolicy`; build one per route
+with :func:`auth_route_middleware`. Verified claims go upstream as metadata
+(``Grpc-Metadata-X-Jwt-Sub``, ``Grpc-Metadata-X-Jwt-Claims`` as JSON), and any
+such header sent by a client is removed first so it cannot be spoofed.
+Failures are 401 (with ``WWW-Authenticate``) or 403 with a ``google.rpc.Status``
+body naming the reason, never the token or key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import jwt
+from google.rpc import error_details_pb2
+
+from meshkit.errors import ConfigError
+from meshkit.gateway._edge_asgi import (
+    PRINCIPAL_KEY,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    header,
+    notes,
+    send_error,
+    set_headers,
+)
+from meshkit.gateway._edge_cfg import (
+    get_bool,
+    get_duration,
+    get_list,
+    get_number,
+    get_int,
+    get_str,
+    get_str_list,
+    section,
+)
+from meshkit.gateway.errors import GatewayError
+
+log = logging.getLogger("meshkit.gateway.auth")
+
+ALLOWED_ALGORITHMS = ("HS256", "RS256", "ES256")
+_FAMILY = {"HS256": "oct", "RS256": "RSA", "ES256": "EC"}
+
+#: Metadata the gateway sets from verified credentials; clients may never send them.
+FORWARDED_PREFIX = b"grpc-metadata-x-jwt-"
+API_KEY_NAME_HEADER = b"grpc-metadata-x-api-key-name"
+
+
+class AuthError(Exception):
+    """Authentication (401) or authorization (403) failed; ``reason`` is safe to show."""
+
+    def __init__(self, reason: str, *, forbidden: bool = False, error: str = "invalid_token") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.forbidden = forbidden
+        self.error = error
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Where one verification key comes from (exactly one of secret/env/file)."""
+
+    kid: str | None
+    algorithm: str
+    secret: str | None = None
+    secret_env: str | None = None
+    file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedKey:
+    """A usable verification key pinned to its algorithms."""
+
+    kid: str | None
+    algorithms: tuple[str, ...]
+    key: Any
+
+
+class KeyStore:
+    """Verification keys from specs and an optional JWKS file; :meth:`reload` re-reads."""
+
+    def __init__(self, specs: Sequence[KeySpec] = (), jwks_file: str | None = None,
+                 base_dir: Path | None = None) -> None:
+        self.specs = tuple(specs)
+        self.jwks_file = jwks_file
+        self.base_dir = base_dir or Path.cwd()
+        self.keys: tuple[LoadedKey, ...] = ()
+        self.reload()
+
+    def _path(self, name: str) -> Path:
+        p = Path(name)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def reload(self) -> None:
+        """Re-read every file-backed key; on error the old keys stay and ConfigError is raised."""
+        keys: list[LoadedKey] = []
+        for i, spec in enumerate(self.specs):
+            where = f"auth.jwt.keys[{i}]"
+            keys.append(LoadedKey(spec.kid, (spec.algorithm,), self._load_spec(spec, where)))
+        if self.jwks_file:
+            keys.extend(self._load_jwks(self._path(self.jwks_file)))
+        self.keys = tuple(keys)
+
+    def _load_spec(self, spec: KeySpec, where: str) -> Any:
+        if spec.secret is not None:
+            material: bytes = spec.secret.encode()
+        elif spec.secret_env is not None:
+            val = os.environ.get(spec.secret_env)
+            if val is None:
+                raise ConfigError(f"{where}.secret_env", f"environment variable {spec.secret_env} is not set")
+            material = val.encode()
+        else:
+            assert spec.file is not None
+            try:
+                material = self._path(spec.file).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{where}.file", f"cannot read: {exc}") from exc
+        if spec.algorithm == "HS256":
+            if len(material) < 32 and material.strip().startswith(b"-----"):
+                raise ConfigError(where, "an HS256 secret must not be a PEM key")
+            if material.lstrip().startswith(b"-----BEGIN"):
+                raise ConfigError(where, "an HS256 secret must not be a PEM key")
+            return material.strip() if spec.file else material
+        try:
+            algo = jwt.get_algorithm_by_name(spec.algorithm)
+            return algo.prepare_key(material)
+        except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}.file", f"not a valid {spec.algorithm} public key: {exc}") from exc
+
+    def _load_jwks(self, path: Path) -> list[LoadedKey]:
+        try:
+            doc = json.loads(path.read_text())
+            jwks = jwt.PyJWKSet.from_dict(doc)
+        except (OSError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
+            raise ConfigError("auth.jwt.jwks_file", f"cannot load {path}: {exc}") from exc
+        out: list[LoadedKey] = []
+        for k in jwks.keys:
+            alg = k.algorithm_name
+            if alg not in ALLOWED_ALGORITHMS:
+                log.warning("JWKS key %s uses %s, which meshkit does not accept; skipped", k.key_id, alg)
+                continue
+            out.append(LoadedKey(k.key_id, (alg,), k.key))
+        return out
+
+    def candidates(self, kid: str | None, alg: str) -> list[LoadedKey]:
+        """Keys that may verify a token with header ``kid`` and ``alg``."""
+        return [k for k in self.keys if alg in k.algorithms and (kid is None or k.kid in (None, kid))]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """A rate limit value: ``rate`` per ``per`` seconds, bursts up to ``burst``."""
+
+    rate: float
+    per: float = 1.0
+    burst: int = 0
+
+    @property
+    def effective_burst(self) -> int:
+        """``burst``, or the rate rounded up when no burst is given."""
+        return self.burst or max(1, int(self.rate + 0.999))
+
+    @classmethod
+    def from_mapping(cls, raw: Any, path: str) -> RateSpec:
+        """From ``{rate: 10, per: 1s, burst: 20}``."""
+        m = section(raw, path, ("rate", "per", "burst"))
+        return cls(rate=get_number(m, "rate", path), per=get_duration(m, "per", path, 1.0),
+                   burst=get_int(m, "burst", path, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A named API key, stored as the hex SHA-256 of the key."""
+
+    name: str
+    sha256: bytes
+    rate_limit: RateSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    """Accepted issuers and audiences, leeway, and which claims go upstream."""
+
+    issuer: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()
+    leeway: float = 0.0
+    require: tuple[str, ...] = ("exp",)
+    forward_claims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The ``auth:`` section: JWT settings and keys, API keys and forwarding."""
+
+    jwt: JwtSettings | None = None
+    keys: KeyStore | None = None
+    api_keys: tuple[ApiKey, ...] = ()
+    api_key_header: str = "x-api-key"
+    api_key_query: str | None = None
+    forward_authorization: bool = True
+    realm: str = "meshkit"
+
+    @classmethod
+    def from_mapping(cls, raw: Any, path: str = "auth", base_dir: Path | None = None) -> AuthConfig:
+        """Validate an ``auth:`` section; errors name the key path."""
+        m = section(raw, path, ("jwt", "api_keys", "forward_authorization", "realm"))
+        settings: JwtSettings | None = None
+        store: KeyStore | None = None
+        if m.get("jwt") is not None:
+            jp = f"{path}.jwt"
+            j = section(m["jwt"], jp, ("issuer", "audience", "leeway", "keys", "jwks_file",
+                                       "require", "forward_claims"))
+            specs: list[KeySpec] = []
+            for i, k in enumerate(get_list(j, "keys", jp)):
+                kp = f"{jp}.keys[{i}]"
+                km = section(k, kp, ("kid", "algorithm", "secret", "secret_env", "file"))
+                alg = get_str(km, "algorithm", kp)
+                if alg not in ALLOWED_ALGORITHMS:
+                    raise ConfigError(f"{kp}.algorithm",
+                                      f"expected one of {', '.join(ALLOWED_ALGORITHMS)}, got {alg!r}")
+                sources = [s for s in ("secret", "secret_env", "file") if s in km]
+                if len(sources) != 1:
+                    raise ConfigError(kp, "expected exactly one of secret, secret_env, file")
+                if alg != "HS256" and sources[0] != "file":
+                    raise ConfigError(kp, f"{alg} needs a public key file (file: ...)")
+                specs.append(KeySpec(kid=get_str(km, "kid", kp, None), algorithm=alg,
+                                     secret=get_str(km, "secret", kp, None),
+                                     secret_env=get_str(km, "secret_env", kp, None),
+                                     file=get_str(km, "file", kp, None)))
+            jwks = get_str(j, "jwks_file", jp, None)
+            if not specs and not jwks:
+                raise ConfigError(jp, "needs keys or jwks_file")
+            settings = JwtSettings(
+                issuer=get_str_list(j, "issuer", jp),
+                audience=get_str_list(j, "audience", jp),
+                leeway=get_duration(j, "leeway", jp, 0.0) if j.get("leeway") != 0 else 0.0,
+                require=get_str_list(j, "require", jp) or ("exp",),
+                forward_claims=get_str_list(j, "forward_claims", jp),
+            )
+            store = KeyStore(specs, jwks, base_dir)
+        api_keys: list[ApiKey] = []
+        header_name, query_name = "x-api-key", None
+        if m.get("api_keys") is not None:
+            ap = f"{path}.api_keys"
+            a = section(m["api_keys"], ap, ("header", "query", "keys"))
+            header_name = get_str(a, "header", ap, "x-api-key").lower()
+            query_name = get_str(a, "query", ap, None)
+            seen: set[str] = set()
+            for i, k in enumerate(get_list(a, "keys", ap)):
+                kp = f"{ap}.keys[{i}]"
+                km = section(k, kp, ("name", "sha256", "rate_limit"))
+                name = get_str(km, "name", kp)
+                if name in seen:
+                    raise ConfigError(f"{kp}.name", f"duplicate API key name {name!r}")
+                seen.add(name)
+                digest = get_str(km, "sha256", kp).lower()
+                try:
+                    raw_digest = bytes.fromhex(digest)
+                except ValueError:
+                    raw_digest = b""
+                if len(raw_digest) != 32:
+                    raise ConfigError(f"{kp}.sha256", "expected 64 hex digits (the SHA-256 of the key)")
+                rl = RateSpec.from_mapping(km["rate_limit"], f"{kp}.rate_limit") if km.get("rate_limit") else None
+                api_keys.append(ApiKey(name, raw_digest, rl))
+        return cls(jwt=settings, keys=store, api_keys=tuple(api_keys), api_key_header=header_name,
+                   api_key_query=query_name,
+                   forward_authorization=get_bool(m, "forward_authorization", path, True),
+                   realm=get_str(m, "realm", path, "meshkit"))
+
+
+def hash_api_key(key: str) -> str:
+    """The hex SHA-256 to put in the config for ``key``."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: from a JWT (``subject``, ``claims``) or an API key (``key``)."""
+
+    kind: str
+    subject: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    key: ApiKey | None = None
+
+    def scopes(self) -> frozenset[str]:
+        """``scope`` (space separated) and ``scp`` (list or string) claims together."""
+        out: set[str] = set()
+        for name in ("scope", "scp"):
+            v = self.claims.get(name)
+            if isinstance(v, str):
+                out.update(v.split())
+            elif isinstance(v, list):
+                out.update(str(x) for x in v)
+        return frozenset(out)
+
+
+class Authenticator:
+    """Verifies JWTs and API keys against an :class:`AuthConfig`."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+
+    def verify_jwt(self, token: str) -> Principal:
+        """Verify ``token``; raise :class:`AuthError` with a safe reason."""
+        cfg, store = self.config.jwt, self.config.keys
+        if cfg is None or store is None:
+            raise AuthError("bearer tokens are not accepted here")
+        try:
+            head = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise AuthError("malformed token") from None
+        alg = head.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AuthError(f"token algorithm {str(alg)[:16]!r} is not allowed")
+        kid = head.get("kid")
+        keys = store.candidates(kid if isinstance(kid, str) else None, alg)
+        if not keys:
+            raise AuthError("no key accepts this token (unknown kid or algorithm)")
+        options: dict[str, Any] = {"require": list(cfg.require)}
+        last: AuthError | None = None
+        for k in keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key=k.key,
+                    algorithms=list(k.algorithms),
+                    audience=list(cfg.audience) or None,
+                    issuer=list(cfg.issuer) or None,
+                    leeway=cfg.leeway,
+                    options={**options, "verify_aud": bool(cfg.audience),
+                             "verify_iss": bool(cfg.issuer)},
+                )
+            except jwt.InvalidSignatureError:
+                last = AuthError("token signature is invalid")
+                continue
+            except jwt.ExpiredSignatureError:
+                raise AuthError("token has expired") from None
+            except jwt.ImmatureSignatureError:
+                raise AuthError("token is not valid yet (nbf)") from None
+            except jwt.InvalidAudienceError:
+                raise AuthError("token audience is not accepted") from None
+            except jwt.InvalidIssuerError:
+                raise AuthError("token issuer is not accepted") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise AuthError(f"token lacks the {exc.claim!r} claim") from None
+            except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
+                last = AuthError("token algorithm does not match the key")
+                continue
+            except jwt.InvalidTokenError:
+                raise AuthError("token is invalid") from None
+            return Principal("jwt", str(claims.get("sub", "")), claims)
+        raise last or AuthError("token signature is invalid")
+
+    def verify_api_key(self, presented: str) -> Principal:
+        """Find the key whose hash matches; every stored hash is compared (constant time)."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: ApiKey | None = None
+        for k in self.config.api_keys:
+            if hmac.compare_digest(digest, k.sha256) and found is None:
+                found = k
+        if found is None:
+            raise AuthError("API key is not recognised", error="invalid_key")
+        return Principal("api_key", found.name, {}, found)
+
+
+# --------------------------------------------------------------------------- policy + middleware
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    """What a route demands: ``require`` one of none, jwt, api_key, any; plus scopes
+    (all needed) and exact claim values."""
+
+    require: str = "none"
+    scopes: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, raw: Any, path: str) -> AuthPolicy:
+        """From ``{require: jwt, scopes: [orders.read], claims: {tenant: acme}}``."""
+        m = section(raw, path, ("require", "scopes", "claims"))
+        req = get_str(m, "require", path, "jwt")
+        if req not in ("none", "jwt", "api_key", "any"):
+            raise ConfigError(f"{path}.require", f"expected none, jwt, api_key or any; got {req!r}")
+        claims = m.get("claims") or {}
+        if not isinstance(claims, Mapping):
+            raise ConfigError(f"{path}.claims", "expected a mapping of claim to required value")
+        return cls(require=req, scopes=get_str_list(m, "scopes", path), claims=dict(claims))
+
+
+class AuthMiddleware:
+    """ASGI middleware enforcing one :class:`AuthPolicy` with one :class:`Authenticator`."""
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, policy: AuthPolicy) -> None:
+        self.app = app
+        self.authn = authenticator
+        self.policy = policy
+        cfg = authenticator.config
+        self._key_header = cfg.api_key_header.encode()
+        self._key_query = cfg.api_key_query
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            principal = self.authenticate(scope)
+        except AuthError as exc:
+            notes(scope)["auth"] = "forbidden" if exc.forbidden else "unauthenticated"
+            await send_error(send, self._error(exc))
+            return
+        self._forward(scope, principal)
+        await self.app(scope, receive, send)
+
+    def authenticate(self, scope: Scope) -> Principal | None:
+        """The verified caller (None if the route needs nobody); raise :class:`AuthError`."""
+        policy = self.policy
+        authz = header(scope, b"authorization")
+        token: str | None = None
+        if authz is not None:
+            scheme, _, rest = authz.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and rest.strip():
+                token = rest.strip()
+        presented = header(scope, self._key_header)
+        key: str | None = presented.decode("latin-1") if presented is not None else None
+        if key is None and self._key_query:
+            for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+                if name == self._key_query:
+                    key = value
+                    break
+        principal: Principal | None = None
+        if policy.require in ("jwt", "any") and token is not None:
+            principal = self.authn.verify_jwt(token)
+        elif policy.require in ("api_key", "any") and key is not None:
+            principal = self.authn.verify_api_key(key)
+        elif policy.require != "none":
+            what = {"jwt": "a bearer token", "api_key": "an API key"}.get(policy.require,
+                                                                        "a bearer token or an API key")
+            raise AuthError(f"this route needs {what}", error="invalid_request")
+        if principal is not None:
+            self._authorize(principal)
+        scope[PRINCIPAL_KEY] = principal
+        return principal
+
+    def _authorize(self, p: Principal) -> None:
+        missing = [s for s in self.policy.scopes if s not in p.scopes()]
+        if missing:
+            raise AuthError(f"missing scope {missing[0]!r}", forbidden=True, error="insufficient_scope")
+        for name, want in self.policy.claims.items():
+            have = p.claims.get(name)
+            ok = want in have if isinstance(have, list) else have == want
+            if not ok:
+                raise AuthError(f"claim {name!r} does not have the required value", forbidden=True,
+                                error="insufficient_scope")
+
+    def _forward(self, scope: Scope, p: Principal | None) -> None:
+        remove = [k for k, _ in scope.get("headers") or ()
+                  if k.startswith(FORWARDED_PREFIX) or k == API_KEY_NAME_HEADER]
+        if not self.authn.config.forward_authorization:
+            remove.append(b"authorization")
+        if p is not None and p.kind == "api_key":
+            remove.append(self._key_header)
+        add: list[tuple[bytes, bytes]] = []
+        if p is not None:
+            if p.kind == "jwt":
+                add.append((FORWARDED_PREFIX + b"sub", p.subject.encode("utf-8", "replace")))
+                jwt_cfg = self.authn.config.jwt
+                wanted = jwt_cfg.forward_claims if jwt_cfg else ()
+                chosen = {k: v for k, v in p.claims.items() if not wanted or k in wanted}
+                add.append((FORWARDED_PREFIX + b"claims",
+                            json.dumps(chosen, separators=(",", ":"), ensure_ascii=True).encode()))
+            else:
+                add.append((API_KEY_NAME_HEADER, p.subject.encode()))
+        if remove or add:
+            set_headers(scope, add, remove)
+
+    def _error(self, exc: AuthError) -> GatewayError:
+        info = error_details_pb2.ErrorInfo(reason=exc.error.upper(), domain="meshkit.gateway")
+        realm = self.authn.config.realm
+        challenge = (f'Bearer realm="{realm}", error="{exc.error}", '
+                     f'error_description="{exc.reason}"').encode("latin-1", "replace")
+        if exc.forbidden:
+            return GatewayError("PERMISSION_DENIED", exc.reason, details=[info],
+                                headers=[(b"www-authenticate", challenge)])
+        return GatewayError("UNAUTHENTICATED", exc.reason, details=[info],
+                            headers=[(b"www-authenticate", challenge)])

@@ -1,0 +1,389 @@
+"""The edge: the transcoding gateway wrapped with auth, limits, cache, shaping, BFF and ops.
+
+:func:`create_edge_app` builds, per profile, the gateway's own
+:func:`~meshkit.gateway.app.create_app` with route middleware (auth -> rate
+limit -> cache -> shaping, chosen per route from the profile's rules), puts the
+profile's BFF composite routes in front of it, and wraps it with CORS,
+``/healthz`` ``/readyz`` ``/metrics`` ``/openapi.json`` and telemetry. All
+profiles share one upstream registry (balanced, health-checked, canary splits).
+
+Reload (:meth:`EdgeApp.reload`, SIGHUP in the CLI, or ``POST /admin/reload``
+with the admin token) rebuilds every profile from the new config and swaps it in
+atomically; requests in flight finish on the old one. Upstreams are kept and
+switched in place (:meth:`BalancedUpstream.set_targets`), which is the
+blue-green switch: no request is dropped. Caches start empty after a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from meshkit.errors import ConfigError
+from meshkit.gateway._edge_asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    header,
+    send_error,
+    send_json,
+)
+from meshkit.gateway.app import DescriptorSource, GatewayApp, Route, create_app, load_catalog
+from meshkit.gateway.auth import Authenticator, AuthMiddleware
+from meshkit.gateway.balancing import BalancedUpstream
+from meshkit.gateway.bff import BffApp, Composite
+from meshkit.gateway.cache import CacheMiddleware, ResponseCache
+from meshkit.gateway.canary import CanaryUpstream
+from meshkit.gateway.cors import CorsMiddleware
+from meshkit.gateway.descriptors import Catalog
+from meshkit.gateway.errors import GatewayError
+from meshkit.gateway.observability import EdgeMetrics, OpsMiddleware, TelemetryMiddleware
+from meshkit.gateway.openapi import openapi_json
+from meshkit.gateway.profiles import EdgeConfig, Profile, RoutePolicy, load_edge_config
+from meshkit.gateway.ratelimit import ApiKeyLimits, RateLimitMiddleware
+from meshkit.gateway.shaping import ShapingMiddleware
+from meshkit.gateway.upstreams import Upstream, UpstreamRegistry
+
+log = logging.getLogger("meshkit.gateway.edge")
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+def build_registry(config: EdgeConfig) -> UpstreamRegistry:
+    """Balanced upstreams and canary splits for ``config``."""
+    ups: dict[str, Upstream] = {
+        name: BalancedUpstream(name, spec.targets, policy=config.policy,
+                               health_check=spec.health_check, drain=spec.drain)
+        for name, spec in config.upstreams.items()
+    }
+    routes: dict[str, str] = {}
+    _route_services(config, ups, routes)
+    return UpstreamRegistry(ups, routes)
+
+
+def _route_services(config: EdgeConfig, ups: dict[str, Upstream], routes: dict[str, str]) -> None:
+    for svc, r in config.services.items():
+        if r.canary is not None:
+            name = f"canary:{svc}"
+            ups[name] = CanaryUpstream(name, ups[r.canary.stable], ups[r.canary.canary], r.canary)
+            routes[svc] = name
+        else:
+            assert r.upstream is not None
+            routes[svc] = r.upstream
+
+
+async def update_registry(registry: UpstreamRegistry, config: EdgeConfig) -> None:
+    """Apply ``config``'s upstreams to a live registry: existing names switch their
+    endpoints in place (draining the old ones), new names are added, canary
+    splits and service routes are replaced. Removed upstreams close after draining."""
+    ups: dict[str, Upstream] = {}
+    for name, spec in config.upstreams.items():
+        cur = registry.upstreams.get(name)
+        if isinstance(cur, BalancedUpstream):
+            cur.health_check = spec.health_check
+            cur.drain = spec.drain
+            await cur.set_targets(spec.targets)
+            ups[name] = cur
+        else:
+            ups[name] = BalancedUpstream(name, spec.targets, policy=config.policy,
+                                         health_check=spec.health_check, drain=spec.drain)
+    routes: dict[str, str] = {}
+    _route_services(config, ups, routes)
+    removed = [u for n, u in registry.upstreams.items() if n not in ups and not isinstance(u, CanaryUpstream)]
+    # Plain dict swaps: readers see either the old or the new mapping, never a mix.
+    registry.upstreams = ups
+    registry.routes = routes
+    for u in removed:
+        drain = u.drain if isinstance(u, BalancedUpstream) else 5.0
+        asyncio.get_running_loop().create_task(_close_later(u, drain))
+
+
+async def _close_later(u: Upstream, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await u.close(grace=delay)
+
+
+def health_snapshot(registry: UpstreamRegistry) -> dict[str, bool]:
+    """``upstream/endpoint`` -> serving, for metrics."""
+    out: dict[str, bool] = {}
+    for u in registry.upstreams.values():
+        if isinstance(u, BalancedUpstream):
+            for t in u.targets:
+                out[f"{u.name}/{t}"] = u.healthy.get(t, True)
+    return out
+
+
+# --------------------------------------------------------------------------- one profile
+
+
+class ProfileRuntime:
+    """A profile compiled against a catalog and a registry."""
+
+    def __init__(self, profile: Profile, config: EdgeConfig, catalog: Catalog,
+                 registry: UpstreamRegistry, metrics: EdgeMetrics | None) -> None:
+        self.profile = profile
+        self.config = config
+        self.metrics = metrics
+        self.cache = ResponseCache(config.cache_max_bytes)
+        self.authn = Authenticator(config.auth)
+        self.key_limits = ApiKeyLimits(config.auth.api_keys)
+        self.gateway: GatewayApp = create_app(catalog, registry, options=config.options,
+                                              route_middleware=[self._route_middleware])
+        composites = [Composite(spec, catalog, registry,
+                                generate_request_id=config.options.generate_request_id)
+                      for spec in profile.bff]
+        inner: ASGIApp = self.gateway
+        if composites:
+            inner = BffApp(composites, self.gateway, route_middleware=self._bff_middleware)
+        if profile.shaping is not None:
+            inner = ShapingMiddleware(inner, profile.shaping)
+        if profile.cors is not None:
+            inner = CorsMiddleware(inner, profile.cors)
+        self.app = inner
+        self.openapi = lambda: openapi_json(
+            catalog, title=f"meshkit gateway ({profile.name})", proto_names=config.options.proto_names,
+            fallback_routes=config.options.fallback_routes,
+            security=[s for s, on in (("bearer", config.auth.jwt is not None),
+                                      ("api_key", bool(config.auth.api_keys))) if on],
+            api_key_header=config.auth.api_key_header, path_prefix=profile.prefix)
+
+    def wrap(self, name: str, policy: RoutePolicy, app: ASGIApp, streaming: bool = False) -> ASGIApp:
+        """Wrap a route handler with the features of ``policy`` (outermost first: auth,
+        rate limit, cache, shaping)."""
+        if policy.shaping is not None and not streaming:
+            app = ShapingMiddleware(app, policy.shaping)
+        if policy.cache is not None and not streaming:
+            on_cache = self.metrics.cache_result if self.metrics is not None else None
+            app = CacheMiddleware(app, policy.cache, self.cache, name=name, on_result=on_cache)
+        has_key_limits = bool(self.key_limits._limiters)
+        if policy.rate_limit is not None or has_key_limits:
+            on_reject = (lambda scope, what: self.metrics.rejected(name, what)) if self.metrics else None
+            app = RateLimitMiddleware(app, policy.rate_limit, api_key_limits=self.key_limits if has_key_limits else None,
+                                      name=name, on_reject=on_reject)
+        if policy.auth is not None or self.config.auth.jwt is not None or self.config.auth.api_keys:
+            # Always present when auth is configured: it also strips client-sent x-jwt-* metadata.
+            from meshkit.gateway.auth import AuthPolicy
+
+            app = AuthMiddleware(app, self.authn, policy.auth or AuthPolicy("none"))
+        return app
+
+    def _route_middleware(self, route: Route, app: ASGIApp) -> ASGIApp:
+        b = route.binding
+        policy = self.profile.policy_for(b.method.full_name, b.http_method, b.template.source)
+        streaming = b.method.server_streaming or b.method.client_streaming
+        return self.wrap(b.method.full_name, policy, app, streaming)
+
+    def _bff_middleware(self, comp: Composite, app: ASGIApp) -> ASGIApp:
+        name = f"bff.{comp.spec.name}"
+        policy = self.profile.policy_for(name, comp.spec.http_method, comp.spec.path)
+        return self.wrap(name, policy, app)
+
+
+# --------------------------------------------------------------------------- the edge app
+
+
+class EdgeApp:
+    """All profiles of one config. ``app_for(profile)`` serves one profile (per-port
+    serving); calling the EdgeApp itself dispatches by path prefix."""
+
+    def __init__(self, config: EdgeConfig, catalog: Catalog, *,
+                 config_loader: Callable[[], EdgeConfig] | None = None) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.config_loader = config_loader
+        self.registry = build_registry(config)
+        self.metrics = EdgeMetrics(lambda: health_snapshot(self.registry)) if config.metrics else None
+        self.profiles: dict[str, ProfileRuntime] = {}
+        self._compile(config)
+        self._reload_lock: asyncio.Lock | None = None
+        self.reloads = 0
+
+    def _compile(self, config: EdgeConfig) -> None:
+        self.profiles = {n: ProfileRuntime(p, config, self.catalog, self.registry, self.metrics)
+                         for n, p in config.profiles.items()}
+        self._by_prefix = sorted(((p.profile.prefix, p) for p in self.profiles.values()),
+                                 key=lambda x: -len(x[0]))
+
+    # ---- readiness and reload
+
+    def ready(self) -> bool:
+        """Every balanced upstream has at least one SERVING endpoint."""
+        return all(u.ready for u in self.registry.upstreams.values() if isinstance(u, BalancedUpstream))
+
+    async def startup(self) -> None:
+        """Probe health once and start the periodic checks (call on the serving loop)."""
+        ups = [u for u in self.registry.upstreams.values()
+               if isinstance(u, BalancedUpstream) and u.health_check is not None]
+        await asyncio.gather(*(u.check_now() for u in ups))
+        for u in ups:
+            u.start_health_checks()
+
+    async def shutdown(self) -> None:
+        """Close channels and stop health checks."""
+        await self.registry.close(grace=1.0)
+        if self.metrics is not None:
+            self.metrics.shutdown()
+
+    async def reload(self, config: EdgeConfig | None = None) -> None:
+        """Switch to ``config`` (or re-read the file); in-flight requests are unaffected."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            if config is None:
+                if self.config_loader is None:
+                    raise ConfigError("", "no config file to reload from")
+                config = self.config_loader()
+            if config.auth.keys is not None:
+                config.auth.keys.reload()
+            await update_registry(self.registry, config)
+            for u in self.registry.upstreams.values():
+                if isinstance(u, BalancedUpstream) and u.health_check is not None:
+                    u.start_health_checks()
+            self.config = config
+            self._compile(config)
+            self.reloads += 1
+            log.info("edge config reloaded (%d profiles)", len(self.profiles))
+
+    # ---- serving
+
+    def app_for(self, name: str) -> ASGIApp:
+        """An ASGI app serving only profile ``name`` (for its own port); the prefix is
+        not required on a profile's own port."""
+        if name not in self.profiles:
+            raise ConfigError("--profile", f"unknown profile {name!r}; have {', '.join(self.profiles)}")
+
+        async def one(scope: Scope, receive: Receive, send: Send) -> None:
+            await self._serve(self.profiles[name], scope, receive, send, strip=False)
+
+        return self._outer(one, name)
+
+    def _outer(self, inner: ASGIApp, profile: str) -> ASGIApp:
+        app: ASGIApp = OpsMiddleware(inner, ready=self.ready, metrics=self.metrics,
+                                     openapi=lambda: self._openapi(scope_profile=profile))
+        app = _AdminMiddleware(app, self)
+        if self.config.access_log or self.metrics is not None:
+            app = TelemetryMiddleware(app, metrics=self.metrics, profile=profile,
+                                      access_logs=self.config.access_log)
+        return _Lifespan(app, self)
+
+    def _openapi(self, scope_profile: str) -> bytes:
+        rt = self.profiles.get(scope_profile)
+        if rt is None:
+            rt = next(iter(self.profiles.values()))
+        return rt.openapi()
+
+    def asgi(self) -> ASGIApp:
+        """The app dispatching every profile by path prefix."""
+        return self._outer(self._dispatch, "")
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        for prefix, rt in self._by_prefix:
+            if not prefix or path == prefix or path.startswith(prefix + "/"):
+                await self._serve(rt, scope, receive, send, strip=bool(prefix))
+                return
+        await send_error(send, GatewayError("NOT_FOUND", "no profile serves this path"))
+
+    async def _serve(self, rt: ProfileRuntime, scope: Scope, receive: Receive, send: Send,
+                     *, strip: bool) -> None:
+        prefix = rt.profile.prefix
+        if strip and prefix:
+            scope = dict(scope)
+            scope["path"] = scope["path"][len(prefix):] or "/"
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = raw[len(prefix):] or b"/"
+            scope["root_path"] = scope.get("root_path", "") + prefix
+        elif not strip and prefix and scope.get("path", "").startswith(prefix + "/"):
+            # The prefix is optional on the profile's own port.
+            return await self._serve(rt, scope, receive, send, strip=True)
+        await rt.app(scope, receive, send)
+
+
+class _AdminMiddleware:
+    """``POST /admin/reload`` with ``Authorization: Bearer <token>`` (SHA-256 in config)."""
+
+    def __init__(self, app: ASGIApp, edge: EdgeApp) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/admin/reload":
+            want = self.edge.config.admin_token_sha256
+            if want is None:
+                await send_error(send, GatewayError("NOT_FOUND", "the admin endpoint is disabled"))
+                return
+            if scope["method"] != "POST":
+                await send_error(send, GatewayError("UNIMPLEMENTED", "use POST", http_status=405,
+                                                    headers=[(b"allow", b"POST")]))
+                return
+            authz = header(scope, b"authorization") or b""
+            token = authz[7:].strip() if authz[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(hashlib.sha256(token).digest(), want):
+                await send_error(send, GatewayError("UNAUTHENTICATED", "admin token required",
+                                                    headers=[(b"www-authenticate", b'Bearer realm="meshkit-admin"')]))
+                return
+            try:
+                await self.edge.reload()
+            except ConfigError as exc:
+                await send_error(send, GatewayError("FAILED_PRECONDITION", f"reload refused: {exc}"))
+                return
+            await send_json(send, 200, b'{"status":"reloaded"}')
+            return
+        await self.app(scope, receive, send)
+
+
+class _Lifespan:
+    def __init__(self, app: ASGIApp, edge: EdgeApp) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.edge.startup()
+                except Exception as exc:
+                    log.exception("edge startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.edge.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_edge_app(
+    config: EdgeConfig | str | Path | Mapping[str, Any],
+    descriptors: DescriptorSource,
+    *,
+    services: list[str] | None = None,
+) -> EdgeApp:
+    """Build the edge from a config (an :class:`EdgeConfig`, a YAML path, or a mapping)
+    and descriptors (as :func:`meshkit.gateway.app.create_app` takes them).
+
+    Serve ``edge.asgi()`` (all profiles by prefix) or ``edge.app_for(name)`` per port.
+    """
+    loader: Callable[[], EdgeConfig] | None = None
+    if isinstance(config, str | Path):
+        path = Path(config)
+        loader = lambda: load_edge_config(path)  # noqa: E731
+        cfg = loader()
+    elif isinstance(config, EdgeConfig):
+        cfg = config
+    else:
+        cfg = EdgeConfig.from_mapping(config)
+    catalog = load_catalog(descriptors, services)
+    return EdgeApp(cfg, catalog, config_loader=loader)

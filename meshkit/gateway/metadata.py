@@ -1,0 +1,134 @@
+"""HTTP request headers -> gRPC metadata and deadline.
+
+Forwarded: ``Authorization``, ``X-Request-Id`` (generated when absent),
+``traceparent``/``tracestate``, ``Grpc-Metadata-<key>`` (``-Bin`` keys
+base64-decoded) and ``X-Forwarded-For`` with the client address appended.
+Everything else, hop-by-hop headers included, stays at the edge.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from meshkit.gateway.errors import bad_request
+
+_PREFIX = b"grpc-metadata-"
+_PLEN = len(_PREFIX)
+_KEY = re.compile(rb"[0-9a-z_.\-]+\Z")
+_VALUE = re.compile(rb"[\x20-\x7e]*\Z")
+_TIMEOUT = re.compile(rb"(\d{1,8})([HMSmun])\Z")
+_UNIT = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "user-agent",
+    }
+)
+_PASS = {
+    b"authorization": "authorization",
+    b"traceparent": "traceparent",
+    b"tracestate": "tracestate",
+    b"baggage": "baggage",
+}
+
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """What the gateway takes from a request's headers."""
+
+    metadata: list[tuple[str, str | bytes]]
+    request_id: str
+    timeout: float | None
+    content_type: str
+    accept: bytes
+
+
+def parse_timeout(value: bytes) -> float:
+    """``Grpc-Timeout`` (``<1-8 digits><H|M|S|m|u|n>``) in seconds; 400 if malformed."""
+    m = _TIMEOUT.match(value.strip())
+    if m is None:
+        raise bad_request(
+            f"invalid Grpc-Timeout {value.decode('latin-1')!r}: expected 1-8 digits and a unit "
+            "H, M, S, m, u or n",
+            "Grpc-Timeout",
+        )
+    return int(m.group(1)) * _UNIT[m.group(2)]
+
+
+def read_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    client: tuple[str, int] | list[object] | None,
+    *,
+    generate_request_id: bool = True,
+) -> RequestHeaders:
+    """Turn ASGI headers (lower-case names) into metadata; 400 on invalid metadata."""
+    md: list[tuple[str, str | bytes]] = []
+    request_id = ""
+    timeout: float | None = None
+    content_type = ""
+    accept = b""
+    xff = ""
+    for name, value in headers:
+        passed = _PASS.get(name)
+        if passed is not None:
+            md.append((passed, value.decode("latin-1")))
+        elif name.startswith(_PREFIX):
+            key = name[_PLEN:]
+            if not _KEY.match(key):
+                raise bad_request(
+                    f"header {name.decode('latin-1')!r} is not a valid gRPC metadata key",
+                    name.decode("latin-1"),
+                )
+            skey = key.decode("ascii")
+            if skey.startswith("grpc-") or skey in _HOP_BY_HOP:
+                continue
+            if skey.endswith("-bin"):
+                try:
+                    md.append((skey, base64.b64decode(value + b"=" * (-len(value) % 4))))
+                except (binascii.Error, ValueError):
+                    raise bad_request(
+                        f"header {name.decode('latin-1')!r} is not valid base64", skey
+                    ) from None
+            else:
+                if not _VALUE.match(value):
+                    raise bad_request(
+                        f"header {name.decode('latin-1')!r} has characters gRPC metadata cannot carry",
+                        skey,
+                    )
+                md.append((skey, value.decode("ascii")))
+        elif name == b"x-request-id":
+            request_id = value.decode("latin-1")
+        elif name == b"grpc-timeout":
+            timeout = parse_timeout(value)
+        elif name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name == b"accept":
+            accept = value
+        elif name == b"x-forwarded-for":
+            xff = value.decode("latin-1")
+    if not request_id and generate_request_id:
+        request_id = uuid.uuid4().hex
+    if request_id:
+        md.append(("x-request-id", request_id))
+    if client:
+        addr = str(client[0])
+        xff = f"{xff}, {addr}" if xff else addr
+    if xff:
+        md.append(("x-forwarded-for", xff))
+    return RequestHeaders(md, request_id, timeout, content_type, accept)

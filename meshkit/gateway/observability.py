@@ -1,0 +1,265 @@
+"""Operations at the edge: access logs, metrics, spans, and ``/healthz`` ``/readyz`` ``/metrics``.
+
+* :class:`TelemetryMiddleware` (app-wide, outermost) times each request, writes
+  one JSON line to the ``meshkit.gateway.access`` logger, records OpenTelemetry
+  metrics and opens a SERVER span whose context replaces the request's
+  ``traceparent`` so the gateway forwards it upstream (the upstream span is a
+  child of the gateway's). With no OTel SDK configured the span is a no-op and
+  the client's ``traceparent`` passes through unchanged.
+* :class:`EdgeMetrics` owns an OTel ``MeterProvider`` read by the
+  ``opentelemetry-exporter-prometheus`` reader into a private prometheus
+  registry (private, so several gateways in one process never collide), served
+  as Prometheus text at ``/metrics``.
+* :class:`OpsMiddleware` answers ``/healthz`` (the process is alive),
+  ``/readyz`` (every upstream reports SERVING), ``/metrics`` and ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from meshkit.gateway._edge_asgi import (
+    PRINCIPAL_KEY,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    notes,
+    send_json,
+    set_headers,
+)
+
+access_log = logging.getLogger("meshkit.gateway.access")
+log = logging.getLogger("meshkit.gateway")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EdgeMetrics:
+    """Request, latency, cache, rate-limit and upstream-health metrics for one gateway."""
+
+    def __init__(self, health: Callable[[], Mapping[str, bool]] | None = None) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+        self.reader = PrometheusMetricReader(registry=self.registry)  # type: ignore[call-arg]
+        self.provider = MeterProvider(
+            metric_readers=[self.reader],
+            views=[View(instrument_name="meshkit.gateway.request.duration",
+                        aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS))],
+        )
+        meter = self.provider.get_meter("meshkit.gateway")
+        self.requests = meter.create_counter("meshkit.gateway.requests", description="HTTP requests")
+        self.duration = meter.create_histogram("meshkit.gateway.request.duration", unit="s",
+                                               description="HTTP request latency")
+        self.cache = meter.create_counter("meshkit.gateway.cache.lookups", description="cache lookups")
+        self.rejections = meter.create_counter("meshkit.gateway.ratelimit.rejections",
+                                               description="requests refused by rate limits")
+        self._health = health
+        meter.create_observable_gauge("meshkit.gateway.upstream.healthy", callbacks=[self._observe],
+                                      description="1 when the upstream endpoint reports SERVING")
+
+    def set_health_source(self, health: Callable[[], Mapping[str, bool]]) -> None:
+        """Where ``upstream.healthy`` reads endpoint health (endpoint -> serving)."""
+        self._health = health
+
+    def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._health is None:
+            return []
+        return [Observation(1 if ok else 0, {"endpoint": ep}) for ep, ok in self._health().items()]
+
+    def record(self, profile: str, route: str, method: str, status: int, seconds: float) -> None:
+        """One finished request."""
+        attrs = {"profile": profile, "route": route, "method": method, "code": str(status)}
+        self.requests.add(1, attrs)
+        self.duration.record(seconds, {"profile": profile, "route": route})
+
+    def cache_result(self, route: str, hit: bool) -> None:
+        """A cache lookup."""
+        self.cache.add(1, {"route": route, "result": "hit" if hit else "miss"})
+
+    def rejected(self, route: str, what: str) -> None:
+        """A rate-limit refusal."""
+        self.rejections.add(1, {"route": route, "limit": what})
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        from prometheus_client import generate_latest
+
+        return bytes(generate_latest(self.registry))
+
+    def shutdown(self) -> None:
+        """Stop the provider."""
+        self.provider.shutdown()
+
+
+def route_name(scope: Scope) -> str:
+    """The RPC the gateway routed the request to, or the BFF route name, or ``-``."""
+    r = scope.get("meshkit.route")
+    if r is not None:
+        return str(getattr(r, "method_name", r))
+    return str(notes(scope).get("route", "-"))
+
+
+class TelemetryMiddleware:
+    """Access log (JSON lines), metrics and a server span per request."""
+
+    def __init__(self, app: ASGIApp, *, metrics: EdgeMetrics | None = None, profile: str = "",
+                 access_logs: bool = True, tracing: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.profile = profile
+        self.access_logs = access_logs
+        self.tracing = tracing
+        self.tracer = trace.get_tracer("meshkit.gateway")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+        size = 0
+        rid: bytes | None = None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, size, rid
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                for k, v in message.get("headers", ()):
+                    if k == b"x-request-id":
+                        rid = v
+            elif message["type"] == "http.response.body":
+                size += len(message.get("body", b""))
+            await send(message)
+
+        token = None
+        span = None
+        if self.tracing:
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or ()
+                       if k in (b"traceparent", b"tracestate")}
+            parent = propagate.extract(carrier)
+            span = self.tracer.start_span(f"{scope['method']} {scope['path']}", context=parent,
+                                          kind=trace.SpanKind.SERVER)
+            ctx = trace.set_span_in_context(span, parent)
+            token = otel_context.attach(ctx)
+            if span.get_span_context().is_valid:
+                out: dict[str, str] = {}
+                propagate.inject(out, context=ctx)
+                set_headers(scope, [(k.encode(), v.encode()) for k, v in out.items()],
+                            [b"traceparent", b"tracestate"])
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = route_name(scope)
+            if span is not None:
+                span.set_attribute("http.request.method", scope["method"])
+                span.set_attribute("url.path", scope["path"])
+                span.set_attribute("http.response.status_code", status)
+                span.set_attribute("rpc.method", route)
+                if status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR))
+                span.end()
+            if token is not None:
+                otel_context.detach(token)
+            if self.metrics is not None:
+                self.metrics.record(self.profile, route, scope["method"], status, elapsed)
+            if self.access_logs and access_log.isEnabledFor(logging.INFO):
+                self._log(scope, status, size, elapsed, route, rid, span)
+
+    def _log(self, scope: Scope, status: int, size: int, elapsed: float, route: str,
+             rid: bytes | None, span: Any) -> None:
+        n = scope.get("meshkit.edge") or {}
+        p = scope.get(PRINCIPAL_KEY)
+        client = scope.get("client")
+        rec: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "profile": self.profile,
+            "method": scope["method"],
+            "path": scope["path"],
+            "query": scope.get("query_string", b"").decode("latin-1")[:512],
+            "status": status,
+            "bytes": size,
+            "duration_ms": round(elapsed * 1000, 3),
+            "route": route,
+            "client": client[0] if client else None,
+            "request_id": (rid or header(scope, b"x-request-id") or b"").decode("latin-1") or None,
+        }
+        if p is not None:
+            rec["principal"] = f"{p.kind}:{p.subject}"
+        for k in ("cache", "rate_limited", "auth", "upstream", "canary"):
+            if k in n:
+                rec[k] = n[k]
+        if span is not None and span.get_span_context().is_valid:
+            rec["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        access_log.info(json.dumps(rec, separators=(",", ":")))
+
+
+#: Convenience names for the two halves (one class, one pass per request).
+def AccessLogMiddleware(app: ASGIApp, profile: str = "") -> TelemetryMiddleware:  # noqa: N802
+    """Access logs only."""
+    return TelemetryMiddleware(app, profile=profile, tracing=False)
+
+
+def MetricsMiddleware(app: ASGIApp, metrics: EdgeMetrics, profile: str = "") -> TelemetryMiddleware:  # noqa: N802
+    """Metrics only."""
+    return TelemetryMiddleware(app, metrics=metrics, profile=profile, access_logs=False, tracing=False)
+
+
+class OpsMiddleware:
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` in front of ``app``."""
+
+    def __init__(self, app: ASGIApp, *, ready: Callable[[], bool] | None = None,
+                 metrics: EdgeMetrics | None = None, openapi: Callable[[], bytes] | None = None,
+                 prefix: str = "") -> None:
+        self.app = app
+        self.ready = ready
+        self.metrics = metrics
+        self.openapi = openapi
+        self.prefix = prefix.rstrip("/")
+        self._openapi_body: bytes | None = None
+
+    def invalidate(self) -> None:
+        """Forget the cached OpenAPI document (after a reload)."""
+        self._openapi_body = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path = scope["path"]
+            if self.prefix and path.startswith(self.prefix):
+                path = path[len(self.prefix):]
+            if path == "/healthz":
+                await send_json(send, 200, b'{"status":"ok"}')
+                return
+            if path == "/readyz":
+                ok = self.ready() if self.ready is not None else True
+                await send_json(send, 200 if ok else 503,
+                                b'{"status":"ready"}' if ok else b'{"status":"not ready"}')
+                return
+            if path == "/metrics" and self.metrics is not None:
+                await send_json(send, 200, self.metrics.render(),
+                                [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+                return
+            if path == "/openapi.json" and self.openapi is not None:
+                if self._openapi_body is None:
+                    self._openapi_body = self.openapi()
+                await send_json(send, 200, self._openapi_body)
+                return
+        await self.app(scope, receive, send)

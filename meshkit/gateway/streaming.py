@@ -1,0 +1,234 @@
+"""Streaming RPCs over plain HTTP.
+
+* Server streaming answers newline-delimited JSON, one ``{"result": ...}`` per
+  line and ``{"error": <Status>}`` if the stream fails after it began; with
+  ``Accept: text/event-stream`` Server-Sent Events (``event: error`` for the
+  failure); with ``stream_format: json-array`` one JSON array.
+* Client streaming (and bidi over HTTP/1.1, half-duplex) reads request
+  messages from a newline-delimited JSON body as it arrives.
+* Nothing is buffered whole: each message is written as it comes, and
+  ``send`` waits while the HTTP client is slow, so gRPC flow control slows
+  the upstream. A client that disconnects cancels the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import Message
+
+from meshkit.gateway.errors import GatewayError, bad_request, metadata_headers, status_json, status_from_rpc_error
+from meshkit.gateway.metadata import RequestHeaders, read_headers
+from meshkit.gateway.transcoding import Binding
+
+if TYPE_CHECKING:
+    from meshkit.gateway.app import GatewayState, Receive, Scope, Send
+
+log = logging.getLogger("meshkit.gateway")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def ndjson_messages(
+    state: GatewayState, b: Binding, scope: Scope, receive: Receive, path_values: list[str],
+    first: bytes = b"",
+) -> AsyncIterator[Message]:
+    """Request messages from a newline-delimited JSON body, as chunks arrive."""
+    limit = state.options.max_body_bytes
+    tr = state.transcoder
+    query = scope.get("query_string", b"")
+    buf = first
+    more = True
+    line_no = 0
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            line_no += 1
+            if line.strip():
+                yield _line_message(state, b, line, query, path_values, line_no)
+        if not more:
+            break
+        if len(buf) > limit:
+            raise GatewayError("RESOURCE_EXHAUSTED", f"a request message exceeds {limit} bytes",
+                               http_status=413)
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        buf += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    if buf.strip():
+        yield _line_message(state, b, buf, query, path_values, line_no + 1)
+    _ = tr
+
+
+def _line_message(state: GatewayState, b: Binding, line: bytes, query: bytes,
+                  path_values: list[str], line_no: int) -> Message:
+    try:
+        return state.transcoder.build(b, line, "application/json", query, path_values)
+    except GatewayError as err:
+        raise bad_request(f"request message on line {line_no}: {err.message}", f"line {line_no}") from None
+
+
+def _stream_format(state: GatewayState, accept: bytes) -> str:
+    if b"text/event-stream" in accept:
+        return "sse"
+    return state.options.stream_format
+
+
+_CTYPES = {"sse": b"text/event-stream", "ndjson": b"application/x-ndjson", "json-array": b"application/json"}
+
+
+async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, receive: Receive,
+                            send: Send) -> None:
+    """Serve one streaming RPC over HTTP."""
+    m = b.method
+    hdrs: RequestHeaders | None = None
+    call: Any = None
+    watcher: asyncio.Task[None] | None = None
+    feeder: asyncio.Task[None] | None = None
+    feed_error: list[BaseException] = []
+    started = False
+    try:
+        hdrs = read_headers(scope["headers"], scope.get("client"),
+                            generate_request_id=state.options.generate_request_id)
+        timeout = state._timeout(b, hdrs)
+        channel = state._upstream_channel(b, scope)
+        path_values: list[str] = scope["path_params_raw"]
+        if m.client_streaming:
+            kind = "stream_stream" if m.server_streaming else "stream_unary"
+            call = state._callable(channel, b, kind)(metadata=hdrs.metadata, timeout=timeout)
+
+            async def feed() -> None:
+                try:
+                    async for req in ndjson_messages(state, b, scope, receive, path_values):
+                        await call.write(req)
+                    await call.done_writing()
+                except _ClientGone:
+                    call.cancel()
+                except (GatewayError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                    feed_error.append(exc)
+                    call.cancel()
+
+            feeder = asyncio.create_task(feed())
+        else:
+            raw = await state._read_body(scope, receive) if b.body else b""
+            req = state.transcoder.build(b, raw, hdrs.content_type, scope.get("query_string", b""),
+                                         path_values)
+            call = state._callable(channel, b, "unary_stream")(req, metadata=hdrs.metadata,
+                                                               timeout=timeout)
+            watcher = asyncio.create_task(_watch_disconnect(receive, call))
+
+        if not m.server_streaming:
+            try:
+                resp = await call
+            except grpc.aio.AioRpcError as err:
+                if feeder is not None:
+                    await feeder
+                if feed_error and isinstance(feed_error[0], GatewayError):
+                    raise feed_error[0] from None
+                raise
+            if feeder is not None:
+                await feeder
+            ctype, body = state.transcoder.response_body(b, resp)
+            headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                       *state.request_id_header(hdrs)]
+            headers.extend(metadata_headers(await call.initial_metadata()))
+            headers.extend(metadata_headers(await call.trailing_metadata()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        fmt = _stream_format(state, hdrs.accept)
+        it = call.__aiter__()
+        first: Message | None
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except grpc.aio.AioRpcError:
+            if feed_error and isinstance(feed_error[0], GatewayError):
+                raise feed_error[0] from None
+            raise
+        headers = [(b"content-type", _CTYPES[fmt]), (b"cache-control", b"no-cache"),
+                   *state.request_id_header(hdrs)]
+        headers.extend(metadata_headers(await call.initial_metadata()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        started = True
+        codec = state.codec
+        tr = state.transcoder
+        n = 0
+        try:
+            msg = first
+            while msg is not None:
+                obj = tr.response_obj(b, msg)
+                if fmt == "ndjson":
+                    chunk = b'{"result":' + codec.dumps(obj) + b"}\n"
+                elif fmt == "sse":
+                    chunk = b"data: " + codec.dumps(obj) + b"\n\n"
+                else:
+                    chunk = (b"[" if n == 0 else b",") + codec.dumps(obj)
+                n += 1
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    msg = await it.__anext__()
+                except StopAsyncIteration:
+                    msg = None
+            tail = (b"[]" if n == 0 else b"]") if fmt == "json-array" else b""
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and watcher is not None and watcher.done():
+                return  # the client left; nobody to tell
+            st = status_json(status_from_rpc_error(err), state.catalog.pool)
+            if feed_error and isinstance(feed_error[0], GatewayError):
+                st = status_json(feed_error[0].to_status(), state.catalog.pool)
+            err_obj = {"error": st}
+            if fmt == "ndjson":
+                chunk = codec.dumps(err_obj) + b"\n"
+            elif fmt == "sse":
+                chunk = b"event: error\ndata: " + codec.dumps(st) + b"\n\n"
+            else:
+                chunk = (b"[" if n == 0 else b",") + codec.dumps(err_obj) + b"]"
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+    except _ClientGone:
+        if call is not None:
+            call.cancel()
+    except grpc.aio.AioRpcError as err:
+        if not started:
+            await state.send_rpc_error(send, err, hdrs)
+    except GatewayError as err:
+        if call is not None:
+            call.cancel()
+        if not started:
+            await state.send_error(send, err, hdrs)
+    except OSError:
+        if call is not None:
+            call.cancel()
+    except Exception:
+        log.exception("gateway stream error in %s", m.full_name)
+        if call is not None:
+            call.cancel()
+        if not started:
+            await state.send_error(send, GatewayError("INTERNAL", "internal gateway error"), hdrs)
+    finally:
+        for task in (watcher, feeder):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if call is not None and not call.done():
+            call.cancel()
+
+
+async def _watch_disconnect(receive: Receive, call: Any) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            call.cancel()
+            return

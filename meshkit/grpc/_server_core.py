@@ -1,0 +1,120 @@
+"""Admission decisions shared by the sync and asyncio server interceptors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from meshkit.grpc._plan import ServerPlan
+from meshkit.grpc._status import metadata_value, rich_trailers
+from meshkit.telemetry import Metrics, span_event
+
+__all__ = ["Admission", "Rejection", "admit", "rate_key"]
+
+_monotonic = time.monotonic
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_OVERLOAD_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+#: Pushback sent with a bulkhead or concurrency-limit rejection: long enough for a
+#: call in flight to finish on a loaded server, short enough not to idle a client.
+BULKHEAD_PUSHBACK = 0.05
+
+
+class Rejection:
+    """A refused call: the status, message and trailers to answer with."""
+
+    __slots__ = ("code", "message", "trailers")
+
+    def __init__(self, code: grpc.StatusCode, message: str, pushback: float | None) -> None:
+        self.code = code
+        self.message = message
+        self.trailers = rich_trailers(code, message, pushback=pushback)
+
+
+class Admission:
+    """Permits held by an admitted call; :meth:`done` gives them back exactly once."""
+
+    __slots__ = ("_done", "bulkhead", "m", "plan", "token")
+
+    def __init__(self, plan: ServerPlan, m: Metrics) -> None:
+        self.plan = plan
+        self.m = m
+        self.token: Any = None
+        self.bulkhead: Any = None
+        self._done = False
+
+    def done(self, code: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.bulkhead is not None:
+            self.bulkhead.release()
+            self.m.bulkhead_in_flight.add(-1, self.plan.attrs)
+        token = self.token
+        if token is not None:
+            if code is None or code == "OK":
+                token.success()
+            elif code in _OVERLOAD_CODES:
+                token.dropped()
+            else:
+                token.ignore()
+
+
+def rate_key(plan: ServerPlan, metadata: Any, context: Any) -> str:
+    """The caller key for the rate limiter: a header value, the peer, or "" (one bucket)."""
+    key = plan.rate_key
+    if not key or key == "method":
+        return ""
+    if key == "peer":
+        try:
+            return str(context.peer())
+        except Exception:
+            return ""
+    if key.startswith("metadata:"):
+        value = metadata_value(metadata, key[len("metadata:") :].lower())
+        if value is None:
+            return ""
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+    return ""
+
+
+def admit(plan: ServerPlan, metadata: Any, context: Any, m: Metrics) -> Admission | Rejection:
+    """Rate limit, adaptive limit and (non-waiting) bulkhead for one incoming call."""
+    limiter = plan.rate_limit
+    if limiter is not None:
+        wait = limiter.try_acquire(rate_key(plan, metadata, context))
+        if wait > 0:
+            m.rate_limit_rejections.add(1, plan.attrs)
+            span_event("meshkit.rejected", {"reason": "rate_limited"})
+            return Rejection(
+                _RESOURCE_EXHAUSTED,
+                f"rate limit exceeded for {plan.method}; retry in {wait:.3f}s",
+                wait if wait != float("inf") else None,
+            )
+    adm = Admission(plan, m)
+    if plan.adaptive is not None:
+        token = plan.adaptive.try_acquire()
+        if token is None:
+            m.bulkhead_rejections.add(1, plan.attrs)
+            span_event("meshkit.rejected", {"reason": "concurrency_limit"})
+            return Rejection(
+                _RESOURCE_EXHAUSTED,
+                f"concurrency limit {plan.adaptive.limit} reached for {plan.method}",
+                BULKHEAD_PUSHBACK,
+            )
+        adm.token = token
+    return adm
+
+
+def bulkhead_rejection(plan: ServerPlan) -> Rejection:
+    """The answer when the server bulkhead has no permit."""
+    plan_bh = plan.bulkhead
+    span_event("meshkit.rejected", {"reason": "bulkhead_full"})
+    return Rejection(
+        _RESOURCE_EXHAUSTED,
+        f"bulkhead {plan_bh.name or plan.method!r} is full "
+        f"({plan_bh.config.max_concurrent} calls in flight)",
+        BULKHEAD_PUSHBACK,
+    )

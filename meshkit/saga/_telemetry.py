@@ -1,0 +1,88 @@
+"""OpenTelemetry glue for the bus: trace context in NATS headers, messaging spans.
+
+Spans follow the messaging semantic conventions: a PRODUCER span ``send
+<subject>`` around each publish and a CONSUMER span ``process <subject>``
+around each handled event, parented on the producer's context carried in the
+``traceparent`` header. The saga id is the conversation id. With no
+OpenTelemetry SDK configured these are the API's no-op spans, and the
+incoming trace context still flows through to the outgoing events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from meshkit.saga.envelope import TRACEPARENT, TRACESTATE, Envelope
+
+_tracer = trace.get_tracer("meshkit.saga")
+
+
+def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, str | int]:
+    attrs: dict[str, str | int] = {
+        "messaging.system": "nats",
+        "messaging.operation.type": operation,
+        "messaging.destination.name": subject,
+        "messaging.message.id": env.event_id,
+        "messaging.message.body.size": size,
+        "meshkit.event.type": env.event_type,
+    }
+    if env.saga_id:
+        attrs["messaging.message.conversation_id"] = env.saga_id
+    return attrs
+
+
+@contextmanager
+def producer_span(subject: str, env: Envelope, size: int) -> Iterator[Envelope]:
+    """A PRODUCER span for one publish; yields the envelope with the trace context set."""
+    with _tracer.start_as_current_span(
+        f"send {subject}",
+        kind=SpanKind.PRODUCER,
+        attributes={**_attrs(subject, env, "send", size), "messaging.operation.name": "publish"},
+    ) as span:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        traceparent = carrier.get(TRACEPARENT, "") or env.traceparent
+        tracestate = carrier.get(TRACESTATE, "") or env.tracestate
+        try:
+            yield env.with_trace(traceparent, tracestate)
+        except BaseException as exc:
+            _fail(span, exc)
+            raise
+
+
+@contextmanager
+def consumer_span(
+    subject: str, env: Envelope, consumer: str, size: int, headers: Mapping[str, str]
+) -> Iterator[Span]:
+    """A CONSUMER span for handling one event, parented on the trace in its headers."""
+    parent = propagate.extract(dict(headers))
+    token = otel_context.attach(parent)
+    try:
+        with _tracer.start_as_current_span(
+            f"process {subject}",
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **_attrs(subject, env, "process", size),
+                "messaging.operation.name": "process",
+                "messaging.consumer.group.name": consumer,
+                "messaging.destination.subscription.name": consumer,
+            },
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                _fail(span, exc)
+                raise
+    finally:
+        otel_context.detach(token)
+
+
+def _fail(span: Span, exc: BaseException) -> None:
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        span.set_attribute("error.type", type(exc).__name__)

@@ -1,0 +1,603 @@
+"""The event bus: JetStream streams, publishing with dedupe, durable pull consumers.
+
+::
+
+    bus = await EventBus.connect("nats://127.0.0.1:4222", name="payment")
+    await bus.ensure_stream(SHOP)                      # create or update, idempotent
+    env = await bus.emit(SHOP, OrderCreated(...), saga_type="order")
+    consumer = bus.consumer(SHOP, "payment", handle, filter_subjects=[...])
+    await consumer.start()
+    ...
+    await consumer.stop()                              # drains in-flight work
+    await bus.close()
+
+The pull consumer speaks JetStream's pull protocol itself rather than looping
+on ``fetch()``: it keeps a window of outstanding pull requests with idle
+heartbeats, hands each message to the handler as soon as it arrives, and when
+heartbeats stop (a server restart silently loses pull requests, the known
+nats-py weak spot) or the client reconnects, it re-creates the consumer if
+needed and pulls again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import Message
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+import meshkit.deadline
+from meshkit.errors import ConfigError
+from meshkit.saga import _telemetry
+from meshkit.saga.envelope import Envelope, type_name
+
+__all__ = ["ConsumerSpec", "EventBus", "MessageHandler", "PullConsumer", "StreamSpec"]
+
+log = logging.getLogger("meshkit.saga")
+
+MessageHandler = Callable[[Msg], Awaitable[None]]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+_RETRYABLE_PUBLISH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream holding events under ``<prefix>.<event type>`` subjects.
+
+    ``duplicate_window`` (seconds) is how long ``Nats-Msg-Id`` dedupe remembers an
+    id; ``replicas`` > 1 needs a clustered deployment.
+    """
+
+    name: str
+    prefix: str
+    storage: Literal["file", "memory"] = "file"
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    duplicate_window: float = 120.0
+    replicas: int = 1
+    max_age: float | None = None
+    max_msgs: int | None = None
+    max_bytes: int | None = None
+    extra_subjects: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError("stream.name", f"{self.name!r} must match [A-Za-z0-9_-]+")
+        if not _TOKEN.match(self.prefix):
+            raise ConfigError(
+                "stream.prefix", f"{self.prefix!r} must be dot-separated tokens without wildcards"
+            )
+        if self.storage not in ("file", "memory"):
+            raise ConfigError("stream.storage", f"{self.storage!r}: expected 'file' or 'memory'")
+        if self.retention not in ("limits", "interest", "workqueue"):
+            raise ConfigError(
+                "stream.retention", f"{self.retention!r}: expected limits, interest or workqueue"
+            )
+        if not self.duplicate_window > 0:
+            raise ConfigError(
+                "stream.duplicate_window", f"{self.duplicate_window!r}: must be > 0 seconds"
+            )
+        if not 1 <= self.replicas <= 5:
+            raise ConfigError("stream.replicas", f"{self.replicas!r}: expected 1 to 5")
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return (f"{self.prefix}.>", *self.extra_subjects)
+
+    def subject_for(self, event: Message | type[Message] | str) -> str:
+        """The subject events of this type are published on."""
+        name = event if isinstance(event, str) else type_name(event)
+        return f"{self.prefix}.{name}"
+
+    def to_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.name,
+            description=self.description or None,
+            subjects=list(self.subjects),
+            retention=api.RetentionPolicy(self.retention),
+            storage=api.StorageType(self.storage),
+            duplicate_window=self.duplicate_window,
+            num_replicas=self.replicas,
+            max_age=self.max_age,
+            max_msgs=self.max_msgs if self.max_msgs is not None else -1,
+            max_bytes=self.max_bytes if self.max_bytes is not None else -1,
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """How a durable pull consumer receives and redelivers.
+
+    ``ack_wait``: seconds before an unacknowledged message is redelivered (handlers
+    that run longer send progress acks). ``max_deliver``: deliveries before a
+    failing message is dead-lettered. ``nak_backoff``: delays before redelivery
+    after the 1st, 2nd, ... handler error (the last one repeats).
+    ``max_in_flight``: messages handled concurrently by this process.
+    """
+
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    nak_backoff: tuple[float, ...] = (0.2, 1.0, 3.0, 5.0)
+    max_in_flight: int = 128
+    max_ack_pending: int = 2000
+    pull_expires: float = 30.0
+    idle_heartbeat: float = 1.0
+    deliver_new: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ack_wait > 0:
+            raise ConfigError("consumer.ack_wait", f"{self.ack_wait!r}: must be > 0 seconds")
+        if self.max_deliver < 1:
+            raise ConfigError("consumer.max_deliver", f"{self.max_deliver!r}: must be >= 1")
+        if not self.nak_backoff or any(d < 0 for d in self.nak_backoff):
+            raise ConfigError("consumer.nak_backoff", "expected one or more delays >= 0")
+        if self.max_in_flight < 1:
+            raise ConfigError("consumer.max_in_flight", f"{self.max_in_flight!r}: must be >= 1")
+        if not 0 < self.idle_heartbeat < self.pull_expires:
+            raise ConfigError(
+                "consumer.idle_heartbeat", "must be > 0 and shorter than consumer.pull_expires"
+            )
+
+    def nak_delay(self, deliveries: int) -> float:
+        """The redelivery delay after the ``deliveries``-th attempt failed."""
+        return self.nak_backoff[min(max(deliveries, 1), len(self.nak_backoff)) - 1]
+
+
+class EventBus:
+    """A NATS connection with JetStream, publishing envelopes and running consumers."""
+
+    def __init__(self, nc: NATS, *, source: str = "", publish_retry: float = 15.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.source = source
+        self.publish_retry = publish_retry
+        self._listeners: list[Callable[[], None]] = []
+        self._ensured: set[str] = set()
+        self._consumers: list[PullConsumer] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | Sequence[str],
+        *,
+        name: str = "meshkit",
+        source: str | None = None,
+        publish_retry: float = 15.0,
+        **options: Any,
+    ) -> EventBus:
+        """Connect (reconnecting forever) and return a bus publishing as ``source``."""
+        holder: list[EventBus] = []
+
+        async def reconnected() -> None:
+            log.info("%s reconnected to NATS", name)
+            if holder:
+                for listener in list(holder[0]._listeners):
+                    listener()
+
+        async def disconnected() -> None:
+            log.info("%s disconnected from NATS", name)
+
+        async def error(exc: Exception) -> None:
+            log.debug("%s NATS error: %r", name, exc)
+
+        opts: dict[str, Any] = {
+            "name": name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 2,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+            "reconnected_cb": reconnected,
+            "disconnected_cb": disconnected,
+            "error_cb": error,
+        }
+        opts.update(options)
+        nc = await nats.connect(
+            servers=list(servers) if not isinstance(servers, str) else servers, **opts
+        )
+        bus = cls(nc, source=source if source is not None else name, publish_retry=publish_retry)
+        holder.append(bus)
+        return bus
+
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every reconnect; returns a function that unregisters it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        """Create the stream, or update it to ``spec``; safe to call from every process."""
+        config = spec.to_config()
+        try:
+            info = await self.js.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                log.info("created stream %s (%s)", spec.name, ", ".join(spec.subjects))
+            except nats.js.errors.BadRequestError:
+                # Another process created it between our lookup and our create.
+                await self.js.update_stream(config)
+        else:
+            current = info.config
+            if (
+                sorted(current.subjects or []) != sorted(spec.subjects)
+                or current.duplicate_window != spec.duplicate_window
+                or (current.max_age or 0) != (spec.max_age or 0)
+                or (current.num_replicas or 1) != spec.replicas
+            ):
+                await self.js.update_stream(config)
+                log.info("updated stream %s", spec.name)
+        self._ensured.add(spec.name)
+
+    async def publish_raw(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+        *,
+        ack_timeout: float = 5.0,
+    ) -> api.PubAck:
+        """Publish to JetStream, retrying while the server is unreachable (up to ``publish_retry``)."""
+        end = time.monotonic() + self.publish_retry
+        delay = 0.05
+        while True:
+            try:
+                return await self.js.publish(subject, payload, timeout=ack_timeout, headers=headers)
+            except _RETRYABLE_PUBLISH as exc:
+                if time.monotonic() + delay >= end:
+                    raise
+                log.debug("publish to %s failed (%r); retrying in %.2fs", subject, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def publish(
+        self, stream: StreamSpec, event: Message, env: Envelope, *, ack_timeout: float = 5.0
+    ) -> api.PubAck:
+        """Publish ``event`` with ``env`` as headers on the stream's subject for its type."""
+        subject = stream.subject_for(env.event_type)
+        payload = event.SerializeToString()
+        with _telemetry.producer_span(subject, env, len(payload)) as traced:
+            return await self.publish_raw(
+                subject, payload, traced.to_headers(), ack_timeout=ack_timeout
+            )
+
+    async def emit(
+        self,
+        stream: StreamSpec,
+        event: Message,
+        *,
+        saga_id: str | None = None,
+        saga_type: str = "",
+        event_id: str | None = None,
+        saga_timeout: float | None = None,
+        source: str | None = None,
+    ) -> Envelope:
+        """Publish an event that starts (or joins) a saga; returns its envelope.
+
+        ``saga_timeout`` (seconds) sets the saga's deadline; the propagated request
+        deadline (:mod:`meshkit.deadline`) goes into the headers when there is one.
+        """
+        left = meshkit.deadline.remaining()
+        env = Envelope.new(
+            event,
+            event_id=event_id,
+            saga_id=saga_id,
+            source=self.source if source is None else source,
+            saga_type=saga_type,
+            deadline_ms=int(left * 1000) if left is not None else None,
+        )
+        if saga_timeout is not None:
+            env = dataclasses.replace(
+                env, saga_deadline_ms=env.timestamp_ms + int(saga_timeout * 1000)
+            )
+        await self.publish(stream, event, env)
+        return env
+
+    def consumer(
+        self,
+        stream: StreamSpec | str,
+        durable: str,
+        handler: MessageHandler,
+        *,
+        filter_subjects: Sequence[str] = (),
+        spec: ConsumerSpec | None = None,
+    ) -> PullConsumer:
+        """A durable pull consumer (not started) calling ``handler`` for each message.
+
+        The handler acknowledges (``msg.ack()``, ``nak()``, ``term()``) itself; if it
+        raises, the message is nak'ed with the spec's backoff.
+        """
+        name = stream if isinstance(stream, str) else stream.name
+        consumer = PullConsumer(
+            self, name, durable, handler, tuple(filter_subjects), spec or ConsumerSpec()
+        )
+        self._consumers.append(consumer)
+        return consumer
+
+    async def key_value(
+        self, bucket: str, *, history: int = 1, storage: Literal["file", "memory"] = "file"
+    ) -> Any:
+        """The JetStream KV bucket, created when missing."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_key_value(
+                    api.KeyValueConfig(
+                        bucket=bucket, history=history, storage=api.StorageType(storage)
+                    )
+                )
+            except nats.js.errors.BadRequestError:
+                return await self.js.key_value(bucket)
+
+    async def close(self) -> None:
+        """Stop every consumer (draining in-flight work), then close the connection."""
+        for consumer in list(self._consumers):
+            await consumer.stop()
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one pull consumer (for tests, the CLI and the bench)."""
+
+    delivered: int = 0
+    handled: int = 0
+    errors: int = 0
+    pulls: int = 0
+    recoveries: int = 0
+    last_error: str = ""
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class PullConsumer:
+    """A durable JetStream pull consumer with a window of in-flight messages.
+
+    See the module docstring for how it survives server restarts.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        stream: str,
+        durable: str,
+        handler: MessageHandler,
+        filter_subjects: tuple[str, ...],
+        spec: ConsumerSpec,
+    ) -> None:
+        if not _NAME.match(durable):
+            raise ConfigError("consumer.durable", f"{durable!r} must match [A-Za-z0-9_-]+")
+        self.bus = bus
+        self.stream = stream
+        self.durable = durable
+        self.handler = handler
+        self.filter_subjects = filter_subjects
+        self.spec = spec
+        self.stats = ConsumerStats()
+        self._credits = 0
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self._inbox = ""
+        self._stopping = False
+        self._started = False
+        self._last_activity = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self._remove_listener: Callable[[], None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _config(self) -> api.ConsumerConfig:
+        subjects = list(self.filter_subjects)
+        return api.ConsumerConfig(
+            name=self.durable,
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.spec.ack_wait,
+            max_deliver=self.spec.max_deliver,
+            max_ack_pending=max(self.spec.max_ack_pending, self.spec.max_in_flight),
+            deliver_policy=api.DeliverPolicy.NEW
+            if self.spec.deliver_new
+            else api.DeliverPolicy.ALL,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+        )
+
+    async def ensure(self) -> None:
+        """Create or update the durable consumer on the server."""
+        await self.bus.js.add_consumer(self.stream, self._config())
+
+    async def start(self) -> PullConsumer:
+        """Create the consumer if needed and start pulling."""
+        if self._started:
+            return self
+        await self.ensure()
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        self._remove_listener = self.bus.on_reconnect(self._on_reconnect)
+        self._started = True
+        self._last_activity = time.monotonic()
+        await self._pull()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"meshkit-watch-{self.durable}")
+        log.debug("consumer %s on %s started", self.durable, self.stream)
+        return self
+
+    async def _pull(self) -> None:
+        if self._stopping or not self._started:
+            return
+        limit = self.spec.max_in_flight
+        want = limit - self._credits - self._in_flight
+        # Ask in chunks of at least half the window, so requests stay few.
+        if want <= 0 or (self._credits > 0 and want < max(1, limit // 2)):
+            return
+        request = {
+            "batch": want,
+            "expires": int(self.spec.pull_expires * 1e9),
+            "idle_heartbeat": int(self.spec.idle_heartbeat * 1e9),
+        }
+        self._credits += want
+        self.stats.pulls += 1
+        try:
+            await self.bus.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+                json.dumps(request).encode(),
+                reply=self._inbox,
+            )
+        except Exception as exc:  # disconnected: the watchdog pulls again
+            self._credits -= want
+            log.debug("pull for %s failed: %r", self.durable, exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_activity = time.monotonic()
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status:
+            if status == "100":  # idle heartbeat
+                return
+            pending = headers.get("Nats-Pending-Messages") if headers else None
+            if status in ("404", "408") and pending:
+                self._credits = max(0, self._credits - int(pending))
+            else:
+                if status not in ("404", "408"):
+                    log.info(
+                        "consumer %s: pull ended with %s %s",
+                        self.durable,
+                        status,
+                        headers.get("Description", "") if headers else "",
+                    )
+                self._credits = 0
+                if status == "409" and headers and "Deleted" in headers.get("Description", ""):
+                    self._schedule_recover()
+                    return
+            await self._pull()
+            return
+        self._credits = max(0, self._credits - 1)
+        self.stats.delivered += 1
+        if self._stopping:
+            # Hand it back at once so another instance (or our next start) gets it.
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        self._in_flight += 1
+        self._idle.clear()
+        task = asyncio.create_task(self._run(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, msg: Msg) -> None:
+        try:
+            await self.handler(msg)
+            self.stats.handled += 1
+        except Exception as exc:
+            self.stats.errors += 1
+            self.stats.last_error = repr(exc)
+            log.warning("consumer %s: handler failed: %r", self.durable, exc)
+            deliveries = 1
+            with contextlib.suppress(Exception):
+                deliveries = msg.metadata.num_delivered
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.spec.nak_delay(deliveries))
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            await self._pull()
+
+    def _on_reconnect(self) -> None:
+        self._schedule_recover()
+
+    def _schedule_recover(self) -> None:
+        if self._stopping or (self._recovering is not None and not self._recovering.done()):
+            return
+        self._recovering = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Pull requests do not survive a server restart: re-create the consumer and pull again."""
+        self.stats.recoveries += 1
+        self._credits = 0
+        try:
+            await self.ensure()
+        except Exception as exc:
+            log.info("consumer %s: cannot re-create yet (%r); will retry", self.durable, exc)
+            self._last_activity = time.monotonic()
+            return
+        self._last_activity = time.monotonic()
+        await self._pull()
+
+    async def _watch(self) -> None:
+        hb = self.spec.idle_heartbeat
+        while not self._stopping:
+            await asyncio.sleep(hb)
+            if self._stopping:
+                return
+            if self._credits == 0:
+                await self._pull()
+                continue
+            if time.monotonic() - self._last_activity > 3 * hb:
+                log.info(
+                    "consumer %s: no heartbeat for %.1fs; re-issuing its pull", self.durable, 3 * hb
+                )
+                await self._recover()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop pulling, finish in-flight messages (up to ``grace`` seconds), unsubscribe."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._recovering is not None:
+            self._recovering.cancel()
+        if self._remove_listener is not None:
+            self._remove_listener()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        if self._tasks:
+            for task in list(self._tasks):
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await self.bus.nc.flush(timeout=2)  # the acks of drained work leave now
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        with contextlib.suppress(ValueError):
+            self.bus._consumers.remove(self)
+        log.debug("consumer %s stopped", self.durable)

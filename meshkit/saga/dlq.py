@@ -1,0 +1,158 @@
+"""The dead-letter subject: messages a consumer gave up on, with the reason.
+
+A permanently failing message (undecodable payload, invalid envelope, a
+validation failure, a handler's :class:`~meshkit.saga.PermanentError`, or max
+deliveries reached) is terminated on its stream and republished to
+``meshkit.dlq.<stream>.<consumer>`` as a ``meshkit.v1.DeadLetter`` holding the
+reason, the consumer, the original subject, sequence, headers and payload.
+``meshkit saga dlq list`` shows them; ``meshkit saga dlq replay`` republishes
+the originals (their event ids unchanged, so inboxes still deduplicate).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from meshkit._pb.meshkit.v1 import event_pb2
+from meshkit.saga.bus import EventBus, StreamSpec
+from meshkit.saga.envelope import EVENT_ID, EVENT_TYPE, MSG_ID, SAGA_ID, now_ms
+
+__all__ = [
+    "DLQ_STREAM",
+    "DeadLetterEntry",
+    "dead_letter",
+    "dlq_subject",
+    "list_dead_letters",
+    "replay_dead_letters",
+]
+
+log = logging.getLogger("meshkit.saga.dlq")
+
+DLQ_STREAM = StreamSpec(
+    name="MESHKIT_DLQ", prefix="meshkit.dlq", description="meshkit dead letters"
+)
+REASON = "Meshkit-Dlq-Reason"
+CONSUMER = "Meshkit-Dlq-Consumer"
+
+
+def dlq_subject(stream: str, consumer: str) -> str:
+    """The dead-letter subject for messages ``consumer`` on ``stream`` gave up on."""
+    return f"{DLQ_STREAM.prefix}.{stream}.{consumer}"
+
+
+async def dead_letter(bus: EventBus, msg: Msg, *, reason: str, consumer: str) -> None:
+    """Republish ``msg`` to the dead-letter subject with ``reason``, then terminate it."""
+    if DLQ_STREAM.name not in bus._ensured:
+        await bus.ensure_stream(DLQ_STREAM)
+    md: Any = None
+    try:
+        md = msg.metadata
+    except Exception:  # not a JetStream message (tests publish core NATS too)
+        md = None
+    stream = md.stream if md is not None else ""
+    seq = md.sequence.stream if md is not None else 0
+    headers = dict(msg.headers or {})
+    letter = event_pb2.DeadLetter(
+        reason=reason,
+        consumer=consumer,
+        stream=stream,
+        subject=msg.subject,
+        stream_sequence=seq,
+        deliveries=md.num_delivered if md is not None else 0,
+        headers=headers,
+        payload=msg.data,
+    )
+    letter.dead_at.FromMilliseconds(now_ms())
+    out_headers = {
+        MSG_ID: f"dlq-{stream}-{seq}-{consumer}",
+        REASON: reason[:500].replace("\r", " ").replace("\n", " "),
+        CONSUMER: consumer,
+    }
+    for key in (EVENT_ID, EVENT_TYPE, SAGA_ID):
+        if headers.get(key):
+            out_headers[key] = headers[key]
+    await bus.publish_raw(
+        dlq_subject(stream or "unknown", consumer), letter.SerializeToString(), out_headers
+    )
+    log.warning("dead-lettered %s seq %s for %s: %s", msg.subject, seq, consumer, reason)
+    if md is not None:
+        await msg.term()
+
+
+@dataclass(frozen=True)
+class DeadLetterEntry:
+    """One dead letter and its sequence in the dead-letter stream."""
+
+    seq: int
+    letter: Any  # meshkit.v1.DeadLetter
+
+    @property
+    def event_type(self) -> str:
+        return str(self.letter.headers.get(EVENT_TYPE, ""))
+
+    @property
+    def event_id(self) -> str:
+        return str(self.letter.headers.get(EVENT_ID, ""))
+
+
+async def list_dead_letters(
+    bus: EventBus, *, stream: str | None = None, consumer: str | None = None, limit: int = 1000
+) -> list[DeadLetterEntry]:
+    """Dead letters, oldest first, optionally for one stream and/or consumer."""
+    try:
+        info = await bus.js.stream_info(DLQ_STREAM.name)
+    except nats.js.errors.NotFoundError:
+        return []
+    entries: list[DeadLetterEntry] = []
+    first, last = info.state.first_seq, info.state.last_seq
+    for seq in range(first, last + 1):
+        if len(entries) >= limit:
+            break
+        try:
+            raw = await bus.js.get_msg(DLQ_STREAM.name, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        letter = event_pb2.DeadLetter()
+        letter.ParseFromString(raw.data or b"")
+        if stream and letter.stream != stream:
+            continue
+        if consumer and letter.consumer != consumer:
+            continue
+        entries.append(DeadLetterEntry(seq, letter))
+    return entries
+
+
+async def replay_dead_letters(
+    bus: EventBus,
+    *,
+    seqs: list[int] | None = None,
+    stream: str | None = None,
+    consumer: str | None = None,
+    delete: bool = True,
+) -> list[DeadLetterEntry]:
+    """Republish dead letters to their original subjects; returns those replayed.
+
+    The original headers go out unchanged except ``Nats-Msg-Id`` (the original
+    would be dropped as a duplicate inside the window). Replayed letters are
+    deleted from the dead-letter stream unless ``delete=False``.
+    """
+    entries = await list_dead_letters(bus, stream=stream, consumer=consumer)
+    if seqs is not None:
+        wanted = set(seqs)
+        entries = [e for e in entries if e.seq in wanted]
+    done: list[DeadLetterEntry] = []
+    for entry in entries:
+        letter = entry.letter
+        headers = dict(letter.headers)
+        base = headers.get(EVENT_ID) or headers.get(MSG_ID) or str(letter.stream_sequence)
+        headers[MSG_ID] = f"{base}:replay:{entry.seq}"
+        await bus.publish_raw(letter.subject, bytes(letter.payload), headers)
+        if delete:
+            await bus.js.delete_msg(DLQ_STREAM.name, entry.seq)
+        done.append(entry)
+    return done

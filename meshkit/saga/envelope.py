@@ -1,0 +1,285 @@
+"""The event envelope: the metadata every saga event carries as NATS headers.
+
+The payload is the protobuf message alone; everything else travels in headers,
+so tools can route, deduplicate and trace an event without decoding it:
+
+====================== ============================================================
+``Nats-Msg-Id``        the event id again: JetStream drops a duplicate within its window
+``Meshkit-Event-Id``   unique id of this event
+``Meshkit-Event-Type`` the protobuf full name (``shop.v1.OrderCreated``)
+``Meshkit-Saga-Id``    correlation: every event of one saga carries the same id
+``Meshkit-Saga-Type``  which saga definition this is (``order``)
+``Meshkit-Causation-Id`` the id of the event whose handler emitted this one
+``Meshkit-Timestamp``  when it was published, Unix epoch milliseconds
+``Meshkit-Source``     the participant or service that published it
+``Meshkit-Deadline-Ms`` remaining time of the request that led here, ms (when there is one)
+``Meshkit-Saga-Deadline`` when the whole saga times out, Unix epoch ms (when it has one)
+``traceparent``        W3C trace context (and ``tracestate``)
+====================== ============================================================
+
+Output ids are deterministic (:func:`derive_event_id`): a handler that runs twice
+for the same input emits events with the same ids, which JetStream deduplicates.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from google.protobuf.message import Message
+
+from meshkit.errors import MeshkitError
+
+__all__ = [
+    "CAUSATION_ID",
+    "DEADLINE",
+    "EVENT_ID",
+    "EVENT_TYPE",
+    "MSG_ID",
+    "SAGA_DEADLINE",
+    "SAGA_ID",
+    "SAGA_TYPE",
+    "SOURCE",
+    "TIMESTAMP",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "Envelope",
+    "EnvelopeError",
+    "derive_event_id",
+    "new_event_id",
+    "type_name",
+]
+
+MSG_ID = "Nats-Msg-Id"
+EVENT_ID = "Meshkit-Event-Id"
+EVENT_TYPE = "Meshkit-Event-Type"
+SAGA_ID = "Meshkit-Saga-Id"
+SAGA_TYPE = "Meshkit-Saga-Type"
+CAUSATION_ID = "Meshkit-Causation-Id"
+TIMESTAMP = "Meshkit-Timestamp"
+SOURCE = "Meshkit-Source"
+DEADLINE = "Meshkit-Deadline-Ms"
+SAGA_DEADLINE = "Meshkit-Saga-Deadline"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+_KNOWN = frozenset(
+    {
+        MSG_ID,
+        EVENT_ID,
+        EVENT_TYPE,
+        SAGA_ID,
+        SAGA_TYPE,
+        CAUSATION_ID,
+        TIMESTAMP,
+        SOURCE,
+        DEADLINE,
+        SAGA_DEADLINE,
+        TRACEPARENT,
+        TRACESTATE,
+    }
+)
+
+# A fixed namespace so derived ids are the same in every process and release.
+_NAMESPACE = uuid.UUID("5b6f0c1e-3a51-4c1e-9a6e-6d65736b6974")
+
+
+class EnvelopeError(MeshkitError, ValueError):
+    """An event's headers are missing or malformed; ``header`` names the culprit."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, header: str, message: str) -> None:
+        super().__init__(f"header {header}: {message}")
+        self.header = header
+
+
+def new_event_id() -> str:
+    """A fresh random event id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def derive_event_id(input_id: str, handler: str, index: int) -> str:
+    """The id of output ``index`` of ``handler`` for input event ``input_id``.
+
+    Deterministic, so a redelivered input yields outputs with the same ids and
+    JetStream's duplicate window (and every consumer's inbox) drops the copies.
+    """
+    if index < 0:
+        raise ValueError(f"index must be >= 0, not {index}")
+    return uuid.uuid5(_NAMESPACE, f"{input_id}\x1f{handler}\x1f{index}").hex
+
+
+def type_name(message: Message | type[Message]) -> str:
+    """The protobuf full name of a message or message class (``shop.v1.OrderCreated``)."""
+    return str(message.DESCRIPTOR.full_name)
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An event's metadata (everything but the payload)."""
+
+    event_id: str
+    event_type: str
+    saga_id: str = ""
+    causation_id: str = ""
+    timestamp_ms: int = 0
+    source: str = ""
+    saga_type: str = ""
+    deadline_ms: int | None = None
+    saga_deadline_ms: int | None = None
+    traceparent: str = ""
+    tracestate: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        event: Message | type[Message] | str,
+        *,
+        event_id: str | None = None,
+        saga_id: str | None = None,
+        causation_id: str = "",
+        source: str = "",
+        saga_type: str = "",
+        deadline_ms: int | None = None,
+        saga_deadline_ms: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> Envelope:
+        """An envelope for a new event; a new saga id when none is given."""
+        etype = event if isinstance(event, str) else type_name(event)
+        eid = event_id or new_event_id()
+        return cls(
+            event_id=eid,
+            event_type=etype,
+            saga_id=saga_id or eid,
+            causation_id=causation_id,
+            timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
+            source=source,
+            saga_type=saga_type,
+            deadline_ms=deadline_ms,
+            saga_deadline_ms=saga_deadline_ms,
+        )
+
+    def caused(
+        self,
+        event: Message | type[Message] | str,
+        *,
+        event_id: str,
+        source: str,
+        deadline_ms: int | None = None,
+    ) -> Envelope:
+        """The envelope of an event emitted in reaction to this one.
+
+        Correlation (saga id, saga type, saga deadline) flows on; causation
+        points at this event; the trace context is filled at publish time.
+        """
+        etype = event if isinstance(event, str) else type_name(event)
+        return Envelope(
+            event_id=event_id,
+            event_type=etype,
+            saga_id=self.saga_id,
+            causation_id=self.event_id,
+            timestamp_ms=now_ms(),
+            source=source,
+            saga_type=self.saga_type,
+            deadline_ms=deadline_ms,
+            saga_deadline_ms=self.saga_deadline_ms,
+        )
+
+    def with_trace(self, traceparent: str, tracestate: str = "") -> Envelope:
+        return replace(self, traceparent=traceparent, tracestate=tracestate)
+
+    def remaining_deadline(self, now: int | None = None) -> float | None:
+        """Seconds left of the propagated request deadline at ``now`` (epoch ms), or None."""
+        if self.deadline_ms is None:
+            return None
+        elapsed = max(0, (now_ms() if now is None else now) - self.timestamp_ms)
+        return max(0.0, (self.deadline_ms - elapsed) / 1000.0)
+
+    def to_headers(self) -> dict[str, str]:
+        """The NATS headers for this envelope, ``Nats-Msg-Id`` included."""
+        h = dict(self.extra)
+        h[MSG_ID] = self.event_id
+        h[EVENT_ID] = self.event_id
+        h[EVENT_TYPE] = self.event_type
+        h[TIMESTAMP] = str(self.timestamp_ms)
+        if self.saga_id:
+            h[SAGA_ID] = self.saga_id
+        if self.saga_type:
+            h[SAGA_TYPE] = self.saga_type
+        if self.causation_id:
+            h[CAUSATION_ID] = self.causation_id
+        if self.source:
+            h[SOURCE] = self.source
+        if self.deadline_ms is not None:
+            h[DEADLINE] = str(self.deadline_ms)
+        if self.saga_deadline_ms is not None:
+            h[SAGA_DEADLINE] = str(self.saga_deadline_ms)
+        if self.traceparent:
+            h[TRACEPARENT] = self.traceparent
+        if self.tracestate:
+            h[TRACESTATE] = self.tracestate
+        return h
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None) -> Envelope:
+        """Parse headers; raises :class:`EnvelopeError` naming the bad header."""
+        if not headers:
+            raise EnvelopeError(EVENT_ID, "missing (the message has no headers)")
+        event_id = headers.get(EVENT_ID) or headers.get(MSG_ID) or ""
+        if not event_id:
+            raise EnvelopeError(EVENT_ID, "missing")
+        event_type = headers.get(EVENT_TYPE, "")
+        if not event_type:
+            raise EnvelopeError(EVENT_TYPE, "missing")
+        extra = {k: v for k, v in headers.items() if k not in _KNOWN}
+        return cls(
+            event_id=event_id,
+            event_type=event_type,
+            saga_id=headers.get(SAGA_ID, ""),
+            causation_id=headers.get(CAUSATION_ID, ""),
+            timestamp_ms=_int(headers, TIMESTAMP, 0) or 0,
+            source=headers.get(SOURCE, ""),
+            saga_type=headers.get(SAGA_TYPE, ""),
+            deadline_ms=_int(headers, DEADLINE, None),
+            saga_deadline_ms=_int(headers, SAGA_DEADLINE, None),
+            traceparent=headers.get(TRACEPARENT, ""),
+            tracestate=headers.get(TRACESTATE, ""),
+            extra=extra,
+        )
+
+    def to_metadata(self) -> Any:
+        """This envelope as a ``meshkit.v1.EventMetadata`` message."""
+        from meshkit._pb.meshkit.v1 import event_pb2
+
+        md = event_pb2.EventMetadata(
+            event_id=self.event_id,
+            event_type=self.event_type,
+            saga_id=self.saga_id,
+            causation_id=self.causation_id,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+            deadline_ms=self.deadline_ms or 0,
+            source=self.source,
+        )
+        md.occurred_at.FromMilliseconds(self.timestamp_ms)
+        return md
+
+
+def _int(headers: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = headers.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EnvelopeError(name, f"expected an integer, got {raw!r}") from None

@@ -1,0 +1,904 @@
+"""The event store: aggregates that are their events, on JetStream.
+
+Every aggregate has its own subject, ``<prefix>.<aggregate type>.<id>``, in one
+stream. Appending sets ``Nats-Expected-Last-Subject-Sequence`` to the stream
+sequence of the aggregate's last event as the writer saw it, so of two writers
+racing on one aggregate the server lets exactly one win; the other gets an
+:class:`AggregateConflict` (a :class:`~meshkit.errors.ConcurrencyError`) naming
+the aggregate, the version it expected and the version it found.
+
+Several events appended together are one atomic batch (ADR-50 headers
+``Nats-Batch-Id``/``Nats-Batch-Sequence``/``Nats-Batch-Commit``, nats-server >=
+2.12 with ``allow_atomic`` on the stream): all are stored or none. On an older
+server the store falls back to one publish per event, each checked against the
+previous one's sequence; no other writer can interleave, but a crash half way
+leaves a prefix of the events stored (see docs/event-sourcing.md).
+
+Loading reads only the aggregate's subject with JetStream's batched direct get
+(``next_by_subj``), starting after the snapshot when there is one, so its cost
+is the number of events since the snapshot. Events are protobuf messages; their
+metadata travels in the same headers as every saga event
+(:class:`~meshkit.saga.envelope.Envelope`) plus the aggregate headers below.
+
+::
+
+    store = EventStore(nc, EventStoreConfig(stream="ORDERS", prefix="orders"))
+    await store.ensure()
+    orders = Repository(store, "order", Order, snapshots=SnapshotStore(nc), snapshot_every=100,
+                        codec=ORDER_CODEC)
+    loaded = await orders.execute("o-1", lambda order: order.place(...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+import typing
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Literal, TypeVar
+
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import Message
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
+from meshkit.saga.envelope import Envelope, new_event_id, type_name
+
+__all__ = [
+    "AGGREGATE_ID",
+    "AGGREGATE_TYPE",
+    "AGGREGATE_VERSION",
+    "SCHEMA_VERSION",
+    "AggregateConflict",
+    "AppendResult",
+    "Appliers",
+    "EventStore",
+    "EventStoreConfig",
+    "EventStoreError",
+    "Loaded",
+    "Repository",
+    "StoredEvent",
+    "Upcasters",
+    "Version",
+]
+
+log = logging.getLogger("meshkit.saga.eventstore")
+
+AGGREGATE_TYPE = "Meshkit-Aggregate-Type"
+AGGREGATE_ID = "Meshkit-Aggregate-Id"
+AGGREGATE_VERSION = "Meshkit-Aggregate-Version"
+SCHEMA_VERSION = "Meshkit-Schema-Version"
+
+_BATCH_ID = "Nats-Batch-Id"
+_BATCH_SEQ = "Nats-Batch-Sequence"
+_BATCH_COMMIT = "Nats-Batch-Commit"
+_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST_SEQUENCE = 10071
+# nats-server's default limit on the messages of one atomic batch.
+MAX_BATCH = 1000
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+
+A = TypeVar("A")
+
+
+class EventStoreError(MeshkitError):
+    """The event store could not read or write (the message says what and where)."""
+
+    code = "INTERNAL"
+
+
+class AggregateConflict(ConcurrencyError):
+    """Another writer appended to the aggregate first; reload and retry."""
+
+    def __init__(self, aggregate: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"aggregate {aggregate}: expected version {expected}, found version {actual}"
+        )
+        self.aggregate = aggregate
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Version:
+    """An aggregate's version: how many events it has, and the stream sequence of the last.
+
+    ``Version(0, 0)`` is an aggregate with no events yet.
+    """
+
+    number: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class EventStoreConfig:
+    """Where the events live.
+
+    ``prefix``: subjects are ``<prefix>.<aggregate type>.<id>`` (default: the stream
+    name in lower case). ``atomic``: use atomic batch publish when the server has
+    it. ``schema_versions``: the current schema version of each event type (full
+    protobuf name), written into every event; 1 when not listed.
+    """
+
+    stream: str = "EVENTS"
+    prefix: str = ""
+    storage: Literal["file", "memory"] = "file"
+    duplicate_window: float = 120.0
+    replicas: int = 1
+    atomic: bool = True
+    timeout: float = 5.0
+    read_batch: int = 1000
+    schema_versions: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.stream):
+            raise ConfigError("eventstore.stream", f"{self.stream!r} must match [A-Za-z0-9_-]+")
+        if self.prefix and not _TOKEN.match(self.prefix):
+            raise ConfigError(
+                "eventstore.prefix", f"{self.prefix!r} must be dot-separated tokens, no wildcards"
+            )
+        if not self.duplicate_window > 0:
+            raise ConfigError("eventstore.duplicate_window", "must be > 0 seconds")
+        if not 1 <= self.read_batch <= 10_000:
+            raise ConfigError("eventstore.read_batch", f"{self.read_batch!r}: expected 1..10000")
+
+    @property
+    def subject_prefix(self) -> str:
+        return self.prefix or self.stream.lower()
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One event as stored: payload bytes plus where and when it sits."""
+
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    seq: int
+    event_type: str
+    schema_version: int
+    data: bytes
+    envelope: Envelope
+    subject: str = ""
+    stream: str = ""
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.event_id
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self.envelope.timestamp_ms
+
+    def decode(self, message_type: type[Message]) -> Message:
+        """The payload parsed as ``message_type``."""
+        msg = message_type()
+        msg.ParseFromString(self.data)
+        return msg
+
+    @classmethod
+    def from_msg(
+        cls, subject: str, data: bytes, headers: Mapping[str, str] | None, seq: int, stream: str
+    ) -> StoredEvent:
+        env = Envelope.from_headers(headers)
+        h = headers or {}
+        agg_type = h.get(AGGREGATE_TYPE, "")
+        agg_id = h.get(AGGREGATE_ID, "")
+        if not agg_type or not agg_id:
+            # Events published by something else on an aggregate subject.
+            parts = subject.split(".")
+            agg_type, agg_id = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", subject)
+        return cls(
+            aggregate_type=agg_type,
+            aggregate_id=agg_id,
+            version=_int_header(h, AGGREGATE_VERSION, 0),
+            seq=seq,
+            event_type=env.event_type,
+            schema_version=_int_header(h, SCHEMA_VERSION, 1),
+            data=data,
+            envelope=env,
+            subject=subject,
+            stream=stream,
+        )
+
+
+def _int_header(h: Mapping[str, str], name: str, default: int) -> int:
+    raw = h.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EventStoreError(f"header {name}: expected an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append stored: the new version and the stored events."""
+
+    version: Version
+    events: tuple[StoredEvent, ...]
+    atomic: bool
+
+
+class EventStore:
+    """Append to and read from per-aggregate subjects of one JetStream stream."""
+
+    def __init__(
+        self, nc: NATS, config: EventStoreConfig | None = None, *, source: str = ""
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=(config or EventStoreConfig()).timeout)
+        self.config = config or EventStoreConfig()
+        self.source = source
+        self._atomic: bool | None = None
+
+    # -- stream -----------------------------------------------------------
+
+    @property
+    def stream(self) -> str:
+        return self.config.stream
+
+    @property
+    def subjects(self) -> str:
+        """The filter matching every aggregate subject of this store."""
+        return f"{self.config.subject_prefix}.>"
+
+    def subject(self, aggregate_type: str, aggregate_id: str) -> str:
+        """The subject of one aggregate; raises ValueError naming a bad type or id."""
+        if not _NAME.match(aggregate_type):
+            raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
+        if not _ID.match(aggregate_id):
+            raise ValueError(f"aggregate id {aggregate_id!r} must match [A-Za-z0-9_=-]+")
+        return f"{self.config.subject_prefix}.{aggregate_type}.{aggregate_id}"
+
+    async def ensure(self) -> None:
+        """Create or update the stream (direct get, and atomic batches when available)."""
+        atomic = self.config.atomic and _server_supports_atomic(self.nc)
+        cfg = self.config
+        subjects = [self.subjects]
+        try:
+            info = await self.js.stream_info(cfg.stream)
+        except nats.js.errors.NotFoundError:
+            stream_cfg = api.StreamConfig(
+                name=cfg.stream,
+                subjects=subjects,
+                storage=api.StorageType(cfg.storage),
+                duplicate_window=cfg.duplicate_window,
+                num_replicas=cfg.replicas,
+                allow_direct=True,
+                allow_atomic=True if atomic else None,
+            )
+            try:
+                await self.js.add_stream(stream_cfg)
+                log.info("created event stream %s (%s)", cfg.stream, subjects[0])
+            except nats.js.errors.BadRequestError:
+                info = await self.js.stream_info(cfg.stream)
+                await self._update(info.config, atomic)
+        else:
+            await self._update(info.config, atomic)
+        self._atomic = atomic
+
+    async def _update(self, current: api.StreamConfig, atomic: bool) -> None:
+        subjects = list(current.subjects or [])
+        changed = False
+        if self.subjects not in subjects:
+            subjects.append(self.subjects)
+            changed = True
+        if not current.allow_direct:
+            changed = True
+        if atomic and not current.allow_atomic:
+            changed = True
+        if changed:
+            await self.js.update_stream(
+                replace(
+                    current,
+                    subjects=subjects,
+                    allow_direct=True,
+                    allow_atomic=True if atomic else current.allow_atomic,
+                )
+            )
+            log.info("updated event stream %s", self.config.stream)
+
+    async def _uses_atomic(self) -> bool:
+        if self._atomic is None:
+            info = await self.js.stream_info(self.config.stream)
+            self._atomic = bool(info.config.allow_atomic) and self.config.atomic
+        return self._atomic
+
+    # -- append -----------------------------------------------------------
+
+    async def append(
+        self,
+        aggregate_type: str,
+        aggregate_id: str,
+        events: Sequence[Message],
+        *,
+        expected: Version | int | None,
+        event_ids: Sequence[str] | None = None,
+        saga_id: str = "",
+        saga_type: str = "",
+        causation_id: str = "",
+        timestamp_ms: int | None = None,
+    ) -> AppendResult:
+        """Append ``events`` to one aggregate, all or nothing.
+
+        ``expected`` is the version the caller decided on: a :class:`Version`
+        from a load (no extra round trip), a bare event count (the store looks up
+        its sequence first), or None to append whatever the version is (no check).
+        Raises :class:`AggregateConflict` when the aggregate moved on.
+        ``event_ids`` (deterministic ids, one per event) make a retried append
+        idempotent within the stream's duplicate window.
+        """
+        subject = self.subject(aggregate_type, aggregate_id)
+        if not events:
+            raise ValueError("append needs at least one event")
+        if len(events) > MAX_BATCH:
+            raise ValueError(f"{len(events)} events in one append; the limit is {MAX_BATCH}")
+        if event_ids is not None and len(event_ids) != len(events):
+            raise ValueError(f"{len(event_ids)} event ids for {len(events)} events")
+        if expected is None:
+            current = await self.version(aggregate_type, aggregate_id)
+            check = False
+        elif isinstance(expected, Version):
+            current, check = expected, True
+        else:
+            current = await self.version(aggregate_type, aggregate_id)
+            if current.number != expected:
+                raise AggregateConflict(subject, expected, current.number)
+            check = True
+        envs = []
+        payloads = []
+        for i, event in enumerate(events):
+            etype = type_name(event)
+            env = Envelope.new(
+                etype,
+                event_id=event_ids[i] if event_ids is not None else new_event_id(),
+                saga_id=saga_id or None,
+                causation_id=causation_id,
+                source=self.source,
+                saga_type=saga_type,
+                timestamp_ms=timestamp_ms,
+            )
+            if not saga_id:
+                env = replace(env, saga_id="")
+            env = replace(
+                env,
+                extra={
+                    AGGREGATE_TYPE: aggregate_type,
+                    AGGREGATE_ID: aggregate_id,
+                    AGGREGATE_VERSION: str(current.number + i + 1),
+                    SCHEMA_VERSION: str(self.config.schema_versions.get(etype, 1)),
+                },
+            )
+            envs.append(env)
+            payloads.append(event.SerializeToString())
+        headers = [e.to_headers() for e in envs]
+        atomic = len(events) > 1 and await self._uses_atomic()
+        try:
+            if atomic:
+                last_seq = await self._publish_batch(subject, payloads, headers, current, check)
+                first_seq = last_seq - len(events) + 1
+            else:
+                first_seq, last_seq = await self._publish_chain(
+                    subject, payloads, headers, current, check
+                )
+        except _WrongLastSequence:
+            actual = await self.version(aggregate_type, aggregate_id)
+            raise AggregateConflict(subject, current.number, actual.number) from None
+        stored = tuple(
+            StoredEvent(
+                aggregate_type=aggregate_type,
+                aggregate_id=aggregate_id,
+                version=current.number + i + 1,
+                seq=first_seq + i,
+                event_type=envs[i].event_type,
+                schema_version=self.config.schema_versions.get(envs[i].event_type, 1),
+                data=payloads[i],
+                envelope=envs[i],
+                subject=subject,
+                stream=self.stream,
+            )
+            for i in range(len(events))
+        )
+        return AppendResult(Version(current.number + len(events), last_seq), stored, atomic)
+
+    async def _publish_chain(
+        self,
+        subject: str,
+        payloads: list[bytes],
+        headers: list[dict[str, str]],
+        current: Version,
+        check: bool,
+    ) -> tuple[int, int]:
+        expected_seq = current.seq
+        first = 0
+        for payload, h in zip(payloads, headers, strict=True):
+            if check or first:
+                h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+            ack = await self._request(subject, payload, h)
+            seq = _ack_seq(ack)
+            first = first or seq
+            expected_seq = seq
+        return first, expected_seq
+
+    async def _publish_batch(
+        self,
+        subject: str,
+        payloads: list[bytes],
+        headers: list[dict[str, str]],
+        current: Version,
+        check: bool,
+    ) -> int:
+        batch_id = uuid.uuid4().hex
+        n = len(payloads)
+        for i, (payload, h) in enumerate(zip(payloads, headers, strict=True), 1):
+            h[_BATCH_ID] = batch_id
+            h[_BATCH_SEQ] = str(i)
+            if i == 1 and check:
+                h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
+            if i == n:
+                h[_BATCH_COMMIT] = "1"
+                return _ack_seq(await self._request(subject, payload, h))
+            if i == 1:
+                # A request for the first message: the server answers (empty) once
+                # the batch is open, or with an error we can report precisely.
+                reply = await self._request(subject, payload, h)
+                if reply:
+                    _ack_seq(reply)
+            else:
+                await self.nc.publish(subject, payload, headers=h)
+        raise AssertionError("unreachable")
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
+        try:
+            msg = await self.nc.request(
+                subject, payload, timeout=self.config.timeout, headers=headers
+            )
+        except nats.errors.NoRespondersError:
+            raise EventStoreError(
+                f"no stream takes {subject}: call EventStore.ensure() first"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise EventStoreError(f"append to {subject}: no answer in {self.config.timeout}s") from None
+        return bytes(msg.data)
+
+    # -- read -------------------------------------------------------------
+
+    async def version(self, aggregate_type: str, aggregate_id: str) -> Version:
+        """The aggregate's current version (one direct get of its last event)."""
+        subject = self.subject(aggregate_type, aggregate_id)
+        try:
+            raw = await self.js.get_msg(self.stream, subject=subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return Version()
+        return Version(_int_header(raw.headers or {}, AGGREGATE_VERSION, 0), int(raw.seq or 0))
+
+    async def read(
+        self,
+        aggregate_type: str,
+        aggregate_id: str,
+        *,
+        after: Version | None = None,
+        to_version: int | None = None,
+        until_ms: int | None = None,
+    ) -> list[StoredEvent]:
+        """The aggregate's events after ``after`` (from the start when None).
+
+        ``to_version`` stops after that version; ``until_ms`` stops before the
+        first event stamped later than that Unix time in milliseconds.
+        """
+        subject = self.subject(aggregate_type, aggregate_id)
+        start = (after.seq + 1) if after is not None else 1
+        out: list[StoredEvent] = []
+        async for ev in self._scan(subject, start):
+            if to_version is not None and ev.version > to_version:
+                break
+            if until_ms is not None and ev.timestamp_ms > until_ms:
+                break
+            out.append(ev)
+            if to_version is not None and ev.version >= to_version:
+                break
+        return out
+
+    async def _scan(self, subject: str, start_seq: int) -> typing.AsyncIterator[StoredEvent]:
+        """Every message on ``subject`` from ``start_seq``, via batched direct gets."""
+        seq = start_seq
+        while True:
+            got = 0
+            pending = 0
+            async for msg in _direct_batch(
+                self.nc, self.stream, subject, seq, self.config.read_batch, self.config.timeout
+            ):
+                h = msg.headers or {}
+                mseq = int(h.get("Nats-Sequence", "0"))
+                pending = int(h.get("Nats-Num-Pending", "0") or 0)
+                got += 1
+                seq = mseq + 1
+                yield StoredEvent.from_msg(
+                    h.get("Nats-Subject", subject), bytes(msg.data), h, mseq, self.stream
+                )
+            if got == 0 or pending == 0:
+                return
+
+
+class _WrongLastSequence(Exception):
+    pass
+
+
+def _ack_seq(raw: bytes) -> int:
+    try:
+        ack = json.loads(raw)
+    except ValueError:
+        raise EventStoreError(f"unexpected publish answer {raw[:200]!r}") from None
+    err = ack.get("error")
+    if err:
+        if err.get("err_code") == _WRONG_LAST_SEQUENCE:
+            raise _WrongLastSequence(err.get("description", ""))
+        raise EventStoreError(
+            f"append refused: {err.get('description', err)} (err_code {err.get('err_code')})"
+        )
+    return int(ack["seq"])
+
+
+def _server_supports_atomic(nc: NATS) -> bool:
+    version = str(getattr(nc, "_server_info", {}).get("version", "0.0.0"))
+    parts = re.findall(r"\d+", version)[:2]
+    major, minor = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+    return (major, minor) >= (2, 12)
+
+
+async def _direct_batch(
+    nc: NATS, stream: str, subject: str, start_seq: int, batch: int, timeout: float
+) -> typing.AsyncIterator[Any]:
+    """One batched direct get (ADR-31): up to ``batch`` messages on ``subject`` from ``start_seq``."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, pending_msgs_limit=-1)
+    try:
+        request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
+        await nc.publish(
+            f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+        )
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError:
+                raise EventStoreError(
+                    f"reading {subject} from {stream}: no answer in {timeout}s "
+                    "(is allow_direct set on the stream?)"
+                ) from None
+            status = msg.headers.get("Status") if msg.headers else None
+            if status:
+                if status in ("204", "404"):  # end of batch / nothing there
+                    return
+                raise EventStoreError(
+                    f"reading {subject} from {stream}: {status} "
+                    f"{msg.headers.get('Description', '') if msg.headers else ''}"
+                )
+            yield msg
+    finally:
+        await sub.unsubscribe()
+
+
+# -- schema evolution -------------------------------------------------------
+
+Upcast = Callable[[bytes], "bytes | tuple[str, bytes]"]
+
+
+class Upcasters:
+    """Turns old event versions into new ones at load.
+
+    Register one function per (event type, schema version it reads); it returns
+    the payload of the next version, or ``(new type name, payload)`` when the
+    type was renamed. Functions chain until no function matches.
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[tuple[str, int], Upcast] = {}
+
+    def register(self, event_type: str, from_version: int, fn: Upcast) -> None:
+        """Upcast ``event_type`` events of schema ``from_version`` to ``from_version + 1``."""
+        key = (event_type, from_version)
+        if key in self._table:
+            raise ValueError(f"an upcaster for {event_type} v{from_version} is already registered")
+        self._table[key] = fn
+
+    def upcaster(self, event_type: str, from_version: int) -> Callable[[Upcast], Upcast]:
+        """Decorator form of :meth:`register`."""
+
+        def deco(fn: Upcast) -> Upcast:
+            self.register(event_type, from_version, fn)
+            return fn
+
+        return deco
+
+    def upcast(self, event: StoredEvent) -> StoredEvent:
+        """``event`` brought to the newest schema the registered functions know."""
+        seen = 0
+        while (fn := self._table.get((event.event_type, event.schema_version))) is not None:
+            out = fn(event.data)
+            etype, data = out if isinstance(out, tuple) else (event.event_type, out)
+            event = replace(
+                event,
+                event_type=etype,
+                data=data,
+                schema_version=event.schema_version + 1,
+                envelope=replace(event.envelope, event_type=etype),
+            )
+            seen += 1
+            if seen > 1000:
+                raise EventStoreError(f"upcasters for {event.event_type} loop")
+        return event
+
+
+# -- aggregates -------------------------------------------------------------
+
+
+class Appliers(Generic[A]):
+    """The typed ``apply*`` methods of an aggregate class, by event type.
+
+    An aggregate is any class; each method whose name starts with ``apply`` and
+    whose one parameter is annotated with a protobuf message class handles that
+    event type. This table is all the "framework" there is: print it to see it.
+    """
+
+    def __init__(self, cls: type[A]) -> None:
+        self.cls = cls
+        self.methods: dict[str, Callable[[A, Message], None]] = {}
+        self.types: dict[str, type[Message]] = {}
+        for name, fn in inspect.getmembers(cls, inspect.isfunction):
+            if not name.startswith("apply"):
+                continue
+            hints = typing.get_type_hints(fn)
+            params = [p for p in inspect.signature(fn).parameters if p != "self"]
+            if len(params) != 1:
+                continue
+            hint = hints.get(params[0])
+            if isinstance(hint, type) and issubclass(hint, Message):
+                full = type_name(hint)
+                if full in self.methods:
+                    raise ConfigError(
+                        f"{cls.__name__}.{name}", f"a second apply method for {full}"
+                    )
+                self.methods[full] = fn
+                self.types[full] = hint
+        if not self.methods:
+            raise ConfigError(
+                cls.__name__, "no apply methods (def apply_x(self, event: SomeEvent) -> None)"
+            )
+
+    def apply(self, aggregate: A, event: Message) -> None:
+        """Call the method for ``event``'s type."""
+        fn = self.methods.get(type_name(event))
+        if fn is None:
+            raise EventStoreError(f"{self.cls.__name__} has no apply method for {type_name(event)}")
+        fn(aggregate, event)
+
+    def decode(self, event: StoredEvent) -> Message:
+        t = self.types.get(event.event_type)
+        if t is None:
+            raise EventStoreError(
+                f"{event.subject} v{event.version}: {self.cls.__name__} has no apply method "
+                f"for {event.event_type} (schema {event.schema_version})"
+            )
+        return event.decode(t)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{k} -> {v.__name__}" for k, v in self.methods.items())
+        return f"Appliers({self.cls.__name__}: {rows})"
+
+
+@dataclass
+class Loaded(Generic[A]):
+    """An aggregate's state with the version it was loaded (or saved) at."""
+
+    aggregate_id: str
+    state: A
+    version: Version
+    snapshot_version: int | None = None
+    replayed: int = 0
+
+
+StateDump = Callable[[Any], bytes]
+StateLoad = Callable[[str, bytes], Any]
+
+
+@dataclass(frozen=True)
+class StateCodec(Generic[A]):
+    """How an aggregate's state becomes snapshot bytes and back.
+
+    ``schema`` is the codec's version: a snapshot written with another schema is
+    ignored (the aggregate is replayed instead), so changing the state's shape
+    never needs a migration of snapshots.
+    """
+
+    dump: Callable[[A], bytes]
+    load: Callable[[str, bytes], A]
+    schema: int = 1
+
+
+class Repository(Generic[A]):
+    """Loads and saves one aggregate type through an :class:`EventStore`.
+
+    ``factory(id)`` makes an empty aggregate. With ``snapshots`` and
+    ``snapshot_every=N`` (and a ``codec``), every save that crosses a multiple of
+    N events writes a snapshot, and loads start from the newest one.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        aggregate_type: str,
+        factory: Callable[[str], A],
+        *,
+        aggregate_class: type[A] | None = None,
+        snapshots: Any = None,
+        snapshot_every: int = 0,
+        codec: StateCodec[A] | None = None,
+        upcasters: Upcasters | None = None,
+    ) -> None:
+        if not _NAME.match(aggregate_type):
+            raise ConfigError("repository.aggregate_type", f"{aggregate_type!r} must match [A-Za-z0-9_-]+")
+        if snapshot_every < 0:
+            raise ConfigError("repository.snapshot_every", f"{snapshot_every!r}: must be >= 0")
+        if snapshot_every and (snapshots is None or codec is None):
+            raise ConfigError(
+                "repository.snapshot_every", "snapshots need a snapshot store and a codec"
+            )
+        cls = aggregate_class or (factory if isinstance(factory, type) else None)
+        if cls is None:
+            raise ConfigError("repository.aggregate_class", "needed when factory is not the class")
+        self.store = store
+        self.aggregate_type = aggregate_type
+        self.factory = factory
+        self.appliers: Appliers[A] = Appliers(cls)
+        self.snapshots = snapshots
+        self.snapshot_every = snapshot_every
+        self.codec = codec
+        self.upcasters = upcasters or Upcasters()
+
+    async def load(
+        self,
+        aggregate_id: str,
+        *,
+        version: int | None = None,
+        as_of_ms: int | None = None,
+        use_snapshots: bool = True,
+    ) -> Loaded[A]:
+        """The aggregate now, or as of ``version`` / Unix time ``as_of_ms`` (time travel)."""
+        snap = None
+        if use_snapshots and self.snapshots is not None and self.codec is not None:
+            if version is None and as_of_ms is None:
+                snap = await self.snapshots.get(self.aggregate_type, aggregate_id)
+            else:
+                snap = await self.snapshots.best(
+                    self.aggregate_type, aggregate_id, version=version, as_of_ms=as_of_ms
+                )
+            if snap is not None and snap.schema != self.codec.schema:
+                log.info(
+                    "ignoring snapshot of %s/%s: schema %d, codec wants %d",
+                    self.aggregate_type, aggregate_id, snap.schema, self.codec.schema,
+                )
+                snap = None
+        if snap is not None and self.codec is not None:
+            state = self.codec.load(aggregate_id, snap.state)
+            at = Version(snap.version, snap.seq)
+        else:
+            state = self.factory(aggregate_id)
+            at = Version()
+        events = await self.store.read(
+            self.aggregate_type,
+            aggregate_id,
+            after=at if at.seq else None,
+            to_version=version,
+            until_ms=as_of_ms,
+        )
+        for ev in events:
+            ev = self.upcasters.upcast(ev)
+            self.appliers.apply(state, self.appliers.decode(ev))
+            at = Version(ev.version, ev.seq)
+        return Loaded(
+            aggregate_id,
+            state,
+            at,
+            snapshot_version=snap.version if snap is not None else None,
+            replayed=len(events),
+        )
+
+    async def save(
+        self,
+        loaded: Loaded[A],
+        events: Sequence[Message],
+        *,
+        event_ids: Sequence[str] | None = None,
+        saga_id: str = "",
+        causation_id: str = "",
+    ) -> Loaded[A]:
+        """Append ``events`` at ``loaded.version``, apply them, snapshot when due."""
+        if not events:
+            return loaded
+        result = await self.store.append(
+            self.aggregate_type,
+            loaded.aggregate_id,
+            events,
+            expected=loaded.version,
+            event_ids=event_ids,
+            saga_id=saga_id,
+            causation_id=causation_id,
+        )
+        for event in events:
+            self.appliers.apply(loaded.state, event)
+        old = loaded.version.number
+        loaded = Loaded(loaded.aggregate_id, loaded.state, result.version, loaded.snapshot_version)
+        every = self.snapshot_every
+        if every and result.version.number // every > old // every:
+            await self.snapshot(loaded)
+        return loaded
+
+    async def snapshot(self, loaded: Loaded[A]) -> None:
+        """Write a snapshot of ``loaded`` now (best effort: failures are logged)."""
+        if self.snapshots is None or self.codec is None:
+            raise ConfigError("repository.snapshots", "no snapshot store or codec configured")
+        from meshkit.saga.snapshots import Snapshot
+
+        snap = Snapshot(
+            aggregate_type=self.aggregate_type,
+            aggregate_id=loaded.aggregate_id,
+            version=loaded.version.number,
+            seq=loaded.version.seq,
+            timestamp_ms=_now_ms(),
+            schema=self.codec.schema,
+            state=self.codec.dump(loaded.state),
+        )
+        try:
+            await self.snapshots.put(snap)
+            loaded.snapshot_version = snap.version
+        except Exception as exc:  # a missed snapshot only costs a longer load
+            log.warning("snapshot of %s/%s failed: %r", self.aggregate_type, loaded.aggregate_id, exc)
+
+    async def execute(
+        self,
+        aggregate_id: str,
+        decide: Callable[[A], Sequence[Message]],
+        *,
+        retries: int = 5,
+        event_ids: Callable[[int], str] | None = None,
+        saga_id: str = "",
+        causation_id: str = "",
+    ) -> Loaded[A]:
+        """Load, ``decide`` the new events from the state, save; reload and retry on conflict.
+
+        ``decide`` must be free of side effects: it may run more than once.
+        """
+        for attempt in range(retries + 1):
+            loaded = await self.load(aggregate_id)
+            events = list(decide(loaded.state))
+            ids = [event_ids(i) for i in range(len(events))] if event_ids else None
+            try:
+                return await self.save(
+                    loaded, events, event_ids=ids, saga_id=saga_id, causation_id=causation_id
+                )
+            except AggregateConflict:
+                if attempt == retries:
+                    raise
+                await asyncio.sleep(0)
+        raise AssertionError("unreachable")
+
+    def handled_types(self) -> Iterable[str]:
+        return self.appliers.methods.keys()
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,158 @@
+"""Inboxes: exactly-once local effects under redelivery.
+
+A participant runs each handler through :meth:`Inbox.run_once` with the
+event's key. The inbox records the key together with the handler's output
+events; a redelivered event finds the record, skips the handler, and gets the
+recorded outputs back to publish again (their deterministic ids make
+JetStream drop the copies).
+
+* :class:`SqliteInbox` stores the record in the same SQLite transaction as the
+  handler's own writes: the effect and "processed" commit together or not at all.
+* :class:`KvInbox` stores it in JetStream KV, for participants whose effects live
+  elsewhere; there the effect and the record are not atomic, so the effect must
+  itself be idempotent (a crash between them repeats it once).
+* :class:`MemoryInbox` is for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import nats.js.errors
+
+__all__ = ["Inbox", "KvInbox", "MemoryInbox", "Outbound", "SqliteInbox"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """An event a handler emitted: its type, its (deterministic) id and payload."""
+
+    event_type: str
+    event_id: str
+    payload: bytes
+
+
+Work = Callable[[Any], Awaitable[list[Outbound]]]
+
+
+def encode_outputs(outputs: Sequence[Outbound]) -> bytes:
+    return json.dumps(
+        [[o.event_type, o.event_id, base64.b64encode(o.payload).decode()] for o in outputs]
+    ).encode()
+
+
+def decode_outputs(raw: bytes) -> list[Outbound]:
+    return [Outbound(t, i, base64.b64decode(p)) for t, i, p in json.loads(raw or b"[]")]
+
+
+class Inbox(Protocol):
+    """Runs a handler's work at most once per key and remembers its outputs."""
+
+    async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
+        """Run ``work(handle)`` unless ``key`` was done; returns (outputs, was_duplicate)."""
+        ...
+
+
+class MemoryInbox:
+    """A process-local inbox (tests, or effects that are themselves in memory)."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, list[Outbound]] = {}
+        self._lock = asyncio.Lock()
+
+    async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
+        async with self._lock:
+            if key in self.done:
+                return self.done[key], True
+            outputs = await work(None)
+            self.done[key] = outputs
+            return outputs, False
+
+
+class SqliteInbox:
+    """The inbox inside the participant's own SQLite database.
+
+    ``work`` gets the connection inside an open ``BEGIN IMMEDIATE`` transaction and
+    must do its writes there (and not await other I/O while holding it). Pass the
+    same ``lock`` the rest of the process uses around that connection.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        lock: asyncio.Lock | None = None,
+        *,
+        table: str = "meshkit_inbox",
+    ) -> None:
+        if not table.replace("_", "").isalnum():
+            raise ValueError(f"table name {table!r} must be alphanumeric or _")
+        self.conn = conn
+        self.lock = lock or asyncio.Lock()
+        self.table = table
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} ("
+            " key TEXT PRIMARY KEY, outputs BLOB NOT NULL, processed_at REAL NOT NULL)"
+        )
+
+    async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
+        async with self.lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    f"SELECT outputs FROM {self.table} WHERE key = ?", (key,)
+                ).fetchone()
+                if row is not None:
+                    conn.execute("ROLLBACK")
+                    return decode_outputs(row[0]), True
+                outputs = await work(conn)
+                conn.execute(
+                    f"INSERT INTO {self.table} VALUES (?, ?, julianday('now'))",
+                    (key, encode_outputs(outputs)),
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return outputs, False
+
+    def processed(self) -> int:
+        """How many events this inbox has recorded."""
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0])
+
+
+class KvInbox:
+    """The inbox in a JetStream KV bucket (see the module docstring for its guarantee)."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @staticmethod
+    def _key(key: str) -> str:
+        # KV keys allow [-/_=.a-zA-Z0-9]; event keys use '/' and hex.
+        return "".join(c if c.isalnum() or c in "-_=." else "." for c in key)
+
+    async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
+        k = self._key(key)
+        lock = self._locks.setdefault(k, asyncio.Lock())
+        try:
+            async with lock:
+                try:
+                    entry = await self.kv.get(k)
+                    return decode_outputs(entry.value or b""), True
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+                outputs = await work(None)
+                await self.kv.put(k, encode_outputs(outputs))
+                return outputs, False
+        finally:
+            if not lock.locked():
+                self._locks.pop(k, None)

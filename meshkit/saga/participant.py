@@ -1,0 +1,345 @@
+"""Participants: services that react to saga events and emit the next ones.
+
+::
+
+    inventory = Participant("inventory", SHOP)
+
+    @inventory.on(OrderCreated, emits=[StockReserved, StockReservationFailed])
+    async def reserve(event: OrderCreated, ctx: Context) -> Message:
+        ...                                  # local work in ctx.tx (the inbox's store)
+        return StockReserved(order_id=event.order_id, ...)
+
+    @inventory.compensate(PaymentFailed, emits=[StockReleased])
+    async def release(event: PaymentFailed, ctx: Context) -> Message | None: ...
+
+    running = await inventory.start(bus, inbox=SqliteInbox(conn, lock))
+    ...
+    await running.stop()
+
+A handler returns nothing, one event or a sequence of events, and may also call
+``ctx.emit(event)``. Outputs carry the input's saga id (correlation), its event
+id as causation, and deterministic ids, so a redelivered input never produces a
+second downstream event. Errors: a :class:`PermanentError` (or an undecodable
+payload, a bad envelope, a failed ``validate``) dead-letters the event at once;
+any other exception naks it for redelivery with backoff until ``max_deliver``,
+then dead-letters it. Events of a type the participant has no handler for are
+acknowledged and counted (``stats.ignored``), never blocking the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from nats.aio.msg import Msg
+
+import meshkit.deadline
+from meshkit.errors import MeshkitError
+from meshkit.saga import _telemetry
+from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
+from meshkit.saga.dlq import dead_letter
+from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, type_name
+from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound
+
+__all__ = ["Context", "HandlerSpec", "Participant", "PermanentError", "RunningParticipant"]
+
+log = logging.getLogger("meshkit.saga.participant")
+
+E = TypeVar("E", bound=Message)
+HandlerResult = Message | Sequence[Message] | None
+Handler = Callable[[Any, "Context"], Awaitable[HandlerResult]]
+
+
+class PermanentError(MeshkitError):
+    """Raised by a handler for an event that can never succeed: it is dead-lettered."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One declared handler: what it consumes and what it may emit."""
+
+    participant: str
+    name: str
+    event_type: str
+    message_class: type[Message]
+    func: Handler
+    emits: tuple[str, ...]
+    compensation: bool
+    validate: Callable[[Any], None] | None = None
+
+
+class Context:
+    """What a handler gets besides its event: the envelope, the store, ``emit``."""
+
+    __slots__ = ("_msg", "_outputs", "envelope", "participant", "tx")
+
+    def __init__(self, envelope: Envelope, participant: str, tx: Any, msg: Msg | None) -> None:
+        self.envelope = envelope
+        self.participant = participant
+        self.tx = tx
+        self._msg = msg
+        self._outputs: list[Message] = []
+
+    @property
+    def saga_id(self) -> str:
+        return self.envelope.saga_id
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.event_id
+
+    @property
+    def deliveries(self) -> int:
+        """How many times this event has been delivered (1 the first time)."""
+        if self._msg is None:
+            return 1
+        try:
+            return int(self._msg.metadata.num_delivered)
+        except Exception:
+            return 1
+
+    def emit(self, event: Message) -> None:
+        """Emit ``event`` after the handler succeeds (in call order, before returned ones)."""
+        self._outputs.append(event)
+
+    async def progress(self) -> None:
+        """Tell JetStream the handler is still working (resets the ack wait)."""
+        if self._msg is not None:
+            await self._msg.in_progress()
+
+
+class Participant:
+    """A named set of event handlers on one stream; its durable consumer has the same name."""
+
+    def __init__(
+        self,
+        name: str,
+        stream: StreamSpec,
+        *,
+        consumer: ConsumerSpec | None = None,
+        durable: str | None = None,
+    ) -> None:
+        self.name = name
+        self.stream = stream
+        self.consumer_spec = consumer or ConsumerSpec()
+        self.durable = durable or f"{stream.name}-{name}".replace(".", "_")
+        self._handlers: dict[str, HandlerSpec] = {}
+
+    @property
+    def handlers(self) -> Mapping[str, HandlerSpec]:
+        """Declared handlers by the event type they consume."""
+        return dict(self._handlers)
+
+    def on(
+        self,
+        event: type[E],
+        *,
+        emits: Iterable[type[Message] | str] = (),
+        compensation: bool = False,
+        validate: Callable[[E], None] | None = None,
+        name: str | None = None,
+    ) -> Callable[
+        [Callable[[E, Context], Awaitable[HandlerResult]]],
+        Callable[[E, Context], Awaitable[HandlerResult]],
+    ]:
+        """Declare the handler for ``event``; ``emits`` lists what it may emit (for the graph)."""
+        etype = type_name(event)
+
+        def register(
+            func: Callable[[E, Context], Awaitable[HandlerResult]],
+        ) -> Callable[[E, Context], Awaitable[HandlerResult]]:
+            if etype in self._handlers:
+                raise ValueError(f"participant {self.name!r} already handles {etype}")
+            if not asyncio.iscoroutinefunction(func):
+                raise TypeError(f"handler {func.__qualname__} must be an async function")
+            self._handlers[etype] = HandlerSpec(
+                participant=self.name,
+                name=f"{self.name}.{name or func.__name__}",
+                event_type=etype,
+                message_class=event,
+                func=func,  # type: ignore[arg-type]
+                emits=tuple(e if isinstance(e, str) else type_name(e) for e in emits),
+                compensation=compensation,
+                validate=validate,  # type: ignore[arg-type]
+            )
+            return func
+
+        return register
+
+    def compensate(
+        self,
+        event: type[E],
+        *,
+        emits: Iterable[type[Message] | str] = (),
+        validate: Callable[[E], None] | None = None,
+        name: str | None = None,
+    ) -> Callable[
+        [Callable[[E, Context], Awaitable[HandlerResult]]],
+        Callable[[E, Context], Awaitable[HandlerResult]],
+    ]:
+        """Declare a compensation handler (reacting to a failure event)."""
+        return self.on(event, emits=emits, compensation=True, validate=validate, name=name)
+
+    def subjects(self) -> list[str]:
+        """The subjects this participant's consumer filters on."""
+        return sorted(self.stream.subject_for(t) for t in self._handlers)
+
+    async def start(
+        self,
+        bus: EventBus,
+        *,
+        inbox: Inbox | None = None,
+        after_commit: Callable[[Envelope], Awaitable[None]] | None = None,
+    ) -> RunningParticipant:
+        """Ensure the stream and consumer exist and start handling events."""
+        await bus.ensure_stream(self.stream)
+        running = RunningParticipant(self, bus, inbox or MemoryInbox(), after_commit)
+        await running.consumer.start()
+        return running
+
+
+@dataclass
+class ParticipantStats:
+    """What a running participant has done."""
+
+    handled: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+    emitted: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class RunningParticipant:
+    """A participant consuming events; :meth:`stop` drains in-flight handlers."""
+
+    def __init__(
+        self,
+        participant: Participant,
+        bus: EventBus,
+        inbox: Inbox,
+        after_commit: Callable[[Envelope], Awaitable[None]] | None,
+    ) -> None:
+        self.participant = participant
+        self.bus = bus
+        self.inbox = inbox
+        self.stats = ParticipantStats()
+        self._after_commit = after_commit
+        self.consumer: PullConsumer = bus.consumer(
+            participant.stream,
+            participant.durable,
+            self._handle,
+            filter_subjects=participant.subjects(),
+            spec=participant.consumer_spec,
+        )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop consuming; in-flight handlers finish first (up to ``grace`` seconds)."""
+        await self.consumer.stop(grace)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        await dead_letter(self.bus, msg, reason=reason, consumer=self.participant.durable)
+
+    async def _handle(self, msg: Msg) -> None:
+        p = self.participant
+        headers = msg.headers or {}
+        try:
+            env = Envelope.from_headers(headers)
+        except EnvelopeError as exc:
+            await self._dead_letter(msg, f"invalid envelope: {exc}")
+            return
+        spec = p._handlers.get(env.event_type)
+        if spec is None:
+            self.stats.ignored += 1
+            log.debug("%s: ignoring event type %s (%s)", p.name, env.event_type, env.event_id)
+            await msg.ack()
+            return
+        try:
+            event = spec.message_class.FromString(msg.data)
+        except (DecodeError, ValueError) as exc:
+            await self._dead_letter(msg, f"undecodable {env.event_type} payload: {exc}")
+            return
+        if spec.validate is not None:
+            try:
+                spec.validate(event)
+            except Exception as exc:
+                await self._dead_letter(msg, f"{env.event_type} failed validation: {exc}")
+                return
+
+        async def work(tx: Any) -> list[Outbound]:
+            ctx = Context(env, p.name, tx, msg)
+            result = await spec.func(event, ctx)
+            produced = list(ctx._outputs)
+            if isinstance(result, Message):
+                produced.append(result)
+            elif result is not None:
+                produced.extend(result)
+            return [
+                Outbound(
+                    type_name(o), derive_event_id(env.event_id, spec.name, i), o.SerializeToString()
+                )
+                for i, o in enumerate(produced)
+            ]
+
+        left = env.remaining_deadline()
+        token = meshkit.deadline.set_remaining(left) if left is not None else None
+        try:
+            with _telemetry.consumer_span(msg.subject, env, p.durable, len(msg.data), headers):
+                try:
+                    outputs, duplicate = await self.inbox.run_once(f"{p.name}/{env.event_id}", work)
+                except PermanentError as exc:
+                    await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
+                    return
+                except Exception as exc:
+                    deliveries = Context(env, p.name, None, msg).deliveries
+                    if deliveries >= p.consumer_spec.max_deliver:
+                        await self._dead_letter(
+                            msg,
+                            f"{spec.name} failed {deliveries} times (max_deliver); last error: {exc!r}",
+                        )
+                        return
+                    self.stats.retries += 1
+                    log.info(
+                        "%s failed on %s (delivery %d): %r",
+                        spec.name,
+                        env.event_id,
+                        deliveries,
+                        exc,
+                    )
+                    await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
+                    return
+                if self._after_commit is not None:
+                    await self._after_commit(env)
+                if outputs:
+                    remaining = meshkit.deadline.remaining()
+                    deadline_ms = int(remaining * 1000) if remaining is not None else None
+                    await asyncio.gather(*(self._publish(env, out, deadline_ms) for out in outputs))
+                    self.stats.emitted += len(outputs)
+        finally:
+            if token is not None:
+                meshkit.deadline.reset(token)
+        if duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.handled += 1
+            self.stats.by_type[env.event_type] = self.stats.by_type.get(env.event_type, 0) + 1
+        await msg.ack()
+
+    async def _publish(self, cause: Envelope, out: Outbound, deadline_ms: int | None) -> None:
+        env = cause.caused(
+            out.event_type,
+            event_id=out.event_id,
+            source=self.participant.name,
+            deadline_ms=deadline_ms,
+        )
+        subject = self.participant.stream.subject_for(out.event_type)
+        with _telemetry.producer_span(subject, env, len(out.payload)) as traced:
+            await self.bus.publish_raw(subject, out.payload, traced.to_headers())

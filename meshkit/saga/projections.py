@@ -1,0 +1,262 @@
+"""CQRS projections: read models that follow event streams.
+
+A projection names its sources (a stream and a subject filter each) and handles
+one :class:`~meshkit.saga.eventstore.StoredEvent` at a time, writing documents
+through a :class:`~meshkit.saga.readmodels.ReadModelTx`. A :class:`Projector`
+feeds it: it reads each source from its checkpoint with batched direct gets,
+applies a batch of events and moves the checkpoint in one read-model
+transaction, and then waits for more (a core-NATS subscription on the source
+subjects wakes it; a slow poll covers missed wake-ups).
+
+The checkpoint lives with the read model, not in a JetStream consumer, because
+only then can it commit atomically with the documents. Events from one source
+arrive in stream order; events from different sources interleave in no defined
+order, so a projection over several streams must not depend on it.
+
+``meshkit projection rebuild NAME`` (:meth:`Projector.rebuild`) drops the read
+model and replays every source from the start; a projector running elsewhere
+notices the checkpoint moved (compare-and-set) and carries on from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+
+from meshkit.errors import ConfigError
+from meshkit.saga.envelope import EnvelopeError
+from meshkit.saga.eventstore import StoredEvent, Upcasters, _direct_batch
+from meshkit.saga.readmodels import CheckpointMoved, ReadModelStore, ReadModelTx
+
+__all__ = ["Projection", "ProjectionStatus", "Projector", "Source", "SourceStatus"]
+
+log = logging.getLogger("meshkit.saga.projections")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stream (and subject filter within it) a projection follows."""
+
+    stream: str
+    subject: str = ">"
+
+    @property
+    def key(self) -> str:
+        """The checkpoint's name: the stream, plus the filter when it is not ``>``."""
+        return self.stream if self.subject == ">" else f"{self.stream}:{self.subject}"
+
+
+class Projection(Protocol):
+    """What a projector runs: a name, sources, and a handler of stored events."""
+
+    name: str
+    sources: Sequence[Source]
+
+    def handle(self, event: StoredEvent, tx: ReadModelTx) -> None:
+        """Update documents for ``event``; must be deterministic (rebuilds replay it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    source: str
+    checkpoint: int
+    pending: int
+
+
+@dataclass(frozen=True)
+class ProjectionStatus:
+    """Where a projection is: per-source checkpoint and pending (lag) in events."""
+
+    name: str
+    sources: tuple[SourceStatus, ...]
+    last_error: str = ""
+
+    @property
+    def lag(self) -> int:
+        return sum(s.pending for s in self.sources)
+
+
+@dataclass
+class ProjectorStats:
+    applied: int = 0
+    batches: int = 0
+    skipped: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    last_error: str = ""
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Projector:
+    """Runs one projection against one read model store."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        projection: Projection,
+        store: ReadModelStore,
+        *,
+        batch: int = 500,
+        poll_interval: float = 1.0,
+        timeout: float = 5.0,
+        upcasters: Upcasters | None = None,
+    ) -> None:
+        if not projection.sources:
+            raise ConfigError(f"projection {projection.name}", "needs at least one source")
+        if not 1 <= batch <= 10_000:
+            raise ConfigError("projector.batch", f"{batch!r}: expected 1..10000")
+        self.nc = nc
+        self.projection = projection
+        self.store = store
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+        self.upcasters = upcasters
+        self.stats = ProjectorStats()
+        self._pending: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._subs: list[Any] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    async def catch_up(self) -> int:
+        """Apply every event available now; returns how many were applied."""
+        async with self._lock:
+            total = 0
+            for source in self.projection.sources:
+                total += await self._catch_up_source(source)
+            return total
+
+    async def _catch_up_source(self, source: Source) -> int:
+        applied = 0
+        while True:
+            checkpoint = self.store.checkpoints(self.name).get(source.key, 0)
+            events: list[StoredEvent] = []
+            last = checkpoint
+            pending = 0
+            async for msg in _direct_batch(
+                self.nc, source.stream, source.subject, checkpoint + 1, self.batch, self.timeout
+            ):
+                h = msg.headers or {}
+                seq = int(h.get("Nats-Sequence", "0"))
+                pending = int(h.get("Nats-Num-Pending", "0") or 0)
+                last = seq
+                try:
+                    ev = StoredEvent.from_msg(
+                        h.get("Nats-Subject", ""), bytes(msg.data), h, seq, source.stream
+                    )
+                except (EnvelopeError, Exception) as exc:  # not a meshkit event: skip, count
+                    self.stats.skipped += 1
+                    log.warning("projection %s: skipping %s seq %d: %s", self.name, source.stream, seq, exc)
+                    continue
+                if self.upcasters is not None:
+                    ev = self.upcasters.upcast(ev)
+                events.append(ev)
+            if last == checkpoint:
+                self._pending[source.key] = 0
+                return applied
+
+            def work(tx: ReadModelTx, events: list[StoredEvent] = events) -> None:
+                for ev in events:
+                    self.projection.handle(ev, tx)
+
+            try:
+                self.store.apply(self.name, {source.key: checkpoint}, {source.key: last}, work)
+            except CheckpointMoved as exc:
+                # A rebuild or another runner moved it: carry on from where it is now.
+                self.stats.conflicts += 1
+                log.info("%s", exc)
+                continue
+            applied += len(events)
+            self.stats.applied += len(events)
+            self.stats.batches += 1
+            self._pending[source.key] = pending
+            if pending == 0:
+                return applied
+
+    async def rebuild(self) -> int:
+        """Drop the read model and replay every source from the start."""
+        async with self._lock:
+            self.store.reset(self.name)
+            self._pending.clear()
+        log.info("projection %s: rebuilding", self.name)
+        return await self.catch_up()
+
+    async def status(self) -> ProjectionStatus:
+        """Checkpoints and lag, asking the server how many events wait after each checkpoint."""
+        checkpoints = self.store.checkpoints(self.name)
+        rows = []
+        for source in self.projection.sources:
+            cp = checkpoints.get(source.key, 0)
+            pending = 0
+            async for msg in _direct_batch(
+                self.nc, source.stream, source.subject, cp + 1, 1, self.timeout
+            ):
+                pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0) + 1
+            rows.append(SourceStatus(source.key, cp, pending))
+        return ProjectionStatus(self.name, tuple(rows), self.stats.last_error)
+
+    # -- following --------------------------------------------------------
+
+    async def start(self) -> Projector:
+        """Catch up in the background and keep following new events."""
+        if self._task is not None:
+            return self
+        for source in self.projection.sources:
+            subject = source.subject
+            self._subs.append(await self.nc.subscribe(subject, cb=self._on_wake))
+        self._task = asyncio.create_task(self._run(), name=f"meshkit-projection-{self.name}")
+        return self
+
+    async def _on_wake(self, msg: Any) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.catch_up()
+                self.stats.last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failing handler must not skip events: retry later
+                self.stats.errors += 1
+                self.stats.last_error = repr(exc)
+                log.error("projection %s: %r; retrying in %.1fs", self.name, exc, self.poll_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def wait_caught_up(self, timeout: float = 10.0) -> ProjectionStatus:
+        """Wait until no source has pending events (for tests and tools)."""
+        end = time.monotonic() + timeout
+        while True:
+            status = await self.status()
+            if status.lag == 0:
+                return status
+            if time.monotonic() > end:
+                raise TimeoutError(f"projection {self.name} still {status.lag} events behind")
+            self._wake.set()
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,191 @@
+"""BFF composite routes, profiles and the admin reload endpoint over a real loopback backend."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+
+from meshkit.gateway.edge import EdgeApp, create_edge_app
+from tests.integration._edge_backends import ShopBackend
+
+pytestmark = pytest.mark.integration
+
+ADMIN_TOKEN = "admin-secret-token"
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[ShopBackend]:
+    b = await ShopBackend("blue").start()
+    yield b
+    await b.stop(None)
+
+
+def config(target: str) -> dict[str, Any]:
+    return {
+        "upstreams": {"default": target},
+        "edge": {
+            "admin": {"token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()},
+            "profiles": {
+                "web": {},
+                "mobile": {
+                    "prefix": "/mobile",
+                    "bff": [
+                        {
+                            "name": "order_summary",
+                            "path": "/v1/orders/{order_id}/summary",
+                            "timeout": "2s",
+                            "calls": {
+                                "order": {
+                                    "rpc": "shop.v1.OrderService.GetOrder",
+                                    "request": {"orderId": "{path.order_id}"},
+                                },
+                                "shipment": {
+                                    "rpc": "shop.v1.ShippingService.GetShipment",
+                                    "request": {"orderId": "{order.orderId}"},
+                                    "optional": True,
+                                    "timeout": "1s",
+                                },
+                                "payment": {
+                                    "rpc": "shop.v1.PaymentService.GetPayment",
+                                    "request": {"orderId": "{path.order_id}"},
+                                    "optional": True,
+                                },
+                            },
+                            "fields": [
+                                "order.orderId",
+                                "order.status",
+                                "order.total",
+                                "shipment.status",
+                                "payment.status",
+                            ],
+                        },
+                        {
+                            "name": "slow",
+                            "path": "/v1/slow/{order_id}",
+                            "timeout": "200ms",
+                            "calls": {
+                                "order": {
+                                    "rpc": "shop.v1.OrderService.GetOrder",
+                                    "request": {"orderId": "{path.order_id}"},
+                                }
+                            },
+                        },
+                    ],
+                },
+            },
+        },
+    }
+
+
+@pytest.fixture
+async def edge(backend: ShopBackend, shop_descriptor_set: Path) -> AsyncIterator[EdgeApp]:
+    app = create_edge_app(config(backend.target), shop_descriptor_set)
+    yield app
+    await app.shutdown()
+
+
+@pytest.fixture
+async def client(edge: EdgeApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
+    ) as c:
+        yield c
+
+
+async def test_mobile_composite_returns_the_trimmed_composed_document(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    r = await client.get("/mobile/v1/orders/o-1/summary", headers={"x-request-id": "rid-bff"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "order": {
+            "orderId": "o-1",
+            "status": "ORDER_STATUS_CREATED",
+            "total": {"currency": "KRW", "amountMinor": "10000"},
+        },
+        "shipment": {"status": "SHIPMENT_STATUS_SCHEDULED"},
+        "payment": {"status": "PAYMENT_STATUS_CHARGED"},
+    }
+    assert dict(backend.calls) == {"GetOrder": 1, "GetShipment": 1, "GetPayment": 1}
+    # Request metadata reaches every call.
+    assert {m.get("x-request-id") for m in backend.metadata} == {"rid-bff"}
+    # The composite is only on the mobile profile.
+    assert (await client.get("/v1/orders/o-1/summary")).status_code == 404
+
+
+async def test_failing_optional_call_gives_partial_results_and_an_error_list(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    backend.fail_payment = grpc.StatusCode.UNAVAILABLE
+    r = await client.get("/mobile/v1/orders/o-2/summary")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["order"]["orderId"] == "o-2"
+    assert body["shipment"] == {"status": "SHIPMENT_STATUS_SCHEDULED"}
+    assert "payment" not in body
+    assert body["errors"] == [
+        {"call": "payment", "code": 14, "status": "UNAVAILABLE", "message": "payments are down"}
+    ]
+
+
+async def test_failing_required_call_fails_the_request_and_skips_dependents(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    r = await client.get("/mobile/v1/orders/missing/summary")
+    assert r.status_code == 404
+    assert r.json()["code"] == 5
+    assert r.json()["message"].startswith("order:")
+    assert backend.calls["GetShipment"] == 0
+
+
+async def test_composite_deadline(client: httpx.AsyncClient, backend: ShopBackend) -> None:
+    backend.delay = 1.0
+    r = await client.get("/mobile/v1/slow/o-1")
+    assert r.status_code == 504
+    assert r.json()["code"] == 4
+
+
+async def test_admin_reload_needs_the_token_and_reloads(
+    backend: ShopBackend, shop_descriptor_set: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config(backend.target)))
+    edge = create_edge_app(path, shop_descriptor_set)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
+    ) as c:
+        r = await c.post("/admin/reload")
+        assert r.status_code == 401
+        r = await c.post("/admin/reload", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await c.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 200
+        assert edge.reloads == 1
+        bad = config(backend.target)
+        bad["edge"]["profiles"]["web"] = {
+            "routes": [{"match": {"rpc": "x"}, "cache": {"ttl": "soon"}}]
+        }
+        path.write_text(yaml.safe_dump(bad))
+        r = await c.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 400
+        assert "edge.profiles.web.routes[0].cache.ttl" in r.json()["message"]
+        assert edge.reloads == 1
+        assert (await c.get("/v1/orders/o-1")).status_code == 200
+    await edge.shutdown()
+
+
+async def test_profile_on_its_own_port_serves_without_prefix(
+    edge: EdgeApp, backend: ShopBackend
+) -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=edge.app_for("mobile")), base_url="http://edge"
+    ) as c:
+        assert (await c.get("/v1/orders/o-3/summary")).status_code == 200
+        assert (await c.get("/mobile/v1/orders/o-3/summary")).status_code == 200

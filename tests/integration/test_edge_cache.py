@@ -1,0 +1,178 @@
+"""Edge response cache, shaping, CORS and ops endpoints against a real loopback backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meshkit.gateway.edge import EdgeApp, create_edge_app
+from meshkit.gateway.profiles import EdgeConfig
+from tests.integration._edge_backends import ShopBackend
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[ShopBackend]:
+    b = await ShopBackend("blue").start()
+    yield b
+    await b.stop(None)
+
+
+def config(target: str) -> dict[str, Any]:
+    return {
+        "upstreams": {"default": target},
+        "edge": {
+            "profiles": {
+                "web": {
+                    "cors": {"allow_origins": ["https://shop.example"]},
+                    "routes": [
+                        {
+                            "match": {"rpc": "shop.v1.OrderService.GetOrder"},
+                            "cache": {"ttl": "30s", "vary": ["accept-language"]},
+                        },
+                    ],
+                },
+                "mobile": {
+                    "prefix": "/mobile",
+                    "shaping": {
+                        "add_headers": {"x-profile": "mobile"},
+                        "remove_headers": ["grpc-metadata-x-trace"],
+                    },
+                    "routes": [
+                        {
+                            "match": {"rpc": "shop.v1.OrderService.*"},
+                            "shaping": {
+                                "fields": ["orderId", "status", "total.amountMinor", "items.sku"],
+                                "rename": {"orderId": "id"},
+                            },
+                        },
+                    ],
+                },
+            }
+        },
+    }
+
+
+@pytest.fixture
+async def edge(backend: ShopBackend, shop_descriptor_set: Path) -> AsyncIterator[EdgeApp]:
+    app = create_edge_app(config(backend.target), shop_descriptor_set)
+    yield app
+    await app.shutdown()
+
+
+@pytest.fixture
+async def client(edge: EdgeApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
+    ) as c:
+        yield c
+
+
+async def test_cached_response_is_served_without_an_upstream_call_and_revalidated(
+    client: httpx.AsyncClient, backend: ShopBackend, edge: EdgeApp, shop_descriptor_set: Path
+) -> None:
+    first = await client.get("/v1/orders/o-1")
+    assert first.status_code == 200
+    assert first.headers["x-cache"] == "MISS"
+    etag = first.headers["etag"]
+    assert backend.calls["GetOrder"] == 1
+
+    second = await client.get("/v1/orders/o-1")
+    assert second.status_code == 200
+    assert second.headers["x-cache"] == "HIT"
+    assert second.content == first.content
+    assert second.headers["etag"] == etag
+    assert backend.calls["GetOrder"] == 1
+
+    revalidated = await client.get("/v1/orders/o-1", headers={"if-none-match": etag})
+    assert revalidated.status_code == 304
+    assert revalidated.content == b""
+    assert backend.calls["GetOrder"] == 1
+
+    # Another vary value and another path are other entries.
+    await client.get("/v1/orders/o-1", headers={"accept-language": "ko"})
+    await client.get("/v1/orders/o-2")
+    assert backend.calls["GetOrder"] == 3
+
+    # The client asks for a fresh answer: the upstream is called and the entry refreshed.
+    fresh = await client.get("/v1/orders/o-1", headers={"cache-control": "no-cache"})
+    assert fresh.status_code == 200 and fresh.headers["x-cache"] == "MISS"
+    assert backend.calls["GetOrder"] == 4
+
+    # Reload invalidates the cache.
+    await edge.reload(EdgeConfig.from_mapping(config(backend.target)))
+    again = await client.get("/v1/orders/o-1")
+    assert again.headers["x-cache"] == "MISS"
+    assert backend.calls["GetOrder"] == 5
+
+
+async def test_errors_are_not_cached(client: httpx.AsyncClient, backend: ShopBackend) -> None:
+    for _ in range(2):
+        r = await client.get("/v1/orders/missing")
+        assert r.status_code == 404
+        assert r.json()["code"] == 5
+    assert backend.calls["GetOrder"] == 2
+
+
+async def test_mobile_profile_shapes_responses_by_prefix(client: httpx.AsyncClient) -> None:
+    full = (await client.get("/v1/orders/o-7")).json()
+    assert {"customerId", "shippingAddress", "labels"} <= set(full)
+    r = await client.get("/mobile/v1/orders/o-7")
+    assert r.status_code == 200
+    assert r.json() == {
+        "id": "o-7",
+        "status": "ORDER_STATUS_CREATED",
+        "total": {"amountMinor": "10000"},
+        "items": [{"sku": "sku-1"}],
+    }
+    assert r.headers["x-profile"] == "mobile"
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def test_cors_preflight_and_simple_request(client: httpx.AsyncClient) -> None:
+    pre = await client.options(
+        "/v1/orders/o-1",
+        headers={"origin": "https://shop.example", "access-control-request-method": "GET"},
+    )
+    assert pre.status_code == 204
+    assert pre.headers["access-control-allow-origin"] == "https://shop.example"
+    assert "GET" in pre.headers["access-control-allow-methods"]
+    r = await client.get("/v1/orders/o-1", headers={"origin": "https://shop.example"})
+    assert r.headers["access-control-allow-origin"] == "https://shop.example"
+    denied = await client.options(
+        "/v1/orders/o-1",
+        headers={"origin": "https://evil.example", "access-control-request-method": "GET"},
+    )
+    assert denied.status_code == 403
+    assert "access-control-allow-origin" not in denied.headers
+
+
+async def test_ops_endpoints_access_log_and_metrics(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    with caplog.at_level(logging.INFO, logger="meshkit.gateway.access"):
+        await client.get("/v1/orders/o-1", headers={"x-request-id": "rid-42"})
+        await client.get("/v1/orders/o-1")
+    lines = [
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "meshkit.gateway.access"
+    ]
+    assert lines[0]["status"] == 200 and lines[0]["route"] == "shop.v1.OrderService.GetOrder"
+    assert lines[0]["request_id"] == "rid-42"
+    assert lines[0]["cache"] == "miss" and lines[1]["cache"] == "hit"
+    text = (await client.get("/metrics")).text
+    assert 'meshkit_gateway_requests_total{code="200"' in text
+    assert "meshkit_gateway_request_duration_seconds_bucket" in text
+    assert 'result="hit"' in text
+    assert "meshkit_gateway_upstream_healthy" in text
+    doc = (await client.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    assert "/v1/orders/{order_id}" in doc["paths"]

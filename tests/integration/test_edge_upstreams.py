@@ -1,0 +1,198 @@
+"""Balancing, health checking, canary splits and blue-green switches over real backends."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meshkit.gateway.balancing import BalancedUpstream
+from meshkit.gateway.edge import EdgeApp, create_edge_app
+from meshkit.gateway.profiles import EdgeConfig
+from tests.integration._edge_backends import ShopBackend
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[ShopBackend, ShopBackend]]:
+    a = await ShopBackend("blue").start()
+    b = await ShopBackend("green").start()
+    yield a, b
+    await asyncio.gather(a.stop(None), b.stop(None))
+
+
+def client_for(edge: EdgeApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge")
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def served_by(
+    c: httpx.AsyncClient, n: int, headers: dict[str, str] | None = None, concurrency: int = 25
+) -> collections.Counter[str]:
+    out: collections.Counter[str] = collections.Counter()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            r = await c.get(f"/v1/orders/o-{i}", headers=headers)
+            assert r.status_code == 200, r.text
+            out[r.json()["labels"]["server"]] += 1
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return out
+
+
+def canary_config(stable: str, canary: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "edge": {
+            "upstreams": {"v1": [stable], "v2": [canary]},
+            "services": {
+                "default": {"canary": {"stable": "v1", "canary": "v2", "weight": 10, **extra}}
+            },
+        }
+    }
+
+
+async def test_canary_split_is_within_binomial_bounds_and_pinned_by_header(
+    pair: tuple[ShopBackend, ShopBackend], shop_descriptor_set: Path
+) -> None:
+    stable, canary = pair
+    edge = create_edge_app(canary_config(stable.target, canary.target), shop_descriptor_set)
+    async with client_for(edge) as c:
+        counts = await served_by(c, 1000)
+        # 10% of 1000 = 100; sd = sqrt(1000*0.1*0.9) ~ 9.5; +-35 is ~3.7 sd (10% +- 3.5%).
+        assert 65 <= counts["green"] <= 135, counts
+        assert counts["blue"] + counts["green"] == 1000
+        assert await served_by(c, 30, {"x-canary": "always"}) == {"green": 30}
+        assert await served_by(c, 30, {"x-canary": "never"}) == {"blue": 30}
+    await edge.shutdown()
+
+
+async def test_sticky_canary_keeps_each_client_on_one_side(
+    pair: tuple[ShopBackend, ShopBackend], shop_descriptor_set: Path
+) -> None:
+    stable, canary = pair
+    edge = create_edge_app(
+        canary_config(stable.target, canary.target, sticky="header:x-user-id", weight=50),
+        shop_descriptor_set,
+    )
+    async with client_for(edge) as c:
+        sides = set()
+        for user in range(12):
+            got = await served_by(c, 5, {"x-user-id": f"user-{user}"})
+            assert len(got) == 1, got  # one user, one side
+            sides.update(got)
+        assert sides == {"blue", "green"}
+    await edge.shutdown()
+
+
+async def test_unhealthy_endpoint_leaves_rotation_and_returns(
+    pair: tuple[ShopBackend, ShopBackend], shop_descriptor_set: Path
+) -> None:
+    a, b = pair
+    cfg = {
+        "edge": {
+            "upstreams": {
+                "shop": {
+                    "targets": [a.target, b.target],
+                    "health_check": {"interval": "100ms", "timeout": "1s"},
+                }
+            }
+        }
+    }
+    edge = create_edge_app(cfg, shop_descriptor_set)
+    await edge.startup()
+    up = edge.registry.upstreams["shop"]
+    assert isinstance(up, BalancedUpstream)
+    async with client_for(edge) as c:
+        assert await served_by(c, 20) == {"blue": 10, "green": 10}
+        await a.set_serving(False)
+        await wait_for(lambda: up.healthy[a.target] is False)
+        assert await served_by(c, 20) == {"green": 20}
+        assert (await c.get("/readyz")).status_code == 200
+        metrics = (await c.get("/metrics")).text
+        assert f'meshkit_gateway_upstream_healthy{{endpoint="shop/{a.target}"' in metrics
+        await b.set_serving(False)
+        await wait_for(lambda: up.healthy[b.target] is False)
+        assert (await c.get("/readyz")).status_code == 503
+        await a.set_serving(True)
+        await b.set_serving(True)
+        await wait_for(lambda: up.healthy[a.target] and up.healthy[b.target])
+        assert (await c.get("/readyz")).status_code == 200
+        assert await served_by(c, 20) == {"blue": 10, "green": 10}
+    await edge.shutdown()
+
+
+async def test_blue_green_switch_under_load_loses_no_request(
+    pair: tuple[ShopBackend, ShopBackend], shop_descriptor_set: Path
+) -> None:
+    blue, green = pair
+
+    def cfg(target: str) -> EdgeConfig:
+        return EdgeConfig.from_mapping(
+            {
+                "edge": {
+                    "upstreams": {
+                        "shop": {
+                            "targets": [target],
+                            "drain": "500ms",
+                            "health_check": {"interval": "200ms"},
+                        }
+                    },
+                    "admin": {"token_sha256": "0" * 64},
+                }
+            }
+        )
+
+    edge = create_edge_app(cfg(blue.target), shop_descriptor_set)
+    await edge.startup()
+    results: list[tuple[int, str]] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def worker(c: httpx.AsyncClient, w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = await c.get(f"/v1/orders/w{w}-{i}")
+            except Exception as exc:  # a transport error is a lost request too
+                failures.append(repr(exc))
+                continue
+            if r.status_code != 200:
+                failures.append(f"{r.status_code} {r.text}")
+            else:
+                results.append((len(results), r.json()["labels"]["server"]))
+
+    async with client_for(edge) as c:
+        workers = [asyncio.create_task(worker(c, w)) for w in range(8)]
+        await wait_for(lambda: len(results) >= 200)
+        switched_at = len(results)
+        await edge.reload(cfg(green.target))
+        after_reload = len(results)
+        # Keep the load on past the drain, so old channels close while requests flow.
+        await wait_for(lambda: len(results) >= after_reload + 400)
+        await asyncio.sleep(0.6)
+        stop.set()
+        await asyncio.gather(*workers)
+    assert failures == []
+    servers = [s for _, s in results]
+    assert set(servers[:switched_at]) == {"blue"}
+    # Only requests already in flight at the switch may still land on blue.
+    assert set(servers[after_reload + 16 :]) == {"green"}
+    assert green.calls["GetOrder"] > 300
+    await edge.shutdown()

@@ -1,0 +1,142 @@
+"""Envelope headers, deterministic ids, stream and consumer specs (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshkit._pb.meshkit.v1 import saga_pb2
+from meshkit.errors import ConfigError
+from meshkit.saga import (
+    ConsumerSpec,
+    Envelope,
+    EnvelopeError,
+    StreamSpec,
+    derive_event_id,
+    type_name,
+)
+from meshkit.saga import envelope as E
+
+pytestmark = pytest.mark.unit
+
+
+def test_headers_round_trip_every_field() -> None:
+    env = Envelope(
+        event_id="e1",
+        event_type="shop.v1.OrderCreated",
+        saga_id="s1",
+        causation_id="c0",
+        timestamp_ms=1_700_000_000_123,
+        source="order",
+        saga_type="order",
+        deadline_ms=1500,
+        saga_deadline_ms=1_700_000_030_000,
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        tracestate="k=v",
+        extra={"X-Custom": "1"},
+    )
+    headers = env.to_headers()
+    assert headers[E.MSG_ID] == "e1"  # JetStream dedupe uses the event id
+    assert headers[E.EVENT_TYPE] == "shop.v1.OrderCreated"
+    assert headers[E.DEADLINE] == "1500"
+    assert Envelope.from_headers(headers) == env
+
+
+def test_optional_headers_are_omitted_and_parse_as_none() -> None:
+    env = Envelope(event_id="e1", event_type="t.T", timestamp_ms=5)
+    headers = env.to_headers()
+    assert E.DEADLINE not in headers and E.SAGA_ID not in headers and E.TRACEPARENT not in headers
+    parsed = Envelope.from_headers(headers)
+    assert parsed.deadline_ms is None and parsed.saga_deadline_ms is None and parsed.saga_id == ""
+
+
+@pytest.mark.parametrize(
+    ("headers", "culprit"),
+    [
+        (None, E.EVENT_ID),
+        ({E.EVENT_TYPE: "a.B"}, E.EVENT_ID),
+        ({E.EVENT_ID: "x"}, E.EVENT_TYPE),
+        ({E.EVENT_ID: "x", E.EVENT_TYPE: "a.B", E.TIMESTAMP: "soon"}, E.TIMESTAMP),
+        ({E.EVENT_ID: "x", E.EVENT_TYPE: "a.B", E.DEADLINE: "1.5s"}, E.DEADLINE),
+    ],
+)
+def test_bad_headers_name_the_culprit(headers: dict[str, str] | None, culprit: str) -> None:
+    with pytest.raises(EnvelopeError) as err:
+        Envelope.from_headers(headers)
+    assert err.value.header == culprit
+    assert culprit in str(err.value)
+
+
+def test_caused_carries_correlation_and_points_causation_at_the_input() -> None:
+    start = Envelope.new(saga_pb2.SagaTimedOut, saga_type="order", saga_deadline_ms=99, source="a")
+    assert start.saga_id == start.event_id  # a new saga is named after its first event
+    nxt = start.caused("shop.v1.StockReserved", event_id="e2", source="inventory", deadline_ms=10)
+    assert (nxt.saga_id, nxt.saga_type, nxt.saga_deadline_ms) == (start.saga_id, "order", 99)
+    assert nxt.causation_id == start.event_id
+    assert (nxt.event_id, nxt.source, nxt.deadline_ms) == ("e2", "inventory", 10)
+    assert nxt.traceparent == ""  # filled in by the producer span at publish time
+
+
+def test_remaining_deadline_subtracts_the_time_in_flight() -> None:
+    env = Envelope(event_id="e", event_type="t.T", timestamp_ms=10_000, deadline_ms=2_000)
+    assert env.remaining_deadline(now=10_500) == pytest.approx(1.5)
+    assert env.remaining_deadline(now=20_000) == 0.0
+    assert Envelope(event_id="e", event_type="t.T").remaining_deadline() is None
+
+
+def test_derived_ids_are_deterministic_and_distinct() -> None:
+    a = derive_event_id("in-1", "payment.charge", 0)
+    assert a == derive_event_id("in-1", "payment.charge", 0)
+    others = {
+        derive_event_id("in-1", "payment.charge", 1),
+        derive_event_id("in-2", "payment.charge", 0),
+        derive_event_id("in-1", "payment.refund", 0),
+    }
+    assert a not in others and len(others) == 3
+    assert len(a) == 32 and int(a, 16) >= 0
+    with pytest.raises(ValueError):
+        derive_event_id("x", "h", -1)
+
+
+def test_type_name_is_the_protobuf_full_name() -> None:
+    assert type_name(saga_pb2.SagaTimedOut) == "meshkit.v1.SagaTimedOut"
+    assert type_name(saga_pb2.SagaTimedOut()) == "meshkit.v1.SagaTimedOut"
+
+
+def test_metadata_message_mirrors_the_envelope() -> None:
+    env = Envelope(event_id="e", event_type="t.T", saga_id="s", timestamp_ms=1234, deadline_ms=7)
+    md = env.to_metadata()
+    assert (md.event_id, md.saga_id, md.deadline_ms) == ("e", "s", 7)
+    assert md.occurred_at.ToMilliseconds() == 1234
+
+
+def test_stream_spec_subjects_and_validation() -> None:
+    spec = StreamSpec(name="SHOP", prefix="shop.events")
+    assert spec.subjects == ("shop.events.>",)
+    assert spec.subject_for(saga_pb2.SagaTimedOut) == "shop.events.meshkit.v1.SagaTimedOut"
+    cfg = spec.to_config()
+    assert cfg.duplicate_window == 120.0 and cfg.subjects == ["shop.events.>"]
+    for kwargs, path in [
+        ({"name": "a.b", "prefix": "p"}, "stream.name"),
+        ({"name": "A", "prefix": "p.*"}, "stream.prefix"),
+        ({"name": "A", "prefix": "p", "duplicate_window": 0}, "stream.duplicate_window"),
+        ({"name": "A", "prefix": "p", "replicas": 7}, "stream.replicas"),
+        ({"name": "A", "prefix": "p", "storage": "disk"}, "stream.storage"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            StreamSpec(**kwargs)  # type: ignore[arg-type]
+        assert err.value.path == path
+
+
+def test_consumer_spec_backoff_schedule_and_validation() -> None:
+    spec = ConsumerSpec(nak_backoff=(0.1, 1.0, 5.0))
+    assert [spec.nak_delay(n) for n in (0, 1, 2, 3, 4, 10)] == [0.1, 0.1, 1.0, 5.0, 5.0, 5.0]
+    for kwargs, path in [
+        ({"ack_wait": 0}, "consumer.ack_wait"),
+        ({"max_deliver": 0}, "consumer.max_deliver"),
+        ({"nak_backoff": ()}, "consumer.nak_backoff"),
+        ({"max_in_flight": 0}, "consumer.max_in_flight"),
+        ({"idle_heartbeat": 40.0}, "consumer.idle_heartbeat"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            ConsumerSpec(**kwargs)  # type: ignore[arg-type]
+        assert err.value.path == path
