@@ -16,7 +16,9 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "meshkit.codegen._cli",
     "meshkit.nats._cli",
     "meshkit.saga._cli",
+    "meshkit.saga._es_cli",
     "meshkit.gateway._cli",
+    "meshkit.gateway._edge_cli",
     "meshkit.resilience._cli",
 )
 

@@ -72,7 +72,9 @@ class Order:
         if self.status == orders_pb2.ORDER_STATUS_COMPLETED:
             return []
         if self.status != orders_pb2.ORDER_STATUS_CREATED:
-            raise OrderRejected(f"order {self.order_id} is {orders_pb2.OrderStatus.Name(self.status)}")
+            raise OrderRejected(
+                f"order {self.order_id} is {orders_pb2.OrderStatus.Name(self.status)}"
+            )
         return [events_pb2.OrderCompleted(order_id=self.order_id)]
 
     def cancel(self, reason: str) -> Sequence[Message]:

@@ -33,7 +33,7 @@ from meshkit.saga.orchestrator import (
     CommandContext,
     CommandParticipant,
     SagaContext,
-    SagaDefinition,
+    SagaMachine,
     State,
 )
 from meshkit.saga.snapshots import SnapshotStore
@@ -67,7 +67,9 @@ def _charge(ctx: SagaContext) -> Message:
 def _release(ctx: SagaContext) -> Message:
     r = ctx.replies["RESERVE_STOCK_SUCCESS"]
     assert isinstance(r, events_pb2.StockReserved)
-    return inventory_pb2.ReleaseStockRequest(reservation_id=r.reservation_id, reason="payment failed")
+    return inventory_pb2.ReleaseStockRequest(
+        reservation_id=r.reservation_id, reason="payment failed"
+    )
 
 
 def _cancel(ctx: SagaContext) -> Message:
@@ -91,7 +93,7 @@ def _notify(ctx: SagaContext) -> Message:
     )
 
 
-ORDER_SAGA = SagaDefinition(
+ORDER_SAGA = SagaMachine(
     name="order",
     initial="PENDING",
     start_type=orders_pb2.CreateOrderRequest,
@@ -158,13 +160,21 @@ class Shop:
     credit_limit: int = 100_000
     shipments: dict[str, str] = field(default_factory=dict)
     notified: list[str] = field(default_factory=list)
-    received: list[tuple[str, str, str]] = field(default_factory=list)  # (participant, command, saga)
+    received: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # (participant, command, saga)
 
 
-def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None = None) -> list[CommandParticipant]:
+def participants(
+    shop: Shop, store: EventStore, snapshots: SnapshotStore | None = None
+) -> list[CommandParticipant]:
     """The five participants of the order saga, in orchestration mode."""
     orders = Repository(
-        store, AGGREGATE, Order, snapshots=snapshots, snapshot_every=50 if snapshots else 0,
+        store,
+        AGGREGATE,
+        Order,
+        snapshots=snapshots,
+        snapshot_every=50 if snapshots else 0,
         codec=ORDER_CODEC if snapshots else None,
     )
     order = CommandParticipant("order")
@@ -185,7 +195,10 @@ def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None 
         )
         o = loaded.state
         return events_pb2.OrderCreated(
-            order_id=order_id, customer_id=o.customer_id, items=o.items, total=o.total,
+            order_id=order_id,
+            customer_id=o.customer_id,
+            items=o.items,
+            total=o.total,
             shipping_address=o.address,
         )
 
@@ -194,7 +207,10 @@ def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None 
         seen("order", cmd, ctx)
         order_id = cmd.name.removeprefix("orders/")
         await orders.execute(
-            order_id, lambda o: o.cancel(cmd.reason), saga_id=ctx.saga_id, causation_id=ctx.command_id
+            order_id,
+            lambda o: o.cancel(cmd.reason),
+            saga_id=ctx.saga_id,
+            causation_id=ctx.command_id,
         )
         return events_pb2.OrderCancelled(order_id=order_id, reason=cmd.reason)
 
@@ -205,7 +221,9 @@ def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None 
         if rid not in shop.reservations:
             short = [i.sku for i in cmd.items if shop.stock.get(i.sku, 0) < i.quantity]
             if short:
-                return events_pb2.StockReservationFailed(order_id=cmd.order_id, reason=f"out of stock: {','.join(short)}")
+                return events_pb2.StockReservationFailed(
+                    order_id=cmd.order_id, reason=f"out of stock: {','.join(short)}"
+                )
             for i in cmd.items:
                 shop.stock[i.sku] -= i.quantity
             shop.reservations[rid] = {i.sku: i.quantity for i in cmd.items}
@@ -217,7 +235,9 @@ def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None 
         held = shop.reservations.pop(cmd.reservation_id, {})
         for sku, qty in held.items():
             shop.stock[sku] = shop.stock.get(sku, 0) + qty
-        return events_pb2.StockReleased(order_id=cmd.reservation_id.removeprefix("r-"), reservation_id=cmd.reservation_id)
+        return events_pb2.StockReleased(
+            order_id=cmd.reservation_id.removeprefix("r-"), reservation_id=cmd.reservation_id
+        )
 
     @payment.handles(payment_pb2.ChargeRequest)
     async def charge(cmd: payment_pb2.ChargeRequest, ctx: CommandContext) -> Message:
@@ -240,7 +260,9 @@ def participants(shop: Shop, store: EventStore, snapshots: SnapshotStore | None 
     async def notify(cmd: notification_pb2.SendNotificationRequest, ctx: CommandContext) -> Message:
         seen("notification", cmd, ctx)
         shop.notified.append(cmd.order_id)
-        return events_pb2.CustomerNotified(order_id=cmd.order_id, notification_id=f"n-{cmd.order_id}")
+        return events_pb2.CustomerNotified(
+            order_id=cmd.order_id, notification_id=f"n-{cmd.order_id}"
+        )
 
     return [order, inventory, payment, shipping, notification]
 
@@ -250,7 +272,9 @@ def order_request(customer: str, *items: tuple[str, int, int]) -> orders_pb2.Cre
     return orders_pb2.CreateOrderRequest(
         customer_id=customer,
         items=[
-            common_pb2.LineItem(sku=s, quantity=q, unit_price=common_pb2.Money(currency="KRW", amount_minor=p))
+            common_pb2.LineItem(
+                sku=s, quantity=q, unit_price=common_pb2.Money(currency="KRW", amount_minor=p)
+            )
             for s, q, p in items
         ],
         shipping_address=common_pb2.Address(name=customer, city="Seoul", country="KR"),

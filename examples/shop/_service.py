@@ -65,12 +65,13 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
     await server.start()
     consumer = None
     if participant is not None and bus is not None:
+        from examples.shop import faults
         from meshkit.saga import SqliteInbox
 
-        from examples.shop import faults
-
         inbox = SqliteInbox(store.conn, store.lock)
-        consumer = await participant.start(bus, inbox=inbox, after_commit=faults.after_commit_hook())
+        consumer = await participant.start(
+            bus, inbox=inbox, after_commit=faults.after_commit_hook()
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit._pb.meshkit.v1 import saga_pb2
 from meshkit.saga import ConsumerSpec, EventBus, SagaDefinition, StreamSpec
-
-from examples.shop.gen.shop.v1 import events_pb2 as ev
 
 SHOP_STREAM = StreamSpec(
     name="SHOP",

@@ -42,16 +42,25 @@ def check(data_dir: str | Path, initial_stock: Mapping[str, int]) -> Report:
     data = Path(data_dir)
     rep = Report()
     with _ro(data / "order.sqlite") as conn:
-        orders = [orders_pb2.Order.FromString(r[0]) for r in conn.execute("SELECT data FROM orders")]
+        orders = [
+            orders_pb2.Order.FromString(r[0]) for r in conn.execute("SELECT data FROM orders")
+        ]
     with _ro(data / "inventory.sqlite") as conn:
-        stock = {str(s): (int(a), int(r)) for s, a, r in conn.execute("SELECT sku, available, reserved FROM stock")}
-        reservations = {str(o): str(s) for o, s in conn.execute("SELECT order_id, state FROM reservations")}
+        stock = {
+            str(s): (int(a), int(r))
+            for s, a, r in conn.execute("SELECT sku, available, reserved FROM stock")
+        }
+        reservations = {
+            str(o): str(s) for o, s in conn.execute("SELECT order_id, state FROM reservations")
+        }
     with _ro(data / "payment.sqlite") as conn:
         ledger: dict[str, list[str]] = {}
         for order_id, kind in conn.execute("SELECT order_id, kind FROM ledger ORDER BY seq"):
             ledger.setdefault(str(order_id), []).append(str(kind))
     with _ro(data / "shipping.sqlite") as conn:
-        shipments = {str(o): int(s) for o, s in conn.execute("SELECT order_id, status FROM shipments")}
+        shipments = {
+            str(o): int(s) for o, s in conn.execute("SELECT order_id, status FROM shipments")
+        }
     rep.stock = stock
 
     held: dict[str, int] = {}
@@ -88,12 +97,16 @@ def check(data_dir: str | Path, initial_stock: Mapping[str, int]) -> Report:
                 rep.problems.append(f"cancelled order {order.order_id}: shipment not cancelled")
         else:
             rep.pending += 1
-            rep.problems.append(f"order {order.order_id} is still {orders_pb2.OrderStatus.Name(order.status)}")
+            rep.problems.append(
+                f"order {order.order_id} is still {orders_pb2.OrderStatus.Name(order.status)}"
+            )
     for sku, initial in initial_stock.items():
         available, reserved = stock.get(sku, (0, 0))
         expected = initial - held.get(sku, 0)
         if available != expected:
-            rep.problems.append(f"stock {sku}: {available} available, expected {initial} - {held.get(sku, 0)} = {expected}")
+            rep.problems.append(
+                f"stock {sku}: {available} available, expected {initial} - {held.get(sku, 0)} = {expected}"
+            )
         if reserved != 0:
             rep.problems.append(f"stock {sku}: {reserved} still reserved")
     return rep

@@ -15,14 +15,13 @@ from typing import Any
 
 import grpc
 
-from meshkit.saga import Context, Participant
-
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
 from examples.shop.flow import INITIAL_STOCK, SHOP_STREAM, consumer_spec
 from examples.shop.gen.shop.v1 import common_pb2, inventory_pb2, inventory_pb2_grpc
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.store import Store
+from meshkit.saga import Context, Participant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
@@ -83,9 +82,7 @@ def release(conn: sqlite3.Connection, order_id: str) -> str | None:
         "SELECT reservation_id, items, state FROM reservations WHERE order_id = ?", (order_id,)
     ).fetchone()
     if row is None:
-        conn.execute(
-            "INSERT INTO reservations VALUES (?, '', ?, 'released')", (order_id, b"")
-        )
+        conn.execute("INSERT INTO reservations VALUES (?, '', ?, 'released')", (order_id, b""))
         return None
     if row[2] != "reserved":
         return None
@@ -220,9 +217,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
         skus: list[str] = []
         async for adj in request_iterator:
             async with self.store.tx() as conn:
-                conn.execute(
-                    "INSERT OR IGNORE INTO stock VALUES (?, 0, 0)", (adj.sku,)
-                )
+                conn.execute("INSERT OR IGNORE INTO stock VALUES (?, 0, 0)", (adj.sku,))
                 have = conn.execute(
                     "SELECT available FROM stock WHERE sku = ?", (adj.sku,)
                 ).fetchone()[0]
@@ -245,9 +240,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     async with ctx.store.tx() as conn:
         if conn.execute("SELECT COUNT(*) FROM stock").fetchone()[0] == 0:
-            conn.executemany(
-                "INSERT INTO stock VALUES (?, ?, 0)", sorted(INITIAL_STOCK.items())
-            )
+            conn.executemany("INSERT INTO stock VALUES (?, ?, 0)", sorted(INITIAL_STOCK.items()))
     service = InventoryService(ctx.store)
 
     def add(server: grpc.aio.Server) -> None:

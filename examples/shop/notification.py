@@ -10,13 +10,12 @@ from typing import Any
 import grpc
 from google.api import httpbody_pb2
 
-from meshkit.saga import Context, Participant
-
 from examples.shop._service import ServiceContext, main
 from examples.shop.flow import SHOP_STREAM, consumer_spec
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import notification_pb2, notification_pb2_grpc
 from examples.shop.store import Store
+from meshkit.saga import Context, Participant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notifications (
@@ -29,7 +28,9 @@ CREATE TABLE IF NOT EXISTS notifications (
 """
 
 
-def send(conn: sqlite3.Connection, n: notification_pb2.Notification, order_id: str) -> notification_pb2.Notification:
+def send(
+    conn: sqlite3.Connection, n: notification_pb2.Notification, order_id: str
+) -> notification_pb2.Notification:
     if not n.notification_id:
         n.notification_id = uuid.uuid4().hex
     conn.execute(
@@ -58,13 +59,18 @@ def _notify(ctx: Context, order_id: str, customer_id: str, message: str) -> ev.C
 
 @PARTICIPANT.on(ev.OrderCompleted, emits=[ev.CustomerNotified])
 async def notify_completed(event: ev.OrderCompleted, ctx: Context) -> ev.CustomerNotified:
-    return _notify(ctx, event.order_id, event.customer_id, f"Your order {event.order_id} is on its way.")
+    return _notify(
+        ctx, event.order_id, event.customer_id, f"Your order {event.order_id} is on its way."
+    )
 
 
 @PARTICIPANT.on(ev.OrderCancelled, emits=[ev.CustomerNotified])
 async def notify_cancelled(event: ev.OrderCancelled, ctx: Context) -> ev.CustomerNotified:
     return _notify(
-        ctx, event.order_id, event.customer_id, f"Your order {event.order_id} was cancelled: {event.reason}."
+        ctx,
+        event.order_id,
+        event.customer_id,
+        f"Your order {event.order_id} was cancelled: {event.reason}.",
     )
 
 
@@ -81,7 +87,9 @@ class NotificationService(notification_pb2_grpc.NotificationServiceServicer):
             return send(
                 conn,
                 notification_pb2.Notification(
-                    customer_id=request.customer_id, channel=request.channel, message=request.message
+                    customer_id=request.customer_id,
+                    channel=request.channel,
+                    message=request.message,
                 ),
                 request.order_id,
             )
@@ -90,18 +98,25 @@ class NotificationService(notification_pb2_grpc.NotificationServiceServicer):
         self, request: notification_pb2.RenderReceiptRequest, context: grpc.aio.ServicerContext
     ) -> httpbody_pb2.HttpBody:
         rows = self.store.query(
-            "SELECT message FROM notifications WHERE order_id = ? ORDER BY rowid", (request.order_id,)
+            "SELECT message FROM notifications WHERE order_id = ? ORDER BY rowid",
+            (request.order_id,),
         )
         if not rows:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no receipt for order {request.order_id!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no receipt for order {request.order_id!r}"
+            )
         text = f"Receipt for order {request.order_id}\n" + "\n".join(str(r[0]) for r in rows) + "\n"
         return httpbody_pb2.HttpBody(content_type="text/plain; charset=utf-8", data=text.encode())
 
     async def Chat(
-        self, request_iterator: AsyncIterator[notification_pb2.ChatMessage], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[notification_pb2.ChatMessage],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[notification_pb2.ChatMessage]:
         async for message in request_iterator:
-            yield notification_pb2.ChatMessage(**{"from": "support", "text": f"you said: {message.text}"})
+            yield notification_pb2.ChatMessage(
+                **{"from": "support", "text": f"you said: {message.text}"}
+            )
 
 
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:

@@ -13,14 +13,13 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from meshkit.saga import Context, Participant, derive_event_id
-
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
 from examples.shop.flow import SHOP_STREAM, SagaTimedOut, consumer_spec
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
 from examples.shop.store import Store
+from meshkit.saga import Context, Participant, derive_event_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -53,7 +52,9 @@ def _save(conn: sqlite3.Connection, order: orders_pb2.Order) -> None:
 class OrderService(orders_pb2_grpc.OrderServiceServicer):
     """The gRPC side: CreateOrder starts a saga; the participant finishes it."""
 
-    def __init__(self, store: Store, start_saga: Callable[[orders_pb2.Order, str], Any] | None) -> None:
+    def __init__(
+        self, store: Store, start_saga: Callable[[orders_pb2.Order, str], Any] | None
+    ) -> None:
         self.store = store
         self.start_saga = start_saga
 
@@ -210,7 +211,9 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
 PARTICIPANT = Participant("order", SHOP_STREAM, consumer=consumer_spec())
 
 
-def _finish(conn: sqlite3.Connection, order_id: str, status: int, reason: str = "") -> orders_pb2.Order | None:
+def _finish(
+    conn: sqlite3.Connection, order_id: str, status: int, reason: str = ""
+) -> orders_pb2.Order | None:
     """Move a PENDING order to a final status; None when it already was final."""
     order = _load(conn, order_id)
     if order is None or order.status != orders_pb2.ORDER_STATUS_PENDING:
@@ -238,7 +241,9 @@ def _cancel(ctx: Context, order_id: str, reason: str) -> ev.OrderCancelled | Non
 
 
 @PARTICIPANT.compensate(ev.StockReservationFailed, emits=[ev.OrderCancelled])
-async def cancel_out_of_stock(event: ev.StockReservationFailed, ctx: Context) -> ev.OrderCancelled | None:
+async def cancel_out_of_stock(
+    event: ev.StockReservationFailed, ctx: Context
+) -> ev.OrderCancelled | None:
     await faults.mid_handler(ctx)
     return _cancel(ctx, event.order_id, event.reason or "out of stock")
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import grpc
 
-from meshkit.saga import Context, Participant
-
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
 from examples.shop.flow import (
@@ -28,6 +26,7 @@ from examples.shop.flow import (
 from examples.shop.gen.shop.v1 import common_pb2, payment_pb2, payment_pb2_grpc
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.store import Store
+from meshkit.saga import Context, Participant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -91,14 +90,25 @@ def charge(
         status, reason = DECLINED, f"amount {amount.amount_minor} over the limit"
     conn.execute(
         "INSERT INTO payments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (payment_id, order_id, key, amount.currency, amount.amount_minor, status, reason, time.time()),
+        (
+            payment_id,
+            order_id,
+            key,
+            amount.currency,
+            amount.amount_minor,
+            status,
+            reason,
+            time.time(),
+        ),
     )
     if status == CHARGED:
         conn.execute(
             "INSERT INTO ledger (order_id, payment_id, kind, amount_minor) VALUES (?, ?, 'charge', ?)",
             (order_id, payment_id, amount.amount_minor),
         )
-    return _row_to_payment(conn.execute("SELECT * FROM payments WHERE payment_id = ?", (payment_id,)).fetchone())
+    return _row_to_payment(
+        conn.execute("SELECT * FROM payments WHERE payment_id = ?", (payment_id,)).fetchone()
+    )
 
 
 def refund(conn: sqlite3.Connection, order_id: str) -> str | None:
@@ -128,7 +138,9 @@ PARTICIPANT = Participant("payment", SHOP_STREAM, consumer=consumer_spec())
 
 @PARTICIPANT.on(ev.StockReserved, emits=[ev.PaymentCompleted, ev.PaymentFailed])
 async def charge_order(event: ev.StockReserved, ctx: Context) -> Any:
-    payment = charge(ctx.tx, event.order_id, event.customer_id, event.total, f"order/{event.order_id}")
+    payment = charge(
+        ctx.tx, event.order_id, event.customer_id, event.total, f"order/{event.order_id}"
+    )
     await faults.mid_handler(ctx)
     if payment.status != CHARGED:
         reason = payment.decline_reason or "payment not possible"
@@ -170,7 +182,9 @@ class PaymentService(payment_pb2_grpc.PaymentServiceServicer):
         if not request.order_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id: required")
         if request.amount.amount_minor <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "amount.amount_minor: must be positive")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "amount.amount_minor: must be positive"
+            )
         key = request.idempotency_key or f"order/{request.order_id}"
         async with self.store.tx() as conn:
             return charge(conn, request.order_id, request.customer_id, request.amount, key)
@@ -178,19 +192,27 @@ class PaymentService(payment_pb2_grpc.PaymentServiceServicer):
     async def Refund(
         self, request: payment_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> payment_pb2.Payment:
-        rows = self.store.query("SELECT order_id FROM payments WHERE payment_id = ?", (request.payment_id,))
+        rows = self.store.query(
+            "SELECT order_id FROM payments WHERE payment_id = ?", (request.payment_id,)
+        )
         if not rows:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"payment {request.payment_id!r} not found")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"payment {request.payment_id!r} not found"
+            )
         async with self.store.tx() as conn:
             refund(conn, str(rows[0][0]))
-            row = conn.execute("SELECT * FROM payments WHERE payment_id = ?", (request.payment_id,)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM payments WHERE payment_id = ?", (request.payment_id,)
+            ).fetchone()
         return _row_to_payment(row)
 
     async def GetPayment(
         self, request: payment_pb2.GetPaymentRequest, context: grpc.aio.ServicerContext
     ) -> payment_pb2.Payment:
         if request.payment_id:
-            rows = self.store.query("SELECT * FROM payments WHERE payment_id = ?", (request.payment_id,))
+            rows = self.store.query(
+                "SELECT * FROM payments WHERE payment_id = ?", (request.payment_id,)
+            )
         else:
             rows = self.store.query(
                 "SELECT * FROM payments WHERE order_id = ? AND status >= 0 ORDER BY updated_at LIMIT 1",

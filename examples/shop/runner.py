@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,14 @@ from pathlib import Path
 from examples.shop._gen import REPO_ROOT
 
 SERVICES: tuple[str, ...] = ("order", "inventory", "payment", "shipping", "notification")
+GRPC_SERVICES: dict[str, str] = {
+    "order": "shop.v1.OrderService",
+    "inventory": "shop.v1.InventoryService",
+    "payment": "shop.v1.PaymentService",
+    "shipping": "shop.v1.ShippingService",
+    "notification": "shop.v1.NotificationService",
+}
+_GATEWAY_ON = re.compile(r"meshkit gateway on [^\s:]+:(\d+)")
 
 
 class ServiceStartError(RuntimeError):
@@ -140,6 +149,73 @@ def kill_service(svc: ServiceProcess) -> None:
         svc.proc.wait(5)
 
 
+@dataclass
+class GatewayProcess:
+    """The meshkit gateway (``meshkit gateway``) in front of the shop's services."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_gateway(
+    upstreams: Mapping[str, str], data_dir: Path, descriptor_set: Path, *, timeout: float = 30.0
+) -> GatewayProcess:
+    """Start ``meshkit gateway`` on a free port with ``{grpc service: address}`` upstreams.
+
+    Ready once it has logged its port and answers ``GET /v1/inventory/book``.
+    """
+    import urllib.error
+    import urllib.request
+
+    log_path = data_dir / "gateway.log"
+    args = [sys.executable, "-m", "meshkit.cli", "gateway", "--descriptor-set", str(descriptor_set)]
+    for service, address in upstreams.items():
+        args += ["--upstream", f"{service}={address}"]
+    args += ["--host", "127.0.0.1", "--port", "0"]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    end = time.monotonic() + timeout
+    port = 0
+    while time.monotonic() < end and proc.poll() is None:
+        if not port:
+            match = _GATEWAY_ON.search(log_path.read_text(errors="replace"))
+            port = int(match.group(1)) if match else 0
+        if port:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/v1/inventory/book", timeout=2
+                ):
+                    return GatewayProcess(proc, port, log_path)
+            except urllib.error.HTTPError:
+                return GatewayProcess(proc, port, log_path)  # it answered
+            except OSError:
+                pass
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait(5)
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+    raise ServiceStartError(f"the gateway did not become ready (exit {proc.poll()}):\n{tail}")
+
+
 class ShopCluster:
     """Every shop service as its own process, sharing one NATS server and a data dir."""
 
@@ -162,6 +238,13 @@ class ShopCluster:
         self.env = dict(env or {})
         self.extra_args = dict(extra_args or {})
         self.procs: dict[str, ServiceProcess] = {}
+        self.gateway: GatewayProcess | None = None
+
+    def start_gateway(self, descriptor_set: Path) -> GatewayProcess:
+        """Start the REST gateway in front of the running services."""
+        ups = {GRPC_SERVICES[n]: p.address for n, p in self.procs.items() if n in GRPC_SERVICES}
+        self.gateway = start_gateway(ups, self.data_dir, descriptor_set)
+        return self.gateway
 
     def start(self) -> ShopCluster:
         """Start every service (in parallel) and wait until all are ready."""
@@ -218,6 +301,17 @@ class ShopCluster:
         def one(svc: ServiceProcess) -> None:
             codes[svc.name] = stop_service(svc)
 
+        if self.gateway is not None:
+            gw = self.gateway.proc
+            if gw.poll() is None:
+                gw.send_signal(signal.SIGTERM)
+                try:
+                    gw.wait(10)
+                except subprocess.TimeoutExpired:
+                    gw.kill()
+                    gw.wait(5)
+            codes["gateway"] = gw.returncode
+            self.gateway = None
         threads = [threading.Thread(target=one, args=(s,)) for s in self.procs.values()]
         for t in threads:
             t.start()

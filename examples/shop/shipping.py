@@ -10,14 +10,13 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from meshkit.saga import Context, Participant
-
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
 from examples.shop.flow import SHOP_STREAM, UNSHIPPABLE_COUNTRIES, consumer_spec
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import shipping_pb2, shipping_pb2_grpc
 from examples.shop.store import Store
+from meshkit.saga import Context, Participant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shipments (
@@ -32,7 +31,9 @@ SCHEDULED = shipping_pb2.SHIPMENT_STATUS_SCHEDULED
 CANCELLED = shipping_pb2.SHIPMENT_STATUS_CANCELLED
 
 
-def schedule(conn: sqlite3.Connection, shipment: shipping_pb2.Shipment) -> tuple[shipping_pb2.Shipment | None, str]:
+def schedule(
+    conn: sqlite3.Connection, shipment: shipping_pb2.Shipment
+) -> tuple[shipping_pb2.Shipment | None, str]:
     """Schedule once per order; returns (shipment, failure reason)."""
     row = conn.execute(
         "SELECT data, status FROM shipments WHERE order_id = ?", (shipment.order_id,)
@@ -56,7 +57,9 @@ def schedule(conn: sqlite3.Connection, shipment: shipping_pb2.Shipment) -> tuple
 def cancel(conn: sqlite3.Connection, order_id: str) -> None:
     row = conn.execute("SELECT data FROM shipments WHERE order_id = ?", (order_id,)).fetchone()
     if row is None:
-        tomb = shipping_pb2.Shipment(shipment_id=uuid.uuid4().hex, order_id=order_id, status=CANCELLED)
+        tomb = shipping_pb2.Shipment(
+            shipment_id=uuid.uuid4().hex, order_id=order_id, status=CANCELLED
+        )
         conn.execute(
             "INSERT INTO shipments VALUES (?, ?, ?, ?)",
             (tomb.shipment_id, order_id, tomb.SerializeToString(), CANCELLED),
@@ -99,9 +102,12 @@ class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
         if not request.shipment.order_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shipment.order_id: required")
         async with self.store.tx() as conn:
-            shipment, reason = schedule(conn, shipping_pb2.Shipment(
-                order_id=request.shipment.order_id, address=request.shipment.address
-            ))
+            shipment, reason = schedule(
+                conn,
+                shipping_pb2.Shipment(
+                    order_id=request.shipment.order_id, address=request.shipment.address
+                ),
+            )
         if shipment is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         assert shipment is not None
@@ -110,9 +116,13 @@ class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
     async def CancelShipment(
         self, request: shipping_pb2.CancelShipmentRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        rows = self.store.query("SELECT order_id FROM shipments WHERE shipment_id = ?", (request.shipment_id,))
+        rows = self.store.query(
+            "SELECT order_id FROM shipments WHERE shipment_id = ?", (request.shipment_id,)
+        )
         if not rows:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"shipment {request.shipment_id!r} not found")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"shipment {request.shipment_id!r} not found"
+            )
         async with self.store.tx() as conn:
             cancel(conn, str(rows[0][0]))
         return empty_pb2.Empty()
@@ -121,9 +131,13 @@ class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
         self, request: shipping_pb2.GetShipmentRequest, context: grpc.aio.ServicerContext
     ) -> shipping_pb2.Shipment:
         if request.shipment_id:
-            rows = self.store.query("SELECT data FROM shipments WHERE shipment_id = ?", (request.shipment_id,))
+            rows = self.store.query(
+                "SELECT data FROM shipments WHERE shipment_id = ?", (request.shipment_id,)
+            )
         else:
-            rows = self.store.query("SELECT data FROM shipments WHERE order_id = ?", (request.order_id,))
+            rows = self.store.query(
+                "SELECT data FROM shipments WHERE order_id = ?", (request.order_id,)
+            )
         if not rows:
             await context.abort(grpc.StatusCode.NOT_FOUND, "shipment not found")
         return shipping_pb2.Shipment.FromString(rows[0][0])  # type: ignore[arg-type]

@@ -8,13 +8,16 @@ Keeping the wiring here keeps that switch a one-file change.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 log = logging.getLogger("examples.shop")
 
-# The shop's resilience policy document (meshkit.config); None: meshkit's defaults.
+POLICY_FILE = Path(os.environ.get("SHOP_POLICY", Path(__file__).with_name("policy.yaml")))
+# The shop's resilience policy (meshkit.config.Policy), loaded once per process.
 POLICY: Any = None
 
 
@@ -22,10 +25,10 @@ def _policy() -> Any:
     global POLICY
     if POLICY is None:
         try:
-            from meshkit.config import Policy  # type: ignore[attr-defined]
+            from meshkit.config import Policy
 
-            POLICY = Policy.default() if hasattr(Policy, "default") else Policy()
-        except Exception:  # pragma: no cover - meshkit.config not there yet
+            POLICY = Policy.load(POLICY_FILE) if POLICY_FILE.exists() else Policy()
+        except ImportError:  # pragma: no cover - meshkit.config not there yet
             POLICY = False
     return POLICY or None
 
@@ -33,10 +36,10 @@ def _policy() -> Any:
 def server_interceptors() -> list[Any]:
     """meshkit's server interceptors for the shop's policy, or [] when unavailable."""
     try:
-        from meshkit.grpc import aio as mk_aio  # type: ignore[attr-defined]
+        from meshkit.grpc import aio as mk_aio
 
         return list(mk_aio.server_interceptors(_policy()))
-    except Exception as exc:
+    except ImportError as exc:
         log.debug("meshkit server interceptors unavailable (%s); running bare", exc)
         return []
 
@@ -44,10 +47,10 @@ def server_interceptors() -> list[Any]:
 def client_interceptors(target: str) -> list[Any]:
     """meshkit's client interceptors for calls to ``target``, or [] when unavailable."""
     try:
-        from meshkit.grpc import aio as mk_aio  # type: ignore[attr-defined]
+        from meshkit.grpc import aio as mk_aio
 
         return list(mk_aio.client_interceptors(_policy(), target=target))
-    except Exception as exc:
+    except ImportError as exc:
         log.debug("meshkit client interceptors unavailable (%s); running bare", exc)
         return []
 

@@ -95,7 +95,9 @@ async def read_body(receive: Receive, limit: int = 4 * 1024 * 1024) -> bytes:
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise GatewayError("INVALID_ARGUMENT", f"request body over {limit} bytes", http_status=413)
+            raise GatewayError(
+                "INVALID_ARGUMENT", f"request body over {limit} bytes", http_status=413
+            )
         chunks.append(chunk)
         if not msg.get("more_body", False):
             break
@@ -152,12 +154,19 @@ class BufferedResponse:
                 return v
         return None
 
-    async def replay(self, send: Send, body: bytes | None = None,
-                     headers: Sequence[tuple[bytes, bytes]] | None = None) -> None:
+    async def replay(
+        self,
+        send: Send,
+        body: bytes | None = None,
+        headers: Sequence[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         """Send the collected response (optionally with a new body/headers)."""
         b = self.body if body is None else body
-        hdrs = [(k, v) for k, v in (self.headers if headers is None else headers)
-                if k.lower() != b"content-length"]
+        hdrs = [
+            (k, v)
+            for k, v in (self.headers if headers is None else headers)
+            if k.lower() != b"content-length"
+        ]
         hdrs.append((b"content-length", str(len(b)).encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": hdrs})
         await send({"type": "http.response.body", "body": b})

@@ -52,8 +52,9 @@ def get_bool(raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool
     return v
 
 
-def get_int(raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
-            minimum: int = 0) -> Any:
+def get_int(
+    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: int = 0
+) -> Any:
     """An integer value >= ``minimum``."""
     if key not in raw:
         if default is _MISSING:
@@ -65,8 +66,9 @@ def get_int(raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING
     return v
 
 
-def get_number(raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING,
-               minimum: float = 0.0) -> Any:
+def get_number(
+    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: float = 0.0
+) -> Any:
     """A number >= ``minimum``."""
     if key not in raw:
         if default is _MISSING:
@@ -135,5 +137,6 @@ class Selector:
         for x in methods:
             if x not in _HTTP_METHODS:
                 raise ConfigError(f"{path}.methods", f"unknown HTTP method {x!r}")
-        return cls(rpc=get_str(m, "rpc", path, "*"), path=get_str(m, "path", path, "*"),
-                   methods=methods)
+        return cls(
+            rpc=get_str(m, "rpc", path, "*"), path=get_str(m, "path", path, "*"), methods=methods
+        )

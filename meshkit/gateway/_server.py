@@ -153,9 +153,11 @@ def serve(spec: ServeSpec) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = 0
+    clean = {0, -signal.SIGTERM, -signal.SIGINT}  # uvicorn re-raises the signal after a graceful stop
     for p in procs:
         p.join()
-        code = code or (p.exitcode or 0)
+        if p.exitcode not in clean:
+            code = code or 1
     return code
 
 

@@ -20,11 +20,13 @@ body naming the reason, never the token or key.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +51,9 @@ from meshkit.gateway._edge_asgi import (
 from meshkit.gateway._edge_cfg import (
     get_bool,
     get_duration,
+    get_int,
     get_list,
     get_number,
-    get_int,
     get_str,
     get_str_list,
     section,
@@ -71,7 +73,9 @@ API_KEY_NAME_HEADER = b"grpc-metadata-x-api-key-name"
 class AuthError(Exception):
     """Authentication (401) or authorization (403) failed; ``reason`` is safe to show."""
 
-    def __init__(self, reason: str, *, forbidden: bool = False, error: str = "invalid_token") -> None:
+    def __init__(
+        self, reason: str, *, forbidden: bool = False, error: str = "invalid_token"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.forbidden = forbidden
@@ -104,12 +108,17 @@ class LoadedKey:
 class KeyStore:
     """Verification keys from specs and an optional JWKS file; :meth:`reload` re-reads."""
 
-    def __init__(self, specs: Sequence[KeySpec] = (), jwks_file: str | None = None,
-                 base_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[KeySpec] = (),
+        jwks_file: str | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
         self.specs = tuple(specs)
         self.jwks_file = jwks_file
         self.base_dir = base_dir or Path.cwd()
         self.keys: tuple[LoadedKey, ...] = ()
+        self.generation = 0
         self.reload()
 
     def _path(self, name: str) -> Path:
@@ -125,6 +134,7 @@ class KeyStore:
         if self.jwks_file:
             keys.extend(self._load_jwks(self._path(self.jwks_file)))
         self.keys = tuple(keys)
+        self.generation += 1
 
     def _load_spec(self, spec: KeySpec, where: str) -> Any:
         if spec.secret is not None:
@@ -132,7 +142,9 @@ class KeyStore:
         elif spec.secret_env is not None:
             val = os.environ.get(spec.secret_env)
             if val is None:
-                raise ConfigError(f"{where}.secret_env", f"environment variable {spec.secret_env} is not set")
+                raise ConfigError(
+                    f"{where}.secret_env", f"environment variable {spec.secret_env} is not set"
+                )
             material = val.encode()
         else:
             assert spec.file is not None
@@ -141,16 +153,19 @@ class KeyStore:
             except OSError as exc:
                 raise ConfigError(f"{where}.file", f"cannot read: {exc}") from exc
         if spec.algorithm == "HS256":
-            if len(material) < 32 and material.strip().startswith(b"-----"):
-                raise ConfigError(where, "an HS256 secret must not be a PEM key")
+            # A public key used as an HMAC secret is the algorithm-confusion attack's setup.
             if material.lstrip().startswith(b"-----BEGIN"):
                 raise ConfigError(where, "an HS256 secret must not be a PEM key")
+            if len(material.strip()) < 32:
+                raise ConfigError(where, "an HS256 secret needs at least 32 bytes")
             return material.strip() if spec.file else material
         try:
             algo = jwt.get_algorithm_by_name(spec.algorithm)
             return algo.prepare_key(material)
         except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}.file", f"not a valid {spec.algorithm} public key: {exc}") from exc
+            raise ConfigError(
+                f"{where}.file", f"not a valid {spec.algorithm} public key: {exc}"
+            ) from exc
 
     def _load_jwks(self, path: Path) -> list[LoadedKey]:
         try:
@@ -162,14 +177,18 @@ class KeyStore:
         for k in jwks.keys:
             alg = k.algorithm_name
             if alg not in ALLOWED_ALGORITHMS:
-                log.warning("JWKS key %s uses %s, which meshkit does not accept; skipped", k.key_id, alg)
+                log.warning(
+                    "JWKS key %s uses %s, which meshkit does not accept; skipped", k.key_id, alg
+                )
                 continue
             out.append(LoadedKey(k.key_id, (alg,), k.key))
         return out
 
     def candidates(self, kid: str | None, alg: str) -> list[LoadedKey]:
         """Keys that may verify a token with header ``kid`` and ``alg``."""
-        return [k for k in self.keys if alg in k.algorithms and (kid is None or k.kid in (None, kid))]
+        return [
+            k for k in self.keys if alg in k.algorithms and (kid is None or k.kid in (None, kid))
+        ]
 
 
 # --------------------------------------------------------------------------- config
@@ -192,8 +211,11 @@ class RateSpec:
     def from_mapping(cls, raw: Any, path: str) -> RateSpec:
         """From ``{rate: 10, per: 1s, burst: 20}``."""
         m = section(raw, path, ("rate", "per", "burst"))
-        return cls(rate=get_number(m, "rate", path), per=get_duration(m, "per", path, 1.0),
-                   burst=get_int(m, "burst", path, 0))
+        return cls(
+            rate=get_number(m, "rate", path),
+            per=get_duration(m, "per", path, 1.0),
+            burst=get_int(m, "burst", path, 0),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,32 +258,43 @@ class AuthConfig:
         store: KeyStore | None = None
         if m.get("jwt") is not None:
             jp = f"{path}.jwt"
-            j = section(m["jwt"], jp, ("issuer", "audience", "leeway", "keys", "jwks_file",
-                                       "require", "forward_claims"))
+            j = section(
+                m["jwt"],
+                jp,
+                ("issuer", "audience", "leeway", "keys", "jwks_file", "require", "forward_claims"),
+            )
             specs: list[KeySpec] = []
             for i, k in enumerate(get_list(j, "keys", jp)):
                 kp = f"{jp}.keys[{i}]"
                 km = section(k, kp, ("kid", "algorithm", "secret", "secret_env", "file"))
                 alg = get_str(km, "algorithm", kp)
                 if alg not in ALLOWED_ALGORITHMS:
-                    raise ConfigError(f"{kp}.algorithm",
-                                      f"expected one of {', '.join(ALLOWED_ALGORITHMS)}, got {alg!r}")
+                    raise ConfigError(
+                        f"{kp}.algorithm",
+                        f"expected one of {', '.join(ALLOWED_ALGORITHMS)}, got {alg!r}",
+                    )
                 sources = [s for s in ("secret", "secret_env", "file") if s in km]
                 if len(sources) != 1:
                     raise ConfigError(kp, "expected exactly one of secret, secret_env, file")
                 if alg != "HS256" and sources[0] != "file":
                     raise ConfigError(kp, f"{alg} needs a public key file (file: ...)")
-                specs.append(KeySpec(kid=get_str(km, "kid", kp, None), algorithm=alg,
-                                     secret=get_str(km, "secret", kp, None),
-                                     secret_env=get_str(km, "secret_env", kp, None),
-                                     file=get_str(km, "file", kp, None)))
+                specs.append(
+                    KeySpec(
+                        kid=get_str(km, "kid", kp, None),
+                        algorithm=alg,
+                        secret=get_str(km, "secret", kp, None),
+                        secret_env=get_str(km, "secret_env", kp, None),
+                        file=get_str(km, "file", kp, None),
+                    )
+                )
             jwks = get_str(j, "jwks_file", jp, None)
             if not specs and not jwks:
                 raise ConfigError(jp, "needs keys or jwks_file")
             settings = JwtSettings(
                 issuer=get_str_list(j, "issuer", jp),
                 audience=get_str_list(j, "audience", jp),
-                leeway=get_duration(j, "leeway", jp, 0.0) if j.get("leeway") != 0 else 0.0,
+                # parse_duration refuses 0; "no leeway" is a valid choice here.
+                leeway=0.0 if j.get("leeway") in (None, 0) else get_duration(j, "leeway", jp),
                 require=get_str_list(j, "require", jp) or ("exp",),
                 forward_claims=get_str_list(j, "forward_claims", jp),
             )
@@ -287,13 +320,24 @@ class AuthConfig:
                 except ValueError:
                     raw_digest = b""
                 if len(raw_digest) != 32:
-                    raise ConfigError(f"{kp}.sha256", "expected 64 hex digits (the SHA-256 of the key)")
-                rl = RateSpec.from_mapping(km["rate_limit"], f"{kp}.rate_limit") if km.get("rate_limit") else None
+                    raise ConfigError(
+                        f"{kp}.sha256", "expected 64 hex digits (the SHA-256 of the key)"
+                    )
+                rl = (
+                    RateSpec.from_mapping(km["rate_limit"], f"{kp}.rate_limit")
+                    if km.get("rate_limit")
+                    else None
+                )
                 api_keys.append(ApiKey(name, raw_digest, rl))
-        return cls(jwt=settings, keys=store, api_keys=tuple(api_keys), api_key_header=header_name,
-                   api_key_query=query_name,
-                   forward_authorization=get_bool(m, "forward_authorization", path, True),
-                   realm=get_str(m, "realm", path, "meshkit"))
+        return cls(
+            jwt=settings,
+            keys=store,
+            api_keys=tuple(api_keys),
+            api_key_header=header_name,
+            api_key_query=query_name,
+            forward_authorization=get_bool(m, "forward_authorization", path, True),
+            realm=get_str(m, "realm", path, "meshkit"),
+        )
 
 
 def hash_api_key(key: str) -> str:
@@ -328,11 +372,39 @@ class Principal:
 class Authenticator:
     """Verifies JWTs and API keys against an :class:`AuthConfig`."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, *, memo_size: int = 4096) -> None:
         self.config = config
+        # Verified tokens, until the earlier of their exp and 60 s: a client sends the same
+        # token on every request, and signature checks dominate auth's cost.
+        self._memo: collections.OrderedDict[str, tuple[float, Principal]] = (
+            collections.OrderedDict()
+        )
+        self._memo_size = memo_size
+        self._memo_generation = -1
 
     def verify_jwt(self, token: str) -> Principal:
         """Verify ``token``; raise :class:`AuthError` with a safe reason."""
+        store = self.config.keys
+        generation = store.generation if store is not None else 0
+        if generation != self._memo_generation:  # keys changed: forget what they verified
+            self._memo.clear()
+            self._memo_generation = generation
+        hit = self._memo.get(token)
+        if hit is not None:
+            if hit[0] > time.time():
+                return hit[1]
+            self._memo.pop(token, None)
+        p = self._verify_jwt(token)
+        exp = p.claims.get("exp")
+        until = time.time() + 60.0
+        if isinstance(exp, int | float):
+            until = min(until, float(exp) + (self.config.jwt.leeway if self.config.jwt else 0.0))
+        self._memo[token] = (until, p)
+        if len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return p
+
+    def _verify_jwt(self, token: str) -> Principal:
         cfg, store = self.config.jwt, self.config.keys
         if cfg is None or store is None:
             raise AuthError("bearer tokens are not accepted here")
@@ -347,7 +419,11 @@ class Authenticator:
         keys = store.candidates(kid if isinstance(kid, str) else None, alg)
         if not keys:
             raise AuthError("no key accepts this token (unknown kid or algorithm)")
-        options: dict[str, Any] = {"require": list(cfg.require)}
+        options: Any = {
+            "require": list(cfg.require),
+            "verify_aud": bool(cfg.audience),
+            "verify_iss": bool(cfg.issuer),
+        }
         last: AuthError | None = None
         for k in keys:
             try:
@@ -358,8 +434,7 @@ class Authenticator:
                     audience=list(cfg.audience) or None,
                     issuer=list(cfg.issuer) or None,
                     leeway=cfg.leeway,
-                    options={**options, "verify_aud": bool(cfg.audience),
-                             "verify_iss": bool(cfg.issuer)},
+                    options=options,
                 )
             except jwt.InvalidSignatureError:
                 last = AuthError("token signature is invalid")
@@ -438,6 +513,10 @@ class AuthMiddleware:
             principal = self.authenticate(scope)
         except AuthError as exc:
             notes(scope)["auth"] = "forbidden" if exc.forbidden else "unauthenticated"
+            if scope["type"] == "websocket":
+                # Refuse the handshake (policy violation); the reason goes in the close frame.
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.reason[:120]})
+                return
             await send_error(send, self._error(exc))
             return
         self._forward(scope, principal)
@@ -465,8 +544,9 @@ class AuthMiddleware:
         elif policy.require in ("api_key", "any") and key is not None:
             principal = self.authn.verify_api_key(key)
         elif policy.require != "none":
-            what = {"jwt": "a bearer token", "api_key": "an API key"}.get(policy.require,
-                                                                        "a bearer token or an API key")
+            what = {"jwt": "a bearer token", "api_key": "an API key"}.get(
+                policy.require, "a bearer token or an API key"
+            )
             raise AuthError(f"this route needs {what}", error="invalid_request")
         if principal is not None:
             self._authorize(principal)
@@ -476,17 +556,25 @@ class AuthMiddleware:
     def _authorize(self, p: Principal) -> None:
         missing = [s for s in self.policy.scopes if s not in p.scopes()]
         if missing:
-            raise AuthError(f"missing scope {missing[0]!r}", forbidden=True, error="insufficient_scope")
+            raise AuthError(
+                f"missing scope {missing[0]!r}", forbidden=True, error="insufficient_scope"
+            )
         for name, want in self.policy.claims.items():
             have = p.claims.get(name)
             ok = want in have if isinstance(have, list) else have == want
             if not ok:
-                raise AuthError(f"claim {name!r} does not have the required value", forbidden=True,
-                                error="insufficient_scope")
+                raise AuthError(
+                    f"claim {name!r} does not have the required value",
+                    forbidden=True,
+                    error="insufficient_scope",
+                )
 
     def _forward(self, scope: Scope, p: Principal | None) -> None:
-        remove = [k for k, _ in scope.get("headers") or ()
-                  if k.startswith(FORWARDED_PREFIX) or k == API_KEY_NAME_HEADER]
+        remove = [
+            k
+            for k, _ in scope.get("headers") or ()
+            if k.startswith(FORWARDED_PREFIX) or k == API_KEY_NAME_HEADER
+        ]
         if not self.authn.config.forward_authorization:
             remove.append(b"authorization")
         if p is not None and p.kind == "api_key":
@@ -498,8 +586,12 @@ class AuthMiddleware:
                 jwt_cfg = self.authn.config.jwt
                 wanted = jwt_cfg.forward_claims if jwt_cfg else ()
                 chosen = {k: v for k, v in p.claims.items() if not wanted or k in wanted}
-                add.append((FORWARDED_PREFIX + b"claims",
-                            json.dumps(chosen, separators=(",", ":"), ensure_ascii=True).encode()))
+                add.append(
+                    (
+                        FORWARDED_PREFIX + b"claims",
+                        json.dumps(chosen, separators=(",", ":"), ensure_ascii=True).encode(),
+                    )
+                )
             else:
                 add.append((API_KEY_NAME_HEADER, p.subject.encode()))
         if remove or add:
@@ -508,10 +600,19 @@ class AuthMiddleware:
     def _error(self, exc: AuthError) -> GatewayError:
         info = error_details_pb2.ErrorInfo(reason=exc.error.upper(), domain="meshkit.gateway")
         realm = self.authn.config.realm
-        challenge = (f'Bearer realm="{realm}", error="{exc.error}", '
-                     f'error_description="{exc.reason}"').encode("latin-1", "replace")
+        challenge = (
+            f'Bearer realm="{realm}", error="{exc.error}", error_description="{exc.reason}"'
+        ).encode("latin-1", "replace")
         if exc.forbidden:
-            return GatewayError("PERMISSION_DENIED", exc.reason, details=[info],
-                                headers=[(b"www-authenticate", challenge)])
-        return GatewayError("UNAUTHENTICATED", exc.reason, details=[info],
-                            headers=[(b"www-authenticate", challenge)])
+            return GatewayError(
+                "PERMISSION_DENIED",
+                exc.reason,
+                details=[info],
+                headers=[(b"www-authenticate", challenge)],
+            )
+        return GatewayError(
+            "UNAUTHENTICATED",
+            exc.reason,
+            details=[info],
+            headers=[(b"www-authenticate", challenge)],
+        )

@@ -28,9 +28,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import notes
 from meshkit.gateway._edge_cfg import get_duration, get_list, get_str, section
-from meshkit.errors import ConfigError
 from meshkit.gateway.upstreams import Upstream, make_channel
 
 log = logging.getLogger("meshkit.gateway.upstreams")
@@ -48,9 +48,11 @@ class HealthCheck:
     def from_mapping(cls, raw: object, path: str) -> HealthCheck:
         """From ``{service: "", interval: 2s, timeout: 1s}``."""
         m = section(raw, path, ("service", "interval", "timeout"))
-        return cls(service=get_str(m, "service", path, ""),
-                   interval=get_duration(m, "interval", path, 2.0),
-                   timeout=get_duration(m, "timeout", path, 1.0))
+        return cls(
+            service=get_str(m, "service", path, ""),
+            interval=get_duration(m, "interval", path, 2.0),
+            timeout=get_duration(m, "timeout", path, 1.0),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class UpstreamSpec:
     targets: tuple[str, ...]
     health_check: HealthCheck | None = None
     drain: float = 5.0
+    policy: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, name: str, raw: object, path: str) -> UpstreamSpec:
@@ -69,21 +72,35 @@ class UpstreamSpec:
             raw = {"targets": [t.strip() for t in raw.split(",")]}
         elif isinstance(raw, list):
             raw = {"targets": raw}
-        m = section(raw, path, ("targets", "health_check", "drain"))
+        m = section(raw, path, ("targets", "health_check", "drain", "policy"))
         targets = get_list(m, "targets", path)
         if not targets or not all(isinstance(t, str) for t in targets):
             raise ConfigError(f"{path}.targets", "expected a non-empty list of HOST:PORT")
         hc = m.get("health_check")
-        return cls(name, tuple(targets),
-                   HealthCheck.from_mapping(hc, f"{path}.health_check") if hc is not None else None,
-                   get_duration(m, "drain", path, 5.0))
+        policy = m.get("policy")
+        if policy is not None and not isinstance(policy, Mapping):
+            raise ConfigError(f"{path}.policy", "expected a mapping (meshkit's client policy)")
+        return cls(
+            name,
+            tuple(targets),
+            HealthCheck.from_mapping(hc, f"{path}.health_check") if hc is not None else None,
+            get_duration(m, "drain", path, 5.0),
+            policy,
+        )
 
 
 class BalancedUpstream(Upstream):
     """Round-robin over healthy endpoints, health-checked, switchable at run time."""
 
-    def __init__(self, name: str, targets: Sequence[str], *, policy: Mapping[str, Any] | None = None,
-                 health_check: HealthCheck | None = None, drain: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        targets: Sequence[str],
+        *,
+        policy: Mapping[str, Any] | None = None,
+        health_check: HealthCheck | None = None,
+        drain: float = 5.0,
+    ) -> None:
         super().__init__(name, targets, policy=policy)
         self.health_check = health_check
         self.drain = drain
@@ -172,12 +189,14 @@ class BalancedUpstream(Upstream):
         ch = grpc.aio.insecure_channel(target)
         try:
             stub = health_pb2_grpc.HealthStub(ch)
-            resp = await stub.Check(health_pb2.HealthCheckRequest(service=hc.service), timeout=hc.timeout)
+            resp = await stub.Check(
+                health_pb2.HealthCheckRequest(service=hc.service), timeout=hc.timeout
+            )
             return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        except (TimeoutError, grpc.aio.AioRpcError):
             return False
         finally:
-            await ch.close()
+            await ch.close(None)
 
     async def check_now(self) -> dict[str, bool]:
         """Probe every endpoint once and update the rotation."""
@@ -186,7 +205,12 @@ class BalancedUpstream(Upstream):
         changed = False
         for t, ok in zip(targets, results, strict=True):
             if t in self.targets and self.healthy.get(t) != ok:
-                log.warning("upstream %s endpoint %s is %s", self.name, t, "SERVING" if ok else "NOT SERVING")
+                log.warning(
+                    "upstream %s endpoint %s is %s",
+                    self.name,
+                    t,
+                    "SERVING" if ok else "NOT SERVING",
+                )
                 self.healthy[t] = ok
                 changed = True
         self.checks += 1

@@ -34,9 +34,9 @@ from google.protobuf import json_format
 
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import ASGIApp, Receive, Scope, Send, notes, send_error, send_json
-from meshkit.gateway._edge_cfg import get_bool, get_duration, get_str, get_str_list, section
+from meshkit.gateway._edge_cfg import get_bool, get_duration, get_str, section
 from meshkit.gateway.descriptors import Catalog, MethodInfo
-from meshkit.gateway.errors import CODE_NAME, GatewayError, status_from_rpc_error
+from meshkit.gateway.errors import CODE_NAME, CODE_NUMBER, GatewayError, status_from_rpc_error
 from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
 from meshkit.gateway.metadata import read_headers
 from meshkit.gateway.routing import BadPathError, Match, Router, RoutingError
@@ -77,25 +77,36 @@ class CompositeSpec:
         name = get_str(m, "name", path)
         calls_raw = m.get("calls")
         if not isinstance(calls_raw, Mapping) or not calls_raw:
-            raise ConfigError(f"{path}.calls", "expected a mapping of call name to {rpc, request, ...}")
+            raise ConfigError(
+                f"{path}.calls", "expected a mapping of call name to {rpc, request, ...}"
+            )
         calls: list[CallSpec] = []
         for cname, craw in calls_raw.items():
             cp = f"{path}.calls.{cname}"
             if cname in _SOURCES or cname == "errors":
                 raise ConfigError(cp, f"{cname!r} is reserved")
-            c = section(craw, cp, ("rpc", "request", "timeout", "optional"))
-            req = c.get("request") or {}
+            cm = section(craw, cp, ("rpc", "request", "timeout", "optional"))
+            req = cm.get("request") or {}
             if not isinstance(req, Mapping):
                 raise ConfigError(f"{cp}.request", "expected a mapping (a JSON request template)")
             deps = sorted({ref for ref in _refs(req) if ref not in _SOURCES})
-            calls.append(CallSpec(str(cname), get_str(c, "rpc", cp), dict(req),
-                                  get_duration(c, "timeout", cp, None), get_bool(c, "optional", cp, False),
-                                  tuple(deps)))
+            calls.append(
+                CallSpec(
+                    str(cname),
+                    get_str(cm, "rpc", cp),
+                    dict(req),
+                    get_duration(cm, "timeout", cp, None),
+                    get_bool(cm, "optional", cp, False),
+                    tuple(deps),
+                )
+            )
         names = {c.name for c in calls}
         for c in calls:
             for d in c.depends:
                 if d not in names:
-                    raise ConfigError(f"{path}.calls.{c.name}.request", f"references unknown call {d!r}")
+                    raise ConfigError(
+                        f"{path}.calls.{c.name}.request", f"references unknown call {d!r}"
+                    )
         _check_acyclic(calls, path)
         method = get_str(m, "method", path, "GET").upper()
         tpl = get_str(m, "path", path)
@@ -126,7 +137,9 @@ def _check_acyclic(calls: list[CallSpec], path: str) -> None:
     while deps:
         ready = [n for n, d in deps.items() if d <= done]
         if not ready:
-            raise ConfigError(f"{path}.calls", f"calls depend on each other in a cycle: {', '.join(sorted(deps))}")
+            raise ConfigError(
+                f"{path}.calls", f"calls depend on each other in a cycle: {', '.join(sorted(deps))}"
+            )
         for n in ready:
             done.add(n)
             del deps[n]
@@ -164,8 +177,7 @@ def render(template: Any, env: Mapping[str, Any]) -> Any:
 
 
 class _CallFailed(Exception):
-    def __init__(self, call: str, code: str, message: str, http_status: int | None = None,
-                 status: Any = None) -> None:
+    def __init__(self, call: str, code: str, message: str, status: Any = None) -> None:
         super().__init__(message)
         self.call = call
         self.code = code
@@ -176,8 +188,14 @@ class _CallFailed(Exception):
 class Composite:
     """A compiled composite route."""
 
-    def __init__(self, spec: CompositeSpec, catalog: Catalog, upstreams: UpstreamRegistry,
-                 *, generate_request_id: bool = True) -> None:
+    def __init__(
+        self,
+        spec: CompositeSpec,
+        catalog: Catalog,
+        upstreams: UpstreamRegistry,
+        *,
+        generate_request_id: bool = True,
+    ) -> None:
         self.spec = spec
         self.catalog = catalog
         self.upstreams = upstreams
@@ -189,12 +207,16 @@ class Composite:
             if mi is None:
                 raise ConfigError(f"bff.{spec.name}.calls.{c.name}.rpc", f"unknown RPC {c.rpc!r}")
             if mi.client_streaming or mi.server_streaming:
-                raise ConfigError(f"bff.{spec.name}.calls.{c.name}.rpc", f"{c.rpc} is streaming; only unary calls compose")
+                raise ConfigError(
+                    f"bff.{spec.name}.calls.{c.name}.rpc",
+                    f"{c.rpc} is streaming; only unary calls compose",
+                )
             self.methods[c.name] = mi
         self.template: PathTemplate = parse_template(spec.path)
 
-    async def run(self, env: dict[str, Any], metadata: list[tuple[str, Any]], deadline: float,
-                  scope: Scope) -> dict[str, Any]:
+    async def run(
+        self, env: dict[str, Any], metadata: list[tuple[str, Any]], deadline: float, scope: Scope
+    ) -> dict[str, Any]:
         """Run every call; return the composed document (before shaping)."""
         futures: dict[str, asyncio.Future[Any]] = {}
         errors: list[dict[str, Any]] = []
@@ -217,8 +239,14 @@ class Composite:
                 if not c.optional:
                     fut.set_exception(exc)
                     return
-                errors.append({"call": c.name, "code": _num(exc.code), "status": exc.code,
-                               "message": exc.message})
+                errors.append(
+                    {
+                        "call": c.name,
+                        "code": _num(exc.code),
+                        "status": exc.code,
+                        "message": exc.message,
+                    }
+                )
                 fut.set_result(None)
             except BaseException as exc:
                 fut.set_exception(exc)
@@ -244,44 +272,63 @@ class Composite:
             out["errors"] = sorted(errors, key=lambda e: order[e["call"]])
         return out
 
-    async def _call(self, c: CallSpec, request: Any, metadata: list[tuple[str, Any]],
-                    deadline: float, scope: Scope) -> Any:
+    async def _call(
+        self,
+        c: CallSpec,
+        request: Any,
+        metadata: list[tuple[str, Any]],
+        deadline: float,
+        scope: Scope,
+    ) -> Any:
         mi = self.methods[c.name]
         msg = mi.input_type()
         try:
-            json_format.ParseDict(request, msg, ignore_unknown_fields=True,
-                                  descriptor_pool=self.catalog.pool)
+            json_format.ParseDict(
+                request, msg, ignore_unknown_fields=True, descriptor_pool=self.catalog.pool
+            )
         except (json_format.ParseError, TypeError, ValueError) as exc:
-            raise _CallFailed(c.name, "INVALID_ARGUMENT", f"cannot build the request: {exc}") from None
+            raise _CallFailed(
+                c.name, "INVALID_ARGUMENT", f"cannot build the request: {exc}"
+            ) from None
         remaining = deadline - time.monotonic()
         timeout = min(c.timeout, remaining) if c.timeout is not None else remaining
         if timeout <= 0:
-            raise _CallFailed(c.name, "DEADLINE_EXCEEDED", "no time left before the route's deadline")
+            raise _CallFailed(
+                c.name, "DEADLINE_EXCEEDED", "no time left before the route's deadline"
+            )
         up = self.upstreams.for_service(mi.service)
         if up is None:
             raise _CallFailed(c.name, "UNAVAILABLE", f"no upstream serves {mi.service}")
         channel = up.channel(scope)
-        call = channel.unary_unary(mi.path, request_serializer=mi.input_type.SerializeToString,
-                                   response_deserializer=mi.output_type.FromString)
+        call = channel.unary_unary(
+            mi.path,
+            request_serializer=mi.input_type.SerializeToString,
+            response_deserializer=mi.output_type.FromString,
+        )
         try:
             resp = await call(msg, timeout=timeout, metadata=tuple(metadata))
         except grpc.aio.AioRpcError as err:
             st = status_from_rpc_error(err)
-            raise _CallFailed(c.name, CODE_NAME.get(st.code, "UNKNOWN"), st.message, status=st) from None
+            raise _CallFailed(
+                c.name, CODE_NAME.get(st.code, "UNKNOWN"), st.message, status=st
+            ) from None
         return json_format.MessageToDict(resp, descriptor_pool=self.catalog.pool)
 
 
 def _num(code: str) -> int:
-    from meshkit.gateway.errors import CODE_NUMBER
-
     return CODE_NUMBER.get(code, 2)
 
 
 class BffApp:
     """ASGI app serving composite routes; other requests go to ``fallback`` (the gateway)."""
 
-    def __init__(self, composites: list[Composite], fallback: ASGIApp | None = None,
-                 *, route_middleware: Any = None) -> None:
+    def __init__(
+        self,
+        composites: list[Composite],
+        fallback: ASGIApp | None = None,
+        *,
+        route_middleware: Any = None,
+    ) -> None:
         self.fallback = fallback
         self.router: Router[tuple[Composite, ASGIApp]] = Router()
         for comp in composites:
@@ -289,7 +336,9 @@ class BffApp:
             if route_middleware is not None:
                 handler = route_middleware(comp, handler)
             try:
-                self.router.add(comp.spec.http_method, comp.template, (comp, handler), f"bff.{comp.spec.name}")
+                self.router.add(
+                    comp.spec.http_method, comp.template, (comp, handler), f"bff.{comp.spec.name}"
+                )
             except RoutingError as exc:
                 raise ConfigError(f"bff.{comp.spec.name}.path", str(exc)) from None
 
@@ -320,12 +369,17 @@ class BffApp:
     def _handler(self, comp: Composite) -> ASGIApp:
         async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             try:
-                hdrs = read_headers(scope["headers"], scope.get("client"),
-                                    generate_request_id=comp.generate_request_id)
+                hdrs = read_headers(
+                    scope["headers"],
+                    scope.get("client"),
+                    generate_request_id=comp.generate_request_id,
+                )
             except GatewayError as err:
                 await send_error(send, err)
                 return
-            budget = comp.spec.timeout if hdrs.timeout is None else min(hdrs.timeout, comp.spec.timeout)
+            budget = (
+                comp.spec.timeout if hdrs.timeout is None else min(hdrs.timeout, comp.spec.timeout)
+            )
             deadline = time.monotonic() + budget
             env: dict[str, Any] = {
                 "path": dict(scope.get("path_params") or {}),
@@ -334,14 +388,18 @@ class BffApp:
             }
             rid = [(b"x-request-id", hdrs.request_id.encode())] if hdrs.request_id else []
             try:
-                doc = await asyncio.wait_for(comp.run(env, hdrs.metadata, deadline, scope), budget + 0.05)
+                doc = await asyncio.wait_for(
+                    comp.run(env, hdrs.metadata, deadline, scope), budget + 0.05
+                )
             except _CallFailed as exc:
                 msg = f"{exc.call}: {exc.message}"
                 await send_error(send, GatewayError(exc.code, msg, headers=rid))
                 return
             except TimeoutError:
-                await send_error(send, GatewayError("DEADLINE_EXCEEDED", "composite deadline exceeded",
-                                                    headers=rid))
+                await send_error(
+                    send,
+                    GatewayError("DEADLINE_EXCEEDED", "composite deadline exceeded", headers=rid),
+                )
                 return
             errors = doc.pop("errors", None)
             if comp.spec.shaping.touches_body:

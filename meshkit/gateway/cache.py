@@ -30,8 +30,14 @@ from meshkit.gateway._edge_asgi import (
 from meshkit.gateway._edge_cfg import get_duration, get_str_list, section
 from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
 
-_HOP = {b"content-length", b"connection", b"transfer-encoding", b"date", b"x-request-id",
-        b"grpc-metadata-x-request-id"}
+_HOP = {
+    b"content-length",
+    b"connection",
+    b"transfer-encoding",
+    b"date",
+    b"x-request-id",
+    b"grpc-metadata-x-request-id",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +51,10 @@ class CacheRule:
     def from_mapping(cls, raw: object, path: str) -> CacheRule:
         """From ``{ttl: 30s, vary: [accept-language]}``."""
         m = section(raw, path, ("ttl", "vary"))
-        return cls(ttl=get_duration(m, "ttl", path),
-                   vary=tuple(h.lower() for h in get_str_list(m, "vary", path)))
+        return cls(
+            ttl=get_duration(m, "ttl", path),
+            vary=tuple(h.lower() for h in get_str_list(m, "vary", path)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +148,15 @@ def _etag_matches(if_none_match: bytes | None, etag: bytes) -> bool:
 class CacheMiddleware:
     """ASGI middleware caching GET responses of one route per :class:`CacheRule`."""
 
-    def __init__(self, app: ASGIApp, rule: CacheRule, cache: ResponseCache, *, name: str = "",
-                 on_result: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        rule: CacheRule,
+        cache: ResponseCache,
+        *,
+        name: str = "",
+        on_result: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.app = app
         self.rule = rule
         self.cache = cache
@@ -151,8 +166,11 @@ class CacheMiddleware:
 
     def key(self, scope: Scope) -> bytes:
         """The cache key for a request."""
-        parts = [self.name.encode(), scope.get("raw_path") or scope["path"].encode(),
-                 scope.get("query_string", b"")]
+        parts = [
+            self.name.encode(),
+            scope.get("raw_path") or scope["path"].encode(),
+            scope.get("query_string", b""),
+        ]
         for h in self._vary:
             parts.append(header(scope, h) or b"")
         p = scope.get(PRINCIPAL_KEY)
@@ -166,7 +184,11 @@ class CacheMiddleware:
             return
         key = self.key(scope)
         cc = (header(scope, b"cache-control") or b"").lower()
-        bypass = b"no-cache" in cc or b"no-store" in cc or (header(scope, b"pragma") or b"") == b"no-cache"
+        bypass = (
+            b"no-cache" in cc
+            or b"no-store" in cc
+            or (header(scope, b"pragma") or b"") == b"no-cache"
+        )
         inm = header(scope, b"if-none-match")
         if not bypass:
             item = self.cache.get(key)
@@ -191,18 +213,31 @@ class CacheMiddleware:
             return
         body = buf.body
         now = self.cache.clock.now()
-        headers = tuple((k, v) for k, v in buf.headers if k.lower() not in _HOP and k.lower() != b"etag")
+        headers = tuple(
+            (k, v) for k, v in buf.headers if k.lower() not in _HOP and k.lower() != b"etag"
+        )
         item = CachedResponse(buf.status, headers, body, make_etag(body), now + self.rule.ttl, now)
         if b"no-store" not in cc:
             self.cache.put(key, item)
         extra = [(k, v) for k, v in buf.headers if k.lower() in (b"x-request-id",)]
         await self._answer(send, item, inm, b"MISS", extra)
 
-    async def _answer(self, send: Send, item: CachedResponse, inm: bytes | None, state: bytes,
-                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _answer(
+        self,
+        send: Send,
+        item: CachedResponse,
+        inm: bytes | None,
+        state: bytes,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         age = max(0, int(self.cache.clock.now() - item.stored))
-        common = [(b"etag", item.etag), (b"x-cache", state), (b"age", str(age).encode()),
-                  (b"cache-control", f"max-age={int(self.rule.ttl)}".encode()), *(extra or [])]
+        common = [
+            (b"etag", item.etag),
+            (b"x-cache", state),
+            (b"age", str(age).encode()),
+            (b"cache-control", f"max-age={int(self.rule.ttl)}".encode()),
+            *(extra or []),
+        ]
         if _etag_matches(inm, item.etag):
             await send({"type": "http.response.start", "status": 304, "headers": common})
             await send({"type": "http.response.body", "body": b""})

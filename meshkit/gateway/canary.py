@@ -45,10 +45,17 @@ class CanarySpec:
             raise ConfigError(f"{path}.weight", f"expected a percentage 0..100, got {weight}")
         sticky = get_str(m, "sticky", path, None)
         if sticky is not None and not (sticky in ("ip", "subject") or sticky.startswith("header:")):
-            raise ConfigError(f"{path}.sticky", f"expected ip, subject or header:<name>; got {sticky!r}")
-        return cls(get_str(m, "stable", path), get_str(m, "canary", path), weight, sticky,
-                   get_str(m, "pin_header", path, "x-canary").lower(),
-                   get_bool(m, "allow_pin", path, True))
+            raise ConfigError(
+                f"{path}.sticky", f"expected ip, subject or header:<name>; got {sticky!r}"
+            )
+        return cls(
+            get_str(m, "stable", path),
+            get_str(m, "canary", path),
+            weight,
+            sticky,
+            get_str(m, "pin_header", path, "x-canary").lower(),
+            get_bool(m, "allow_pin", path, True),
+        )
 
 
 def bucket_of(key: str) -> int:
@@ -59,17 +66,27 @@ def bucket_of(key: str) -> int:
 class CanaryUpstream(Upstream):
     """An :class:`Upstream` that picks the stable or the canary upstream per request."""
 
-    def __init__(self, name: str, stable: Upstream, canary: Upstream, spec: CanarySpec,
-                 *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        stable: Upstream,
+        canary: Upstream,
+        spec: CanarySpec,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         # Not a target set of its own: the base class's checks need one placeholder.
         super().__init__(name, [*stable.targets[:1]])
         self.stable = stable
         self.canary = canary
         self.spec = spec
-        self._threshold = int(round(spec.weight * 100))
+        self._threshold = round(spec.weight * 100)
         self._rng = rng or random.Random()
-        self._sticky_header = (spec.sticky[len("header:"):].lower().encode()
-                               if spec.sticky and spec.sticky.startswith("header:") else None)
+        self._sticky_header = (
+            spec.sticky[len("header:") :].lower().encode()
+            if spec.sticky and spec.sticky.startswith("header:")
+            else None
+        )
         self._pin = spec.pin_header.encode()
 
     def choose(self, scope: MutableMapping[str, Any] | None) -> Upstream:

@@ -16,8 +16,13 @@ class CorsConfig:
 
     allow_origins: tuple[str, ...] = ()
     allow_methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE")
-    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-api-key", "grpc-timeout",
-                                      "x-request-id")
+    allow_headers: tuple[str, ...] = (
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "grpc-timeout",
+        "x-request-id",
+    )
     expose_headers: tuple[str, ...] = ("x-request-id", "etag", "retry-after")
     allow_credentials: bool = False
     max_age: int = 600
@@ -25,13 +30,25 @@ class CorsConfig:
     @classmethod
     def from_mapping(cls, raw: object, path: str = "cors") -> CorsConfig:
         """From the ``cors:`` section of a profile."""
-        m = section(raw, path, ("allow_origins", "allow_methods", "allow_headers", "expose_headers",
-                                "allow_credentials", "max_age"))
+        m = section(
+            raw,
+            path,
+            (
+                "allow_origins",
+                "allow_methods",
+                "allow_headers",
+                "expose_headers",
+                "allow_credentials",
+                "max_age",
+            ),
+        )
         d = cls()
         return cls(
             allow_origins=get_str_list(m, "allow_origins", path),
-            allow_methods=tuple(x.upper() for x in get_str_list(m, "allow_methods", path)) or d.allow_methods,
-            allow_headers=tuple(x.lower() for x in get_str_list(m, "allow_headers", path)) or d.allow_headers,
+            allow_methods=tuple(x.upper() for x in get_str_list(m, "allow_methods", path))
+            or d.allow_methods,
+            allow_headers=tuple(x.lower() for x in get_str_list(m, "allow_headers", path))
+            or d.allow_headers,
             expose_headers=tuple(x.lower() for x in get_str_list(m, "expose_headers", path))
             or d.expose_headers,
             allow_credentials=get_bool(m, "allow_credentials", path, False),
@@ -40,7 +57,9 @@ class CorsConfig:
 
     def allows(self, origin: str) -> bool:
         """Whether ``origin`` may call."""
-        return any(o == "*" or o == origin or fnmatch.fnmatchcase(origin, o) for o in self.allow_origins)
+        return any(
+            o == "*" or o == origin or fnmatch.fnmatchcase(origin, o) for o in self.allow_origins
+        )
 
 
 class CorsMiddleware:
@@ -70,20 +89,30 @@ class CorsMiddleware:
             return
         origin = header(scope, b"origin")
         if origin is None or not self.config.allows(origin.decode("latin-1")):
-            if (origin is not None and scope["method"] == "OPTIONS"
-                    and header(scope, b"access-control-request-method")):
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-length", b"0")]})
+            if (
+                origin is not None
+                and scope["method"] == "OPTIONS"
+                and header(scope, b"access-control-request-method")
+            ):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [(b"content-length", b"0")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": b""})
                 return
             await self.app(scope, receive, send)
             return
         if scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method"):
-            hdrs = [*self._origin_headers(origin),
-                    (b"access-control-allow-methods", self._methods),
-                    (b"access-control-allow-headers", self._headers),
-                    (b"access-control-max-age", str(self.config.max_age).encode()),
-                    (b"content-length", b"0")]
+            hdrs = [
+                *self._origin_headers(origin),
+                (b"access-control-allow-methods", self._methods),
+                (b"access-control-allow-headers", self._headers),
+                (b"access-control-max-age", str(self.config.max_age).encode()),
+                (b"content-length", b"0"),
+            ]
             await send({"type": "http.response.start", "status": 204, "headers": hdrs})
             await send({"type": "http.response.body", "body": b""})
             return

@@ -26,11 +26,13 @@ from typing import Any
 
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import (
+    PRINCIPAL_KEY,
     ASGIApp,
     Receive,
     Scope,
     Send,
     header,
+    notes,
     send_error,
     send_json,
 )
@@ -59,8 +61,13 @@ log = logging.getLogger("meshkit.gateway.edge")
 def build_registry(config: EdgeConfig) -> UpstreamRegistry:
     """Balanced upstreams and canary splits for ``config``."""
     ups: dict[str, Upstream] = {
-        name: BalancedUpstream(name, spec.targets, policy=config.policy,
-                               health_check=spec.health_check, drain=spec.drain)
+        name: BalancedUpstream(
+            name,
+            spec.targets,
+            policy=spec.policy if spec.policy is not None else config.policy,
+            health_check=spec.health_check,
+            drain=spec.drain,
+        )
         for name, spec in config.upstreams.items()
     }
     routes: dict[str, str] = {}
@@ -92,11 +99,20 @@ async def update_registry(registry: UpstreamRegistry, config: EdgeConfig) -> Non
             await cur.set_targets(spec.targets)
             ups[name] = cur
         else:
-            ups[name] = BalancedUpstream(name, spec.targets, policy=config.policy,
-                                         health_check=spec.health_check, drain=spec.drain)
+            ups[name] = BalancedUpstream(
+                name,
+                spec.targets,
+                policy=spec.policy if spec.policy is not None else config.policy,
+                health_check=spec.health_check,
+                drain=spec.drain,
+            )
     routes: dict[str, str] = {}
     _route_services(config, ups, routes)
-    removed = [u for n, u in registry.upstreams.items() if n not in ups and not isinstance(u, CanaryUpstream)]
+    removed = [
+        u
+        for n, u in registry.upstreams.items()
+        if n not in ups and not isinstance(u, CanaryUpstream)
+    ]
     # Plain dict swaps: readers see either the old or the new mapping, never a mix.
     registry.upstreams = ups
     registry.routes = routes
@@ -126,19 +142,29 @@ def health_snapshot(registry: UpstreamRegistry) -> dict[str, bool]:
 class ProfileRuntime:
     """A profile compiled against a catalog and a registry."""
 
-    def __init__(self, profile: Profile, config: EdgeConfig, catalog: Catalog,
-                 registry: UpstreamRegistry, metrics: EdgeMetrics | None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        config: EdgeConfig,
+        catalog: Catalog,
+        registry: UpstreamRegistry,
+        metrics: EdgeMetrics | None,
+    ) -> None:
         self.profile = profile
         self.config = config
         self.metrics = metrics
         self.cache = ResponseCache(config.cache_max_bytes)
         self.authn = Authenticator(config.auth)
         self.key_limits = ApiKeyLimits(config.auth.api_keys)
-        self.gateway: GatewayApp = create_app(catalog, registry, options=config.options,
-                                              route_middleware=[self._route_middleware])
-        composites = [Composite(spec, catalog, registry,
-                                generate_request_id=config.options.generate_request_id)
-                      for spec in profile.bff]
+        self.gateway: GatewayApp = create_app(
+            catalog, registry, options=config.options, route_middleware=[self._route_middleware]
+        )
+        composites = [
+            Composite(
+                spec, catalog, registry, generate_request_id=config.options.generate_request_id
+            )
+            for spec in profile.bff
+        ]
         inner: ASGIApp = self.gateway
         if composites:
             inner = BffApp(composites, self.gateway, route_middleware=self._bff_middleware)
@@ -147,14 +173,31 @@ class ProfileRuntime:
         if profile.cors is not None:
             inner = CorsMiddleware(inner, profile.cors)
         self.app = inner
-        self.openapi = lambda: openapi_json(
-            catalog, title=f"meshkit gateway ({profile.name})", proto_names=config.options.proto_names,
-            fallback_routes=config.options.fallback_routes,
-            security=[s for s, on in (("bearer", config.auth.jwt is not None),
-                                      ("api_key", bool(config.auth.api_keys))) if on],
-            api_key_header=config.auth.api_key_header, path_prefix=profile.prefix)
+        self.catalog = catalog
 
-    def wrap(self, name: str, policy: RoutePolicy, app: ASGIApp, streaming: bool = False) -> ASGIApp:
+    def openapi(self) -> bytes:
+        """This profile's OpenAPI document (paths under its prefix, its auth schemes)."""
+        config, profile = self.config, self.profile
+        return openapi_json(
+            self.catalog,
+            title=f"meshkit gateway ({profile.name})",
+            proto_names=config.options.proto_names,
+            fallback_routes=config.options.fallback_routes,
+            security=[
+                s
+                for s, on in (
+                    ("bearer", config.auth.jwt is not None),
+                    ("api_key", bool(config.auth.api_keys)),
+                )
+                if on
+            ],
+            api_key_header=config.auth.api_key_header,
+            path_prefix=profile.prefix,
+        )
+
+    def wrap(
+        self, name: str, policy: RoutePolicy, app: ASGIApp, streaming: bool = False
+    ) -> ASGIApp:
         """Wrap a route handler with the features of ``policy`` (outermost first: auth,
         rate limit, cache, shaping)."""
         if policy.shaping is not None and not streaming:
@@ -164,9 +207,17 @@ class ProfileRuntime:
             app = CacheMiddleware(app, policy.cache, self.cache, name=name, on_result=on_cache)
         has_key_limits = bool(self.key_limits._limiters)
         if policy.rate_limit is not None or has_key_limits:
-            on_reject = (lambda scope, what: self.metrics.rejected(name, what)) if self.metrics else None
-            app = RateLimitMiddleware(app, policy.rate_limit, api_key_limits=self.key_limits if has_key_limits else None,
-                                      name=name, on_reject=on_reject)
+            metrics = self.metrics
+            on_reject = (
+                (lambda scope, what: metrics.rejected(name, what)) if metrics is not None else None
+            )
+            app = RateLimitMiddleware(
+                app,
+                policy.rate_limit,
+                api_key_limits=self.key_limits if has_key_limits else None,
+                name=name,
+                on_reject=on_reject,
+            )
         if policy.auth is not None or self.config.auth.jwt is not None or self.config.auth.api_keys:
             # Always present when auth is configured: it also strips client-sent x-jwt-* metadata.
             from meshkit.gateway.auth import AuthPolicy
@@ -193,34 +244,49 @@ class EdgeApp:
     """All profiles of one config. ``app_for(profile)`` serves one profile (per-port
     serving); calling the EdgeApp itself dispatches by path prefix."""
 
-    def __init__(self, config: EdgeConfig, catalog: Catalog, *,
-                 config_loader: Callable[[], EdgeConfig] | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        catalog: Catalog,
+        *,
+        config_loader: Callable[[], EdgeConfig] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.config = config
         self.config_loader = config_loader
         self.registry = build_registry(config)
-        self.metrics = EdgeMetrics(lambda: health_snapshot(self.registry)) if config.metrics else None
+        self.metrics = (
+            EdgeMetrics(lambda: health_snapshot(self.registry)) if config.metrics else None
+        )
         self.profiles: dict[str, ProfileRuntime] = {}
         self._compile(config)
         self._reload_lock: asyncio.Lock | None = None
         self.reloads = 0
 
     def _compile(self, config: EdgeConfig) -> None:
-        self.profiles = {n: ProfileRuntime(p, config, self.catalog, self.registry, self.metrics)
-                         for n, p in config.profiles.items()}
-        self._by_prefix = sorted(((p.profile.prefix, p) for p in self.profiles.values()),
-                                 key=lambda x: -len(x[0]))
+        self.profiles = {
+            n: ProfileRuntime(p, config, self.catalog, self.registry, self.metrics)
+            for n, p in config.profiles.items()
+        }
+        self._by_prefix = sorted(
+            ((p.profile.prefix, p) for p in self.profiles.values()), key=lambda x: -len(x[0])
+        )
 
     # ---- readiness and reload
 
     def ready(self) -> bool:
         """Every balanced upstream has at least one SERVING endpoint."""
-        return all(u.ready for u in self.registry.upstreams.values() if isinstance(u, BalancedUpstream))
+        return all(
+            u.ready for u in self.registry.upstreams.values() if isinstance(u, BalancedUpstream)
+        )
 
     async def startup(self) -> None:
         """Probe health once and start the periodic checks (call on the serving loop)."""
-        ups = [u for u in self.registry.upstreams.values()
-               if isinstance(u, BalancedUpstream) and u.health_check is not None]
+        ups = [
+            u
+            for u in self.registry.upstreams.values()
+            if isinstance(u, BalancedUpstream) and u.health_check is not None
+        ]
         await asyncio.gather(*(u.check_now() for u in ups))
         for u in ups:
             u.start_health_checks()
@@ -257,7 +323,9 @@ class EdgeApp:
         """An ASGI app serving only profile ``name`` (for its own port); the prefix is
         not required on a profile's own port."""
         if name not in self.profiles:
-            raise ConfigError("--profile", f"unknown profile {name!r}; have {', '.join(self.profiles)}")
+            raise ConfigError(
+                "--profile", f"unknown profile {name!r}; have {', '.join(self.profiles)}"
+            )
 
         async def one(scope: Scope, receive: Receive, send: Send) -> None:
             await self._serve(self.profiles[name], scope, receive, send, strip=False)
@@ -265,12 +333,17 @@ class EdgeApp:
         return self._outer(one, name)
 
     def _outer(self, inner: ASGIApp, profile: str) -> ASGIApp:
-        app: ASGIApp = OpsMiddleware(inner, ready=self.ready, metrics=self.metrics,
-                                     openapi=lambda: self._openapi(scope_profile=profile))
+        app: ASGIApp = OpsMiddleware(
+            inner,
+            ready=self.ready,
+            metrics=self.metrics,
+            openapi=lambda: self._openapi(scope_profile=profile),
+        )
         app = _AdminMiddleware(app, self)
         if self.config.access_log or self.metrics is not None:
-            app = TelemetryMiddleware(app, metrics=self.metrics, profile=profile,
-                                      access_logs=self.config.access_log)
+            app = TelemetryMiddleware(
+                app, metrics=self.metrics, profile=profile, access_logs=self.config.access_log
+            )
         return _Lifespan(app, self)
 
     def _openapi(self, scope_profile: str) -> bytes:
@@ -291,19 +364,31 @@ class EdgeApp:
                 return
         await send_error(send, GatewayError("NOT_FOUND", "no profile serves this path"))
 
-    async def _serve(self, rt: ProfileRuntime, scope: Scope, receive: Receive, send: Send,
-                     *, strip: bool) -> None:
+    async def _serve(
+        self, rt: ProfileRuntime, scope: Scope, receive: Receive, send: Send, *, strip: bool
+    ) -> None:
         prefix = rt.profile.prefix
+        notes(scope)["profile"] = rt.profile.name
         if strip and prefix:
-            scope = dict(scope)
-            scope["path"] = scope["path"][len(prefix):] or "/"
+            # A copy, so the outer middleware still logs the path the client sent; what the
+            # inner layers learn (route, caller) is copied back for the log and metrics.
+            inner = dict(scope)
+            inner["path"] = scope["path"][len(prefix) :] or "/"
             raw = scope.get("raw_path")
             if raw:
-                scope["raw_path"] = raw[len(prefix):] or b"/"
-            scope["root_path"] = scope.get("root_path", "") + prefix
-        elif not strip and prefix and scope.get("path", "").startswith(prefix + "/"):
+                inner["raw_path"] = raw[len(prefix) :] or b"/"
+            inner["root_path"] = scope.get("root_path", "") + prefix
+            try:
+                await rt.app(inner, receive, send)
+            finally:
+                for key in ("meshkit.route", PRINCIPAL_KEY):
+                    if key in inner:
+                        scope[key] = inner[key]
+            return
+        if prefix and scope.get("path", "").startswith(prefix + "/"):
             # The prefix is optional on the profile's own port.
-            return await self._serve(rt, scope, receive, send, strip=True)
+            await self._serve(rt, scope, receive, send, strip=True)
+            return
         await rt.app(scope, receive, send)
 
 
@@ -321,19 +406,31 @@ class _AdminMiddleware:
                 await send_error(send, GatewayError("NOT_FOUND", "the admin endpoint is disabled"))
                 return
             if scope["method"] != "POST":
-                await send_error(send, GatewayError("UNIMPLEMENTED", "use POST", http_status=405,
-                                                    headers=[(b"allow", b"POST")]))
+                await send_error(
+                    send,
+                    GatewayError(
+                        "UNIMPLEMENTED", "use POST", http_status=405, headers=[(b"allow", b"POST")]
+                    ),
+                )
                 return
             authz = header(scope, b"authorization") or b""
             token = authz[7:].strip() if authz[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(hashlib.sha256(token).digest(), want):
-                await send_error(send, GatewayError("UNAUTHENTICATED", "admin token required",
-                                                    headers=[(b"www-authenticate", b'Bearer realm="meshkit-admin"')]))
+                await send_error(
+                    send,
+                    GatewayError(
+                        "UNAUTHENTICATED",
+                        "admin token required",
+                        headers=[(b"www-authenticate", b'Bearer realm="meshkit-admin"')],
+                    ),
+                )
                 return
             try:
                 await self.edge.reload()
             except ConfigError as exc:
-                await send_error(send, GatewayError("FAILED_PRECONDITION", f"reload refused: {exc}"))
+                await send_error(
+                    send, GatewayError("FAILED_PRECONDITION", f"reload refused: {exc}")
+                )
                 return
             await send_json(send, 200, b'{"status":"reloaded"}')
             return

@@ -27,6 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from meshkit.gateway._edge_asgi import (
+    EDGE_NOTES_KEY,
     PRINCIPAL_KEY,
     ASGIApp,
     Message,
@@ -42,7 +43,22 @@ from meshkit.gateway._edge_asgi import (
 access_log = logging.getLogger("meshkit.gateway.access")
 log = logging.getLogger("meshkit.gateway")
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class EdgeMetrics:
@@ -58,19 +74,32 @@ class EdgeMetrics:
         self.reader = PrometheusMetricReader(registry=self.registry)  # type: ignore[call-arg]
         self.provider = MeterProvider(
             metric_readers=[self.reader],
-            views=[View(instrument_name="meshkit.gateway.request.duration",
-                        aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS))],
+            views=[
+                View(
+                    instrument_name="meshkit.gateway.request.duration",
+                    aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS),
+                )
+            ],
         )
         meter = self.provider.get_meter("meshkit.gateway")
-        self.requests = meter.create_counter("meshkit.gateway.requests", description="HTTP requests")
-        self.duration = meter.create_histogram("meshkit.gateway.request.duration", unit="s",
-                                               description="HTTP request latency")
-        self.cache = meter.create_counter("meshkit.gateway.cache.lookups", description="cache lookups")
-        self.rejections = meter.create_counter("meshkit.gateway.ratelimit.rejections",
-                                               description="requests refused by rate limits")
+        self.requests = meter.create_counter(
+            "meshkit.gateway.requests", description="HTTP requests"
+        )
+        self.duration = meter.create_histogram(
+            "meshkit.gateway.request.duration", unit="s", description="HTTP request latency"
+        )
+        self.cache = meter.create_counter(
+            "meshkit.gateway.cache.lookups", description="cache lookups"
+        )
+        self.rejections = meter.create_counter(
+            "meshkit.gateway.ratelimit.rejections", description="requests refused by rate limits"
+        )
         self._health = health
-        meter.create_observable_gauge("meshkit.gateway.upstream.healthy", callbacks=[self._observe],
-                                      description="1 when the upstream endpoint reports SERVING")
+        meter.create_observable_gauge(
+            "meshkit.gateway.upstream.healthy",
+            callbacks=[self._observe],
+            description="1 when the upstream endpoint reports SERVING",
+        )
 
     def set_health_source(self, health: Callable[[], Mapping[str, bool]]) -> None:
         """Where ``upstream.healthy`` reads endpoint health (endpoint -> serving)."""
@@ -117,14 +146,22 @@ def route_name(scope: Scope) -> str:
 class TelemetryMiddleware:
     """Access log (JSON lines), metrics and a server span per request."""
 
-    def __init__(self, app: ASGIApp, *, metrics: EdgeMetrics | None = None, profile: str = "",
-                 access_logs: bool = True, tracing: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: EdgeMetrics | None = None,
+        profile: str = "",
+        access_logs: bool = True,
+        tracing: bool = True,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.profile = profile
         self.access_logs = access_logs
         self.tracing = tracing
-        self.tracer = trace.get_tracer("meshkit.gateway")
+        self.tracer = trace.get_tracer("meshkit.gateway", tracer_provider=tracer_provider)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,18 +186,25 @@ class TelemetryMiddleware:
         token = None
         span = None
         if self.tracing:
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or ()
-                       if k in (b"traceparent", b"tracestate")}
+            carrier = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope.get("headers") or ()
+                if k in (b"traceparent", b"tracestate")
+            }
             parent = propagate.extract(carrier)
-            span = self.tracer.start_span(f"{scope['method']} {scope['path']}", context=parent,
-                                          kind=trace.SpanKind.SERVER)
+            span = self.tracer.start_span(
+                f"{scope['method']} {scope['path']}", context=parent, kind=trace.SpanKind.SERVER
+            )
             ctx = trace.set_span_in_context(span, parent)
             token = otel_context.attach(ctx)
             if span.get_span_context().is_valid:
                 out: dict[str, str] = {}
                 propagate.inject(out, context=ctx)
-                set_headers(scope, [(k.encode(), v.encode()) for k, v in out.items()],
-                            [b"traceparent", b"tracestate"])
+                set_headers(
+                    scope,
+                    [(k.encode(), v.encode()) for k, v in out.items()],
+                    [b"traceparent", b"tracestate"],
+                )
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
@@ -169,6 +213,7 @@ class TelemetryMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             route = route_name(scope)
+            profile = str((scope.get(EDGE_NOTES_KEY) or {}).get("profile", self.profile))
             if span is not None:
                 span.set_attribute("http.request.method", scope["method"])
                 span.set_attribute("url.path", scope["path"])
@@ -180,18 +225,27 @@ class TelemetryMiddleware:
             if token is not None:
                 otel_context.detach(token)
             if self.metrics is not None:
-                self.metrics.record(self.profile, route, scope["method"], status, elapsed)
+                self.metrics.record(profile, route, scope["method"], status, elapsed)
             if self.access_logs and access_log.isEnabledFor(logging.INFO):
-                self._log(scope, status, size, elapsed, route, rid, span)
+                self._log(scope, status, size, elapsed, route, rid, span, profile)
 
-    def _log(self, scope: Scope, status: int, size: int, elapsed: float, route: str,
-             rid: bytes | None, span: Any) -> None:
+    def _log(
+        self,
+        scope: Scope,
+        status: int,
+        size: int,
+        elapsed: float,
+        route: str,
+        rid: bytes | None,
+        span: Any,
+        profile: str,
+    ) -> None:
         n = scope.get("meshkit.edge") or {}
         p = scope.get(PRINCIPAL_KEY)
         client = scope.get("client")
         rec: dict[str, Any] = {
             "ts": round(time.time(), 3),
-            "profile": self.profile,
+            "profile": profile,
             "method": scope["method"],
             "path": scope["path"],
             "query": scope.get("query_string", b"").decode("latin-1")[:512],
@@ -213,22 +267,30 @@ class TelemetryMiddleware:
 
 
 #: Convenience names for the two halves (one class, one pass per request).
-def AccessLogMiddleware(app: ASGIApp, profile: str = "") -> TelemetryMiddleware:  # noqa: N802
+def AccessLogMiddleware(app: ASGIApp, profile: str = "") -> TelemetryMiddleware:
     """Access logs only."""
     return TelemetryMiddleware(app, profile=profile, tracing=False)
 
 
-def MetricsMiddleware(app: ASGIApp, metrics: EdgeMetrics, profile: str = "") -> TelemetryMiddleware:  # noqa: N802
+def MetricsMiddleware(app: ASGIApp, metrics: EdgeMetrics, profile: str = "") -> TelemetryMiddleware:
     """Metrics only."""
-    return TelemetryMiddleware(app, metrics=metrics, profile=profile, access_logs=False, tracing=False)
+    return TelemetryMiddleware(
+        app, metrics=metrics, profile=profile, access_logs=False, tracing=False
+    )
 
 
 class OpsMiddleware:
     """``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` in front of ``app``."""
 
-    def __init__(self, app: ASGIApp, *, ready: Callable[[], bool] | None = None,
-                 metrics: EdgeMetrics | None = None, openapi: Callable[[], bytes] | None = None,
-                 prefix: str = "") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        ready: Callable[[], bool] | None = None,
+        metrics: EdgeMetrics | None = None,
+        openapi: Callable[[], bytes] | None = None,
+        prefix: str = "",
+    ) -> None:
         self.app = app
         self.ready = ready
         self.metrics = metrics
@@ -244,18 +306,25 @@ class OpsMiddleware:
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if self.prefix and path.startswith(self.prefix):
-                path = path[len(self.prefix):]
+                path = path[len(self.prefix) :]
             if path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}')
                 return
             if path == "/readyz":
                 ok = self.ready() if self.ready is not None else True
-                await send_json(send, 200 if ok else 503,
-                                b'{"status":"ready"}' if ok else b'{"status":"not ready"}')
+                await send_json(
+                    send,
+                    200 if ok else 503,
+                    b'{"status":"ready"}' if ok else b'{"status":"not ready"}',
+                )
                 return
             if path == "/metrics" and self.metrics is not None:
-                await send_json(send, 200, self.metrics.render(),
-                                [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+                await send_json(
+                    send,
+                    200,
+                    self.metrics.render(),
+                    [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+                )
                 return
             if path == "/openapi.json" and self.openapi is not None:
                 if self._openapi_body is None:

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 
 from meshkit.gateway.descriptors import Catalog, MethodInfo
 from meshkit.gateway.httprule import DEEP, WILD
@@ -33,8 +33,11 @@ _WKT: dict[str, dict[str, Any]] = {
     "google.protobuf.Value": {},
     "google.protobuf.ListValue": {"type": "array", "items": {}},
     "google.protobuf.Empty": {"type": "object"},
-    "google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}},
-                            "additionalProperties": True},
+    "google.protobuf.Any": {
+        "type": "object",
+        "properties": {"@type": {"type": "string"}},
+        "additionalProperties": True,
+    },
     "google.protobuf.DoubleValue": {"type": ["number", "null"]},
     "google.protobuf.FloatValue": {"type": ["number", "null"]},
     "google.protobuf.Int64Value": {"type": ["string", "null"], "format": "int64"},
@@ -52,9 +55,14 @@ _STATUS = {
     "properties": {
         "code": {"type": "integer", "format": "int32", "description": "google.rpc.Code number"},
         "message": {"type": "string"},
-        "details": {"type": "array", "items": {"type": "object",
-                                                "properties": {"@type": {"type": "string"}},
-                                                "additionalProperties": True}},
+        "details": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"@type": {"type": "string"}},
+                "additionalProperties": True,
+            },
+        },
     },
     "required": ["code", "message"],
 }
@@ -68,7 +76,7 @@ class _Schemas:
     def name(self, fd: FieldDescriptor) -> str:
         return fd.name if self.proto_names else fd.json_name
 
-    def ref(self, desc: Descriptor) -> dict[str, Any]:
+    def ref(self, desc: Any) -> dict[str, Any]:
         full = desc.full_name
         if full in _WKT:
             return dict(_WKT[full])
@@ -77,7 +85,7 @@ class _Schemas:
             self.defs[full] = self._message(desc)
         return {"$ref": _REF + full}
 
-    def enum(self, ed: EnumDescriptor) -> dict[str, Any]:
+    def enum(self, ed: Any) -> dict[str, Any]:
         full = ed.full_name
         if full not in self.defs:
             self.defs[full] = {"type": "string", "enum": [v.name for v in ed.values]}
@@ -96,8 +104,10 @@ class _Schemas:
         if t == FD.TYPE_BOOL:
             return {"type": "boolean"}
         if t in _INT64:
-            return {"type": "string", "format": "uint64" if t in (FD.TYPE_UINT64, FD.TYPE_FIXED64)
-                    else "int64"}
+            return {
+                "type": "string",
+                "format": "uint64" if t in (FD.TYPE_UINT64, FD.TYPE_FIXED64) else "int64",
+            }
         if t in _INT32:
             return {"type": "integer", "format": "int32"}
         return {"type": "number", "format": "double" if t == FD.TYPE_DOUBLE else "float"}
@@ -110,7 +120,7 @@ class _Schemas:
             return {"type": "array", "items": self.scalar(fd)}
         return self.scalar(fd)
 
-    def _message(self, desc: Descriptor, skip: Sequence[str] = ()) -> dict[str, Any]:
+    def _message(self, desc: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
         props = {self.name(f): self.field(f) for f in desc.fields if f.name not in skip}
         return {"type": "object", "properties": props}
 
@@ -153,9 +163,14 @@ def _openapi_path(b: Binding) -> tuple[str, list[tuple[str, str | None]]]:
     return path, params
 
 
-def _query_params(schemas: _Schemas, desc: Descriptor, bound: Iterable[tuple[str, ...]],
-                  prefix: tuple[str, ...] = (), depth: int = 0,
-                  names: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _query_params(
+    schemas: _Schemas,
+    desc: Any,
+    bound: Iterable[tuple[str, ...]],
+    prefix: tuple[str, ...] = (),
+    depth: int = 0,
+    names: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     bound = list(bound)
     for f in desc.fields:
@@ -167,8 +182,11 @@ def _query_params(schemas: _Schemas, desc: Descriptor, bound: Iterable[tuple[str
             continue
         if f.type == FD.TYPE_MESSAGE and f.message_type.full_name not in _WKT:
             if depth < 3 and not f.is_repeated:
-                out.extend(_query_params(schemas, f.message_type, bound, path, depth + 1,
-                                         (*names, schemas.name(f))))
+                out.extend(
+                    _query_params(
+                        schemas, f.message_type, bound, path, depth + 1, (*names, schemas.name(f))
+                    )
+                )
             continue
         schema = schemas.field(f)
         qname = ".".join((*names, schemas.name(f)))
@@ -209,8 +227,10 @@ def generate_openapi(
     """The OpenAPI 3.1 document (a dict) for every routable method in ``catalog``."""
     schemas = _Schemas(proto_names)
     paths: dict[str, dict[str, Any]] = {}
-    error_resp = {"description": "An error: google.rpc.Status",
-                  "content": {"application/json": {"schema": {"$ref": _REF + "google.rpc.Status"}}}}
+    error_resp = {
+        "description": "An error: google.rpc.Status",
+        "content": {"application/json": {"schema": {"$ref": _REF + "google.rpc.Status"}}},
+    }
     for m in catalog.methods:
         for n, b in enumerate(_bindings(m, fallback_routes)):
             path, path_params = _openapi_path(b)
@@ -240,21 +260,40 @@ def generate_openapi(
                 else:
                     assert b.body_field is not None
                     body_schema = schemas.field(b.body_field)
-                ctype = "application/octet-stream" if b.http_body_request else (
-                    "application/x-ndjson" if m.client_streaming else "application/json")
+                ctype = (
+                    "application/octet-stream"
+                    if b.http_body_request
+                    else ("application/x-ndjson" if m.client_streaming else "application/json")
+                )
                 op["requestBody"] = {"required": True, "content": {ctype: {"schema": body_schema}}}
-            out_schema = (schemas.field(b.response_field) if b.response_field is not None
-                          else schemas.ref(m.output_type.DESCRIPTOR))
+            out_schema = (
+                schemas.field(b.response_field)
+                if b.response_field is not None
+                else schemas.ref(m.output_type.DESCRIPTOR)
+            )
             if m.server_streaming:
-                content = {"application/x-ndjson": {"schema": {
-                    "type": "object", "properties": {"result": out_schema,
-                                                     "error": {"$ref": _REF + "google.rpc.Status"}}}},
-                    "text/event-stream": {"schema": {"type": "string"}}}
+                content = {
+                    "application/x-ndjson": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "result": out_schema,
+                                "error": {"$ref": _REF + "google.rpc.Status"},
+                            },
+                        }
+                    },
+                    "text/event-stream": {"schema": {"type": "string"}},
+                }
             elif b.http_body_response:
-                content = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+                content = {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                }
             else:
                 content = {"application/json": {"schema": out_schema}}
-            op["responses"] = {"200": {"description": "OK", "content": content}, "default": error_resp}
+            op["responses"] = {
+                "200": {"description": "OK", "content": content},
+                "default": error_resp,
+            }
             paths.setdefault(path_prefix + path, {})[b.http_method.lower()] = op
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -86,11 +86,18 @@ class RouteRule:
         m = section(raw, path, ("match", "auth", "rate_limit", "cache", "shaping"))
         return cls(
             Selector.from_mapping(m.get("match"), f"{path}.match"),
-            AuthPolicy.from_mapping(m["auth"], f"{path}.auth") if m.get("auth") is not None else None,
+            AuthPolicy.from_mapping(m["auth"], f"{path}.auth")
+            if m.get("auth") is not None
+            else None,
             RateLimitRule.from_mapping(m["rate_limit"], f"{path}.rate_limit")
-            if m.get("rate_limit") is not None else None,
-            CacheRule.from_mapping(m["cache"], f"{path}.cache") if m.get("cache") is not None else None,
-            ShapingRule.from_mapping(m["shaping"], f"{path}.shaping") if m.get("shaping") is not None else None,
+            if m.get("rate_limit") is not None
+            else None,
+            CacheRule.from_mapping(m["cache"], f"{path}.cache")
+            if m.get("cache") is not None
+            else None,
+            ShapingRule.from_mapping(m["shaping"], f"{path}.shaping")
+            if m.get("shaping") is not None
+            else None,
         )
 
 
@@ -134,22 +141,35 @@ class Profile:
         m = section(raw, path, ("prefix", "port", "routes", "cors", "bff", "shaping"))
         prefix = get_str(m, "prefix", path, "").rstrip("/")
         if prefix and not prefix.startswith("/"):
-            raise ConfigError(f"{path}.prefix", f"expected a path starting with '/', got {prefix!r}")
+            raise ConfigError(
+                f"{path}.prefix", f"expected a path starting with '/', got {prefix!r}"
+            )
         port = get_int(m, "port", path, None)
         if port is not None and not 0 <= port < 65536:
             raise ConfigError(f"{path}.port", f"expected 0..65535, got {port}")
-        routes = tuple(RouteRule.from_mapping(r, f"{path}.routes[{i}]")
-                       for i, r in enumerate(get_list(m, "routes", path)))
-        bff = tuple(CompositeSpec.from_mapping(b, f"{path}.bff[{i}]")
-                    for i, b in enumerate(get_list(m, "bff", path)))
+        routes = tuple(
+            RouteRule.from_mapping(r, f"{path}.routes[{i}]")
+            for i, r in enumerate(get_list(m, "routes", path))
+        )
+        bff = tuple(
+            CompositeSpec.from_mapping(b, f"{path}.bff[{i}]")
+            for i, b in enumerate(get_list(m, "bff", path))
+        )
         names = [b.name for b in bff]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.bff", "composite names must be unique")
         return cls(
-            name, prefix, port, routes,
-            CorsConfig.from_mapping(m["cors"], f"{path}.cors") if m.get("cors") is not None else None,
+            name,
+            prefix,
+            port,
+            routes,
+            CorsConfig.from_mapping(m["cors"], f"{path}.cors")
+            if m.get("cors") is not None
+            else None,
             bff,
-            ShapingRule.from_mapping(m["shaping"], f"{path}.shaping") if m.get("shaping") is not None else None,
+            ShapingRule.from_mapping(m["shaping"], f"{path}.shaping")
+            if m.get("shaping") is not None
+            else None,
         )
 
 
@@ -178,14 +198,19 @@ class EdgeConfig:
     source: str | None = None
 
     @classmethod
-    def from_mapping(cls, raw: Any, *, base_dir: Path | None = None, source: str | None = None) -> EdgeConfig:
+    def from_mapping(
+        cls, raw: Any, *, base_dir: Path | None = None, source: str | None = None
+    ) -> EdgeConfig:
         """Validate a whole document (``gateway:``, ``upstreams:``, ``policy:``, ``edge:``)."""
         try:
             return cls._from_mapping(raw, base_dir, source)
         except ConfigError as exc:
             if source and exc.source is None:
-                raise ConfigError(exc.path, exc.message.split(": ", 1)[-1] if exc.path else exc.message,
-                                  source=source) from exc
+                raise ConfigError(
+                    exc.path,
+                    exc.message.split(": ", 1)[-1] if exc.path else exc.message,
+                    source=source,
+                ) from exc
             raise
 
     @classmethod
@@ -195,8 +220,20 @@ class EdgeConfig:
         policy = top.get("policy")
         if policy is not None and not isinstance(policy, Mapping):
             raise ConfigError("policy", "expected a mapping")
-        e = section(top.get("edge"), "edge", ("upstreams", "services", "auth", "profiles", "cache",
-                                               "admin", "metrics", "access_log"))
+        e = section(
+            top.get("edge"),
+            "edge",
+            (
+                "upstreams",
+                "services",
+                "auth",
+                "profiles",
+                "cache",
+                "admin",
+                "metrics",
+                "access_log",
+            ),
+        )
         ups: dict[str, UpstreamSpec] = {}
         services: dict[str, ServiceRoute] = {}
         raw_ups = e.get("upstreams")
@@ -204,10 +241,14 @@ class EdgeConfig:
             if not isinstance(raw_ups, Mapping):
                 raise ConfigError("edge.upstreams", "expected a mapping of name to endpoints")
             for name, spec in raw_ups.items():
-                ups[str(name)] = UpstreamSpec.from_mapping(str(name), spec, f"edge.upstreams.{name}")
+                ups[str(name)] = UpstreamSpec.from_mapping(
+                    str(name), spec, f"edge.upstreams.{name}"
+                )
         simple = top.get("upstreams") or {}
         if not isinstance(simple, Mapping):
-            raise ConfigError("upstreams", "expected a mapping of service (or 'default') to HOST:PORT")
+            raise ConfigError(
+                "upstreams", "expected a mapping of service (or 'default') to HOST:PORT"
+            )
         for svc, target in simple.items():
             # The transcoder's plain form: service -> HOST:PORT[,HOST:PORT].
             if not isinstance(target, str):
@@ -219,7 +260,9 @@ class EdgeConfig:
             services.setdefault(str(svc), ServiceRoute(upstream=name))
         raw_svcs = e.get("services") or {}
         if not isinstance(raw_svcs, Mapping):
-            raise ConfigError("edge.services", "expected a mapping of service (or 'default') to an upstream")
+            raise ConfigError(
+                "edge.services", "expected a mapping of service (or 'default') to an upstream"
+            )
         for svc, route in raw_svcs.items():
             sp = f"edge.services.{svc}"
             if isinstance(route, str):
@@ -239,7 +282,9 @@ class EdgeConfig:
                     c = CanarySpec.from_mapping(r["canary"], f"{sp}.canary")
                     for side, up in (("stable", c.stable), ("canary", c.canary)):
                         if up not in ups:
-                            raise ConfigError(f"{sp}.canary.{side}", f"names unknown upstream {up!r}")
+                            raise ConfigError(
+                                f"{sp}.canary.{side}", f"names unknown upstream {up!r}"
+                            )
                     services[str(svc)] = ServiceRoute(canary=c)
         if len(ups) == 1 and "default" not in services:
             services["default"] = ServiceRoute(upstream=next(iter(ups)))
@@ -247,13 +292,17 @@ class EdgeConfig:
         raw_profiles = e.get("profiles") or {"default": {}}
         if not isinstance(raw_profiles, Mapping):
             raise ConfigError("edge.profiles", "expected a mapping of profile name to profile")
-        profiles = {str(n): Profile.from_mapping(str(n), p, f"edge.profiles.{n}") for n, p in raw_profiles.items()}
+        profiles = {
+            str(n): Profile.from_mapping(str(n), p, f"edge.profiles.{n}")
+            for n, p in raw_profiles.items()
+        }
         seen_prefix: dict[tuple[int | None, str], str] = {}
         for p in profiles.values():
             k = (p.port, p.prefix)
             if k in seen_prefix:
-                raise ConfigError(f"edge.profiles.{p.name}",
-                                  f"same port and prefix as profile {seen_prefix[k]!r}")
+                raise ConfigError(
+                    f"edge.profiles.{p.name}", f"same port and prefix as profile {seen_prefix[k]!r}"
+                )
             seen_prefix[k] = p.name
         cache = section(e.get("cache"), "edge.cache", ("max_bytes",))
         admin = section(e.get("admin"), "edge.admin", ("token_sha256",))
@@ -268,10 +317,23 @@ class EdgeConfig:
         metrics = e.get("metrics", True)
         access = e.get("access_log", True)
         if not isinstance(metrics, bool) or not isinstance(access, bool):
-            raise ConfigError("edge.metrics" if not isinstance(metrics, bool) else "edge.access_log",
-                              "expected true or false")
-        return cls(ups, services, auth, profiles, get_int(cache, "max_bytes", "edge.cache", 64 * 1024 * 1024, 1),
-                   token, options, policy, metrics, access, source)
+            raise ConfigError(
+                "edge.metrics" if not isinstance(metrics, bool) else "edge.access_log",
+                "expected true or false",
+            )
+        return cls(
+            ups,
+            services,
+            auth,
+            profiles,
+            get_int(cache, "max_bytes", "edge.cache", 64 * 1024 * 1024, 1),
+            token,
+            options,
+            policy,
+            metrics,
+            access,
+            source,
+        )
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:

@@ -23,7 +23,16 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from meshkit.errors import ConfigError
-from meshkit.gateway._edge_asgi import PRINCIPAL_KEY, ASGIApp, Receive, Scope, Send, client_ip, notes, send_error
+from meshkit.gateway._edge_asgi import (
+    PRINCIPAL_KEY,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    client_ip,
+    notes,
+    send_error,
+)
 from meshkit.gateway._edge_cfg import get_str, section
 from meshkit.gateway.auth import ApiKey, Principal, RateSpec
 from meshkit.gateway.errors import GatewayError
@@ -57,7 +66,9 @@ class RateLimitRule:
 def make_limiter(spec: RateSpec, name: str, clock: Clock = SYSTEM_CLOCK) -> KeyedRateLimiter:
     """A keyed limiter for ``spec``."""
     return KeyedRateLimiter(
-        RateLimitConfig(rate=spec.rate, per=spec.per, burst=spec.effective_burst), name=name, clock=clock
+        RateLimitConfig(rate=spec.rate, per=spec.per, burst=spec.effective_burst),
+        name=name,
+        clock=clock,
     )
 
 
@@ -65,8 +76,11 @@ class ApiKeyLimits:
     """One bucket per API key that has its own limit, shared by every route of a profile."""
 
     def __init__(self, keys: tuple[ApiKey, ...], clock: Clock = SYSTEM_CLOCK) -> None:
-        self._limiters = {k.name: make_limiter(k.rate_limit, f"api_key:{k.name}", clock)
-                          for k in keys if k.rate_limit is not None}
+        self._limiters = {
+            k.name: make_limiter(k.rate_limit, f"api_key:{k.name}", clock)
+            for k in keys
+            if k.rate_limit is not None
+        }
 
     def try_acquire(self, key_name: str) -> float:
         """0.0 if admitted, else the seconds to wait."""
@@ -89,11 +103,17 @@ def too_many(wait: float, what: str) -> GatewayError:
     """The 429 answer: ``Retry-After`` in whole seconds (at least 1) and a RetryInfo detail."""
     secs = 1 if math.isinf(wait) else max(1, math.ceil(wait))
     info = error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=int(wait) if not math.isinf(wait) else 1,
-                                          nanos=int((wait % 1) * 1e9) if not math.isinf(wait) else 0)
+        retry_delay=duration_pb2.Duration(
+            seconds=int(wait) if not math.isinf(wait) else 1,
+            nanos=int((wait % 1) * 1e9) if not math.isinf(wait) else 0,
+        )
     )
-    return GatewayError("RESOURCE_EXHAUSTED", f"rate limit exceeded for {what}", details=[info],
-                        headers=[(b"retry-after", str(secs).encode())])
+    return GatewayError(
+        "RESOURCE_EXHAUSTED",
+        f"rate limit exceeded for {what}",
+        details=[info],
+        headers=[(b"retry-after", str(secs).encode())],
+    )
 
 
 class RateLimitMiddleware:

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshkit.errors import ConfigError
-from meshkit.gateway._edge_asgi import ASGIApp, BufferedResponse, Receive, Scope, Send, is_streaming_type
+from meshkit.gateway._edge_asgi import (
+    ASGIApp,
+    BufferedResponse,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    is_streaming_type,
+)
 from meshkit.gateway._edge_cfg import get_str_list, section
 
 
@@ -107,9 +115,12 @@ class ShapingRule:
         for dst in maps["rename"].values():
             if "." in dst:
                 raise ConfigError(f"{path}.rename", f"a new name is one key, not a path: {dst!r}")
-        return cls(fields=get_str_list(m, "fields", path), rename=maps["rename"],
-                   add_headers={k.lower(): v for k, v in maps["add_headers"].items()},
-                   remove_headers=tuple(h.lower() for h in get_str_list(m, "remove_headers", path)))
+        return cls(
+            fields=get_str_list(m, "fields", path),
+            rename=maps["rename"],
+            add_headers={k.lower(): v for k, v in maps["add_headers"].items()},
+            remove_headers=tuple(h.lower() for h in get_str_list(m, "remove_headers", path)),
+        )
 
 
 class ShapingMiddleware:
@@ -129,11 +140,13 @@ class ShapingMiddleware:
             await self.app(scope, receive, send)
             return
         if not self.rule.touches_body:
-            async def send_headers(message: dict[str, Any]) -> None:  # type: ignore[misc]
+
+            async def send_headers(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     message = dict(message)
                     message["headers"] = self._headers(
-                        [(bytes(k), bytes(v)) for k, v in message.get("headers", ())])
+                        [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+                    )
                 await send(message)
 
             await self.app(scope, receive, send_headers)
@@ -144,8 +157,12 @@ class ShapingMiddleware:
             return
         ctype = buf.header(b"content-type") or b""
         headers = self._headers(buf.headers)
-        if (is_streaming_type(ctype) or not buf.complete or not 200 <= buf.status < 300
-                or not ctype.startswith(b"application/json")):
+        if (
+            is_streaming_type(ctype)
+            or not buf.complete
+            or not 200 <= buf.status < 300
+            or not ctype.startswith(b"application/json")
+        ):
             await buf.replay(send, headers=headers)
             return
         try:

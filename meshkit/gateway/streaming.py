@@ -71,7 +71,7 @@ async def ndjson_messages(
 def _line_message(state: GatewayState, b: Binding, line: bytes, query: bytes,
                   path_values: list[str], line_no: int) -> Message:
     try:
-        return state.transcoder.build(b, line, "application/json", query, path_values)
+        return state.transcoder.build_streamed(b, line, query, path_values)
     except GatewayError as err:
         raise bad_request(f"request message on line {line_no}: {err.message}", f"line {line_no}") from None
 
@@ -128,9 +128,10 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
         if not m.server_streaming:
             try:
                 resp = await call
-            except grpc.aio.AioRpcError as err:
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 if feeder is not None:
-                    await feeder
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await feeder
                 if feed_error and isinstance(feed_error[0], GatewayError):
                     raise feed_error[0] from None
                 raise
@@ -152,7 +153,10 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
             first = await it.__anext__()
         except StopAsyncIteration:
             first = None
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            if feeder is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
             if feed_error and isinstance(feed_error[0], GatewayError):
                 raise feed_error[0] from None
             raise
@@ -196,6 +200,11 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
             else:
                 chunk = (b"[" if n == 0 else b",") + codec.dumps(err_obj) + b"]"
             await send({"type": "http.response.body", "body": chunk, "more_body": False})
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if call is None or (task is not None and task.cancelling()):
+            raise
+        # The call was cancelled under us (the client left): nothing to answer.
     except _ClientGone:
         if call is not None:
             call.cancel()

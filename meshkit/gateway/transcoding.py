@@ -544,6 +544,27 @@ class Transcoder:
             self.fill_mask(b, msg, obj)
         return msg
 
+    def build_streamed(self, b: Binding, data: bytes, query: bytes, path_values: Sequence[str]) -> Message:
+        """One message of a request stream (an NDJSON line or a WebSocket frame).
+
+        The JSON is the whole message unless the rule names a body field; query
+        and path variables of the request URL apply to every message.
+        """
+        msg = b.method.input_type()
+        if data.strip():
+            obj = self.codec.loads(data)
+            if b.body_field is not None:
+                self.codec.merge({b.body_field.name: obj}, msg, b.body_field.name)
+            elif isinstance(obj, dict):
+                self.codec.merge(obj, msg)
+            else:
+                raise bad_request(f"a stream message must be a JSON object, got {type(obj).__name__}")
+        if query and b.body != "*":
+            self.apply_query(b, msg, query)
+        for setter, value in zip(b.path_setters, path_values, strict=True):
+            setter(msg, (value,))
+        return msg
+
     # ---- response
 
     def response_obj(self, b: Binding, msg: Message) -> Any:

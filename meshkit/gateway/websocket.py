@@ -81,7 +81,7 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
             data = msg.get("bytes") or (msg.get("text") or "").encode()
             if not data.strip():
                 return None
-            return tr.build(b, data, "application/json", query, values)
+            return tr.build_streamed(b, data, query, values)
 
     async def send_json(obj: Any) -> None:
         await send({"type": "websocket.send", "text": codec.dumps(obj).decode()})
@@ -111,9 +111,7 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
         else:
             req = await next_request()
             if req is None:
-                req = m.input_type()
-                for setter, value in zip(b.path_setters, values, strict=True):
-                    setter(req, (value,))
+                req = tr.build_streamed(b, b"", query, values)
             call = state._callable(channel, b, "unary_stream")(req, metadata=hdrs.metadata,
                                                               timeout=timeout)
 

@@ -43,6 +43,7 @@ _monotonic = time.monotonic
 _OK = grpc.StatusCode.OK
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 _rng = random.Random()
+_NAMES = {code: code.name for code in grpc.StatusCode}
 
 
 class _Details(
@@ -56,6 +57,17 @@ class _Details(
 
 
 def _details(d: Any, timeout: float | None, metadata: Any = None) -> _Details:
+    try:
+        return _Details(
+            d.method,
+            timeout,
+            d.metadata if metadata is None else metadata,
+            d.credentials,
+            d.wait_for_ready,
+            d.compression,
+        )
+    except AttributeError:  # details from another interceptor may lack some fields
+        pass
     return _Details(
         d.method,
         timeout,
@@ -300,7 +312,6 @@ class ClientInterceptor(
                     bulkhead.name or plan.method, bulkhead.config.max_concurrent
                 )
                 return self._refused(plan, exc, request, details, deadline)
-            m.bulkhead_in_flight.add(1, plan.attrs)
         try:
             if plan.hedging is not None and replay is None:
                 return self._hedged(plan, continuation, details, request, deadline)
@@ -308,7 +319,6 @@ class ClientInterceptor(
         finally:
             if bulkhead is not None:
                 bulkhead.release()
-                m.bulkhead_in_flight.add(-1, plan.attrs)
 
     def _retrying(
         self,
@@ -350,12 +360,12 @@ class ClientInterceptor(
             ):
                 attempt_timeout = per_attempt
                 hit_limit = True
-            m.attempts.add(1, plan.attrs)
+            plan.tally.n += 1
             body = replay.attempt() if replay is not None else request
             outcome = continuation(_details(details, attempt_timeout, metadata), body)
             code = _code(outcome)
             if breaker is not None:
-                breaker.on_result(_monotonic() - now, code.name)
+                breaker.on_result(_monotonic() - now, _NAMES[code])
             if code is _OK:
                 if plan.fallback is not None and replay is None:
                     self._remember(plan, request, outcome)
@@ -416,7 +426,7 @@ class ClientInterceptor(
                     breaker.release()
                 return False
             md = details.metadata if index == 0 else add_attempt_header(details.metadata, index)
-            m.attempts.add(1, plan.attrs)
+            plan.tally.n += 1
             if index > 0:
                 m.retries.add(1, plan.attrs)
                 span_event("meshkit.hedge", {"attempt": index + 1})
@@ -435,19 +445,19 @@ class ClientInterceptor(
         if not launch(0):
             return self._refused(plan, breaker_rejection(plan), request, details, deadline)
         next_hedge = _monotonic() + hedging.delay
+        hedge_open = hedging.max_attempts > 1  # more attempts may still be sent
         last: Any = None
         winner: Any = None
-        while winner is None:
+        while True:
             with cond:
                 while not finished:
-                    now = _monotonic()
-                    can_hedge = len(started) < hedging.max_attempts
-                    until = next_hedge if can_hedge else deadline
+                    until = next_hedge if hedge_open else deadline
                     if until is not None and deadline is not None:
                         until = min(until, deadline)
                     if until is None:
                         cond.wait()
                         continue
+                    now = _monotonic()
                     if now >= until:
                         break
                     cond.wait(until - now)
@@ -459,7 +469,7 @@ class ClientInterceptor(
                 outcome = fut.outcome() if isinstance(fut, _ThreadAttempt) else fut
                 code = _code(outcome)
                 if breaker is not None:
-                    breaker.on_result(_monotonic() - started[index][1], code.name)
+                    breaker.on_result(_monotonic() - started[index][1], _NAMES[code])
                 if code is _OK or hedging.is_fatal(code.name):
                     winner = outcome
                     break
@@ -470,19 +480,18 @@ class ClientInterceptor(
             now = _monotonic()
             if deadline is not None and now >= deadline:
                 break
-            if (launch_now or now >= next_hedge) and len(started) < hedging.max_attempts:
-                if budget is None or budget.try_withdraw():
-                    if launch(len(started)):
-                        next_hedge = _monotonic() + hedging.delay
-                        continue
-                else:
+            if hedge_open and (launch_now or now >= next_hedge):
+                sent = False
+                if budget is not None and not budget.try_withdraw():
                     m.budget_exhausted.add(1, plan.attrs)
-                # No more hedges: wait only for the ones in flight.
-                next_hedge = float("inf") if deadline is None else deadline
-                hedging_done = True
-            else:
-                hedging_done = len(started) >= hedging.max_attempts
-            if not outstanding and hedging_done:
+                else:
+                    sent = launch(len(started))
+                if sent:
+                    next_hedge = _monotonic() + hedging.delay
+                    hedge_open = len(started) < hedging.max_attempts
+                else:
+                    hedge_open = False  # budget spent or breaker open: wait for those in flight
+            if not outstanding and not hedge_open:
                 break
         for index, (fut, _) in enumerate(started):
             if index in outstanding:
@@ -552,7 +561,6 @@ class ClientInterceptor(
                     bulkhead.name or plan.method, bulkhead.config.max_concurrent
                 )
                 return self._rejected_stream(plan, exc2)
-            m.bulkhead_in_flight.add(1, plan.attrs)
         replay = None
         if request_iterator is not None and plan.retry is not None:
             replay = Replay(request_iterator, plan.retry.max_buffer_bytes)
@@ -621,9 +629,11 @@ class ClientInterceptor(
         self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
     ) -> Any:
         fb = plan.fallback
-        if fb is None or not fb.handles(trigger) or request is None:
+        if fb is None or not fb.handles(trigger):
             return None
         kind = str(fb.kind)
+        if request is None and kind in ("cached", "alternate"):
+            return None  # a client stream: no single request to key or resend
         try:
             if kind == "alternate":
                 value = self._alternate(plan, fb.target, request, details, deadline)
@@ -753,7 +763,7 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
             body = self._request_iterator
         else:
             body = self._request
-        self._owner._m.attempts.add(1, plan.attrs)
+        plan.tally.n += 1
         self._started = now
         self._call = self._continuation(_details(self._details, timeout, md), body)
         return None
@@ -770,7 +780,6 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
         plan = self._plan
         if plan.bulkhead is not None:
             plan.bulkhead.release()
-            self._owner._m.bulkhead_in_flight.add(-1, plan.attrs)
 
     def __iter__(self) -> Iterator[Any]:
         return self

@@ -13,7 +13,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from meshkit.telemetry import breaker_listener, method_attributes
+from meshkit.telemetry import (
+    Tally,
+    attempts_tally,
+    breaker_listener,
+    method_attributes,
+    watch_bulkhead,
+)
 
 if TYPE_CHECKING:
     from meshkit.config import MethodPolicy, Policy
@@ -49,6 +55,7 @@ class ClientPlan:
     allow_fault_headers: bool = False
     fallback: Any = None
     attrs: dict[str, str] = field(default_factory=dict)
+    tally: Tally = field(default_factory=lambda: Tally({}))
 
 
 @dataclass(slots=True)
@@ -99,6 +106,22 @@ def compile_client(
 ) -> ClientPlan:
     """Compile ``method``'s policy for a client channel to ``target``."""
     attrs = method_attributes(method, "client", target=target)
+    plan = _client_plan(policy, method, target, attrs, client_faults, client_rate_limits, flavour)
+    plan.tally = attempts_tally(attrs)
+    if plan.bulkhead is not None:
+        watch_bulkhead(plan.bulkhead, attrs)
+    return plan
+
+
+def _client_plan(
+    policy: Policy | None,
+    method: str,
+    target: str,
+    attrs: dict[str, str],
+    client_faults: bool,
+    client_rate_limits: bool,
+    flavour: str,
+) -> ClientPlan:
     if policy is None:
         return ClientPlan(method, PASS, attrs=attrs)
     mp: MethodPolicy = policy.for_method(method)
@@ -181,6 +204,8 @@ def compile_server(
     if fault is not None and _applies(fault, "server"):
         plan.fault = fault
         plan.allow_fault_headers = bool(_get(fault, "allow_headers", False))
+    if plan.bulkhead is not None:
+        watch_bulkhead(plan.bulkhead, attrs)
     plan.active = any(
         x is not None
         for x in (plan.bulkhead, plan.adaptive, plan.rate_limit, plan.fault, plan.isolation)

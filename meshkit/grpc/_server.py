@@ -174,13 +174,13 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
     def _admit(self, plan: ServerPlan, context: Any, deadline: float | None) -> Admission:
         """Apply the policies; aborts the call (raises) on a rejection."""
         m = self._m
-        metadata = context.invocation_metadata()
-        adm = admit(plan, metadata, context, m)
+        adm = admit(plan, context, m)
         if isinstance(adm, Rejection):
             _abort(context, adm)
         assert isinstance(adm, Admission)
         try:
             if plan.fault is not None:
+                metadata = context.invocation_metadata() if plan.allow_fault_headers else None
                 decision = decide(plan.fault, plan.allow_fault_headers, metadata, _rng)
                 if decision is not None:
                     delay = decision.delay
@@ -203,7 +203,6 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
                     m.bulkhead_rejections.add(1, plan.attrs)
                     _abort(context, bulkhead_rejection(plan))
                 adm.bulkhead = bulkhead
-                m.bulkhead_in_flight.add(1, plan.attrs)
         except BaseException:
             adm.done("RESOURCE_EXHAUSTED")
             raise

@@ -51,7 +51,6 @@ class Admission:
         self._done = True
         if self.bulkhead is not None:
             self.bulkhead.release()
-            self.m.bulkhead_in_flight.add(-1, self.plan.attrs)
         token = self.token
         if token is not None:
             if code is None or code == "OK":
@@ -80,10 +79,12 @@ def rate_key(plan: ServerPlan, metadata: Any, context: Any) -> str:
     return ""
 
 
-def admit(plan: ServerPlan, metadata: Any, context: Any, m: Metrics) -> Admission | Rejection:
-    """Rate limit, adaptive limit and (non-waiting) bulkhead for one incoming call."""
+def admit(plan: ServerPlan, context: Any, m: Metrics) -> Admission | Rejection:
+    """Rate limit and adaptive limit for one incoming call (the bulkhead comes after faults)."""
     limiter = plan.rate_limit
     if limiter is not None:
+        key = plan.rate_key
+        metadata = context.invocation_metadata() if key and key.startswith("metadata:") else None
         wait = limiter.try_acquire(rate_key(plan, metadata, context))
         if wait > 0:
             m.rate_limit_rejections.add(1, plan.attrs)

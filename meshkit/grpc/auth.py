@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from meshkit.gateway.auth import AuthConfig, AuthError, Authenticator
+from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError
 
 _claims: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "meshkit_jwt_claims", default=None
@@ -27,21 +27,26 @@ def current_claims() -> Mapping[str, Any] | None:
     return _claims.get()
 
 
-class JwtServerInterceptor(grpc.aio.ServerInterceptor):
+class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Reject calls without a valid bearer JWT; ``exempt`` lists method-path prefixes
     (such as ``/grpc.health.v1.Health/``) that need none."""
 
-    def __init__(self, config: AuthConfig, *, exempt: Sequence[str] = ("/grpc.health.v1.Health/",),
-                 required_scopes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        exempt: Sequence[str] = ("/grpc.health.v1.Health/",),
+        required_scopes: Sequence[str] = (),
+    ) -> None:
         self.authn = Authenticator(config)
         self.exempt = tuple(exempt)
         self.required_scopes = tuple(required_scopes)
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         method = details.method or ""
         handler = await continuation(details)
         if handler is None or method.startswith(self.exempt):
@@ -63,7 +68,10 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):
                 claims = p.claims
                 missing = [s for s in self.required_scopes if s not in p.scopes()]
                 if missing:
-                    reason, code = f"missing scope {missing[0]!r}", grpc.StatusCode.PERMISSION_DENIED
+                    reason, code = (
+                        f"missing scope {missing[0]!r}",
+                        grpc.StatusCode.PERMISSION_DENIED,
+                    )
             except AuthError as exc:
                 reason = exc.reason
         if reason is not None:
@@ -71,16 +79,18 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):
         return _with_claims(handler, claims or {})
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
+    async def abort(request: Any, context: Any) -> Any:
         await context.abort(code, reason)
 
-    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def abort_stream(request: Any, context: Any) -> Any:
         await context.abort(code, reason)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort, **kw)
     if handler.unary_stream:
@@ -90,13 +100,15 @@ def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: st
     return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
 
 
-def _with_claims(handler: grpc.RpcMethodHandler, claims: Mapping[str, Any]) -> grpc.RpcMethodHandler:
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
+def _with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         inner = handler.unary_unary
 
-        async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def uu(request: Any, context: Any) -> Any:
             token = _claims.set(claims)
             try:
                 return await inner(request, context)
@@ -107,7 +119,7 @@ def _with_claims(handler: grpc.RpcMethodHandler, claims: Mapping[str, Any]) -> g
     if handler.stream_unary:
         inner_su = handler.stream_unary
 
-        async def su(it: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def su(it: Any, context: Any) -> Any:
             token = _claims.set(claims)
             try:
                 return await inner_su(it, context)
@@ -118,7 +130,7 @@ def _with_claims(handler: grpc.RpcMethodHandler, claims: Mapping[str, Any]) -> g
     # Streaming responses: the handler runs in its own task context; set claims inside it.
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def streaming(request: Any, context: Any) -> Any:
         _claims.set(claims)
         result = inner_stream(request, context)
         if hasattr(result, "__aiter__"):

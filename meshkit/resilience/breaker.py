@@ -114,29 +114,39 @@ class BreakerMetrics:
 _FAILED = 1
 _SLOW = 2
 
+# Module-level aliases: an enum attribute lookup costs more than the whole fast path.
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
+_DISABLED = BreakerState.DISABLED
+
 
 class _CountWindow:
+    """A ring of the last ``size`` outcomes (-1: empty slot); totals kept aside."""
+
     __slots__ = ("_i", "_ring", "calls", "failed", "size", "slow")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._ring: list[int] = []
+        self._ring = [-1] * size
         self._i = 0
         self.calls = self.failed = self.slow = 0
 
     def record(self, now: float, outcome: int) -> None:
-        if len(self._ring) < self.size:
-            self._ring.append(outcome)
-        else:
-            old = self._ring[self._i]
-            self._ring[self._i] = outcome
-            self._i = (self._i + 1) % self.size
-            self.calls -= 1
+        ring = self._ring
+        i = self._i
+        old = ring[i]
+        ring[i] = outcome
+        i += 1
+        self._i = 0 if i == self.size else i
+        if old < 0:
+            self.calls += 1
+        elif old:
             self.failed -= old & _FAILED
-            self.slow -= (old & _SLOW) >> 1
-        self.calls += 1
-        self.failed += outcome & _FAILED
-        self.slow += (outcome & _SLOW) >> 1
+            self.slow -= old >> 1
+        if outcome:
+            self.failed += outcome & _FAILED
+            self.slow += outcome >> 1
 
     def roll(self, now: float) -> None:
         """Count windows do not age."""
@@ -207,6 +217,13 @@ class CircuitBreaker(EventEmitter):
         self._probe_in_flight = 0
         self._probe_reported = 0
         self._probe_slow = 0
+        cfg = self.config
+        self._failure_codes = cfg.failure_codes
+        self._slow_after = cfg.slow_call_duration
+        self._min_calls = max(1, cfg.effective_minimum_calls)
+        self._failure_threshold = cfg.failure_rate_threshold
+        self._slow_threshold = cfg.slow_call_rate_threshold
+        self._timed = cfg.window_type is WindowType.TIME
 
     # -- reading -----------------------------------------------------------------
 
@@ -264,16 +281,21 @@ class CircuitBreaker(EventEmitter):
 
     def try_acquire(self) -> bool:
         """Ask permission for one call. ``False``: reject it (fail fast or fall back)."""
+        state = self._state
+        if state is _CLOSED or state is _DISABLED:
+            # An unlocked read: a call that races a transition to OPEN is one that
+            # arrived a moment earlier, which the window tolerates by design.
+            return True
         events: list[Event] = []
         with self._lock:
             state = self._state
-            if state is BreakerState.CLOSED or state is BreakerState.DISABLED:
+            if state is _CLOSED or state is _DISABLED:
                 return True
             permitted = False
-            if state is BreakerState.OPEN and self._clock.now() >= self._open_until:
-                self._to(BreakerState.HALF_OPEN, events)
-                state = BreakerState.HALF_OPEN
-            if state is BreakerState.HALF_OPEN:
+            if state is _OPEN and self._clock.now() >= self._open_until:
+                self._to(_HALF_OPEN, events)
+                state = _HALF_OPEN
+            if state is _HALF_OPEN:
                 free = self.config.half_open_calls - self._probe_reported - self._probe_in_flight
                 if free > 0:
                     self._probe_in_flight += 1
@@ -298,40 +320,43 @@ class CircuitBreaker(EventEmitter):
         ``code`` outside ``failure_codes`` (``"OK"``, caller errors) is a success;
         a call lasting ``slow_call_duration`` or longer is slow.
         """
-        cfg = self.config
-        failed = code in cfg.failure_codes
-        slow = duration >= cfg.slow_call_duration
-        events: list[Event] = []
+        outcome = (_FAILED if code in self._failure_codes else 0) | (
+            _SLOW if duration >= self._slow_after else 0
+        )
+        events: list[Event] | None = None
         with self._lock:
             state = self._state
-            if state is BreakerState.CLOSED:
-                now = self._clock.now()
+            if state is _CLOSED:
                 w = self._window
-                w.record(now, (_FAILED if failed else 0) | (_SLOW if slow else 0))
-                if (
-                    w.calls >= cfg.effective_minimum_calls
-                    and w.calls > 0
-                    and (
-                        w.failed / w.calls >= cfg.failure_rate_threshold
-                        or w.slow / w.calls >= cfg.slow_call_rate_threshold
-                    )
+                w.record(self._clock.now() if self._timed else 0.0, outcome)
+                calls = w.calls
+                if calls >= self._min_calls and (
+                    w.failed / calls >= self._failure_threshold
+                    or w.slow / calls >= self._slow_threshold
                 ):
-                    self._to(BreakerState.OPEN, events)
-            elif state is BreakerState.HALF_OPEN:
-                if self._probe_in_flight > 0:
-                    self._probe_in_flight -= 1
-                self._probe_reported += 1
-                if failed:
-                    self._to(BreakerState.OPEN, events)
-                else:
-                    self._probe_slow += 1 if slow else 0
-                    if self._probe_reported >= cfg.half_open_calls:
-                        if self._probe_slow / self._probe_reported >= cfg.slow_call_rate_threshold:
-                            self._to(BreakerState.OPEN, events)
-                        else:
-                            self._to(BreakerState.CLOSED, events)
+                    events = []
+                    self._to(_OPEN, events)
+            elif state is _HALF_OPEN:
+                events = []
+                self._on_probe(outcome, events)
             # OPEN, FORCED_OPEN, DISABLED: a late outcome changes nothing.
-        self._flush(events)
+        if events:
+            self._flush(events)
+
+    def _on_probe(self, outcome: int, events: list[Event]) -> None:
+        if self._probe_in_flight > 0:
+            self._probe_in_flight -= 1
+        self._probe_reported += 1
+        if outcome & _FAILED:
+            self._to(_OPEN, events)
+            return
+        if outcome & _SLOW:
+            self._probe_slow += 1
+        if self._probe_reported >= self.config.half_open_calls:
+            if self._probe_slow / self._probe_reported >= self._slow_threshold:
+                self._to(_OPEN, events)
+            else:
+                self._to(_CLOSED, events)
 
     def release(self) -> None:
         """Give back a permit whose call ended without an outcome (e.g. cancelled).

@@ -72,7 +72,9 @@ class Bulkhead(EventEmitter):
         self.config = config if config is not None else BulkheadConfig()
         self.name = name
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._thread_waiters = 0
         self._in_flight = 0
         self._rejected = 0
         self._async_waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
@@ -94,7 +96,7 @@ class Bulkhead(EventEmitter):
 
     def try_acquire(self) -> bool:
         """Take a permit if one is free now; never waits."""
-        with self._cond:
+        with self._lock:
             # Queued asyncio waiters go first (FIFO fairness).
             if self._in_flight < self.config.max_concurrent and not self._async_waiters:
                 self._in_flight += 1
@@ -110,15 +112,21 @@ class Bulkhead(EventEmitter):
         counts a rejection) when no permit came in time.
         """
         wait = self._wait_for(timeout)
-        with self._cond:
+        with self._lock:
             if self._in_flight < self.config.max_concurrent:
                 self._in_flight += 1
                 return True
-            if wait > 0 and self._cond.wait_for(
-                lambda: self._in_flight < self.config.max_concurrent, timeout=wait
-            ):
-                self._in_flight += 1
-                return True
+            if wait > 0:
+                self._thread_waiters += 1
+                try:
+                    got = self._cond.wait_for(
+                        lambda: self._in_flight < self.config.max_concurrent, timeout=wait
+                    )
+                finally:
+                    self._thread_waiters -= 1
+                if got:
+                    self._in_flight += 1
+                    return True
             self._rejected += 1
         self._reject()
         return False
@@ -130,7 +138,7 @@ class Bulkhead(EventEmitter):
         gives nothing away: a permit handed over during cancellation is released.
         """
         wait = self._wait_for(timeout)
-        with self._cond:
+        with self._lock:
             if self._in_flight < self.config.max_concurrent and not self._async_waiters:
                 self._in_flight += 1
                 return True
@@ -155,14 +163,14 @@ class Bulkhead(EventEmitter):
         if self._abandon(fut):
             # The permit arrived just as the wait ended: keep it.
             return True
-        with self._cond:
+        with self._lock:
             self._rejected += 1
         self._reject()
         return False
 
     def release(self) -> None:
         """Return a permit; hands it straight to the oldest asyncio waiter, if any."""
-        with self._cond:
+        with self._lock:
             while self._async_waiters:
                 fut = self._async_waiters.popleft()
                 if not fut.done():
@@ -171,11 +179,12 @@ class Bulkhead(EventEmitter):
                     return
             if self._in_flight > 0:
                 self._in_flight -= 1
-            self._cond.notify()
+            if self._thread_waiters:
+                self._cond.notify()
 
     def _abandon(self, fut: asyncio.Future[bool]) -> bool:
         """Stop waiting on ``fut``. True if a permit had already been handed to it."""
-        with self._cond:
+        with self._lock:
             try:
                 self._async_waiters.remove(fut)
             except ValueError:

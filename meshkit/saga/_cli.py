@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("participants", metavar="MODULE:ATTR")
     p.add_argument("--definition", metavar="MODULE:ATTR", help="a SagaDefinition (names failures)")
     p.add_argument(
-        "--external", action="append", default=[], metavar="TYPE",
+        "--external",
+        action="append",
+        default=[],
+        metavar="TYPE",
         help="an event published outside any handler (e.g. shop.v1.OrderCreated)",
     )
     p.set_defaults(func=_graph)
@@ -84,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = dsub.add_parser("replay", help="republish dead letters to their original subjects")
     common(p)
     p.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
-    p.add_argument("--all", action="store_true", help="replay every dead letter (or those filtered)")
+    p.add_argument(
+        "--all", action="store_true", help="replay every dead letter (or those filtered)"
+    )
     p.add_argument("--stream")
     p.add_argument("--consumer")
     p.add_argument("--keep", action="store_true", help="keep replayed letters in the DLQ")
@@ -98,11 +103,13 @@ def _run(fn: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse
 
     async def go() -> int:
         try:
-            bus = await EventBus.connect(
-                args.nats_url, name="meshkit-cli", max_reconnect_attempts=0, connect_timeout=2,
-                allow_reconnect=False,
+            bus = await asyncio.wait_for(
+                EventBus.connect(
+                    args.nats_url, name="meshkit-cli", allow_reconnect=False, connect_timeout=2
+                ),
+                5.0,
             )
-        except Exception as exc:
+        except (TimeoutError, Exception) as exc:
             print(f"meshkit saga: cannot connect to {args.nats_url}: {exc!r}", file=sys.stderr)
             return 1
         try:
@@ -201,7 +208,7 @@ async def _watch(bus: Any, args: argparse.Namespace) -> int:
         if args.duration > 0:
             try:
                 await asyncio.wait_for(consume(), args.duration)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         else:
             await consume()
@@ -251,10 +258,15 @@ async def _dlq_list(bus: Any, args: argparse.Namespace) -> int:
 
     entries = await list_dead_letters(bus, stream=args.stream, consumer=args.consumer)
     if args.json:
-        print(json.dumps(
-            [{"seq": e.seq, **_status_dict(e.letter), "payload_size": len(e.letter.payload)} for e in entries],
-            indent=1,
-        ))
+        print(
+            json.dumps(
+                [
+                    {"seq": e.seq, **_status_dict(e.letter), "payload_size": len(e.letter.payload)}
+                    for e in entries
+                ],
+                indent=1,
+            )
+        )
         return 0
     for e in entries:
         letter = e.letter

@@ -15,11 +15,25 @@ from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 
 from meshkit.saga.envelope import TRACEPARENT, TRACESTATE, Envelope
 
 _tracer = trace.get_tracer("meshkit.saga")
+
+
+def _tracing() -> bool:
+    """True once an OpenTelemetry SDK (any real tracer provider) is installed."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
 
 
 def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, str | int]:
@@ -39,15 +53,24 @@ def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, 
 @contextmanager
 def producer_span(subject: str, env: Envelope, size: int) -> Iterator[Envelope]:
     """A PRODUCER span for one publish; yields the envelope with the trace context set."""
+    if not _tracing():
+        # No SDK: no spans to record, but the caller's trace context still flows on.
+        if not env.traceparent:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            if carrier.get(TRACEPARENT):
+                env = env.with_trace(carrier[TRACEPARENT], carrier.get(TRACESTATE, ""))
+        yield env
+        return
     with _tracer.start_as_current_span(
         f"send {subject}",
         kind=SpanKind.PRODUCER,
         attributes={**_attrs(subject, env, "send", size), "messaging.operation.name": "publish"},
     ) as span:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        traceparent = carrier.get(TRACEPARENT, "") or env.traceparent
-        tracestate = carrier.get(TRACESTATE, "") or env.tracestate
+        out: dict[str, str] = {}
+        propagate.inject(out)
+        traceparent = out.get(TRACEPARENT, "") or env.traceparent
+        tracestate = out.get(TRACESTATE, "") or env.tracestate
         try:
             yield env.with_trace(traceparent, tracestate)
         except BaseException as exc:
@@ -60,6 +83,9 @@ def consumer_span(
     subject: str, env: Envelope, consumer: str, size: int, headers: Mapping[str, str]
 ) -> Iterator[Span]:
     """A CONSUMER span for handling one event, parented on the trace in its headers."""
+    if not _tracing():
+        yield INVALID_SPAN
+        return
     parent = propagate.extract(dict(headers))
     token = otel_context.attach(parent)
     try:

@@ -179,8 +179,9 @@ class Envelope:
     ) -> Envelope:
         """The envelope of an event emitted in reaction to this one.
 
-        Correlation (saga id, saga type, saga deadline) flows on; causation
-        points at this event; the trace context is filled at publish time.
+        Correlation (saga id, saga type, saga deadline) and the trace context
+        flow on; causation points at this event. With tracing on, the producer
+        span replaces the trace context at publish time.
         """
         etype = event if isinstance(event, str) else type_name(event)
         return Envelope(
@@ -193,9 +194,13 @@ class Envelope:
             saga_type=self.saga_type,
             deadline_ms=deadline_ms,
             saga_deadline_ms=self.saga_deadline_ms,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
         )
 
     def with_trace(self, traceparent: str, tracestate: str = "") -> Envelope:
+        if traceparent == self.traceparent and tracestate == self.tracestate:
+            return self
         return replace(self, traceparent=traceparent, tracestate=tracestate)
 
     def remaining_deadline(self, now: int | None = None) -> float | None:

@@ -32,12 +32,14 @@ metadata travels in the same headers as every saga event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import re
 import typing
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
@@ -470,7 +472,9 @@ class EventStore:
                 f"no stream takes {subject}: call EventStore.ensure() first"
             ) from None
         except nats.errors.TimeoutError:
-            raise EventStoreError(f"append to {subject}: no answer in {self.config.timeout}s") from None
+            raise EventStoreError(
+                f"append to {subject}: no answer in {self.config.timeout}s"
+            ) from None
         return bytes(msg.data)
 
     # -- read -------------------------------------------------------------
@@ -501,35 +505,27 @@ class EventStore:
         subject = self.subject(aggregate_type, aggregate_id)
         start = (after.seq + 1) if after is not None else 1
         out: list[StoredEvent] = []
-        async for ev in self._scan(subject, start):
-            if to_version is not None and ev.version > to_version:
-                break
-            if until_ms is not None and ev.timestamp_ms > until_ms:
-                break
-            out.append(ev)
-            if to_version is not None and ev.version >= to_version:
-                break
+        scan = self._scan(subject, start)
+        async with contextlib.aclosing(scan):
+            async for ev in scan:
+                if to_version is not None and ev.version > to_version:
+                    break
+                if until_ms is not None and ev.timestamp_ms > until_ms:
+                    break
+                out.append(ev)
+                if to_version is not None and ev.version >= to_version:
+                    break
         return out
 
-    async def _scan(self, subject: str, start_seq: int) -> typing.AsyncIterator[StoredEvent]:
-        """Every message on ``subject`` from ``start_seq``, via batched direct gets."""
-        seq = start_seq
-        while True:
-            got = 0
-            pending = 0
-            async for msg in _direct_batch(
-                self.nc, self.stream, subject, seq, self.config.read_batch, self.config.timeout
-            ):
-                h = msg.headers or {}
-                mseq = int(h.get("Nats-Sequence", "0"))
-                pending = int(h.get("Nats-Num-Pending", "0") or 0)
-                got += 1
-                seq = mseq + 1
-                yield StoredEvent.from_msg(
-                    h.get("Nats-Subject", subject), bytes(msg.data), h, mseq, self.stream
-                )
-            if got == 0 or pending == 0:
-                return
+    async def _scan(self, subject: str, start_seq: int) -> typing.AsyncGenerator[StoredEvent, None]:
+        """Every message on ``subject`` from ``start_seq``, in stream order."""
+        reader = read_batches(
+            self.nc, self.stream, subject, start_seq, self.config.read_batch, self.config.timeout
+        )
+        async with contextlib.aclosing(reader):
+            async for chunk in reader:
+                for m in chunk:
+                    yield StoredEvent.from_msg(m.subject, m.data, m.headers, m.seq, self.stream)
 
 
 class _WrongLastSequence(Exception):
@@ -558,36 +554,136 @@ def _server_supports_atomic(nc: NATS) -> bool:
     return (major, minor) >= (2, 12)
 
 
+@dataclass(frozen=True)
+class RawMessage:
+    """A stored message as read back: subject, sequence, headers, payload, and how
+    many messages matching the read's filter follow it."""
+
+    subject: str
+    seq: int
+    headers: Mapping[str, str]
+    data: bytes
+    pending: int
+
+
+# Per connection, the streams known to lack allow_direct (read through a consumer instead).
+_NO_DIRECT: weakref.WeakKeyDictionary[NATS, set[str]] = weakref.WeakKeyDictionary()
+
+
+async def read_batches(
+    nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
+) -> typing.AsyncGenerator[list[RawMessage], None]:
+    """Every message on ``subject`` (wildcards allowed) from ``start_seq``, in batches.
+
+    Uses batched direct gets (ADR-31) when the stream allows them; otherwise an
+    ephemeral ordered pull consumer, so streams declared elsewhere work too.
+    """
+    no_direct = _NO_DIRECT.setdefault(nc, set())
+    if stream not in no_direct:
+        try:
+            seq = start_seq
+            while True:
+                got = [m async for m in _direct_batch(nc, stream, subject, seq, batch, wait_s)]
+                if got:
+                    yield got
+                if not got or got[-1].pending == 0:
+                    return
+                seq = got[-1].seq + 1
+        except _NoDirect:
+            no_direct.add(stream)
+            log.info("stream %s has no direct get; reading through a consumer", stream)
+    async for chunk in _consumer_batches(nc, stream, subject, start_seq, batch, wait_s):
+        yield chunk
+
+
+class _NoDirect(Exception):
+    pass
+
+
 async def _direct_batch(
-    nc: NATS, stream: str, subject: str, start_seq: int, batch: int, timeout: float
-) -> typing.AsyncIterator[Any]:
-    """One batched direct get (ADR-31): up to ``batch`` messages on ``subject`` from ``start_seq``."""
+    nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
+) -> typing.AsyncGenerator[RawMessage, None]:
+    """One batched direct get: up to ``batch`` messages on ``subject`` from ``start_seq``."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, pending_msgs_limit=-1)
     try:
         request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
-        await nc.publish(
-            f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
-        )
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
         while True:
             try:
-                msg = await sub.next_msg(timeout=timeout)
+                msg = await sub.next_msg(timeout=wait_s)
             except nats.errors.TimeoutError:
                 raise EventStoreError(
-                    f"reading {subject} from {stream}: no answer in {timeout}s "
-                    "(is allow_direct set on the stream?)"
+                    f"reading {subject} from stream {stream}: no answer in {wait_s}s"
                 ) from None
-            status = msg.headers.get("Status") if msg.headers else None
+            h = msg.headers or {}
+            status = h.get("Status")
             if status:
                 if status in ("204", "404"):  # end of batch / nothing there
                     return
-                raise EventStoreError(
-                    f"reading {subject} from {stream}: {status} "
-                    f"{msg.headers.get('Description', '') if msg.headers else ''}"
-                )
-            yield msg
+                if status == "503":  # no responders: the stream does not allow direct get
+                    raise _NoDirect()
+                desc = next((str(v) for k, v in h.items() if str(k).endswith("Description")), "")
+                raise EventStoreError(f"reading {subject} from stream {stream}: {status} {desc}")
+            yield RawMessage(
+                subject=h.get("Nats-Subject", subject),
+                seq=int(h.get("Nats-Sequence", "0")),
+                headers=h,
+                data=bytes(msg.data),
+                pending=int(h.get("Nats-Num-Pending", "0") or 0),
+            )
     finally:
         await sub.unsubscribe()
+
+
+async def _consumer_batches(
+    nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
+) -> typing.AsyncGenerator[list[RawMessage], None]:
+    js = nc.jetstream(timeout=wait_s)
+    try:
+        psub = await js.pull_subscribe(
+            subject,
+            stream=stream,
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(1, start_seq),
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,
+                mem_storage=True,
+            ),
+        )
+    except nats.js.errors.NotFoundError:
+        raise EventStoreError(f"stream {stream} not found") from None
+    try:
+        info = await psub.consumer_info()
+        if info.num_pending == 0:
+            return
+        while True:
+            try:
+                msgs = await psub.fetch(batch, timeout=min(wait_s, 1.0))
+            except nats.errors.TimeoutError:
+                return
+            out = []
+            for m in msgs:
+                md = m.metadata
+                out.append(
+                    RawMessage(
+                        subject=m.subject,
+                        seq=int(md.sequence.stream),
+                        headers=dict(m.headers or {}),
+                        data=bytes(m.data),
+                        pending=int(md.num_pending or 0),
+                    )
+                )
+            if out:
+                yield out
+            if not out or out[-1].pending == 0:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, (await psub.consumer_info()).name)
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
 
 
 # -- schema evolution -------------------------------------------------------
@@ -659,7 +755,14 @@ class Appliers(Generic[A]):
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
             if not name.startswith("apply"):
                 continue
-            hints = typing.get_type_hints(fn)
+            try:
+                hints = typing.get_type_hints(fn)
+            except NameError as exc:
+                raise ConfigError(
+                    f"{cls.__name__}.{name}",
+                    f"cannot resolve its annotations ({exc}); event classes must be "
+                    "importable from the module that defines the aggregate",
+                ) from None
             params = [p for p in inspect.signature(fn).parameters if p != "self"]
             if len(params) != 1:
                 continue
@@ -667,9 +770,7 @@ class Appliers(Generic[A]):
             if isinstance(hint, type) and issubclass(hint, Message):
                 full = type_name(hint)
                 if full in self.methods:
-                    raise ConfigError(
-                        f"{cls.__name__}.{name}", f"a second apply method for {full}"
-                    )
+                    raise ConfigError(f"{cls.__name__}.{name}", f"a second apply method for {full}")
                 self.methods[full] = fn
                 self.types[full] = hint
         if not self.methods:
@@ -748,7 +849,9 @@ class Repository(Generic[A]):
         upcasters: Upcasters | None = None,
     ) -> None:
         if not _NAME.match(aggregate_type):
-            raise ConfigError("repository.aggregate_type", f"{aggregate_type!r} must match [A-Za-z0-9_-]+")
+            raise ConfigError(
+                "repository.aggregate_type", f"{aggregate_type!r} must match [A-Za-z0-9_-]+"
+            )
         if snapshot_every < 0:
             raise ConfigError("repository.snapshot_every", f"{snapshot_every!r}: must be >= 0")
         if snapshot_every and (snapshots is None or codec is None):
@@ -787,7 +890,10 @@ class Repository(Generic[A]):
             if snap is not None and snap.schema != self.codec.schema:
                 log.info(
                     "ignoring snapshot of %s/%s: schema %d, codec wants %d",
-                    self.aggregate_type, aggregate_id, snap.schema, self.codec.schema,
+                    self.aggregate_type,
+                    aggregate_id,
+                    snap.schema,
+                    self.codec.schema,
                 )
                 snap = None
         if snap is not None and self.codec is not None:
@@ -864,7 +970,9 @@ class Repository(Generic[A]):
             await self.snapshots.put(snap)
             loaded.snapshot_version = snap.version
         except Exception as exc:  # a missed snapshot only costs a longer load
-            log.warning("snapshot of %s/%s failed: %r", self.aggregate_type, loaded.aggregate_id, exc)
+            log.warning(
+                "snapshot of %s/%s failed: %r", self.aggregate_type, loaded.aggregate_id, exc
+            )
 
     async def execute(
         self,

@@ -1,6 +1,6 @@
 """Orchestrated sagas: the seed's state machine (§8.4) run by a central coordinator.
 
-A :class:`SagaDefinition` is data: states, the events that move between them,
+A :class:`SagaMachine` is data: states, the events that move between them,
 the command each state sends to a participant when the saga enters it, and
 which states compensate. The :class:`Orchestrator` keeps every saga instance
 in JetStream KV (one key per saga, JSON) and moves it only with
@@ -61,12 +61,13 @@ __all__ = [
     "Command",
     "CommandContext",
     "CommandParticipant",
-    "OrchestratorConfig",
     "Orchestrator",
+    "OrchestratorConfig",
     "SagaContext",
-    "SagaDefinition",
     "SagaInstance",
+    "SagaMachine",
     "State",
+    "list_statuses",
     "load_status",
 ]
 
@@ -108,7 +109,9 @@ class Command:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.participant):
-            raise ConfigError("command.participant", f"{self.participant!r} must match [A-Za-z0-9_-]+")
+            raise ConfigError(
+                "command.participant", f"{self.participant!r} must match [A-Za-z0-9_-]+"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class State:
 
 
 @dataclass(frozen=True)
-class SagaDefinition:
+class SagaMachine:
     """A saga as a state machine, checked when built.
 
     ``events`` maps each event name used in ``on`` to the protobuf message type
@@ -157,7 +160,9 @@ class SagaDefinition:
                 if event not in self.events:
                     raise ConfigError(f"{where}.states.{sname}.on.{event}", "unknown event")
                 if target not in self.states:
-                    raise ConfigError(f"{where}.states.{sname}.on.{event}", f"unknown state {target!r}")
+                    raise ConfigError(
+                        f"{where}.states.{sname}.on.{event}", f"unknown state {target!r}"
+                    )
 
     def event_name(self, full_type: str) -> str | None:
         for name, t in self.events.items():
@@ -292,7 +297,9 @@ class SagaInstance:
                 (r["event"], r["type"], base64.b64decode(r["data"])) for r in d.get("replies", [])
             ),
             history=tuple(
-                Step(h["from"], h["to"], h["event"], h["event_id"], h["at"], h.get("command_id", ""))
+                Step(
+                    h["from"], h["to"], h["event"], h["event_id"], h["at"], h.get("command_id", "")
+                )
                 for h in d.get("history", [])
             ),
             pending=PendingCommand.from_json(d["pending"]) if d.get("pending") else None,
@@ -314,7 +321,9 @@ class SagaInstance:
             state = (
                 saga_pb2.SAGA_STATE_COMPLETED
                 if self.succeeded
-                else (saga_pb2.SAGA_STATE_COMPENSATED if compensated else saga_pb2.SAGA_STATE_FAILED)
+                else (
+                    saga_pb2.SAGA_STATE_COMPENSATED if compensated else saga_pb2.SAGA_STATE_FAILED
+                )
             )
         elif self.history and self.history[-1].event.startswith("!"):
             state = saga_pb2.SAGA_STATE_COMPENSATING
@@ -362,7 +371,11 @@ class OrchestratorConfig:
     bucket: str = "meshkit_orch"
     duplicate_window: float = 600.0
     storage: str = "file"
-    consumer: ConsumerSpec = field(default_factory=lambda: ConsumerSpec(ack_wait=10.0))
+    # A reply must never be dropped (a saga would hang), hence the high max_deliver:
+    # after a crash, the dead process's pull request can swallow a few deliveries.
+    consumer: ConsumerSpec = field(
+        default_factory=lambda: ConsumerSpec(ack_wait=10.0, max_deliver=10_000)
+    )
 
     def command_subject(self, participant: str, saga_id: str) -> str:
         return f"{self.prefix}.cmd.{participant}.{saga_id}"
@@ -397,7 +410,7 @@ class Orchestrator:
     def __init__(
         self,
         bus: EventBus,
-        definition: SagaDefinition,
+        definition: SagaMachine,
         *,
         config: OrchestratorConfig | None = None,
         name: str = "orchestrator",
@@ -440,9 +453,10 @@ class Orchestrator:
         await self._consumer.start()
         return self
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop following replies, letting in-flight transitions finish for ``grace`` seconds."""
         if self._consumer is not None:
-            await self._consumer.stop(timeout)
+            await self._consumer.stop(grace)
             self._consumer = None
 
     async def kv(self) -> Any:
@@ -514,7 +528,9 @@ class Orchestrator:
             moved = replace(inst, state=target)
             msg = st.command.build(self._context(moved))
             pending = PendingCommand(
-                command_id=derive_event_id(inst.saga_id, f"{self.definition.name}:{step_no}:{target}", 0),
+                command_id=derive_event_id(
+                    inst.saga_id, f"{self.definition.name}:{step_no}:{target}", 0
+                ),
                 participant=st.command.participant,
                 name=st.command.name or type_name(msg),
                 type=type_name(msg),
@@ -629,11 +645,14 @@ class Orchestrator:
         """Finish every transition a crash interrupted (pending, unsent commands)."""
         kv = await self.kv()
         try:
-            keys = await kv.keys(filters=[f"{self.definition.name}.>"])
+            keys = await kv.keys()
         except nats.js.errors.NoKeysError:
             return 0
         n = 0
+        prefix = f"{self.definition.name}."
         for key in keys:
+            if not key.startswith(prefix):
+                continue
             saga_id = key.split(".", 1)[1]
             got = await self._load(saga_id)
             if got is None:
@@ -646,20 +665,26 @@ class Orchestrator:
             log.info("orchestrator %s: resumed %d interrupted transitions", self.name, n)
         return n
 
-    async def wait(self, saga_id: str, *, timeout: float = 10.0) -> SagaInstance:
+    async def wait(self, saga_id: str, *, within: float = 10.0) -> SagaInstance:
         """Wait until the saga reaches a final state (polling KV; for tests and tools)."""
-        end = time.monotonic() + timeout
+        end = time.monotonic() + within
         while True:
             inst = await self.get(saga_id)
             if inst is not None and inst.final:
                 return inst
             if time.monotonic() > end:
-                raise TimeoutError(f"saga {saga_id} not final after {timeout}s: {inst and inst.state}")
+                raise TimeoutError(
+                    f"saga {saga_id} not final after {within}s: {inst and inst.state}"
+                )
             await asyncio.sleep(0.02)
 
 
 async def load_status(
-    bus: EventBus, saga_id: str, *, saga_type: str | None = None, config: OrchestratorConfig | None = None
+    bus: EventBus,
+    saga_id: str,
+    *,
+    saga_type: str | None = None,
+    config: OrchestratorConfig | None = None,
 ) -> Any:
     """The ``meshkit.v1.SagaStatus`` of an orchestrated saga, or None (for ``meshkit saga show``)."""
     cfg = config or OrchestratorConfig()
@@ -683,6 +708,23 @@ async def load_status(
         if entry.value:
             return SagaInstance.decode(entry.value).to_status()
     return None
+
+
+async def list_statuses(bus: EventBus, *, config: OrchestratorConfig | None = None) -> list[Any]:
+    """Every orchestrated saga as ``meshkit.v1.SagaStatus`` (for ``meshkit saga list``)."""
+    cfg = config or OrchestratorConfig()
+    try:
+        kv = await bus.js.key_value(cfg.bucket)
+        keys = await kv.keys()
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+        return []
+    out = []
+    for key in sorted(keys):
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            entry = await kv.get(key)
+            if entry.value:
+                out.append(SagaInstance.decode(entry.value).to_status())
+    return out
 
 
 # -- participants in orchestration mode --------------------------------------
@@ -743,7 +785,11 @@ class CommandParticipant:
         return deco
 
     async def start(
-        self, bus: EventBus, config: OrchestratorConfig | None = None, *, spec: ConsumerSpec | None = None
+        self,
+        bus: EventBus,
+        config: OrchestratorConfig | None = None,
+        *,
+        spec: ConsumerSpec | None = None,
     ) -> CommandParticipant:
         cfg = config or OrchestratorConfig()
         await ensure_orchestration(bus, cfg)
@@ -763,8 +809,12 @@ class CommandParticipant:
             with contextlib.suppress(Exception):
                 deliveries = int(msg.metadata.num_delivered)
             reply = await fn(cmd, CommandContext(env, self.name, deliveries))
-            reply_to = (msg.headers or {}).get(REPLY_TO) or cfg.reply_subject(env.saga_type, env.saga_id)
-            out = env.caused(reply, event_id=derive_event_id(env.event_id, self.name, 0), source=self.name)
+            reply_to = (msg.headers or {}).get(REPLY_TO) or cfg.reply_subject(
+                env.saga_type, env.saga_id
+            )
+            out = env.caused(
+                reply, event_id=derive_event_id(env.event_id, self.name, 0), source=self.name
+            )
             await bus.publish_raw(reply_to, reply.SerializeToString(), out.to_headers())
             await msg.ack()
 
@@ -778,7 +828,8 @@ class CommandParticipant:
         await self._consumer.start()
         return self
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop following replies, letting in-flight transitions finish for ``grace`` seconds."""
         if self._consumer is not None:
-            await self._consumer.stop(timeout)
+            await self._consumer.stop(grace)
             self._consumer = None

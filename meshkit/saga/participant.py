@@ -321,7 +321,10 @@ class RunningParticipant:
                 if outputs:
                     remaining = meshkit.deadline.remaining()
                     deadline_ms = int(remaining * 1000) if remaining is not None else None
-                    await asyncio.gather(*(self._publish(env, out, deadline_ms) for out in outputs))
+                    if len(outputs) == 1:
+                        await self._publish(env, outputs[0], deadline_ms)
+                    else:
+                        await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
                     self.stats.emitted += len(outputs)
         finally:
             if token is not None:

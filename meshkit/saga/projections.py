@@ -31,8 +31,7 @@ from typing import Any, Protocol
 from nats.aio.client import Client as NATS
 
 from meshkit.errors import ConfigError
-from meshkit.saga.envelope import EnvelopeError
-from meshkit.saga.eventstore import StoredEvent, Upcasters, _direct_batch
+from meshkit.saga.eventstore import StoredEvent, Upcasters, read_batches
 from meshkit.saga.readmodels import CheckpointMoved, ReadModelStore, ReadModelTx
 
 __all__ = ["Projection", "ProjectionStatus", "Projector", "Source", "SourceStatus"]
@@ -146,24 +145,31 @@ class Projector:
             events: list[StoredEvent] = []
             last = checkpoint
             pending = 0
-            async for msg in _direct_batch(
+            reader = read_batches(
                 self.nc, source.stream, source.subject, checkpoint + 1, self.batch, self.timeout
-            ):
-                h = msg.headers or {}
-                seq = int(h.get("Nats-Sequence", "0"))
-                pending = int(h.get("Nats-Num-Pending", "0") or 0)
-                last = seq
-                try:
-                    ev = StoredEvent.from_msg(
-                        h.get("Nats-Subject", ""), bytes(msg.data), h, seq, source.stream
-                    )
-                except (EnvelopeError, Exception) as exc:  # not a meshkit event: skip, count
-                    self.stats.skipped += 1
-                    log.warning("projection %s: skipping %s seq %d: %s", self.name, source.stream, seq, exc)
-                    continue
-                if self.upcasters is not None:
-                    ev = self.upcasters.upcast(ev)
-                events.append(ev)
+            )
+            async with contextlib.aclosing(reader):
+                async for chunk in reader:
+                    for m in chunk:
+                        last, pending = m.seq, m.pending
+                        try:
+                            ev = StoredEvent.from_msg(
+                                m.subject, m.data, m.headers, m.seq, source.stream
+                            )
+                        except Exception as exc:  # not a meshkit event: skip it, count it
+                            self.stats.skipped += 1
+                            log.warning(
+                                "projection %s: skipping %s seq %d: %s",
+                                self.name,
+                                source.stream,
+                                m.seq,
+                                exc,
+                            )
+                            continue
+                        if self.upcasters is not None:
+                            ev = self.upcasters.upcast(ev)
+                        events.append(ev)
+                    break  # one batch per transaction
             if last == checkpoint:
                 self._pending[source.key] = 0
                 return applied
@@ -201,10 +207,11 @@ class Projector:
         for source in self.projection.sources:
             cp = checkpoints.get(source.key, 0)
             pending = 0
-            async for msg in _direct_batch(
-                self.nc, source.stream, source.subject, cp + 1, 1, self.timeout
-            ):
-                pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0) + 1
+            reader = read_batches(self.nc, source.stream, source.subject, cp + 1, 1, self.timeout)
+            async with contextlib.aclosing(reader):
+                async for chunk in reader:
+                    pending = chunk[0].pending + 1
+                    break
             rows.append(SourceStatus(source.key, cp, pending))
         return ProjectionStatus(self.name, tuple(rows), self.stats.last_error)
 
@@ -234,13 +241,15 @@ class Projector:
             except Exception as exc:  # a failing handler must not skip events: retry later
                 self.stats.errors += 1
                 self.stats.last_error = repr(exc)
-                log.error("projection %s: %r; retrying in %.1fs", self.name, exc, self.poll_interval)
+                log.error(
+                    "projection %s: %r; retrying in %.1fs", self.name, exc, self.poll_interval
+                )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
-    async def wait_caught_up(self, timeout: float = 10.0) -> ProjectionStatus:
+    async def wait_caught_up(self, within: float = 10.0) -> ProjectionStatus:
         """Wait until no source has pending events (for tests and tools)."""
-        end = time.monotonic() + timeout
+        end = time.monotonic() + within
         while True:
             status = await self.status()
             if status.lag == 0:

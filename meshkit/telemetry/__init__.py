@@ -7,14 +7,15 @@ cheap method call. Attribute dicts are built once per method (see
 
 Metrics (all counters unless noted):
 
-``meshkit.rpc.attempts``            every attempt sent (first tries, retries and hedges)
+``meshkit.rpc.attempts``            every attempt sent (first tries, retries and hedges);
+                                    an observable counter fed by plain integers
 ``meshkit.rpc.retries``             attempts after the first (``kind``: retry or hedge)
 ``meshkit.rpc.failed_before_send``  calls refused locally (``reason``: deadline, circuit_open,
                                     bulkhead_full, rate_limited, budget, fault)
 ``meshkit.retry_budget.exhausted``  retries refused by the per-target retry budget
 ``meshkit.circuit_breaker.transitions``  state changes (``breaker``, ``from``, ``to``)
 ``meshkit.circuit_breaker.state``   up-down counter per (``breaker``, ``state``): 1 for the current state
-``meshkit.bulkhead.in_flight``      up-down counter of permits held (``bulkhead``)
+``meshkit.bulkhead.in_flight``      observable up-down counter of permits held (``bulkhead``)
 ``meshkit.bulkhead.rejections``     calls refused by a bulkhead or adaptive limit
 ``meshkit.rate_limit.rejections``   calls refused by a rate limiter
 ``meshkit.fallbacks``               fallbacks served (``kind``)
@@ -34,7 +35,16 @@ from typing import Any
 from opentelemetry import metrics as _otel_metrics
 from opentelemetry import trace as _otel_trace
 
-__all__ = ["Metrics", "configure", "instruments", "method_attributes", "span_event"]
+__all__ = [
+    "Metrics",
+    "Tally",
+    "attempts_tally",
+    "configure",
+    "instruments",
+    "method_attributes",
+    "span_event",
+    "watch_bulkhead",
+]
 
 Attributes = Mapping[str, str | int | float | bool]
 
@@ -44,8 +54,13 @@ class Metrics:
 
     def __init__(self, meter: _otel_metrics.Meter | None = None) -> None:
         m = meter or _otel_metrics.get_meter("meshkit")
-        self.attempts = m.create_counter(
-            "meshkit.rpc.attempts", unit="{attempt}", description="RPC attempts sent"
+        # Hot-path counts are plain integers read by callbacks at collection time, so
+        # a call costs one integer increment whether or not an SDK is configured.
+        self.attempts = m.create_observable_counter(
+            "meshkit.rpc.attempts",
+            callbacks=[_observe(_attempt_tallies)],
+            unit="{attempt}",
+            description="RPC attempts sent",
         )
         self.retries = m.create_counter(
             "meshkit.rpc.retries", unit="{attempt}", description="Attempts after the first"
@@ -70,8 +85,11 @@ class Metrics:
             unit="1",
             description="1 for each breaker's current state",
         )
-        self.bulkhead_in_flight = m.create_up_down_counter(
-            "meshkit.bulkhead.in_flight", unit="{call}", description="Bulkhead permits held"
+        self.bulkhead_in_flight = m.create_observable_up_down_counter(
+            "meshkit.bulkhead.in_flight",
+            callbacks=[_observe_bulkheads],
+            unit="{call}",
+            description="Bulkhead permits held",
         )
         self.bulkhead_rejections = m.create_counter(
             "meshkit.bulkhead.rejections",
@@ -93,6 +111,61 @@ class Metrics:
 
 _lock = threading.Lock()
 _metrics: Metrics | None = None
+
+
+class Tally:
+    """A counter for the hot path: ``tally.n += 1``; reported by an observable counter.
+
+    Increments from several threads may very rarely lose a count (no lock, on purpose:
+    the hot path stays one integer add).
+    """
+
+    __slots__ = ("attrs", "n")
+
+    def __init__(self, attrs: Attributes) -> None:
+        self.attrs = attrs
+        self.n = 0
+
+
+_attempt_tallies: list[Tally] = []
+_bulkheads: list[tuple[Any, Attributes]] = []
+_registry_lock = threading.Lock()
+
+
+def attempts_tally(attrs: Attributes) -> Tally:
+    """A new tally of attempts for one method's plan (reported as ``meshkit.rpc.attempts``)."""
+    tally = Tally(attrs)
+    with _registry_lock:
+        _attempt_tallies.append(tally)
+    return tally
+
+
+def watch_bulkhead(bulkhead: Any, attrs: Attributes) -> None:
+    """Report ``bulkhead.in_flight`` as ``meshkit.bulkhead.in_flight`` (once per instance)."""
+    with _registry_lock:
+        if any(b is bulkhead for b, _ in _bulkheads):
+            return
+        _bulkheads.append((bulkhead, {**attrs, "bulkhead": getattr(bulkhead, "name", "")}))
+
+
+def _observe(tallies: list[Tally]) -> Any:
+    from opentelemetry.metrics import Observation
+
+    def callback(options: Any) -> list[Any]:
+        totals: dict[tuple[tuple[str, Any], ...], tuple[int, Attributes]] = {}
+        for tally in list(tallies):
+            key = tuple(sorted(tally.attrs.items()))
+            prev = totals.get(key)
+            totals[key] = (tally.n + (prev[0] if prev else 0), tally.attrs)
+        return [Observation(n, dict(attrs)) for n, attrs in totals.values()]
+
+    return callback
+
+
+def _observe_bulkheads(options: Any) -> list[Any]:
+    from opentelemetry.metrics import Observation
+
+    return [Observation(int(b.in_flight), dict(a)) for b, a in list(_bulkheads)]
 
 
 def instruments() -> Metrics:

@@ -551,7 +551,12 @@ class Client:
 
         return list(await self._run(consume))
 
-    async def client_stream(self, reqs: list[dict[str, Any]]) -> Any:
+    async def client_stream(self, reqs: list[dict[str, Any]], *, raw: bool = False) -> Any:
+        """``raw``: send pre-serialized bytes, so the replay buffer can measure them."""
+        if raw:
+            call = self.channel.stream_unary(CLIENT_STREAM, response_deserializer=loads)
+            body = [dumps(r) for r in reqs]
+            return await self._run(lambda: call(iter(body)))
         call = self.channel.stream_unary(
             CLIENT_STREAM, request_serializer=dumps, response_deserializer=loads
         )

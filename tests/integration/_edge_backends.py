@@ -34,6 +34,8 @@ class ShopBackend:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.delay = 0.0
+        # When set, GetOrder waits until GetPayment has started (proves the calls overlap).
+        self.payment_started: asyncio.Event | None = None
 
     @property
     def target(self) -> str:
@@ -48,10 +50,12 @@ class ShopBackend:
         backend = self
 
         class Orders(orders_pb2_grpc.OrderServiceServicer):
-            async def GetOrder(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+            async def GetOrder(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
                 backend._record("GetOrder", ctx)
                 if backend.delay:
                     await asyncio.sleep(backend.delay)
+                if backend.payment_started is not None:
+                    await asyncio.wait_for(backend.payment_started.wait(), 5.0)
                 if req.order_id == "missing":
                     await ctx.abort(grpc.StatusCode.NOT_FOUND, f"order {req.order_id} not found")
                 return orders_pb2.Order(
@@ -71,7 +75,7 @@ class ShopBackend:
                 )
 
         class Shipping(shipping_pb2_grpc.ShippingServiceServicer):
-            async def GetShipment(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+            async def GetShipment(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
                 backend._record("GetShipment", ctx)
                 return shipping_pb2.Shipment(
                     shipment_id=f"s-{req.order_id}",
@@ -81,8 +85,10 @@ class ShopBackend:
                 )
 
         class Payment(payment_pb2_grpc.PaymentServiceServicer):
-            async def GetPayment(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+            async def GetPayment(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
                 backend._record("GetPayment", ctx)
+                if backend.payment_started is not None:
+                    backend.payment_started.set()
                 if backend.fail_payment is not None:
                     await ctx.abort(backend.fail_payment, "payments are down")
                 return payment_pb2.Payment(

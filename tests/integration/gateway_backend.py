@@ -68,7 +68,7 @@ class Backend:
     def cls(self, name: str) -> Any:
         return self.catalog.message_class(name)
 
-    async def start(self, port: int = 0) -> int:
+    async def start(self, port: int = 0, *, reflection: bool = False) -> int:
         server = grpc.aio.server()
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
         for m in self.catalog.methods:
@@ -90,6 +90,11 @@ class Backend:
             by_service.setdefault(m.service, {})[m.name] = h
         for svc, hs in by_service.items():
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc, hs),))
+        if reflection:
+            from grpc_reflection.v1alpha import reflection as refl
+
+            refl.enable_server_reflection([*by_service, refl.SERVICE_NAME], server,
+                                          pool=self.catalog.pool)
         self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         self.server = server

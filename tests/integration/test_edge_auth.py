@@ -315,14 +315,14 @@ async def test_route_rate_limit_per_ip(shop_descriptor_set: Path, backend: ShopB
 
 async def test_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) -> None:
     from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-    from meshkit.grpc.auth import JwtServerInterceptor, current_claims
     from meshkit.gateway.auth import AuthConfig
+    from meshkit.grpc.auth import JwtServerInterceptor, current_claims
 
     cfg = AuthConfig.from_mapping(edge_config(tmp_path, "127.0.0.1:1")["edge"]["auth"])
     seen: list[Any] = []
 
     class Orders(orders_pb2_grpc.OrderServiceServicer):
-        async def GetOrder(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def GetOrder(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
             seen.append(current_claims())
             return orders_pb2.Order(order_id=req.order_id)
 

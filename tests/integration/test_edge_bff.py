@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -189,3 +190,14 @@ async def test_profile_on_its_own_port_serves_without_prefix(
     ) as c:
         assert (await c.get("/v1/orders/o-3/summary")).status_code == 200
         assert (await c.get("/mobile/v1/orders/o-3/summary")).status_code == 200
+
+
+async def test_independent_calls_run_concurrently(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    # GetOrder answers only once GetPayment has started: sequential calls would time out.
+    backend.payment_started = asyncio.Event()
+    r = await client.get("/mobile/v1/orders/o-5/summary")
+    assert r.status_code == 200, r.text
+    assert "errors" not in r.json()
+    assert r.json()["payment"] == {"status": "PAYMENT_STATUS_CHARGED"}

@@ -162,12 +162,16 @@ async def test_ops_endpoints_access_log_and_metrics(
     with caplog.at_level(logging.INFO, logger="meshkit.gateway.access"):
         await client.get("/v1/orders/o-1", headers={"x-request-id": "rid-42"})
         await client.get("/v1/orders/o-1")
+        await client.get("/mobile/v1/orders/o-1")
     lines = [
         json.loads(r.getMessage()) for r in caplog.records if r.name == "meshkit.gateway.access"
     ]
     assert lines[0]["status"] == 200 and lines[0]["route"] == "shop.v1.OrderService.GetOrder"
     assert lines[0]["request_id"] == "rid-42"
     assert lines[0]["cache"] == "miss" and lines[1]["cache"] == "hit"
+    assert lines[0]["profile"] == "web"
+    assert lines[2]["profile"] == "mobile" and lines[2]["path"] == "/mobile/v1/orders/o-1"
+    assert lines[2]["route"] == "shop.v1.OrderService.GetOrder"
     text = (await client.get("/metrics")).text
     assert 'meshkit_gateway_requests_total{code="200"' in text
     assert "meshkit_gateway_request_duration_seconds_bucket" in text

@@ -348,7 +348,7 @@ def test_metrics_and_span_events() -> None:
         )
         ch = grpc.intercept_channel(
             grpc.insecure_channel(srv.target),
-            *meshkit.grpc.client_interceptors(p, target=srv.target),
+            *meshkit.grpc.client_interceptors(p, target="metrics-test"),
         )
         with tracer.start_as_current_span("call"):
             out = unary(ch)({"key": "m", "fail": [{"code": "UNAVAILABLE", "times": 2}]}, timeout=5)
@@ -362,7 +362,11 @@ def test_metrics_and_span_events() -> None:
     for rm in data.resource_metrics:
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
-                values[metric.name] = sum(pt.value for pt in metric.data.data_points)
+                values[metric.name] = sum(
+                    pt.value
+                    for pt in metric.data.data_points
+                    if pt.attributes.get("target") == "metrics-test"
+                )
     assert values["meshkit.rpc.attempts"] == 3
     assert values["meshkit.rpc.retries"] == 2
     (span,) = exporter.get_finished_spans()
@@ -375,3 +379,38 @@ def test_noop_policy_takes_the_fast_path() -> None:
     ic = meshkit.grpc.client_interceptors(p, target="t")[0]
     assert ic.plan(UNARY).level == 0  # nothing configured for Echo: straight through
     assert ic.plan(OTHER_UNARY).level == 1  # a timeout only
+
+
+def test_span_events_land_on_the_instrumentation_span() -> None:
+    from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = SyncServer().start()
+    try:
+        p = Policy.from_dict(
+            {
+                "rules": [
+                    {
+                        "match": "meshkit.test.Echo",
+                        "retry": {"max_attempts": 4, "initial_backoff": "1ms"},
+                    }
+                ]
+            }
+        )
+        # opentelemetry-instrumentation-grpc outermost: one span per call, meshkit's
+        # events on it.
+        inner = meshkit.grpc.channel(srv.target, policy=p, name="otel-test")
+        ch = grpcext.intercept_channel(inner, client_interceptor(tracer_provider=provider))
+        out = unary(ch)({"key": "o", "fail": [{"code": "UNAVAILABLE", "times": 1}]}, timeout=5)
+        assert out["n"] == 2
+        inner.close()
+    finally:
+        srv.stop()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "/meshkit.test.Echo/Unary"
+    assert [e.name for e in span.events] == ["meshkit.retry"]

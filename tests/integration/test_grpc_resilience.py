@@ -466,3 +466,91 @@ async def test_rules_apply_per_service(mesh: Mesh) -> None:
     err = await expect_error(client.unary({"key": "o", "code": "UNAVAILABLE"}, method=OTHER_UNARY))
     assert err.code() is grpc.StatusCode.UNAVAILABLE
     assert srv.script.total("o") == 1  # no rule for meshkit.test.Other: no retries
+
+
+async def test_client_stream_past_the_buffer_is_not_retried(mesh: Mesh) -> None:
+    p = policy({"retry": {**FAST_RETRY, "max_buffer_bytes": 128}})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    big = [{"key": "big", "fail": [{"code": "UNAVAILABLE", "times": 1}]}] + [
+        {"pad": "x" * 50} for _ in range(3)
+    ]
+    err = await expect_error(client.client_stream(big, raw=True))
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert srv.script.total("big") == 1  # committed: the messages could not be replayed
+    small = [{"key": "small", "fail": [{"code": "UNAVAILABLE", "times": 1}]}, {"i": 1}]
+    out = await client.client_stream(small, raw=True)
+    assert out["n"] == 2 and out["received"] == 2  # within the buffer: replayed
+
+
+async def test_hedging_all_attempts_fail_returns_the_last_error(mesh: Mesh) -> None:
+    p = policy(
+        {"hedging": {"max_attempts": 3, "delay": "50ms", "non_fatal_codes": ["UNAVAILABLE"]}}
+    )
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    err = await expect_error(client.unary({"key": "hf", "code": "UNAVAILABLE"}, timeout=5.0))
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert srv.script.total("hf") == 3
+    err = await expect_error(client.unary({"key": "fatal", "code": "INVALID_ARGUMENT"}))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert srv.script.total("fatal") == 1  # a fatal status ends the race at once
+
+
+async def test_stream_permits_are_released(mesh: Mesh) -> None:
+    p = policy({"bulkhead": {"max_concurrent": 1, "side": "both"}, "retry": FAST_RETRY})
+    srv = await mesh.server(p)
+    client = mesh.client(p, srv.target)
+    for _ in range(3):
+        got = await client.server_stream({"key": "sp", "count": 2})
+        assert len(got) == 2
+        got = await client.bidi([{"key": "bp"}, {"i": 1}])
+        assert len(got) == 2
+    assert (await client.unary({"key": "after"}))["n"] == 1
+    for bulkhead in p.bulkheads().values():
+        assert bulkhead.in_flight == 0
+
+
+async def test_server_adaptive_limit_rejects_past_the_limit(mesh: Mesh) -> None:
+    p = policy(
+        {
+            "adaptive_limit": {
+                "algorithm": "aimd",
+                "initial_limit": 2,
+                "min_limit": 1,
+                "max_limit": 2,
+            }
+        }
+    )
+    srv = await mesh.server(p)
+    client = mesh.client(None, srv.target)
+    slow = [asyncio.ensure_future(client.unary({"key": "slow", "delay": 0.8})) for _ in range(2)]
+    assert await eventually(lambda: srv.script.in_flight == 2)
+    err = await expect_error(client.unary({"key": "extra"}))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "concurrency limit" in (err.details() or "")
+    assert srv.script.total("extra") == 0
+    await asyncio.gather(*slow)
+    (limiter,) = p.adaptive_limiters().values()
+    assert limiter.in_flight == 0
+
+
+async def test_client_rate_limit_and_rich_status(mesh: Mesh) -> None:
+    from google.rpc import error_details_pb2, status_pb2
+
+    p = policy({"rate_limit": {"rate": 1, "per": "10s", "burst": 1, "side": "both"}})
+    srv = await mesh.server(p)
+    client = mesh.client(p, srv.target)
+    await client.unary({"key": "cr"})
+    err = await expect_error(client.unary({"key": "cr"}))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.script.total("cr") == 1  # refused on the client, not sent
+    # The server's own rejection carries a google.rpc.Status with RetryInfo.
+    raw = mesh.client(None, srv.target)
+    err = await expect_error(raw.unary({"key": "cr"}))
+    details = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info)
+    assert 5.0 < info.retry_delay.ToTimedelta().total_seconds() <= 10.0

@@ -86,7 +86,15 @@ class Rig:
             stream=f"ORCHT{n}",
             prefix=f"orcht{n}",
             bucket=f"orcht{n}",
-            consumer=ConsumerSpec(ack_wait=0.7, idle_heartbeat=0.5, nak_backoff=(0.1,)),
+            # A killed orchestrator's pull request lingers on the server until it
+            # expires; a short expiry bounds how long its replies go astray.
+            consumer=ConsumerSpec(
+                ack_wait=0.7,
+                idle_heartbeat=0.5,
+                pull_expires=2.0,
+                nak_backoff=(0.1,),
+                max_deliver=10_000,
+            ),
         )
         self.es_cfg = EventStoreConfig(stream=f"ORDERST{n}", prefix=f"orderst{n}")
         self.shop = Shop(stock={"apple": 10, "pear": 1})
@@ -129,11 +137,11 @@ async def test_every_path_runs_to_its_final_state(nats_server_module: Any, rigs:
     for name, path in PATHS.items():
         await orch.begin(name, path["request"])
     for name, path in PATHS.items():
-        inst = await orch.wait(name, timeout=20)
+        inst = await orch.wait(name, within=20)
         assert [s.to_state for s in inst.history] == path["states"], name
         got = [(p, c) for p, c, s in rig.shop.received if s == name]
         if name == "success":
-            await _until(lambda: len([r for r in rig.shop.received if r[2] == name]) == 5)
+            await _until(lambda: len([r for r in rig.shop.received if r[2] == "success"]) == 5)
             got = [(p, c) for p, c, s in rig.shop.received if s == name]
         assert got == path["commands"], name
     assert rig.shop.stock == {"apple": 8, "pear": 1}  # declined order's stock came back
@@ -188,12 +196,12 @@ async def _crash_case(
         return f"{saga_id}: the crash point was never reached"
     # Kill -9: cancel the frozen work, drop the connection without acking anything.
     begin.cancel()
-    await orch1.stop(timeout=0.01)
+    await orch1.stop(grace=0.01)
     await bus1.nc.close()
     bus2 = await rig.bus("orch2")
     orch2 = await Orchestrator(bus2, ORDER_SAGA, config=rig.cfg, name="orch2").start()
     try:
-        inst = await orch2.wait(saga_id, timeout=25)
+        inst = await orch2.wait(saga_id, within=25)
     except TimeoutError as exc:
         return f"{saga_id}: {exc}"
     if [s.to_state for s in inst.history] != path["states"]:

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
+from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit.nats import NatsServer
 from meshkit.saga import ConsumerSpec, Envelope, EventBus, StreamSpec
-
-from examples.shop.gen.shop.v1 import events_pb2 as ev
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +166,7 @@ async def test_consumer_keeps_consuming_across_a_server_restart(graceful: bool) 
         await asyncio.sleep(1.0)
         await bus.emit(spec, ev.OrderCreated(order_id="later"))
         await _wait(lambda: "later" in got, within=15)
+        assert consumer.stats.recoveries >= 1  # it re-issued its pulls after the reconnect
         await bus.close()
 
 

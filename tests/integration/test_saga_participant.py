@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import meshkit.deadline
+from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit.nats import NatsServer
 from meshkit.saga import (
     ConsumerSpec,
@@ -27,8 +28,6 @@ from meshkit.saga import (
     replay_dead_letters,
 )
 from meshkit.saga import envelope as E
-
-from examples.shop.gen.shop.v1 import events_pb2 as ev
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +296,30 @@ async def test_trace_context_crosses_nats_with_messaging_spans(bus: EventBus) ->
     assert process.attributes["messaging.consumer.group.name"] == p.durable
     # the downstream event carries the trace on: its traceparent names our trace
     assert rec.seen[0][0].traceparent.split("-")[1] == format(trace_id, "032x")
+
+
+async def test_kv_inbox_deduplicates_when_the_store_is_not_sqlite(bus: EventBus) -> None:
+    from meshkit.saga import KvInbox
+
+    stream = _stream()
+    effects: list[str] = []
+    p = Participant("kv", stream, consumer=FAST)
+
+    @p.on(ev.OrderCreated, emits=[ev.StockReserved])
+    async def h(event: ev.OrderCreated, ctx: Context) -> Any:
+        assert ctx.tx is None  # no transactional store behind a KV inbox
+        effects.append(event.order_id)
+        return ev.StockReserved(order_id=event.order_id)
+
+    kv = await bus.key_value(f"inbox_{uuid.uuid4().hex[:6]}")
+    running = await p.start(bus, inbox=KvInbox(kv))
+    event = ev.OrderCreated(order_id="k")
+    env = Envelope.new(event)
+    for n in range(2):
+        await bus.publish_raw(
+            stream.subject_for(event), event.SerializeToString(), {**env.to_headers(), E.MSG_ID: f"x{n}"}
+        )
+    await _wait(lambda: running.stats.handled + running.stats.duplicates == 2)
+    assert effects == ["k"] and running.stats.duplicates == 1
+    assert await kv.keys() == [f"kv/{env.event_id}".replace("/", ".")]
+    await running.stop()

@@ -546,3 +546,10 @@ def test_time_window_matches_a_naive_model(size: int, seq: list[tuple[float, boo
         live = [f for t, f in history if now_second - math.floor(t) < size]
         m = b.metrics
         assert (m.calls, m.failed_calls) == (len(live), sum(live))
+
+
+def test_threshold_boundary_is_exact_for_inexact_floats() -> None:
+    # 0.3 * 10 is 3.0000000000000004 in floating point; 3 failures of 10 still open.
+    b, _ = make(failure_rate_threshold=0.3)
+    fill(b, ok=7, failed=3)
+    assert b.state is OPEN

@@ -938,3 +938,11 @@ def test_cli_check_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert shown["retry"]["retryable_codes"] == ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]
     assert shown["circuit_breaker"]["window_type"] == "count"
     assert shown["matched"] == ["defaults", "rules[0]"]
+
+
+def test_from_dict_source_prefixes_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy.from_dict({"defaults": {"timeout": "x"}}, source="inline")
+    assert str(info.value).startswith("inline: defaults.timeout: expected a duration")
+    assert info.value.source == "inline"
+    assert Policy.from_dict({}, source="inline").source == "inline"

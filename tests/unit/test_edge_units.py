@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshkit.errors import ConfigError
-from meshkit.gateway.auth import AuthConfig, AuthError, Authenticator
+from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError
 from meshkit.gateway.bff import CompositeSpec, render
 from meshkit.gateway.cache import CachedResponse, ResponseCache
 from meshkit.gateway.canary import CanarySpec, CanaryUpstream, bucket_of
@@ -30,31 +30,92 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize(
     ("doc", "path"),
     [
-        ({"edge": {"profiles": {"web": {"routes": [{"cache": {"ttl": "soon"}}]}}}},
-         "edge.profiles.web.routes[0].cache.ttl"),
-        ({"edge": {"profiles": {"web": {"routes": [{"rate_limit": {"rate": 1, "key": "moon"}}]}}}},
-         "edge.profiles.web.routes[0].rate_limit.key"),
-        ({"edge": {"auth": {"jwt": {"keys": [{"algorithm": "none", "secret": "x"}]}}}},
-         "edge.auth.jwt.keys[0].algorithm"),
-        ({"edge": {"auth": {"jwt": {"keys": [{"algorithm": "RS256", "secret": "x"}]}}}},
-         "edge.auth.jwt.keys[0]"),
-        ({"edge": {"auth": {"api_keys": {"keys": [{"name": "a", "sha256": "abc"}]}}}},
-         "edge.auth.api_keys.keys[0].sha256"),
-        ({"edge": {"upstreams": {"a": ["h:1"]}, "services": {"default": "b"}}}, "edge.services.default"),
-        ({"edge": {"upstreams": {"a": ["h:1"]},
-                   "services": {"s": {"canary": {"stable": "a", "canary": "a", "weight": 150}}}}},
-         "edge.services.s.canary.weight"),
-        ({"edge": {"profiles": {"m": {"bff": [{"name": "x", "path": "/x", "calls": {
-            "a": {"rpc": "p.S.M", "request": {"v": "{b.id}"}},
-            "b": {"rpc": "p.S.M", "request": {"v": "{a.id}"}}}}]}}}}, "edge.profiles.m.bff[0].calls"),
-        ({"edge": {"profiles": {"m": {"bff": [{"name": "x", "path": "/x", "calls": {
-            "a": {"rpc": "p.S.M", "request": {"v": "{nope.id}"}}}}]}}}},
-         "edge.profiles.m.bff[0].calls.a.request"),
-        ({"edge": {"profiles": {"m": {"cors": {"allow_origins": 3}}}}}, "edge.profiles.m.cors.allow_origins"),
+        (
+            {"edge": {"profiles": {"web": {"routes": [{"cache": {"ttl": "soon"}}]}}}},
+            "edge.profiles.web.routes[0].cache.ttl",
+        ),
+        (
+            {
+                "edge": {
+                    "profiles": {"web": {"routes": [{"rate_limit": {"rate": 1, "key": "moon"}}]}}
+                }
+            },
+            "edge.profiles.web.routes[0].rate_limit.key",
+        ),
+        (
+            {"edge": {"auth": {"jwt": {"keys": [{"algorithm": "none", "secret": "x"}]}}}},
+            "edge.auth.jwt.keys[0].algorithm",
+        ),
+        (
+            {"edge": {"auth": {"jwt": {"keys": [{"algorithm": "RS256", "secret": "x"}]}}}},
+            "edge.auth.jwt.keys[0]",
+        ),
+        (
+            {"edge": {"auth": {"api_keys": {"keys": [{"name": "a", "sha256": "abc"}]}}}},
+            "edge.auth.api_keys.keys[0].sha256",
+        ),
+        (
+            {"edge": {"upstreams": {"a": ["h:1"]}, "services": {"default": "b"}}},
+            "edge.services.default",
+        ),
+        (
+            {
+                "edge": {
+                    "upstreams": {"a": ["h:1"]},
+                    "services": {"s": {"canary": {"stable": "a", "canary": "a", "weight": 150}}},
+                }
+            },
+            "edge.services.s.canary.weight",
+        ),
+        (
+            {
+                "edge": {
+                    "profiles": {
+                        "m": {
+                            "bff": [
+                                {
+                                    "name": "x",
+                                    "path": "/x",
+                                    "calls": {
+                                        "a": {"rpc": "p.S.M", "request": {"v": "{b.id}"}},
+                                        "b": {"rpc": "p.S.M", "request": {"v": "{a.id}"}},
+                                    },
+                                }
+                            ]
+                        }
+                    }
+                }
+            },
+            "edge.profiles.m.bff[0].calls",
+        ),
+        (
+            {
+                "edge": {
+                    "profiles": {
+                        "m": {
+                            "bff": [
+                                {
+                                    "name": "x",
+                                    "path": "/x",
+                                    "calls": {"a": {"rpc": "p.S.M", "request": {"v": "{nope.id}"}}},
+                                }
+                            ]
+                        }
+                    }
+                }
+            },
+            "edge.profiles.m.bff[0].calls.a.request",
+        ),
+        (
+            {"edge": {"profiles": {"m": {"cors": {"allow_origins": 3}}}}},
+            "edge.profiles.m.cors.allow_origins",
+        ),
         ({"edge": {"profiles": {"m": {"unknown": 1}}}}, "edge.profiles.m.unknown"),
         ({"edge": {"profiles": {"a": {"prefix": "/x"}, "b": {"prefix": "/x"}}}}, "edge.profiles.b"),
-        ({"edge": {"profiles": {"m": {"routes": [{"match": {"methods": ["FETCH"]}}]}}}},
-         "edge.profiles.m.routes[0].match.methods"),
+        (
+            {"edge": {"profiles": {"m": {"routes": [{"match": {"methods": ["FETCH"]}}]}}}},
+            "edge.profiles.m.routes[0].match.methods",
+        ),
     ],
 )
 def test_config_errors_name_the_key_path(doc: dict[str, Any], path: str) -> None:
@@ -64,11 +125,20 @@ def test_config_errors_name_the_key_path(doc: dict[str, Any], path: str) -> None
 
 
 def test_shaping_masks_through_lists_and_renames() -> None:
-    rule = ShapingRule.from_mapping({"fields": ["id", "items.sku", "total"], "rename": {"items.sku": "code"}},
-                                    "s")
-    doc = {"id": "1", "secret": "x", "items": [{"sku": "a", "qty": 1}, {"sku": "b"}],
-           "total": {"amount": 3}}
-    assert rule.shape(doc) == {"id": "1", "items": [{"code": "a"}, {"code": "b"}], "total": {"amount": 3}}
+    rule = ShapingRule.from_mapping(
+        {"fields": ["id", "items.sku", "total"], "rename": {"items.sku": "code"}}, "s"
+    )
+    doc = {
+        "id": "1",
+        "secret": "x",
+        "items": [{"sku": "a", "qty": 1}, {"sku": "b"}],
+        "total": {"amount": 3},
+    }
+    assert rule.shape(doc) == {
+        "id": "1",
+        "items": [{"code": "a"}, {"code": "b"}],
+        "total": {"amount": 3},
+    }
 
 
 def _item(body: bytes, expires: float) -> CachedResponse:
@@ -132,11 +202,26 @@ def test_canary_buckets_are_stable_and_weights_hold() -> None:
 
 def test_bff_templates_and_dependencies() -> None:
     env = {"path": {"id": "o-1"}, "order": {"customerId": "c-9", "total": {"amountMinor": "5"}}}
-    assert render({"a": "{path.id}", "b": "x-{order.customerId}", "n": "{order.total.amountMinor}",
-                   "gone": "{order.nothing}"}, env) == {"a": "o-1", "b": "x-c-9", "n": "5"}
-    spec = CompositeSpec.from_mapping({"name": "s", "path": "/s/{id}", "calls": {
-        "order": {"rpc": "p.S.A", "request": {"id": "{path.id}"}},
-        "ship": {"rpc": "p.S.B", "request": {"id": "{order.id}"}, "optional": True}}}, "bff")
+    assert render(
+        {
+            "a": "{path.id}",
+            "b": "x-{order.customerId}",
+            "n": "{order.total.amountMinor}",
+            "gone": "{order.nothing}",
+        },
+        env,
+    ) == {"a": "o-1", "b": "x-c-9", "n": "5"}
+    spec = CompositeSpec.from_mapping(
+        {
+            "name": "s",
+            "path": "/s/{id}",
+            "calls": {
+                "order": {"rpc": "p.S.A", "request": {"id": "{path.id}"}},
+                "ship": {"rpc": "p.S.B", "request": {"id": "{order.id}"}, "optional": True},
+            },
+        },
+        "bff",
+    )
     assert [c.depends for c in spec.calls] == [(), ("order",)]
 
 
@@ -154,11 +239,14 @@ def test_openapi_document_validates(shop_descriptor_set: Path) -> None:
     listing = {p["name"] for p in doc["paths"]["/v1/orders"]["get"]["parameters"]}
     assert {"customerId", "status", "pageSize", "orderIds", "createdAfter"} <= listing
     assert doc["components"]["schemas"]["shop.v1.Money"]["properties"]["amountMinor"] == {
-        "type": "string", "format": "int64"}
+        "type": "string",
+        "format": "int64",
+    }
     cancel = doc["paths"]["/v1/{name}:cancel"]["post"]
     assert cancel["parameters"][0]["schema"]["pattern"] == "^orders/[^/]+$"
     assert cancel["responses"]["default"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "google.rpc.Status")
+        "google.rpc.Status"
+    )
     assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKey"}
     watch = doc["paths"]["/v1/orders:watch"]["get"]["responses"]["200"]["content"]
     assert "application/x-ndjson" in watch
@@ -174,12 +262,17 @@ def test_jwks_file_and_key_rotation_on_reload(tmp_path: Path) -> None:
         return json.dumps({"keys": [jwk]})
 
     (tmp_path / "jwks.json").write_text(jwks(k1, "one"))
-    cfg = AuthConfig.from_mapping({"jwt": {"jwks_file": "jwks.json", "audience": "shop"}},
-                                  base_dir=tmp_path)
+    cfg = AuthConfig.from_mapping(
+        {"jwt": {"jwks_file": "jwks.json", "audience": "shop"}}, base_dir=tmp_path
+    )
     authn = Authenticator(cfg)
     exp = int(time.time()) + 60
-    t1 = jwt.encode({"sub": "a", "aud": "shop", "exp": exp}, k1, algorithm="RS256", headers={"kid": "one"})
-    t2 = jwt.encode({"sub": "b", "aud": "shop", "exp": exp}, k2, algorithm="RS256", headers={"kid": "two"})
+    t1 = jwt.encode(
+        {"sub": "a", "aud": "shop", "exp": exp}, k1, algorithm="RS256", headers={"kid": "one"}
+    )
+    t2 = jwt.encode(
+        {"sub": "b", "aud": "shop", "exp": exp}, k2, algorithm="RS256", headers={"kid": "two"}
+    )
     assert authn.verify_jwt(t1).subject == "a"
     with pytest.raises(AuthError):
         authn.verify_jwt(t2)
@@ -192,3 +285,108 @@ def test_jwks_file_and_key_rotation_on_reload(tmp_path: Path) -> None:
     no_exp = jwt.encode({"sub": "c", "aud": "shop"}, k2, algorithm="RS256", headers={"kid": "two"})
     with pytest.raises(AuthError, match="exp"):
         authn.verify_jwt(no_exp)
+
+
+async def test_gateway_span_context_is_passed_upstream_as_traceparent() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from meshkit.gateway.observability import TelemetryMiddleware
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.extend(v.decode() for k, v in scope["headers"] if k == b"traceparent")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    mw = TelemetryMiddleware(app, tracer_provider=provider, access_logs=False)
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mw), base_url="http://t") as c:
+        assert (await c.get("/v1/x", headers={"traceparent": incoming})).status_code == 200
+    (span,) = exporter.get_finished_spans()
+    ctx = span.get_span_context()
+    assert format(ctx.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert span.parent is not None and format(span.parent.span_id, "016x") == "b7ad6b7169203331"
+    assert seen == [f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"]
+
+
+async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def test_subject_limits_and_required_claims(fake_clock: FakeClock) -> None:
+    from meshkit.gateway.auth import AuthMiddleware, AuthPolicy
+
+    secret = "s" * 40
+    cfg = AuthConfig.from_mapping({"jwt": {"keys": [{"algorithm": "HS256", "secret": secret}]}})
+    limited = RateLimitMiddleware(
+        _ok_app,
+        RateLimitRule.from_mapping({"rate": 1, "per": "60s", "key": "subject"}, "r"),
+        clock=fake_clock,
+    )
+    app = AuthMiddleware(limited, Authenticator(cfg), AuthPolicy("jwt", claims={"tenant": "acme"}))
+
+    def token(sub: str, tenant: str) -> dict[str, str]:
+        t = jwt.encode(
+            {"sub": sub, "tenant": tenant, "exp": int(time.time()) + 60}, secret, algorithm="HS256"
+        )
+        return {"authorization": f"Bearer {t}"}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/", headers=token("alice", "acme"))).status_code == 200
+        assert (await c.get("/", headers=token("alice", "acme"))).status_code == 429
+        assert (await c.get("/", headers=token("bob", "acme"))).status_code == 200
+        r = await c.get("/", headers=token("carol", "other"))
+        assert r.status_code == 403
+        assert "tenant" in r.json()["message"]
+
+
+def test_openapi_cli_writes_a_valid_document(shop_descriptor_set: Path, tmp_path: Path) -> None:
+    from openapi_spec_validator import validate
+
+    from meshkit.cli import main
+
+    out = tmp_path / "openapi.json"
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("edge:\n  profiles:\n    mobile: {prefix: /m}\n")
+    assert (
+        main(
+            [
+                "openapi",
+                "--descriptor-set",
+                str(shop_descriptor_set),
+                "--config",
+                str(cfg),
+                "--profile",
+                "mobile",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(out.read_text())
+    validate(doc)
+    assert "/m/v1/orders/{order_id}" in doc["paths"]
+    assert (
+        main(
+            [
+                "openapi",
+                "--descriptor-set",
+                str(shop_descriptor_set),
+                "--config",
+                str(cfg),
+                "--profile",
+                "web",
+                "-o",
+                str(out),
+            ]
+        )
+        == 2
+    )

@@ -68,12 +68,13 @@ def test_bad_headers_name_the_culprit(headers: dict[str, str] | None, culprit: s
 
 def test_caused_carries_correlation_and_points_causation_at_the_input() -> None:
     start = Envelope.new(saga_pb2.SagaTimedOut, saga_type="order", saga_deadline_ms=99, source="a")
+    start = start.with_trace("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     assert start.saga_id == start.event_id  # a new saga is named after its first event
     nxt = start.caused("shop.v1.StockReserved", event_id="e2", source="inventory", deadline_ms=10)
     assert (nxt.saga_id, nxt.saga_type, nxt.saga_deadline_ms) == (start.saga_id, "order", 99)
     assert nxt.causation_id == start.event_id
     assert (nxt.event_id, nxt.source, nxt.deadline_ms) == ("e2", "inventory", 10)
-    assert nxt.traceparent == ""  # filled in by the producer span at publish time
+    assert nxt.traceparent == start.traceparent  # the producer span replaces it when tracing
 
 
 def test_remaining_deadline_subtracts_the_time_in_flight() -> None:

@@ -107,7 +107,7 @@ def test_declaring_two_handlers_for_one_event_or_a_sync_handler_fails() -> None:
     async def first(ev: saga_pb2.SagaStep, ctx: Context) -> None:
         return None
 
-    with pytest.raises(ValueError, match="already handles meshkit.v1.SagaStep"):
+    with pytest.raises(ValueError, match=r"already handles meshkit\.v1\.SagaStep"):
         p.on(saga_pb2.SagaStep)(first)
     with pytest.raises(TypeError, match="must be an async function"):
         p.on(saga_pb2.SagaStatus)(lambda ev, ctx: None)  # type: ignore[arg-type,return-value]

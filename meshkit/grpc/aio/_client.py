@@ -40,6 +40,7 @@ _rng = random.Random()
 _Details = grpc.aio.ClientCallDetails
 AioRpcError = grpc.aio.AioRpcError
 _EOF: Any = getattr(grpc.aio, "EOF", None)
+_NAMES = {code: code.name for code in grpc.StatusCode}
 
 
 def _details(d: Any, timeout: float | None, metadata: Any = None) -> Any:
@@ -201,18 +202,20 @@ class AioClientInterceptor(
             else:
                 ok = bulkhead.try_acquire()
             if not ok:
-                m.bulkhead_rejections.add(1, plan.attrs)
-                exc = bulkhead_rejection(
-                    bulkhead.name or plan.method, bulkhead.config.max_concurrent
-                )
-                return await self._refused(plan, exc, request, details, deadline)
-            m.bulkhead_in_flight.add(1, plan.attrs)
+                return await self._bulkhead_full(plan, details, request, deadline)
         return None
+
+    async def _bulkhead_full(
+        self, plan: ClientPlan, details: Any, request: Any, deadline: float | None
+    ) -> Any:
+        self._m.bulkhead_rejections.add(1, plan.attrs)
+        bulkhead = plan.bulkhead
+        exc = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
+        return await self._refused(plan, exc, request, details, deadline)
 
     def _release(self, plan: ClientPlan) -> None:
         if plan.bulkhead is not None:
             plan.bulkhead.release()
-            self._m.bulkhead_in_flight.add(-1, plan.attrs)
 
     async def _unary(
         self,
@@ -224,9 +227,12 @@ class AioClientInterceptor(
         replay: AsyncReplay | None,
     ) -> Any:
         deadline = _monotonic() + timeout if timeout is not None else None
-        refused = await self._admit(plan, details, request, deadline)
-        if refused is not None:
-            return refused
+        if plan.fault is not None or plan.rate_limiter is not None or plan.bulkhead_wait > 0:
+            refused = await self._admit(plan, details, request, deadline)
+            if refused is not None:
+                return refused
+        elif plan.bulkhead is not None and not plan.bulkhead.try_acquire():
+            return await self._bulkhead_full(plan, details, request, deadline)
         try:
             if plan.hedging is not None and replay is None:
                 return await self._hedged(plan, continuation, details, request, deadline)
@@ -275,20 +281,35 @@ class AioClientInterceptor(
             ):
                 attempt_timeout = per_attempt
                 hit_limit = True
-            m.attempts.add(1, plan.attrs)
+            plan.tally.n += 1
             body = replay.attempt() if replay is not None else request
             try:
-                last = await _run(continuation, _details(details, attempt_timeout, metadata), body)
+                call = await continuation(
+                    _Details(
+                        details.method,
+                        attempt_timeout,
+                        metadata,
+                        details.credentials,
+                        details.wait_for_ready,
+                    ),
+                    body,
+                )
+                try:
+                    response = await call
+                except AioRpcError as err:
+                    last = _Attempt(call, err.code(), None, err)
+                else:
+                    if breaker is not None:
+                        breaker.on_result(_monotonic() - now, "OK")
+                    if plan.fallback is not None and replay is None:
+                        self._remember(plan, request, response)
+                    return call
             except BaseException:
                 if breaker is not None:
                     breaker.release()
                 raise
             if breaker is not None:
-                breaker.on_result(_monotonic() - now, last.code.name)
-            if last.code is _OK:
-                if plan.fallback is not None and replay is None:
-                    self._remember(plan, request, last.response)
-                return last.call
+                breaker.on_result(_monotonic() - now, _NAMES[last.code])
             if replay is not None and not replay.replayable:
                 break
             delay = retry_delay(
@@ -355,7 +376,7 @@ class AioClientInterceptor(
                     breaker.release()
                 return False
             index = len(tasks)
-            m.attempts.add(1, plan.attrs)
+            plan.tally.n += 1
             if index > 0:
                 m.retries.add(1, plan.attrs)
                 span_event("meshkit.hedge", {"attempt": index + 1})
@@ -479,7 +500,7 @@ class AioClientInterceptor(
             plan.budget.record_call()
         start = _monotonic()
         left = None if deadline is None else max(0.001, deadline - start)
-        self._m.attempts.add(1, plan.attrs)
+        plan.tally.n += 1
         try:
             first = await continuation(
                 _details(details, left), replay.attempt() if replay is not None else body
@@ -522,7 +543,7 @@ class AioClientInterceptor(
                     start = _monotonic()
                     left = None if deadline is None else max(0.001, deadline - start)
                     md = _metadata(details.metadata, attempt - 1)
-                    m.attempts.add(1, plan.attrs)
+                    plan.tally.n += 1
                     stream._call = await continuation(
                         _details(details, left, md),
                         replay.attempt() if replay is not None else body,
@@ -627,9 +648,11 @@ class AioClientInterceptor(
         self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
     ) -> tuple[bool, Any]:
         fb = plan.fallback
-        if fb is None or not fb.handles(trigger) or request is None:
+        if fb is None or not fb.handles(trigger):
             return False, None
         kind = str(fb.kind)
+        if request is None and kind in ("cached", "alternate"):
+            return False, None  # a client stream: no single request to key or resend
         try:
             if kind == "alternate":
                 found, value = await self._alternate(plan, fb.target, request, details, deadline)

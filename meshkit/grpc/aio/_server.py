@@ -115,13 +115,13 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
 
     async def _admit(self, plan: ServerPlan, context: Any, deadline: float | None) -> Admission:
         m = self._m
-        metadata = context.invocation_metadata()
-        adm = admit(plan, metadata, context, m)
+        adm = admit(plan, context, m)
         if isinstance(adm, Rejection):
             await _abort(context, adm)
         assert isinstance(adm, Admission)
         try:
             if plan.fault is not None:
+                metadata = context.invocation_metadata() if plan.allow_fault_headers else None
                 decision = decide(plan.fault, plan.allow_fault_headers, metadata, _rng)
                 if decision is not None:
                     delay = decision.delay
@@ -145,7 +145,6 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
                     m.bulkhead_rejections.add(1, plan.attrs)
                     await _abort(context, bulkhead_rejection(plan))
                 adm.bulkhead = bulkhead
-                m.bulkhead_in_flight.add(1, plan.attrs)
         except BaseException:
             adm.done("RESOURCE_EXHAUSTED")
             raise
@@ -163,11 +162,28 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
 
             return deadline_only
 
+        quick = plan.fault is None and plan.bulkhead_wait <= 0
+        bulkhead = plan.bulkhead
+        m = self._m
+
         async def guarded(request: Any, context: Any) -> Any:
             deadline = _deadline_of(context)
             token = _DEADLINE.set(deadline)
             try:
-                adm = await self._admit(plan, context, deadline)
+                if quick:
+                    # No fault to wait out, no bulkhead queue: admit without a coroutine.
+                    adm = admit(plan, context, m)
+                    if isinstance(adm, Rejection):
+                        await _abort(context, adm)
+                    assert isinstance(adm, Admission)
+                    if bulkhead is not None:
+                        if not bulkhead.try_acquire():
+                            adm.done("RESOURCE_EXHAUSTED")
+                            m.bulkhead_rejections.add(1, plan.attrs)
+                            await _abort(context, bulkhead_rejection(plan))
+                        adm.bulkhead = bulkhead
+                else:
+                    adm = await self._admit(plan, context, deadline)
                 code = "OK"
                 try:
                     return await behavior(request, context)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit._pb.meshkit.v1 import saga_pb2
 from meshkit.cli import main as cli
 from meshkit.nats import NatsServer
@@ -24,11 +25,11 @@ from meshkit.saga import (
     state_name,
 )
 
-from examples.shop.gen.shop.v1 import events_pb2 as ev
-
 pytestmark = pytest.mark.integration
 
-FAST = ConsumerSpec(ack_wait=5.0, max_deliver=2, nak_backoff=(0.05,), idle_heartbeat=0.2, pull_expires=5.0)
+FAST = ConsumerSpec(
+    ack_wait=5.0, max_deliver=2, nak_backoff=(0.05,), idle_heartbeat=0.2, pull_expires=5.0
+)
 DEF = SagaDefinition.of(
     "order",
     start=[ev.OrderCreated],
@@ -79,16 +80,25 @@ def _chain(stream: StreamSpec) -> Participant:
     return p
 
 
-async def test_tracker_records_every_path_and_times_out_stuck_sagas(bus: EventBus, nats_server_module: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_tracker_records_every_path_and_times_out_stuck_sagas(
+    bus: EventBus, nats_server_module: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     stream = _stream()
     bucket = f"sagas_{uuid.uuid4().hex[:6]}"
     tracker = await SagaTracker(bus, stream, DEF, bucket=bucket, sweep_interval=0.05).start()
     running = await _chain(stream).start(bus)
     assert tracker.store is not None
-    ok = await bus.emit(stream, ev.OrderCreated(order_id="ok", customer_id="c"), saga_id="ok", saga_type="order")
-    broke = await bus.emit(stream, ev.OrderCreated(order_id="broke", customer_id="broke"), saga_id="broke")
+    ok = await bus.emit(
+        stream, ev.OrderCreated(order_id="ok", customer_id="c"), saga_id="ok", saga_type="order"
+    )
+    broke = await bus.emit(
+        stream, ev.OrderCreated(order_id="broke", customer_id="broke"), saga_id="broke"
+    )
     slow = await bus.emit(
-        stream, ev.OrderCreated(order_id="slow", customer_id="slow"), saga_id="slow", saga_timeout=0.5
+        stream,
+        ev.OrderCreated(order_id="slow", customer_id="slow"),
+        saga_id="slow",
+        saga_timeout=0.5,
     )
     final = {
         s: await tracker.store.wait(s, within=15) for s in (ok.saga_id, broke.saga_id, slow.saga_id)
@@ -96,11 +106,17 @@ async def test_tracker_records_every_path_and_times_out_stuck_sagas(bus: EventBu
     assert await tracker.wait_caught_up(within=10)
     final = {s: await tracker.store.get(s) for s in final}
     assert state_name(final["ok"].state) == "COMPLETED"
-    assert [st.event_type for st in final["ok"].steps] == ["shop.v1.OrderCreated", "shop.v1.OrderCompleted"]
+    assert [st.event_type for st in final["ok"].steps] == [
+        "shop.v1.OrderCreated",
+        "shop.v1.OrderCompleted",
+    ]
     b = final["broke"]
     assert state_name(b.state) == "COMPENSATED" and b.reason == "PaymentFailed"
     assert sorted((st.event_type.rsplit(".", 1)[-1], st.compensation) for st in b.steps) == [
-        ("OrderCancelled", True), ("OrderCreated", False), ("PaymentFailed", False), ("StockReleased", True),
+        ("OrderCancelled", True),
+        ("OrderCreated", False),
+        ("PaymentFailed", False),
+        ("StockReleased", True),
     ]
     s = final["slow"]
     assert state_name(s.state) == "TIMED_OUT"
@@ -112,7 +128,9 @@ async def test_tracker_records_every_path_and_times_out_stuck_sagas(bus: EventBu
     # the timeout is published once, even if the sweep runs again
     await tracker.time_out("slow")
     await asyncio.sleep(0.3)
-    info = await bus.js.stream_info(stream.name, subjects_filter=stream.subject_for(saga_pb2.SagaTimedOut))
+    info = await bus.js.stream_info(
+        stream.name, subjects_filter=stream.subject_for(saga_pb2.SagaTimedOut)
+    )
     assert info.state.subjects == {stream.subject_for(saga_pb2.SagaTimedOut): 1}
 
     # The CLI reads the same bucket.
@@ -121,12 +139,18 @@ async def test_tracker_records_every_path_and_times_out_stuck_sagas(bus: EventBu
     out = capsys.readouterr().out
     assert rc == 0
     assert "3 sagas: COMPENSATED 1, COMPLETED 1, TIMED_OUT 1" in out
-    rc = await asyncio.to_thread(cli, ["saga", "show", "broke", "--nats-url", url, "--bucket", bucket])
+    rc = await asyncio.to_thread(
+        cli, ["saga", "show", "broke", "--nats-url", url, "--bucket", bucket]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "saga broke (order): COMPENSATED" in out and "shop.v1.StockReleased" in out
-    rc = await asyncio.to_thread(cli, ["saga", "show", "ok", "--json", "--nats-url", url, "--bucket", bucket])
+    rc = await asyncio.to_thread(
+        cli, ["saga", "show", "ok", "--json", "--nats-url", url, "--bucket", bucket]
+    )
     assert rc == 0 and json.loads(capsys.readouterr().out)["state"] == "SAGA_STATE_COMPLETED"
-    rc = await asyncio.to_thread(cli, ["saga", "show", "nope", "--nats-url", url, "--bucket", bucket])
+    rc = await asyncio.to_thread(
+        cli, ["saga", "show", "nope", "--nats-url", url, "--bucket", bucket]
+    )
     assert rc == 1 and "no saga 'nope'" in capsys.readouterr().err
     rc = await asyncio.to_thread(
         cli, ["saga", "watch", "--duration", "0.5", "--nats-url", url, "--bucket", bucket]
@@ -136,7 +160,9 @@ async def test_tracker_records_every_path_and_times_out_stuck_sagas(bus: EventBu
     await tracker.stop()
 
 
-async def test_a_dead_lettered_event_fails_its_saga_and_the_cli_replays_it(bus: EventBus, nats_server_module: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_a_dead_lettered_event_fails_its_saga_and_the_cli_replays_it(
+    bus: EventBus, nats_server_module: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     stream = _stream()
     bucket = f"sagas_{uuid.uuid4().hex[:6]}"
     tracker = await SagaTracker(bus, stream, DEF, bucket=bucket).start()
@@ -152,7 +178,9 @@ async def test_a_dead_lettered_event_fails_its_saga_and_the_cli_replays_it(bus: 
     assert status.reason.startswith("dead-lettered: undecodable shop.v1.OrderCreated payload")
 
     url = nats_server_module.url
-    rc = await asyncio.to_thread(cli, ["saga", "dlq", "list", "--stream", stream.name, "--nats-url", url])
+    rc = await asyncio.to_thread(
+        cli, ["saga", "dlq", "list", "--stream", stream.name, "--nats-url", url]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "1 dead letters" in out and "undecodable" in out and env.event_id in out
     rc = await asyncio.to_thread(cli, ["saga", "dlq", "replay", "--nats-url", url])
@@ -164,7 +192,9 @@ async def test_a_dead_lettered_event_fails_its_saga_and_the_cli_replays_it(bus: 
     assert rc == 0 and "1 dead letters replayed" in capsys.readouterr().out
     # still undecodable: it comes straight back to the DLQ
     for _ in range(100):
-        rc = await asyncio.to_thread(cli, ["saga", "dlq", "list", "--stream", stream.name, "--nats-url", url])
+        rc = await asyncio.to_thread(
+            cli, ["saga", "dlq", "list", "--stream", stream.name, "--nats-url", url]
+        )
         if "1 dead letters" in capsys.readouterr().out:
             break
         await asyncio.sleep(0.05)
@@ -175,11 +205,22 @@ async def test_a_dead_lettered_event_fails_its_saga_and_the_cli_replays_it(bus: 
 
 
 def test_cli_graph_draws_the_shop_and_flags_problems(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli(["saga", "graph", "examples.shop.flow:PARTICIPANTS", "--definition", "examples.shop.flow:ORDER_SAGA"])
+    rc = cli(
+        [
+            "saga",
+            "graph",
+            "examples.shop.flow:PARTICIPANTS",
+            "--definition",
+            "examples.shop.flow:ORDER_SAGA",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
     assert captured.out.startswith("flowchart LR")
-    assert "ev_shop_v1_ShipmentFailed -.->|payment.refund_after_shipping_failure| ev_shop_v1_PaymentRefunded" in captured.out
+    assert (
+        "ev_shop_v1_ShipmentFailed -.->|payment.refund_after_shipping_failure| ev_shop_v1_PaymentRefunded"
+        in captured.out
+    )
     assert "event nobody consumes: shop.v1.CustomerNotified" in captured.err
     assert cli(["saga", "graph", "no.such.module:X"]) == 2
 

@@ -1,0 +1,331 @@
+"""The order saga (every participant its own process) vs raw JetStream, in one run.
+
+* raw: publish N events with nats-py (awaiting each PubAck, a window in flight) while
+  a pull consumer fetches and acks them — the floor any event-driven design pays;
+* saga at saturation: S orders placed over gRPC as fast as the order service takes
+  them; each success saga is 6 events (OrderCreated, StockReserved, PaymentCompleted,
+  ShipmentScheduled, OrderCompleted, CustomerNotified), each handled by a separate
+  participant process in a SQLite transaction with its inbox, then published and acked;
+* saga at a moderate fixed rate: latency p50/p99 from CreateOrder to CustomerNotified.
+
+The ratio is the saga's event rate (6 x completed sagas/s) over the raw event rate for
+the same number of events. Targets: ratio >= 0.5; p99 < 50 ms at the moderate rate.
+Writes bench/results/saga.json.
+
+    .venv/bin/python -m bench.bench_saga [--sagas 1500] [--rate 50] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EVENTS_PER_SAGA = 6
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+async def bench_raw(url: str, n: int, window: int = 256) -> dict[str, Any]:
+    """Publish n events (awaiting PubAcks, ``window`` in flight) while a pull consumer acks them."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    name = f"RAW{uuid.uuid4().hex[:6]}"
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[f"{name.lower()}.>"], duplicate_window=120)
+    )
+    sub = await js.pull_subscribe(
+        f"{name.lower()}.>",
+        durable="raw",
+        stream=name,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20000),
+    )
+    payload = os.urandom(120)
+    done = asyncio.Event()
+    acked = 0
+
+    async def consume() -> None:
+        nonlocal acked
+        while acked < n:
+            try:
+                msgs = await sub.fetch(256, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+            acked += len(msgs)
+        done.set()
+
+    async def publish() -> None:
+        sem = asyncio.Semaphore(window)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await js.publish(
+                    f"{name.lower()}.ev",
+                    payload,
+                    headers={"Nats-Msg-Id": f"{name}-{i}", "Meshkit-Event-Type": "raw"},
+                )
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+    t0 = time.perf_counter()
+    consumer = asyncio.create_task(consume())
+    await publish()
+    await asyncio.wait_for(done.wait(), 120)
+    elapsed = time.perf_counter() - t0
+    await consumer
+    await js.delete_stream(name)
+    await nc.close()
+    return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1)}
+
+
+class SagaDriver:
+    """Places orders over gRPC and times each saga until its CustomerNotified event."""
+
+    def __init__(self, url: str, order_address: str) -> None:
+        self.url = url
+        self.order_address = order_address
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        self.outcome: dict[str, str] = {}
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        import nats
+
+        from examples.shop import wiring
+        from examples.shop.gen.shop.v1 import orders_pb2_grpc
+
+        self.nc = await nats.connect(self.url)
+        # A core subscription sees every stored event without being a JetStream consumer.
+        await self.nc.subscribe("shop.events.shop.v1.CustomerNotified", cb=self._on_done)
+        self.channel = wiring.channel(self.order_address)
+        self.stub = orders_pb2_grpc.OrderServiceStub(self.channel)
+
+    async def _on_done(self, msg: Any) -> None:
+        saga = (msg.headers or {}).get("Meshkit-Saga-Id", "")
+        if saga and saga not in self.finished:
+            self.finished[saga] = time.perf_counter()
+            fut = self._waiters.pop(saga, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def order(self, request_id: str) -> str:
+        from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
+
+        req = orders_pb2.CreateOrderRequest(
+            customer_id="bench",
+            items=[
+                common_pb2.LineItem(
+                    sku="pen",
+                    quantity=1,
+                    unit_price=common_pb2.Money(currency="KRW", amount_minor=1200),
+                )
+            ],
+            shipping_address=common_pb2.Address(
+                name="b", line1="1", city="Seoul", postal_code="1", country="KR"
+            ),
+            request_id=request_id,
+        )
+        t0 = time.perf_counter()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        order_id = uuid.uuid5(
+            uuid.NAMESPACE_URL, f"order/{request_id}"
+        ).hex  # as the service derives it
+        self._waiters[order_id] = fut
+        self.started[order_id] = t0
+        got = await self.stub.CreateOrder(req, timeout=30)
+        assert got.order_id == order_id, "order id derivation changed"
+        return order_id
+
+    async def wait_all(self, ids: list[str], within: float) -> None:
+        pending = [self._waiters[i] for i in ids if i in self._waiters and i not in self.finished]
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending), within)
+
+    def latencies_ms(self, ids: list[str]) -> list[float]:
+        return [(self.finished[i] - self.started[i]) * 1000 for i in ids if i in self.finished]
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.nc.close()
+
+
+async def add_stock(address: str, sku: str, qty: int) -> None:
+    from examples.shop import wiring
+    from examples.shop.gen.shop.v1 import inventory_pb2, inventory_pb2_grpc
+
+    async with wiring.channel(address) as ch:
+        stub = inventory_pb2_grpc.InventoryServiceStub(ch)
+
+        async def adjustments() -> Any:
+            yield inventory_pb2.StockAdjustment(sku=sku, delta=qty)
+
+        await stub.AdjustStock(adjustments(), timeout=10)
+
+
+async def saturation(driver: SagaDriver, n: int, concurrency: int) -> dict[str, Any]:
+    sem = asyncio.Semaphore(concurrency)
+    tag = uuid.uuid4().hex[:8]
+
+    async def one(i: int) -> str:
+        async with sem:
+            return await driver.order(f"sat-{tag}-{i}")
+
+    t0 = time.perf_counter()
+    ids = await asyncio.gather(*(one(i) for i in range(n)))
+    await driver.wait_all(ids, within=150)
+    elapsed = max(driver.finished[i] for i in ids) - t0
+    lat = driver.latencies_ms(ids)
+    return {
+        "sagas": n,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "sagas_per_s": round(n / elapsed, 1),
+        "events_per_s": round(n * EVENTS_PER_SAGA / elapsed, 1),
+        "p50_ms": round(_pct(lat, 50), 2),
+        "p99_ms": round(_pct(lat, 99), 2),
+    }
+
+
+async def moderate(driver: SagaDriver, rate: float, seconds: float) -> dict[str, Any]:
+    n = int(rate * seconds)
+    tag = uuid.uuid4().hex[:8]
+    t0 = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(driver.order(f"mod-{tag}-{i}")))
+    ids = await asyncio.gather(*tasks)
+    await driver.wait_all(ids, within=60)
+    lat = driver.latencies_ms(ids)
+    return {
+        "rate_per_s": rate,
+        "sagas": n,
+        "p50_ms": round(_pct(lat, 50), 2),
+        "p90_ms": round(_pct(lat, 90), 2),
+        "p99_ms": round(_pct(lat, 99), 2),
+        "max_ms": round(max(lat), 2),
+        "mean_ms": round(statistics.fmean(lat), 2),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from examples.shop._gen import ensure_generated
+
+    ensure_generated()
+    from examples.shop.runner import ShopCluster
+    from meshkit.nats import NatsServer
+
+    async with NatsServer() as server:
+        cluster = ShopCluster(
+            server.url,
+            env={
+                n: {"SHOP_LOG_LEVEL": "ERROR"}
+                for n in ("order", "inventory", "payment", "shipping", "notification")
+            },
+        )
+        await asyncio.to_thread(cluster.start)
+        driver = SagaDriver(server.url, cluster.address("order"))
+        try:
+            await driver.start()
+            await add_stock(cluster.address("inventory"), "pen", 1_000_000)
+            print("warm-up ...", flush=True)
+            await saturation(driver, 100, 50)
+            print(f"saturation: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
+            sat = await saturation(driver, args.sagas, args.concurrency)
+            print(f"  {sat}", flush=True)
+            print(f"raw JetStream: {sat['sagas'] * EVENTS_PER_SAGA} events ...", flush=True)
+            raw = await bench_raw(server.url, sat["sagas"] * EVENTS_PER_SAGA)
+            print(f"  {raw}", flush=True)
+            print(f"moderate: {args.rate}/s for {args.seconds}s ...", flush=True)
+            mod = await moderate(driver, args.rate, args.seconds)
+            print(f"  {mod}", flush=True)
+        finally:
+            await driver.close()
+            await asyncio.to_thread(cluster.stop)
+            cluster.cleanup()
+    ratio = sat["events_per_s"] / raw["events_per_s"]
+    return {
+        "benchmark": "saga",
+        "description": "example order saga, 5 participant processes + gRPC order entry, vs raw nats-py JetStream publish+consume+ack",
+        "events_per_saga": EVENTS_PER_SAGA,
+        "raw_jetstream": raw,
+        "saga_saturation": sat,
+        "saga_moderate": mod,
+        "event_rate_ratio": round(ratio, 3),
+        "targets": {
+            "event_rate_ratio_min": 0.5,
+            "moderate_p99_ms_max": 50,
+            "ratio_met": ratio >= 0.5,
+            "p99_met": mod["p99_ms"] < 50,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sagas", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "saga.json"))
+    args = parser.parse_args()
+    started = time.monotonic()
+    try:
+        import uvloop  # the services run on uvloop too; raw and saga share this loop
+
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    t = result["targets"]
+    print(
+        f"\nsaga {result['saga_saturation']['sagas_per_s']} sagas/s "
+        f"({result['saga_saturation']['events_per_s']} events/s) vs raw JetStream "
+        f"{result['raw_jetstream']['events_per_s']} events/s: ratio {result['event_rate_ratio']} "
+        f"(target >= 0.5: {'met' if t['ratio_met'] else 'NOT met'})"
+    )
+    print(
+        f"moderate {result['saga_moderate']['rate_per_s']}/s: p50 {result['saga_moderate']['p50_ms']} ms, "
+        f"p99 {result['saga_moderate']['p99_ms']} ms (target < 50: {'met' if t['p99_met'] else 'NOT met'})"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""``meshkit openapi`` (write the OpenAPI 3.1 document) and ``meshkit edge`` (serve the edge)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshkit.errors import ConfigError
+
+log = logging.getLogger("meshkit.gateway.edge")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``openapi`` and ``edge`` subcommands."""
+    p = subparsers.add_parser(
+        "openapi",
+        help="write the OpenAPI 3.1 document of a descriptor set's google.api.http rules",
+        description="Generate OpenAPI 3.1 (paths, parameters, schemas, the google.rpc.Status "
+        "error schema, security schemes) from a FileDescriptorSet.",
+    )
+    p.add_argument("--descriptor-set", required=True, metavar="FILE")
+    p.add_argument(
+        "--config", metavar="FILE", help="gateway.yaml (JSON naming, auth schemes, profiles)"
+    )
+    p.add_argument("--profile", metavar="NAME", help="document this profile's prefix")
+    p.add_argument("--title", default="meshkit gateway")
+    p.add_argument(
+        "--server", action="append", default=[], metavar="URL", help="servers[].url (repeatable)"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=run_openapi)
+
+    e = subparsers.add_parser(
+        "edge",
+        help="serve the edge gateway (auth, limits, cache, canary, BFF profiles) from gateway.yaml",
+        description="Serve every profile of gateway.yaml's edge section: profiles with a port on "
+        "their port, the others by path prefix on --port. SIGHUP reloads the config.",
+    )
+    e.add_argument("--descriptor-set", required=True, metavar="FILE")
+    e.add_argument("--config", required=True, metavar="FILE")
+    e.add_argument("--profile", metavar="NAME", help="serve only this profile")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=8080, help="port for profiles without their own")
+    e.set_defaults(func=run_edge)
+
+
+def run_openapi(args: argparse.Namespace) -> int:
+    """Entry point of ``meshkit openapi``."""
+    from meshkit.gateway.app import load_catalog
+    from meshkit.gateway.openapi import openapi_json
+    from meshkit.gateway.profiles import load_edge_config
+
+    try:
+        catalog = load_catalog(args.descriptor_set)
+        kwargs: dict[str, object] = {"title": args.title, "servers": args.server, "security": ()}
+        if args.config:
+            cfg = load_edge_config(args.config)
+            kwargs.update(
+                proto_names=cfg.options.proto_names,
+                fallback_routes=cfg.options.fallback_routes,
+                security=[
+                    s
+                    for s, on in (
+                        ("bearer", cfg.auth.jwt is not None),
+                        ("api_key", bool(cfg.auth.api_keys)),
+                    )
+                    if on
+                ],
+                api_key_header=cfg.auth.api_key_header,
+            )
+            if args.profile:
+                prof = cfg.profiles.get(args.profile)
+                if prof is None:
+                    raise ConfigError("--profile", f"unknown profile {args.profile!r}")
+                kwargs["path_prefix"] = prof.prefix
+        body = openapi_json(catalog, **kwargs)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.output:
+        Path(args.output).write_bytes(body + b"\n")
+    else:
+        sys.stdout.write(body.decode() + "\n")
+    return 0
+
+
+def run_edge(args: argparse.Namespace) -> int:
+    """Entry point of ``meshkit edge``."""
+    from meshkit.gateway.edge import create_edge_app
+
+    try:
+        edge = create_edge_app(args.config, args.descriptor_set)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    names = [args.profile] if args.profile else list(edge.profiles)
+    if args.profile and args.profile not in edge.profiles:
+        log.error("--profile: unknown profile %r; have %s", args.profile, ", ".join(edge.profiles))
+        return 2
+    asyncio.run(_serve(edge, names, args.host, args.port, single=bool(args.profile)))
+    return 0
+
+
+async def _serve(edge: object, names: list[str], host: str, port: int, *, single: bool) -> None:
+    import uvicorn
+
+    from meshkit.gateway.edge import EdgeApp
+
+    assert isinstance(edge, EdgeApp)
+    apps: dict[int, Any] = {}
+    shared = [n for n in names if edge.profiles[n].profile.port is None]
+    for n in names:
+        p = edge.profiles[n].profile.port
+        if single:
+            apps[p if p is not None else port] = edge.app_for(n)
+        elif p is not None:
+            apps[p] = edge.app_for(n)
+    if shared and not single:
+        apps.setdefault(port, edge.asgi())
+
+    async def reload() -> None:
+        try:
+            await edge.reload()
+        except Exception as exc:  # keep serving the previous configuration
+            log.error("reload failed, keeping the previous configuration: %s", exc)
+
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    servers = []
+    for i, (p, app) in enumerate(sorted(apps.items())):
+        cfg = uvicorn.Config(
+            app,
+            host=host,
+            port=p,
+            http="httptools",
+            lifespan="on" if i == 0 else "off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
+        servers.append(uvicorn.Server(cfg))
+        log.info("edge serving on %s:%d", host, p)
+    await asyncio.gather(*(s.serve() for s in servers))

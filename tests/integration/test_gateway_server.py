@@ -1,0 +1,310 @@
+"""The gateway behind a real uvicorn (streaming, backpressure, disconnects, WebSocket),
+and the ``meshkit gateway`` command (workers, SIGHUP reload, reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+import websockets
+
+from meshkit.gateway import create_app
+from meshkit.gateway._server import bind_socket
+from tests.integration.gateway_backend import (
+    ROOT,
+    Backend,
+    descriptor_sets,
+    free_port,
+    gwtest_backend,
+    load_catalog,
+    shop_backend,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+
+async def _wait_for(cond: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def echo() -> AsyncIterator[Backend]:
+    b = gwtest_backend(load_catalog(descriptor_sets()["gwtest"]))
+    await b.start()
+    yield b
+    await b.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shop() -> AsyncIterator[Backend]:
+    b = shop_backend(load_catalog(descriptor_sets()["shop"]))
+    await b.start()
+    yield b
+    await b.stop()
+
+
+class _Served:
+    def __init__(self, port: int, app: Any) -> None:
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(echo: Backend, shop: Backend) -> AsyncIterator[dict[str, _Served]]:
+    out: dict[str, _Served] = {}
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    for name, desc, port in (("echo", "gwtest", echo.port), ("shop", "shop", shop.port)):
+        app = create_app(descriptor_sets()[desc], [f"127.0.0.1:{port}"])
+        sock = bind_socket("127.0.0.1", 0)
+        config = uvicorn.Config(app, http="httptools", ws="websockets-sansio", lifespan="on",
+                                log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        await _wait_for(lambda s=server: s.started)
+        servers.append((server, task))
+        out[name] = _Served(sock.getsockname()[1], app)
+    yield out
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+def _reset(b: Backend) -> None:
+    b.cancelled.clear()
+    b.stream_started.clear()
+    b.sent = 0
+
+
+async def test_stream_arrives_incrementally_and_disconnect_cancels(served: dict[str, _Served],
+                                                                   echo: Backend) -> None:
+    _reset(echo)
+    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
+        async with c.stream("GET", "/v1/count/-1", params={"delayMs": 20}) as r:
+            assert r.status_code == 200
+            lines: list[dict[str, Any]] = []
+            async for line in r.aiter_lines():
+                lines.append(json.loads(line))
+                if len(lines) == 3:
+                    break
+    # Three lines arrived while the upstream stream was still open (it never ends).
+    assert [x["result"]["name"] for x in lines] == ["0", "1", "2"]
+    await asyncio.wait_for(echo.cancelled.wait(), 10)
+
+
+async def test_backpressure_slow_reader_slows_upstream(served: dict[str, _Served], echo: Backend) -> None:
+    _reset(echo)
+    payload = "x" * 4000
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)  # >= loopback MSS
+    s.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(s, ("127.0.0.1", served["echo"].port))
+    await loop.sock_sendall(s, f"GET /v1/count/-1?payload={payload} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await asyncio.wait_for(echo.stream_started.wait(), 10)
+    # Read nothing: the upstream must stall once socket, HTTP and HTTP/2 buffers are full.
+    last = -1
+    stable = 0
+    for _ in range(200):
+        await asyncio.sleep(0.1)
+        stable = stable + 1 if echo.sent == last else 0
+        last = echo.sent
+        if stable >= 5:
+            break
+    assert stable >= 5, f"upstream kept sending: {echo.sent}"
+    stalled_at = echo.sent
+    # Bounded by socket, HTTP/1.1 and HTTP/2 windows (a few MB of ~4 KB messages).
+    assert stalled_at < 20000
+    # Reading resumes the stream.
+    got = 0
+    while echo.sent <= stalled_at + 10:
+        chunk = await asyncio.wait_for(loop.sock_recv(s, 65536), 10)
+        assert chunk
+        got += len(chunk)
+    assert got > 0
+    assert served["echo"].app.state.inflight == 1
+    s.close()
+    # The gateway cancels its call (a grpc.aio server blocked on flow control may not
+    # notice at once, so this checks the gateway side).
+    await _wait_for(lambda: served["echo"].app.state.inflight == 0)
+
+
+async def test_client_streaming_chunked_body(served: dict[str, _Served]) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"name": "a", "i32": 1}\n{"na'
+        await asyncio.sleep(0.01)
+        yield b'me": "b", "i32": 2}\n'
+        yield b'{"name": "c", "i32": 3}'
+
+    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
+        r = await c.post("/v1/collect", content=body())
+    assert r.json() == {"name": "a,b,c", "i32": 6, "i64": "3"}
+
+
+async def test_sse_over_real_server(served: dict[str, _Served]) -> None:
+    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
+        r = await c.get("/v1/count/2", headers={"accept": "text/event-stream"})
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.text == 'data: {"name":"0"}\n\ndata: {"name":"1","i32":1}\n\n'
+
+
+async def test_websocket_bidi(served: dict[str, _Served]) -> None:
+    async with websockets.connect(served["echo"].ws + "/v1/bidi") as ws:
+        await ws.send(json.dumps({"name": "a", "i32": 1}))
+        assert json.loads(await ws.recv()) == {"result": {"name": "A", "i32": 2}}
+        await ws.send(json.dumps({"name": "bb", "i32": 5}))
+        assert json.loads(await ws.recv()) == {"result": {"name": "BB", "i32": 10}}
+        await ws.send("")  # half-close
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+        assert ws.close_code == 1000
+
+
+async def test_websocket_shop_chat_and_bad_message(served: dict[str, _Served]) -> None:
+    async with websockets.connect(served["shop"].ws + "/v1/chat",
+                                  additional_headers={"x-request-id": "ws-1"}) as ws:
+        await ws.send(json.dumps({"from": "me", "text": "hello"}))
+        assert json.loads(await ws.recv()) == {"result": {"from": "bot", "text": "HELLO"}}
+        await ws.send("{not json")
+        err = json.loads(await ws.recv())
+        assert err["error"]["code"] == 3 and "malformed JSON" in err["error"]["message"]
+
+
+async def test_websocket_server_stream_and_disconnect(served: dict[str, _Served], echo: Backend) -> None:
+    async with websockets.connect(served["echo"].ws + "/v1/count/2") as ws:
+        await ws.send("")
+        got = [json.loads(await ws.recv()) for _ in range(2)]
+        assert [g["result"]["name"] for g in got] == ["0", "1"]
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+    _reset(echo)
+    async with websockets.connect(served["echo"].ws + "/v1/count/-1?delayMs=10") as ws:
+        await ws.send("{}")
+        await ws.recv()
+    await asyncio.wait_for(echo.cancelled.wait(), 10)
+
+
+async def test_websocket_unknown_route_rejected(served: dict[str, _Served]) -> None:
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(served["echo"].ws + "/v1/nothing"):
+            pass
+    with pytest.raises(websockets.InvalidStatus):  # unary methods are HTTP only
+        async with websockets.connect(served["echo"].ws + "/v1/echo/x"):
+            pass
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "meshkit.cli", "gateway", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient(timeout=2) as c:
+        for _ in range(300):
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise AssertionError(f"gateway exited {proc.returncode}: {out}")
+            try:
+                await c.get(url)
+                return
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+    raise AssertionError("gateway did not come up")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.stdout.read().decode() if proc.stdout else ""
+
+
+async def test_cli_workers_and_sighup_reload(echo: Backend, tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway:\n  fallback_routes: unannotated\n")
+    port = free_port()
+    proc = _spawn(["--descriptor-set", str(descriptor_sets()["gwtest"]), "--upstream",
+                   f"127.0.0.1:{echo.port}", "--port", str(port), "--workers", "2", "--config", str(cfg)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_http(base + "/", proc)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            assert (await c.get("/v1/echo/w")).json() == {"name": "w"}
+            assert (await c.post("/gwtest.v1.EchoService/Echo", json={})).status_code == 404
+            # A slow request in flight survives the reload.
+            slow = asyncio.create_task(c.get("/v1/count/3", params={"delayMs": 300}))
+            await asyncio.sleep(0.2)
+            cfg.write_text("gateway:\n  fallback_routes: all\n")
+            proc.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                # Both workers must pick it up; new connections land on either.
+                for _ in range(6):
+                    async with httpx.AsyncClient(base_url=base, timeout=10) as fresh:
+                        r = await fresh.post("/gwtest.v1.EchoService/Echo", json={"name": "r"})
+                        if r.status_code != 200:
+                            return False
+                return True
+
+            for _ in range(100):
+                if await reloaded():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("reload not observed")
+            r = await slow
+            assert r.status_code == 200 and len(r.text.splitlines()) == 3
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+
+
+async def test_cli_bad_descriptor_set_fails_fast(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.binpb"
+    bad.write_bytes(b"\xff\xff\xff not a descriptor set")
+    proc = _spawn(["--descriptor-set", str(bad), "--upstream", "127.0.0.1:1", "--port", "0"])
+    proc.wait(60)
+    out = _stop(proc)
+    assert proc.returncode == 2
+    assert "bad.binpb" in out
+
+
+async def test_cli_reflect(tmp_path: Path) -> None:
+    b = gwtest_backend(load_catalog(descriptor_sets()["gwtest"]))
+    await b.start(reflection=True)
+    port = free_port()
+    proc = _spawn(["--reflect", "--upstream", f"127.0.0.1:{b.port}", "--port", str(port)])
+    try:
+        await _wait_http(f"http://127.0.0.1:{port}/", proc)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert (await c.get("/v1/nested/a/b")).json() == {"inner": {"name": "a", "child": {"name": "b"}}}
+    finally:
+        _stop(proc)
+        await b.stop()
