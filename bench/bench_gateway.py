@@ -38,14 +38,27 @@ SHOP_SERVICES = [
     "shop.v1.ShippingService",
     "shop.v1.NotificationService",
 ]
-POST_BODY = json.dumps({
-    "customerId": "c-42",
-    "requestId": "bench",
-    "items": [{"sku": "sku-1", "quantity": 2, "unitPrice": {"currency": "KRW", "amountMinor": "1500"}},
-              {"sku": "sku-2", "quantity": 1, "unitPrice": {"currency": "KRW", "amountMinor": "990"}}],
-    "shippingAddress": {"name": "Kim", "line1": "1 Main St", "city": "Seoul", "postalCode": "04524",
-                        "country": "KR"},
-})
+POST_BODY = json.dumps(
+    {
+        "customerId": "c-42",
+        "requestId": "bench",
+        "items": [
+            {
+                "sku": "sku-1",
+                "quantity": 2,
+                "unitPrice": {"currency": "KRW", "amountMinor": "1500"},
+            },
+            {"sku": "sku-2", "quantity": 1, "unitPrice": {"currency": "KRW", "amountMinor": "990"}},
+        ],
+        "shippingAddress": {
+            "name": "Kim",
+            "line1": "1 Main St",
+            "city": "Seoul",
+            "postalCode": "04524",
+            "country": "KR",
+        },
+    }
+)
 SCENARIOS = {
     "get_path_query": ("GET", "/v1/orders/o-1?customer_id=c-1", None),
     "post_json": ("POST", "/v1/orders", POST_BODY),
@@ -66,8 +79,9 @@ def _ms(text: str) -> float:
     return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 
 
-def run_wrk(url: str, method: str, body: str | None, duration: int, connections: int,
-            workdir: Path) -> dict[str, float]:
+def run_wrk(
+    url: str, method: str, body: str | None, duration: int, connections: int, workdir: Path
+) -> dict[str, float]:
     script = workdir / f"wrk_{method}.lua"
     lines = [f'wrk.method = "{method}"', 'wrk.headers["Content-Type"] = "application/json"']
     if body is not None:
@@ -75,7 +89,9 @@ def run_wrk(url: str, method: str, body: str | None, duration: int, connections:
     script.write_text("\n".join(lines) + "\n")
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -86,8 +102,9 @@ def run_wrk(url: str, method: str, body: str | None, duration: int, connections:
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": total, "non_2xx": errors}
 
 
-def measure(pid: int, base: str, scenario: str, duration: int, connections: int,
-            workdir: Path) -> dict[str, float]:
+def measure(
+    pid: int, base: str, scenario: str, duration: int, connections: int, workdir: Path
+) -> dict[str, float]:
     method, path, body = SCENARIOS[scenario]
     run_wrk(base + path, method, body, 2, connections, workdir)  # warm-up
     before = cpu_seconds(pid)
@@ -112,6 +129,77 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise RuntimeError(f"port {port} never opened")
 
 
+def _bare_app(desc: Path, upstream: str) -> object:
+    """The floor: a hand-written uvicorn + grpc.aio proxy for just these two routes
+    (no routing table, no header handling, json_format both ways)."""
+    import grpc
+    from google.protobuf import json_format
+
+    cat = load_catalog(desc)
+    get_req = cat.message_class("shop.v1.GetOrderRequest")
+    create_req = cat.message_class("shop.v1.CreateOrderRequest")
+    order = cat.message_class("shop.v1.Order")
+    calls: dict[str, object] = {}
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return
+        if not calls:
+            ch = grpc.aio.insecure_channel(upstream)
+            for name, req in (("GetOrder", get_req), ("CreateOrder", create_req)):
+                calls[name] = ch.unary_unary(
+                    f"/shop.v1.OrderService/{name}",
+                    request_serializer=req.SerializeToString,
+                    response_deserializer=order.FromString,
+                )
+        if scope["method"] == "GET":
+            msg = get_req(order_id=scope["path"].rsplit("/", 1)[1])
+            for pair in scope["query_string"].decode().split("&"):
+                k, _, v = pair.partition("=")
+                if k == "customer_id":
+                    msg.customer_id = v
+            call = calls["GetOrder"]
+        else:
+            body = b""
+            while True:
+                m = await receive()  # type: ignore[operator]
+                body += m.get("body", b"")
+                if not m.get("more_body"):
+                    break
+            msg = json_format.Parse(body, create_req())
+            call = calls["CreateOrder"]
+        resp = await call(msg)  # type: ignore[operator]
+        out = json_format.MessageToJson(resp, indent=None).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,  # type: ignore[operator]
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(out)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": out})  # type: ignore[operator]
+
+    return app
+
+
+def _serve_bare(desc: Path, upstream: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        _bare_app(desc, upstream),
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+    )
+
+
 async def _serve_backend(desc: Path, port: int) -> None:
     backend = shop_backend(load_catalog(desc))
     await backend.start(port)
@@ -124,7 +212,12 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per scenario")
     ap.add_argument("--serve-backend", nargs=2, metavar=("DESC", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-bare", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare-proxy reference")
     args = ap.parse_args()
+    if args.serve_bare:
+        _serve_bare(Path(args.serve_bare[0]), args.serve_bare[1], int(args.serve_bare[2]))
+        return 0
     if args.serve_backend:
         asyncio.run(_serve_backend(Path(args.serve_backend[0]), int(args.serve_backend[1])))
         return 0
@@ -143,26 +236,50 @@ def main() -> int:
             procs.append(backend)
             wait_port(bport, backend)
             gateway = subprocess.Popen(
-                [py, "-m", "meshkit.cli", "gateway", "--descriptor-set", str(desc),
-                 "--upstream", f"127.0.0.1:{bport}", "--port", str(gport)],
+                [
+                    py,
+                    "-m",
+                    "meshkit.cli",
+                    "gateway",
+                    "--descriptor-set",
+                    str(desc),
+                    "--upstream",
+                    f"127.0.0.1:{bport}",
+                    "--port",
+                    str(gport),
+                ],
                 cwd=ROOT,
             )
             procs.append(gateway)
             wait_port(gport, gateway)
             envoy = Envoy(work, desc, SHOP_SERVICES, bport, concurrency=1)
-            targets = {"meshkit": (gateway.pid, f"http://127.0.0.1:{gport}"),
-                       "envoy": (envoy.proc.pid, envoy.url)}
+            targets = {
+                "meshkit": (gateway.pid, f"http://127.0.0.1:{gport}"),
+                "envoy": (envoy.proc.pid, envoy.url),
+            }
+            if not args.no_bare:
+                bare_port = free_port()
+                bare = subprocess.Popen(
+                    [py, __file__, "--serve-bare", str(desc), f"127.0.0.1:{bport}", str(bare_port)]
+                )
+                procs.append(bare)
+                wait_port(bare_port, bare)
+                targets["bare_proxy"] = (bare.pid, f"http://127.0.0.1:{bare_port}")
             results: dict[str, dict[str, list[dict[str, float]]]] = {}
             for scenario in SCENARIOS:
                 for r in range(args.rounds):
-                    order = ["envoy", "meshkit"] if r % 2 == 0 else ["meshkit", "envoy"]
+                    order = [n for n in ("envoy", "meshkit", "bare_proxy") if n in targets]
+                    if r % 2:
+                        order.reverse()
                     for name in order:
                         pid, base = targets[name]
                         res = measure(pid, base, scenario, args.duration, args.connections, work)
                         results.setdefault(scenario, {}).setdefault(name, []).append(res)
-                        print(f"{scenario:15s} {name:8s} {res['rps']:8.0f} rps  p50 {res['p50_ms']:.2f} ms"
-                              f"  p99 {res['p99_ms']:.2f} ms  cpu {res['cpu_us_per_request']:.0f} us/req"
-                              f"  non2xx {res['non_2xx']}")
+                        print(
+                            f"{scenario:15s} {name:8s} {res['rps']:8.0f} rps  p50 {res['p50_ms']:.2f} ms"
+                            f"  p99 {res['p99_ms']:.2f} ms  cpu {res['cpu_us_per_request']:.0f} us/req"
+                            f"  non2xx {res['non_2xx']}"
+                        )
         finally:
             if envoy is not None:
                 envoy.stop()
@@ -174,18 +291,26 @@ def main() -> int:
                     p.kill()
     summary: dict[str, object] = {}
     for scenario, by in results.items():
-        med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in by.items()}
+        med = {
+            name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            for name, runs in by.items()
+        }
         m, e = med["meshkit"], med["envoy"]
         summary[scenario] = {
-            "meshkit": m, "envoy": e,
+            "meshkit": m,
+            "envoy": e,
             "throughput_ratio": m["rps"] / e["rps"],
             "p99_ratio": m["p99_ms"] / e["p99_ms"],
             "p50_ratio": m["p50_ms"] / e["p50_ms"],
             "cpu_ratio": m["cpu_us_per_request"] / e["cpu_us_per_request"],
             "targets_met": m["rps"] >= 0.9 * e["rps"] and m["p99_ms"] <= 1.5 * e["p99_ms"],
         }
-        print(f"{scenario}: throughput {summary[scenario]['throughput_ratio']:.2f}x envoy, "  # type: ignore[index]
-              f"p99 {summary[scenario]['p99_ratio']:.2f}x, cpu/req {summary[scenario]['cpu_ratio']:.2f}x")  # type: ignore[index]
+        if "bare_proxy" in med:
+            summary[scenario]["bare_proxy_throughput_ratio"] = med["bare_proxy"]["rps"] / e["rps"]  # type: ignore[index]
+        print(
+            f"{scenario}: throughput {summary[scenario]['throughput_ratio']:.2f}x envoy, "  # type: ignore[index]
+            f"p99 {summary[scenario]['p99_ratio']:.2f}x, cpu/req {summary[scenario]['cpu_ratio']:.2f}x"
+        )  # type: ignore[index]
     out = {
         "benchmark": "gateway",
         "load_generator": "wrk -t1 (keep-alive)",
@@ -194,7 +319,8 @@ def main() -> int:
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
         "note": "medians over alternating rounds; same Python grpc.aio backend; "
-                "meshkit: 1 uvicorn worker (uvloop+httptools); envoy --concurrency 1",
+        "meshkit: 1 uvicorn worker (uvloop+httptools); envoy --concurrency 1; "
+        "bare_proxy: hand-written uvicorn+grpc.aio proxy for the two routes (the floor)",
         "scenarios": summary,
     }
     dest = ROOT / "bench" / "results" / "gateway.json"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from examples.es_orders.domain import AGGREGATE, ORDER_CODEC, Order
@@ -86,6 +87,14 @@ def _ship(ctx: SagaContext) -> Message:
     )
 
 
+def _complete(ctx: SagaContext) -> Message:
+    o = _created(ctx)
+    return orders_pb2.UpdateOrderRequest(
+        order=orders_pb2.Order(order_id=o.order_id, status=orders_pb2.ORDER_STATUS_COMPLETED),
+        update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+    )
+
+
 def _notify(ctx: SagaContext) -> Message:
     o = _created(ctx)
     return notification_pb2.SendNotificationRequest(
@@ -140,8 +149,13 @@ ORDER_SAGA = SagaMachine(
             command=Command("shipping", _ship, "ScheduleShipment"),
             on={"SCHEDULE_SHIPPING": "COMPLETED"},
         ),
+        # The seed's machine ends here; §8.3's last step (notify) and marking the
+        # order completed are this state's two entry commands.
         "COMPLETED": State(
-            command=Command("notification", _notify, "SendNotification"),
+            commands=(
+                Command("order", _complete, "CompleteOrder"),
+                Command("notification", _notify, "SendNotification"),
+            ),
             final=True,
             succeeded=True,
         ),
@@ -213,6 +227,15 @@ def participants(
             causation_id=ctx.command_id,
         )
         return events_pb2.OrderCancelled(order_id=order_id, reason=cmd.reason)
+
+    @order.handles(orders_pb2.UpdateOrderRequest)
+    async def complete(cmd: orders_pb2.UpdateOrderRequest, ctx: CommandContext) -> Message:
+        seen("order", cmd, ctx)
+        order_id = cmd.order.order_id
+        await orders.execute(
+            order_id, lambda o: o.complete(), saga_id=ctx.saga_id, causation_id=ctx.command_id
+        )
+        return events_pb2.OrderCompleted(order_id=order_id)
 
     @inventory.handles(inventory_pb2.ReserveStockRequest)
     async def reserve(cmd: inventory_pb2.ReserveStockRequest, ctx: CommandContext) -> Message:

@@ -51,6 +51,9 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
         stream=sys.stderr,
         format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
     )
+    from examples.shop import otel
+
+    otel.setup(name)
     store = Store(args.db, schema)
     bus = None
     if args.nats_url:
@@ -89,9 +92,29 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
 
 
 def main(name: str, schema: str, build: Build) -> None:
-    """Entry point for ``python -m examples.shop.<name>``."""
+    """Entry point for ``python -m examples.shop.<name>``.
+
+    ``SHOP_PROFILE=<dir>`` writes a cProfile of the whole run to ``<dir>/<name>.prof``.
+    """
+    profile_dir = os.environ.get("SHOP_PROFILE")
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            _run(name, schema, build)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{name}.prof"))
+        return
+    _run(name, schema, build)
+
+
+def _run(name: str, schema: str, build: Build) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        sys.exit(asyncio.run(serve(name, schema, build)))
-    sys.exit(uvloop.run(serve(name, schema, build)))
+        asyncio.run(serve(name, schema, build))
+        return
+    uvloop.run(serve(name, schema, build))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
@@ -47,6 +50,32 @@ def _save(conn: sqlite3.Connection, order: orders_pb2.Order) -> None:
         "UPDATE orders SET status = ?, data = ? WHERE order_id = ?",
         (int(order.status), order.SerializeToString(), order.order_id),
     )
+
+
+@contextlib.contextmanager
+def _incoming_trace(context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Continue the caller's trace in the saga's events.
+
+    With OpenTelemetry's grpc instrumentation installed the server span is already
+    current; without it, the caller's ``traceparent`` metadata is attached here so the
+    first event (and every event after it) still carries the caller's trace.
+    """
+    if trace.get_current_span().get_span_context().is_valid:
+        yield
+        return
+    carrier = {
+        str(k): str(v)
+        for k, v in (context.invocation_metadata() or ())
+        if k in ("traceparent", "tracestate")
+    }
+    if not carrier:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 class OrderService(orders_pb2_grpc.OrderServiceServicer):
@@ -106,7 +135,8 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 )
         if self.start_saga is not None:
             # Retried creates publish again with the same event id: JetStream drops the copy.
-            await self.start_saga(order, request_id)
+            with _incoming_trace(context):
+                await self.start_saga(order, request_id)
         return order
 
     async def GetOrder(

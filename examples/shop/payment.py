@@ -77,9 +77,10 @@ def charge(
     conn: sqlite3.Connection, order_id: str, customer_id: str, amount: common_pb2.Money, key: str
 ) -> payment_pb2.Payment:
     """Charge once per idempotency key and once per order; a repeat returns the first result."""
-    row = conn.execute("SELECT * FROM payments WHERE idempotency_key = ?", (key,)).fetchone()
-    if row is None:
-        row = _by_order(conn, order_id)
+    row = conn.execute(
+        "SELECT * FROM payments WHERE idempotency_key = ? OR order_id = ? ORDER BY updated_at LIMIT 1",
+        (key, order_id),
+    ).fetchone()
     if row is not None:
         return _row_to_payment(row)
     payment_id = uuid.uuid5(uuid.NAMESPACE_URL, f"payment/{key}").hex
@@ -106,8 +107,12 @@ def charge(
             "INSERT INTO ledger (order_id, payment_id, kind, amount_minor) VALUES (?, ?, 'charge', ?)",
             (order_id, payment_id, amount.amount_minor),
         )
-    return _row_to_payment(
-        conn.execute("SELECT * FROM payments WHERE payment_id = ?", (payment_id,)).fetchone()
+    return payment_pb2.Payment(
+        payment_id=payment_id,
+        order_id=order_id,
+        amount=amount,
+        status=status,  # type: ignore[arg-type]
+        decline_reason=reason,
     )
 
 

@@ -17,17 +17,26 @@ from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 from google.protobuf.message import Message
 
 FD = FieldDescriptor
+# Descriptor objects are typed loosely: the upb and pure-Python classes differ in the stubs.
+DescT = Any
+FieldT = Any
 _INT64 = {FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64, FD.TYPE_UINT64, FD.TYPE_FIXED64}
 _INT32 = {FD.TYPE_INT32, FD.TYPE_SINT32, FD.TYPE_SFIXED32, FD.TYPE_UINT32, FD.TYPE_FIXED32}
 _WRAPPERS = {
-    "google.protobuf.DoubleValue", "google.protobuf.FloatValue", "google.protobuf.Int64Value",
-    "google.protobuf.UInt64Value", "google.protobuf.Int32Value", "google.protobuf.UInt32Value",
-    "google.protobuf.BoolValue", "google.protobuf.StringValue", "google.protobuf.BytesValue",
+    "google.protobuf.DoubleValue",
+    "google.protobuf.FloatValue",
+    "google.protobuf.Int64Value",
+    "google.protobuf.UInt64Value",
+    "google.protobuf.Int32Value",
+    "google.protobuf.UInt32Value",
+    "google.protobuf.BoolValue",
+    "google.protobuf.StringValue",
+    "google.protobuf.BytesValue",
 }
 
 
@@ -63,13 +72,14 @@ class Encoder:
         self.proto_names = proto_names
         self.pool = pool
         self._plans: dict[str, dict[str, tuple[str, Enc]]] = {}
+        self._by_class: dict[type, dict[Any, tuple[str, Enc | None]] | None] = {}
 
     def _wkt(self, msg: Message) -> Any:
         return json_format.MessageToDict(
             msg, preserving_proto_field_name=self.proto_names, descriptor_pool=self.pool
         )
 
-    def _value_enc(self, fd: FieldDescriptor) -> Enc:
+    def _value_enc(self, fd: FieldT) -> Enc:
         t = fd.type
         if t in _INT64:
             return str
@@ -96,9 +106,9 @@ class Encoder:
             if full.startswith("google.protobuf."):
                 return self._wkt
             return self.encode
-        return lambda v: v
+        return _identity
 
-    def _plan(self, desc: Descriptor) -> dict[str, tuple[str, Enc]]:
+    def _plan(self, desc: DescT) -> dict[str, tuple[str, Enc]]:
         plan = self._plans.get(desc.full_name)
         if plan is not None:
             return plan
@@ -111,32 +121,59 @@ class Encoder:
                 vf = fd.message_type.fields_by_name["value"]
                 venc = self._value_enc(vf)
                 if kf.type == FD.TYPE_BOOL:
+
                     def enc_map(m: Any, venc: Enc = venc) -> Any:
                         return {("true" if k else "false"): venc(v) for k, v in m.items()}
                 else:
+
                     def enc_map(m: Any, venc: Enc = venc) -> Any:
                         return {str(k): venc(v) for k, v in m.items()}
+
                 plan[fd.name] = (key, enc_map)
             elif fd.is_repeated:
                 venc = self._value_enc(fd)
-                plan[fd.name] = (key, lambda vs, venc=venc: [venc(v) for v in vs])
+
+                def enc_list(vs: Any, venc: Enc = venc) -> Any:
+                    return [venc(v) for v in vs]
+
+                plan[fd.name] = (key, enc_list)
             else:
                 plan[fd.name] = (key, self._value_enc(fd))
         return plan
 
+    def _class_plan(self, cls: type) -> dict[Any, tuple[str, Enc | None]] | None:
+        desc = cls.DESCRIPTOR  # type: ignore[attr-defined]
+        plan: dict[Any, tuple[str, Enc | None]] | None = None
+        if not desc.full_name.startswith("google.protobuf."):
+            by_name = self._plan(desc)
+            plan = {}
+            for fd in desc.fields:
+                key, enc = by_name[fd.name]
+                plan[fd] = (key, None if enc is _identity else enc)
+        self._by_class[cls] = plan
+        return plan
+
     def encode(self, msg: Message) -> Any:
         """Like ``MessageToDict(msg)`` with this encoder's naming."""
-        desc = msg.DESCRIPTOR
-        if desc.full_name.startswith("google.protobuf."):
+        cls = type(msg)
+        try:
+            plan = self._by_class[cls]
+        except KeyError:
+            plan = self._class_plan(cls)
+        if plan is None:
             return self._wkt(msg)
-        plan = self._plans.get(desc.full_name) or self._plan(desc)
         out: dict[str, Any] = {}
         for fd, value in msg.ListFields():
-            entry = plan.get(fd.name)
-            if entry is None:  # an extension
+            entry = plan.get(fd)
+            if entry is None:  # an extension, or a descriptor object we have not seen
                 return self._wkt(msg)
-            out[entry[0]] = entry[1](value)
+            enc = entry[1]
+            out[entry[0]] = value if enc is None else enc(value)
         return out
+
+
+def _identity(v: Any) -> Any:
+    return v
 
 
 Dec = Callable[[Message, str, Any], None]
@@ -159,24 +196,30 @@ class Decoder:
 
     def __init__(self, ignore_unknown: bool) -> None:
         self.ignore_unknown = ignore_unknown
-        self._plans: dict[str, dict[str, tuple[FieldDescriptor, Dec]]] = {}
+        self._plans: dict[str, dict[str, tuple[FieldT, Dec]]] = {}
+        self._by_class: dict[type, dict[str, tuple[str, str, int, Dec]]] = {}
 
-    def _value_conv(self, fd: FieldDescriptor) -> Callable[[Any], Any] | None:
+    def _value_conv(self, fd: FieldT) -> Callable[[Any], Any] | None:
         """Converter for one repeated/map element (None: message, handled apart)."""
         t = fd.type
         if t == FD.TYPE_STRING:
+
             def conv(v: Any) -> Any:
                 if type(v) is not str:
                     raise Fallback
                 return v
+
             return conv
         if t == FD.TYPE_BOOL:
+
             def conv(v: Any) -> Any:
                 if type(v) is not bool:
                     raise Fallback
                 return v
+
             return conv
         if t in _INT32 or t in _INT64:
+
             def conv(v: Any) -> Any:
                 if type(v) is int:
                     return v
@@ -186,14 +229,18 @@ class Decoder:
                     except ValueError:
                         raise Fallback from None
                 raise Fallback
+
             return conv
         if t in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
+
             def conv(v: Any) -> Any:
                 if type(v) is float or type(v) is int:
                     return v
                 raise Fallback
+
             return conv
         if t == FD.TYPE_BYTES:
+
             def conv(v: Any) -> Any:
                 if type(v) is not str:
                     raise Fallback
@@ -201,6 +248,7 @@ class Decoder:
                     return base64.b64decode(v, validate=True)
                 except (binascii.Error, ValueError):
                     raise Fallback from None
+
             return conv
         if t == FD.TYPE_ENUM:
             values = {v.name: v.number for v in fd.enum_type.values}
@@ -216,10 +264,11 @@ class Decoder:
                 if type(v) is int:
                     return v
                 raise Fallback
+
             return conv
         return None
 
-    def _plan(self, desc: Descriptor) -> dict[str, tuple[FieldDescriptor, Dec]]:
+    def _plan(self, desc: DescT) -> dict[str, tuple[FieldT, Dec]]:
         plan = self._plans.get(desc.full_name)
         if plan is not None:
             return plan
@@ -231,7 +280,7 @@ class Decoder:
             plan[fd.json_name] = (fd, dec)
         return plan
 
-    def _field_dec(self, fd: FieldDescriptor) -> Dec:
+    def _field_dec(self, fd: FieldT) -> Dec:
         md = fd.message_type
         if md is not None and md.GetOptions().map_entry:
             kf, vf = md.fields_by_name["key"], md.fields_by_name["value"]
@@ -293,6 +342,7 @@ class Decoder:
         if md is not None:
             full = md.full_name
             if full == "google.protobuf.Timestamp" or full == "google.protobuf.Duration":
+
                 def dec_time(msg: Message, name: str, v: Any) -> None:
                     if type(v) is not str:
                         raise Fallback
@@ -300,6 +350,7 @@ class Decoder:
                         getattr(msg, name).FromJsonString(v)
                     except ValueError:
                         raise Fallback from None
+
                 return dec_time
             if full.startswith("google.protobuf."):
                 return _fallback_dec
@@ -324,10 +375,30 @@ class Decoder:
 
         return dec_scalar
 
+    def _class_plan(self, cls: type) -> dict[str, tuple[str, str, int, Dec]]:
+        desc = cls.DESCRIPTOR  # type: ignore[attr-defined]
+        out: dict[str, tuple[str, str, int, Dec]] = {}
+        for key, (fd, dec) in self._plan(desc).items():
+            oneof = fd.containing_oneof
+            kind = _K_OTHER
+            if not fd.is_repeated and fd.message_type is None:
+                if fd.type == FD.TYPE_STRING:
+                    kind = _K_STR
+                elif fd.type in _INT32:
+                    kind = _K_INT
+                elif fd.type == FD.TYPE_BOOL:
+                    kind = _K_BOOL
+            out[key] = (fd.name, oneof.name if oneof is not None else fd.name, kind, dec)
+        self._by_class[cls] = out
+        return out
+
     def merge(self, obj: dict[str, Any], msg: Message) -> None:
         """Merge ``obj`` into ``msg`` or raise :class:`Fallback`."""
-        desc = msg.DESCRIPTOR
-        plan = self._plans.get(desc.full_name) or self._plan(desc)
+        cls = type(msg)
+        try:
+            plan = self._by_class[cls]
+        except KeyError:
+            plan = self._class_plan(cls)
         seen: set[str] = set()
         for key, value in obj.items():
             entry = plan.get(key)
@@ -335,16 +406,30 @@ class Decoder:
                 if self.ignore_unknown and not key.startswith("["):
                     continue
                 raise Fallback
-            fd, dec = entry
-            if value is None:
-                raise Fallback
-            name = fd.name
-            oneof = fd.containing_oneof
-            mark = oneof.name if oneof is not None else name
-            if mark in seen:
+            name, mark, kind, dec = entry
+            if mark in seen or value is None:
                 raise Fallback
             seen.add(mark)
-            dec(msg, name, value)
+            if kind == _K_STR:
+                if type(value) is not str:
+                    raise Fallback
+                setattr(msg, name, value)
+            elif kind == _K_INT:
+                if type(value) is not int:
+                    raise Fallback
+                try:
+                    setattr(msg, name, value)
+                except ValueError:
+                    raise Fallback from None
+            elif kind == _K_BOOL:
+                if type(value) is not bool:
+                    raise Fallback
+                setattr(msg, name, value)
+            else:
+                dec(msg, name, value)
+
+
+_K_OTHER, _K_STR, _K_INT, _K_BOOL = range(4)
 
 
 def _fallback_dec(msg: Message, name: str, v: Any) -> None:

@@ -9,13 +9,13 @@ import multiprocessing
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshkit.errors import ConfigError
-from meshkit.gateway.app import GatewayApp, create_app, load_catalog
+from meshkit.gateway.app import ASGIApp, Receive, Scope, Send, create_app, load_catalog
 from meshkit.gateway.config import GatewayConfig, GatewayOptions, load_config
 from meshkit.gateway.descriptors import Catalog, build_catalog, descriptor_set_from_reflection
 from meshkit.gateway.upstreams import UpstreamRegistry
@@ -36,43 +36,96 @@ class ServeSpec:
     workers: int = 1
     services: tuple[str, ...] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    profile: str | None = None
 
 
 def _load(spec: ServeSpec) -> tuple[Catalog, GatewayConfig]:
     cfg = load_config(spec.config) if spec.config else GatewayConfig()
     if spec.overrides:
         cfg = GatewayConfig(cfg.options.with_(**spec.overrides), cfg.upstreams, cfg.policy)
-    specs = list(spec.upstreams) or [f"{k}={v}" if k != "default" else v for k, v in cfg.upstreams.items()]
-    if not specs:
+    specs = list(spec.upstreams) or [
+        f"{k}={v}" if k != "default" else v for k, v in cfg.upstreams.items()
+    ]
+    if not specs and cfg.edge is None:
         raise ConfigError("--upstream", "at least one upstream is required (flag or config)")
     if spec.reflect:
         targets = sorted({s.partition("=")[2] or s for s in specs})
         catalog = build_catalog(
-            descriptor_set_from_reflection([t.split(",")[0] for t in targets]), services=spec.services
+            descriptor_set_from_reflection([t.split(",")[0] for t in targets]),
+            services=spec.services,
         )
     elif spec.descriptor_set:
         catalog = load_catalog(Path(spec.descriptor_set), spec.services)
     else:
         raise ConfigError("--descriptor-set", "give --descriptor-set FILE or --reflect")
-    cfg = GatewayConfig(cfg.options, {s.partition("=")[0] if "=" in s else "default":
-                                      s.partition("=")[2] or s for s in specs}, cfg.policy)
+    cfg = GatewayConfig(
+        cfg.options,
+        {s.partition("=")[0] if "=" in s else "default": s.partition("=")[2] or s for s in specs},
+        cfg.policy,
+        cfg.edge,
+    )
     return catalog, cfg
 
 
-def build_app(spec: ServeSpec) -> GatewayApp:
-    """Build the app for ``spec`` and wire SIGHUP reload into its lifespan."""
+def _with_sighup(app: ASGIApp, on_sighup: Callable[[], None]) -> ASGIApp:
+    """Install a SIGHUP handler when the app's lifespan starts, then delegate."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        await app(scope, receive, send)
+
+    return wrapper
+
+
+def _build_edge(spec: ServeSpec, catalog: Catalog) -> ASGIApp:
+    from meshkit.gateway.edge import create_edge_app
+
+    if spec.config is None:
+        raise ConfigError("--profile", "the edge needs --config gateway.yaml with an edge: section")
+    descriptors: Any = Path(spec.descriptor_set) if spec.descriptor_set else catalog
+    edge = create_edge_app(
+        spec.config, descriptors, services=list(spec.services) if spec.services else None
+    )
+    inner = edge.app_for(spec.profile) if spec.profile else edge.asgi()
+
+    def reload() -> None:
+        async def run() -> None:
+            try:
+                await edge.reload()
+                log.info("edge reloaded (pid %d)", os.getpid())
+            except Exception as exc:  # keep serving the old configuration
+                log.error("edge reload failed, keeping the previous configuration: %s", exc)
+
+        asyncio.get_running_loop().create_task(run())
+
+    return _with_sighup(inner, reload)
+
+
+def build_app(spec: ServeSpec) -> ASGIApp:
+    """Build the app for ``spec`` (the edge when the config has an ``edge:`` section or a
+    profile is named) and wire SIGHUP reload into its lifespan."""
     catalog, cfg = _load(spec)
-    app = create_app(catalog, UpstreamRegistry.from_specs(cfg.upstreams, policy=cfg.policy),
-                     options=cfg.options)
+    if cfg.edge is not None or spec.profile:
+        return _build_edge(spec, catalog)
+    app = create_app(
+        catalog, UpstreamRegistry.from_specs(cfg.upstreams, policy=cfg.policy), options=cfg.options
+    )
     current = {"cfg": cfg}
 
     def reload() -> None:
         try:
             new_catalog, new_cfg = _load(spec)
-            same_ups = (new_cfg.upstreams == current["cfg"].upstreams
-                        and new_cfg.policy == current["cfg"].policy)
-            registry = None if same_ups else UpstreamRegistry.from_specs(new_cfg.upstreams,
-                                                                         policy=new_cfg.policy)
+            same_ups = (
+                new_cfg.upstreams == current["cfg"].upstreams
+                and new_cfg.policy == current["cfg"].policy
+            )
+            registry = (
+                None
+                if same_ups
+                else UpstreamRegistry.from_specs(new_cfg.upstreams, policy=new_cfg.policy)
+            )
             app.reload(app.build_state(new_catalog, registry, new_cfg.options))
             current["cfg"] = new_cfg
             log.info("gateway reloaded: %d routes (pid %d)", len(app.routes), os.getpid())
@@ -102,7 +155,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     app = build_app(spec)
     if sock is None:
@@ -121,7 +174,9 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
 
 
 def _worker_main(spec: ServeSpec) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     run_worker(spec)
 
 
@@ -139,7 +194,9 @@ def serve(spec: ServeSpec) -> int:
     reserve.close()
     wspec = ServeSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "port": port})
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(wspec,), daemon=False) for _ in range(spec.workers)]
+    procs = [
+        ctx.Process(target=_worker_main, args=(wspec,), daemon=False) for _ in range(spec.workers)
+    ]
     for p in procs:
         p.start()
     log.info("meshkit gateway on %s:%d with %d workers", spec.host, port, spec.workers)
@@ -153,7 +210,11 @@ def serve(spec: ServeSpec) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = 0
-    clean = {0, -signal.SIGTERM, -signal.SIGINT}  # uvicorn re-raises the signal after a graceful stop
+    clean = {
+        0,
+        -signal.SIGTERM,
+        -signal.SIGINT,
+    }  # uvicorn re-raises the signal after a graceful stop
     for p in procs:
         p.join()
         if p.exitcode not in clean:
@@ -176,4 +237,3 @@ def options_overrides(
 
 
 __all__ = ["GatewayOptions", "ServeSpec", "bind_socket", "build_app", "serve"]
-

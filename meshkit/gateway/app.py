@@ -30,14 +30,17 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2
-from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from meshkit.errors import ConfigError
 from meshkit.gateway.config import GatewayOptions
-from meshkit.gateway.descriptors import Catalog, build_catalog, load_descriptor_set, parse_descriptor_set
+from meshkit.gateway.descriptors import (
+    Catalog,
+    build_catalog,
+    load_descriptor_set,
+    parse_descriptor_set,
+)
 from meshkit.gateway.errors import (
-    CODE_NUMBER,
     GatewayError,
     http_status_for,
     metadata_headers,
@@ -107,7 +110,6 @@ class GatewayState:
         self.router: Router[Route] = Router()
         self.routes: list[Route] = []
         self.inflight = 0
-        self.drained = asyncio.Event() if _has_loop() else None
         self._callables: dict[tuple[int, str], Any] = {}
         self._compile(route_middleware)
 
@@ -122,8 +124,9 @@ class GatewayState:
                 specs.append(("POST", f"/{m.service}/{m.name}", "*", "", True))
             for http_method, template, body, response_body, is_fallback in specs:
                 try:
-                    b = compile_binding(m, http_method, template, body, response_body,
-                                        fallback=is_fallback)
+                    b = compile_binding(
+                        m, http_method, template, body, response_body, fallback=is_fallback
+                    )
                     route = Route(b, self._noop)
                     route.app = self._chain(route, route_middleware)
                     self.router.add(http_method, b.template, route, m.full_name)
@@ -141,11 +144,14 @@ class GatewayState:
         m = b.method
         handler: ASGIApp
         if m.client_streaming or m.server_streaming:
+
             async def handler(scope: Scope, receive: Receive, send: Send) -> None:
                 await self.handle_streaming(b, scope, receive, send)
         else:
+
             async def handler(scope: Scope, receive: Receive, send: Send) -> None:
                 await self.handle_unary(b, scope, receive, send)
+
         app: ASGIApp = handler
         for mw in reversed(route_middleware):
             app = mw(route, app)
@@ -174,7 +180,11 @@ class GatewayState:
         return up.channel(scope)
 
     def _timeout(self, b: Binding, hdrs: RequestHeaders) -> float | None:
-        t = hdrs.timeout if hdrs.timeout is not None else self.options.timeout_for(b.method.full_name)
+        t = (
+            hdrs.timeout
+            if hdrs.timeout is not None
+            else self.options.timeout_for(b.method.full_name)
+        )
         if t is not None and t > self.options.max_timeout:
             t = self.options.max_timeout
         return t
@@ -210,11 +220,15 @@ class GatewayState:
         """Unary RPC: read, transcode, call, answer."""
         hdrs: RequestHeaders | None = None
         try:
-            hdrs = read_headers(scope["headers"], scope.get("client"),
-                                generate_request_id=self.options.generate_request_id)
+            hdrs = read_headers(
+                scope["headers"],
+                scope.get("client"),
+                generate_request_id=self.options.generate_request_id,
+            )
             raw = await self._read_body(scope, receive) if b.body else b""
-            req = self.transcoder.build(b, raw, hdrs.content_type, scope.get("query_string", b""),
-                                        scope["path_params_raw"])
+            req = self.transcoder.build(
+                b, raw, hdrs.content_type, scope.get("query_string", b""), scope["path_params_raw"]
+            )
             channel = self._upstream_channel(b, scope)
             mc = self._callable(channel, b, "unary_unary")
             call = mc(req, metadata=hdrs.metadata, timeout=self._timeout(b, hdrs))
@@ -241,9 +255,11 @@ class GatewayState:
             log.exception("gateway error in %s", b.method.full_name)
             await self.send_error(send, GatewayError("INTERNAL", "internal gateway error"), hdrs)
 
-    async def handle_streaming(self, b: Binding, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle_streaming(
+        self, b: Binding, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         """Streaming RPCs over HTTP (NDJSON/SSE/JSON array out, NDJSON in)."""
-        from meshkit.gateway.streaming import serve_http_stream  # noqa: PLC0415
+        from meshkit.gateway.streaming import serve_http_stream
 
         await serve_http_stream(self, b, scope, receive, send)
 
@@ -255,30 +271,36 @@ class GatewayState:
             return [(b"x-request-id", hdrs.request_id.encode("latin-1"))]
         return []
 
-    async def send_error(self, send: Send, err: GatewayError, hdrs: RequestHeaders | None = None,
-                         extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    async def send_error(
+        self,
+        send: Send,
+        err: GatewayError,
+        hdrs: RequestHeaders | None = None,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         """Answer with a gateway error's Status JSON."""
-        await _send_status(send, err.http_status, err.to_status(), self.catalog,
-                           [*err.headers, *self.request_id_header(hdrs), *extra])
+        await _send_status(
+            send,
+            err.http_status,
+            err.to_status(),
+            self.catalog,
+            [*err.headers, *self.request_id_header(hdrs), *extra],
+        )
 
-    async def send_rpc_error(self, send: Send, err: grpc.aio.AioRpcError,
-                             hdrs: RequestHeaders | None = None) -> None:
+    async def send_rpc_error(
+        self, send: Send, err: grpc.aio.AioRpcError, hdrs: RequestHeaders | None = None
+    ) -> None:
         """Answer with an upstream call's status."""
         st = status_from_rpc_error(err)
-        extra = [*self.request_id_header(hdrs), *metadata_headers(err.initial_metadata()),
-                 *metadata_headers(err.trailing_metadata())]
+        extra = [
+            *self.request_id_header(hdrs),
+            *metadata_headers(err.initial_metadata()),
+            *metadata_headers(err.trailing_metadata()),
+        ]
         status = http_status_for(st.code)
         if status == 401:
             extra.append((b"www-authenticate", b"Bearer"))
         await _send_status(send, status, st, self.catalog, extra)
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -287,11 +309,19 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-async def _send_status(send: Send, http_status: int, st: status_pb2.Status, catalog: Catalog | None,
-                       extra: Sequence[tuple[bytes, bytes]]) -> None:
+async def _send_status(
+    send: Send,
+    http_status: int,
+    st: status_pb2.Status,
+    catalog: Catalog | None,
+    extra: Sequence[tuple[bytes, bytes]],
+) -> None:
     body = status_body(st, catalog.pool if catalog else None)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *extra]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
     await send({"type": "http.response.start", "status": http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -331,7 +361,7 @@ class GatewayApp:
         state.inflight += 1
         try:
             if scope["type"] == "websocket":
-                from meshkit.gateway.websocket import serve_websocket  # noqa: PLC0415
+                from meshkit.gateway.websocket import serve_websocket
 
                 await serve_websocket(state, scope, receive, send)
                 return
@@ -355,12 +385,18 @@ class GatewayApp:
                 }
                 await route.app(scope, receive, send)
             elif found is None:
-                await state.send_error(send, GatewayError("NOT_FOUND", f"no route for {method} {path[:200]}"))
+                await state.send_error(
+                    send, GatewayError("NOT_FOUND", f"no route for {method} {path[:200]}")
+                )
             else:
                 await state.send_error(
                     send,
-                    GatewayError("UNIMPLEMENTED", f"method {method} not allowed for {path[:200]}",
-                                 http_status=405, headers=[(b"allow", ", ".join(found).encode())]),
+                    GatewayError(
+                        "UNIMPLEMENTED",
+                        f"method {method} not allowed for {path[:200]}",
+                        http_status=405,
+                        headers=[(b"allow", ", ".join(found).encode())],
+                    ),
                 )
         finally:
             state.inflight -= 1
@@ -467,7 +503,8 @@ def create_app(
     """
     catalog = load_catalog(descriptors, services)
     registry = (
-        upstreams if isinstance(upstreams, UpstreamRegistry)
+        upstreams
+        if isinstance(upstreams, UpstreamRegistry)
         else UpstreamRegistry.from_specs(upstreams, policy=policy)
     )
     state = GatewayState(catalog, registry, options or GatewayOptions(), route_middleware)
@@ -484,5 +521,3 @@ __all__ = [
     "create_app",
     "load_catalog",
 ]
-
-_ = (CODE_NUMBER, Message)

@@ -195,20 +195,22 @@ class Composite:
         upstreams: UpstreamRegistry,
         *,
         generate_request_id: bool = True,
+        config_path: str | None = None,
     ) -> None:
         self.spec = spec
         self.catalog = catalog
         self.upstreams = upstreams
         self.generate_request_id = generate_request_id
+        where = config_path or f"bff.{spec.name}"
         by_name = {m.full_name: m for m in catalog.methods}
         self.methods: dict[str, MethodInfo] = {}
         for c in spec.calls:
             mi = by_name.get(c.rpc)
             if mi is None:
-                raise ConfigError(f"bff.{spec.name}.calls.{c.name}.rpc", f"unknown RPC {c.rpc!r}")
+                raise ConfigError(f"{where}.calls.{c.name}.rpc", f"unknown RPC {c.rpc!r}")
             if mi.client_streaming or mi.server_streaming:
                 raise ConfigError(
-                    f"bff.{spec.name}.calls.{c.name}.rpc",
+                    f"{where}.calls.{c.name}.rpc",
                     f"{c.rpc} is streaming; only unary calls compose",
                 )
             self.methods[c.name] = mi

@@ -18,6 +18,7 @@ Example ``gateway.yaml``::
       shop.v1.OrderService: 127.0.0.1:50051
       default: 127.0.0.1:50052
     policy: {...}                  # meshkit's client policy for upstream calls
+    edge: {...}                    # auth, limits, cache, canary, BFF (docs/edge.md)
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class GatewayOptions:
             )
         if self.stream_format not in ("ndjson", "json-array"):
             raise ConfigError(
-                "gateway.stream_format", f"expected ndjson or json-array; got {self.stream_format!r}"
+                "gateway.stream_format",
+                f"expected ndjson or json-array; got {self.stream_format!r}",
             )
         if self.max_body_bytes <= 0:
             raise ConfigError("gateway.max_body_bytes", f"expected > 0, got {self.max_body_bytes}")
@@ -110,9 +112,7 @@ class GatewayOptions:
             elif key == "route_timeouts":
                 if not isinstance(value, Mapping):
                     raise ConfigError(where, "expected a mapping of method name to duration")
-                kwargs[key] = {
-                    str(k): parse_duration(v, f"{where}.{k}") for k, v in value.items()
-                }
+                kwargs[key] = {str(k): parse_duration(v, f"{where}.{k}") for k, v in value.items()}
             else:
                 if not isinstance(value, str):
                     raise ConfigError(where, f"expected a string, got {value!r}")
@@ -131,6 +131,8 @@ class GatewayConfig:
     options: GatewayOptions = field(default_factory=GatewayOptions)
     upstreams: Mapping[str, str] = field(default_factory=dict)
     policy: Mapping[str, Any] | None = None
+    #: The ``edge:`` section, validated by :mod:`meshkit.gateway.edge` when present.
+    edge: Mapping[str, Any] | None = None
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -144,19 +146,26 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError("", f"cannot load: {exc}", source=str(p)) from exc
     if not isinstance(raw, Mapping):
         raise ConfigError("", "expected a mapping at the top level", source=str(p))
-    unknown = set(raw) - {"gateway", "upstreams", "policy"}
+    unknown = set(raw) - {"gateway", "upstreams", "policy", "edge"}
     if unknown:
         raise ConfigError(
-            sorted(unknown)[0], "unknown key; expected gateway, upstreams or policy", source=str(p)
+            sorted(unknown)[0],
+            "unknown key; expected gateway, upstreams, policy or edge",
+            source=str(p),
         )
     try:
         options = GatewayOptions.from_mapping(raw.get("gateway") or {})
         ups = raw.get("upstreams") or {}
         if not isinstance(ups, Mapping) or not all(isinstance(v, str) for v in ups.values()):
-            raise ConfigError("upstreams", "expected a mapping of service (or 'default') to HOST:PORT")
+            raise ConfigError(
+                "upstreams", "expected a mapping of service (or 'default') to HOST:PORT"
+            )
         policy = raw.get("policy")
         if policy is not None and not isinstance(policy, Mapping):
             raise ConfigError("policy", "expected a mapping")
     except ConfigError as exc:
         raise ConfigError(exc.path, exc.message.split(": ", 1)[-1], source=str(p)) from exc
-    return GatewayConfig(options=options, upstreams=dict(ups), policy=policy)
+    edge = raw.get("edge")
+    if edge is not None and not isinstance(edge, Mapping):
+        raise ConfigError("edge", "expected a mapping", source=str(p))
+    return GatewayConfig(options=options, upstreams=dict(ups), policy=policy, edge=edge)

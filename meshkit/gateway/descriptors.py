@@ -65,7 +65,9 @@ class Catalog:
         return message_factory.GetMessageClass(self.pool.FindMessageTypeByName(full_name))
 
 
-def parse_descriptor_set(data: bytes, *, source: str = "descriptor set") -> descriptor_pb2.FileDescriptorSet:
+def parse_descriptor_set(
+    data: bytes, *, source: str = "descriptor set"
+) -> descriptor_pb2.FileDescriptorSet:
     """Parse serialized FileDescriptorSet bytes; a ConfigError names the source."""
     fds = descriptor_pb2.FileDescriptorSet()
     try:
@@ -106,8 +108,9 @@ def build_catalog(
         proto = by_name.get(name)
         if proto is None:
             raise ConfigError(
-                "", f"{chain[-1] if chain else name} imports {name!r}, which the descriptor set lacks "
-                "(build it with --include_imports)"
+                "",
+                f"{chain[-1] if chain else name} imports {name!r}, which the descriptor set lacks "
+                "(build it with --include_imports)",
             )
         for dep in proto.dependency:
             add(dep, (*chain, name))
@@ -174,51 +177,61 @@ def descriptor_set_from_reflection(
     Every file that declares a listed service is fetched with its imports; the
     reflection service itself and grpc.health are left out.
     """
-    import grpc  # noqa: PLC0415
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: PLC0415
-
     files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
     order: list[str] = []
-    skip = ("grpc.reflection.", "grpc.health.")
     for target in targets:
-        with grpc.insecure_channel(target) as channel:
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-
-            def ask(req: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
-                try:
-                    responses = list(stub.ServerReflectionInfo(iter([req]), timeout=timeout))
-                except grpc.RpcError as exc:
-                    raise ConfigError(
-                        "--reflect", f"reflection on {target} failed: {exc.code().name} {exc.details()}"
-                    ) from None
-                resp = responses[0]
-                if resp.HasField("error_response"):
-                    raise ConfigError(
-                        "--reflect", f"reflection on {target}: {resp.error_response.error_message}"
-                    )
-                return resp
-
-            def take(resp: reflection_pb2.ServerReflectionResponse) -> None:
-                for raw in resp.file_descriptor_response.file_descriptor_proto:
-                    fp = descriptor_pb2.FileDescriptorProto.FromString(raw)
-                    if fp.name not in files:
-                        files[fp.name] = fp
-                        order.append(fp.name)
-
-            listed = ask(reflection_pb2.ServerReflectionRequest(list_services=""))
-            for svc in listed.list_services_response.service:
-                if svc.name.startswith(skip):
-                    continue
-                take(ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=svc.name)))
-            pending = [d for f in list(files.values()) for d in f.dependency if d not in files]
-            while pending:
-                name = pending.pop()
-                if name in files:
-                    continue
-                take(ask(reflection_pb2.ServerReflectionRequest(file_by_filename=name)))
-                if name not in files:
-                    raise ConfigError("--reflect", f"{target} did not return {name}")
-                pending.extend(d for d in files[name].dependency if d not in files)
+        _reflect_target(target, timeout, files, order)
     fds = descriptor_pb2.FileDescriptorSet()
     fds.file.extend(files[n] for n in order)
     return fds
+
+
+def _reflect_target(
+    target: str,
+    timeout: float,
+    files: dict[str, descriptor_pb2.FileDescriptorProto],
+    order: list[str],
+) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    skip = ("grpc.reflection.", "grpc.health.")
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        def ask(req: Any) -> Any:
+            try:
+                responses = list(stub.ServerReflectionInfo(iter([req]), timeout=timeout))
+            except grpc.RpcError as exc:
+                raise ConfigError(
+                    "--reflect",
+                    f"reflection on {target} failed: {exc.code().name} {exc.details()}",
+                ) from None
+            resp = responses[0]
+            if resp.HasField("error_response"):
+                raise ConfigError(
+                    "--reflect", f"reflection on {target}: {resp.error_response.error_message}"
+                )
+            return resp
+
+        def take(resp: Any) -> None:
+            for raw in resp.file_descriptor_response.file_descriptor_proto:
+                fp = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                if fp.name not in files:
+                    files[fp.name] = fp
+                    order.append(fp.name)
+
+        listed = ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+        for svc in listed.list_services_response.service:
+            if svc.name.startswith(skip):
+                continue
+            take(ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=svc.name)))
+        pending = [d for f in list(files.values()) for d in f.dependency if d not in files]
+        while pending:
+            name = pending.pop()
+            if name in files:
+                continue
+            take(ask(reflection_pb2.ServerReflectionRequest(file_by_filename=name)))
+            if name not in files:
+                raise ConfigError("--reflect", f"{target} did not return {name}")
+            pending.extend(d for d in files[name].dependency if d not in files)

@@ -37,7 +37,7 @@ from meshkit.gateway._edge_asgi import (
     send_json,
 )
 from meshkit.gateway.app import DescriptorSource, GatewayApp, Route, create_app, load_catalog
-from meshkit.gateway.auth import Authenticator, AuthMiddleware
+from meshkit.gateway.auth import Authenticator, AuthMiddleware, AuthPolicy
 from meshkit.gateway.balancing import BalancedUpstream
 from meshkit.gateway.bff import BffApp, Composite
 from meshkit.gateway.cache import CacheMiddleware, ResponseCache
@@ -161,9 +161,13 @@ class ProfileRuntime:
         )
         composites = [
             Composite(
-                spec, catalog, registry, generate_request_id=config.options.generate_request_id
+                spec,
+                catalog,
+                registry,
+                generate_request_id=config.options.generate_request_id,
+                config_path=f"edge.profiles.{profile.name}.bff[{i}]",
             )
-            for spec in profile.bff
+            for i, spec in enumerate(profile.bff)
         ]
         inner: ASGIApp = self.gateway
         if composites:
@@ -218,12 +222,9 @@ class ProfileRuntime:
                 name=name,
                 on_reject=on_reject,
             )
-        if policy.auth is not None or self.config.auth.jwt is not None or self.config.auth.api_keys:
-            # Always present when auth is configured: it also strips client-sent x-jwt-* metadata.
-            from meshkit.gateway.auth import AuthPolicy
-
-            app = AuthMiddleware(app, self.authn, policy.auth or AuthPolicy("none"))
-        return app
+        # Always present, even with no auth configured: it strips client-sent x-jwt-* and
+        # x-api-key-name metadata, which upstreams may trust as set by the edge.
+        return AuthMiddleware(app, self.authn, policy.auth or AuthPolicy("none"))
 
     def _route_middleware(self, route: Route, app: ASGIApp) -> ASGIApp:
         b = route.binding
@@ -250,10 +251,12 @@ class EdgeApp:
         catalog: Catalog,
         *,
         config_loader: Callable[[], EdgeConfig] | None = None,
+        catalog_loader: Callable[[], Catalog] | None = None,
     ) -> None:
         self.catalog = catalog
         self.config = config
         self.config_loader = config_loader
+        self.catalog_loader = catalog_loader
         self.registry = build_registry(config)
         self.metrics = (
             EdgeMetrics(lambda: health_snapshot(self.registry)) if config.metrics else None
@@ -264,10 +267,17 @@ class EdgeApp:
         self.reloads = 0
 
     def _compile(self, config: EdgeConfig) -> None:
-        self.profiles = {
-            n: ProfileRuntime(p, config, self.catalog, self.registry, self.metrics)
+        self._install(self._build(config, self.catalog))
+
+    def _build(self, config: EdgeConfig, catalog: Catalog) -> dict[str, ProfileRuntime]:
+        # Profiles hold the registry object, which reload updates in place.
+        return {
+            n: ProfileRuntime(p, config, catalog, self.registry, self.metrics)
             for n, p in config.profiles.items()
         }
+
+    def _install(self, profiles: dict[str, ProfileRuntime]) -> None:
+        self.profiles = profiles
         self._by_prefix = sorted(
             ((p.profile.prefix, p) for p in self.profiles.values()), key=lambda x: -len(x[0])
         )
@@ -297,8 +307,12 @@ class EdgeApp:
         if self.metrics is not None:
             self.metrics.shutdown()
 
-    async def reload(self, config: EdgeConfig | None = None) -> None:
-        """Switch to ``config`` (or re-read the file); in-flight requests are unaffected."""
+    async def reload(
+        self, config: EdgeConfig | None = None, catalog: Catalog | None = None
+    ) -> None:
+        """Switch to ``config`` (or re-read the file) and ``catalog`` (or re-read the
+        descriptor set when it came from a file); in-flight requests are unaffected.
+        Raises ConfigError (and keeps the current configuration) when anything is invalid."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
@@ -306,14 +320,20 @@ class EdgeApp:
                 if self.config_loader is None:
                     raise ConfigError("", "no config file to reload from")
                 config = self.config_loader()
-            if config.auth.keys is not None:
-                config.auth.keys.reload()
+            if catalog is None and self.catalog_loader is not None:
+                catalog = self.catalog_loader()
+            if config is self.config and config.auth.keys is not None:
+                config.auth.keys.reload()  # same document: re-read key and JWKS files
+            new_catalog = catalog if catalog is not None else self.catalog
+            # Compile everything before touching anything: a bad rule must not half-apply.
+            profiles = self._build(config, new_catalog)
             await update_registry(self.registry, config)
             for u in self.registry.upstreams.values():
                 if isinstance(u, BalancedUpstream) and u.health_check is not None:
                     u.start_health_checks()
+            self.catalog = new_catalog
             self.config = config
-            self._compile(config)
+            self._install(profiles)
             self.reloads += 1
             log.info("edge config reloaded (%d profiles)", len(self.profiles))
 
@@ -483,4 +503,8 @@ def create_edge_app(
     else:
         cfg = EdgeConfig.from_mapping(config)
     catalog = load_catalog(descriptors, services)
-    return EdgeApp(cfg, catalog, config_loader=loader)
+    catalog_loader: Callable[[], Catalog] | None = None
+    if isinstance(descriptors, str | Path):
+        source = descriptors
+        catalog_loader = lambda: load_catalog(source, services)  # noqa: E731
+    return EdgeApp(cfg, catalog, config_loader=loader, catalog_loader=catalog_loader)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -76,7 +76,9 @@ class GatewayError(Exception):
         return st
 
 
-def bad_request(message: str, field: str | None = None, description: str | None = None) -> GatewayError:
+def bad_request(
+    message: str, field: str | None = None, description: str | None = None
+) -> GatewayError:
     """A 400 INVALID_ARGUMENT, with a BadRequest field violation when ``field`` is given."""
     details: list[Message] = []
     if field is not None:
@@ -90,7 +92,7 @@ def status_from_rpc_error(err: grpc.aio.AioRpcError) -> status_pb2.Status:
     """The rich status of a failed call: ``grpc-status-details-bin`` if sent, else code+message."""
     code = err.code()
     number = code.value[0] if isinstance(code, grpc.StatusCode) else 2
-    trailers = err.trailing_metadata() or ()
+    trailers: Any = err.trailing_metadata() or ()
     for key, value in trailers:
         if key == _DETAILS_KEY and isinstance(value, bytes):
             st = status_pb2.Status()
@@ -113,7 +115,9 @@ def _any_to_json(a: any_pb2.Any, pool: descriptor_pool.DescriptorPool | None) ->
         return {"@type": a.type_url, "value": base64.b64encode(a.value).decode("ascii")}
 
 
-def status_json(st: status_pb2.Status, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:
+def status_json(
+    st: status_pb2.Status, pool: descriptor_pool.DescriptorPool | None = None
+) -> dict[str, Any]:
     """``google.rpc.Status`` as canonical JSON (a dict), details decoded."""
     return {
         "code": st.code,
@@ -132,7 +136,7 @@ def http_status_for(code_number: int) -> int:
     return HTTP_STATUS.get(CODE_NAME.get(code_number, "UNKNOWN"), 500)
 
 
-def metadata_headers(md: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[bytes, bytes]]:
+def metadata_headers(md: Any) -> list[tuple[bytes, bytes]]:
     """gRPC metadata as ``Grpc-Metadata-<key>`` response headers (``-bin`` values base64)."""
     out: list[tuple[bytes, bytes]] = []
     if not md:

@@ -126,7 +126,9 @@ class _Parser:
         else:
             lit = self.take_literal()
             if not lit:
-                raise self.fail("empty segment" if ch in ("/", "", ":") else f"bad character {ch!r}")
+                raise self.fail(
+                    "empty segment" if ch in ("/", "", ":") else f"bad character {ch!r}"
+                )
             self.segments.append(lit)
 
     def take_literal(self) -> str:

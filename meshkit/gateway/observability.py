@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -82,17 +83,29 @@ class EdgeMetrics:
             ],
         )
         meter = self.provider.get_meter("meshkit.gateway")
-        self.requests = meter.create_counter(
-            "meshkit.gateway.requests", description="HTTP requests"
+        # Counters are tallied in plain dicts and read by OTel at collection time: a
+        # synchronous OTel counter costs ~12 us per add, a dict increment well under 1 us.
+        self._requests: collections.Counter[tuple[str, str, str, int]] = collections.Counter()
+        self._cache: collections.Counter[tuple[str, bool]] = collections.Counter()
+        self._rejections: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._duration_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        meter.create_observable_counter(
+            "meshkit.gateway.requests",
+            callbacks=[self._observe_requests],
+            description="HTTP requests",
         )
         self.duration = meter.create_histogram(
             "meshkit.gateway.request.duration", unit="s", description="HTTP request latency"
         )
-        self.cache = meter.create_counter(
-            "meshkit.gateway.cache.lookups", description="cache lookups"
+        meter.create_observable_counter(
+            "meshkit.gateway.cache.lookups",
+            callbacks=[self._observe_cache],
+            description="cache lookups",
         )
-        self.rejections = meter.create_counter(
-            "meshkit.gateway.ratelimit.rejections", description="requests refused by rate limits"
+        meter.create_observable_counter(
+            "meshkit.gateway.ratelimit.rejections",
+            callbacks=[self._observe_rejections],
+            description="requests refused by rate limits",
         )
         self._health = health
         meter.create_observable_gauge(
@@ -110,19 +123,39 @@ class EdgeMetrics:
             return []
         return [Observation(1 if ok else 0, {"endpoint": ep}) for ep, ok in self._health().items()]
 
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"profile": p, "route": r, "method": m, "code": str(c)})
+            for (p, r, m, c), n in list(self._requests.items())
+        ]
+
+    def _observe_cache(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"route": r, "result": "hit" if hit else "miss"})
+            for (r, hit), n in list(self._cache.items())
+        ]
+
+    def _observe_rejections(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"route": r, "limit": w}) for (r, w), n in list(self._rejections.items())
+        ]
+
     def record(self, profile: str, route: str, method: str, status: int, seconds: float) -> None:
         """One finished request."""
-        attrs = {"profile": profile, "route": route, "method": method, "code": str(status)}
-        self.requests.add(1, attrs)
-        self.duration.record(seconds, {"profile": profile, "route": route})
+        self._requests[(profile, route, method, status)] += 1
+        key = (profile, route)
+        attrs = self._duration_attrs.get(key)
+        if attrs is None:
+            attrs = self._duration_attrs[key] = {"profile": profile, "route": route}
+        self.duration.record(seconds, attrs)
 
     def cache_result(self, route: str, hit: bool) -> None:
         """A cache lookup."""
-        self.cache.add(1, {"route": route, "result": "hit" if hit else "miss"})
+        self._cache[(route, hit)] += 1
 
     def rejected(self, route: str, what: str) -> None:
         """A rate-limit refusal."""
-        self.rejections.add(1, {"route": route, "limit": what})
+        self._rejections[(route, what)] += 1
 
     def render(self) -> bytes:
         """Prometheus text exposition."""
@@ -133,6 +166,14 @@ class EdgeMetrics:
     def shutdown(self) -> None:
         """Stop the provider."""
         self.provider.shutdown()
+
+
+def _sdk_tracing() -> bool:
+    """Whether a real tracer provider is installed (without one, spans are no-ops that
+    still cost ~30 us per request, and the client's traceparent passes through as is)."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
 
 
 def route_name(scope: Scope) -> str:
@@ -162,6 +203,7 @@ class TelemetryMiddleware:
         self.access_logs = access_logs
         self.tracing = tracing
         self.tracer = trace.get_tracer("meshkit.gateway", tracer_provider=tracer_provider)
+        self._explicit_provider = tracer_provider is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,7 +227,7 @@ class TelemetryMiddleware:
 
         token = None
         span = None
-        if self.tracing:
+        if self.tracing and (self._explicit_provider or _sdk_tracing()):
             carrier = {
                 k.decode("latin-1"): v.decode("latin-1")
                 for k, v in scope.get("headers") or ()

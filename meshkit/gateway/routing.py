@@ -68,9 +68,7 @@ def _decode(raw: str, *, keep_slash: bool) -> str:
         raise BadPathError(f"bad percent-encoding in {raw!r}")
     try:
         if keep_slash:
-            return "%2F".join(
-                unquote(p, errors="strict") for p in _SLASH_ESCAPE.split(raw)
-            )
+            return "%2F".join(unquote(p, errors="strict") for p in _SLASH_ESCAPE.split(raw))
         return unquote(raw, errors="strict")
     except UnicodeDecodeError as exc:
         raise BadPathError(f"percent-encoding in {raw!r} is not UTF-8") from exc

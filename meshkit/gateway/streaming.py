@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
-from meshkit.gateway.errors import GatewayError, bad_request, metadata_headers, status_json, status_from_rpc_error
+from meshkit.gateway.errors import (
+    GatewayError,
+    bad_request,
+    metadata_headers,
+    status_from_rpc_error,
+    status_json,
+)
 from meshkit.gateway.metadata import RequestHeaders, read_headers
 from meshkit.gateway.transcoding import Binding
 
@@ -37,12 +43,15 @@ class _ClientGone(Exception):
 
 
 async def ndjson_messages(
-    state: GatewayState, b: Binding, scope: Scope, receive: Receive, path_values: list[str],
+    state: GatewayState,
+    b: Binding,
+    scope: Scope,
+    receive: Receive,
+    path_values: list[str],
     first: bytes = b"",
 ) -> AsyncIterator[Message]:
     """Request messages from a newline-delimited JSON body, as chunks arrive."""
     limit = state.options.max_body_bytes
-    tr = state.transcoder
     query = scope.get("query_string", b"")
     buf = first
     more = True
@@ -56,8 +65,9 @@ async def ndjson_messages(
         if not more:
             break
         if len(buf) > limit:
-            raise GatewayError("RESOURCE_EXHAUSTED", f"a request message exceeds {limit} bytes",
-                               http_status=413)
+            raise GatewayError(
+                "RESOURCE_EXHAUSTED", f"a request message exceeds {limit} bytes", http_status=413
+            )
         msg = await receive()
         if msg["type"] == "http.disconnect":
             raise _ClientGone()
@@ -65,15 +75,17 @@ async def ndjson_messages(
         more = msg.get("more_body", False)
     if buf.strip():
         yield _line_message(state, b, buf, query, path_values, line_no + 1)
-    _ = tr
 
 
-def _line_message(state: GatewayState, b: Binding, line: bytes, query: bytes,
-                  path_values: list[str], line_no: int) -> Message:
+def _line_message(
+    state: GatewayState, b: Binding, line: bytes, query: bytes, path_values: list[str], line_no: int
+) -> Message:
     try:
         return state.transcoder.build_streamed(b, line, query, path_values)
     except GatewayError as err:
-        raise bad_request(f"request message on line {line_no}: {err.message}", f"line {line_no}") from None
+        raise bad_request(
+            f"request message on line {line_no}: {err.message}", f"line {line_no}"
+        ) from None
 
 
 def _stream_format(state: GatewayState, accept: bytes) -> str:
@@ -82,11 +94,16 @@ def _stream_format(state: GatewayState, accept: bytes) -> str:
     return state.options.stream_format
 
 
-_CTYPES = {"sse": b"text/event-stream", "ndjson": b"application/x-ndjson", "json-array": b"application/json"}
+_CTYPES = {
+    "sse": b"text/event-stream",
+    "ndjson": b"application/x-ndjson",
+    "json-array": b"application/json",
+}
 
 
-async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, receive: Receive,
-                            send: Send) -> None:
+async def serve_http_stream(
+    state: GatewayState, b: Binding, scope: Scope, receive: Receive, send: Send
+) -> None:
     """Serve one streaming RPC over HTTP."""
     m = b.method
     hdrs: RequestHeaders | None = None
@@ -96,8 +113,11 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
     feed_error: list[BaseException] = []
     started = False
     try:
-        hdrs = read_headers(scope["headers"], scope.get("client"),
-                            generate_request_id=state.options.generate_request_id)
+        hdrs = read_headers(
+            scope["headers"],
+            scope.get("client"),
+            generate_request_id=state.options.generate_request_id,
+        )
         timeout = state._timeout(b, hdrs)
         channel = state._upstream_channel(b, scope)
         path_values: list[str] = scope["path_params_raw"]
@@ -119,10 +139,12 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
             feeder = asyncio.create_task(feed())
         else:
             raw = await state._read_body(scope, receive) if b.body else b""
-            req = state.transcoder.build(b, raw, hdrs.content_type, scope.get("query_string", b""),
-                                         path_values)
-            call = state._callable(channel, b, "unary_stream")(req, metadata=hdrs.metadata,
-                                                               timeout=timeout)
+            req = state.transcoder.build(
+                b, raw, hdrs.content_type, scope.get("query_string", b""), path_values
+            )
+            call = state._callable(channel, b, "unary_stream")(
+                req, metadata=hdrs.metadata, timeout=timeout
+            )
             watcher = asyncio.create_task(_watch_disconnect(receive, call))
 
         if not m.server_streaming:
@@ -138,8 +160,11 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
             if feeder is not None:
                 await feeder
             ctype, body = state.transcoder.response_body(b, resp)
-            headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
-                       *state.request_id_header(hdrs)]
+            headers = [
+                (b"content-type", ctype),
+                (b"content-length", str(len(body)).encode()),
+                *state.request_id_header(hdrs),
+            ]
             headers.extend(metadata_headers(await call.initial_metadata()))
             headers.extend(metadata_headers(await call.trailing_metadata()))
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -160,8 +185,11 @@ async def serve_http_stream(state: GatewayState, b: Binding, scope: Scope, recei
             if feed_error and isinstance(feed_error[0], GatewayError):
                 raise feed_error[0] from None
             raise
-        headers = [(b"content-type", _CTYPES[fmt]), (b"cache-control", b"no-cache"),
-                   *state.request_id_header(hdrs)]
+        headers = [
+            (b"content-type", _CTYPES[fmt]),
+            (b"cache-control", b"no-cache"),
+            *state.request_id_header(hdrs),
+        ]
         headers.extend(metadata_headers(await call.initial_metadata()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         started = True

@@ -17,16 +17,19 @@ from urllib.parse import parse_qsl
 
 from google.api import http_pb2
 from google.protobuf import descriptor_pool, json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from meshkit.gateway._fastjson import Decoder, Encoder, Fallback
 from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import MethodInfo
-from meshkit.gateway.errors import GatewayError, bad_request
+from meshkit.gateway.errors import bad_request
 from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
 
 FD = FieldDescriptor
+# Descriptor objects are typed loosely: the upb and pure-Python classes differ in the stubs.
+DescT = Any
+FieldT = Any
 
 _WRAPPERS = {
     "google.protobuf.DoubleValue",
@@ -40,13 +43,17 @@ _WRAPPERS = {
     "google.protobuf.BytesValue",
 }
 _STRING_WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
-_WKT = _WRAPPERS | _STRING_WKT | {
-    "google.protobuf.Struct",
-    "google.protobuf.Value",
-    "google.protobuf.ListValue",
-    "google.protobuf.Any",
-    "google.protobuf.Empty",
-}
+_WKT = (
+    _WRAPPERS
+    | _STRING_WKT
+    | {
+        "google.protobuf.Struct",
+        "google.protobuf.Value",
+        "google.protobuf.ListValue",
+        "google.protobuf.Any",
+        "google.protobuf.Empty",
+    }
+)
 HTTP_BODY = "google.api.HttpBody"
 
 _INT_RANGES = {
@@ -77,7 +84,7 @@ class HttpRuleError(ValueError):
 # --------------------------------------------------------------------------- values
 
 
-def _scalar_converter(fd: FieldDescriptor) -> Callable[[str], Any]:
+def _scalar_converter(fd: FieldT) -> Callable[[str], Any]:
     t = fd.type
     if t == FD.TYPE_STRING:
         return lambda s: s
@@ -149,7 +156,7 @@ def _scalar_converter(fd: FieldDescriptor) -> Callable[[str], Any]:
 ValueSetter = Callable[[Message, Sequence[str]], None]
 
 
-def _field_setter(fd: FieldDescriptor) -> ValueSetter:
+def _field_setter(fd: FieldT) -> ValueSetter:
     """A setter for the last field of a path: converts strings and assigns."""
     name = fd.name
     repeated = fd.is_repeated
@@ -175,7 +182,9 @@ def _field_setter(fd: FieldDescriptor) -> ValueSetter:
                         target.add().FromJsonString(v)
                 else:
                     target.Clear()
-                    target.FromJsonString(",".join(values) if full.endswith("FieldMask") else values[-1])
+                    target.FromJsonString(
+                        ",".join(values) if full.endswith("FieldMask") else values[-1]
+                    )
 
             return set_wkt
         raise TypeError(f"message field {fd.full_name} ({full}) cannot be set from a path or query")
@@ -210,7 +219,7 @@ class FieldSetter:
             raise bad_request(f"invalid value for {self.display}: {exc}", self.display) from None
 
 
-def _lookup(desc: Descriptor, part: str) -> FieldDescriptor | None:
+def _lookup(desc: DescT, part: str) -> FieldT | None:
     fd = desc.fields_by_name.get(part)
     if fd is None:
         fd = desc.fields_by_camelcase_name.get(part)
@@ -221,10 +230,10 @@ def _lookup(desc: Descriptor, part: str) -> FieldDescriptor | None:
     return fd
 
 
-def resolve_path(desc: Descriptor, parts: Sequence[str]) -> list[FieldDescriptor]:
+def resolve_path(desc: DescT, parts: Sequence[str]) -> list[FieldT]:
     """Resolve a dotted path (proto or JSON names); raise KeyError naming the bad part."""
-    out: list[FieldDescriptor] = []
-    cur: Descriptor | None = desc
+    out: list[FieldT] = []
+    cur: DescT | None = desc
     for i, part in enumerate(parts):
         if cur is None:
             raise KeyError(f"{'.'.join(parts[:i])} is not a message")
@@ -239,7 +248,7 @@ def resolve_path(desc: Descriptor, parts: Sequence[str]) -> list[FieldDescriptor
     return out
 
 
-def compile_setter(desc: Descriptor, parts: Sequence[str]) -> FieldSetter:
+def compile_setter(desc: DescT, parts: Sequence[str]) -> FieldSetter:
     """Compile a dotted path into a :class:`FieldSetter` (KeyError/TypeError if impossible)."""
     fds = resolve_path(desc, parts)
     return FieldSetter(".".join(parts), tuple(f.name for f in fds[:-1]), _field_setter(fds[-1]))
@@ -315,9 +324,9 @@ class JsonCodec:
         """Compact UTF-8 JSON."""
         return self._dumps(obj).encode()
 
-    def field_name(self, fd: FieldDescriptor) -> str:
+    def field_name(self, fd: FieldT) -> str:
         """The output name of a field."""
-        return fd.name if self.proto_names else fd.json_name
+        return str(fd.name if self.proto_names else fd.json_name)
 
 
 def check_depth(obj: Any, limit: int) -> None:
@@ -346,9 +355,9 @@ class Binding:
     body: str
     response_body: str
     path_setters: tuple[FieldSetter, ...]
-    body_field: FieldDescriptor | None
-    response_field: FieldDescriptor | None
-    mask_field: FieldDescriptor | None
+    body_field: FieldT | None
+    response_field: FieldT | None
+    mask_field: FieldT | None
     bound_prefixes: tuple[tuple[str, ...], ...]
     query_cache: dict[str, FieldSetter | None] = field(default_factory=dict)
     http_body_request: bool = False
@@ -379,8 +388,13 @@ def rule_bindings(rule: http_pb2.HttpRule) -> list[tuple[str, str, str, str]]:
 
 
 def compile_binding(
-    method: MethodInfo, http_method: str, template_text: str, body: str, response_body: str,
-    *, fallback: bool = False,
+    method: MethodInfo,
+    http_method: str,
+    template_text: str,
+    body: str,
+    response_body: str,
+    *,
+    fallback: bool = False,
 ) -> Binding:
     """Validate one binding against the method's messages; raise :class:`HttpRuleError`."""
     name = method.full_name
@@ -390,8 +404,8 @@ def compile_binding(
         raise HttpRuleError(name, template_text, str(exc)) from None
     if not http_method or not http_method.isalpha():
         raise HttpRuleError(name, template_text, f"bad HTTP method {http_method!r}")
-    in_desc = method.input_type.DESCRIPTOR
-    out_desc = method.output_type.DESCRIPTOR
+    in_desc: DescT = method.input_type.DESCRIPTOR
+    out_desc: DescT = method.output_type.DESCRIPTOR
     setters: list[FieldSetter] = []
     for var in template.variables:
         try:
@@ -405,22 +419,29 @@ def compile_binding(
             setters.append(compile_setter(in_desc, var.field_path))
         except TypeError as exc:
             raise HttpRuleError(name, template_text, f"path variable: {exc}") from None
-    body_field: FieldDescriptor | None = None
+    body_field: FieldT | None = None
     if body and body != "*":
         body_field = in_desc.fields_by_name.get(body)
         if body_field is None:
-            raise HttpRuleError(name, template_text, f"body field {body!r} not in {in_desc.full_name}")
-    response_field: FieldDescriptor | None = None
+            raise HttpRuleError(
+                name, template_text, f"body field {body!r} not in {in_desc.full_name}"
+            )
+    response_field: FieldT | None = None
     if response_body:
         response_field = out_desc.fields_by_name.get(response_body)
         if response_field is None:
             raise HttpRuleError(
-                name, template_text, f"response_body field {response_body!r} not in {out_desc.full_name}"
+                name,
+                template_text,
+                f"response_body field {response_body!r} not in {out_desc.full_name}",
             )
-    mask_field: FieldDescriptor | None = None
+    mask_field: FieldT | None = None
     if http_method == "PATCH" and body_field is not None and body_field.type == FD.TYPE_MESSAGE:
         for f in in_desc.fields:
-            if f.type == FD.TYPE_MESSAGE and f.message_type.full_name == "google.protobuf.FieldMask":
+            if (
+                f.type == FD.TYPE_MESSAGE
+                and f.message_type.full_name == "google.protobuf.FieldMask"
+            ):
                 mask_field = f
                 break
     bound = [tuple(f.name for f in resolve_path(in_desc, v.field_path)) for v in template.variables]
@@ -438,11 +459,17 @@ def compile_binding(
         mask_field=mask_field,
         bound_prefixes=tuple(bound),
         http_body_request=(body == "*" and in_desc.full_name == HTTP_BODY)
-        or (body_field is not None and body_field.type == FD.TYPE_MESSAGE
-            and body_field.message_type.full_name == HTTP_BODY),
+        or (
+            body_field is not None
+            and body_field.type == FD.TYPE_MESSAGE
+            and body_field.message_type.full_name == HTTP_BODY
+        ),
         http_body_response=(not response_body and out_desc.full_name == HTTP_BODY)
-        or (response_field is not None and response_field.type == FD.TYPE_MESSAGE
-            and response_field.message_type.full_name == HTTP_BODY),
+        or (
+            response_field is not None
+            and response_field.type == FD.TYPE_MESSAGE
+            and response_field.message_type.full_name == HTTP_BODY
+        ),
         fallback=fallback,
     )
 
@@ -483,8 +510,9 @@ class Transcoder:
     def apply_query(self, b: Binding, msg: Message, query: bytes) -> None:
         """Set fields from the query string (repeated keys accumulate)."""
         try:
-            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, errors="strict",
-                              encoding="utf-8")
+            pairs = parse_qsl(
+                query.decode("latin-1"), keep_blank_values=True, errors="strict", encoding="utf-8"
+            )
         except UnicodeDecodeError:
             raise bad_request("query string is not valid UTF-8") from None
         except ValueError as exc:
@@ -502,16 +530,18 @@ class Transcoder:
     def apply_body(self, b: Binding, msg: Message, body: bytes, content_type: str) -> Any:
         """Merge the request body per ``b.body``; returns the parsed JSON (for FieldMask fill)."""
         if b.http_body_request:
-            target = msg if b.body_field is None else getattr(msg, b.body_field.name)
-            target.content_type = content_type  # type: ignore[attr-defined]
-            target.data = body  # type: ignore[attr-defined]
+            target: Any = msg if b.body_field is None else getattr(msg, b.body_field.name)
+            target.content_type = content_type
+            target.data = body
             return None
         if not body.strip():
             return None
         obj = self.codec.loads(body)
         if b.body_field is None:
             if not isinstance(obj, dict):
-                raise bad_request(f"request body must be a JSON object, got {type(obj).__name__}", "body")
+                raise bad_request(
+                    f"request body must be a JSON object, got {type(obj).__name__}", "body"
+                )
             self.codec.merge(obj, msg)
         else:
             fd = b.body_field
@@ -529,8 +559,14 @@ class Transcoder:
         _mask_paths(b.body_field.message_type, obj, "", paths)
         getattr(msg, fd.name).paths.extend(paths)
 
-    def build(self, b: Binding, raw_body: bytes, content_type: str, query: bytes,
-              path_values: Sequence[str]) -> Message:
+    def build(
+        self,
+        b: Binding,
+        raw_body: bytes,
+        content_type: str,
+        query: bytes,
+        path_values: Sequence[str],
+    ) -> Message:
         """The whole request message for a unary call."""
         msg = b.method.input_type()
         obj = None
@@ -544,7 +580,9 @@ class Transcoder:
             self.fill_mask(b, msg, obj)
         return msg
 
-    def build_streamed(self, b: Binding, data: bytes, query: bytes, path_values: Sequence[str]) -> Message:
+    def build_streamed(
+        self, b: Binding, data: bytes, query: bytes, path_values: Sequence[str]
+    ) -> Message:
         """One message of a request stream (an NDJSON line or a WebSocket frame).
 
         The JSON is the whole message unless the rule names a body field; query
@@ -558,7 +596,9 @@ class Transcoder:
             elif isinstance(obj, dict):
                 self.codec.merge(obj, msg)
             else:
-                raise bad_request(f"a stream message must be a JSON object, got {type(obj).__name__}")
+                raise bad_request(
+                    f"a stream message must be a JSON object, got {type(obj).__name__}"
+                )
         if query and b.body != "*":
             self.apply_query(b, msg, query)
         for setter, value in zip(b.path_setters, path_values, strict=True):
@@ -577,23 +617,26 @@ class Transcoder:
         if key in whole:
             return whole[key]
         if rf.is_repeated:
-            return {} if rf.message_type is not None and rf.message_type.GetOptions().map_entry else []
+            return (
+                {} if rf.message_type is not None and rf.message_type.GetOptions().map_entry else []
+            )
         if rf.type == FD.TYPE_MESSAGE:
             return {}
         return json_format.MessageToDict(
-            msg, always_print_fields_with_no_presence=True,
+            msg,
+            always_print_fields_with_no_presence=True,
             preserving_proto_field_name=self.codec.proto_names,
         ).get(key)
 
     def response_body(self, b: Binding, msg: Message) -> tuple[bytes, bytes]:
         """(content type, body bytes) of a unary response."""
         if b.http_body_response:
-            hb = msg if b.response_field is None else getattr(msg, b.response_field.name)
-            return (hb.content_type or "application/octet-stream").encode(), hb.data  # type: ignore[attr-defined]
+            hb: Any = msg if b.response_field is None else getattr(msg, b.response_field.name)
+            return (hb.content_type or "application/octet-stream").encode(), hb.data
         return b"application/json", self.codec.dumps(self.response_obj(b, msg))
 
 
-def _mask_paths(desc: Descriptor, obj: Mapping[str, Any], prefix: str, out: list[str]) -> None:
+def _mask_paths(desc: DescT, obj: Mapping[str, Any], prefix: str, out: list[str]) -> None:
     for key, value in obj.items():
         fd = _lookup(desc, key)
         if fd is None:

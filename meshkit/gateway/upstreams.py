@@ -45,8 +45,8 @@ def make_channel(target: str, policy: Any = None) -> grpc.aio.Channel:
     """
     if policy is None:
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-    from meshkit.config import Policy  # noqa: PLC0415
-    from meshkit.grpc import aio as mk_aio  # noqa: PLC0415
+    from meshkit.config import Policy
+    from meshkit.grpc import aio as mk_aio
 
     if isinstance(policy, Mapping):
         policy = Policy.from_dict(policy)
@@ -58,9 +58,7 @@ class Upstream:
     """A named set of endpoints. This base class uses the first target only;
     subclasses may balance over ``targets`` by overriding :meth:`channel`."""
 
-    def __init__(
-        self, name: str, targets: Sequence[str], *, policy: Any = None
-    ) -> None:
+    def __init__(self, name: str, targets: Sequence[str], *, policy: Any = None) -> None:
         if not targets:
             raise ConfigError(f"upstreams.{name}", "needs at least one HOST:PORT target")
         for t in targets:
@@ -94,9 +92,9 @@ class Upstream:
 
 def _check_target(target: str, path: str) -> None:
     host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        if not target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-            raise ConfigError(path, f"expected HOST:PORT, got {target!r}")
+    valid = bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    if not valid and not target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        raise ConfigError(path, f"expected HOST:PORT, got {target!r}")
 
 
 class UpstreamRegistry:
@@ -128,8 +126,9 @@ class UpstreamRegistry:
         for name, target in pairs:
             if name in ups:
                 raise ConfigError(f"upstreams.{name}", "given twice")
-            ups[name] = Upstream(name, [t.strip() for t in target.split(",") if t.strip()],
-                                 policy=policy)
+            ups[name] = Upstream(
+                name, [t.strip() for t in target.split(",") if t.strip()], policy=policy
+            )
             routes[name] = name
         return cls(ups, routes)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshkit.gateway.errors import GatewayError, status_json, status_from_rpc_error
+from meshkit.gateway.errors import GatewayError, status_from_rpc_error, status_json
 from meshkit.gateway.metadata import read_headers
 from meshkit.gateway.routing import BadPathError, Match
 
@@ -49,8 +49,11 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
             return
         values = [v for _, v in found.bindings()]
         b = found.target.binding
-        hdrs = read_headers(scope["headers"], scope.get("client"),
-                            generate_request_id=state.options.generate_request_id)
+        hdrs = read_headers(
+            scope["headers"],
+            scope.get("client"),
+            generate_request_id=state.options.generate_request_id,
+        )
         channel = state._upstream_channel(b, scope)
     except (BadPathError, GatewayError):
         await _reject(send)
@@ -60,8 +63,7 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
         await _reject(send)
         return
     scope["meshkit.route"] = found.target
-    await send({"type": "websocket.accept",
-                "headers": state.request_id_header(hdrs)})
+    await send({"type": "websocket.accept", "headers": state.request_id_header(hdrs)})
     timeout = state._timeout(b, hdrs)
     query = scope.get("query_string", b"")
     tr = state.transcoder
@@ -112,8 +114,9 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
             req = await next_request()
             if req is None:
                 req = tr.build_streamed(b, b"", query, values)
-            call = state._callable(channel, b, "unary_stream")(req, metadata=hdrs.metadata,
-                                                              timeout=timeout)
+            call = state._callable(channel, b, "unary_stream")(
+                req, metadata=hdrs.metadata, timeout=timeout
+            )
 
             async def watch() -> None:
                 with contextlib.suppress(ConnectionResetError):
@@ -139,6 +142,14 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
             await send({"type": "websocket.close", "code": 1000})
     except ConnectionResetError:
         pass
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if call is None or (task is not None and task.cancelling()):
+            raise
+        # We cancelled the call (the client left, or sent a bad message and was told).
+        if not closed.is_set():
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1000})
     except Exception:
         log.exception("websocket error in %s", m.full_name)
         if not closed.is_set():

@@ -119,7 +119,8 @@ def channel(
     config ``loadBalancingConfig: [{round_robin: {}}]``). ``health_check``: client-side
     health checking through the service config (True: the server's overall health;
     a string: that service's). ``tls``: :class:`TLS` (``True``: system roots).
-    ``name`` keys breakers and budgets (default: the target). ``interceptors`` run
+    ``policy=None`` still propagates deadlines. ``name`` keys breakers and budgets
+    (default: the target). ``interceptors`` run
     outside meshkit's (e.g. OpenTelemetry's).
     """
     return build_channel(

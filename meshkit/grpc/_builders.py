@@ -200,10 +200,12 @@ def build_channel(
         if t is not None
         else grpc.insecure_channel(target, options=opts)
     )
-    chain = [*interceptors]
-    if policy is not None:
-        chain += client_interceptors(policy, target=name or target, **interceptor_options)
-    return grpc.intercept_channel(raw, *chain) if chain else raw
+    # Always ours, even without a policy: it propagates the handler's deadline.
+    chain = [
+        *interceptors,
+        *client_interceptors(policy, target=name or target, **interceptor_options),
+    ]
+    return grpc.intercept_channel(raw, *chain)
 
 
 # ------------------------------------------------------------------------------ server

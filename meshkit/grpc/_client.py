@@ -257,13 +257,10 @@ class ClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return continuation(details, request_iterator)
-        replay = (
-            Replay(request_iterator, plan.retry.max_buffer_bytes)
-            if plan.retry is not None
-            else None
-        )
-        if replay is None:
-            return self._unary(plan, continuation, details, request_iterator, timeout)
+        # Always through a Replay (limit 0 without retries): the attempt loop then never
+        # hedges a client stream nor mistakes the iterator for a request to cache.
+        limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+        replay = Replay(request_iterator, limit)
         return self._unary(plan, continuation, details, None, timeout, replay=replay)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:

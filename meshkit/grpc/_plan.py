@@ -17,6 +17,7 @@ from meshkit.telemetry import (
     Tally,
     attempts_tally,
     breaker_listener,
+    instruments,
     method_attributes,
     watch_bulkhead,
 )
@@ -56,6 +57,7 @@ class ClientPlan:
     fallback: Any = None
     attrs: dict[str, str] = field(default_factory=dict)
     tally: Tally = field(default_factory=lambda: Tally({}))
+    quick: bool = False  # no fault, client rate limit, bulkhead queue or hedging
 
 
 @dataclass(slots=True)
@@ -108,6 +110,12 @@ def compile_client(
     attrs = method_attributes(method, "client", target=target)
     plan = _client_plan(policy, method, target, attrs, client_faults, client_rate_limits, flavour)
     plan.tally = attempts_tally(attrs)
+    plan.quick = (
+        plan.fault is None
+        and plan.rate_limiter is None
+        and plan.bulkhead_wait <= 0
+        and plan.hedging is None
+    )
     if plan.bulkhead is not None:
         watch_bulkhead(plan.bulkhead, attrs)
     return plan
@@ -227,6 +235,10 @@ def _attach_breaker_listener(breaker: Any, name: str) -> None:
             return
         _listened.add(id(breaker))
     record = breaker_listener(name)
+    # The state gauge starts at the breaker's current state; transitions move it.
+    state = getattr(breaker, "state", None)
+    if state is not None:
+        instruments().breaker_state.add(1, {"breaker": name, "state": str(state)})
 
     def on_event(event: Any) -> None:
         if getattr(event, "kind", None) == "state_transition":

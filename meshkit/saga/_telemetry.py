@@ -30,7 +30,7 @@ from meshkit.saga.envelope import TRACEPARENT, TRACESTATE, Envelope
 _tracer = trace.get_tracer("meshkit.saga")
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True once an OpenTelemetry SDK (any real tracer provider) is installed."""
     provider = trace.get_tracer_provider()
     return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
@@ -53,9 +53,9 @@ def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, 
 @contextmanager
 def producer_span(subject: str, env: Envelope, size: int) -> Iterator[Envelope]:
     """A PRODUCER span for one publish; yields the envelope with the trace context set."""
-    if not _tracing():
+    if not tracing():
         # No SDK: no spans to record, but the caller's trace context still flows on.
-        if not env.traceparent:
+        if not env.traceparent and trace.get_current_span().get_span_context().is_valid:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             if carrier.get(TRACEPARENT):
@@ -83,7 +83,7 @@ def consumer_span(
     subject: str, env: Envelope, consumer: str, size: int, headers: Mapping[str, str]
 ) -> Iterator[Span]:
     """A CONSUMER span for handling one event, parented on the trace in its headers."""
-    if not _tracing():
+    if not tracing():
         yield INVALID_SPAN
         return
     parent = propagate.extract(dict(headers))

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +62,37 @@ _RETRYABLE_PUBLISH = (
     nats.js.errors.ServiceUnavailableError,
     asyncio.TimeoutError,
 )
+
+
+def _from_mapping(cls: Any, doc: Mapping[str, Any], path: str, durations: frozenset[str]) -> Any:
+    """Build a spec from a config mapping; unknown keys and bad values name their path."""
+    from meshkit.config import parse_duration
+
+    if not isinstance(doc, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", f"unknown key; expected one of {sorted(known)}")
+        if isinstance(value, list):
+            value = tuple(
+                parse_duration(v, f"{path}.{key}[{i}]") if key in durations else v
+                for i, v in enumerate(value)
+            )
+        elif key in durations and value is not None:
+            value = parse_duration(value, f"{path}.{key}")
+        kwargs[key] = value
+    try:
+        spec = cls(**kwargs)
+    except ConfigError as exc:
+        # The spec's own checks name "stream.x"/"consumer.x"; re-root them at ``path``.
+        raise ConfigError(
+            path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
+        ) from None
+    except TypeError as exc:
+        raise ConfigError(path, str(exc)) from None
+    return spec
 
 
 @dataclass(frozen=True)
@@ -103,6 +134,11 @@ class StreamSpec:
             )
         if not 1 <= self.replicas <= 5:
             raise ConfigError("stream.replicas", f"{self.replicas!r}: expected 1 to 5")
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "stream") -> StreamSpec:
+        """A stream declared in config (``{name: SHOP, prefix: shop.events, duplicate_window: 2m}``)."""
+        return _from_mapping(cls, doc, path, frozenset({"duplicate_window", "max_age"}))  # type: ignore[no-any-return]
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -161,6 +197,12 @@ class ConsumerSpec:
             raise ConfigError(
                 "consumer.idle_heartbeat", "must be > 0 and shorter than consumer.pull_expires"
             )
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "consumer") -> ConsumerSpec:
+        """Consumer settings from config (``{ack_wait: 30s, nak_backoff: [200ms, 1s]}``)."""
+        durations = frozenset({"ack_wait", "nak_backoff", "pull_expires", "idle_heartbeat"})
+        return _from_mapping(cls, doc, path, durations)  # type: ignore[no-any-return]
 
     def nak_delay(self, deliveries: int) -> float:
         """The redelivery delay after the ``deliveries``-th attempt failed."""

@@ -23,6 +23,7 @@ for the same input emits events with the same ids, which JetStream deduplicates.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -83,8 +84,8 @@ _KNOWN = frozenset(
     }
 )
 
-# A fixed namespace so derived ids are the same in every process and release.
-_NAMESPACE = uuid.UUID("5b6f0c1e-3a51-4c1e-9a6e-6d65736b6974")
+# A fixed personalization so derived ids are the same in every process and release.
+_PERSON = b"meshkit-event-id"
 
 
 class EnvelopeError(MeshkitError, ValueError):
@@ -110,7 +111,8 @@ def derive_event_id(input_id: str, handler: str, index: int) -> str:
     """
     if index < 0:
         raise ValueError(f"index must be >= 0, not {index}")
-    return uuid.uuid5(_NAMESPACE, f"{input_id}\x1f{handler}\x1f{index}").hex
+    key = f"{input_id}\x1f{handler}\x1f{index}".encode()
+    return hashlib.blake2b(key, digest_size=16, person=_PERSON).hexdigest()
 
 
 def type_name(message: Message | type[Message]) -> str:

@@ -83,6 +83,7 @@ _BATCH_SEQ = "Nats-Batch-Sequence"
 _BATCH_COMMIT = "Nats-Batch-Commit"
 _EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE = 10071
+_BATCH_DUPLICATE_ID = 10201
 # nats-server's default limit on the messages of one atomic batch.
 MAX_BATCH = 1000
 
@@ -178,6 +179,10 @@ class StoredEvent:
     def event_id(self) -> str:
         return self.envelope.event_id
 
+    def version_at(self) -> Version:
+        """The aggregate's version right after this event."""
+        return Version(self.version, self.seq)
+
     @property
     def timestamp_ms(self) -> int:
         return self.envelope.timestamp_ms
@@ -192,8 +197,13 @@ class StoredEvent:
     def from_msg(
         cls, subject: str, data: bytes, headers: Mapping[str, str] | None, seq: int, stream: str
     ) -> StoredEvent:
-        env = Envelope.from_headers(headers)
         h = headers or {}
+        # Server and publish-control headers (sequence, expected sequence, batch ids)
+        # describe the stored copy, not the event: keep them out of the envelope so
+        # a republished event does not carry them.
+        env = Envelope.from_headers(
+            {k: v for k, v in h.items() if not str(k).startswith("Nats-") or k == "Nats-Msg-Id"}
+        )
         agg_type = h.get(AGGREGATE_TYPE, "")
         agg_id = h.get(AGGREGATE_ID, "")
         if not agg_type or not agg_id:
@@ -337,10 +347,13 @@ class EventStore:
 
         ``expected`` is the version the caller decided on: a :class:`Version`
         from a load (no extra round trip), a bare event count (the store looks up
-        its sequence first), or None to append whatever the version is (no check).
+        its sequence first), or None to append at whatever the version is (read,
+        then checked like the others, and retried when another writer got there first,
+        so version numbers never collide).
         Raises :class:`AggregateConflict` when the aggregate moved on.
         ``event_ids`` (deterministic ids, one per event) make a retried append
-        idempotent within the stream's duplicate window.
+        idempotent: when the check fails because exactly these events are already
+        there, the append returns them instead of a conflict.
         """
         subject = self.subject(aggregate_type, aggregate_id)
         if not events:
@@ -349,55 +362,53 @@ class EventStore:
             raise ValueError(f"{len(events)} events in one append; the limit is {MAX_BATCH}")
         if event_ids is not None and len(event_ids) != len(events):
             raise ValueError(f"{len(event_ids)} event ids for {len(events)} events")
-        if expected is None:
-            current = await self.version(aggregate_type, aggregate_id)
-            check = False
-        elif isinstance(expected, Version):
-            current, check = expected, True
-        else:
-            current = await self.version(aggregate_type, aggregate_id)
-            if current.number != expected:
-                raise AggregateConflict(subject, expected, current.number)
-            check = True
-        envs = []
-        payloads = []
-        for i, event in enumerate(events):
-            etype = type_name(event)
-            env = Envelope.new(
-                etype,
-                event_id=event_ids[i] if event_ids is not None else new_event_id(),
-                saga_id=saga_id or None,
-                causation_id=causation_id,
-                source=self.source,
-                saga_type=saga_type,
-                timestamp_ms=timestamp_ms,
-            )
-            if not saga_id:
-                env = replace(env, saga_id="")
-            env = replace(
-                env,
-                extra={
-                    AGGREGATE_TYPE: aggregate_type,
-                    AGGREGATE_ID: aggregate_id,
-                    AGGREGATE_VERSION: str(current.number + i + 1),
-                    SCHEMA_VERSION: str(self.config.schema_versions.get(etype, 1)),
-                },
-            )
-            envs.append(env)
-            payloads.append(event.SerializeToString())
-        headers = [e.to_headers() for e in envs]
+        ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
+        payloads = [event.SerializeToString() for event in events]
         atomic = len(events) > 1 and await self._uses_atomic()
-        try:
-            if atomic:
-                last_seq = await self._publish_batch(subject, payloads, headers, current, check)
-                first_seq = last_seq - len(events) + 1
+        # With expected=None the append still checks against the version it just
+        # read (so version headers never collide) and retries when someone else won.
+        attempts = 50 if expected is None else 1
+        for attempt in range(attempts):
+            if isinstance(expected, Version):
+                current = expected
             else:
-                first_seq, last_seq = await self._publish_chain(
-                    subject, payloads, headers, current, check
+                current = await self.version(aggregate_type, aggregate_id)
+                if expected is not None and current.number != expected:
+                    raise AggregateConflict(subject, expected, current.number)
+            envs = [
+                self._envelope(
+                    event,
+                    ids[i],
+                    current.number + i + 1,
+                    aggregate_type,
+                    aggregate_id,
+                    saga_id=saga_id,
+                    saga_type=saga_type,
+                    causation_id=causation_id,
+                    timestamp_ms=timestamp_ms,
                 )
-        except _WrongLastSequence:
-            actual = await self.version(aggregate_type, aggregate_id)
-            raise AggregateConflict(subject, current.number, actual.number) from None
+                for i, event in enumerate(events)
+            ]
+            headers = [e.to_headers() for e in envs]
+            try:
+                if atomic:
+                    last_seq = await self._publish_batch(subject, payloads, headers, current)
+                    first_seq = last_seq - len(events) + 1
+                else:
+                    first_seq, last_seq = await self._publish_chain(
+                        subject, payloads, headers, current
+                    )
+                break
+            except _WrongLastSequence:
+                if event_ids is not None:
+                    mine = await self._already_appended(aggregate_type, aggregate_id, current, ids)
+                    if mine is not None:
+                        return AppendResult(mine[-1].version_at(), tuple(mine), atomic)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(0)
+                    continue
+                actual = await self.version(aggregate_type, aggregate_id)
+                raise AggregateConflict(subject, current.number, actual.number) from None
         stored = tuple(
             StoredEvent(
                 aggregate_type=aggregate_type,
@@ -415,19 +426,65 @@ class EventStore:
         )
         return AppendResult(Version(current.number + len(events), last_seq), stored, atomic)
 
+    async def _already_appended(
+        self, aggregate_type: str, aggregate_id: str, current: Version, ids: list[str]
+    ) -> list[StoredEvent] | None:
+        """The events right after ``current`` if they are exactly ours (a retried append)."""
+        after = await self.read(
+            aggregate_type,
+            aggregate_id,
+            after=current if current.seq else None,
+            to_version=current.number + len(ids),
+        )
+        if [e.event_id for e in after] == ids:
+            return after
+        return None
+
+    def _envelope(
+        self,
+        event: Message,
+        event_id: str,
+        version: int,
+        aggregate_type: str,
+        aggregate_id: str,
+        *,
+        saga_id: str,
+        saga_type: str,
+        causation_id: str,
+        timestamp_ms: int | None,
+    ) -> Envelope:
+        etype = type_name(event)
+        env = Envelope.new(
+            etype,
+            event_id=event_id,
+            saga_id=saga_id or None,
+            causation_id=causation_id,
+            source=self.source,
+            saga_type=saga_type,
+            timestamp_ms=timestamp_ms,
+        )
+        return replace(
+            env,
+            saga_id=saga_id,
+            extra={
+                AGGREGATE_TYPE: aggregate_type,
+                AGGREGATE_ID: aggregate_id,
+                AGGREGATE_VERSION: str(version),
+                SCHEMA_VERSION: str(self.config.schema_versions.get(etype, 1)),
+            },
+        )
+
     async def _publish_chain(
         self,
         subject: str,
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
-        check: bool,
     ) -> tuple[int, int]:
         expected_seq = current.seq
         first = 0
         for payload, h in zip(payloads, headers, strict=True):
-            if check or first:
-                h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+            h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
             ack = await self._request(subject, payload, h)
             seq = _ack_seq(ack)
             first = first or seq
@@ -440,14 +497,13 @@ class EventStore:
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
-        check: bool,
     ) -> int:
         batch_id = uuid.uuid4().hex
         n = len(payloads)
         for i, (payload, h) in enumerate(zip(payloads, headers, strict=True), 1):
             h[_BATCH_ID] = batch_id
             h[_BATCH_SEQ] = str(i)
-            if i == 1 and check:
+            if i == 1:
                 h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
             if i == n:
                 h[_BATCH_COMMIT] = "1"
@@ -532,6 +588,10 @@ class _WrongLastSequence(Exception):
     pass
 
 
+class _DuplicateInBatch(_WrongLastSequence):
+    """An atomic batch carried a message id the stream already has (a retried append)."""
+
+
 def _ack_seq(raw: bytes) -> int:
     try:
         ack = json.loads(raw)
@@ -541,6 +601,8 @@ def _ack_seq(raw: bytes) -> int:
     if err:
         if err.get("err_code") == _WRONG_LAST_SEQUENCE:
             raise _WrongLastSequence(err.get("description", ""))
+        if err.get("err_code") == _BATCH_DUPLICATE_ID:
+            raise _DuplicateInBatch(err.get("description", ""))
         raise EventStoreError(
             f"append refused: {err.get('description', err)} (err_code {err.get('err_code')})"
         )
@@ -583,7 +645,7 @@ async def read_batches(
         try:
             seq = start_seq
             while True:
-                got = [m async for m in _direct_batch(nc, stream, subject, seq, batch, wait_s)]
+                got = await _direct_batch(nc, stream, subject, seq, batch, wait_s)
                 if got:
                     yield got
                 if not got or got[-1].pending == 0:
@@ -602,38 +664,54 @@ class _NoDirect(Exception):
 
 async def _direct_batch(
     nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
-) -> typing.AsyncGenerator[RawMessage, None]:
+) -> list[RawMessage]:
     """One batched direct get: up to ``batch`` messages on ``subject`` from ``start_seq``."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, pending_msgs_limit=-1)
-    try:
-        request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=wait_s)
-            except nats.errors.TimeoutError:
-                raise EventStoreError(
-                    f"reading {subject} from stream {stream}: no answer in {wait_s}s"
-                ) from None
-            h = msg.headers or {}
-            status = h.get("Status")
-            if status:
-                if status in ("204", "404"):  # end of batch / nothing there
-                    return
-                if status == "503":  # no responders: the stream does not allow direct get
-                    raise _NoDirect()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    out: list[RawMessage] = []
+
+    async def on_msg(msg: Any) -> None:
+        # A callback rather than next_msg(): no task and timer per message.
+        if done.done():
+            return
+        h = msg.headers or {}
+        status = h.get("Status")
+        if status:
+            if status in ("204", "404"):  # end of batch / nothing there
+                done.set_result(None)
+            elif status == "503":  # no responders: the stream does not allow direct get
+                done.set_exception(_NoDirect())
+            else:
                 desc = next((str(v) for k, v in h.items() if str(k).endswith("Description")), "")
-                raise EventStoreError(f"reading {subject} from stream {stream}: {status} {desc}")
-            yield RawMessage(
+                done.set_exception(
+                    EventStoreError(f"reading {subject} from stream {stream}: {status} {desc}")
+                )
+            return
+        out.append(
+            RawMessage(
                 subject=h.get("Nats-Subject", subject),
                 seq=int(h.get("Nats-Sequence", "0")),
                 headers=h,
                 data=bytes(msg.data),
                 pending=int(h.get("Nats-Num-Pending", "0") or 0),
             )
+        )
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1)
+    try:
+        request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        try:
+            await asyncio.wait_for(done, wait_s)
+        except TimeoutError:
+            raise EventStoreError(
+                f"reading {subject} from stream {stream}: no answer in {wait_s}s"
+            ) from None
+        return out
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 async def _consumer_batches(

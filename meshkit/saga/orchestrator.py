@@ -116,13 +116,21 @@ class Command:
 
 @dataclass(frozen=True)
 class State:
-    """One state: the command sent on entry, and ``on``: event name -> next state."""
+    """One state: the commands sent on entry, and ``on``: event name -> next state.
+
+    ``command`` is shorthand for one entry command; ``commands`` sends several (to
+    different participants, e.g. complete the order *and* notify the customer).
+    """
 
     command: Command | None = None
     on: Mapping[str, str] = field(default_factory=dict)
     final: bool = False
     compensation: bool = False
     succeeded: bool = False
+    commands: tuple[Command, ...] = ()
+
+    def entry_commands(self) -> tuple[Command, ...]:
+        return ((self.command,) if self.command is not None else ()) + tuple(self.commands)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,11 @@ class SagaMachine:
                 raise ConfigError(f"{where}.events.{name}", f"{full} is already event {seen[full]}")
             seen[full] = name
         for sname, st in self.states.items():
+            targets = [c.participant for c in st.entry_commands()]
+            if len(targets) != len(set(targets)):
+                raise ConfigError(
+                    f"{where}.states.{sname}.commands", "at most one command per participant"
+                )
             if st.final and st.on:
                 raise ConfigError(f"{where}.states.{sname}", "a final state has no transitions")
             if not st.final and not st.on:
@@ -174,9 +187,9 @@ class SagaMachine:
         """The state machine as a Mermaid ``stateDiagram-v2``."""
         lines = ["stateDiagram-v2", f"    [*] --> {self.initial}"]
         for sname, st in self.states.items():
-            if st.command is not None:
-                cmd = st.command.name or "command"
-                lines.append(f"    {sname}: {sname} / {st.command.participant}.{cmd}")
+            cmds = ", ".join(f"{c.participant}.{c.name or 'command'}" for c in st.entry_commands())
+            if cmds:
+                lines.append(f"    {sname}: {sname} / {cmds}")
             for event, target in st.on.items():
                 lines.append(f"    {sname} --> {target}: {event}")
             if st.final:
@@ -247,7 +260,7 @@ class SagaInstance:
     start: bytes
     replies: tuple[tuple[str, str, bytes], ...] = ()  # (event name, type, payload)
     history: tuple[Step, ...] = ()
-    pending: PendingCommand | None = None
+    pending: tuple[PendingCommand, ...] = ()
     started_ms: int = 0
     updated_ms: int = 0
     final: bool = False
@@ -275,7 +288,7 @@ class SagaInstance:
                     }
                     for s in self.history
                 ],
-                "pending": self.pending.to_json() if self.pending else None,
+                "pending": [c.to_json() for c in self.pending],
                 "started": self.started_ms,
                 "updated": self.updated_ms,
                 "final": self.final,
@@ -302,12 +315,17 @@ class SagaInstance:
                 )
                 for h in d.get("history", [])
             ),
-            pending=PendingCommand.from_json(d["pending"]) if d.get("pending") else None,
+            pending=tuple(PendingCommand.from_json(c) for c in d.get("pending") or ()),
             started_ms=int(d.get("started", 0)),
             updated_ms=int(d.get("updated", 0)),
             final=bool(d.get("final")),
             succeeded=bool(d.get("succeeded")),
         )
+
+    @property
+    def unsent(self) -> bool:
+        """True while an entry command of the current state may not have been published."""
+        return any(not c.sent for c in self.pending)
 
     def seen(self, event_id: str) -> bool:
         return any(s.event_id == event_id for s in self.history)
@@ -523,30 +541,37 @@ class Orchestrator:
         """``inst`` moved to ``target``, with the entry command (if any) pending."""
         st = self.definition.states[target]
         step_no = len(inst.history)
-        pending = None
-        if st.command is not None:
-            moved = replace(inst, state=target)
-            msg = st.command.build(self._context(moved))
-            pending = PendingCommand(
-                command_id=derive_event_id(
-                    inst.saga_id, f"{self.definition.name}:{step_no}:{target}", 0
-                ),
-                participant=st.command.participant,
-                name=st.command.name or type_name(msg),
-                type=type_name(msg),
-                subject=self.config.command_subject(st.command.participant, inst.saga_id),
-                data=msg.SerializeToString(),
-                causation_id=event_id,
+        pending: list[PendingCommand] = []
+        moved = replace(inst, state=target)
+        for i, command in enumerate(st.entry_commands()):
+            msg = command.build(self._context(moved))
+            pending.append(
+                PendingCommand(
+                    command_id=derive_event_id(
+                        inst.saga_id, f"{self.definition.name}:{step_no}:{target}", i
+                    ),
+                    participant=command.participant,
+                    name=command.name or type_name(msg),
+                    type=type_name(msg),
+                    subject=self.config.command_subject(command.participant, inst.saga_id),
+                    data=msg.SerializeToString(),
+                    causation_id=event_id,
+                )
             )
         label = ("!" if st.compensation else "") + event if event else "(start)"
         step = Step(
-            inst.state, target, label, event_id, _now_ms(), pending.command_id if pending else ""
+            inst.state,
+            target,
+            label,
+            event_id,
+            _now_ms(),
+            ",".join(c.command_id for c in pending),
         )
         return replace(
             inst,
             state=target,
             history=(*inst.history, step),
-            pending=pending,
+            pending=tuple(pending),
             updated_ms=step.at_ms,
             final=st.final,
             succeeded=st.succeeded,
@@ -603,11 +628,15 @@ class Orchestrator:
             return
 
     async def _dispatch(self, inst: SagaInstance, rev: int, *, fresh: bool) -> None:
-        """Publish ``inst``'s pending command once, then mark it sent."""
-        cmd = inst.pending
-        if cmd is None or cmd.sent:
+        """Publish ``inst``'s pending commands once each, then mark them sent."""
+        if not inst.unsent:
             return
-        if fresh or not await self._already_published(cmd):
+        for cmd in inst.pending:
+            if cmd.sent:
+                continue
+            if not fresh and await self._already_published(cmd):
+                self.stats["recovered"] += 1
+                continue
             env = Envelope(
                 event_id=cmd.command_id,
                 event_type=cmd.type,
@@ -624,13 +653,11 @@ class Orchestrator:
             ack = await self.bus.publish_raw(cmd.subject, cmd.data, env.to_headers())
             if not ack.duplicate:
                 self.stats["commands"] += 1
-        else:
-            self.stats["recovered"] += 1
         await self._point("after_publish", inst)
-        done = replace(inst, pending=replace(cmd, sent=True))
+        done = replace(inst, pending=tuple(replace(c, sent=True) for c in inst.pending))
         kv = await self.kv()
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-            # Losing this CAS means someone else already marked it or moved on.
+            # Losing this CAS means someone else already marked them or moved on.
             await kv.update(self._key(inst.saga_id), done.encode(), last=rev)
         await self._point("after_mark", done)
 
@@ -658,7 +685,7 @@ class Orchestrator:
             if got is None:
                 continue
             inst, rev = got
-            if inst.pending is not None and not inst.pending.sent:
+            if inst.unsent:
                 await self._dispatch(inst, rev, fresh=False)
                 n += 1
         if n:

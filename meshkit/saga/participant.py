@@ -292,49 +292,64 @@ class RunningParticipant:
         left = env.remaining_deadline()
         token = meshkit.deadline.set_remaining(left) if left is not None else None
         try:
-            with _telemetry.consumer_span(msg.subject, env, p.durable, len(msg.data), headers):
-                try:
-                    outputs, duplicate = await self.inbox.run_once(f"{p.name}/{env.event_id}", work)
-                except PermanentError as exc:
-                    await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
-                    return
-                except Exception as exc:
-                    deliveries = Context(env, p.name, None, msg).deliveries
-                    if deliveries >= p.consumer_spec.max_deliver:
-                        await self._dead_letter(
-                            msg,
-                            f"{spec.name} failed {deliveries} times (max_deliver); last error: {exc!r}",
-                        )
-                        return
-                    self.stats.retries += 1
-                    log.info(
-                        "%s failed on %s (delivery %d): %r",
-                        spec.name,
-                        env.event_id,
-                        deliveries,
-                        exc,
-                    )
-                    await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
-                    return
-                if self._after_commit is not None:
-                    await self._after_commit(env)
-                if outputs:
-                    remaining = meshkit.deadline.remaining()
-                    deadline_ms = int(remaining * 1000) if remaining is not None else None
-                    if len(outputs) == 1:
-                        await self._publish(env, outputs[0], deadline_ms)
-                    else:
-                        await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
-                    self.stats.emitted += len(outputs)
+            if _telemetry.tracing():
+                with _telemetry.consumer_span(msg.subject, env, p.durable, len(msg.data), headers):
+                    duplicate = await self._process(msg, env, spec, work)
+            else:  # no SDK: skip the no-op span machinery on the hot path
+                duplicate = await self._process(msg, env, spec, work)
         finally:
             if token is not None:
                 meshkit.deadline.reset(token)
+        if duplicate is None:
+            return  # nak'ed or dead-lettered
         if duplicate:
             self.stats.duplicates += 1
         else:
             self.stats.handled += 1
             self.stats.by_type[env.event_type] = self.stats.by_type.get(env.event_type, 0) + 1
         await msg.ack()
+
+    async def _process(
+        self,
+        msg: Msg,
+        env: Envelope,
+        spec: HandlerSpec,
+        work: Callable[[Any], Awaitable[list[Outbound]]],
+    ) -> bool | None:
+        """Run the handler through the inbox and publish its outputs.
+
+        Returns whether the event was a duplicate, or None when it was nak'ed or
+        dead-lettered instead (then it must not be acknowledged).
+        """
+        p = self.participant
+        try:
+            outputs, duplicate = await self.inbox.run_once(f"{p.name}/{env.event_id}", work)
+        except PermanentError as exc:
+            await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
+            return None
+        except Exception as exc:
+            deliveries = Context(env, p.name, None, msg).deliveries
+            if deliveries >= p.consumer_spec.max_deliver:
+                await self._dead_letter(
+                    msg,
+                    f"{spec.name} failed {deliveries} times (max_deliver); last error: {exc!r}",
+                )
+                return None
+            self.stats.retries += 1
+            log.info("%s failed on %s (delivery %d): %r", spec.name, env.event_id, deliveries, exc)
+            await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
+            return None
+        if self._after_commit is not None:
+            await self._after_commit(env)
+        if outputs:
+            remaining = meshkit.deadline.remaining()
+            deadline_ms = int(remaining * 1000) if remaining is not None else None
+            if len(outputs) == 1:
+                await self._publish(env, outputs[0], deadline_ms)
+            else:
+                await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
+            self.stats.emitted += len(outputs)
+        return duplicate
 
     async def _publish(self, cause: Envelope, out: Outbound, deadline_ms: int | None) -> None:
         env = cause.caused(
@@ -344,5 +359,9 @@ class RunningParticipant:
             deadline_ms=deadline_ms,
         )
         subject = self.participant.stream.subject_for(out.event_type)
+        if not _telemetry.tracing():
+            # The cause's trace context is already in ``env``: nothing else to add.
+            await self.bus.publish_raw(subject, out.payload, env.to_headers())
+            return
         with _telemetry.producer_span(subject, env, len(out.payload)) as traced:
             await self.bus.publish_raw(subject, out.payload, traced.to_headers())

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,7 +34,14 @@ from meshkit.errors import ConfigError
 from meshkit.saga.eventstore import StoredEvent, Upcasters, read_batches
 from meshkit.saga.readmodels import CheckpointMoved, ReadModelStore, ReadModelTx
 
-__all__ = ["Projection", "ProjectionStatus", "Projector", "Source", "SourceStatus"]
+__all__ = [
+    "Projection",
+    "ProjectionStatus",
+    "Projector",
+    "Source",
+    "SourceStatus",
+    "relay",
+]
 
 log = logging.getLogger("meshkit.saga.projections")
 
@@ -87,6 +94,7 @@ class ProjectionStatus:
 class ProjectorStats:
     applied: int = 0
     batches: int = 0
+    passes: int = 0
     skipped: int = 0
     conflicts: int = 0
     errors: int = 0
@@ -107,6 +115,7 @@ class Projector:
         poll_interval: float = 1.0,
         timeout: float = 5.0,
         upcasters: Upcasters | None = None,
+        before_commit: Callable[[list[StoredEvent]], Awaitable[None]] | None = None,
     ) -> None:
         if not projection.sources:
             raise ConfigError(f"projection {projection.name}", "needs at least one source")
@@ -119,6 +128,7 @@ class Projector:
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.upcasters = upcasters
+        self.before_commit = before_commit
         self.stats = ProjectorStats()
         self._pending: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -178,6 +188,10 @@ class Projector:
                 for ev in events:
                     self.projection.handle(ev, tx)
 
+            if self.before_commit is not None and events:
+                # Side effects (a relay's publishes) happen before the checkpoint moves:
+                # at least once, so they must be idempotent (event ids as Nats-Msg-Id).
+                await self.before_commit(events)
             try:
                 self.store.apply(self.name, {source.key: checkpoint}, {source.key: last}, work)
             except CheckpointMoved as exc:
@@ -222,8 +236,13 @@ class Projector:
         if self._task is not None:
             return self
         for source in self.projection.sources:
-            subject = source.subject
-            self._subs.append(await self.nc.subscribe(subject, cb=self._on_wake))
+            subjects = [source.subject]
+            if source.subject == ">":
+                # The whole stream: wake on its subjects, not on every subject of the server.
+                info = await self.nc.jetstream().stream_info(source.stream)
+                subjects = list(info.config.subjects or [])
+            for subject in subjects:
+                self._subs.append(await self.nc.subscribe(subject, cb=self._on_wake))
         self._task = asyncio.create_task(self._run(), name=f"meshkit-projection-{self.name}")
         return self
 
@@ -236,6 +255,7 @@ class Projector:
             try:
                 await self.catch_up()
                 self.stats.last_error = ""
+                self.stats.passes += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failing handler must not skip events: retry later
@@ -269,3 +289,43 @@ class Projector:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+class _Relay:
+    """A projection with no documents: it only carries a checkpoint."""
+
+    def __init__(self, name: str, sources: Sequence[Source]) -> None:
+        self.name = name
+        self.sources: Sequence[Source] = tuple(sources)
+
+    def handle(self, event: StoredEvent, tx: ReadModelTx) -> None:
+        return None
+
+
+def relay(
+    nc: NATS,
+    name: str,
+    sources: Sequence[Source],
+    store: ReadModelStore,
+    publish: Callable[[StoredEvent], Awaitable[None]],
+    *,
+    types: Sequence[str] = (),
+    batch: int = 200,
+) -> Projector:
+    """Forward stored events (e.g. an aggregate stream) to the saga bus, at least once.
+
+    The event store is then its own outbox: an aggregate's append is the only
+    write, and this relay publishes each event (``types``: only these full names)
+    with ``publish``, which must set ``Nats-Msg-Id`` to the event id so JetStream
+    drops the copies a crash between publish and checkpoint can cause. Example,
+    with the saga bus: ``publish=lambda ev: bus.publish_raw(stream.subject_for(
+    ev.event_type), ev.data, ev.envelope.to_headers())``.
+    """
+    wanted = frozenset(types)
+
+    async def forward(events: list[StoredEvent]) -> None:
+        for ev in events:
+            if not wanted or ev.event_type in wanted:
+                await publish(ev)
+
+    return Projector(nc, _Relay(name, sources), store, batch=batch, before_commit=forward)

@@ -16,7 +16,6 @@ row (see docs/event-sourcing.md).
 
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 import threading
@@ -101,33 +100,37 @@ class ReadModelStore(Protocol):
 
 
 class _MemoryTx:
-    def __init__(self, docs: dict[tuple[str, str], Doc]) -> None:
+    """Documents kept as JSON text, exactly what SQLite stores (and cheap to copy)."""
+
+    def __init__(self, docs: dict[tuple[str, str], str]) -> None:
         self.docs = docs
 
     def get(self, collection: str, key: str) -> Doc | None:
-        doc = self.docs.get((collection, key))
-        return copy.deepcopy(doc) if doc is not None else None
+        raw = self.docs.get((collection, key))
+        return json.loads(raw) if raw is not None else None
 
     def put(self, collection: str, key: str, doc: Doc) -> None:
-        # Round-trip through JSON so the memory store accepts exactly what SQLite does.
-        self.docs[(collection, key)] = json.loads(json.dumps(doc))
+        self.docs[(collection, key)] = json.dumps(doc, sort_keys=True)
 
     def delete(self, collection: str, key: str) -> None:
         self.docs.pop((collection, key), None)
 
     def find(self, collection: str, **equals: Any) -> list[Doc]:
-        return [
-            copy.deepcopy(d)
-            for (c, _), d in sorted(self.docs.items())
-            if c == collection and all(d.get(k) == v for k, v in equals.items())
-        ]
+        out = []
+        for (c, _), raw in sorted(self.docs.items()):
+            if c != collection:
+                continue
+            d = json.loads(raw)
+            if all(d.get(k) == v for k, v in equals.items()):
+                out.append(d)
+        return out
 
 
 class MemoryReadModelStore:
     """Documents and checkpoints in a dict; a failed ``work`` leaves no trace."""
 
     def __init__(self) -> None:
-        self._docs: dict[str, dict[tuple[str, str], Doc]] = {}
+        self._docs: dict[str, dict[tuple[str, str], str]] = {}
         self._checkpoints: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
 
@@ -168,7 +171,7 @@ class MemoryReadModelStore:
     def dump(self, projection: str) -> dict[tuple[str, str], Doc]:
         """Every document of ``projection`` (tests compare rebuilds with this)."""
         with self._lock:
-            return copy.deepcopy(self._docs.get(projection, {}))
+            return {k: json.loads(v) for k, v in self._docs.get(projection, {}).items()}
 
 
 _SCHEMA = """

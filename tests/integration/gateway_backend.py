@@ -93,8 +93,9 @@ class Backend:
         if reflection:
             from grpc_reflection.v1alpha import reflection as refl
 
-            refl.enable_server_reflection([*by_service, refl.SERVICE_NAME], server,
-                                          pool=self.catalog.pool)
+            refl.enable_server_reflection(
+                [*by_service, refl.SERVICE_NAME], server, pool=self.catalog.pool
+            )
         self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         self.server = server

@@ -201,3 +201,20 @@ async def test_independent_calls_run_concurrently(
     assert r.status_code == 200, r.text
     assert "errors" not in r.json()
     assert r.json()["payment"] == {"status": "PAYMENT_STATUS_CHARGED"}
+
+
+async def test_reload_with_an_unknown_rpc_is_refused_and_the_old_config_serves(
+    edge: EdgeApp, client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    from meshkit.errors import ConfigError
+    from meshkit.gateway.profiles import EdgeConfig
+
+    bad = config(backend.target)
+    bad["edge"]["profiles"]["mobile"]["bff"][0]["calls"]["order"]["rpc"] = (
+        "shop.v1.OrderService.Nope"
+    )
+    with pytest.raises(ConfigError) as ei:
+        await edge.reload(EdgeConfig.from_mapping(bad))
+    assert ei.value.path == "edge.profiles.mobile.bff[0].calls.order.rpc"
+    assert edge.reloads == 0
+    assert (await client.get("/mobile/v1/orders/o-1/summary")).status_code == 200

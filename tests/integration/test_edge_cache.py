@@ -180,3 +180,20 @@ async def test_ops_endpoints_access_log_and_metrics(
     doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"] == "3.1.0"
     assert "/v1/orders/{order_id}" in doc["paths"]
+
+
+async def test_edge_metadata_cannot_be_spoofed_without_auth(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    r = await client.get(
+        "/v1/orders/o-9",
+        headers={
+            "grpc-metadata-x-jwt-sub": "admin",
+            "grpc-metadata-x-api-key-name": "root",
+            "grpc-metadata-x-tenant": "acme",
+        },
+    )
+    assert r.status_code == 200
+    md = backend.metadata[-1]
+    assert "x-jwt-sub" not in md and "x-api-key-name" not in md
+    assert md["x-tenant"] == "acme"  # other Grpc-Metadata-* headers still pass

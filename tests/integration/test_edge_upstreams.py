@@ -196,3 +196,81 @@ async def test_blue_green_switch_under_load_loses_no_request(
     assert set(servers[after_reload + 16 :]) == {"green"}
     assert green.calls["GetOrder"] > 300
     await edge.shutdown()
+
+
+async def test_blue_green_over_real_http_via_the_admin_endpoint(
+    pair: tuple[ShopBackend, ShopBackend], shop_descriptor_set: Path, tmp_path: Path
+) -> None:
+    import hashlib
+
+    import uvicorn
+    import yaml
+
+    from tests.conftest import free_port
+
+    blue, green = pair
+    token = "admin-token"
+    path = tmp_path / "gateway.yaml"
+
+    def write(target: str) -> None:
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "edge": {
+                        "upstreams": {"shop": {"targets": [target], "drain": "300ms"}},
+                        "admin": {"token_sha256": hashlib.sha256(token.encode()).hexdigest()},
+                    }
+                }
+            )
+        )
+
+    write(blue.target)
+    edge = create_edge_app(path, shop_descriptor_set)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            edge.asgi(),
+            host="127.0.0.1",
+            port=port,
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started)
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def worker(c: httpx.AsyncClient, w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = await c.get(f"/v1/orders/h{w}-{i}")
+                if r.status_code == 200:
+                    seen.append(r.json()["labels"]["server"])
+                else:
+                    failures.append(f"{r.status_code} {r.text}")
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            workers = [asyncio.create_task(worker(c, w)) for w in range(6)]
+            await wait_for(lambda: len(seen) >= 100)
+            write(green.target)
+            r = await c.post("/admin/reload", headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+            mark = len(seen)
+            await wait_for(lambda: len(seen) >= mark + 200)
+            await asyncio.sleep(0.4)  # past the drain: old channels close under load
+            stop.set()
+            await asyncio.gather(*workers)
+    finally:
+        server.should_exit = True
+        await serving
+    assert failures == []
+    assert seen[0] == "blue"
+    assert set(seen[mark + 12 :]) == {"green"}

@@ -196,6 +196,27 @@ def test_racing_threads_with_their_own_loops_exactly_one_wins(nats_server_module
     assert sorted(results) == ["lost", "lost", "lost", "won"]
 
 
+async def test_unchecked_appends_from_racing_writers_still_get_distinct_versions(
+    nats_server_module: Any, store: EventStore
+) -> None:
+    agg = new_id()
+    conns = [await nats.connect(nats_server_module.url) for _ in range(4)]
+    try:
+        stores = [EventStore(c, store.config) for c in conns]
+        await asyncio.gather(
+            *(
+                s.append("tally", agg, [paid(i), paid(i)] if i % 2 else [paid(i)], expected=None)
+                for _ in range(5)
+                for i, s in enumerate(stores)
+            )
+        )
+    finally:
+        for c in conns:
+            await c.close()
+    events = await store.read("tally", agg)
+    assert [e.version for e in events] == list(range(1, 31))
+
+
 async def test_non_atomic_fallback_still_rejects_stale_writers(nc: Any) -> None:
     s = EventStore(nc, EventStoreConfig(stream="ESPLAIN", prefix="esplain", atomic=False))
     await s.ensure()
@@ -352,3 +373,20 @@ def test_snapshot_plus_tail_equals_full_replay(
             await conn.close()
 
     asyncio.run(run())
+
+
+async def test_retried_append_with_the_same_event_ids_is_idempotent(store: EventStore) -> None:
+    agg = new_id()
+    v0 = Version()
+    first = await store.append("tally", agg, [paid(1)], expected=v0, event_ids=["evt-a1"])
+    # The caller never saw the ack and retries the same append.
+    again = await store.append("tally", agg, [paid(1)], expected=v0, event_ids=["evt-a1"])
+    assert again.version == first.version
+    batch = await store.append(
+        "tally", agg, [paid(2), paid(3)], expected=first.version, event_ids=["evt-b1", "evt-b2"]
+    )
+    batch_again = await store.append(
+        "tally", agg, [paid(2), paid(3)], expected=first.version, event_ids=["evt-b1", "evt-b2"]
+    )
+    assert batch_again.version == batch.version
+    assert [e.event_id for e in await store.read("tally", agg)] == ["evt-a1", "evt-b1", "evt-b2"]

@@ -41,8 +41,9 @@ async def echo() -> AsyncIterator[Backend]:
 
 
 def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app, client=("203.0.113.9", 4000)),
-                             base_url="http://gw")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app, client=("203.0.113.9", 4000)), base_url="http://gw"
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -54,8 +55,11 @@ async def sc(shop: Backend) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def ec(echo: Backend) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"],
-                     options=GatewayOptions(max_body_bytes=64 * 1024))
+    app = create_app(
+        descriptor_sets()["gwtest"],
+        [f"127.0.0.1:{echo.port}"],
+        options=GatewayOptions(max_body_bytes=64 * 1024),
+    )
     async with _client(app) as c:
         yield c
 
@@ -91,9 +95,16 @@ async def test_additional_binding(sc: httpx.AsyncClient) -> None:
 
 
 async def test_list_orders_query_params(sc: httpx.AsyncClient) -> None:
-    r = await sc.get("/v1/orders", params=[("status", "ORDER_STATUS_CREATED"), ("orderIds", "o-1"),
-                                           ("order_ids", "o-9"), ("pageSize", "5"),
-                                           ("created_after", "2024-01-01T00:00:00Z")])
+    r = await sc.get(
+        "/v1/orders",
+        params=[
+            ("status", "ORDER_STATUS_CREATED"),
+            ("orderIds", "o-1"),
+            ("order_ids", "o-9"),
+            ("pageSize", "5"),
+            ("created_after", "2024-01-01T00:00:00Z"),
+        ],
+    )
     assert r.status_code == 200
     body = r.json()
     assert [o["orderId"] for o in body["orders"]] == ["o-1"]
@@ -103,16 +114,25 @@ async def test_list_orders_query_params(sc: httpx.AsyncClient) -> None:
 
 
 async def test_create_order_body_star(sc: httpx.AsyncClient) -> None:
-    r = await sc.post("/v1/orders", json={
-        "customer_id": "c-7", "requestId": "r1",
-        "items": [{"sku": "a", "quantity": 2, "unitPrice": {"currency": "KRW", "amountMinor": "250"}}]})
+    r = await sc.post(
+        "/v1/orders",
+        json={
+            "customer_id": "c-7",
+            "requestId": "r1",
+            "items": [
+                {"sku": "a", "quantity": 2, "unitPrice": {"currency": "KRW", "amountMinor": "250"}}
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["orderId"] == "o-r1" and r.json()["total"]["amountMinor"] == "500"
     _is_status(await sc.post("/v1/orders", json={"items": []}), 400, 3)
 
 
 async def test_patch_with_nested_path_var_and_auto_field_mask(sc: httpx.AsyncClient) -> None:
-    r = await sc.patch("/v1/orders/o-1", json={"shippingAddress": {"city": "Busan"}, "labels": {"a": "b"}})
+    r = await sc.patch(
+        "/v1/orders/o-1", json={"shippingAddress": {"city": "Busan"}, "labels": {"a": "b"}}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["shippingAddress"] == {"city": "Busan"}
@@ -123,15 +143,23 @@ async def test_patch_with_nested_path_var_and_auto_field_mask(sc: httpx.AsyncCli
 
 async def test_custom_verb(sc: httpx.AsyncClient) -> None:
     r = await sc.post("/v1/orders/o-1:cancel", json={"reason": "changed mind"})
-    assert r.json()["status"] == "ORDER_STATUS_CANCELLED" and r.json()["cancelReason"] == "changed mind"
+    assert (
+        r.json()["status"] == "ORDER_STATUS_CANCELLED"
+        and r.json()["cancelReason"] == "changed mind"
+    )
     _is_status(await sc.post("/v1/orders/nope:cancel", json={}), 404, 5)
 
 
 async def test_body_field_and_duration(sc: httpx.AsyncClient) -> None:
     r = await sc.post("/v1/shipments", json={"orderId": "o-1", "address": {"city": "Seoul"}})
     assert r.status_code == 200
-    assert r.json() == {"shipmentId": "s-o-1", "orderId": "o-1", "address": {"city": "Seoul"},
-                        "status": "SHIPMENT_STATUS_SCHEDULED", "eta": "86400s"}
+    assert r.json() == {
+        "shipmentId": "s-o-1",
+        "orderId": "o-1",
+        "address": {"city": "Seoul"},
+        "status": "SHIPMENT_STATUS_SCHEDULED",
+        "eta": "86400s",
+    }
 
 
 async def test_delete_returning_empty(sc: httpx.AsyncClient) -> None:
@@ -141,9 +169,15 @@ async def test_delete_returning_empty(sc: httpx.AsyncClient) -> None:
 
 
 async def test_wrappers_and_enums_in(sc: httpx.AsyncClient) -> None:
-    r = await sc.post("/v1/notifications", json={"orderId": "o-1", "channel": "CHANNEL_SMS",
-                                                 "message": "hi", "urgent": True})
-    assert r.json() == {"notificationId": "n-o-1", "channel": "CHANNEL_SMS", "message": "hi (urgent)"}
+    r = await sc.post(
+        "/v1/notifications",
+        json={"orderId": "o-1", "channel": "CHANNEL_SMS", "message": "hi", "urgent": True},
+    )
+    assert r.json() == {
+        "notificationId": "n-o-1",
+        "channel": "CHANNEL_SMS",
+        "message": "hi (urgent)",
+    }
 
 
 async def test_http_body_response(sc: httpx.AsyncClient) -> None:
@@ -156,9 +190,12 @@ async def test_http_body_response(sc: httpx.AsyncClient) -> None:
 async def test_error_details_decoded(sc: httpx.AsyncClient) -> None:
     r = await sc.post("/v1/payments", json={"orderId": "o-1", "amount": {"amountMinor": 0}})
     body = _is_status(r, 400, 3)
-    assert body["details"] == [{"@type": "type.googleapis.com/google.rpc.BadRequest",
-                                "fieldViolations": [{"field": "amount.amount_minor",
-                                                     "description": "must be > 0"}]}]
+    assert body["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": [{"field": "amount.amount_minor", "description": "must be > 0"}],
+        }
+    ]
 
 
 async def test_unknown_path_and_wrong_method(sc: httpx.AsyncClient) -> None:
@@ -187,23 +224,33 @@ async def test_server_streaming_in_band_error(sc: httpx.AsyncClient) -> None:
 
 
 async def test_server_streaming_sse(sc: httpx.AsyncClient) -> None:
-    r = await sc.get("/v1/orders:watch", params={"limit": 2}, headers={"accept": "text/event-stream"})
+    r = await sc.get(
+        "/v1/orders:watch", params={"limit": 2}, headers={"accept": "text/event-stream"}
+    )
     assert r.headers["content-type"] == "text/event-stream"
     events = [e for e in r.text.split("\n\n") if e]
     assert len(events) == 2 and events[0].startswith("data: {")
-    assert json.loads(events[1][len("data: "):])["detail"] == "event 1"
-    r = await sc.get("/v1/orders:watch", params={"orderId": "fail", "limit": 1},
-                     headers={"accept": "text/event-stream"})
+    assert json.loads(events[1][len("data: ") :])["detail"] == "event 1"
+    r = await sc.get(
+        "/v1/orders:watch",
+        params={"orderId": "fail", "limit": 1},
+        headers={"accept": "text/event-stream"},
+    )
     last = r.text.strip().split("\n\n")[-1]
-    assert last.startswith("event: error\ndata: ") and json.loads(last.split("data: ", 1)[1])["code"] == 13
+    assert (
+        last.startswith("event: error\ndata: ")
+        and json.loads(last.split("data: ", 1)[1])["code"] == 13
+    )
 
 
 async def test_client_streaming_ndjson(sc: httpx.AsyncClient) -> None:
     body = b'{"sku": "a", "delta": 2}\n{"sku": "b", "delta": -1}\n\n{"sku": "a", "delta": 3}'
     r = await sc.post("/v1/inventory:adjust", content=body)
     assert r.status_code == 200, r.text
-    assert r.json() == {"adjustments": 3, "stock": [{"sku": "a", "available": 5},
-                                                    {"sku": "b", "available": -1}]}
+    assert r.json() == {
+        "adjustments": 3,
+        "stock": [{"sku": "a", "available": 5}, {"sku": "b", "available": -1}],
+    }
     r = await sc.post("/v1/inventory:adjust", content=b'{"sku": "a", "delta": 1}\n{"delta": "x"}\n')
     body_ = _is_status(r, 400, 3)
     assert "line 2" in body_["message"]
@@ -214,10 +261,14 @@ async def test_client_streaming_ndjson(sc: httpx.AsyncClient) -> None:
 
 async def test_deep_and_nested_templates(ec: httpx.AsyncClient) -> None:
     assert (await ec.get("/v1/files/a/b%2Fc/d%20e")).json() == {"path": "a/b%2Fc/d e"}
-    assert (await ec.get("/v1/shelves/s1/books/docs/x/y")).json() == {"name": "shelves/s1",
-                                                                       "path": "docs/x/y"}
+    assert (await ec.get("/v1/shelves/s1/books/docs/x/y")).json() == {
+        "name": "shelves/s1",
+        "path": "docs/x/y",
+    }
     assert (await ec.get("/v1/wild/anything/x/n%2F1")).json() == {"name": "n/1"}
-    assert (await ec.get("/v1/nested/a/b")).json() == {"inner": {"name": "a", "child": {"name": "b"}}}
+    assert (await ec.get("/v1/nested/a/b")).json() == {
+        "inner": {"name": "a", "child": {"name": "b"}}
+    }
     r = await ec.get("/v1/int/-9007199254740993/COLOR_RED")
     assert r.json() == {"i64": "-9007199254740993", "color": "COLOR_RED"}
     _is_status(await ec.get("/v1/int/abc/COLOR_RED"), 400, 3)
@@ -234,21 +285,31 @@ async def test_put_custom_delete_methods(ec: httpx.AsyncClient) -> None:
     r = await ec.post("/v1/echo/n:tags", json=["a", "b"])
     assert r.json() == {"name": "n", "tags": ["a", "b"]}
     r = await ec.request("OPTIONS", "/v1/echo/n")
-    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"DELETE", "GET", "LOCK", "PUT"}
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {
+        "DELETE",
+        "GET",
+        "LOCK",
+        "PUT",
+    }
 
 
 async def test_response_body_and_http_body_request(ec: httpx.AsyncClient) -> None:
     r = await ec.get("/v1/inner/x?inner.name=in")
     assert r.json() == {"name": "in"}
-    r = await ec.post("/v1/uploads/f1", content=b"\x00raw\xff", headers={"content-type": "image/png"})
+    r = await ec.post(
+        "/v1/uploads/f1", content=b"\x00raw\xff", headers={"content-type": "image/png"}
+    )
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/png; echoed" and r.content == b"f1:\x00raw\xff"
 
 
 async def test_update_field_mask(ec: httpx.AsyncClient) -> None:
     r = await ec.patch("/v1/items/7/inner", json={"name": "x", "child": {"count": 1}})
-    assert r.json() == {"inner": {"name": "x", "child": {"count": "1"}},
-                        "updateMask": "name,child.count", "parent": "items/7"}
+    assert r.json() == {
+        "inner": {"name": "x", "child": {"count": "1"}},
+        "updateMask": "name,child.count",
+        "parent": "items/7",
+    }
 
 
 async def test_fallback_route_for_method_without_rule(ec: httpx.AsyncClient) -> None:
@@ -258,8 +319,24 @@ async def test_fallback_route_for_method_without_rule(ec: httpx.AsyncClient) -> 
 
 
 async def test_all_error_codes_map(ec: httpx.AsyncClient) -> None:
-    expected = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409,
-                11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+    expected = {
+        1: 499,
+        2: 500,
+        3: 400,
+        4: 504,
+        5: 404,
+        6: 409,
+        7: 403,
+        8: 429,
+        9: 400,
+        10: 409,
+        11: 400,
+        12: 501,
+        13: 500,
+        14: 503,
+        15: 500,
+        16: 401,
+    }
     for code, http in expected.items():
         r = await ec.get(f"/v1/fail/{code}")
         body = _is_status(r, http, code)
@@ -273,10 +350,16 @@ async def test_rich_error_details(ec: httpx.AsyncClient) -> None:
     body = _is_status(r, 429, 8)
     assert body["message"] == "slow down"
     assert body["details"] == [
-        {"@type": "type.googleapis.com/google.rpc.BadRequest",
-         "fieldViolations": [{"field": "name", "description": "too short"}]},
-        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA", "domain": "gwtest",
-         "metadata": {"k": "v"}},
+        {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": [{"field": "name", "description": "too short"}],
+        },
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "QUOTA",
+            "domain": "gwtest",
+            "metadata": {"k": "v"},
+        },
         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"},
     ]
 
@@ -285,17 +368,27 @@ async def test_rich_error_details(ec: httpx.AsyncClient) -> None:
 
 
 async def test_headers_forwarded_and_metadata_returned(ec: httpx.AsyncClient) -> None:
-    r = await ec.get("/v1/headers", headers={
-        "authorization": "Bearer tok", "x-request-id": "rid-42", "traceparent": "00-abc-def-01",
-        "tracestate": "k=v", "grpc-metadata-tenant": "acme",
-        "grpc-metadata-blob-bin": base64.b64encode(b"\x00\xff").decode(),
-        "x-forwarded-for": "198.51.100.1", "cookie": "secret", "connection": "keep-alive",
-    })
+    r = await ec.get(
+        "/v1/headers",
+        headers={
+            "authorization": "Bearer tok",
+            "x-request-id": "rid-42",
+            "traceparent": "00-abc-def-01",
+            "tracestate": "k=v",
+            "grpc-metadata-tenant": "acme",
+            "grpc-metadata-blob-bin": base64.b64encode(b"\x00\xff").decode(),
+            "x-forwarded-for": "198.51.100.1",
+            "cookie": "secret",
+            "connection": "keep-alive",
+        },
+    )
     assert r.status_code == 200
     labels = r.json()["labels"]
     assert labels["authorization"] == "Bearer tok" and labels["x-request-id"] == "rid-42"
     assert labels["traceparent"] == "00-abc-def-01" and labels["tracestate"] == "k=v"
-    assert labels["tenant"] == "acme" and labels["blob-bin"] == base64.b64encode(b"\x00\xff").decode()
+    assert (
+        labels["tenant"] == "acme" and labels["blob-bin"] == base64.b64encode(b"\x00\xff").decode()
+    )
     assert labels["x-forwarded-for"] == "198.51.100.1, 203.0.113.9"
     assert "cookie" not in labels and "connection" not in labels
     assert r.headers["x-request-id"] == "rid-42"
@@ -313,8 +406,9 @@ async def test_grpc_timeout_becomes_deadline(ec: httpx.AsyncClient) -> None:
 
 
 async def test_route_default_timeout_and_cap(echo: Backend) -> None:
-    opts = GatewayOptions(default_timeout=5.0, max_timeout=3.0,
-                          route_timeouts={"gwtest.v1.EchoService.Echo": 1.0})
+    opts = GatewayOptions(
+        default_timeout=5.0, max_timeout=3.0, route_timeouts={"gwtest.v1.EchoService.Echo": 1.0}
+    )
     app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"], options=opts)
     async with _client(app) as c:
         r = await c.get("/v1/headers")
@@ -331,8 +425,10 @@ async def test_upstream_unreachable_is_503() -> None:
 
 
 async def test_service_split_across_upstreams(shop: Backend, echo: Backend) -> None:
-    app = create_app(descriptor_sets()["shop"],
-                     [f"shop.v1.OrderService=127.0.0.1:{shop.port}", f"127.0.0.1:{free_port()}"])
+    app = create_app(
+        descriptor_sets()["shop"],
+        [f"shop.v1.OrderService=127.0.0.1:{shop.port}", f"127.0.0.1:{free_port()}"],
+    )
     async with _client(app) as c:
         assert (await c.get("/v1/orders/o-1")).status_code == 200
         assert (await c.get("/v1/inventory/sku-1")).status_code == 503
@@ -342,8 +438,11 @@ async def test_service_split_across_upstreams(shop: Backend, echo: Backend) -> N
 
 
 async def test_proto_names_and_emit_unpopulated(shop: Backend) -> None:
-    app = create_app(descriptor_sets()["shop"], [f"127.0.0.1:{shop.port}"],
-                     options=GatewayOptions(proto_names=True, emit_unpopulated=True))
+    app = create_app(
+        descriptor_sets()["shop"],
+        [f"127.0.0.1:{shop.port}"],
+        options=GatewayOptions(proto_names=True, emit_unpopulated=True),
+    )
     async with _client(app) as c:
         body = (await c.get("/v1/inventory/sku-9")).json()
         assert body == {"sku": "sku-9", "available": 10, "reserved": 2}
@@ -352,8 +451,9 @@ async def test_proto_names_and_emit_unpopulated(shop: Backend) -> None:
 
 
 async def test_strict_mode(echo: Backend) -> None:
-    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"],
-                     options=GatewayOptions(strict=True))
+    app = create_app(
+        descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"], options=GatewayOptions(strict=True)
+    )
     async with _client(app) as c:
         _is_status(await c.post("/v1/echo", json={"name": "x", "bogus": 1}), 400, 3)
         _is_status(await c.get("/v1/echo/x", params={"bogus": "1"}), 400, 3)
@@ -361,8 +461,11 @@ async def test_strict_mode(echo: Backend) -> None:
 
 
 async def test_json_array_stream_format(echo: Backend) -> None:
-    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"],
-                     options=GatewayOptions(stream_format="json-array"))
+    app = create_app(
+        descriptor_sets()["gwtest"],
+        [f"127.0.0.1:{echo.port}"],
+        options=GatewayOptions(stream_format="json-array"),
+    )
     async with _client(app) as c:
         r = await c.get("/v1/count/3")
         assert r.json() == [{"name": "0"}, {"name": "1", "i32": 1}, {"name": "2", "i32": 2}]
@@ -378,6 +481,7 @@ async def test_middleware_and_route_middleware(echo: Backend) -> None:
         async def mw(scope: Any, receive: Any, send: Any) -> None:
             seen.append("outer:" + scope["path"])
             await app(scope, receive, send)
+
         return mw
 
     def per_route(route: Any, app: Any) -> Any:
@@ -388,22 +492,36 @@ async def test_middleware_and_route_middleware(echo: Backend) -> None:
             seen.append(f"route:{route.binding.template}:{scope['path_params']}")
             if scope["path_params"].get("name") == "blocked":
                 body = b'{"code":7,"message":"no","details":[]}'
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"application/json")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
             await app(scope, receive, send)
+
         return mw
 
-    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"],
-                     middleware=[outer], route_middleware=[per_route])
+    app = create_app(
+        descriptor_sets()["gwtest"],
+        [f"127.0.0.1:{echo.port}"],
+        middleware=[outer],
+        route_middleware=[per_route],
+    )
     async with _client(app) as c:
         assert (await c.get("/v1/echo/ok")).status_code == 200
         assert (await c.get("/v1/echo/blocked")).status_code == 403
         assert (await c.get("/v1/headers")).status_code == 200
-    assert seen == ["outer:/v1/echo/ok", "route:/v1/echo/{name}:{'name': 'ok'}",
-                    "outer:/v1/echo/blocked", "route:/v1/echo/{name}:{'name': 'blocked'}",
-                    "outer:/v1/headers"]
+    assert seen == [
+        "outer:/v1/echo/ok",
+        "route:/v1/echo/{name}:{'name': 'ok'}",
+        "outer:/v1/echo/blocked",
+        "route:/v1/echo/{name}:{'name': 'blocked'}",
+        "outer:/v1/headers",
+    ]
 
 
 async def test_reload_swaps_routes(echo: Backend) -> None:
@@ -412,7 +530,9 @@ async def test_reload_swaps_routes(echo: Backend) -> None:
         assert (await c.post("/gwtest.v1.EchoService/Echo", json={})).status_code == 404
         catalog = app.state.catalog
         app.reload(app.build_state(catalog, options=GatewayOptions(fallback_routes="all")))
-        assert (await c.post("/gwtest.v1.EchoService/Echo", json={"name": "x"})).json() == {"name": "x"}
+        assert (await c.post("/gwtest.v1.EchoService/Echo", json={"name": "x"})).json() == {
+            "name": "x"
+        }
 
 
 # --------------------------------------------------------------------------- bad input
@@ -442,8 +562,9 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("method", "url", "kw"), BAD_REQUESTS)
-async def test_bad_input_is_4xx_status_json(ec: httpx.AsyncClient, method: str, url: str,
-                                            kw: dict[str, Any]) -> None:
+async def test_bad_input_is_4xx_status_json(
+    ec: httpx.AsyncClient, method: str, url: str, kw: dict[str, Any]
+) -> None:
     r = await ec.request(method, url, **kw)
     if url == "/v1/headers" and "x-long" in kw.get("headers", {}):
         assert r.status_code == 200  # long but valid headers are simply not forwarded
@@ -481,3 +602,31 @@ async def test_server_survives_garbage(ec: httpx.AsyncClient, echo: Backend) -> 
         assert r.status_code in (200, 400), r.text
         assert r.headers["content-type"] == "application/json"
     assert (await ec.get("/v1/echo/alive")).json() == {"name": "alive"}
+
+
+async def test_memory_flat_under_bad_input(ec: httpx.AsyncClient) -> None:
+    import gc
+    import tracemalloc
+
+    bad = [
+        b'{"name": ',
+        b"\xff\xfe",
+        b'{"i32": "x"}',
+        b"[" * 5000,
+        b'{"meta": {"a": [1, {"b": 2}]}}',
+    ]
+
+    async def burst(n: int) -> None:
+        for i in range(n):
+            r = await ec.post("/v1/echo", content=bad[i % len(bad)])
+            assert r.status_code in (200, 400)
+
+    await burst(150)  # warm caches
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    await burst(600)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert after - before < 1_000_000, after - before

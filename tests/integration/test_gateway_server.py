@@ -75,8 +75,14 @@ async def served(echo: Backend, shop: Backend) -> AsyncIterator[dict[str, _Serve
     for name, desc, port in (("echo", "gwtest", echo.port), ("shop", "shop", shop.port)):
         app = create_app(descriptor_sets()[desc], [f"127.0.0.1:{port}"])
         sock = bind_socket("127.0.0.1", 0)
-        config = uvicorn.Config(app, http="httptools", ws="websockets-sansio", lifespan="on",
-                                log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            ws="websockets-sansio",
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+        )
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -95,23 +101,28 @@ def _reset(b: Backend) -> None:
     b.sent = 0
 
 
-async def test_stream_arrives_incrementally_and_disconnect_cancels(served: dict[str, _Served],
-                                                                   echo: Backend) -> None:
+async def test_stream_arrives_incrementally_and_disconnect_cancels(
+    served: dict[str, _Served], echo: Backend
+) -> None:
     _reset(echo)
-    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
-        async with c.stream("GET", "/v1/count/-1", params={"delayMs": 20}) as r:
-            assert r.status_code == 200
-            lines: list[dict[str, Any]] = []
-            async for line in r.aiter_lines():
-                lines.append(json.loads(line))
-                if len(lines) == 3:
-                    break
+    async with (
+        httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c,
+        c.stream("GET", "/v1/count/-1", params={"delayMs": 20}) as r,
+    ):
+        assert r.status_code == 200
+        lines: list[dict[str, Any]] = []
+        async for line in r.aiter_lines():
+            lines.append(json.loads(line))
+            if len(lines) == 3:
+                break
     # Three lines arrived while the upstream stream was still open (it never ends).
     assert [x["result"]["name"] for x in lines] == ["0", "1", "2"]
     await asyncio.wait_for(echo.cancelled.wait(), 10)
 
 
-async def test_backpressure_slow_reader_slows_upstream(served: dict[str, _Served], echo: Backend) -> None:
+async def test_backpressure_slow_reader_slows_upstream(
+    served: dict[str, _Served], echo: Backend
+) -> None:
     _reset(echo)
     payload = "x" * 4000
     s = socket.socket()
@@ -119,7 +130,9 @@ async def test_backpressure_slow_reader_slows_upstream(served: dict[str, _Served
     s.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(s, ("127.0.0.1", served["echo"].port))
-    await loop.sock_sendall(s, f"GET /v1/count/-1?payload={payload} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await loop.sock_sendall(
+        s, f"GET /v1/count/-1?payload={payload} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
     await asyncio.wait_for(echo.stream_started.wait(), 10)
     # Read nothing: the upstream must stall once socket, HTTP and HTTP/2 buffers are full.
     last = -1
@@ -180,8 +193,9 @@ async def test_websocket_bidi(served: dict[str, _Served]) -> None:
 
 
 async def test_websocket_shop_chat_and_bad_message(served: dict[str, _Served]) -> None:
-    async with websockets.connect(served["shop"].ws + "/v1/chat",
-                                  additional_headers={"x-request-id": "ws-1"}) as ws:
+    async with websockets.connect(
+        served["shop"].ws + "/v1/chat", additional_headers={"x-request-id": "ws-1"}
+    ) as ws:
         await ws.send(json.dumps({"from": "me", "text": "hello"}))
         assert json.loads(await ws.recv()) == {"result": {"from": "bot", "text": "HELLO"}}
         await ws.send("{not json")
@@ -189,7 +203,9 @@ async def test_websocket_shop_chat_and_bad_message(served: dict[str, _Served]) -
         assert err["error"]["code"] == 3 and "malformed JSON" in err["error"]["message"]
 
 
-async def test_websocket_server_stream_and_disconnect(served: dict[str, _Served], echo: Backend) -> None:
+async def test_websocket_server_stream_and_disconnect(
+    served: dict[str, _Served], echo: Backend
+) -> None:
     async with websockets.connect(served["echo"].ws + "/v1/count/2") as ws:
         await ws.send("")
         got = [json.loads(await ws.recv()) for _ in range(2)]
@@ -217,8 +233,13 @@ async def test_websocket_unknown_route_rejected(served: dict[str, _Served]) -> N
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "meshkit.cli", "gateway", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshkit.cli", "gateway", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -250,8 +271,20 @@ async def test_cli_workers_and_sighup_reload(echo: Backend, tmp_path: Path) -> N
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text("gateway:\n  fallback_routes: unannotated\n")
     port = free_port()
-    proc = _spawn(["--descriptor-set", str(descriptor_sets()["gwtest"]), "--upstream",
-                   f"127.0.0.1:{echo.port}", "--port", str(port), "--workers", "2", "--config", str(cfg)])
+    proc = _spawn(
+        [
+            "--descriptor-set",
+            str(descriptor_sets()["gwtest"]),
+            "--upstream",
+            f"127.0.0.1:{echo.port}",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--config",
+            str(cfg),
+        ]
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         await _wait_http(base + "/", proc)
@@ -304,7 +337,9 @@ async def test_cli_reflect(tmp_path: Path) -> None:
     try:
         await _wait_http(f"http://127.0.0.1:{port}/", proc)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
-            assert (await c.get("/v1/nested/a/b")).json() == {"inner": {"name": "a", "child": {"name": "b"}}}
+            assert (await c.get("/v1/nested/a/b")).json() == {
+                "inner": {"name": "a", "child": {"name": "b"}}
+            }
     finally:
         _stop(proc)
         await b.stop()

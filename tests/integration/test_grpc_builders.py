@@ -197,6 +197,13 @@ async def test_aio_server_builder_and_channel() -> None:
         health = health_pb2_grpc.HealthStub(plain)
         resp = await health.Check(health_pb2.HealthCheckRequest(service="meshkit.test.Echo"))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        refl = reflection_pb2_grpc.ServerReflectionStub(plain)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        answers = [a async for a in refl.ServerReflectionInfo(iter([req]))]
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert {"meshkit.test.Echo", "grpc.health.v1.Health"} <= names
         await srv.set_serving(False)
         resp = await health.Check(health_pb2.HealthCheckRequest(service="meshkit.test.Echo"))
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING

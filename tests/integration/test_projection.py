@@ -284,3 +284,58 @@ async def test_cli_status_and_rebuild(
     finally:
         del os.environ["ES_ORDERS_DB"]
     assert SqliteReadModelStore(env["ES_ORDERS_DB"]).get("order_view", "orders", "cli1") is not None
+
+
+async def test_relay_forwards_each_event_once_across_a_crash(world: World) -> None:
+    from meshkit.saga.projections import relay
+
+    await world.orders(["r1", "r2", "r3"], random.Random(9))
+    js = world.nc.jetstream()
+    out_stream = f"{world.saga_stream}OUT"
+    await js.add_stream(api.StreamConfig(name=out_stream, subjects=[f"{out_stream.lower()}.>"]))
+    sent: list[str] = []
+    crash_after = 4
+
+    async def publish(ev: Any) -> None:
+        if len(sent) == crash_after:
+            raise RuntimeError("relay killed mid-batch")
+        sent.append(ev.event_id)
+        await js.publish(
+            f"{out_stream.lower()}.{ev.event_type}", ev.data, headers=ev.envelope.to_headers()
+        )
+
+    store = SqliteReadModelStore()
+    source = [Source(world.es.stream, world.es.subjects)]
+    order_types = ["shop.v1.OrderCreated", "shop.v1.OrderCancelled", "shop.v1.OrderCompleted"]
+    first = relay(world.nc, "order_relay", source, store, publish, types=order_types)
+    with pytest.raises(RuntimeError):
+        await first.catch_up()
+    assert store.checkpoints("order_relay") == {}  # the batch did not commit
+    crash_after = 10_000
+    second = relay(world.nc, "order_relay", source, store, publish, types=order_types)
+    await second.catch_up()
+    info = await js.stream_info(out_stream)
+    assert info.state.messages == 6  # 3 orders x 2 order events, the 4 re-sent ones deduped
+    assert len(sent) == 4 + 6
+    assert (await second.status()).lag == 0
+
+
+async def test_whole_stream_source_follows_new_events(world: World) -> None:
+    store = MemoryReadModelStore()
+    view = OrderView([Source(world.saga_stream)], name="saga_only")
+    projector = await Projector(world.nc, view, store, poll_interval=30.0).start()
+    try:
+        await _until_async(lambda: projector.stats.passes >= 1, 10)  # the first pass is done
+        await world.saga_event(events_pb2.PaymentCompleted(order_id="w1", payment_id="p"))
+        # A 30 s poll cannot explain a prompt catch-up: the wake-up subscription did it.
+        await _until_async(lambda: store.get("saga_only", "orders", "w1") is not None, 10)
+    finally:
+        await projector.stop()
+    assert store.checkpoints("saga_only") == {world.saga_stream: 1}
+
+
+async def _until_async(cond: Any, within: float) -> None:
+    end = asyncio.get_running_loop().time() + within
+    while not cond():
+        assert asyncio.get_running_loop().time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)

@@ -317,7 +317,9 @@ async def test_kv_inbox_deduplicates_when_the_store_is_not_sqlite(bus: EventBus)
     env = Envelope.new(event)
     for n in range(2):
         await bus.publish_raw(
-            stream.subject_for(event), event.SerializeToString(), {**env.to_headers(), E.MSG_ID: f"x{n}"}
+            stream.subject_for(event),
+            event.SerializeToString(),
+            {**env.to_headers(), E.MSG_ID: f"x{n}"},
         )
     await _wait(lambda: running.stats.handled + running.stats.duplicates == 2)
     assert effects == ["k"] and running.stats.duplicates == 1

@@ -186,6 +186,9 @@ def test_machine_definition_is_checked() -> None:
         )
     with pytest.raises(ConfigError, match="participant"):
         Command("bad name", lambda ctx: events_pb2.OrderCreated())
+    twice = (Command("a", lambda ctx: events_pb2.OrderCreated()),) * 2
+    with pytest.raises(ConfigError, match="one command per participant"):
+        SagaMachine("s", "A", {"A": State(commands=twice, final=True)}, {}, events_pb2.OrderCreated)
 
 
 def test_the_seed_machine_has_the_seed_states_and_finals() -> None:
@@ -222,8 +225,10 @@ def test_instance_round_trip_and_status() -> None:
             Step("PENDING", "ORDER_CREATED", "CREATE_ORDER", "e1", 1100, "c1"),
             Step("ORDER_CREATED", "CANCELLING_ORDER", "!RESERVE_STOCK_FAILURE", "e2", 1200, "c2"),
         ),
-        pending=PendingCommand(
-            "c2", "order", "CancelOrder", "shop.v1.CancelOrderRequest", "x.y", b"\x00", "e2"
+        pending=(
+            PendingCommand(
+                "c2", "order", "CancelOrder", "shop.v1.CancelOrderRequest", "x.y", b"\x00", "e2"
+            ),
         ),
         started_ms=1000,
         updated_ms=1200,

@@ -136,10 +136,14 @@ def test_literal_segments_match_after_decoding() -> None:
 @pytest.mark.parametrize("bad", ["/v1/a/%zz", "/v1/a/%", "/v1/a/%C3", "/v1/a/%FF%FE"])
 def test_bad_percent_encoding_raises(bad: str) -> None:
     r = _router(("GET", "/v1/a/{one}"))
-    with pytest.raises(BadPathError):
+
+    def route_and_bind() -> None:
         m = r.match(bad, "GET")
         assert isinstance(m, Match)
         m.bindings()
+
+    with pytest.raises(BadPathError):
+        route_and_bind()
 
 
 def test_ambiguous_rules_rejected_naming_both() -> None:

@@ -314,7 +314,8 @@ def messages(draw: st.DrawFn, catalog: Catalog) -> Any:
     m.i64 = draw(_i64)
     m.u64 = draw(st.integers(0, 2**64 - 1))
     m.dbl = draw(st.floats(allow_nan=False, allow_infinity=True))
-    m.flt = draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
+    # Away from float32 max and subnormals, where json_format rejects its own output.
+    m.flt = draw(st.floats(width=32, min_value=-(2.0**100), max_value=2.0**100, allow_subnormal=False))
     m.flag = draw(st.booleans())
     m.blob = draw(st.binary(max_size=10))
     m.color = draw(st.sampled_from([0, 1, 2, 7]))
@@ -566,11 +567,11 @@ def test_invalid_metadata_headers_are_400(header: tuple[bytes, bytes]) -> None:
 
 
 def test_options_validation_names_key() -> None:
-    with pytest.raises(ConfigError, match="gateway.stream_format"):
+    with pytest.raises(ConfigError, match=r"gateway\.stream_format"):
         GatewayOptions(stream_format="xml")
-    with pytest.raises(ConfigError, match="gateway.nope"):
+    with pytest.raises(ConfigError, match=r"gateway\.nope"):
         GatewayOptions.from_mapping({"nope": 1})
-    with pytest.raises(ConfigError, match="gateway.max_timeout"):
+    with pytest.raises(ConfigError, match=r"gateway\.max_timeout"):
         GatewayOptions.from_mapping({"max_timeout": "soon"})
     opts = GatewayOptions.from_mapping(
         {"default_timeout": "2s", "max_timeout": "10s", "route_timeouts": {"a.B.C": "1m"}}

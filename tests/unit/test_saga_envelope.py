@@ -141,3 +141,34 @@ def test_consumer_spec_backoff_schedule_and_validation() -> None:
         with pytest.raises(ConfigError) as err:
             ConsumerSpec(**kwargs)  # type: ignore[arg-type]
         assert err.value.path == path
+
+
+def test_specs_from_config_documents() -> None:
+    spec = StreamSpec.from_dict(
+        {
+            "name": "SHOP",
+            "prefix": "shop.events",
+            "duplicate_window": "2m",
+            "max_age": "1h",
+            "replicas": 3,
+        }
+    )
+    assert (spec.duplicate_window, spec.max_age, spec.replicas) == (120.0, 3600.0, 3)
+    consumer = ConsumerSpec.from_dict(
+        {"ack_wait": "2s", "nak_backoff": ["100ms", "1s"], "max_deliver": 4}
+    )
+    assert (consumer.ack_wait, consumer.nak_backoff, consumer.max_deliver) == (2.0, (0.1, 1.0), 4)
+    with pytest.raises(ConfigError) as err:
+        StreamSpec.from_dict({"name": "S", "prefix": "p", "dupe_window": 1}, "saga.streams[0]")
+    assert err.value.path == "saga.streams[0].dupe_window"
+    with pytest.raises(ConfigError) as err:
+        StreamSpec.from_dict(
+            {"name": "S", "prefix": "p", "duplicate_window": "soon"}, "saga.streams[0]"
+        )
+    assert err.value.path == "saga.streams[0].duplicate_window"
+    with pytest.raises(ConfigError) as err:
+        ConsumerSpec.from_dict({"max_deliver": 0}, "saga.consumer")
+    assert err.value.path == "saga.consumer.max_deliver" and "must be >= 1" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        StreamSpec.from_dict(["not", "a", "mapping"])  # type: ignore[arg-type]
+    assert err.value.path == "stream"

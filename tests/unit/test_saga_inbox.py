@@ -75,3 +75,47 @@ async def test_memory_inbox() -> None:
 def test_sqlite_inbox_rejects_odd_table_names() -> None:
     with pytest.raises(ValueError):
         SqliteInbox(_db(), table="x; DROP TABLE y")
+
+
+async def test_concurrent_events_share_a_commit_and_fail_alone() -> None:
+    import asyncio
+
+    conn = _db()
+    inbox = SqliteInbox(conn, max_batch=64)
+
+    def work_for(n: int):  # type: ignore[no-untyped-def]
+        async def work(tx: sqlite3.Connection) -> list[Outbound]:
+            tx.execute("INSERT INTO effects VALUES (?)", (n,))
+            if n == 3:
+                raise RuntimeError("handler 3 fails")
+            return [Outbound("a.B", f"out-{n}", b"")]
+
+        return work
+
+    results = await asyncio.gather(
+        *(inbox.run_once(f"p/e{n}", work_for(n)) for n in range(8)),
+        inbox.run_once("p/e1", work_for(1)),  # the same event again, in the same batch
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], RuntimeError)
+    assert results[1] == ([Outbound("a.B", "out-1", b"")], False)
+    assert results[8] == ([Outbound("a.B", "out-1", b"")], True)
+    effects = sorted(r[0] for r in conn.execute("SELECT n FROM effects"))
+    assert effects == [0, 1, 2, 4, 5, 6, 7]  # 3 rolled back alone, 1 ran once
+    assert inbox.processed() == 7
+    assert inbox.commits == 1
+
+
+async def test_max_batch_one_commits_every_event() -> None:
+    import asyncio
+
+    conn = _db()
+    inbox = SqliteInbox(conn, max_batch=1)
+
+    async def work(tx: sqlite3.Connection) -> list[Outbound]:
+        return []
+
+    await asyncio.gather(*(inbox.run_once(f"k{n}", work) for n in range(5)))
+    assert inbox.commits == 5
+    with pytest.raises(ValueError):
+        SqliteInbox(conn, max_batch=0)

@@ -104,9 +104,11 @@ def channel(
     opts = channel_options(
         round_robin=rr, health_check=health_check, keepalive=keepalive, tls=t, options=options
     )
-    chain = [*interceptors]
-    if policy is not None:
-        chain += client_interceptors(policy, target=name or target, **interceptor_options)
+    # Always ours, even without a policy: it propagates the handler's deadline.
+    chain = [
+        *interceptors,
+        *client_interceptors(policy, target=name or target, **interceptor_options),
+    ]
     if t is not None:
         return grpc.aio.secure_channel(
             target, channel_credentials(t), options=opts, interceptors=chain or None

@@ -41,6 +41,7 @@ _Details = grpc.aio.ClientCallDetails
 AioRpcError = grpc.aio.AioRpcError
 _EOF: Any = getattr(grpc.aio, "EOF", None)
 _NAMES = {code: code.name for code in grpc.StatusCode}
+_STREAM: Any = object()  # the "request" of a response stream: never a fallback value
 
 
 def _details(d: Any, timeout: float | None, metadata: Any = None) -> Any:
@@ -155,6 +156,17 @@ class AioClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return await continuation(details, request)
+        if plan.quick:
+            # The common case, one coroutine less: admission is a non-blocking bulkhead.
+            deadline = _monotonic() + timeout if timeout is not None else None
+            bulkhead = plan.bulkhead
+            if bulkhead is not None and not bulkhead.try_acquire():
+                return await self._bulkhead_full(plan, details, request, deadline)
+            try:
+                return await self._retrying(plan, continuation, details, request, deadline, None)
+            finally:
+                if bulkhead is not None:
+                    bulkhead.release()
         return await self._unary(plan, continuation, details, request, timeout, None)
 
     async def intercept_stream_unary(
@@ -173,9 +185,9 @@ class AioClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return await continuation(details, request_iterator)
-        if plan.retry is None:
-            return await self._unary(plan, continuation, details, request_iterator, timeout, None)
-        replay = AsyncReplay(request_iterator, plan.retry.max_buffer_bytes)
+        # Always through a replay (limit 0 without retries): never hedged, never cached.
+        limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+        replay = AsyncReplay(request_iterator, limit)
         return await self._unary(plan, continuation, details, None, timeout, replay)
 
     async def _admit(
@@ -486,9 +498,7 @@ class AioClientInterceptor(
                 details = _details(details, timeout)
             return await continuation(details, body)
         deadline = _monotonic() + timeout if timeout is not None else None
-        refused = await self._admit(plan, details, None, deadline)
-        if refused is not None:  # pragma: no cover - streams have no fallback value
-            return refused
+        await self._admit(plan, details, _STREAM, deadline)  # raises when refused
         replay = None
         if request_iterator is not None and plan.retry is not None:
             replay = AsyncReplay(request_iterator, plan.retry.max_buffer_bytes)
@@ -648,7 +658,7 @@ class AioClientInterceptor(
         self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
     ) -> tuple[bool, Any]:
         fb = plan.fallback
-        if fb is None or not fb.handles(trigger):
+        if fb is None or request is _STREAM or not fb.handles(trigger):
             return False, None
         kind = str(fb.kind)
         if request is None and kind in ("cached", "alternate"):
