@@ -208,9 +208,9 @@ async def _serve_backend(desc: Path, port: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per scenario")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds per scenario")
     ap.add_argument("--serve-backend", nargs=2, metavar=("DESC", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-bare", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-proxy reference")
@@ -297,8 +297,8 @@ def main() -> int:
         }
         m, e = med["meshkit"], med["envoy"]
         summary[scenario] = {
-            "meshkit": m,
-            "envoy": e,
+            **med,
+            "runs": by,
             "throughput_ratio": m["rps"] / e["rps"],
             "p99_ratio": m["p99_ms"] / e["p99_ms"],
             "p50_ratio": m["p50_ms"] / e["p50_ms"],
@@ -306,7 +306,11 @@ def main() -> int:
             "targets_met": m["rps"] >= 0.9 * e["rps"] and m["p99_ms"] <= 1.5 * e["p99_ms"],
         }
         if "bare_proxy" in med:
-            summary[scenario]["bare_proxy_throughput_ratio"] = med["bare_proxy"]["rps"] / e["rps"]  # type: ignore[index]
+            b = med["bare_proxy"]
+            summary[scenario]["bare_proxy_vs_envoy_throughput"] = b["rps"] / e["rps"]  # type: ignore[index]
+            summary[scenario]["meshkit_vs_bare_proxy_cpu"] = (
+                m["cpu_us_per_request"] / b["cpu_us_per_request"]
+            )  # type: ignore[index]
         print(
             f"{scenario}: throughput {summary[scenario]['throughput_ratio']:.2f}x envoy, "  # type: ignore[index]
             f"p99 {summary[scenario]['p99_ratio']:.2f}x, cpu/req {summary[scenario]['cpu_ratio']:.2f}x"
@@ -318,7 +322,10 @@ def main() -> int:
         "connections": args.connections,
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
-        "note": "medians over alternating rounds; same Python grpc.aio backend; "
+        "load_average_at_end": os.getloadavg(),
+        "note": "medians over alternating rounds (short rounds, so a busy shared machine "
+        "disturbs every target alike); cpu_us_per_request is utime+stime of the gateway "
+        "process only; same Python grpc.aio backend; "
         "meshkit: 1 uvicorn worker (uvloop+httptools); envoy --concurrency 1; "
         "bare_proxy: hand-written uvicorn+grpc.aio proxy for the two routes (the floor)",
         "scenarios": summary,

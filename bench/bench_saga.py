@@ -10,7 +10,8 @@
 
 The ratio is the saga's event rate (6 x completed sagas/s) over the raw event rate for
 the same number of events. Targets: ratio >= 0.5; p99 < 50 ms at the moderate rate.
-Writes bench/results/saga.json.
+CPU time per saga is recorded per process (Linux /proc): on a shared machine it is a
+steadier measure than wall-clock rates. Writes bench/results/saga.json.
 
     .venv/bin/python -m bench.bench_saga [--sagas 1500] [--rate 50] [--seconds 5]
 """
@@ -33,6 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EVENTS_PER_SAGA = 6
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -236,6 +247,7 @@ async def moderate(driver: SagaDriver, rate: float, seconds: float) -> dict[str,
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from examples.shop._gen import ensure_generated
 
+    load_at_start = os.getloadavg()[0]
     ensure_generated()
     from examples.shop.runner import ShopCluster
     from meshkit.nats import NatsServer
@@ -256,10 +268,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print("warm-up ...", flush=True)
             await saturation(driver, 100, 50)
             print(f"saturation: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
+            pids = {n: p.proc.pid for n, p in cluster.procs.items()}
+            pids["nats-server"] = server.pid or 0
+            pids["driver"] = os.getpid()
+            before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
             sat = await saturation(driver, args.sagas, args.concurrency)
+            sat["cpu_ms_per_saga"] = {
+                n: round((_cpu_seconds(pid) - before[n]) * 1000 / args.sagas, 3)
+                for n, pid in pids.items()
+            }
+            sat["cpu_ms_per_saga"]["total"] = round(sum(sat["cpu_ms_per_saga"].values()), 3)
             print(f"  {sat}", flush=True)
             print(f"raw JetStream: {sat['sagas'] * EVENTS_PER_SAGA} events ...", flush=True)
+            raw_pids = {"nats-server": server.pid or 0, "driver": os.getpid()}
+            before = {n: _cpu_seconds(pid) for n, pid in raw_pids.items()}
             raw = await bench_raw(server.url, sat["sagas"] * EVENTS_PER_SAGA)
+            raw["cpu_ms_per_6_events"] = {
+                n: round(
+                    (_cpu_seconds(pid) - before[n]) * 1000 * EVENTS_PER_SAGA / raw["events"], 3
+                )
+                for n, pid in raw_pids.items()
+            }
             print(f"  {raw}", flush=True)
             print(f"moderate: {args.rate}/s for {args.seconds}s ...", flush=True)
             mod = await moderate(driver, args.rate, args.seconds)
@@ -287,6 +316,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            # The machine is shared: a load average above the CPU count means noisy numbers.
+            "load_avg_1m_at_start": round(load_at_start, 2),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

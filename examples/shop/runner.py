@@ -286,7 +286,12 @@ class ShopCluster:
         return self.procs[name]
 
     def kill(self, name: str) -> None:
+        """SIGKILL one service, as a crash would."""
         kill_service(self.procs[name])
+
+    def stop_one(self, name: str) -> int | None:
+        """Stop one service gracefully; :meth:`restart` brings it back."""
+        return stop_service(self.procs[name])
 
     def address(self, name: str) -> str:
         return self.procs[name].address

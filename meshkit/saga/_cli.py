@@ -6,6 +6,7 @@
     meshkit saga show SAGA_ID                  one saga's timeline
     meshkit saga watch                         live counts by state (Ctrl-C ends)
     meshkit saga graph examples.shop.flow:PARTICIPANTS [--definition MOD:ATTR]
+    meshkit saga track examples.shop.flow:ORDER_SAGA --stream examples.shop.flow:SHOP_STREAM
     meshkit saga dlq list [--stream S] [--consumer C]
     meshkit saga dlq replay [SEQ ...] [--all] [--keep]
 
@@ -76,6 +77,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="an event published outside any handler (e.g. shop.v1.OrderCreated)",
     )
     p.set_defaults(func=_graph)
+
+    p = sub.add_parser(
+        "track",
+        help="run a saga tracker (state in KV, timeouts) until interrupted",
+        description="Follow a stream's events and keep each saga's state in the KV bucket; "
+        "time out sagas whose deadline passes. Several trackers may run at once.",
+    )
+    common(p)
+    p.add_argument("definition", metavar="MODULE:ATTR", help="a SagaDefinition")
+    p.add_argument("--stream", required=True, metavar="MODULE:ATTR", help="a StreamSpec")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0: never)")
+    p.set_defaults(func=_track_entry)
 
     dlq = sub.add_parser("dlq", help="dead letters: list and replay")
     dsub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION")
@@ -251,6 +264,41 @@ def _graph(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(f"meshkit saga graph: {line}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _track_entry(args: argparse.Namespace) -> int:
+    # Load the definition before connecting, so a typo fails fast without NATS.
+    sys.path.insert(0, os.getcwd())
+    try:
+        args.definition_obj = _load(args.definition)
+        args.stream_obj = _load(args.stream)
+    except (ImportError, AttributeError, ValueError) as exc:
+        print(f"meshkit saga track: cannot load: {exc}", file=sys.stderr)
+        return 2
+    return _run(_track, args)
+
+
+async def _track(bus: Any, args: argparse.Namespace) -> int:
+    from meshkit.saga.tracker import SagaTracker
+
+    definition, stream = args.definition_obj, args.stream_obj
+    tracker = await SagaTracker(bus, stream, definition, bucket=args.bucket).start()
+    print(
+        f"tracking {definition.name} sagas on stream {stream.name} into bucket {args.bucket}; "
+        "Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        if args.duration > 0:
+            await asyncio.sleep(args.duration)
+        else:
+            await asyncio.Event().wait()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    finally:
+        await tracker.stop()
+    print(f"tracker stopped after {tracker.updates} updates", flush=True)
+    return 0
 
 
 async def _dlq_list(bus: Any, args: argparse.Namespace) -> int:

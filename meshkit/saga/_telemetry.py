@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import (
     INVALID_SPAN,
     NoOpTracerProvider,
@@ -112,3 +112,72 @@ def _fail(span: Span, exc: BaseException) -> None:
     if span.is_recording():
         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         span.set_attribute("error.type", type(exc).__name__)
+
+
+class SagaMetrics:
+    """OpenTelemetry counters for participants and the tracker (no-ops without an SDK).
+
+    ``meshkit.saga.events``       events a participant finished with, by ``outcome``:
+                                  handled, duplicate, ignored, dead_lettered, retried
+    ``meshkit.saga.emitted``      events participants published
+    ``meshkit.saga.transitions``  saga state changes recorded by a tracker, by ``state``
+    """
+
+    def __init__(self, meter: metrics.Meter | None = None) -> None:
+        m = meter or metrics.get_meter("meshkit.saga")
+        self.events = m.create_counter(
+            "meshkit.saga.events", unit="{event}", description="Events participants finished with"
+        )
+        self.emitted = m.create_counter(
+            "meshkit.saga.emitted", unit="{event}", description="Events participants published"
+        )
+        self.transitions = m.create_counter(
+            "meshkit.saga.transitions", unit="{saga}", description="Saga state changes"
+        )
+        self._attrs: dict[tuple[str, ...], dict[str, str]] = {}
+
+    def attrs(self, *pairs: str) -> dict[str, str]:
+        """An attribute dict for ``k1, v1, k2, v2, ...``, built once and reused."""
+        found = self._attrs.get(pairs)
+        if found is None:
+            if len(self._attrs) > 10_000:  # bounded: event types and states are few
+                self._attrs.clear()
+            found = self._attrs[pairs] = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        return found
+
+    def event(self, consumer: str, event_type: str, outcome: str) -> None:
+        self.events.add(
+            1,
+            self.attrs(
+                "messaging.consumer.group.name",
+                consumer,
+                "meshkit.event.type",
+                event_type,
+                "outcome",
+                outcome,
+            ),
+        )
+
+    def emit(self, consumer: str, count: int) -> None:
+        self.emitted.add(count, self.attrs("messaging.consumer.group.name", consumer))
+
+    def transition(self, saga_type: str, state: str) -> None:
+        self.transitions.add(1, self.attrs("meshkit.saga.type", saga_type, "state", state))
+
+
+_metrics: SagaMetrics | None = None
+
+
+def saga_metrics() -> SagaMetrics:
+    """The process-wide :class:`SagaMetrics` (created on first use)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = SagaMetrics()
+    return _metrics
+
+
+def use_meter(meter: metrics.Meter | None) -> SagaMetrics:
+    """Record saga metrics on ``meter`` from now on (tests; None: the global meter)."""
+    global _metrics
+    _metrics = SagaMetrics(meter)
+    return _metrics

@@ -382,6 +382,8 @@ class EventBus:
         consumer = PullConsumer(
             self, name, durable, handler, tuple(filter_subjects), spec or ConsumerSpec()
         )
+        if isinstance(stream, StreamSpec):
+            consumer.stream_spec = stream
         self._consumers.append(consumer)
         return consumer
 
@@ -444,6 +446,9 @@ class PullConsumer:
             raise ConfigError("consumer.durable", f"{durable!r} must match [A-Za-z0-9_-]+")
         self.bus = bus
         self.stream = stream
+        # Known when built from a StreamSpec: a stream lost with a memory-storage
+        # server is then declared again on recovery.
+        self.stream_spec: StreamSpec | None = None
         self.durable = durable
         self.handler = handler
         self.filter_subjects = filter_subjects
@@ -596,7 +601,14 @@ class PullConsumer:
         self.stats.recoveries += 1
         self._credits = 0
         try:
-            await self.ensure()
+            try:
+                await self.ensure()
+            except nats.js.errors.NotFoundError:
+                if self.stream_spec is None:
+                    raise
+                self.bus._ensured.discard(self.stream_spec.name)
+                await self.bus.ensure_stream(self.stream_spec)
+                await self.ensure()
         except Exception as exc:
             log.info("consumer %s: cannot re-create yet (%r); will retry", self.durable, exc)
             self._last_activity = time.monotonic()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +40,11 @@ class Outbound:
 
 
 Work = Callable[[Any], Awaitable[list[Outbound]]]
+_Item = tuple[str, Work, "asyncio.Future[tuple[list[Outbound], bool]]", contextvars.Context]
+
+
+async def _call(work: Work, handle: Any) -> list[Outbound]:
+    return await work(handle)
 
 
 def encode_outputs(outputs: Sequence[Outbound]) -> bytes:
@@ -107,7 +113,7 @@ class SqliteInbox:
         self.table = table
         self.max_batch = max_batch
         self.commits = 0
-        self._pending: list[tuple[str, Work, asyncio.Future[tuple[list[Outbound], bool]]]] = []
+        self._pending: list[_Item] = []
         self._flusher: asyncio.Task[None] | None = None
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS {table} ("
@@ -118,7 +124,9 @@ class SqliteInbox:
         fut: asyncio.Future[tuple[list[Outbound], bool]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending.append((key, work, fut))
+        # The handler runs in the flusher's task but must see the caller's context
+        # (its propagated deadline, its consumer span).
+        self._pending.append((key, work, fut, contextvars.copy_context()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
@@ -130,22 +138,20 @@ class SqliteInbox:
             try:
                 await self._run_batch(batch)
             except BaseException as exc:
-                for _, _, fut in batch:
+                for _, _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
-    async def _run_batch(
-        self, batch: list[tuple[str, Work, asyncio.Future[tuple[list[Outbound], bool]]]]
-    ) -> None:
+    async def _run_batch(self, batch: list[_Item]) -> None:
         results: list[tuple[asyncio.Future[tuple[list[Outbound], bool]], Any, bool]] = []
         seen: dict[str, list[Outbound]] = {}
         async with self.lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for key, work, fut in batch:
+                for key, work, fut, ctx in batch:
                     if key in seen:  # the same event twice in one batch
                         results.append((fut, (seen[key], True), True))
                         continue
@@ -157,7 +163,7 @@ class SqliteInbox:
                         continue
                     conn.execute("SAVEPOINT meshkit_event")
                     try:
-                        outputs = await work(conn)
+                        outputs = await asyncio.create_task(_call(work, conn), context=ctx)
                         conn.execute(
                             f"INSERT INTO {self.table} VALUES (?, ?, julianday('now'))",
                             (key, encode_outputs(outputs)),

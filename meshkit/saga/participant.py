@@ -246,6 +246,8 @@ class RunningParticipant:
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         self.stats.dead_lettered += 1
+        etype = (msg.headers or {}).get("Meshkit-Event-Type", "")
+        _telemetry.saga_metrics().event(self.participant.durable, etype, "dead_lettered")
         await dead_letter(self.bus, msg, reason=reason, consumer=self.participant.durable)
 
     async def _handle(self, msg: Msg) -> None:
@@ -259,6 +261,7 @@ class RunningParticipant:
         spec = p._handlers.get(env.event_type)
         if spec is None:
             self.stats.ignored += 1
+            _telemetry.saga_metrics().event(p.durable, env.event_type, "ignored")
             log.debug("%s: ignoring event type %s (%s)", p.name, env.event_type, env.event_id)
             await msg.ack()
             return
@@ -307,6 +310,9 @@ class RunningParticipant:
         else:
             self.stats.handled += 1
             self.stats.by_type[env.event_type] = self.stats.by_type.get(env.event_type, 0) + 1
+        _telemetry.saga_metrics().event(
+            p.durable, env.event_type, "duplicate" if duplicate else "handled"
+        )
         await msg.ack()
 
     async def _process(
@@ -336,6 +342,7 @@ class RunningParticipant:
                 )
                 return None
             self.stats.retries += 1
+            _telemetry.saga_metrics().event(p.durable, env.event_type, "retried")
             log.info("%s failed on %s (delivery %d): %r", spec.name, env.event_id, deliveries, exc)
             await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
             return None
@@ -349,6 +356,7 @@ class RunningParticipant:
             else:
                 await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
             self.stats.emitted += len(outputs)
+            _telemetry.saga_metrics().emit(p.durable, len(outputs))
         return duplicate
 
     async def _publish(self, cause: Envelope, out: Outbound, deadline_ms: int | None) -> None:

@@ -31,6 +31,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from meshkit._pb.meshkit.v1 import saga_pb2
+from meshkit.saga import _telemetry
 from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
 from meshkit.saga.dlq import DLQ_STREAM, REASON
 from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, now_ms, type_name
@@ -339,6 +340,7 @@ class SagaTracker:
                     except nats.js.errors.KeyNotFoundError:
                         revision = None
                         status = saga_pb2.SagaStatus()
+                    before = status.state
                     if not advance(status, env, self.definition, reason=reason):
                         return
                     if (
@@ -362,8 +364,13 @@ class SagaTracker:
                     ):
                         continue  # another tracker wrote first: reload and re-apply
                     self.updates += 1
+                    if status.state != before:
+                        _telemetry.saga_metrics().transition(
+                            status.saga_type, state_name(status.state)
+                        )
                     if status.state in FINAL_STATES:
                         self._deadlines.pop(env.saga_id, None)
+                        self._timed_out.discard(env.saga_id)
                     elif status.HasField("deadline"):
                         self._deadlines[env.saga_id] = status.deadline.ToMilliseconds()
                     return

@@ -202,3 +202,40 @@ async def test_nats_restart_during_many_sagas_every_saga_finishes_and_invariants
         assert all(c == 0 for c in codes.values()), codes
     finally:
         await shop.stop()
+
+
+async def test_a_stalled_saga_times_out_and_is_compensated(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    shop = await Shop(nats, tmp_path, env={"order": {"SHOP_SAGA_TIMEOUT": "1.5"}}).start()
+    try:
+        await asyncio.to_thread(shop.cluster.stop_one, "shipping")  # the saga will stall there
+        [order_id] = await shop.place([SCENARIOS[0]], "stall")
+        states = await shop.final_states([order_id], within=30)
+        assert states == {order_id: "TIMED_OUT"}
+        # The order service cancelled on SagaTimedOut; payment and inventory compensated on
+        # OrderCancelled, without waiting for shipping.
+        for _ in range(200):
+            if _ledger(shop, order_id) == ["charge", "refund"]:
+                break
+            await asyncio.sleep(0.05)
+        assert _ledger(shop, order_id) == ["charge", "refund"]
+        # Shipping comes back and works through its backlog (the late PaymentCompleted,
+        # then OrderCancelled): the order stays cancelled and every invariant holds.
+        await asyncio.to_thread(shop.cluster.restart, "shipping")
+        report = await shop.invariants(within=20)
+        assert report.ok, report.problems
+        assert (report.completed, report.cancelled) == (0, 1)
+        assert shop.tracker is not None and await shop.tracker.wait_caught_up(within=10)
+        status = await shop.tracker.store.get(order_id)  # type: ignore[union-attr]
+        kinds = [
+            s.event_type.rsplit(".", 1)[-1]
+            for s in sorted(status.steps, key=lambda s: s.at.ToMilliseconds())
+        ]
+        assert state_name(status.state) == "TIMED_OUT"
+        assert kinds[:3] == ["OrderCreated", "StockReserved", "PaymentCompleted"]
+        assert (
+            "SagaTimedOut" in kinds and "OrderCancelled" in kinds and "OrderCompleted" not in kinds
+        )
+    finally:
+        await shop.stop()

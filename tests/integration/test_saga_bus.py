@@ -176,3 +176,30 @@ async def test_key_value_bucket_is_created_once(bus: EventBus) -> None:
     await kv.put("a", b"1")
     again = await bus.key_value(name)
     assert (await again.get("a")).value == b"1"
+
+
+async def test_a_memory_stream_lost_in_a_restart_is_declared_again() -> None:
+    spec = _stream(storage="memory")
+    async with NatsServer() as server:
+        bus = await EventBus.connect(server.url, name="memory", publish_retry=20.0)
+        got: set[str] = set()
+
+        async def handle(msg: Any) -> None:
+            got.add(ev.OrderCreated.FromString(msg.data).order_id)
+            await msg.ack()
+
+        await bus.ensure_stream(spec)
+        consumer = await bus.consumer(spec, "phoenix", handle, spec=FAST).start()
+        await bus.emit(spec, ev.OrderCreated(order_id="before"))
+        await _wait(lambda: got == {"before"})
+        await asyncio.to_thread(server.restart)  # memory storage: stream and consumer are gone
+        await _wait(lambda: consumer.stats.recoveries >= 1, within=15)
+        for _ in range(300):  # until the consumer has declared the stream again
+            try:
+                await bus.js.stream_info(spec.name)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        await bus.emit(spec, ev.OrderCreated(order_id="after"))
+        await _wait(lambda: "after" in got, within=15)
+        await bus.close()

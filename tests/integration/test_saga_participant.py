@@ -325,3 +325,59 @@ async def test_kv_inbox_deduplicates_when_the_store_is_not_sqlite(bus: EventBus)
     assert effects == ["k"] and running.stats.duplicates == 1
     assert await kv.keys() == [f"kv/{env.event_id}".replace("/", ".")]
     await running.stop()
+
+
+async def test_outcomes_are_counted_as_opentelemetry_metrics(bus: EventBus) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from meshkit.saga import _telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    _telemetry.use_meter(provider.get_meter("meshkit.saga"))
+    try:
+        stream = _stream()
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        inv = await _inventory(stream, conn).start(bus, inbox=SqliteInbox(conn))
+        subject = stream.subject_for(ev.OrderCreated)
+        event = ev.OrderCreated(order_id="m", customer_id="c")
+        env = Envelope.new(event)
+        for n in range(2):  # handled, then duplicate
+            await bus.publish_raw(
+                subject, event.SerializeToString(), {**env.to_headers(), E.MSG_ID: f"m{n}"}
+            )
+        await bus.publish_raw(subject, b"", Envelope.new("shop.v1.Unknown").to_headers())
+        await bus.publish_raw(subject, b"\xff", Envelope.new(ev.OrderCreated).to_headers())
+        await _wait(
+            lambda: (
+                inv.stats.dead_lettered == 1
+                and inv.stats.ignored == 1
+                and inv.stats.duplicates == 1
+            )
+        )
+        await inv.stop()
+        data = reader.get_metrics_data()
+        points: dict[tuple[str, str], int] = {}
+        emitted = 0
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for dp in metric.data.data_points:
+                        if metric.name == "meshkit.saga.events":
+                            key = (
+                                str(dp.attributes["outcome"]),
+                                str(dp.attributes["meshkit.event.type"]),
+                            )
+                            points[key] = points.get(key, 0) + int(dp.value)
+                        elif metric.name == "meshkit.saga.emitted":
+                            emitted += int(dp.value)
+        assert points == {
+            ("handled", "shop.v1.OrderCreated"): 1,
+            ("duplicate", "shop.v1.OrderCreated"): 1,
+            ("ignored", "shop.v1.Unknown"): 1,
+            ("dead_lettered", "shop.v1.OrderCreated"): 1,
+        }
+        assert emitted == 2  # the duplicate republished its recorded output (dropped by dedupe)
+    finally:
+        _telemetry.use_meter(None)

@@ -230,3 +230,40 @@ def test_cli_cannot_connect_is_a_clear_error(capsys: pytest.CaptureFixture[str])
 
     rc = cli(["saga", "list", "--nats-url", f"nats://127.0.0.1:{free_port()}"])
     assert rc == 1 and "cannot connect" in capsys.readouterr().err
+
+
+async def test_cli_track_runs_a_tracker(
+    bus: EventBus, nats_server_module: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from examples.shop.flow import SHOP_STREAM
+    from meshkit.saga import SagaStore
+
+    bucket = f"sagas_{uuid.uuid4().hex[:6]}"
+    await bus.ensure_stream(SHOP_STREAM)
+    saga = f"cli-{uuid.uuid4().hex[:6]}"
+    await bus.emit(SHOP_STREAM, ev.OrderCreated(order_id=saga), saga_id=saga, saga_type="order")
+    await bus.emit(SHOP_STREAM, ev.OrderCompleted(order_id=saga), saga_id=saga, saga_type="order")
+    args = [
+        "saga",
+        "track",
+        "examples.shop.flow:ORDER_SAGA",
+        "--stream",
+        "examples.shop.flow:SHOP_STREAM",
+        "--duration",
+        "2",
+        "--bucket",
+        bucket,
+        "--nats-url",
+        nats_server_module.url,
+    ]
+    rc = await asyncio.to_thread(cli, args)
+    out = capsys.readouterr().out
+    assert (
+        rc == 0 and "tracking order sagas on stream SHOP" in out and "tracker stopped after" in out
+    )
+    status = await (await SagaStore.open(bus, bucket)).get(saga)
+    assert status is not None and state_name(status.state) == "COMPLETED"
+    assert (
+        cli(["saga", "track", "nope:X", "--stream", "nope:Y", "--nats-url", nats_server_module.url])
+        == 2
+    )

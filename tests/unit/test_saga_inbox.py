@@ -119,3 +119,28 @@ async def test_max_batch_one_commits_every_event() -> None:
     assert inbox.commits == 5
     with pytest.raises(ValueError):
         SqliteInbox(conn, max_batch=0)
+
+
+async def test_each_handler_sees_its_own_callers_context() -> None:
+    import asyncio
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="none")
+    conn = _db()
+    inbox = SqliteInbox(conn)
+    seen: dict[str, str] = {}
+
+    def caller(name: str):  # type: ignore[no-untyped-def]
+        async def work(tx: sqlite3.Connection) -> list[Outbound]:
+            seen[name] = var.get()
+            return []
+
+        async def run() -> None:
+            var.set(f"ctx-{name}")  # e.g. a propagated deadline or a consumer span
+            await inbox.run_once(name, work)
+
+        return run()
+
+    await asyncio.gather(caller("a"), caller("b"), caller("c"))
+    assert seen == {"a": "ctx-a", "b": "ctx-b", "c": "ctx-c"}
+    assert inbox.commits == 1
