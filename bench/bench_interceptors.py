@@ -157,6 +157,25 @@ def serve() -> None:
 # ------------------------------------------------------------------------------ client
 
 
+class _NoopAio(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The floor: a hand-written pass-through that waits for the outcome, as any
+    interceptor that acts on a status must. grpcio's interceptor machinery alone."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = await continuation(details, request)
+        await call
+        return call
+
+
+class _NoopSync(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """See :class:`_NoopAio`."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        outcome.code()
+        return outcome
+
+
 class _Child:
     """The server process, and its CPU seconds on request."""
 
@@ -231,8 +250,35 @@ def _sync_run(call: Any, calls: int, child: _Child) -> _Sample:
 def _summary(
     runs: dict[str, list[_Sample]], unit: str, target: str, higher_is_better: bool
 ) -> dict[str, Any]:
+    out = _compare(runs["bare"], runs["meshkit"], unit, target, higher_is_better)
+    if runs.get("noop"):
+        # grpcio's own cost of one Python interceptor (client side only; bare server):
+        # the part of meshkit's client ratio that no interceptor can avoid.
+        ref = _compare(runs["bare"], runs["noop"], unit, target, higher_is_better)
+        out["noop_interceptor_reference"] = {
+            "wall_ratio": ref["wall"]["ratio"],
+            "cpu_client_ratio": ref["cpu_client"]["ratio"],
+            "cpu_client_paired_ratio": ref["cpu_client"]["paired_ratio"],
+            "cpu_client_us_median": ref["cpu_client"]["meshkit_median"],
+        }
+    if runs.get("bare_again"):
+        # A/A control: bare against a second bare channel. Its distance from 1.0 is
+        # the noise of this run's ratios.
+        aa = _compare(runs["bare"], runs["bare_again"], unit, target, higher_is_better)
+        out["aa_control"] = {
+            "wall_ratio": aa["wall"]["ratio"],
+            "cpu_client_ratio": aa["cpu_client"]["ratio"],
+            "cpu_server_ratio": aa["cpu_server"]["ratio"],
+            "cpu_total_ratio": aa["cpu_total"]["ratio"],
+            "cpu_total_paired_ratio": aa["cpu_total"]["paired_ratio"],
+        }
+    return out
+
+
+def _compare(
+    bare: list[_Sample], mesh: list[_Sample], unit: str, target: str, higher_is_better: bool
+) -> dict[str, Any]:
     med = statistics.median
-    bare, mesh = runs["bare"], runs["meshkit"]
 
     def figure(get: Any, scale: int) -> dict[str, Any]:
         b, m = [get(s) for s in bare], [get(s) for s in mesh]
@@ -267,7 +313,9 @@ def _summary(
     }
 
 
-def _phase(otel: bool, rounds: int, aio_calls: int, sync_calls: int) -> dict[str, Any]:
+def _phase(
+    otel: bool, rounds: int, aio_calls: int, sync_calls: int, reference: bool
+) -> dict[str, Any]:
     import meshkit.grpc
     import meshkit.grpc.aio
     from meshkit import Policy
@@ -275,10 +323,17 @@ def _phase(otel: bool, rounds: int, aio_calls: int, sync_calls: int) -> dict[str
     child = _Child(otel)
     policy = Policy.from_dict(POLICY)
     t = {k: f"127.0.0.1:{v}" for k, v in child.ports.items()}
-    aio: dict[str, list[_Sample]] = {"bare": [], "meshkit": []}
-    sync: dict[str, list[_Sample]] = {"bare": [], "meshkit": []}
+    labels: tuple[str, ...] = ("bare", "meshkit")
+    if reference:
+        labels = ("bare", "meshkit", "noop", "bare_again")
+    aio: dict[str, list[_Sample]] = {k: [] for k in labels}
+    sync: dict[str, list[_Sample]] = {k: [] for k in labels}
     loop = asyncio.new_event_loop()
-    raw_sync = {k: grpc.insecure_channel(t[f"sync_{k}"]) for k in ("bare", "mesh")}
+    raw_sync = {
+        "bare": grpc.insecure_channel(t["sync_bare"]),
+        "mesh": grpc.insecure_channel(t["sync_mesh"]),
+        "bare_again": grpc.insecure_channel(t["sync_bare"]),
+    }
     try:
 
         async def open_aio() -> dict[str, Any]:
@@ -289,6 +344,8 @@ def _phase(otel: bool, rounds: int, aio_calls: int, sync_calls: int) -> dict[str
                     t["aio_mesh"],
                     interceptors=meshkit.grpc.aio.client_interceptors(policy, target=t["aio_mesh"]),
                 ),
+                "noop": grpc.aio.insecure_channel(t["aio_bare"], interceptors=[_NoopAio()]),
+                "bare_again": grpc.aio.insecure_channel(t["aio_bare"]),
             }
 
         achans = loop.run_until_complete(open_aio())
@@ -299,6 +356,8 @@ def _phase(otel: bool, rounds: int, aio_calls: int, sync_calls: int) -> dict[str
                 raw_sync["mesh"],
                 *meshkit.grpc.client_interceptors(policy, target=t["sync_mesh"]),
             ).unary_unary(METHOD),
+            "noop": grpc.intercept_channel(raw_sync["bare"], _NoopSync()).unary_unary(METHOD),
+            "bare_again": raw_sync["bare_again"].unary_unary(METHOD),
         }
 
         async def warm() -> None:
@@ -310,8 +369,8 @@ def _phase(otel: bool, rounds: int, aio_calls: int, sync_calls: int) -> dict[str
             for _ in range(300):
                 call(b"x")
         for i in range(rounds):
-            # ABBA: bare first on even rounds, meshkit first on odd ones.
-            order = ("bare", "meshkit") if i % 2 == 0 else ("meshkit", "bare")
+            # ABBA: the order reverses every round, so drift hits every variant alike.
+            order = labels if i % 2 == 0 else labels[::-1]
             for label in order:
                 aio[label].append(
                     loop.run_until_complete(_aio_run(acalls[label], aio_calls, child))
@@ -349,6 +408,19 @@ def _line(phase: str, name: str, r: dict[str, Any]) -> str:
             f"cpu {side} {c['bare_median']:.0f} vs {c['meshkit_median']:.0f}us"
             f" x{c['ratio']:.3f} (paired {c['paired_ratio']:.3f})"
         )
+    ref = r.get("noop_interceptor_reference")
+    if ref:
+        parts.append(
+            f"reference: a no-op interceptor alone costs cpu client x{ref['cpu_client_ratio']:.3f}"
+            f" (paired {ref['cpu_client_paired_ratio']:.3f}), wall x{ref['wall_ratio']:.3f}"
+        )
+    aa = r.get("aa_control")
+    if aa:
+        parts.append(
+            f"A/A control (bare vs bare): cpu total x{aa['cpu_total_ratio']:.3f}"
+            f" (paired {aa['cpu_total_paired_ratio']:.3f}), client x{aa['cpu_client_ratio']:.3f},"
+            f" server x{aa['cpu_server_ratio']:.3f}, wall x{aa['wall_ratio']:.3f}"
+        )
     return "\n        ".join(parts)
 
 
@@ -359,6 +431,12 @@ def main() -> int:
     parser.add_argument("--aio-calls", type=int, default=600, help="per aio throughput run")
     parser.add_argument("--sync-calls", type=int, default=300, help="per sync latency run")
     parser.add_argument("--phases", default="off,on", help="OpenTelemetry SDK off, on or both")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the reference runs: a no-op interceptor (grpcio's interceptor floor) "
+        "and an A/A control (bare vs bare, the noise floor)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "interceptors.json"))
     args = parser.parse_args()
     if args.serve:
@@ -380,7 +458,11 @@ def main() -> int:
         if phase == "on":
             _otel_on()  # this process; the child turns it on from BENCH_OTEL
         results[f"otel_{'sdk_on' if phase == 'on' else 'off'}"] = _phase(
-            phase == "on", args.rounds, args.aio_calls, args.sync_calls
+            phase == "on",
+            args.rounds,
+            args.aio_calls,
+            args.sync_calls,
+            reference=phase == "off" and not args.no_reference,
         )
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out = Path(args.out)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -29,6 +29,11 @@ class ServiceContext:
     store: Store
     bus: Any  # meshkit.saga.EventBus, or None when run without NATS
     args: argparse.Namespace
+    mode: str = "choreography"  # or "orchestrated" (SHOP_MODE)
+    # Started after the gRPC server (before READY); each returns its stop function.
+    background: list[Callable[[], Awaitable[Callable[[], Awaitable[None]]]]] = field(
+        default_factory=list
+    )
 
 
 # build(ctx) -> (add servicers to the server, participant or None)
@@ -60,14 +65,17 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
         from examples.shop.flow import connect_bus
 
         bus = await connect_bus(args.nats_url, name=f"shop-{name}")
-    ctx = ServiceContext(name, store, bus, args)
+    from examples.shop.flow import mode
+
+    ctx = ServiceContext(name, store, bus, args, mode=mode())
     add_servicers, participant = await build(ctx)
     server = wiring.server()
     add_servicers(server)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
+    stoppers = [await start() for start in ctx.background]
     consumer = None
-    if participant is not None and bus is not None:
+    if participant is not None and bus is not None and ctx.mode == "choreography":
         from examples.shop import faults
         from meshkit.saga import SqliteInbox
 
@@ -82,6 +90,11 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
     print(f"READY {port}", flush=True)
     await stop.wait()
     log.info("%s stopping: draining in-flight events", name)
+    for stop_one in reversed(stoppers):
+        try:
+            await stop_one()
+        except Exception:  # one part failing to stop must not keep the rest running
+            log.exception("%s: stopping a background part failed", name)
     if consumer is not None:
         await consumer.stop()
     await server.stop(grace=2.0)

@@ -1,10 +1,16 @@
-"""``make demo``: the seed's order saga, choreographed over NATS JetStream, end to end.
+"""``make demo``: the seed's order saga over NATS JetStream, end to end.
 
-Starts an embedded nats-server (or uses ``NATS_URL``), the five shop services
-as separate processes and a saga tracker, places orders that take every path
-(success; out of stock; payment declined; shipping failure), prints each
-saga's timeline and final state, checks the invariants, stops everything and
-exits 0 only when all of them hold.
+Starts an embedded nats-server (or uses ``NATS_URL``), the five shop services and
+the order query service as separate processes, the gateway, and a saga tracker;
+places orders that take every path (success; out of stock; payment declined;
+shipping failure), prints each saga's timeline and final state, reads every
+order's denormalized view from the query side (CQRS: eventually consistent, so it
+waits for the projection), checks the invariants, stops everything and exits 0
+only when all of them hold.
+
+``--mode choreography`` (the default; ``make demo``) runs the saga as a
+choreography; ``--mode orchestrated`` (or ``SHOP_MODE=orchestrated``) runs the
+same business flow through the orchestrator's state machine.
 """
 
 from __future__ import annotations
@@ -61,12 +67,18 @@ SCENARIOS: tuple[Scenario, ...] = (
 class GrpcOrders:
     """Places orders over gRPC with meshkit's client interceptors (see wiring.py)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, query_address: str | None = None) -> None:
         from examples.shop import wiring
-        from examples.shop.gen.shop.v1 import orders_pb2_grpc
+        from examples.shop.gen.shop.v1 import orders_pb2_grpc, query_pb2_grpc
 
         self.channel = wiring.channel(address)
         self.stub = orders_pb2_grpc.OrderServiceStub(self.channel)
+        self.query_channel = wiring.channel(query_address) if query_address else None
+        self.query = (
+            query_pb2_grpc.OrderQueryServiceStub(self.query_channel)
+            if self.query_channel is not None
+            else None
+        )
 
     async def create(self, s: Scenario, request_id: str) -> str:
         from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
@@ -93,8 +105,29 @@ class GrpcOrders:
         order = await self.stub.CreateOrder(req, timeout=10)
         return str(order.order_id)
 
+    async def view(self, order_id: str) -> dict[str, Any] | None:
+        """The order's view from the query service, or None while it is not there yet."""
+        import grpc
+        from google.protobuf.json_format import MessageToDict
+
+        from examples.shop.gen.shop.v1 import query_pb2
+
+        if self.query is None:
+            return None
+        try:
+            v = await self.query.GetOrderView(
+                query_pb2.GetOrderViewRequest(order_id=order_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return MessageToDict(v)
+
     async def close(self) -> None:
         await self.channel.close()
+        if self.query_channel is not None:
+            await self.query_channel.close()
 
 
 class RestOrders:
@@ -130,6 +163,16 @@ class RestOrders:
             raise RuntimeError(f"POST /v1/orders: HTTP {resp.status_code}: {resp.text}")
         return str(resp.json()["orderId"])
 
+    async def view(self, order_id: str) -> dict[str, Any] | None:
+        """``GET /v1/order-views/{order_id}`` (the query side), None while not there yet."""
+        resp = await self.http.get(f"/v1/order-views/{order_id}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise RuntimeError(f"GET /v1/order-views/{order_id}: HTTP {resp.status_code}")
+        doc: dict[str, Any] = resp.json()
+        return doc
+
     async def close(self) -> None:
         await self.http.aclose()
 
@@ -154,20 +197,65 @@ def _timeline(status: Any) -> list[str]:
     return lines
 
 
-async def _run(quiet: bool, via: str) -> int:
+FINAL_VIEW = {EXPECT_COMPLETED: "COMPLETED", EXPECT_COMPENSATED: "CANCELLED"}
+
+
+async def wait_views(
+    orders: GrpcOrders | RestOrders, ids: list[str], expect: list[str], within: float = 15.0
+) -> dict[str, dict[str, Any] | None]:
+    """Read each order's view from the query side until it shows the final status.
+
+    The query side is eventually consistent: the projection may still be folding
+    in the saga's last events, so poll (with a timeout) instead of reading once.
+    """
+    deadline = time.monotonic() + within
+    views: dict[str, dict[str, Any] | None] = {i: None for i in ids}
+    want = dict(zip(ids, expect, strict=True))
+    while True:
+        missing = [
+            i
+            for i in ids
+            if views[i] is None or views[i].get("status") != FINAL_VIEW[want[i]]  # type: ignore[union-attr]
+        ]
+        if not missing or time.monotonic() > deadline:
+            return views
+        got = await asyncio.gather(*(orders.view(i) for i in missing))
+        views.update(zip(missing, got, strict=True))
+        if any(
+            v is None or v.get("status") != FINAL_VIEW[want[i]]
+            for i, v in zip(missing, got, strict=True)
+        ):
+            await asyncio.sleep(0.05)
+
+
+def _view_line(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "(no view)"
+    items = ",".join(f"{i.get('sku')}x{i.get('quantity')}" for i in v.get("items", []))
+    total = v.get("total", {})
+    return (
+        f"{v.get('status', '?'):<9} stock={v.get('stock', '-'):<11} payment={v.get('payment', '-'):<8} "
+        f"shipment={v.get('shipment', '-'):<9} {total.get('amountMinor', total.get('amount_minor', 0))} "
+        f"{total.get('currency', '')} [{items}]"
+    )
+
+
+async def _run(quiet: bool, via: str, mode: str = "choreography") -> int:
     ensure_generated()
     from examples.shop import invariants
     from examples.shop._gen import DESCRIPTOR_SET
-    from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, SHOP_STREAM
-    from examples.shop.runner import ShopCluster
+    from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, SHOP_ORCH, SHOP_STREAM
+    from examples.shop.runner import SERVICES, ShopCluster
     from meshkit.nats import dev_server
     from meshkit.saga import EventBus, SagaTracker, state_name
+    from meshkit.saga.orchestrator import load_status
 
     t0 = time.monotonic()
     failures: list[str] = []
     with dev_server() as nats:
         print(f"nats-server with JetStream at {nats.url}")
-        cluster = ShopCluster(nats.url)
+        print(f"saga mode: {mode}")
+        cluster = ShopCluster(nats.url, env={n: {"SHOP_MODE": mode} for n in SERVICES})
         await asyncio.to_thread(cluster.start)
         bus = await EventBus.connect(nats.url, name="shop-demo", source="demo")
         tracker: SagaTracker | None = None
@@ -180,23 +268,32 @@ async def _run(quiet: bool, via: str) -> int:
                 print(f"  {'gateway':<13} pid {gw.proc.pid:<7} REST {gw.url}")
                 orders = RestOrders(gw.url)
             else:
-                orders = GrpcOrders(cluster.address("order"))
-            tracker = await SagaTracker(bus, SHOP_STREAM, ORDER_SAGA).start()
-            assert tracker.store is not None
+                orders = GrpcOrders(cluster.address("order"), cluster.address("query"))
+            if mode == "choreography":
+                tracker = await SagaTracker(bus, SHOP_STREAM, ORDER_SAGA).start()
+                assert tracker.store is not None
             where = "POST /v1/orders through the gateway" if via == "rest" else "gRPC"
             print(f"placing {len(SCENARIOS)} orders over {where}")
             run_id = os.urandom(4).hex()
-            ids = await asyncio.gather(
-                *(orders.create(s, f"demo-{run_id}-{i}") for i, s in enumerate(SCENARIOS))
+            ids = list(
+                await asyncio.gather(
+                    *(orders.create(s, f"demo-{run_id}-{i}") for i, s in enumerate(SCENARIOS))
+                )
             )
             # A retried create (same request id) must not start a second saga.
             again = await orders.create(SCENARIOS[0], f"demo-{run_id}-0")
             if again != ids[0]:
                 failures.append("a retried CreateOrder created a second order")
-            await asyncio.gather(*(tracker.store.wait(i, within=30) for i in ids))
-            # Final does not mean the tracker has recorded every step yet.
-            await tracker.wait_caught_up(within=10)
-            statuses = await asyncio.gather(*(tracker.store.get(i) for i in ids))
+            if tracker is not None:
+                assert tracker.store is not None
+                await asyncio.gather(*(tracker.store.wait(i, within=30) for i in ids))
+                # Final does not mean the tracker has recorded every step yet.
+                await tracker.wait_caught_up(within=10)
+                statuses = await asyncio.gather(*(tracker.store.get(i) for i in ids))
+            else:
+                statuses = await asyncio.gather(
+                    *(_orchestrated_final(bus, i, SHOP_ORCH, load_status) for i in ids)
+                )
             print()
             for s, order_id, status in zip(SCENARIOS, ids, statuses, strict=True):
                 state = state_name(status.state) if status is not None else "MISSING"
@@ -209,6 +306,21 @@ async def _run(quiet: bool, via: str) -> int:
                 if not ok:
                     failures.append(
                         f"saga {order_id} ({s.label}) ended {state}, expected {s.expect}"
+                    )
+            # The query side (CQRS): each order's denormalized view, eventually consistent.
+            started = time.monotonic()
+            views = await wait_views(orders, ids, [s.expect for s in SCENARIOS])
+            took = (time.monotonic() - started) * 1000
+            source = "GET /v1/order-views/{id}" if via == "rest" else "OrderQueryService"
+            print()
+            print(f"order views from the query side ({source}; caught up within {took:.0f} ms):")
+            for s, order_id in zip(SCENARIOS, ids, strict=True):
+                v = views[order_id]
+                print(f"  {order_id[:12]} {_view_line(v)}")
+                if v is None or v.get("status") != FINAL_VIEW[s.expect]:
+                    failures.append(
+                        f"order view {order_id} ({s.label}): {v and v.get('status')}, "
+                        f"expected {FINAL_VIEW[s.expect]}"
                     )
             # The last hops (stock commit, notifications) may still be in flight.
             report = invariants.check(cluster.data_dir, INITIAL_STOCK)
@@ -245,16 +357,29 @@ async def _run(quiet: bool, via: str) -> int:
     elapsed = time.monotonic() - t0
     print()
     if failures:
-        print(f"summary: FAILED in {elapsed:.1f}s")
+        print(f"summary: FAILED ({mode}) in {elapsed:.1f}s")
         for f in failures:
             print(f"  - {f}")
         return 1
     completed = sum(1 for s in SCENARIOS if s.expect == EXPECT_COMPLETED)
     print(
-        f"summary: OK — {len(SCENARIOS)} sagas ({completed} completed, "
+        f"summary: OK — {mode}: {len(SCENARIOS)} sagas ({completed} completed, "
         f"{len(SCENARIOS) - completed} compensated), every invariant holds, in {elapsed:.1f}s"
     )
     return 0
+
+
+async def _orchestrated_final(bus: Any, saga_id: str, config: Any, load: Any) -> Any:
+    """Poll the orchestrator's saga state (KV) until final or 30 s pass."""
+    from meshkit.saga import state_name
+
+    deadline = time.monotonic() + 30
+    while True:
+        status = await load(bus, saga_id, saga_type="order", config=config)
+        final = status is not None and state_name(status.state) not in ("RUNNING", "COMPENSATING")
+        if final or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,8 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         default="rest",
         help="place orders through the gateway's REST API (default) or straight over gRPC",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("choreography", "orchestrated"),
+        default=os.environ.get("SHOP_MODE") or "choreography",
+        help="run the saga as a choreography (default) or through the orchestrator "
+        "(also SHOP_MODE=orchestrated)",
+    )
     args = parser.parse_args(argv)
-    return asyncio.run(_run(args.quiet, args.via))
+    return asyncio.run(_run(args.quiet, args.via, args.mode))
 
 
 if __name__ == "__main__":

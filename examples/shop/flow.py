@@ -12,6 +12,8 @@ from typing import Any
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit._pb.meshkit.v1 import saga_pb2
 from meshkit.saga import ConsumerSpec, EventBus, SagaDefinition, StreamSpec
+from meshkit.saga.eventstore import EventStoreConfig
+from meshkit.saga.orchestrator import OrchestratorConfig
 
 SHOP_STREAM = StreamSpec(
     name="SHOP",
@@ -19,6 +21,24 @@ SHOP_STREAM = StreamSpec(
     duplicate_window=120.0,
     description="the example shop's order saga events",
 )
+
+# The order service's aggregates (event sourced): subjects shop_orders.order.<order id>.
+ORDERS_STORE = EventStoreConfig(stream="SHOP_ORDERS", prefix="shop_orders")
+
+# Orchestrated mode: commands and replies (shop.orch.cmd.> / shop.orch.reply.>), and the
+# saga instances in meshkit's default bucket so `meshkit saga show` finds them.
+SHOP_ORCH = OrchestratorConfig(stream="SHOP_ORCH", prefix="shop.orch", bucket="meshkit_orch")
+
+MODES = ("choreography", "orchestrated")
+
+
+def mode() -> str:
+    """How the order saga runs: ``SHOP_MODE`` = choreography (default) or orchestrated."""
+    value = os.environ.get("SHOP_MODE", "") or "choreography"
+    if value not in MODES:
+        raise ValueError(f"SHOP_MODE={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
 
 ORDER_SAGA = SagaDefinition.of(
     "order",

@@ -1,5 +1,8 @@
 """The shop's invariants, checked against the services' own databases.
 
+Orders are event sourced (no orders table): their status and items come from
+the query side's order view (``query.sqlite``), which the checks wait for.
+
 * stock: for every SKU, available = initial - what completed orders hold, and
   nothing stays reserved once every saga has finished;
 * no order is charged twice, a completed order is charged exactly once and
@@ -10,12 +13,45 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from examples.shop.gen.shop.v1 import orders_pb2
+from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
+
+_STATUS = {
+    "CREATED": orders_pb2.ORDER_STATUS_CREATED,
+    "COMPLETED": orders_pb2.ORDER_STATUS_COMPLETED,
+    "CANCELLED": orders_pb2.ORDER_STATUS_CANCELLED,
+}
+
+
+def _view_orders(path: Path) -> list[orders_pb2.Order]:
+    """Orders as the query side's order view has them (status and items)."""
+    out = []
+    with _ro(path) as conn:
+        rows = conn.execute(
+            "SELECT doc FROM meshkit_documents WHERE projection = 'order_view' "
+            "AND collection = 'orders'"
+        ).fetchall()
+    for (raw,) in rows:
+        doc = json.loads(raw)
+        order = orders_pb2.Order(
+            order_id=str(doc.get("order_id", "")),
+            customer_id=str(doc.get("customer_id", "")),
+            status=_STATUS.get(str(doc.get("status", "")), orders_pb2.ORDER_STATUS_PENDING),
+            cancel_reason=str(doc.get("cancel_reason", "")),
+        )
+        for item in doc.get("items", []):
+            order.items.append(
+                common_pb2.LineItem(
+                    sku=str(item.get("sku", "")), quantity=int(item.get("quantity", 0))
+                )
+            )
+        out.append(order)
+    return out
 
 
 @dataclass
@@ -41,10 +77,7 @@ def check(data_dir: str | Path, initial_stock: Mapping[str, int]) -> Report:
     """Read every service's database and check the invariants."""
     data = Path(data_dir)
     rep = Report()
-    with _ro(data / "order.sqlite") as conn:
-        orders = [
-            orders_pb2.Order.FromString(r[0]) for r in conn.execute("SELECT data FROM orders")
-        ]
+    orders = _view_orders(data / "query.sqlite")
     with _ro(data / "inventory.sqlite") as conn:
         stock = {
             str(s): (int(a), int(r))

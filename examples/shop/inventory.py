@@ -237,11 +237,55 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
         )
 
 
+def commands(store: Store) -> Any:
+    """The inventory's command handlers for the orchestrated saga (``SHOP_MODE=orchestrated``)."""
+    from examples.shop.orchestration import once
+    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+
+    part = CommandParticipant("inventory")
+
+    @part.handles(inventory_pb2.ReserveStockRequest)
+    async def reserve_cmd(cmd: inventory_pb2.ReserveStockRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            reservation_id, reason = reserve(conn, cmd.order_id, cmd.items)
+            if reservation_id is None:
+                return ev.StockReservationFailed(order_id=cmd.order_id, reason=reason)
+            return ev.StockReserved(
+                order_id=cmd.order_id, reservation_id=reservation_id, items=cmd.items
+            )
+
+        return await once(store, c, work)
+
+    @part.handles(inventory_pb2.ReleaseStockRequest)
+    async def release_cmd(cmd: inventory_pb2.ReleaseStockRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            release(conn, c.saga_id)
+            return ev.StockReleased(
+                order_id=c.saga_id, reservation_id=cmd.reservation_id, reason=cmd.reason
+            )
+
+        return await once(store, c, work)
+
+    @part.handles(inventory_pb2.CommitStockRequest)
+    async def commit_cmd(cmd: inventory_pb2.CommitStockRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            commit(conn, cmd.order_id)
+            return inventory_pb2.Reservation(order_id=cmd.order_id)
+
+        return await once(store, c, work)
+
+    return part
+
+
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     async with ctx.store.tx() as conn:
         if conn.execute("SELECT COUNT(*) FROM stock").fetchone()[0] == 0:
             conn.executemany("INSERT INTO stock VALUES (?, ?, 0)", sorted(INITIAL_STOCK.items()))
     service = InventoryService(ctx.store)
+    if ctx.mode == "orchestrated":
+        from examples.shop.orchestration import serve_commands
+
+        serve_commands(ctx, commands(ctx.store))
 
     def add(server: grpc.aio.Server) -> None:
         inventory_pb2_grpc.add_InventoryServiceServicer_to_server(service, server)

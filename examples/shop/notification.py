@@ -119,8 +119,41 @@ class NotificationService(notification_pb2_grpc.NotificationServiceServicer):
             )
 
 
+def commands(store: Store) -> Any:
+    """The notification service's command handler for the orchestrated saga."""
+    from examples.shop.orchestration import once
+    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+
+    part = CommandParticipant("notification")
+
+    @part.handles(notification_pb2.SendNotificationRequest)
+    async def notify_cmd(cmd: notification_pb2.SendNotificationRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            n = send(
+                conn,
+                notification_pb2.Notification(
+                    notification_id=uuid.uuid5(
+                        uuid.NAMESPACE_URL, f"notification/{c.command_id}"
+                    ).hex,
+                    customer_id=cmd.customer_id,
+                    channel=notification_pb2.CHANNEL_EMAIL,
+                    message=cmd.message,
+                ),
+                cmd.order_id,
+            )
+            return ev.CustomerNotified(order_id=cmd.order_id, notification_id=n.notification_id)
+
+        return await once(store, c, work)
+
+    return part
+
+
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     service = NotificationService(ctx.store)
+    if ctx.mode == "orchestrated":
+        from examples.shop.orchestration import serve_commands
+
+        serve_commands(ctx, commands(ctx.store))
 
     def add(server: grpc.aio.Server) -> None:
         notification_pb2_grpc.add_NotificationServiceServicer_to_server(service, server)

@@ -1,55 +1,80 @@
-"""The order service: creates orders (starting the saga) and completes or cancels them."""
+"""The order service (command side): creates orders, starting the saga, and completes
+or cancels them.
+
+Orders are event sourced: each is an ``Order`` aggregate (``examples/shop/domain.py``)
+in the JetStream stream ``SHOP_ORDERS`` (subject ``shop_orders.order.<id>``). The
+store is its own outbox: a relay forwards OrderCreated, OrderCompleted and
+OrderCancelled to the saga stream ``SHOP`` (checkpoint in SQLite), so an append is
+the only write. With ``SHOP_MODE=orchestrated`` the order service runs the saga's
+orchestrator instead, and answers its commands.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import os
-import sqlite3
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+import nats.errors
+from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
-from examples.shop.flow import SHOP_STREAM, SagaTimedOut, consumer_spec
+from examples.shop.domain import AGGREGATE, Order, OrderRejected
+from examples.shop.flow import ORDERS_STORE, SHOP_ORCH, SHOP_STREAM, SagaTimedOut, consumer_spec
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-from examples.shop.store import Store
 from meshkit.saga import Context, Participant, derive_event_id
+from meshkit.saga._telemetry import producer_span
+from meshkit.saga.eventstore import EventStore, EventStoreError, Repository, StoredEvent
+from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+from meshkit.saga.projections import Source, relay
+from meshkit.saga.readmodels import SqliteReadModelStore
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS orders (
-    order_id TEXT PRIMARY KEY,
-    request_id TEXT UNIQUE,
-    customer_id TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+log = logging.getLogger("examples.shop.order")
 
+SCHEMA = ""  # orders live in the event store; the database holds the inbox only
 
-def _load(conn: sqlite3.Connection, order_id: str) -> orders_pb2.Order | None:
-    row = conn.execute("SELECT data FROM orders WHERE order_id = ?", (order_id,)).fetchone()
-    if row is None:
-        return None
-    order = orders_pb2.Order()
-    order.ParseFromString(row[0])
-    return order
+ORDER_EVENTS = ("shop.v1.OrderCreated", "shop.v1.OrderCompleted", "shop.v1.OrderCancelled")
 
 
-def _save(conn: sqlite3.Connection, order: orders_pb2.Order) -> None:
-    conn.execute(
-        "UPDATE orders SET status = ?, data = ? WHERE order_id = ?",
-        (int(order.status), order.SerializeToString(), order.order_id),
-    )
+def order_id_for(request_id: str) -> str:
+    """Orders are keyed by their request id, so a retried create finds the same order."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"order/{request_id}").hex
+
+
+T = TypeVar("T")
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], within: float) -> T:
+    """Retry ``call`` while NATS is unreachable (a server restart is a pause, not an error).
+
+    Safe because every append carries deterministic event ids: a retry after an
+    append that did land finds it and appends nothing.
+    """
+    end = time.monotonic() + within
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except (EventStoreError, nats.errors.Error, TimeoutError) as exc:
+            if time.monotonic() + delay > end:
+                raise
+            log.info("order store unavailable (%r); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
 
 @contextlib.contextmanager
@@ -79,13 +104,29 @@ def _incoming_trace(context: grpc.aio.ServicerContext) -> Iterator[None]:
 
 
 class OrderService(orders_pb2_grpc.OrderServiceServicer):
-    """The gRPC side: CreateOrder starts a saga; the participant finishes it."""
+    """The command side: orders are ``Order`` aggregates in the event store.
+
+    CreateOrder appends OrderCreated (which starts the saga: the relay forwards it
+    to the saga stream, or the orchestrator begins the orchestrated saga); reads
+    here replay one aggregate. Lists and views belong to the query side
+    (``OrderQueryService`` in ``examples/shop/query.py``).
+    """
 
     def __init__(
-        self, store: Store, start_saga: Callable[[orders_pb2.Order, str], Any] | None
+        self,
+        orders: Repository[Order],
+        store: EventStore,
+        begin: Callable[[str, orders_pb2.CreateOrderRequest], Awaitable[Any]] | None = None,
     ) -> None:
+        self.orders = orders
         self.store = store
-        self.start_saga = start_saga
+        self.begin = begin
+
+    async def _get(self, order_id: str) -> Order | None:
+        if not order_id or not _ID.match(order_id):
+            return None
+        loaded = await self.orders.load(order_id)
+        return loaded.state if loaded.state.created else None
 
     async def CreateOrder(
         self, request: orders_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
@@ -99,107 +140,80 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"items[{i}].quantity: must be positive"
                 )
-        request_id = request.request_id or uuid.uuid4().hex
-        async with self.store.tx() as conn:
-            row = conn.execute(
-                "SELECT order_id FROM orders WHERE request_id = ?", (request_id,)
-            ).fetchone()
-            if row is not None:
-                existing = _load(conn, str(row[0]))
-                assert existing is not None
-                order = existing
-            else:
-                order = orders_pb2.Order(
-                    order_id=uuid.uuid5(uuid.NAMESPACE_URL, f"order/{request_id}").hex,
-                    customer_id=request.customer_id,
-                    items=request.items,
-                    status=orders_pb2.ORDER_STATUS_PENDING,
-                    shipping_address=request.shipping_address,
-                    created_at=timestamp_pb2.Timestamp(seconds=int(time.time())),
-                )
-                currency = request.items[0].unit_price.currency or "KRW"
-                order.total.currency = currency
-                order.total.amount_minor = sum(
-                    i.quantity * i.unit_price.amount_minor for i in request.items
-                )
-                conn.execute(
-                    "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        order.order_id,
-                        request_id,
-                        order.customer_id,
-                        int(order.status),
-                        order.SerializeToString(),
-                        time.time(),
-                    ),
-                )
-        if self.start_saga is not None:
-            # Retried creates publish again with the same event id: JetStream drops the copy.
-            with _incoming_trace(context):
-                await self.start_saga(order, request_id)
-        return order
+        req = orders_pb2.CreateOrderRequest()
+        req.CopyFrom(request)
+        req.request_id = request.request_id or uuid.uuid4().hex
+        order_id = order_id_for(req.request_id)
+        left = context.time_remaining()
+        within = 15.0 if left is None else max(0.5, min(30.0, left - 0.5))
+        with _incoming_trace(context):
+            # Idempotent: a retried create finds the order created and appends nothing.
+            loaded = await _retrying(
+                lambda: self.orders.execute(
+                    order_id,
+                    lambda o: o.create(req),
+                    event_ids=lambda i: derive_event_id(order_id, "order.create", i),
+                    saga_id=order_id,
+                    saga_type="order",
+                ),
+                within,
+            )
+            if self.begin is not None:
+                begin = self.begin
+                await _retrying(lambda: begin(order_id, req), within)
+        return loaded.state.to_proto()
 
     async def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
     ) -> orders_pb2.Order:
-        order = _load(self.store.conn, request.order_id)
+        order = await self._get(request.order_id)
         if order is None or (request.customer_id and order.customer_id != request.customer_id):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"order {request.order_id!r} not found")
         assert order is not None
-        return order
+        return order.to_proto()
+
+    async def _all(self) -> list[Order]:
+        """Every order, replayed (the command side has no index; fine for an example)."""
+        info = await self.store.js.stream_info(
+            self.store.stream, subjects_filter=f"{self.store.config.subject_prefix}.{AGGREGATE}.*"
+        )
+        ids = sorted(s.rsplit(".", 1)[-1] for s in (info.state.subjects or {}))
+        found = await asyncio.gather(*(self._get(i) for i in ids))
+        return [o for o in found if o is not None]
 
     async def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext
     ) -> orders_pb2.ListOrdersResponse:
-        sql = "SELECT data FROM orders WHERE 1=1"
-        params: list[object] = []
-        if request.customer_id:
-            sql += " AND customer_id = ?"
-            params.append(request.customer_id)
-        if request.status:
-            sql += " AND status = ?"
-            params.append(int(request.status))
-        if request.order_ids:
-            sql += f" AND order_id IN ({','.join('?' * len(request.order_ids))})"
-            params.extend(request.order_ids)
+        orders = [
+            o
+            for o in await self._all()
+            if (not request.customer_id or o.customer_id == request.customer_id)
+            and (not request.status or o.status == request.status)
+            and (not request.order_ids or o.order_id in request.order_ids)
+        ]
         offset = int(request.page_token or 0)
         size = request.page_size or 100
-        sql += " ORDER BY created_at, order_id LIMIT ? OFFSET ?"
-        params += [size + 1, offset]
-        rows = self.store.query(sql, tuple(params))
-        resp = orders_pb2.ListOrdersResponse()
-        for (data,) in rows[:size]:
-            resp.orders.add().ParseFromString(data)  # type: ignore[arg-type]
-        if len(rows) > size:
+        resp = orders_pb2.ListOrdersResponse(
+            orders=[o.to_proto() for o in orders[offset : offset + size]]
+        )
+        if len(orders) > offset + size:
             resp.next_page_token = str(offset + size)
         return resp
 
     async def UpdateOrder(
         self, request: orders_pb2.UpdateOrderRequest, context: grpc.aio.ServicerContext
     ) -> orders_pb2.Order:
-        paths = list(request.update_mask.paths) or ["labels"]
-        if any(p != "labels" for p in paths):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"update_mask: only 'labels' can be updated, got {paths}",
-            )
-        async with self.store.tx() as conn:
-            order = _load(conn, request.order.order_id)
-            if order is None:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"order {request.order.order_id!r} not found"
-                )
-            assert order is not None
-            order.labels.clear()
-            order.labels.update(request.order.labels)
-            _save(conn, order)
-        return order
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "orders are event sourced and change only through their saga",
+        )
+        raise AssertionError("unreachable")
 
     async def CancelOrder(
         self, request: orders_pb2.CancelOrderRequest, context: grpc.aio.ServicerContext
     ) -> orders_pb2.Order:
         order_id = request.name.removeprefix("orders/")
-        order = _load(self.store.conn, order_id)
+        order = await self._get(order_id)
         if order is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"order {order_id!r} not found")
         assert order is not None
@@ -209,7 +223,7 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 f"order {order_id} is {orders_pb2.OrderStatus.Name(order.status)}; "
                 "its saga decides whether it completes or is cancelled",
             )
-        return order
+        return order.to_proto()
 
     async def WatchOrders(
         self, request: orders_pb2.WatchOrdersRequest, context: grpc.aio.ServicerContext
@@ -217,16 +231,15 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
         seen: dict[str, int] = {}
         sent = 0
         while True:
-            sql = "SELECT order_id, status, data FROM orders"
-            params: tuple[object, ...] = ()
             if request.order_id:
-                sql += " WHERE order_id = ?"
-                params = (request.order_id,)
-            for order_id, status, data in self.store.query(sql, params):
-                if seen.get(str(order_id)) == status:
+                one = await self._get(request.order_id)
+                orders = [one] if one is not None else []
+            else:
+                orders = await self._all()
+            for order in orders:
+                if seen.get(order.order_id) == order.status:
                     continue
-                seen[str(order_id)] = int(status)  # type: ignore[call-overload]
-                order = orders_pb2.Order.FromString(data)  # type: ignore[arg-type]
+                seen[order.order_id] = int(order.status)
                 event = orders_pb2.OrderEvent(
                     order_id=order.order_id, status=order.status, detail=order.cancel_reason
                 )
@@ -235,88 +248,199 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 sent += 1
                 if request.limit and sent >= request.limit:
                     return
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
 
 
 PARTICIPANT = Participant("order", SHOP_STREAM, consumer=consumer_spec())
 
 
-def _finish(
-    conn: sqlite3.Connection, order_id: str, status: int, reason: str = ""
-) -> orders_pb2.Order | None:
-    """Move a PENDING order to a final status; None when it already was final."""
-    order = _load(conn, order_id)
-    if order is None or order.status != orders_pb2.ORDER_STATUS_PENDING:
-        return None
-    order.status = status  # type: ignore[assignment]
-    order.cancel_reason = reason
-    _save(conn, order)
-    return order
+@contextlib.contextmanager
+def _event_trace(ctx: Context) -> Iterator[None]:
+    """Store the handler's events in the trace of the event it handles.
+
+    With an SDK the consumer span is current already; without one, the incoming
+    ``traceparent`` is attached so the appended events (and the relay) carry it.
+    """
+    if trace.get_current_span().get_span_context().is_valid or not ctx.envelope.traceparent:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(ctx.envelope.to_headers()))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+# The repository the participant's handlers use (set by build; one per process).
+_ORDERS: list[Repository[Order]] = []
+
+
+async def _decide(ctx: Context, order_id: str, decide: Callable[[Order], Any]) -> None:
+    """Run one of the aggregate's commands for a saga event; its state guard decides.
+
+    The outputs reach the saga stream through the relay, not as handler outputs.
+    A redelivered event appends the same event ids (``derive_event_id(event id,
+    "order", i)``), which the store recognises, and a repeat finds nothing to do.
+    """
+    orders = _ORDERS[0]
+
+    def guarded(o: Order) -> Any:
+        if not o.created:
+            return []
+        try:
+            return decide(o)
+        except OrderRejected:  # e.g. a timeout arriving after completion
+            return []
+
+    with _event_trace(ctx):
+        await orders.execute(
+            order_id,
+            guarded,
+            event_ids=lambda i: derive_event_id(ctx.event_id, "order", i),
+            saga_id=ctx.envelope.saga_id,
+            saga_type=ctx.envelope.saga_type or "order",
+            causation_id=ctx.event_id,
+        )
 
 
 @PARTICIPANT.on(ev.ShipmentScheduled, emits=[ev.OrderCompleted])
-async def complete(event: ev.ShipmentScheduled, ctx: Context) -> ev.OrderCompleted | None:
+async def complete(event: ev.ShipmentScheduled, ctx: Context) -> None:
     await faults.mid_handler(ctx)
-    order = _finish(ctx.tx, event.order_id, orders_pb2.ORDER_STATUS_COMPLETED)
-    if order is None:
-        return None
-    return ev.OrderCompleted(order_id=order.order_id, customer_id=order.customer_id)
-
-
-def _cancel(ctx: Context, order_id: str, reason: str) -> ev.OrderCancelled | None:
-    order = _finish(ctx.tx, order_id, orders_pb2.ORDER_STATUS_CANCELLED, reason)
-    if order is None:
-        return None
-    return ev.OrderCancelled(order_id=order_id, reason=reason, customer_id=order.customer_id)
+    await _decide(ctx, event.order_id, lambda o: o.complete())
 
 
 @PARTICIPANT.compensate(ev.StockReservationFailed, emits=[ev.OrderCancelled])
-async def cancel_out_of_stock(
-    event: ev.StockReservationFailed, ctx: Context
-) -> ev.OrderCancelled | None:
+async def cancel_out_of_stock(event: ev.StockReservationFailed, ctx: Context) -> None:
     await faults.mid_handler(ctx)
-    return _cancel(ctx, event.order_id, event.reason or "out of stock")
+    reason = event.reason or "out of stock"
+    await _decide(ctx, event.order_id, lambda o: o.cancel(reason))
 
 
 @PARTICIPANT.compensate(ev.StockReleased, emits=[ev.OrderCancelled])
-async def cancel_after_release(event: ev.StockReleased, ctx: Context) -> ev.OrderCancelled | None:
+async def cancel_after_release(event: ev.StockReleased, ctx: Context) -> None:
     await faults.mid_handler(ctx)
-    return _cancel(ctx, event.order_id, event.reason or "stock released")
+    reason = event.reason or "stock released"
+    await _decide(ctx, event.order_id, lambda o: o.cancel(reason))
 
 
 @PARTICIPANT.compensate(SagaTimedOut, emits=[ev.OrderCancelled])
-async def cancel_timed_out(event: Any, ctx: Context) -> ev.OrderCancelled | None:
+async def cancel_timed_out(event: Any, ctx: Context) -> None:
     # The saga id is the order id; a completed order stays completed.
-    return _cancel(ctx, event.saga_id, "saga timed out")
+    await _decide(ctx, event.saga_id, lambda o: o.cancel("saga timed out"))
+
+
+def commands(orders: Repository[Order]) -> CommandParticipant:
+    """The order service's command handlers for the orchestrated saga."""
+    part = CommandParticipant("order")
+
+    async def run(order_id: str, decide: Callable[[Order], Any], c: CommandContext) -> Order:
+        loaded = await orders.execute(
+            order_id,
+            decide,
+            event_ids=lambda i: derive_event_id(c.command_id, "order", i),
+            saga_id=c.saga_id,
+            saga_type="order",
+            causation_id=c.command_id,
+        )
+        return loaded.state
+
+    @part.handles(orders_pb2.CreateOrderRequest)
+    async def create_cmd(cmd: orders_pb2.CreateOrderRequest, c: CommandContext) -> Message:
+        # CreateOrder already appended the order; this finds it (or creates it).
+        o = await run(c.saga_id, lambda o: o.create(cmd), c)
+        return ev.OrderCreated(
+            order_id=o.order_id,
+            customer_id=o.customer_id,
+            items=o.items,
+            total=o.total,
+            shipping_address=o.address,
+        )
+
+    @part.handles(orders_pb2.UpdateOrderRequest)
+    async def complete_cmd(cmd: orders_pb2.UpdateOrderRequest, c: CommandContext) -> Message:
+        o = await run(c.saga_id, lambda o: [] if not o.created else o.complete(), c)
+        return ev.OrderCompleted(order_id=o.order_id, customer_id=o.customer_id)
+
+    @part.handles(orders_pb2.CancelOrderRequest)
+    async def cancel_cmd(cmd: orders_pb2.CancelOrderRequest, c: CommandContext) -> Message:
+        o = await run(c.saga_id, lambda o: [] if not o.created else o.cancel(cmd.reason), c)
+        return ev.OrderCancelled(order_id=o.order_id, reason=cmd.reason, customer_id=o.customer_id)
+
+    return part
+
+
+def _relay_db(db: str) -> str:
+    return db if db == ":memory:" else str(Path(db).with_suffix(".relay.sqlite"))
 
 
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     bus = ctx.bus
-    timeout = float(os.environ.get("SHOP_SAGA_TIMEOUT", "0") or 0) or None
+    if bus is None:
+        raise SystemExit("the order service keeps its orders in JetStream: pass --nats-url")
+    store = EventStore(bus.nc, ORDERS_STORE, source="order")
+    await store.ensure()
+    orders: Repository[Order] = Repository(store, AGGREGATE, Order)
+    _ORDERS[:] = [orders]
+    begin = None
+    if ctx.mode == "orchestrated":
+        from examples.shop.orchestration import ORDER_MACHINE, serve_commands
+        from meshkit.saga.orchestrator import Orchestrator
 
-    async def start_saga(order: orders_pb2.Order, request_id: str) -> None:
-        created = ev.OrderCreated(
-            order_id=order.order_id,
-            customer_id=order.customer_id,
-            items=order.items,
-            total=order.total,
-            shipping_address=order.shipping_address,
-        )
-        await bus.emit(
-            SHOP_STREAM,
-            created,
-            saga_id=order.order_id,
-            saga_type="order",
-            event_id=derive_event_id(order.order_id, "order.create", 0),
-            saga_timeout=timeout,
-        )
+        serve_commands(ctx, commands(orders))
+        orchestrator = Orchestrator(bus, ORDER_MACHINE, config=SHOP_ORCH, name="order")
 
-    service = OrderService(ctx.store, start_saga if bus is not None else None)
+        async def start_orchestrator() -> Callable[[], Awaitable[None]]:
+            await orchestrator.start()
+            return orchestrator.stop
+
+        ctx.background.append(start_orchestrator)
+
+        async def begin_saga(order_id: str, req: orders_pb2.CreateOrderRequest) -> None:
+            await orchestrator.begin(order_id, req)
+
+        begin = begin_saga
+    else:
+        ctx.background.append(_relay_starter(bus, _relay_db(ctx.args.db)))
+    service = OrderService(orders, store, begin)
 
     def add(server: grpc.aio.Server) -> None:
         orders_pb2_grpc.add_OrderServiceServicer_to_server(service, server)
 
     return add, PARTICIPANT
+
+
+def _relay_starter(bus: Any, db: str) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
+    """The store is its own outbox: forward the order events to the saga stream."""
+    timeout = float(os.environ.get("SHOP_SAGA_TIMEOUT", "0") or 0) or None
+
+    async def publish(stored: StoredEvent) -> None:
+        env = stored.envelope
+        if env.event_type == "shop.v1.OrderCreated" and timeout is not None:
+            env = dataclasses.replace(env, saga_deadline_ms=env.timestamp_ms + int(timeout * 1000))
+        subject = SHOP_STREAM.subject_for(env.event_type)
+        # Continue the trace the event was stored in (the request that created the order,
+        # or the saga event the handler reacted to).
+        token = otel_context.attach(propagate.extract(env.to_headers()))
+        try:
+            with producer_span(subject, env, len(stored.data)) as traced:
+                await bus.publish_raw(subject, stored.data, traced.to_headers())
+        finally:
+            otel_context.detach(token)
+
+    async def start() -> Callable[[], Awaitable[None]]:
+        forwarder = relay(
+            bus.nc,
+            "shop_order_relay",
+            [Source(ORDERS_STORE.stream, f"{ORDERS_STORE.subject_prefix}.>")],
+            SqliteReadModelStore(db),
+            publish=publish,
+            types=ORDER_EVENTS,
+        )
+        forwarder.poll_interval = 0.5
+        await forwarder.start()
+        return forwarder.stop
+
+    return start
 
 
 if __name__ == "__main__":

@@ -228,8 +228,48 @@ class PaymentService(payment_pb2_grpc.PaymentServiceServicer):
         return _row_to_payment(rows[0])
 
 
+def commands(store: Store) -> Any:
+    """The payment service's command handlers for the orchestrated saga."""
+    from examples.shop.orchestration import once
+    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+
+    part = CommandParticipant("payment")
+
+    @part.handles(payment_pb2.ChargeRequest)
+    async def charge_cmd(cmd: payment_pb2.ChargeRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            payment = charge(conn, cmd.order_id, cmd.customer_id, cmd.amount, cmd.idempotency_key)
+            if payment.status != CHARGED:
+                reason = payment.decline_reason or "payment not possible"
+                return ev.PaymentFailed(order_id=cmd.order_id, reason=reason)
+            return ev.PaymentCompleted(
+                order_id=cmd.order_id,
+                payment_id=payment.payment_id,
+                amount=payment.amount,
+                customer_id=cmd.customer_id,
+            )
+
+        return await once(store, c, work)
+
+    @part.handles(payment_pb2.RefundRequest)
+    async def refund_cmd(cmd: payment_pb2.RefundRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            payment_id = refund(conn, c.saga_id)
+            return ev.PaymentRefunded(
+                order_id=c.saga_id, payment_id=payment_id or cmd.payment_id, reason=cmd.reason
+            )
+
+        return await once(store, c, work)
+
+    return part
+
+
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     service = PaymentService(ctx.store)
+    if ctx.mode == "orchestrated":
+        from examples.shop.orchestration import serve_commands
+
+        serve_commands(ctx, commands(ctx.store))
 
     def add(server: grpc.aio.Server) -> None:
         payment_pb2_grpc.add_PaymentServiceServicer_to_server(service, server)

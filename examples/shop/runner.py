@@ -22,13 +22,16 @@ from pathlib import Path
 
 from examples.shop._gen import REPO_ROOT
 
-SERVICES: tuple[str, ...] = ("order", "inventory", "payment", "shipping", "notification")
+# The saga's participants, and every process (plus the order query service, CQRS's read side).
+SAGA_SERVICES: tuple[str, ...] = ("order", "inventory", "payment", "shipping", "notification")
+SERVICES: tuple[str, ...] = (*SAGA_SERVICES, "query")
 GRPC_SERVICES: dict[str, str] = {
     "order": "shop.v1.OrderService",
     "inventory": "shop.v1.InventoryService",
     "payment": "shop.v1.PaymentService",
     "shipping": "shop.v1.ShippingService",
     "notification": "shop.v1.NotificationService",
+    "query": "shop.v1.OrderQueryService",
 }
 _GATEWAY_ON = re.compile(r"meshkit gateway on [^\s:]+:(\d+)")
 

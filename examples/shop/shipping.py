@@ -143,8 +143,34 @@ class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
         return shipping_pb2.Shipment.FromString(rows[0][0])  # type: ignore[arg-type]
 
 
+def commands(store: Store) -> Any:
+    """The shipping service's command handlers for the orchestrated saga."""
+    from examples.shop.orchestration import once
+    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+
+    part = CommandParticipant("shipping")
+
+    @part.handles(shipping_pb2.ScheduleShipmentRequest)
+    async def ship_cmd(cmd: shipping_pb2.ScheduleShipmentRequest, c: CommandContext) -> Any:
+        def work(conn: sqlite3.Connection) -> Any:
+            shipment, reason = schedule(conn, cmd.shipment)
+            if shipment is None:
+                return ev.ShipmentFailed(order_id=cmd.shipment.order_id, reason=reason)
+            return ev.ShipmentScheduled(
+                order_id=cmd.shipment.order_id, shipment_id=shipment.shipment_id
+            )
+
+        return await once(store, c, work)
+
+    return part
+
+
 async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None], Any]:
     service = ShippingService(ctx.store)
+    if ctx.mode == "orchestrated":
+        from examples.shop.orchestration import serve_commands
+
+        serve_commands(ctx, commands(ctx.store))
 
     def add(server: grpc.aio.Server) -> None:
         shipping_pb2_grpc.add_ShippingServiceServicer_to_server(service, server)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,24 @@ def _float32_out(v: float) -> Any:
     return type_checkers.ToShortestFloat(v)
 
 
+def _timestamp_out(v: Any) -> str:
+    seconds, nanos = v.seconds, v.nanos
+    if seconds < 0 or seconds > 253402300799 or not 0 <= nanos < 1_000_000_000:
+        return str(v.ToJsonString())  # rare or invalid: the reference formats (or raises)
+    t = time.gmtime(seconds)
+    base = (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    )
+    if nanos == 0:
+        return base + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{base}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{base}.{nanos // 1_000:06d}Z"
+    return f"{base}.{nanos:09d}Z"
+
+
 def _b64(v: bytes) -> str:
     return base64.b64encode(v).decode("ascii")
 
@@ -98,7 +117,9 @@ class Encoder:
         if t in (FD.TYPE_MESSAGE, FD.TYPE_GROUP):
             md = fd.message_type
             full = md.full_name
-            if full == "google.protobuf.Timestamp" or full == "google.protobuf.Duration":
+            if full == "google.protobuf.Timestamp":
+                return _timestamp_out
+            if full == "google.protobuf.Duration":
                 return lambda v: v.ToJsonString()
             if full in _WRAPPERS:
                 inner = self._value_enc(md.fields_by_name["value"])

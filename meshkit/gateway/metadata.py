@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -123,7 +123,7 @@ def read_headers(
         elif name == b"x-forwarded-for":
             xff = value.decode("latin-1")
     if not request_id and generate_request_id:
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()
     if request_id:
         md.append(("x-request-id", request_id))
     if client:

@@ -510,16 +510,30 @@ class Transcoder:
     def apply_query(self, b: Binding, msg: Message, query: bytes) -> None:
         """Set fields from the query string (repeated keys accumulate)."""
         try:
-            pairs = parse_qsl(
-                query.decode("latin-1"), keep_blank_values=True, errors="strict", encoding="utf-8"
-            )
+            text = query.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("query string is not valid UTF-8") from None
+        if "%" not in text and "+" not in text:
+            # The common case needs no unquoting: split by hand, as parse_qsl would.
+            grouped: dict[str, list[str]] = {}
+            for part in text.split("&"):
+                if part:
+                    k, _, v = part.partition("=")
+                    grouped.setdefault(k, []).append(v)
+            for k, values in grouped.items():
+                setter = self.query_setter(b, k)
+                if setter is not None:
+                    setter(msg, values)
+            return
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, errors="strict", encoding="utf-8")
         except UnicodeDecodeError:
             raise bad_request("query string is not valid UTF-8") from None
         except ValueError as exc:
             raise bad_request(f"malformed query string: {exc}") from None
         if not pairs:
             return
-        grouped: dict[str, list[str]] = {}
+        grouped = {}
         for k, v in pairs:
             grouped.setdefault(k, []).append(v)
         for k, values in grouped.items():

@@ -172,6 +172,28 @@ def _tls_of(tls: TLS | bool | None) -> TLS | None:
     return tls
 
 
+def prepare_channel(
+    target_or_targets: str | Sequence[str],
+    *,
+    tls: TLS | bool | None,
+    keepalive: Keepalive | None,
+    health_check: bool | str,
+    round_robin: bool | None,
+    options: Iterable[tuple[str, Any]],
+) -> tuple[str, list[tuple[str, Any]], TLS | None]:
+    """What the sync and asyncio channel builders share: the target (``ipv4:a,b`` for
+    several addresses), the channel options and the TLS settings (None: insecure).
+    Round-robin is the default when there are several addresses."""
+    target = lb_target(target_or_targets)
+    several = not isinstance(target_or_targets, str) and len(list(target_or_targets)) > 1
+    rr = several if round_robin is None else round_robin
+    t = _tls_of(tls)
+    opts = channel_options(
+        round_robin=rr, health_check=health_check, keepalive=keepalive, tls=t, options=options
+    )
+    return target, list(opts), t
+
+
 def build_channel(
     target_or_targets: str | Sequence[str],
     *,
@@ -188,12 +210,13 @@ def build_channel(
     """A sync channel with meshkit's interceptor (see :func:`meshkit.grpc.channel`)."""
     from meshkit.grpc import client_interceptors
 
-    target = lb_target(target_or_targets)
-    several = not isinstance(target_or_targets, str) and len(list(target_or_targets)) > 1
-    rr = several if round_robin is None else round_robin
-    t = _tls_of(tls)
-    opts = channel_options(
-        round_robin=rr, health_check=health_check, keepalive=keepalive, tls=t, options=options
+    target, opts, t = prepare_channel(
+        target_or_targets,
+        tls=tls,
+        keepalive=keepalive,
+        health_check=health_check,
+        round_robin=round_robin,
+        options=options,
     )
     raw = (
         grpc.secure_channel(target, channel_credentials(t), options=opts)

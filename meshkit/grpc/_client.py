@@ -22,11 +22,15 @@ from meshkit import deadline as _deadline
 from meshkit.errors import DeadlineExceededError, MeshkitError
 from meshkit.grpc._core import (
     add_attempt_header,
+    attempt_timeout,
     breaker_rejection,
     bulkhead_rejection,
+    exhausted_trigger,
+    fallback_kind,
+    fallback_served,
     rate_rejection,
+    refusal_trigger,
     retry_delay,
-    trigger_of,
 )
 from meshkit.grpc._fallback import FallbackError, FallbackSupport, method_types
 from meshkit.grpc._faults import client_fault
@@ -242,7 +246,51 @@ class ClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return continuation(details, request)
-        return self._unary(plan, continuation, details, request, timeout)
+        if not plan.quick:
+            return self._unary(plan, continuation, details, request, timeout)
+        # The common case, inline: a non-blocking bulkhead, then the first attempt sent
+        # from here; only a failed first attempt goes on to the retry loop.
+        start = _monotonic()
+        deadline = start + timeout if timeout is not None else None
+        bulkhead = plan.bulkhead
+        if bulkhead is not None and not bulkhead.try_acquire():
+            self._m.bulkhead_rejections.add(1, plan.attrs)
+            full = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
+            return self._refused(plan, full, request, details, deadline)
+        try:
+            if plan.budget is not None:
+                plan.budget.record_call()
+            breaker = plan.breaker
+            if breaker is not None and not breaker.try_acquire():
+                return self._refused(plan, breaker_rejection(plan), request, details, deadline)
+            per_attempt = plan.per_attempt_timeout
+            attempt_timeout: float | None
+            if per_attempt is not None and (timeout is None or per_attempt < timeout):
+                attempt_timeout, hit_limit = per_attempt, True
+            else:
+                attempt_timeout, hit_limit = timeout, False
+            plan.tally.n += 1
+            outcome = continuation(
+                details
+                if attempt_timeout == details.timeout
+                else _details(details, attempt_timeout),
+                request,
+            )
+            code = _code(outcome)
+            if code is _OK:
+                if breaker is not None:
+                    breaker.on_result(_monotonic() - start, "OK")
+                if plan.fallback is not None:
+                    self._remember(plan, request, outcome)
+                return outcome
+            if breaker is not None:
+                breaker.on_result(_monotonic() - start, _NAMES[code])
+            return self._retrying(
+                plan, continuation, details, request, deadline, None, outcome, hit_limit
+            )
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         plan: ClientPlan = self._plans.get(details.method)
@@ -325,44 +373,44 @@ class ClientInterceptor(
         request: Any,
         deadline: float | None,
         replay: Replay | None,
+        first: Any = None,
+        first_hit_limit: bool = False,
     ) -> Any:
+        """Attempts until one succeeds or the policy stops; ``first`` is the outcome of
+        a failed first attempt already sent (and reported to the breaker) by the caller."""
         m = self._m
         retry = plan.retry
         breaker = plan.breaker
-        if plan.budget is not None:
+        if plan.budget is not None and first is None:
             plan.budget.record_call()
         per_attempt = retry.per_attempt_timeout if retry is not None else None
         metadata = details.metadata
         attempt = 1
         prev_delay: float | None = None
-        outcome: Any = None
+        outcome: Any = first
+        hit_limit = first_hit_limit
+        code = _code(first) if first is not None else _OK
         while True:
-            if breaker is not None and not breaker.try_acquire():
-                exc = breaker_rejection(plan)
-                if attempt == 1:
-                    return self._refused(plan, exc, request, details, deadline)
-                span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
-                break
-            now = _monotonic()
-            attempt_timeout: float | None = None
-            hit_limit = False
-            if deadline is not None:
-                attempt_timeout = deadline - now
-                if attempt_timeout <= 0:
+            if outcome is None or attempt > 1:  # else the caller sent the first attempt
+                if breaker is not None and not breaker.try_acquire():
+                    exc = breaker_rejection(plan)
+                    if attempt == 1:
+                        return self._refused(plan, exc, request, details, deadline)
+                    span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
+                    break
+                now = _monotonic()
+                limits = attempt_timeout(deadline, per_attempt, now)
+                if limits is None:
                     if breaker is not None:
                         breaker.release()
                     break
-            if per_attempt is not None and (
-                attempt_timeout is None or per_attempt < attempt_timeout
-            ):
-                attempt_timeout = per_attempt
-                hit_limit = True
-            plan.tally.n += 1
-            body = replay.attempt() if replay is not None else request
-            outcome = continuation(_details(details, attempt_timeout, metadata), body)
-            code = _code(outcome)
-            if breaker is not None:
-                breaker.on_result(_monotonic() - now, _NAMES[code])
+                timeout, hit_limit = limits
+                plan.tally.n += 1
+                body = replay.attempt() if replay is not None else request
+                outcome = continuation(_details(details, timeout, metadata), body)
+                code = _code(outcome)
+                if breaker is not None:
+                    breaker.on_result(_monotonic() - now, _NAMES[code])
             if code is _OK:
                 if plan.fallback is not None and replay is None:
                     self._remember(plan, request, outcome)
@@ -567,8 +615,7 @@ class ClientInterceptor(
         return stream.start()
 
     def _rejected_stream(self, plan: ClientPlan, exc: MeshkitError) -> LocalRpcError:
-        self._m.failed_before_send.add(1, plan.attrs)
-        span_event("meshkit.rejected", {"reason": trigger_of(exc)})
+        refusal_trigger(plan, exc, self._m)  # counted and annotated; no fallback for streams
         code, message, pushback = error_status(exc)
         return LocalRpcError(code, message, pushback_metadata(pushback))
 
@@ -592,11 +639,7 @@ class ClientInterceptor(
         deadline: float | None,
     ) -> Any:
         """A call refused before it was sent: fallback, or the error as an outcome."""
-        self._m.failed_before_send.add(1, plan.attrs)
-        trigger = trigger_of(exc)
-        span_event("meshkit.rejected", {"reason": trigger})
-        if trigger == "deadline":
-            trigger = "deadline_exceeded"
+        trigger = refusal_trigger(plan, exc, self._m)
         served = self._fallback(plan, trigger, request, details, deadline)
         if served is not None:
             return served
@@ -607,45 +650,34 @@ class ClientInterceptor(
         self, plan: ClientPlan, outcome: Any, request: Any, details: Any, deadline: float | None
     ) -> Any:
         """The last attempt failed: the fallback for transient failures, else the failure."""
-        fb = plan.fallback
-        if fb is None:
+        if plan.fallback is None:
             return outcome
-        code = _code(outcome)
-        transient = (
-            code is _DEADLINE_EXCEEDED
-            or (plan.retry is not None and plan.retry.is_retryable(code.name))
-            or code.name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-        )
-        if not transient:
+        trigger = exhausted_trigger(plan, _code(outcome))
+        if trigger is None:
             return outcome
-        trigger = "deadline_exceeded" if code is _DEADLINE_EXCEEDED else "retries_exhausted"
         served = self._fallback(plan, trigger, request, details, deadline)
         return served if served is not None else outcome
 
     def _fallback(
         self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
     ) -> Any:
-        fb = plan.fallback
-        if fb is None or not fb.handles(trigger):
+        kind = fallback_kind(plan, trigger, request is None)
+        if kind is None:
             return None
-        kind = str(fb.kind)
-        if request is None and kind in ("cached", "alternate"):
-            return None  # a client stream: no single request to key or resend
         try:
             if kind == "alternate":
-                value = self._alternate(plan, fb.target, request, details, deadline)
+                value = self._alternate(plan, plan.fallback.target, request, details, deadline)
                 if value is None:
                     return None
                 served: Any = value
             else:
-                ok, value = self._fallbacks.local_value(fb, plan.method, request)
+                ok, value = self._fallbacks.local_value(plan.fallback, plan.method, request)
                 if not ok:
                     return None
                 served = _Value(value)
         except FallbackError as exc:
             served = LocalRpcError(code_of(exc.code), exc.message)
-        self._m.fallbacks.add(1, plan.attrs)
-        span_event("meshkit.fallback", {"kind": kind, "trigger": trigger})
+        fallback_served(plan, kind, trigger, self._m)
         return served
 
     def _alternate(

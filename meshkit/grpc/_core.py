@@ -123,3 +123,60 @@ def trigger_of(exc: MeshkitError) -> str:
     if isinstance(exc, CallRejectedError):
         return "rejected"
     return "deadline"
+
+
+def attempt_timeout(
+    deadline: float | None, per_attempt: float | None, now: float
+) -> tuple[float | None, bool] | None:
+    """The next attempt's timeout and whether ``per_attempt`` set it (so a
+    DEADLINE_EXCEEDED is retryable); None when the call's deadline has passed."""
+    timeout: float | None = None
+    if deadline is not None:
+        timeout = deadline - now
+        if timeout <= 0:
+            return None
+    if per_attempt is not None and (timeout is None or per_attempt < timeout):
+        return per_attempt, True
+    return timeout, False
+
+
+def refusal_trigger(plan: ClientPlan, exc: MeshkitError, m: Metrics) -> str:
+    """Count a call refused before it was sent; the fallback trigger it fires."""
+    m.failed_before_send.add(1, plan.attrs)
+    trigger = trigger_of(exc)
+    span_event("meshkit.rejected", {"reason": trigger})
+    return "deadline_exceeded" if trigger == "deadline" else trigger
+
+
+def exhausted_trigger(plan: ClientPlan, code: grpc.StatusCode) -> str | None:
+    """The fallback trigger for a call whose last attempt failed with ``code``, or None
+    when the failure is not transient (a business error is the caller's answer)."""
+    if plan.fallback is None:
+        return None
+    name = code.name
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "deadline_exceeded"
+    if (plan.retry is not None and plan.retry.is_retryable(name)) or name in (
+        "UNAVAILABLE",
+        "RESOURCE_EXHAUSTED",
+    ):
+        return "retries_exhausted"
+    return None
+
+
+def fallback_kind(plan: ClientPlan, trigger: str, client_stream: bool) -> str | None:
+    """The kind of fallback to serve for ``trigger`` (``default``, ``error``, ``cached``,
+    ``alternate``), or None. A client stream has no single request to key or resend."""
+    fb = plan.fallback
+    if fb is None or not fb.handles(trigger):
+        return None
+    kind = str(fb.kind)
+    if client_stream and kind in ("cached", "alternate"):
+        return None
+    return kind
+
+
+def fallback_served(plan: ClientPlan, kind: str, trigger: str, m: Metrics) -> None:
+    """Count and annotate a fallback that was served."""
+    m.fallbacks.add(1, plan.attrs)
+    span_event("meshkit.fallback", {"kind": kind, "trigger": trigger})

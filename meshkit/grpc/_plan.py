@@ -58,6 +58,7 @@ class ClientPlan:
     attrs: dict[str, str] = field(default_factory=dict)
     tally: Tally = field(default_factory=lambda: Tally({}))
     quick: bool = False  # no fault, client rate limit, bulkhead queue or hedging
+    per_attempt_timeout: float | None = None  # the retry policy's, when it retries
 
 
 @dataclass(slots=True)
@@ -141,6 +142,7 @@ def _client_plan(
     retry = mp.retry
     if retry is not None and retry.max_attempts > 1:
         plan.retry = retry
+        plan.per_attempt_timeout = retry.per_attempt_timeout
     hedging = mp.hedging
     if hedging is not None and hedging.max_attempts > 1:
         plan.hedging = hedging

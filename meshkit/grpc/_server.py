@@ -27,7 +27,11 @@ from meshkit.grpc._server_core import (
     Admission,
     Rejection,
     admit,
+    admit_now,
     bulkhead_rejection,
+    code_name,
+    deadline_of,
+    wrapped_handler,
 )
 from meshkit.grpc._status import code_of, error_status, rich_trailers
 from meshkit.telemetry import instruments
@@ -36,7 +40,6 @@ __all__ = ["IsolationPool", "ServerInterceptor"]
 
 _log = logging.getLogger("meshkit.grpc")
 _DEADLINE = _deadline._DEADLINE
-_INFINITE = _deadline._INFINITE
 _monotonic = time.monotonic
 _rng = random.Random()
 
@@ -99,16 +102,6 @@ class IsolationPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _deadline_of(context: Any) -> float | None:
-    try:
-        left = context.time_remaining()
-    except Exception:
-        return None
-    if left is None or left > _INFINITE:
-        return None
-    return float(_monotonic() + left)
-
-
 def _abort(context: Any, rejection: Rejection) -> None:
     context.set_trailing_metadata(rejection.trailers)
     context.abort(rejection.code, rejection.message)
@@ -150,13 +143,12 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(self._plans.get(method), handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return wrapped_handler(
+            self._wrapped, handler_call_details.method, handler, self._wrap_method
+        )
+
+    def _wrap_method(self, method: str, handler: Any) -> Any:
+        return self._wrap(self._plans.get(method), handler)
 
     def _wrap(self, plan: ServerPlan, handler: Any) -> Any:
         if handler.unary_unary is not None:
@@ -214,7 +206,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         if not plan.active:
 
             def deadline_only(request: Any, context: Any) -> Any:
-                token = _DEADLINE.set(_deadline_of(context))
+                token = _DEADLINE.set(deadline_of(context))
                 try:
                     return behavior(request, context)
                 finally:
@@ -223,19 +215,46 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
             return deadline_only
 
         pool = plan.isolation
+        bulkhead = plan.bulkhead
+        m = self._m
+        quick = plan.fault is None and plan.bulkhead_wait <= 0
+        if quick and pool is None and plan.rate_limit is None and plan.adaptive is None:
+            assert bulkhead is not None  # the plan is active
+            # Only a bulkhead: a permit or a refusal, nothing allocated.
+
+            def bulkheaded(request: Any, context: Any) -> Any:
+                token = _DEADLINE.set(deadline_of(context))
+                try:
+                    if not bulkhead.try_acquire():
+                        m.bulkhead_rejections.add(1, plan.attrs)
+                        _abort(context, bulkhead_rejection(plan))
+                    try:
+                        return behavior(request, context)
+                    finally:
+                        bulkhead.release()
+                finally:
+                    _DEADLINE.reset(token)
+
+            return bulkheaded
 
         def guarded(request: Any, context: Any) -> Any:
-            deadline = _deadline_of(context)
+            deadline = deadline_of(context)
             token = _DEADLINE.set(deadline)
             try:
-                adm = self._admit(plan, context, deadline)
+                if quick:
+                    adm = admit_now(plan, context, m)
+                    if isinstance(adm, Rejection):
+                        _abort(context, adm)
+                    assert isinstance(adm, Admission)
+                else:
+                    adm = self._admit(plan, context, deadline)
                 code = "OK"
                 try:
                     if pool is None:
                         return behavior(request, context)
                     return self._isolated(pool, plan, behavior, request, context, deadline)
                 except BaseException:
-                    code = _code_name(context)
+                    code = code_name(context)
                     raise
                 finally:
                     adm.done(code)
@@ -281,7 +300,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         pool = plan.isolation
 
         def streaming(request: Any, context: Any) -> Iterator[Any]:
-            deadline = _deadline_of(context)
+            deadline = deadline_of(context)
             token = _DEADLINE.set(deadline)
             adm: Admission | None = None
             entered = False
@@ -305,7 +324,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
                     iterator = behavior(request, context)
                 except BaseException:
                     if adm is not None:
-                        adm.done(_code_name(context))
+                        adm.done(code_name(context))
                     if entered and pool is not None:
                         pool.leave()
                     raise
@@ -338,7 +357,7 @@ class _Once:
                 return
             self._done = True
         if self._adm is not None:
-            self._adm.done(code or _code_name(self._context))
+            self._adm.done(code or code_name(self._context))
         if self._pool is not None:
             self._pool.leave()
 
@@ -363,16 +382,3 @@ def _with_deadline(
     finally:
         if finish is not None:
             finish()
-
-
-def _code_name(context: Any) -> str:
-    code = getattr(context, "code", None)
-    try:
-        value = code() if callable(code) else None
-    except Exception:
-        value = None
-    if value is None:
-        return "UNKNOWN"
-    if isinstance(value, grpc.StatusCode):
-        return value.name
-    return str(value)

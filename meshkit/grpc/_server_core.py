@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from meshkit.deadline import _INFINITE
 from meshkit.grpc._plan import ServerPlan
 from meshkit.grpc._status import metadata_value, rich_trailers
 from meshkit.telemetry import Metrics, span_event
 
-__all__ = ["Admission", "Rejection", "admit", "rate_key"]
+__all__ = [
+    "Admission",
+    "Rejection",
+    "admit",
+    "admit_now",
+    "code_name",
+    "deadline_of",
+    "rate_key",
+    "wrapped_handler",
+]
 
 _monotonic = time.monotonic
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -20,6 +31,33 @@ _OVERLOAD_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCE
 #: Pushback sent with a bulkhead or concurrency-limit rejection: long enough for a
 #: call in flight to finish on a loaded server, short enough not to idle a client.
 BULKHEAD_PUSHBACK = 0.05
+
+
+def deadline_of(context: Any) -> float | None:
+    """The incoming call's deadline as a ``time.monotonic()`` instant, or None."""
+    try:
+        left = context.time_remaining()
+    except Exception:
+        return None
+    if left is None or left > _INFINITE:
+        return None
+    return float(_monotonic() + left)
+
+
+def wrapped_handler(
+    cache: dict[str, tuple[Any, Any]],
+    method: str,
+    handler: Any,
+    wrap: Callable[[str, Any], Any],
+) -> Any:
+    """``handler`` wrapped by ``wrap(method, handler)``, once per method: grpcio hands the
+    same handler object for every call, so the wrapper is reused until it changes."""
+    cached = cache.get(method)
+    if cached is not None and cached[0] is handler:
+        return cached[1]
+    wrapped = wrap(method, handler)
+    cache[method] = (handler, wrapped)
+    return wrapped
 
 
 class Rejection:
@@ -119,3 +157,35 @@ def bulkhead_rejection(plan: ServerPlan) -> Rejection:
         f"({plan_bh.config.max_concurrent} calls in flight)",
         BULKHEAD_PUSHBACK,
     )
+
+
+def admit_now(plan: ServerPlan, context: Any, m: Metrics) -> Admission | Rejection:
+    """The whole admission when nothing needs waiting for (no fault, no bulkhead queue):
+    rate limit, adaptive limit, then a bulkhead permit if one is free."""
+    adm = admit(plan, context, m)
+    bulkhead = plan.bulkhead
+    if bulkhead is not None and isinstance(adm, Admission):
+        if not bulkhead.try_acquire():
+            adm.done("RESOURCE_EXHAUSTED")
+            m.bulkhead_rejections.add(1, plan.attrs)
+            return bulkhead_rejection(plan)
+        adm.bulkhead = bulkhead
+    return adm
+
+
+def code_name(context: Any) -> str:
+    """The status code name a handler's context ended with (for the adaptive limit)."""
+    code = getattr(context, "code", None)
+    try:
+        value = code() if callable(code) else None
+    except Exception:
+        value = None
+    if value is None:
+        return "UNKNOWN"
+    if isinstance(value, grpc.StatusCode):
+        return value.name
+    if isinstance(value, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == value:
+                return status.name
+    return str(value)

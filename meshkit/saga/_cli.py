@@ -4,6 +4,9 @@
 
     meshkit saga list [--state RUNNING]        every saga with its state and age
     meshkit saga show SAGA_ID                  one saga's timeline
+
+``list`` and ``show`` cover choreographed sagas (the tracker's ``--bucket``) and
+orchestrated ones (the orchestrator's ``--orch-bucket``, default ``meshkit_orch``).
     meshkit saga watch                         live counts by state (Ctrl-C ends)
     meshkit saga graph examples.shop.flow:PARTICIPANTS [--definition MOD:ATTR]
     meshkit saga track examples.shop.flow:ORDER_SAGA --stream examples.shop.flow:SHOP_STREAM
@@ -44,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             help="NATS server (default: $NATS_URL or %(default)s)",
         )
         p.add_argument("--bucket", default="meshkit_sagas", help="the tracker's KV bucket")
+        p.add_argument(
+            "--orch-bucket",
+            default="meshkit_orch",
+            help="the orchestrator's KV bucket (orchestrated sagas)",
+        )
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("list", help="every saga with its state")
@@ -143,11 +151,18 @@ def _status_dict(status: Any) -> dict[str, Any]:
     return json_format.MessageToDict(status)
 
 
+async def _orchestrated(bus: Any, args: argparse.Namespace) -> list[Any]:
+    """Orchestrated sagas (the orchestrator's bucket) as ``SagaStatus``, for list."""
+    from meshkit.saga.orchestrator import OrchestratorConfig, list_statuses
+
+    return await list_statuses(bus, config=OrchestratorConfig(bucket=args.orch_bucket))
+
+
 async def _list(bus: Any, args: argparse.Namespace) -> int:
     from meshkit.saga.tracker import SagaStore, state_name
 
     store = await SagaStore.open(bus, args.bucket)
-    sagas = await store.list()
+    sagas = list(await store.list()) + await _orchestrated(bus, args)
     if args.state:
         sagas = [s for s in sagas if state_name(s.state) == args.state.upper()]
     if args.json:
@@ -171,14 +186,26 @@ async def _show(bus: Any, args: argparse.Namespace) -> int:
 
     store = await SagaStore.open(bus, args.bucket)
     status = await store.get(args.saga_id)
+    kind = "choreographed"
     if status is None:
-        print(f"meshkit saga: no saga {args.saga_id!r} in bucket {args.bucket}", file=sys.stderr)
+        from meshkit.saga.orchestrator import OrchestratorConfig, load_status
+
+        kind = "orchestrated"
+        status = await load_status(
+            bus, args.saga_id, config=OrchestratorConfig(bucket=args.orch_bucket)
+        )
+    if status is None:
+        print(
+            f"meshkit saga: no saga {args.saga_id!r} in bucket {args.bucket} "
+            f"(nor orchestrated in {args.orch_bucket})",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(_status_dict(status), indent=1))
         return 0
     start = status.started_at.ToMilliseconds()
-    print(f"saga {status.saga_id} ({status.saga_type}): {state_name(status.state)}")
+    print(f"saga {status.saga_id} ({status.saga_type}, {kind}): {state_name(status.state)}")
     if status.reason:
         print(f"reason: {status.reason}")
     if status.HasField("deadline"):

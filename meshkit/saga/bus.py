@@ -114,6 +114,8 @@ class StreamSpec:
     max_bytes: int | None = None
     extra_subjects: tuple[str, ...] = ()
     description: str = ""
+    # Direct gets (ADR-31) let projections and the event store read by subject cheaply.
+    allow_direct: bool = True
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -161,6 +163,7 @@ class StreamSpec:
             max_age=self.max_age,
             max_msgs=self.max_msgs if self.max_msgs is not None else -1,
             max_bytes=self.max_bytes if self.max_bytes is not None else -1,
+            allow_direct=self.allow_direct,
         )
 
 
@@ -295,6 +298,7 @@ class EventBus:
                 or current.duplicate_window != spec.duplicate_window
                 or (current.max_age or 0) != (spec.max_age or 0)
                 or (current.num_replicas or 1) != spec.replicas
+                or bool(current.allow_direct) != spec.allow_direct
             ):
                 await self.js.update_stream(config)
                 log.info("updated stream %s", spec.name)

@@ -463,9 +463,12 @@ class EventStore:
             saga_type=saga_type,
             timestamp_ms=timestamp_ms,
         )
+        traceparent, tracestate = _current_trace()
         return replace(
             env,
             saga_id=saga_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
             extra={
                 AGGREGATE_TYPE: aggregate_type,
                 AGGREGATE_ID: aggregate_id,
@@ -1006,6 +1009,7 @@ class Repository(Generic[A]):
         *,
         event_ids: Sequence[str] | None = None,
         saga_id: str = "",
+        saga_type: str = "",
         causation_id: str = "",
     ) -> Loaded[A]:
         """Append ``events`` at ``loaded.version``, apply them, snapshot when due."""
@@ -1018,6 +1022,7 @@ class Repository(Generic[A]):
             expected=loaded.version,
             event_ids=event_ids,
             saga_id=saga_id,
+            saga_type=saga_type,
             causation_id=causation_id,
         )
         for event in events:
@@ -1060,6 +1065,7 @@ class Repository(Generic[A]):
         retries: int = 5,
         event_ids: Callable[[int], str] | None = None,
         saga_id: str = "",
+        saga_type: str = "",
         causation_id: str = "",
     ) -> Loaded[A]:
         """Load, ``decide`` the new events from the state, save; reload and retry on conflict.
@@ -1072,7 +1078,12 @@ class Repository(Generic[A]):
             ids = [event_ids(i) for i in range(len(events))] if event_ids else None
             try:
                 return await self.save(
-                    loaded, events, event_ids=ids, saga_id=saga_id, causation_id=causation_id
+                    loaded,
+                    events,
+                    event_ids=ids,
+                    saga_id=saga_id,
+                    saga_type=saga_type,
+                    causation_id=causation_id,
                 )
             except AggregateConflict:
                 if attempt == retries:
@@ -1082,6 +1093,17 @@ class Repository(Generic[A]):
 
     def handled_types(self) -> Iterable[str]:
         return self.appliers.methods.keys()
+
+
+def _current_trace() -> tuple[str, str]:
+    """The caller's W3C trace context, stored with its events so relays carry it on."""
+    from opentelemetry import propagate, trace
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        return "", ""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", ""), carrier.get("tracestate", "")
 
 
 def _now_ms() -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from examples.shop._gen import DESCRIPTOR_SET
 from examples.shop.flow import ORDER_SAGA, SHOP_STREAM
-from examples.shop.runner import SERVICES, ShopCluster
+from examples.shop.runner import SAGA_SERVICES, SERVICES, ShopCluster
 from meshkit.nats import NatsServer
 from meshkit.saga import Envelope, EventBus, SagaTracker, state_name
 
@@ -86,7 +86,7 @@ async def test_one_trace_runs_from_rest_through_every_event_hop(sdk: bool, tmp_p
         return
     spans = [json.loads(line) for line in spans_file.read_text().splitlines() if line.strip()]
     ours = [s for s in spans if s["trace_id"] == TRACE_ID]
-    assert {s["service"] for s in ours} == set(SERVICES)
+    assert {s["service"] for s in ours} == set(SAGA_SERVICES)
     server = [s for s in ours if s["kind"] == "SERVER" and "CreateOrder" in s["name"]]
     assert len(server) == 1 and server[0]["parent_id"] == CLIENT_SPAN  # the gateway passed it on
     by_id = {s["span_id"]: s for s in ours}

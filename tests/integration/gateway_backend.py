@@ -37,9 +37,13 @@ _CACHE: dict[str, Path] = {}
 def descriptor_sets() -> dict[str, Path]:
     """``compile_descriptor_sets`` once per test process (into a private temp dir)."""
     if not _CACHE:
+        import atexit
+        import shutil
         import tempfile
 
-        _CACHE.update(compile_descriptor_sets(Path(tempfile.mkdtemp(prefix="meshkit-gw-"))))
+        tmp = tempfile.mkdtemp(prefix="meshkit-gw-")
+        atexit.register(shutil.rmtree, tmp, True)
+        _CACHE.update(compile_descriptor_sets(Path(tmp)))
     return dict(_CACHE)
 
 

@@ -629,4 +629,4 @@ async def test_memory_flat_under_bad_input(ec: httpx.AsyncClient) -> None:
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert after - before < 1_000_000, after - before
+    assert after - before < 2_000_000, after - before  # a 4 KB-per-request leak would fail

@@ -231,13 +231,13 @@ async def test_websocket_unknown_route_rejected(served: dict[str, _Served]) -> N
 # --------------------------------------------------------------------------- the CLI
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "meshkit.cli", "gateway", *args],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb") if log else subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
 
@@ -343,3 +343,25 @@ async def test_cli_reflect(tmp_path: Path) -> None:
     finally:
         _stop(proc)
         await b.stop()
+
+
+async def test_cli_serves_edge_profile_and_reloads(echo: Backend, tmp_path: Path) -> None:
+    """A config with an ``edge:`` section is served through meshkit.gateway.edge."""
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        f"edge:\n  upstreams:\n    echo: [127.0.0.1:{echo.port}]\n  services:\n    default: echo\n"
+        "  profiles:\n    web:\n      routes: []\n"
+    )
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
+    proc = _spawn([*args, "--port", str(port), "--profile", "web"], log)
+    try:
+        await _wait_http(f"http://127.0.0.1:{port}/", proc)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert (await c.get("/v1/echo/x")).json() == {"name": "x"}
+            proc.send_signal(signal.SIGHUP)
+            await _wait_for(lambda: "edge reloaded" in log.read_text())
+            assert (await c.get("/v1/echo/y")).json() == {"name": "y"}
+    finally:
+        _stop(proc)

@@ -315,7 +315,9 @@ def messages(draw: st.DrawFn, catalog: Catalog) -> Any:
     m.u64 = draw(st.integers(0, 2**64 - 1))
     m.dbl = draw(st.floats(allow_nan=False, allow_infinity=True))
     # Away from float32 max and subnormals, where json_format rejects its own output.
-    m.flt = draw(st.floats(width=32, min_value=-(2.0**100), max_value=2.0**100, allow_subnormal=False))
+    m.flt = draw(
+        st.floats(width=32, min_value=-(2.0**100), max_value=2.0**100, allow_subnormal=False)
+    )
     m.flag = draw(st.booleans())
     m.blob = draw(st.binary(max_size=10))
     m.color = draw(st.sampled_from([0, 1, 2, 7]))
@@ -327,7 +329,8 @@ def messages(draw: st.DrawFn, catalog: Catalog) -> Any:
         if draw(st.booleans()):
             m.inner.child.tags.append(draw(_text))
     if draw(st.booleans()):
-        m.ts.FromSeconds(draw(st.integers(0, 2**33)))
+        m.ts.seconds = draw(st.integers(-(2**34), 253402300799))
+        m.ts.nanos = draw(st.sampled_from([0, 5_000_000, 123_000, 7, 999_999_999]))
         m.dur.FromMilliseconds(draw(st.integers(-(10**9), 10**9)))
     if draw(st.booleans()):
         m.w_i64.value = draw(_i64)

@@ -22,11 +22,9 @@ import grpc.aio
 from meshkit.grpc._builders import (
     TLS,
     Keepalive,
-    _tls_of,
     add_health_and_reflection,
     channel_credentials,
-    channel_options,
-    lb_target,
+    prepare_channel,
     register_services,
     server_credentials,
 )
@@ -97,12 +95,13 @@ def channel(
     **interceptor_options: Any,
 ) -> grpc.aio.Channel:
     """A grpc.aio channel; arguments as :func:`meshkit.grpc.channel`."""
-    target = lb_target(target_or_targets)
-    several = not isinstance(target_or_targets, str) and len(list(target_or_targets)) > 1
-    rr = several if round_robin is None else round_robin
-    t = _tls_of(tls)
-    opts = channel_options(
-        round_robin=rr, health_check=health_check, keepalive=keepalive, tls=t, options=options
+    target, opts, t = prepare_channel(
+        target_or_targets,
+        tls=tls,
+        keepalive=keepalive,
+        health_check=health_check,
+        round_robin=round_robin,
+        options=options,
     )
     # Always ours, even without a policy: it propagates the handler's deadline.
     chain = [

@@ -16,11 +16,15 @@ from meshkit import deadline as _deadline
 from meshkit.errors import DeadlineExceededError, MeshkitError
 from meshkit.grpc._core import (
     add_attempt_header,
+    attempt_timeout,
     breaker_rejection,
     bulkhead_rejection,
+    exhausted_trigger,
+    fallback_kind,
+    fallback_served,
     rate_rejection,
+    refusal_trigger,
     retry_delay,
-    trigger_of,
 )
 from meshkit.grpc._fallback import FallbackError, FallbackSupport, method_types
 from meshkit.grpc._faults import client_fault_async
@@ -156,18 +160,65 @@ class AioClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return await continuation(details, request)
-        if plan.quick:
-            # The common case, one coroutine less: admission is a non-blocking bulkhead.
-            deadline = _monotonic() + timeout if timeout is not None else None
-            bulkhead = plan.bulkhead
-            if bulkhead is not None and not bulkhead.try_acquire():
-                return await self._bulkhead_full(plan, details, request, deadline)
+        if not plan.quick:
+            return await self._unary(plan, continuation, details, request, timeout, None)
+        # The common case, inline: a non-blocking bulkhead, then the first attempt sent
+        # from here; only a failed first attempt goes on to the retry loop.
+        start = _monotonic()
+        deadline = start + timeout if timeout is not None else None
+        bulkhead = plan.bulkhead
+        if bulkhead is not None and not bulkhead.try_acquire():
+            return await self._bulkhead_full(plan, details, request, deadline)
+        try:
+            if plan.budget is not None:
+                plan.budget.record_call()
+            breaker = plan.breaker
+            if breaker is not None and not breaker.try_acquire():
+                return await self._refused(
+                    plan, breaker_rejection(plan), request, details, deadline
+                )
+            per_attempt = plan.per_attempt_timeout
+            attempt_timeout: float | None
+            if per_attempt is not None and (timeout is None or per_attempt < timeout):
+                attempt_timeout, hit_limit = per_attempt, True
+            else:
+                attempt_timeout, hit_limit = timeout, False
+            plan.tally.n += 1
             try:
-                return await self._retrying(plan, continuation, details, request, deadline, None)
-            finally:
-                if bulkhead is not None:
-                    bulkhead.release()
-        return await self._unary(plan, continuation, details, request, timeout, None)
+                call = await continuation(
+                    details
+                    if attempt_timeout == details.timeout
+                    else _Details(
+                        details.method,
+                        attempt_timeout,
+                        details.metadata,
+                        details.credentials,
+                        details.wait_for_ready,
+                    ),
+                    request,
+                )
+                try:
+                    response = await call
+                except AioRpcError as err:
+                    first = _Attempt(call, err.code(), None, err)
+                else:
+                    if breaker is not None:
+                        breaker.on_result(_monotonic() - start, "OK")
+                    if plan.fallback is not None:
+                        self._remember(plan, request, response)
+                    return call
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
+            if breaker is not None:
+                breaker.on_result(_monotonic() - start, _NAMES[first.code])
+            return await self._retrying(
+                plan, continuation, details, request, deadline, None, first, hit_limit
+            )
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
 
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
@@ -260,68 +311,68 @@ class AioClientInterceptor(
         request: Any,
         deadline: float | None,
         replay: AsyncReplay | None,
+        first: _Attempt | None = None,
+        first_hit_limit: bool = False,
     ) -> Any:
+        """Attempts until one succeeds or the policy stops; ``first`` is the outcome of
+        a first attempt already sent (and reported to the breaker) by the caller."""
         m = self._m
         retry = plan.retry
         breaker = plan.breaker
-        if plan.budget is not None:
+        if plan.budget is not None and first is None:
             plan.budget.record_call()
         per_attempt = retry.per_attempt_timeout if retry is not None else None
         metadata = details.metadata
         attempt = 1
         prev_delay: float | None = None
-        last: _Attempt | None = None
+        last: _Attempt | None = first
+        hit_limit = first_hit_limit
         while True:
-            if breaker is not None and not breaker.try_acquire():
-                if attempt == 1:
-                    return await self._refused(
-                        plan, breaker_rejection(plan), request, details, deadline
-                    )
-                span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
-                break
-            now = _monotonic()
-            attempt_timeout: float | None = None
-            hit_limit = False
-            if deadline is not None:
-                attempt_timeout = deadline - now
-                if attempt_timeout <= 0:
+            if last is None or attempt > 1:  # else the caller sent the first attempt
+                if breaker is not None and not breaker.try_acquire():
+                    if attempt == 1:
+                        return await self._refused(
+                            plan, breaker_rejection(plan), request, details, deadline
+                        )
+                    span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
+                    break
+                now = _monotonic()
+                limits = attempt_timeout(deadline, per_attempt, now)
+                if limits is None:
                     if breaker is not None:
                         breaker.release()
                     break
-            if per_attempt is not None and (
-                attempt_timeout is None or per_attempt < attempt_timeout
-            ):
-                attempt_timeout = per_attempt
-                hit_limit = True
-            plan.tally.n += 1
-            body = replay.attempt() if replay is not None else request
-            try:
-                call = await continuation(
-                    _Details(
-                        details.method,
-                        attempt_timeout,
-                        metadata,
-                        details.credentials,
-                        details.wait_for_ready,
-                    ),
-                    body,
-                )
+                timeout, hit_limit = limits
+                plan.tally.n += 1
+                body = replay.attempt() if replay is not None else request
                 try:
-                    response = await call
-                except AioRpcError as err:
-                    last = _Attempt(call, err.code(), None, err)
-                else:
+                    call = await continuation(
+                        _Details(
+                            details.method,
+                            timeout,
+                            metadata,
+                            details.credentials,
+                            details.wait_for_ready,
+                        ),
+                        body,
+                    )
+                    try:
+                        response = await call
+                    except AioRpcError as err:
+                        last = _Attempt(call, err.code(), None, err)
+                    else:
+                        if breaker is not None:
+                            breaker.on_result(_monotonic() - now, "OK")
+                        if plan.fallback is not None and replay is None:
+                            self._remember(plan, request, response)
+                        return call
+                except BaseException:
                     if breaker is not None:
-                        breaker.on_result(_monotonic() - now, "OK")
-                    if plan.fallback is not None and replay is None:
-                        self._remember(plan, request, response)
-                    return call
-            except BaseException:
+                        breaker.release()
+                    raise
                 if breaker is not None:
-                    breaker.release()
-                raise
-            if breaker is not None:
-                breaker.on_result(_monotonic() - now, _NAMES[last.code])
+                    breaker.on_result(_monotonic() - now, _NAMES[last.code])
+            assert last is not None
             if replay is not None and not replay.replayable:
                 break
             delay = retry_delay(
@@ -621,11 +672,7 @@ class AioClientInterceptor(
         details: Any,
         deadline: float | None,
     ) -> Any:
-        self._m.failed_before_send.add(1, plan.attrs)
-        trigger = trigger_of(exc)
-        span_event("meshkit.rejected", {"reason": trigger})
-        if trigger == "deadline":
-            trigger = "deadline_exceeded"
+        trigger = refusal_trigger(plan, exc, self._m)
         found, value = await self._fallback(plan, trigger, request, details, deadline)
         if found:
             return value
@@ -639,44 +686,34 @@ class AioClientInterceptor(
         details: Any,
         deadline: float | None,
     ) -> Any:
-        fb = plan.fallback
-        if fb is None:
+        if plan.fallback is None:
             return last.call
-        code = last.code
-        transient = (
-            code is _DEADLINE_EXCEEDED
-            or (plan.retry is not None and plan.retry.is_retryable(code.name))
-            or code.name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-        )
-        if not transient:
+        trigger = exhausted_trigger(plan, last.code)
+        if trigger is None:
             return last.call
-        trigger = "deadline_exceeded" if code is _DEADLINE_EXCEEDED else "retries_exhausted"
         found, value = await self._fallback(plan, trigger, request, details, deadline)
         return value if found else last.call
 
     async def _fallback(
         self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
     ) -> tuple[bool, Any]:
-        fb = plan.fallback
-        if fb is None or request is _STREAM or not fb.handles(trigger):
+        if request is _STREAM:
+            return False, None  # a response stream: nothing to stand in for it
+        kind = fallback_kind(plan, trigger, request is None)
+        if kind is None:
             return False, None
-        kind = str(fb.kind)
-        if request is None and kind in ("cached", "alternate"):
-            return False, None  # a client stream: no single request to key or resend
+        fb = plan.fallback
         try:
             if kind == "alternate":
                 found, value = await self._alternate(plan, fb.target, request, details, deadline)
-                if not found:
-                    return False, None
             else:
                 found, value = self._fallbacks.local_value(fb, plan.method, request)
-                if not found:
-                    return False, None
+            if not found:
+                return False, None
         except FallbackError as exc:
             self._m.fallbacks.add(1, plan.attrs)
             raise _error(code_of(exc.code), exc.message) from None
-        self._m.fallbacks.add(1, plan.attrs)
-        span_event("meshkit.fallback", {"kind": kind, "trigger": trigger})
+        fallback_served(plan, kind, trigger, self._m)
         return True, value
 
     async def _alternate(

@@ -17,42 +17,24 @@ from meshkit import deadline as _deadline
 from meshkit.grpc._faults import decide
 from meshkit.grpc._plan import PlanCache, ServerPlan, compile_server
 from meshkit.grpc._server import ServerInterceptor as _SyncInterceptor
-from meshkit.grpc._server_core import Admission, Rejection, admit, bulkhead_rejection
+from meshkit.grpc._server_core import (
+    Admission,
+    Rejection,
+    admit,
+    admit_now,
+    bulkhead_rejection,
+    code_name,
+    deadline_of,
+    wrapped_handler,
+)
 from meshkit.grpc._status import code_of
 from meshkit.telemetry import instruments
 
 __all__ = ["AioServerInterceptor"]
 
 _DEADLINE = _deadline._DEADLINE
-_INFINITE = _deadline._INFINITE
 _monotonic = time.monotonic
 _rng = random.Random()
-
-
-def _deadline_of(context: Any) -> float | None:
-    try:
-        left = context.time_remaining()
-    except Exception:
-        return None
-    if left is None or left > _INFINITE:
-        return None
-    return float(_monotonic() + left)
-
-
-def _code_name(context: Any) -> str:
-    try:
-        value = context.code()
-    except Exception:
-        value = None
-    if value is None:
-        return "UNKNOWN"
-    if isinstance(value, grpc.StatusCode):
-        return value.name
-    if isinstance(value, int):
-        for code in grpc.StatusCode:
-            if code.value[0] == value:
-                return code.name
-    return str(value)
 
 
 async def _abort(context: Any, rejection: Rejection) -> None:
@@ -92,13 +74,12 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(self._plans.get(method), handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return wrapped_handler(
+            self._wrapped, handler_call_details.method, handler, self._wrap_method
+        )
+
+    def _wrap_method(self, method: str, handler: Any) -> Any:
+        return self._wrap(self._plans.get(method), handler)
 
     def _wrap(self, plan: ServerPlan, handler: Any) -> Any:
         for field in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
@@ -154,7 +135,7 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
         if not plan.active:
 
             async def deadline_only(request: Any, context: Any) -> Any:
-                token = _DEADLINE.set(_deadline_of(context))
+                token = _DEADLINE.set(deadline_of(context))
                 try:
                     return await behavior(request, context)
                 finally:
@@ -162,33 +143,58 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
 
             return deadline_only
 
-        quick = plan.fault is None and plan.bulkhead_wait <= 0
         bulkhead = plan.bulkhead
         m = self._m
+        if plan.fault is None and plan.bulkhead_wait <= 0:
+            if plan.rate_limit is None and plan.adaptive is None and bulkhead is not None:
+                # Only a bulkhead: a permit or a refusal, nothing allocated.
 
-        async def guarded(request: Any, context: Any) -> Any:
-            deadline = _deadline_of(context)
-            token = _DEADLINE.set(deadline)
-            try:
-                if quick:
-                    # No fault to wait out, no bulkhead queue: admit without a coroutine.
-                    adm = admit(plan, context, m)
+                async def bulkheaded(request: Any, context: Any) -> Any:
+                    token = _DEADLINE.set(deadline_of(context))
+                    try:
+                        if not bulkhead.try_acquire():
+                            m.bulkhead_rejections.add(1, plan.attrs)
+                            await _abort(context, bulkhead_rejection(plan))
+                        try:
+                            return await behavior(request, context)
+                        finally:
+                            bulkhead.release()
+                    finally:
+                        _reset(token)
+
+                return bulkheaded
+
+            async def admitted(request: Any, context: Any) -> Any:
+                # No fault to wait out, no bulkhead queue: admit without a coroutine.
+                token = _DEADLINE.set(deadline_of(context))
+                try:
+                    adm = admit_now(plan, context, m)
                     if isinstance(adm, Rejection):
                         await _abort(context, adm)
                     assert isinstance(adm, Admission)
-                    if bulkhead is not None:
-                        if not bulkhead.try_acquire():
-                            adm.done("RESOURCE_EXHAUSTED")
-                            m.bulkhead_rejections.add(1, plan.attrs)
-                            await _abort(context, bulkhead_rejection(plan))
-                        adm.bulkhead = bulkhead
-                else:
-                    adm = await self._admit(plan, context, deadline)
+                    code = "OK"
+                    try:
+                        return await behavior(request, context)
+                    except BaseException:
+                        code = code_name(context)
+                        raise
+                    finally:
+                        adm.done(code)
+                finally:
+                    _reset(token)
+
+            return admitted
+
+        async def guarded(request: Any, context: Any) -> Any:
+            deadline = deadline_of(context)
+            token = _DEADLINE.set(deadline)
+            try:
+                adm = await self._admit(plan, context, deadline)
                 code = "OK"
                 try:
                     return await behavior(request, context)
                 except BaseException:
-                    code = _code_name(context)
+                    code = code_name(context)
                     raise
                 finally:
                     adm.done(code)
@@ -201,7 +207,7 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
         active = plan.active
 
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-            deadline = _deadline_of(context)
+            deadline = deadline_of(context)
             token = _DEADLINE.set(deadline)
             try:
                 adm = await self._admit(plan, context, deadline) if active else None
@@ -210,7 +216,7 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
                     async for item in behavior(request, context):
                         yield item
                 except BaseException:
-                    code = _code_name(context)
+                    code = code_name(context)
                     raise
                 finally:
                     if adm is not None:
