@@ -205,7 +205,8 @@ async def _show(bus: Any, args: argparse.Namespace) -> int:
         print(json.dumps(_status_dict(status), indent=1))
         return 0
     start = status.started_at.ToMilliseconds()
-    print(f"saga {status.saga_id} ({status.saga_type}, {kind}): {state_name(status.state)}")
+    print(f"saga {status.saga_id} ({status.saga_type}): {state_name(status.state)}")
+    print(f"kind: {kind}")
     if status.reason:
         print(f"reason: {status.reason}")
     if status.HasField("deadline"):
