@@ -43,7 +43,10 @@ test-integration: setup
 demo: setup
 	$(PY) -m examples.shop.demo
 
+# The gateway benchmarks drive meshkit and Envoy with wrk, from Debian's packages.
 bench: setup
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
+		|| echo "wrk is not installed: the gateway benchmarks will say so"
 	$(PY) -m bench
 
 lint: setup

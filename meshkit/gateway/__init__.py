@@ -9,6 +9,8 @@ then serve it with uvicorn (``meshkit gateway`` does that, with workers and
 SIGHUP reload), or mount it into Starlette/FastAPI. See docs/gateway.md.
 """
 
+from typing import Any
+
 from meshkit.gateway.app import (
     ASGIApp,
     GatewayApp,
@@ -27,11 +29,33 @@ from meshkit.gateway.routing import Router, RoutingError
 from meshkit.gateway.transcoding import Binding, HttpRuleError
 from meshkit.gateway.upstreams import Upstream, UpstreamRegistry, make_channel
 
+# The edge (auth, limits, cache, canary, BFF, OpenAPI) loads PyJWT, cryptography and the
+# Prometheus exporter: imported on first use so a plain transcoding gateway stays light.
+_EDGE_NAMES = {
+    "EdgeApp": "meshkit.gateway.edge",
+    "create_edge_app": "meshkit.gateway.edge",
+    "EdgeConfig": "meshkit.gateway.profiles",
+    "load_edge_config": "meshkit.gateway.profiles",
+    "generate_openapi": "meshkit.gateway.openapi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EDGE_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshkit.gateway' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "HTTP_STATUS",
     "ASGIApp",
     "Binding",
     "Catalog",
+    "EdgeApp",
+    "EdgeConfig",
     "GatewayApp",
     "GatewayConfig",
     "GatewayError",
@@ -50,9 +74,12 @@ __all__ = [
     "UpstreamRegistry",
     "build_catalog",
     "create_app",
+    "create_edge_app",
+    "generate_openapi",
     "load_catalog",
     "load_config",
     "load_descriptor_set",
+    "load_edge_config",
     "make_channel",
     "parse_template",
 ]

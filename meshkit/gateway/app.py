@@ -22,6 +22,7 @@ started with, whose channels close once it drains.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from meshkit.gateway.transcoding import (
 from meshkit.gateway.upstreams import UpstreamRegistry
 
 log = logging.getLogger("meshkit.gateway")
+_SNAPSHOT_TOKENS = itertools.count()
 
 Scope = MutableMapping[str, Any]
 Message_ = MutableMapping[str, Any]
@@ -110,7 +112,9 @@ class GatewayState:
         self.router: Router[Route] = Router()
         self.routes: list[Route] = []
         self.inflight = 0
-        self._callables: dict[tuple[int, str], Any] = {}
+        # Never reused (unlike id()): a channel's cached multicallables carry this
+        # snapshot's serializers, which a reload with new descriptors must not see.
+        self._token = next(_SNAPSHOT_TOKENS)
         self._compile(route_middleware)
 
     def _compile(self, route_middleware: Sequence[RouteMiddleware]) -> None:
@@ -160,8 +164,11 @@ class GatewayState:
     # ---- calls
 
     def _callable(self, channel: grpc.aio.Channel, b: Binding, kind: str) -> Any:
-        key = (id(channel), b.method.path)
-        mc = self._callables.get(key)
+        # The cache lives on the channel, so it goes when the channel goes; keying a
+        # shared dict by id(channel) would hand a new channel a dead one's calls.
+        cache: dict[tuple[int, str], Any] = channel.__dict__.setdefault("_meshkit_calls", {})
+        key = (self._token, b.method.path)
+        mc = cache.get(key)
         if mc is None:
             m = b.method
             factory = getattr(channel, kind)
@@ -170,7 +177,7 @@ class GatewayState:
                 request_serializer=m.input_type.SerializeToString,
                 response_deserializer=m.output_type.FromString,
             )
-            self._callables[key] = mc
+            cache[key] = mc
         return mc
 
     def _upstream_channel(self, b: Binding, scope: Scope) -> grpc.aio.Channel:

@@ -108,7 +108,6 @@ class BalancedUpstream(Upstream):
         self._rotation: tuple[str, ...] = self.targets
         self._rr = itertools.count()
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._retired: list[grpc.aio.Channel] = []
         self._changed: asyncio.Event | None = None
         self.checks = 0
 
@@ -170,9 +169,6 @@ class BalancedUpstream(Upstream):
     async def _close_later(self, channels: list[grpc.aio.Channel]) -> None:
         await asyncio.sleep(self.drain)
         for ch in channels:
-            # Kept referenced: the transcoder caches multicallables by id(channel),
-            # and a freed channel's id could be reused by a new one.
-            self._retired.append(ch)
             await ch.close(grace=self.drain)
 
     # ---- health

@@ -22,7 +22,7 @@ from meshkit import deadline as _deadline
 from meshkit.errors import DeadlineExceededError, MeshkitError
 from meshkit.grpc._core import (
     add_attempt_header,
-    attempt_timeout,
+    begin_attempt,
     breaker_rejection,
     bulkhead_rejection,
     exhausted_trigger,
@@ -392,20 +392,13 @@ class ClientInterceptor(
         code = _code(first) if first is not None else _OK
         while True:
             if outcome is None or attempt > 1:  # else the caller sent the first attempt
-                if breaker is not None and not breaker.try_acquire():
-                    exc = breaker_rejection(plan)
-                    if attempt == 1:
-                        return self._refused(plan, exc, request, details, deadline)
-                    span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
-                    break
-                now = _monotonic()
-                limits = attempt_timeout(deadline, per_attempt, now)
-                if limits is None:
-                    if breaker is not None:
-                        breaker.release()
-                    break
-                timeout, hit_limit = limits
-                plan.tally.n += 1
+                began = begin_attempt(plan, attempt, deadline, per_attempt)
+                if not isinstance(began, tuple):
+                    if began is None:
+                        break
+                    # The breaker refused the first attempt.
+                    return self._refused(plan, breaker_rejection(plan), request, details, deadline)
+                timeout, hit_limit, now = began
                 body = replay.attempt() if replay is not None else request
                 outcome = continuation(_details(details, timeout, metadata), body)
                 code = _code(outcome)

@@ -180,3 +180,38 @@ def fallback_served(plan: ClientPlan, kind: str, trigger: str, m: Metrics) -> No
     """Count and annotate a fallback that was served."""
     m.fallbacks.add(1, plan.attrs)
     span_event("meshkit.fallback", {"kind": kind, "trigger": trigger})
+
+
+class _Refused:
+    __slots__ = ()
+
+
+#: :func:`begin_attempt` when the breaker refuses the call's very first attempt.
+REFUSED = _Refused()
+
+
+def begin_attempt(
+    plan: ClientPlan, attempt: int, deadline: float | None, per_attempt: float | None
+) -> tuple[float | None, bool, float] | _Refused | None:
+    """Permission and a timeout for attempt number ``attempt`` of a unary call.
+
+    Returns ``(timeout, per_attempt_limited, started_at)`` to send it (the breaker
+    permit, if any, is taken and the attempt counted); ``REFUSED`` when the breaker
+    refuses the first attempt (the caller answers with :func:`breaker_rejection` or a
+    fallback); None to stop with the previous outcome (the breaker refused a retry, or
+    the deadline passed).
+    """
+    breaker = plan.breaker
+    if breaker is not None and not breaker.try_acquire():
+        if attempt == 1:
+            return REFUSED
+        span_event("meshkit.rejected", {"reason": "circuit_open", "attempt": attempt})
+        return None
+    now = _monotonic()
+    limits = attempt_timeout(deadline, per_attempt, now)
+    if limits is None:
+        if breaker is not None:
+            breaker.release()
+        return None
+    plan.tally.n += 1
+    return limits[0], limits[1], now
