@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,48 @@ def nats_server_module() -> Iterator[object]:
 
     with NatsServer() as server:
         yield server
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[Callable[..., Any]]:
+    """Start sync gRPC servers on free loopback ports: ``grpc_server(*services, policy=...)``.
+
+    A service is ``(add_XServicer_to_server, servicer)``, a GenericRpcHandler or a
+    callable(server), as :func:`meshkit.grpc.server` takes them. Each server has
+    ``.port`` and health and reflection; all stop when the test ends.
+    """
+    import meshkit.grpc
+
+    started: list[Any] = []
+
+    def start(*services: Any, policy: Any = None, **options: Any) -> Any:
+        server = meshkit.grpc.server(
+            policy=policy, services=services, handle_signals=False, **options
+        )
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(0)
+
+
+@pytest.fixture
+async def aio_grpc_server() -> AsyncIterator[Callable[..., Any]]:
+    """The asyncio twin of :func:`grpc_server`: ``await aio_grpc_server(*services, policy=...)``."""
+    import meshkit.grpc.aio
+
+    started: list[Any] = []
+
+    async def start(*services: Any, policy: Any = None, **options: Any) -> Any:
+        server = meshkit.grpc.aio.server(
+            policy=policy, services=services, handle_signals=False, **options
+        )
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(0)
