@@ -163,10 +163,10 @@ class Participant:
                 name=f"{self.name}.{name or func.__name__}",
                 event_type=etype,
                 message_class=event,
-                func=func,  # type: ignore[arg-type]
+                func=func,
                 emits=tuple(e if isinstance(e, str) else type_name(e) for e in emits),
                 compensation=compensation,
-                validate=validate,  # type: ignore[arg-type]
+                validate=validate,
             )
             return func
 

@@ -64,7 +64,7 @@ DEAD_LETTER_TYPE = "meshkit.v1.DeadLetter"
 
 def state_name(state: int) -> str:
     """``RUNNING`` for ``SAGA_STATE_RUNNING``."""
-    return str(saga_pb2.SagaState.Name(state)).removeprefix("SAGA_STATE_")  # type: ignore[arg-type]
+    return str(saga_pb2.SagaState.Name(state)).removeprefix("SAGA_STATE_")
 
 
 def _names(types: Iterable[Any]) -> frozenset[str]:

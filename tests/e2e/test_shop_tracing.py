@@ -56,14 +56,20 @@ async def test_one_trace_runs_from_rest_through_every_event_hop(sdk: bool, tmp_p
             status = await tracker.store.wait(saga_id, within=30)
             assert status is not None and state_name(status.state) == "COMPLETED"
             assert await tracker.wait_caught_up(within=10)
-            # Every event of the saga carries the client's trace id.
-            info = await bus.js.stream_info(SHOP_STREAM.name)
-            envs = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                raw = await bus.js.get_msg(SHOP_STREAM.name, seq)
-                e = Envelope.from_headers(raw.headers)
-                if e.saga_id == saga_id:
-                    envs.append(e)
+            # Every event of the saga carries the client's trace id. The saga is COMPLETED
+            # at OrderCompleted; CustomerNotified follows it, so wait for that one too.
+            envs: list[Envelope] = []
+            first_seq, deadline = 0, asyncio.get_running_loop().time() + 15
+            while not any(e.event_type.endswith("CustomerNotified") for e in envs):
+                assert asyncio.get_running_loop().time() < deadline, [e.event_type for e in envs]
+                info = await bus.js.stream_info(SHOP_STREAM.name)
+                for seq in range(max(first_seq, info.state.first_seq), info.state.last_seq + 1):
+                    raw = await bus.js.get_msg(SHOP_STREAM.name, seq)
+                    e = Envelope.from_headers(raw.headers)
+                    if e.saga_id == saga_id:
+                        envs.append(e)
+                first_seq = info.state.last_seq + 1
+                await asyncio.sleep(0.05)
             types = sorted(e.event_type.rsplit(".", 1)[-1] for e in envs)
             assert types == sorted(
                 [
