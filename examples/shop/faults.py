@@ -10,13 +10,22 @@ and its input is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 
+@functools.cache
+def _handler_delay() -> float:
+    # Read once: mid_handler runs for every event.
+    from examples.shop.flow import env_float
+
+    return env_float("SHOP_HANDLER_DELAY", 0.0)
+
+
 async def mid_handler(ctx: Any) -> None:
-    delay = float(os.environ.get("SHOP_HANDLER_DELAY", "0") or 0)
+    delay = _handler_delay()
     if delay > 0:
         print(f"HANDLING {ctx.event_id} {ctx.envelope.event_type}", flush=True)
         await asyncio.sleep(delay)

@@ -52,13 +52,35 @@ ORDER_SAGA = SagaDefinition.of(
 SagaTimedOut = saga_pb2.SagaTimedOut
 
 
+def env_float(name: str, default: float) -> float:
+    """A number from the environment; a bad value names its variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number") from None
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment; a bad value names its variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+
 def consumer_spec() -> ConsumerSpec:
     """Participants' consumer settings; tests shorten the ack wait through SHOP_ACK_WAIT."""
     return ConsumerSpec(
-        ack_wait=float(os.environ.get("SHOP_ACK_WAIT", "10")),
-        max_deliver=int(os.environ.get("SHOP_MAX_DELIVER", "5")),
+        ack_wait=env_float("SHOP_ACK_WAIT", 10.0),
+        max_deliver=env_int("SHOP_MAX_DELIVER", 5),
         nak_backoff=(0.1, 0.5, 1.0, 2.0),
-        max_in_flight=int(os.environ.get("SHOP_MAX_IN_FLIGHT", "128")),
+        max_in_flight=env_int("SHOP_MAX_IN_FLIGHT", 128),
     )
 
 

@@ -15,14 +15,15 @@ Entering COMPLETED completes the order, commits the stock and notifies the
 customer; entering FAILED notifies the customer.
 
 Each service answers its commands with the same local functions its
-choreographed handlers use; :func:`once` records every reply in the service's
-SQLite database in the same transaction as the effect, so a redelivered
+choreographed handlers use; :func:`once` records every reply through the
+service's inbox in the same SQLite transaction as the effect, so a redelivered
 command repeats the recorded reply instead of the effect.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from collections.abc import Awaitable, Callable
 
 from google.protobuf import field_mask_pb2, message_factory
@@ -40,6 +41,7 @@ from examples.shop.gen.shop.v1 import (
     shipping_pb2,
 )
 from examples.shop.store import Store
+from meshkit.saga import Outbound, SqliteInbox
 from meshkit.saga.bus import ConsumerSpec
 from meshkit.saga.envelope import type_name
 from meshkit.saga.orchestrator import (
@@ -51,13 +53,9 @@ from meshkit.saga.orchestrator import (
     State,
 )
 
-REPLIES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS orch_replies (
-    command_id TEXT PRIMARY KEY,
-    type TEXT NOT NULL,
-    data BLOB NOT NULL
-);
-"""
+# The command side's inbox per store (made at start-up by serve_commands, before any
+# transaction can be open on the connection).
+_INBOXES: weakref.WeakKeyDictionary[Store, SqliteInbox] = weakref.WeakKeyDictionary()
 
 
 def _created(ctx: SagaContext) -> events_pb2.OrderCreated:
@@ -242,26 +240,22 @@ async def once(
 ) -> Message:
     """Run ``work`` (the local effect, returning the reply) once per command id.
 
-    The reply is recorded in the same SQLite transaction as the effect; a
-    redelivered command gets the recorded reply back and changes nothing.
+    The same inbox the choreographed handlers use (:class:`~meshkit.saga.SqliteInbox`)
+    records the reply in the effect's SQLite transaction; a redelivered command gets
+    the recorded reply back and changes nothing.
     """
-    async with store.tx() as conn:
-        row = conn.execute(
-            "SELECT type, data FROM orch_replies WHERE command_id = ?", (ctx.command_id,)
-        ).fetchone()
-        if row is not None:
-            return _decode(str(row[0]), bytes(row[1]))
+
+    async def run(conn: sqlite3.Connection) -> list[Outbound]:
         reply = work(conn)
-        conn.execute(
-            "INSERT INTO orch_replies VALUES (?, ?, ?)",
-            (ctx.command_id, type_name(reply), reply.SerializeToString()),
-        )
-        return reply
+        return [Outbound(type_name(reply), ctx.command_id, reply.SerializeToString())]
+
+    [out], _ = await _INBOXES[store].run_once(f"cmd/{ctx.command_id}", run)
+    return _decode(out.event_type, out.payload)
 
 
 def serve_commands(ctx: ServiceContext, participant: CommandParticipant) -> None:
     """Run ``participant`` next to the service's gRPC server (orchestrated mode)."""
-    ctx.store.conn.executescript(REPLIES_SCHEMA)
+    _INBOXES[ctx.store] = SqliteInbox(ctx.store.conn, ctx.store.lock)
 
     async def start() -> Callable[[], Awaitable[None]]:
         await participant.start(

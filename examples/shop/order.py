@@ -6,7 +6,8 @@ in the JetStream stream ``SHOP_ORDERS`` (subject ``shop_orders.order.<id>``). Th
 store is its own outbox: a relay forwards OrderCreated, OrderCompleted and
 OrderCancelled to the saga stream ``SHOP`` (checkpoint in SQLite), so an append is
 the only write. With ``SHOP_MODE=orchestrated`` the order service runs the saga's
-orchestrator instead, and answers its commands.
+orchestrator instead, and answers its commands; the same relay then begins each
+order's orchestrated saga, so an order accepted just before a crash still gets one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 import time
 import uuid
@@ -32,7 +32,14 @@ from opentelemetry import propagate, trace
 from examples.shop import faults
 from examples.shop._service import ServiceContext, main
 from examples.shop.domain import AGGREGATE, Order, OrderRejected
-from examples.shop.flow import ORDERS_STORE, SHOP_ORCH, SHOP_STREAM, SagaTimedOut, consumer_spec
+from examples.shop.flow import (
+    ORDERS_STORE,
+    SHOP_ORCH,
+    SHOP_STREAM,
+    SagaTimedOut,
+    consumer_spec,
+    env_float,
+)
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
 from meshkit.saga import Context, Participant, derive_event_id
@@ -106,21 +113,15 @@ def _incoming_trace(context: grpc.aio.ServicerContext) -> Iterator[None]:
 class OrderService(orders_pb2_grpc.OrderServiceServicer):
     """The command side: orders are ``Order`` aggregates in the event store.
 
-    CreateOrder appends OrderCreated (which starts the saga: the relay forwards it
-    to the saga stream, or the orchestrator begins the orchestrated saga); reads
+    CreateOrder appends OrderCreated, which starts the saga: the relay forwards it
+    to the saga stream, or begins the orchestrated saga. Reads
     here replay one aggregate. Lists and views belong to the query side
     (``OrderQueryService`` in ``examples/shop/query.py``).
     """
 
-    def __init__(
-        self,
-        orders: Repository[Order],
-        store: EventStore,
-        begin: Callable[[str, orders_pb2.CreateOrderRequest], Awaitable[Any]] | None = None,
-    ) -> None:
+    def __init__(self, orders: Repository[Order], store: EventStore) -> None:
         self.orders = orders
         self.store = store
-        self.begin = begin
 
     async def _get(self, order_id: str) -> Order | None:
         if not order_id or not _ID.match(order_id):
@@ -158,9 +159,6 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 ),
                 within,
             )
-            if self.begin is not None:
-                begin = self.begin
-                await _retrying(lambda: begin(order_id, req), within)
         return loaded.state.to_proto()
 
     async def GetOrder(
@@ -381,7 +379,6 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
     await store.ensure()
     orders: Repository[Order] = Repository(store, AGGREGATE, Order)
     _ORDERS[:] = [orders]
-    begin = None
     if ctx.mode == "orchestrated":
         from examples.shop.orchestration import ORDER_MACHINE, serve_commands
         from meshkit.saga.orchestrator import Orchestrator
@@ -395,13 +392,23 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
 
         ctx.background.append(start_orchestrator)
 
-        async def begin_saga(order_id: str, req: orders_pb2.CreateOrderRequest) -> None:
-            await orchestrator.begin(order_id, req)
+        async def begin_saga(stored: StoredEvent) -> None:
+            # Idempotent (the saga's key is the order id): a replay after a crash
+            # between begin and checkpoint finds the saga already begun.
+            created = ev.OrderCreated.FromString(stored.data)
+            start = orders_pb2.CreateOrderRequest(
+                customer_id=created.customer_id,
+                items=created.items,
+                shipping_address=created.shipping_address,
+            )
+            await orchestrator.begin(stored.aggregate_id, start)
 
-        begin = begin_saga
+        ctx.background.append(
+            _relay_starter(bus, _relay_db(ctx.args.db), "shop_order_saga_starter", begin_saga)
+        )
     else:
         ctx.background.append(_relay_starter(bus, _relay_db(ctx.args.db)))
-    service = OrderService(orders, store, begin)
+    service = OrderService(orders, store)
 
     def add(server: grpc.aio.Server) -> None:
         orders_pb2_grpc.add_OrderServiceServicer_to_server(service, server)
@@ -409,9 +416,17 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
     return add, PARTICIPANT
 
 
-def _relay_starter(bus: Any, db: str) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
-    """The store is its own outbox: forward the order events to the saga stream."""
-    timeout = float(os.environ.get("SHOP_SAGA_TIMEOUT", "0") or 0) or None
+def _relay_starter(
+    bus: Any,
+    db: str,
+    name: str = "shop_order_relay",
+    begin: Callable[[StoredEvent], Awaitable[None]] | None = None,
+) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
+    """The store is its own outbox: forward the order events to the saga stream.
+
+    With ``begin`` (orchestrated mode) it hands each OrderCreated to ``begin`` instead.
+    """
+    timeout = env_float("SHOP_SAGA_TIMEOUT", 0.0) or None
 
     async def publish(stored: StoredEvent) -> None:
         env = stored.envelope
@@ -430,11 +445,11 @@ def _relay_starter(bus: Any, db: str) -> Callable[[], Awaitable[Callable[[], Awa
     async def start() -> Callable[[], Awaitable[None]]:
         forwarder = relay(
             bus.nc,
-            "shop_order_relay",
+            name,
             [Source(ORDERS_STORE.stream, f"{ORDERS_STORE.subject_prefix}.>")],
             SqliteReadModelStore(db),
-            publish=publish,
-            types=ORDER_EVENTS,
+            publish=publish if begin is None else begin,
+            types=ORDER_EVENTS if begin is None else ("shop.v1.OrderCreated",),
         )
         forwarder.poll_interval = 0.5
         await forwarder.start()

@@ -116,6 +116,22 @@ def charge(
     )
 
 
+def charge_outcome(
+    payment: payment_pb2.Payment, customer_id: str, address: Any = None
+) -> ev.PaymentCompleted | ev.PaymentFailed:
+    """The event a charge leads to, in both saga modes."""
+    if payment.status != CHARGED:
+        reason = payment.decline_reason or "payment not possible"
+        return ev.PaymentFailed(order_id=payment.order_id, reason=reason)
+    return ev.PaymentCompleted(
+        order_id=payment.order_id,
+        payment_id=payment.payment_id,
+        amount=payment.amount,
+        customer_id=customer_id,
+        shipping_address=address,
+    )
+
+
 def refund(conn: sqlite3.Connection, order_id: str) -> str | None:
     """Refund the order's charge; returns the payment id, or None when nothing was charged."""
     row = _by_order(conn, order_id)
@@ -147,16 +163,7 @@ async def charge_order(event: ev.StockReserved, ctx: Context) -> Any:
         ctx.tx, event.order_id, event.customer_id, event.total, f"order/{event.order_id}"
     )
     await faults.mid_handler(ctx)
-    if payment.status != CHARGED:
-        reason = payment.decline_reason or "payment not possible"
-        return ev.PaymentFailed(order_id=event.order_id, reason=reason)
-    return ev.PaymentCompleted(
-        order_id=event.order_id,
-        payment_id=payment.payment_id,
-        amount=payment.amount,
-        customer_id=event.customer_id,
-        shipping_address=event.shipping_address,
-    )
+    return charge_outcome(payment, event.customer_id, event.shipping_address)
 
 
 @PARTICIPANT.compensate(ev.ShipmentFailed, emits=[ev.PaymentRefunded])
@@ -239,15 +246,7 @@ def commands(store: Store) -> Any:
     async def charge_cmd(cmd: payment_pb2.ChargeRequest, c: CommandContext) -> Any:
         def work(conn: sqlite3.Connection) -> Any:
             payment = charge(conn, cmd.order_id, cmd.customer_id, cmd.amount, cmd.idempotency_key)
-            if payment.status != CHARGED:
-                reason = payment.decline_reason or "payment not possible"
-                return ev.PaymentFailed(order_id=cmd.order_id, reason=reason)
-            return ev.PaymentCompleted(
-                order_id=cmd.order_id,
-                payment_id=payment.payment_id,
-                amount=payment.amount,
-                customer_id=cmd.customer_id,
-            )
+            return charge_outcome(payment, cmd.customer_id)
 
         return await once(store, c, work)
 

@@ -40,6 +40,14 @@ class ServiceStartError(RuntimeError):
     """A service process did not report READY."""
 
 
+def _tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a process's log ("" when it has none yet)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 @dataclass
 class ServiceProcess:
     """One running service process."""
@@ -55,10 +63,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return _tail(self.log_path, n)
 
 
 def start_service(
@@ -165,10 +170,7 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return _tail(self.log_path, n)
 
 
 def start_gateway(

@@ -3,7 +3,7 @@
 The types are the same structural ASGI types :mod:`meshkit.gateway.app` uses, so
 edge middleware plugs into ``create_app(middleware=..., route_middleware=...)``.
 Error bodies are written with the gateway's own :class:`GatewayError` and
-:func:`status_body`, so a client sees one error shape whatever refused it.
+:func:`~meshkit.gateway.errors.send_status`, so a client sees one error shape whatever refused it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
-from meshkit.gateway.errors import GatewayError, status_body
+from meshkit.gateway.errors import GatewayError, send_status
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,14 +62,7 @@ def notes(scope: Scope) -> dict[str, Any]:
 
 async def send_error(send: Send, err: GatewayError) -> None:
     """Answer with ``err`` as a ``google.rpc.Status`` JSON body."""
-    body = status_body(err.to_status())
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *err.headers,
-    ]
-    await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_status(send, err.http_status, err.to_status(), None, err.headers)
 
 
 async def send_json(
@@ -82,26 +75,6 @@ async def send_json(
     hdrs.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(receive: Receive, limit: int = 4 * 1024 * 1024) -> bytes:
-    """The whole request body (raises a 413 GatewayError past ``limit``)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            break
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(
-                "INVALID_ARGUMENT", f"request body over {limit} bytes", http_status=413
-            )
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def replay(body: bytes) -> Receive:

@@ -52,41 +52,44 @@ def get_bool(raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool
     return v
 
 
-def get_int(
-    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: int = 0
+def _get_number(
+    raw: Mapping[str, Any], key: str, path: str, default: Any, minimum: float, integer: bool
 ) -> Any:
-    """An integer value >= ``minimum``."""
     if key not in raw:
         if default is _MISSING:
             raise ConfigError(f"{path}.{key}", "required")
         return default
     v = raw[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{path}.{key}", f"expected an integer >= {minimum}, got {v!r}")
-    return v
+    kind = int if integer else int | float
+    if not isinstance(v, kind) or isinstance(v, bool) or v < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{path}.{key}", f"expected {what} >= {minimum}, got {v!r}")
+    return v if integer else float(v)
+
+
+def get_int(
+    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: int = 0
+) -> Any:
+    """An integer value >= ``minimum``."""
+    return _get_number(raw, key, path, default, minimum, integer=True)
 
 
 def get_number(
     raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: float = 0.0
 ) -> Any:
     """A number >= ``minimum``."""
+    return _get_number(raw, key, path, default, minimum, integer=False)
+
+
+def get_duration(
+    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, *, positive: bool = True
+) -> Any:
+    """A duration (``"30s"``, ``"250ms"`` or seconds); zero only when not ``positive``."""
     if key not in raw:
         if default is _MISSING:
             raise ConfigError(f"{path}.{key}", "required")
         return default
-    v = raw[key]
-    if not isinstance(v, int | float) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{path}.{key}", f"expected a number >= {minimum}, got {v!r}")
-    return float(v)
-
-
-def get_duration(raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING) -> Any:
-    """A duration (``"30s"``, ``"250ms"`` or seconds) via the gateway's own parser."""
-    if key not in raw:
-        if default is _MISSING:
-            raise ConfigError(f"{path}.{key}", "required")
-        return default
-    return parse_duration(raw[key], f"{path}.{key}")
+    return parse_duration(raw[key], f"{path}.{key}", positive=positive)
 
 
 def get_str_list(raw: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:

@@ -58,28 +58,16 @@ def run_openapi(args: argparse.Namespace) -> int:
 
     try:
         catalog = load_catalog(args.descriptor_set)
-        kwargs: dict[str, object] = {"title": args.title, "servers": args.server, "security": ()}
+        kwargs: dict[str, Any] = {"title": args.title, "servers": args.server, "security": ()}
         if args.config:
             cfg = load_edge_config(args.config)
-            kwargs.update(
-                proto_names=cfg.options.proto_names,
-                fallback_routes=cfg.options.fallback_routes,
-                security=[
-                    s
-                    for s, on in (
-                        ("bearer", cfg.auth.jwt is not None),
-                        ("api_key", bool(cfg.auth.api_keys)),
-                    )
-                    if on
-                ],
-                api_key_header=cfg.auth.api_key_header,
-            )
+            prof = None
             if args.profile:
                 prof = cfg.profiles.get(args.profile)
                 if prof is None:
                     raise ConfigError("--profile", f"unknown profile {args.profile!r}")
-                kwargs["path_prefix"] = prof.prefix
-        body = openapi_json(catalog, **kwargs)  # type: ignore[arg-type]
+            kwargs.update(cfg.openapi_options(prof))
+        body = openapi_json(catalog, **kwargs)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -45,6 +45,17 @@ class Fallback(Exception):
     """The fast path declines; use json_format."""
 
 
+def _exactly(kind: type) -> Callable[[Any], Any]:
+    """A converter passing values of exactly ``kind`` through (bool is not an int here)."""
+
+    def conv(v: Any) -> Any:
+        if type(v) is not kind:
+            raise Fallback
+        return v
+
+    return conv
+
+
 Enc = Callable[[Any], Any]
 
 
@@ -224,21 +235,9 @@ class Decoder:
         """Converter for one repeated/map element (None: message, handled apart)."""
         t = fd.type
         if t == FD.TYPE_STRING:
-
-            def conv(v: Any) -> Any:
-                if type(v) is not str:
-                    raise Fallback
-                return v
-
-            return conv
+            return _exactly(str)
         if t == FD.TYPE_BOOL:
-
-            def conv(v: Any) -> Any:
-                if type(v) is not bool:
-                    raise Fallback
-                return v
-
-            return conv
+            return _exactly(bool)
         if t in _INT32 or t in _INT64:
 
             def conv(v: Any) -> Any:

@@ -31,7 +31,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2
-from google.rpc import status_pb2
 
 from meshkit.errors import ConfigError
 from meshkit.gateway.config import GatewayOptions
@@ -45,7 +44,7 @@ from meshkit.gateway.errors import (
     GatewayError,
     http_status_for,
     metadata_headers,
-    status_body,
+    send_status,
     status_from_rpc_error,
 )
 from meshkit.gateway.metadata import RequestHeaders, read_headers
@@ -286,11 +285,11 @@ class GatewayState:
         extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """Answer with a gateway error's Status JSON."""
-        await _send_status(
+        await send_status(
             send,
             err.http_status,
             err.to_status(),
-            self.catalog,
+            self.catalog.pool,
             [*err.headers, *self.request_id_header(hdrs), *extra],
         )
 
@@ -307,7 +306,7 @@ class GatewayState:
         status = http_status_for(st.code)
         if status == 401:
             extra.append((b"www-authenticate", b"Bearer"))
-        await _send_status(send, status, st, self.catalog, extra)
+        await send_status(send, status, st, self.catalog.pool, extra)
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -316,21 +315,29 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-async def _send_status(
+async def serve_lifespan(
+    receive: Receive,
     send: Send,
-    http_status: int,
-    st: status_pb2.Status,
-    catalog: Catalog | None,
-    extra: Sequence[tuple[bytes, bytes]],
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]],
+    logger: logging.Logger,
 ) -> None:
-    body = status_body(st, catalog.pool if catalog else None)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    """The ASGI lifespan protocol around ``startup`` and ``shutdown``: a failed startup
+    is logged and reported to the server, which then refuses to serve."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            try:
+                await startup()
+            except Exception as exc:
+                logger.exception("startup failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 # --------------------------------------------------------------------------- the app
@@ -417,26 +424,19 @@ class GatewayApp:
                 asyncio.get_running_loop().create_task(state.upstreams.close(grace=1.0))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
+        async def startup() -> None:
+            for fn in self.on_startup:
+                await fn()
+
+        async def shutdown() -> None:
+            for fn in self.on_shutdown:
                 try:
-                    for fn in self.on_startup:
-                        await fn()
-                except Exception as exc:
-                    log.exception("gateway startup failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                for fn in self.on_shutdown:
-                    try:
-                        await fn()
-                    except Exception:
-                        log.exception("gateway shutdown hook failed")
-                await self.state.upstreams.close(grace=1.0)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+                    await fn()
+                except Exception:
+                    log.exception("gateway shutdown hook failed")
+            await self.state.upstreams.close(grace=1.0)
+
+        await serve_lifespan(receive, send, startup, shutdown, log)
 
     def reload(self, state: GatewayState) -> None:
         """Swap in a new snapshot; in-flight requests finish on the old one, whose

@@ -70,6 +70,18 @@ FORWARDED_PREFIX = b"grpc-metadata-x-jwt-"
 API_KEY_NAME_HEADER = b"grpc-metadata-x-api-key-name"
 
 
+def bearer_token(authorization: str | bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value (scheme case-insensitive),
+    or None for any other scheme or an empty token. Shared by the edge, its admin
+    endpoint and the gRPC server interceptor, so all three read the header alike."""
+    if authorization is None:
+        return None
+    text = authorization.decode("latin-1") if isinstance(authorization, bytes) else authorization
+    scheme, _, rest = text.partition(" ")
+    token = rest.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class AuthError(Exception):
     """Authentication (401) or authorization (403) failed; ``reason`` is safe to show."""
 
@@ -293,8 +305,7 @@ class AuthConfig:
             settings = JwtSettings(
                 issuer=get_str_list(j, "issuer", jp),
                 audience=get_str_list(j, "audience", jp),
-                # parse_duration refuses 0; "no leeway" is a valid choice here.
-                leeway=0.0 if j.get("leeway") in (None, 0) else get_duration(j, "leeway", jp),
+                leeway=get_duration(j, "leeway", jp, 0.0, positive=False),
                 require=get_str_list(j, "require", jp) or ("exp",),
                 forward_claims=get_str_list(j, "forward_claims", jp),
             )
@@ -525,12 +536,7 @@ class AuthMiddleware:
     def authenticate(self, scope: Scope) -> Principal | None:
         """The verified caller (None if the route needs nobody); raise :class:`AuthError`."""
         policy = self.policy
-        authz = header(scope, b"authorization")
-        token: str | None = None
-        if authz is not None:
-            scheme, _, rest = authz.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and rest.strip():
-                token = rest.strip()
+        token = bearer_token(header(scope, b"authorization"))
         presented = header(scope, self._key_header)
         key: str | None = presented.decode("latin-1") if presented is not None else None
         if key is None and self._key_query:

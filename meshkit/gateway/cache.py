@@ -163,11 +163,12 @@ class CacheMiddleware:
         self.name = name
         self.on_result = on_result
         self._vary = tuple(h.encode() for h in rule.vary)
+        self._name = name.encode()
 
     def key(self, scope: Scope) -> bytes:
         """The cache key for a request."""
         parts = [
-            self.name.encode(),
+            self._name,
             scope.get("raw_path") or scope["path"].encode(),
             scope.get("query_string", b""),
         ]

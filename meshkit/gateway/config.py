@@ -23,31 +23,25 @@ Example ``gateway.yaml``::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from meshkit.config import parse_duration as _parse_duration
 from meshkit.errors import ConfigError
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
-
-def parse_duration(value: Any, path: str) -> float:
-    """``"250ms"``, ``"30s"``, ``"5m"``, or a number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"expected a duration such as '30s', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value).strip())
-        if not m:
-            raise ConfigError(path, f"expected a duration such as '30s' or '250ms', got {value!r}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise ConfigError(path, f"expected a positive duration, got {value!r}")
+def parse_duration(value: Any, path: str, *, positive: bool = True) -> float:
+    """Seconds from ``"250ms"``, ``"30s"``, ``"1m30s"`` or a number, parsed by
+    :func:`meshkit.config.parse_duration` (one duration grammar for every config);
+    ``positive`` also refuses zero, which a timeout or TTL never means."""
+    seconds = _parse_duration(value, path)
+    if positive and seconds <= 0:
+        shown = json.dumps(value) if isinstance(value, str | int | float) else repr(value)
+        raise ConfigError(path, f"expected a duration > 0, got {shown}")
     return seconds
 
 
@@ -135,25 +129,41 @@ class GatewayConfig:
     edge: Mapping[str, Any] | None = None
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file."""
+def read_yaml(path: Path) -> Any:
+    """A YAML file's document (empty is ``{}``); an unreadable file is a ConfigError."""
     import yaml
 
-    p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError("", f"cannot load: {exc}", source=str(p)) from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError("", "expected a mapping at the top level", source=str(p))
-    unknown = set(raw) - {"gateway", "upstreams", "policy", "edge"}
-    if unknown:
-        raise ConfigError(
-            sorted(unknown)[0],
-            "unknown key; expected gateway, upstreams, policy or edge",
-            source=str(p),
-        )
+        raise ConfigError("", f"cannot load: {exc}", source=str(path)) from exc
+
+
+@contextlib.contextmanager
+def config_source(source: str | None) -> Iterator[None]:
+    """ConfigErrors raised in the block also name ``source`` (the file), once."""
     try:
+        yield
+    except ConfigError as exc:
+        if not source or exc.source is not None:
+            raise
+        prefix = f"{exc.path}: "
+        message = exc.message[len(prefix) :] if exc.message.startswith(prefix) else exc.message
+        raise ConfigError(exc.path, message, source=source) from exc
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file."""
+    p = Path(path)
+    raw = read_yaml(p)
+    with config_source(str(p)):
+        if not isinstance(raw, Mapping):
+            raise ConfigError("", "expected a mapping at the top level")
+        unknown = set(raw) - {"gateway", "upstreams", "policy", "edge"}
+        if unknown:
+            raise ConfigError(
+                sorted(unknown)[0], "unknown key; expected gateway, upstreams, policy or edge"
+            )
         options = GatewayOptions.from_mapping(raw.get("gateway") or {})
         ups = raw.get("upstreams") or {}
         if not isinstance(ups, Mapping) or not all(isinstance(v, str) for v in ups.values()):
@@ -163,9 +173,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         policy = raw.get("policy")
         if policy is not None and not isinstance(policy, Mapping):
             raise ConfigError("policy", "expected a mapping")
-    except ConfigError as exc:
-        raise ConfigError(exc.path, exc.message.split(": ", 1)[-1], source=str(p)) from exc
-    edge = raw.get("edge")
-    if edge is not None and not isinstance(edge, Mapping):
-        raise ConfigError("edge", "expected a mapping", source=str(p))
+        edge = raw.get("edge")
+        if edge is not None and not isinstance(edge, Mapping):
+            raise ConfigError("edge", "expected a mapping")
     return GatewayConfig(options=options, upstreams=dict(ups), policy=policy, edge=edge)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from meshkit.gateway._edge_asgi import ASGIApp, Message, Receive, Scope, Send, header
+from meshkit.gateway._edge_asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
 from meshkit.gateway._edge_cfg import get_bool, get_int, get_str_list, section
+from meshkit.gateway.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +95,10 @@ class CorsMiddleware:
                 and scope["method"] == "OPTIONS"
                 and header(scope, b"access-control-request-method")
             ):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 403,
-                        "headers": [(b"content-length", b"0")],
-                    }
+                # Refused like every other edge error: a Status body the client can parse.
+                await send_error(
+                    send, GatewayError("PERMISSION_DENIED", "origin not allowed by the CORS policy")
                 )
-                await send({"type": "http.response.body", "body": b""})
                 return
             await self.app(scope, receive, send)
             return

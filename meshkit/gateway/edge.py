@@ -36,8 +36,15 @@ from meshkit.gateway._edge_asgi import (
     send_error,
     send_json,
 )
-from meshkit.gateway.app import DescriptorSource, GatewayApp, Route, create_app, load_catalog
-from meshkit.gateway.auth import Authenticator, AuthMiddleware, AuthPolicy
+from meshkit.gateway.app import (
+    DescriptorSource,
+    GatewayApp,
+    Route,
+    create_app,
+    load_catalog,
+    serve_lifespan,
+)
+from meshkit.gateway.auth import Authenticator, AuthMiddleware, AuthPolicy, bearer_token
 from meshkit.gateway.balancing import BalancedUpstream
 from meshkit.gateway.bff import BffApp, Composite
 from meshkit.gateway.cache import CacheMiddleware, ResponseCache
@@ -178,26 +185,18 @@ class ProfileRuntime:
             inner = CorsMiddleware(inner, profile.cors)
         self.app = inner
         self.catalog = catalog
+        self._openapi: bytes | None = None
 
     def openapi(self) -> bytes:
-        """This profile's OpenAPI document (paths under its prefix, its auth schemes)."""
-        config, profile = self.config, self.profile
-        return openapi_json(
-            self.catalog,
-            title=f"meshkit gateway ({profile.name})",
-            proto_names=config.options.proto_names,
-            fallback_routes=config.options.fallback_routes,
-            security=[
-                s
-                for s, on in (
-                    ("bearer", config.auth.jwt is not None),
-                    ("api_key", bool(config.auth.api_keys)),
-                )
-                if on
-            ],
-            api_key_header=config.auth.api_key_header,
-            path_prefix=profile.prefix,
-        )
+        """This profile's OpenAPI document (paths under its prefix, its auth schemes),
+        generated on first use; a reload builds a new runtime, so it never goes stale."""
+        if self._openapi is None:
+            self._openapi = openapi_json(
+                self.catalog,
+                title=f"meshkit gateway ({self.profile.name})",
+                **self.config.openapi_options(self.profile),
+            )
+        return self._openapi
 
     def wrap(
         self, name: str, policy: RoutePolicy, app: ASGIApp, streaming: bool = False
@@ -433,8 +432,7 @@ class _AdminMiddleware:
                     ),
                 )
                 return
-            authz = header(scope, b"authorization") or b""
-            token = authz[7:].strip() if authz[:7].lower() == b"bearer " else b""
+            token = (bearer_token(header(scope, b"authorization")) or "").encode("latin-1")
             if not hmac.compare_digest(hashlib.sha256(token).digest(), want):
                 await send_error(
                     send,
@@ -466,20 +464,7 @@ class _Lifespan:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                try:
-                    await self.edge.startup()
-                except Exception as exc:
-                    log.exception("edge startup failed")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await self.edge.shutdown()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send, self.edge.startup, self.edge.shutdown, log)
 
 
 def create_edge_app(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -129,6 +129,27 @@ def status_json(
 def status_body(st: status_pb2.Status, pool: descriptor_pool.DescriptorPool | None = None) -> bytes:
     """Serialized :func:`status_json`."""
     return json.dumps(status_json(st, pool), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def send_status(
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    http_status: int,
+    st: status_pb2.Status,
+    pool: descriptor_pool.DescriptorPool | None = None,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer an ASGI HTTP request with ``st`` as its ``google.rpc.Status`` JSON body.
+
+    The one place an error response is written, for the transcoder and the edge alike.
+    """
+    body = status_body(st, pool)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def http_status_for(code_number: int) -> int:

@@ -58,13 +58,13 @@ from pathlib import Path
 from typing import Any
 
 from meshkit.errors import ConfigError
-from meshkit.gateway._edge_cfg import Selector, get_int, get_list, get_str, section
+from meshkit.gateway._edge_cfg import Selector, get_bool, get_int, get_list, get_str, section
 from meshkit.gateway.auth import AuthConfig, AuthPolicy
 from meshkit.gateway.balancing import UpstreamSpec
 from meshkit.gateway.bff import CompositeSpec
 from meshkit.gateway.cache import CacheRule
 from meshkit.gateway.canary import CanarySpec
-from meshkit.gateway.config import GatewayOptions
+from meshkit.gateway.config import GatewayOptions, config_source, read_yaml
 from meshkit.gateway.cors import CorsConfig
 from meshkit.gateway.ratelimit import RateLimitRule
 from meshkit.gateway.shaping import ShapingRule
@@ -197,21 +197,32 @@ class EdgeConfig:
     access_log: bool = True
     source: str | None = None
 
+    def openapi_options(self, profile: Profile | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`~meshkit.gateway.openapi.generate_openapi` that
+        this config decides: JSON naming, fallback routes, the auth schemes in use and,
+        for a ``profile``, its path prefix."""
+        auth = self.auth
+        out: dict[str, Any] = {
+            "proto_names": self.options.proto_names,
+            "fallback_routes": self.options.fallback_routes,
+            "security": [
+                s
+                for s, on in (("bearer", auth.jwt is not None), ("api_key", bool(auth.api_keys)))
+                if on
+            ],
+            "api_key_header": auth.api_key_header,
+        }
+        if profile is not None:
+            out["path_prefix"] = profile.prefix
+        return out
+
     @classmethod
     def from_mapping(
         cls, raw: Any, *, base_dir: Path | None = None, source: str | None = None
     ) -> EdgeConfig:
         """Validate a whole document (``gateway:``, ``upstreams:``, ``policy:``, ``edge:``)."""
-        try:
+        with config_source(source):
             return cls._from_mapping(raw, base_dir, source)
-        except ConfigError as exc:
-            if source and exc.source is None:
-                raise ConfigError(
-                    exc.path,
-                    exc.message.split(": ", 1)[-1] if exc.path else exc.message,
-                    source=source,
-                ) from exc
-            raise
 
     @classmethod
     def _from_mapping(cls, raw: Any, base_dir: Path | None, source: str | None) -> EdgeConfig:
@@ -314,13 +325,8 @@ class EdgeConfig:
                 token = b""
             if len(token) != 32:
                 raise ConfigError("edge.admin.token_sha256", "expected 64 hex digits")
-        metrics = e.get("metrics", True)
-        access = e.get("access_log", True)
-        if not isinstance(metrics, bool) or not isinstance(access, bool):
-            raise ConfigError(
-                "edge.metrics" if not isinstance(metrics, bool) else "edge.access_log",
-                "expected true or false",
-            )
+        metrics = get_bool(e, "metrics", "edge", True)
+        access = get_bool(e, "access_log", "edge", True)
         return cls(
             ups,
             services,
@@ -338,11 +344,5 @@ class EdgeConfig:
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
     """Read and validate ``gateway.yaml`` (key files resolve relative to it)."""
-    import yaml
-
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError("", f"cannot load: {exc}", source=str(p)) from exc
-    return EdgeConfig.from_mapping(raw, base_dir=p.parent, source=str(p))
+    return EdgeConfig.from_mapping(read_yaml(p), base_dir=p.parent, source=str(p))

@@ -101,6 +101,18 @@ _CTYPES = {
 }
 
 
+async def _surface_feed_error(
+    feeder: asyncio.Task[None] | None, feed_error: list[BaseException]
+) -> None:
+    """After a call failed: let the request feeder finish, and raise its error (a bad
+    request line) instead of the CANCELLED it caused, so the client sees the real cause."""
+    if feeder is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+    if feed_error and isinstance(feed_error[0], GatewayError):
+        raise feed_error[0] from None
+
+
 async def serve_http_stream(
     state: GatewayState, b: Binding, scope: Scope, receive: Receive, send: Send
 ) -> None:
@@ -151,11 +163,7 @@ async def serve_http_stream(
             try:
                 resp = await call
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                if feeder is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await feeder
-                if feed_error and isinstance(feed_error[0], GatewayError):
-                    raise feed_error[0] from None
+                await _surface_feed_error(feeder, feed_error)
                 raise
             if feeder is not None:
                 await feeder
@@ -179,11 +187,7 @@ async def serve_http_stream(
         except StopAsyncIteration:
             first = None
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
-            if feeder is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
-            if feed_error and isinstance(feed_error[0], GatewayError):
-                raise feed_error[0] from None
+            await _surface_feed_error(feeder, feed_error)
             raise
         headers = [
             (b"content-type", _CTYPES[fmt]),

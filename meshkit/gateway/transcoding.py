@@ -17,31 +17,14 @@ from urllib.parse import parse_qsl
 
 from google.api import http_pb2
 from google.protobuf import descriptor_pool, json_format
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from meshkit.gateway._fastjson import Decoder, Encoder, Fallback
+from meshkit.gateway._fastjson import _WRAPPERS, FD, Decoder, DescT, Encoder, Fallback, FieldT
 from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import MethodInfo
 from meshkit.gateway.errors import bad_request
 from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
 
-FD = FieldDescriptor
-# Descriptor objects are typed loosely: the upb and pure-Python classes differ in the stubs.
-DescT = Any
-FieldT = Any
-
-_WRAPPERS = {
-    "google.protobuf.DoubleValue",
-    "google.protobuf.FloatValue",
-    "google.protobuf.Int64Value",
-    "google.protobuf.UInt64Value",
-    "google.protobuf.Int32Value",
-    "google.protobuf.UInt32Value",
-    "google.protobuf.BoolValue",
-    "google.protobuf.StringValue",
-    "google.protobuf.BytesValue",
-}
 _STRING_WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
 _WKT = (
     _WRAPPERS
@@ -513,27 +496,20 @@ class Transcoder:
             text = query.decode("utf-8")
         except UnicodeDecodeError:
             raise bad_request("query string is not valid UTF-8") from None
+        pairs: list[tuple[str, str]]
         if "%" not in text and "+" not in text:
             # The common case needs no unquoting: split by hand, as parse_qsl would.
-            grouped: dict[str, list[str]] = {}
-            for part in text.split("&"):
-                if part:
-                    k, _, v = part.partition("=")
-                    grouped.setdefault(k, []).append(v)
-            for k, values in grouped.items():
-                setter = self.query_setter(b, k)
-                if setter is not None:
-                    setter(msg, values)
-            return
-        try:
-            pairs = parse_qsl(text, keep_blank_values=True, errors="strict", encoding="utf-8")
-        except UnicodeDecodeError:
-            raise bad_request("query string is not valid UTF-8") from None
-        except ValueError as exc:
-            raise bad_request(f"malformed query string: {exc}") from None
-        if not pairs:
-            return
-        grouped = {}
+            pairs = [
+                (k, v) for k, _, v in (part.partition("=") for part in text.split("&") if part)
+            ]
+        else:
+            try:
+                pairs = parse_qsl(text, keep_blank_values=True, errors="strict", encoding="utf-8")
+            except UnicodeDecodeError:
+                raise bad_request("query string is not valid UTF-8") from None
+            except ValueError as exc:
+                raise bad_request(f"malformed query string: {exc}") from None
+        grouped: dict[str, list[str]] = {}
         for k, v in pairs:
             grouped.setdefault(k, []).append(v)
         for k, values in grouped.items():

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError
+from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError, bearer_token
 
 _claims: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "meshkit_jwt_claims", default=None
@@ -54,9 +54,7 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         token = None
         for key, value in details.invocation_metadata or ():
             if key == "authorization" and isinstance(value, str):
-                scheme, _, rest = value.partition(" ")
-                if scheme.lower() == "bearer":
-                    token = rest.strip()
+                token = bearer_token(value)
         reason: str | None = None
         claims: Mapping[str, Any] | None = None
         code = grpc.StatusCode.UNAUTHENTICATED

@@ -70,6 +70,7 @@ class Bulkhead(EventEmitter):
     ) -> None:
         super().__init__()
         self.config = config if config is not None else BulkheadConfig()
+        self._max = self.config.max_concurrent  # the config is frozen; read per call
         self.name = name
         self._clock = clock
         self._lock = threading.Lock()
@@ -98,7 +99,7 @@ class Bulkhead(EventEmitter):
         """Take a permit if one is free now; never waits."""
         with self._lock:
             # Queued asyncio waiters go first (FIFO fairness).
-            if self._in_flight < self.config.max_concurrent and not self._async_waiters:
+            if self._in_flight < self._max and not self._async_waiters:
                 self._in_flight += 1
                 return True
             self._rejected += 1

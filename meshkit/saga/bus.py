@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import nats
@@ -428,7 +428,6 @@ class ConsumerStats:
     pulls: int = 0
     recoveries: int = 0
     last_error: str = ""
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class PullConsumer:
@@ -580,10 +579,22 @@ class PullConsumer:
         except Exception as exc:
             self.stats.errors += 1
             self.stats.last_error = repr(exc)
-            log.warning("consumer %s: handler failed: %r", self.durable, exc)
             deliveries = 1
             with contextlib.suppress(Exception):
                 deliveries = msg.metadata.num_delivered
+            if deliveries >= self.spec.max_deliver:
+                # The server will not deliver it again: say so loudly. Handlers that
+                # must not lose a message dead-letter it themselves (participants do).
+                log.error(
+                    "consumer %s: handler failed on the last of %d deliveries of %s; "
+                    "the message is dropped: %r",
+                    self.durable,
+                    deliveries,
+                    msg.subject,
+                    exc,
+                )
+            else:
+                log.warning("consumer %s: handler failed: %r", self.durable, exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.spec.nak_delay(deliveries))
         finally:

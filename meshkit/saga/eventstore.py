@@ -655,6 +655,14 @@ async def read_batches(
                     return
                 seq = got[-1].seq + 1
         except _NoDirect:
+            # "No responders" also answers while a restarting server's JetStream is
+            # not up yet: fall back for good only when the stream really lacks direct
+            # gets, otherwise fail this read (callers retry) and stay on the fast path.
+            if await _allows_direct(nc, stream, wait_s):
+                raise EventStoreError(
+                    f"reading {subject} from stream {stream}: direct get has no responders "
+                    "(server starting?)"
+                ) from None
             no_direct.add(stream)
             log.info("stream %s has no direct get; reading through a consumer", stream)
     async for chunk in _consumer_batches(nc, stream, subject, start_seq, batch, wait_s):
@@ -663,6 +671,14 @@ async def read_batches(
 
 class _NoDirect(Exception):
     pass
+
+
+async def _allows_direct(nc: NATS, stream: str, wait_s: float) -> bool:
+    try:
+        info = await nc.jetstream(timeout=wait_s).stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        raise EventStoreError(f"stream {stream} not found") from None
+    return bool(info.config.allow_direct)
 
 
 async def _direct_batch(

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import nats.js.errors
 
+from meshkit.saga._locks import KeyedLocks
+
 __all__ = ["Inbox", "KvInbox", "MemoryInbox", "Outbound", "SqliteInbox"]
 
 
@@ -176,11 +178,13 @@ class SqliteInbox:
                     conn.execute("RELEASE meshkit_event")
                     seen[key] = outputs
                     results.append((fut, (outputs, False), True))
+                # Inside the try: a failed COMMIT (disk full, I/O error) leaves the
+                # transaction open, and every later BEGIN would fail on it.
+                conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             self.commits += 1
         for fut, value, ok in results:
             if fut.done():
@@ -200,7 +204,7 @@ class KvInbox:
 
     def __init__(self, kv: Any) -> None:
         self.kv = kv
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
 
     @staticmethod
     def _key(key: str) -> str:
@@ -209,17 +213,12 @@ class KvInbox:
 
     async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
         k = self._key(key)
-        lock = self._locks.setdefault(k, asyncio.Lock())
-        try:
-            async with lock:
-                try:
-                    entry = await self.kv.get(k)
-                    return decode_outputs(entry.value or b""), True
-                except nats.js.errors.KeyNotFoundError:
-                    pass
-                outputs = await work(None)
-                await self.kv.put(k, encode_outputs(outputs))
-                return outputs, False
-        finally:
-            if not lock.locked():
-                self._locks.pop(k, None)
+        async with self._locks.hold(k):
+            try:
+                entry = await self.kv.get(k)
+                return decode_outputs(entry.value or b""), True
+            except nats.js.errors.KeyNotFoundError:
+                pass
+            outputs = await work(None)
+            await self.kv.put(k, encode_outputs(outputs))
+            return outputs, False

@@ -49,13 +49,15 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
 from nats.js import api
 
-from meshkit.errors import ConfigError, MeshkitError
+from meshkit.errors import ConfigError
 from meshkit.saga.bus import ConsumerSpec, EventBus
-from meshkit.saga.envelope import Envelope, derive_event_id, type_name
+from meshkit.saga.dlq import dead_letter
+from meshkit.saga.envelope import MSG_ID, Envelope, EnvelopeError, derive_event_id, type_name
+from meshkit.saga.participant import PermanentError
 
 __all__ = [
     "Command",
@@ -77,10 +79,6 @@ COMMAND = "Meshkit-Command"
 REPLY_TO = "Meshkit-Reply-To"
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class OrchestratorError(MeshkitError):
-    code = "FAILED_PRECONDITION"
 
 
 # -- the definition ----------------------------------------------------------
@@ -450,6 +448,10 @@ class Orchestrator:
             "recovered": 0,
         }
 
+    @property
+    def _durable(self) -> str:
+        return f"orch-{self.definition.name}"
+
     def _key(self, saga_id: str) -> str:
         return f"{self.definition.name}.{saga_id}"
 
@@ -463,7 +465,7 @@ class Orchestrator:
         await self.recover()
         self._consumer = self.bus.consumer(
             self.config.stream,
-            f"orch-{self.definition.name}",
+            self._durable,
             self._on_reply,
             filter_subjects=[f"{self.config.prefix}.reply.{self.definition.name}.>"],
             spec=self.config.consumer,
@@ -580,9 +582,10 @@ class Orchestrator:
     async def _on_reply(self, msg: Msg) -> None:
         try:
             env = Envelope.from_headers(msg.headers)
-        except Exception as exc:
-            log.warning("orchestrator %s: bad reply on %s: %s", self.name, msg.subject, exc)
-            await msg.term()
+        except EnvelopeError as exc:
+            await dead_letter(
+                self.bus, msg, reason=f"invalid envelope: {exc}", consumer=self._durable
+            )
             return
         event = self.definition.event_name(env.event_type)
         saga_id = env.saga_id or msg.subject.rsplit(".", 1)[-1]
@@ -666,7 +669,7 @@ class Orchestrator:
             raw = await self.bus.js.get_msg(self.config.stream, subject=cmd.subject, direct=True)
         except nats.js.errors.NotFoundError:
             return False
-        return bool(raw.headers and raw.headers.get("Nats-Msg-Id") == cmd.command_id)
+        return bool(raw.headers and raw.headers.get(MSG_ID) == cmd.command_id)
 
     async def recover(self) -> int:
         """Finish every transition a crash interrupted (pending, unsent commands)."""
@@ -821,42 +824,68 @@ class CommandParticipant:
         cfg = config or OrchestratorConfig()
         await ensure_orchestration(bus, cfg)
         self._bus = bus
+        consumer_spec = spec or ConsumerSpec(ack_wait=10.0)
+        durable = f"cmd-{self.name}"
+
+        async def give_up(msg: Msg, reason: str) -> None:
+            # A command nobody can execute must stay visible and replayable: a
+            # silently dropped one would leave its saga waiting forever.
+            await dead_letter(bus, msg, reason=reason, consumer=durable)
 
         async def handle(msg: Msg) -> None:
-            env = Envelope.from_headers(msg.headers)
+            try:
+                env = Envelope.from_headers(msg.headers)
+            except EnvelopeError as exc:
+                await give_up(msg, f"invalid envelope: {exc}")
+                return
             entry = self._handlers.get(env.event_type)
             if entry is None:
-                log.warning("%s: no handler for command %s; dropped", self.name, env.event_type)
-                await msg.term()
+                await give_up(msg, f"{self.name} has no handler for command {env.event_type}")
                 return
             cls, fn = entry
-            cmd = cls()
-            cmd.ParseFromString(msg.data)
+            try:
+                cmd = cls.FromString(msg.data)
+            except (DecodeError, ValueError) as exc:
+                await give_up(msg, f"undecodable {env.event_type} payload: {exc}")
+                return
             deliveries = 1
             with contextlib.suppress(Exception):
                 deliveries = int(msg.metadata.num_delivered)
-            reply = await fn(cmd, CommandContext(env, self.name, deliveries))
-            reply_to = (msg.headers or {}).get(REPLY_TO) or cfg.reply_subject(
-                env.saga_type, env.saga_id
-            )
-            out = env.caused(
-                reply, event_id=derive_event_id(env.event_id, self.name, 0), source=self.name
-            )
-            await bus.publish_raw(reply_to, reply.SerializeToString(), out.to_headers())
+            try:
+                reply = await fn(cmd, CommandContext(env, self.name, deliveries))
+                reply_to = (msg.headers or {}).get(REPLY_TO) or cfg.reply_subject(
+                    env.saga_type, env.saga_id
+                )
+                out = env.caused(
+                    reply, event_id=derive_event_id(env.event_id, self.name, 0), source=self.name
+                )
+                await bus.publish_raw(reply_to, reply.SerializeToString(), out.to_headers())
+            except PermanentError as exc:
+                await give_up(msg, f"{self.name} rejected {env.event_type}: {exc}")
+                return
+            except Exception as exc:
+                if deliveries >= consumer_spec.max_deliver:
+                    await give_up(
+                        msg,
+                        f"{self.name} failed {env.event_type} {deliveries} times "
+                        f"(max_deliver); last error: {exc!r}",
+                    )
+                    return
+                raise  # the consumer naks it with the spec's backoff
             await msg.ack()
 
         self._consumer = bus.consumer(
             cfg.stream,
-            f"cmd-{self.name}",
+            durable,
             handle,
             filter_subjects=[f"{cfg.prefix}.cmd.{self.name}.>"],
-            spec=spec or ConsumerSpec(ack_wait=10.0),
+            spec=consumer_spec,
         )
         await self._consumer.start()
         return self
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop following replies, letting in-flight transitions finish for ``grace`` seconds."""
+        """Stop taking commands, letting in-flight ones finish for ``grace`` seconds."""
         if self._consumer is not None:
             await self._consumer.stop(grace)
             self._consumer = None

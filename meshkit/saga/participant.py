@@ -42,7 +42,7 @@ from meshkit.errors import MeshkitError
 from meshkit.saga import _telemetry
 from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
 from meshkit.saga.dlq import dead_letter
-from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, type_name
+from meshkit.saga.envelope import EVENT_TYPE, Envelope, EnvelopeError, derive_event_id, type_name
 from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound
 
 __all__ = ["Context", "HandlerSpec", "Participant", "PermanentError", "RunningParticipant"]
@@ -245,10 +245,11 @@ class RunningParticipant:
         await self.consumer.stop(grace)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        self.stats.dead_lettered += 1
-        etype = (msg.headers or {}).get("Meshkit-Event-Type", "")
-        _telemetry.saga_metrics().event(self.participant.durable, etype, "dead_lettered")
         await dead_letter(self.bus, msg, reason=reason, consumer=self.participant.durable)
+        # Counted once it is in the dead-letter stream, so the count can be waited on.
+        self.stats.dead_lettered += 1
+        etype = (msg.headers or {}).get(EVENT_TYPE, "")
+        _telemetry.saga_metrics().event(self.participant.durable, etype, "dead_lettered")
 
     async def _handle(self, msg: Msg) -> None:
         p = self.participant
@@ -330,6 +331,21 @@ class RunningParticipant:
         p = self.participant
         try:
             outputs, duplicate = await self.inbox.run_once(f"{p.name}/{env.event_id}", work)
+            # Committed: from here a failure (NATS down past publish_retry) is retried
+            # like a handler error; the redelivery is a duplicate that republishes the
+            # recorded outputs, and at max_deliver the event is dead-lettered rather
+            # than dropped with its outputs unpublished.
+            if self._after_commit is not None:
+                await self._after_commit(env)
+            if outputs:
+                remaining = meshkit.deadline.remaining()
+                deadline_ms = int(remaining * 1000) if remaining is not None else None
+                if len(outputs) == 1:
+                    await self._publish(env, outputs[0], deadline_ms)
+                else:
+                    await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
+                self.stats.emitted += len(outputs)
+                _telemetry.saga_metrics().emit(p.durable, len(outputs))
         except PermanentError as exc:
             await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
             return None
@@ -346,17 +362,6 @@ class RunningParticipant:
             log.info("%s failed on %s (delivery %d): %r", spec.name, env.event_id, deliveries, exc)
             await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
             return None
-        if self._after_commit is not None:
-            await self._after_commit(env)
-        if outputs:
-            remaining = meshkit.deadline.remaining()
-            deadline_ms = int(remaining * 1000) if remaining is not None else None
-            if len(outputs) == 1:
-                await self._publish(env, outputs[0], deadline_ms)
-            else:
-                await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
-            self.stats.emitted += len(outputs)
-            _telemetry.saga_metrics().emit(p.durable, len(outputs))
         return duplicate
 
     async def _publish(self, cause: Envelope, out: Outbound, deadline_ms: int | None) -> None:

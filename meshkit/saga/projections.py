@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
@@ -99,7 +99,6 @@ class ProjectorStats:
     conflicts: int = 0
     errors: int = 0
     last_error: str = ""
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Projector:
@@ -130,7 +129,6 @@ class Projector:
         self.upcasters = upcasters
         self.before_commit = before_commit
         self.stats = ProjectorStats()
-        self._pending: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
@@ -181,7 +179,6 @@ class Projector:
                         events.append(ev)
                     break  # one batch per transaction
             if last == checkpoint:
-                self._pending[source.key] = 0
                 return applied
 
             def work(tx: ReadModelTx, events: list[StoredEvent] = events) -> None:
@@ -202,7 +199,6 @@ class Projector:
             applied += len(events)
             self.stats.applied += len(events)
             self.stats.batches += 1
-            self._pending[source.key] = pending
             if pending == 0:
                 return applied
 
@@ -210,7 +206,6 @@ class Projector:
         """Drop the read model and replay every source from the start."""
         async with self._lock:
             self.store.reset(self.name)
-            self._pending.clear()
         log.info("projection %s: rebuilding", self.name)
         return await self.catch_up()
 

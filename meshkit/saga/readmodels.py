@@ -100,19 +100,42 @@ class ReadModelStore(Protocol):
 
 
 class _MemoryTx:
-    """Documents kept as JSON text, exactly what SQLite stores (and cheap to copy)."""
+    """Documents kept as JSON text, exactly what SQLite stores.
 
-    def __init__(self, docs: dict[tuple[str, str], str]) -> None:
+    Writes go straight to ``docs``; with ``undo`` each touched key's first value is
+    kept there (None: absent) so a failed batch can be rolled back. Copying the
+    whole read model per batch instead would make catch-up quadratic.
+    """
+
+    def __init__(
+        self,
+        docs: dict[tuple[str, str], str],
+        undo: dict[tuple[str, str], str | None] | None = None,
+    ) -> None:
         self.docs = docs
+        self.undo = undo
+
+    def _touch(self, k: tuple[str, str]) -> None:
+        if self.undo is not None and k not in self.undo:
+            self.undo[k] = self.docs.get(k)
+
+    def rollback(self) -> None:
+        for k, raw in (self.undo or {}).items():
+            if raw is None:
+                self.docs.pop(k, None)
+            else:
+                self.docs[k] = raw
 
     def get(self, collection: str, key: str) -> Doc | None:
         raw = self.docs.get((collection, key))
         return json.loads(raw) if raw is not None else None
 
     def put(self, collection: str, key: str, doc: Doc) -> None:
+        self._touch((collection, key))
         self.docs[(collection, key)] = json.dumps(doc, sort_keys=True)
 
     def delete(self, collection: str, key: str) -> None:
+        self._touch((collection, key))
         self.docs.pop((collection, key), None)
 
     def find(self, collection: str, **equals: Any) -> list[Doc]:
@@ -150,9 +173,12 @@ class MemoryReadModelStore:
             for source, seq in expected.items():
                 if current.get(source, 0) != seq:
                     raise CheckpointMoved(projection, source, seq, current.get(source, 0))
-            staged = dict(self._docs.get(projection, {}))
-            work(_MemoryTx(staged))
-            self._docs[projection] = staged
+            tx = _MemoryTx(self._docs.setdefault(projection, {}), {})
+            try:
+                work(tx)
+            except BaseException:
+                tx.rollback()
+                raise
             self._checkpoints[projection] = {**current, **new}
 
     def reset(self, projection: str) -> None:
@@ -259,10 +285,7 @@ class SqliteReadModelStore:
 
     def checkpoints(self, projection: str) -> dict[str, int]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT source, seq FROM meshkit_checkpoints WHERE projection=?", (projection,)
-            ).fetchall()
-        return {str(s): int(q) for s, q in rows}
+            return self._checkpoints_in(self._conn, projection)
 
     @staticmethod
     def _checkpoints_in(conn: sqlite3.Connection, projection: str) -> dict[str, int]:

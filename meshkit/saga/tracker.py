@@ -32,9 +32,17 @@ from nats.aio.msg import Msg
 
 from meshkit._pb.meshkit.v1 import saga_pb2
 from meshkit.saga import _telemetry
+from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
-from meshkit.saga.dlq import DLQ_STREAM, REASON
-from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, now_ms, type_name
+from meshkit.saga.dlq import CONSUMER, DLQ_STREAM, REASON
+from meshkit.saga.envelope import (
+    SAGA_ID,
+    Envelope,
+    EnvelopeError,
+    derive_event_id,
+    now_ms,
+    type_name,
+)
 
 __all__ = [
     "FINAL_STATES",
@@ -241,9 +249,11 @@ class SagaTracker:
         self.bucket = bucket
         self.durable = durable or f"{stream.name}-meshkit-tracker"
         self.sweep_interval = sweep_interval
-        self.consumer_spec = consumer or ConsumerSpec(max_in_flight=256)
+        # Applying an event fails only while KV is unreachable: keep retrying rather
+        # than let max_deliver drop the event and freeze its saga's state.
+        self.consumer_spec = consumer or ConsumerSpec(max_in_flight=256, max_deliver=10_000)
         self.store: SagaStore | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._deadlines: dict[str, int] = {}
         self._timed_out: set[str] = set()
         self._consumers: list[PullConsumer] = []
@@ -314,71 +324,63 @@ class SagaTracker:
 
     async def _on_dead_letter(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        saga_id = headers.get("Meshkit-Saga-Id", "")
+        saga_id = headers.get(SAGA_ID, "")
         if saga_id:
             env = Envelope(
                 event_id=f"dlq-{msg.metadata.sequence.stream}",
                 event_type=DEAD_LETTER_TYPE,
                 saga_id=saga_id,
                 timestamp_ms=now_ms(),
-                source=headers.get("Meshkit-Dlq-Consumer", ""),
+                source=headers.get(CONSUMER, ""),
             )
             await self._apply(env, f"dead-lettered: {headers.get(REASON, '')}")
         await msg.ack()
 
     async def _apply(self, env: Envelope, reason: str) -> None:
         assert self.store is not None
-        lock = self._locks.setdefault(env.saga_id, asyncio.Lock())
-        try:
-            async with lock:
-                for _ in range(10):
-                    try:
-                        entry = await self.store.kv.get(env.saga_id)
-                        revision = entry.revision
-                        status = saga_pb2.SagaStatus()
-                        status.ParseFromString(entry.value or b"")
-                    except nats.js.errors.KeyNotFoundError:
-                        revision = None
-                        status = saga_pb2.SagaStatus()
-                    before = status.state
-                    if not advance(status, env, self.definition, reason=reason):
-                        return
-                    if (
-                        not status.HasField("deadline")
-                        and self.definition.timeout is not None
-                        and status.state == RUNNING
-                    ):
-                        status.deadline.FromMilliseconds(
-                            status.started_at.ToMilliseconds() + int(self.definition.timeout * 1000)
-                        )
-                    try:
-                        if revision is None:
-                            await self.store.kv.create(env.saga_id, status.SerializeToString())
-                        else:
-                            await self.store.kv.update(
-                                env.saga_id, status.SerializeToString(), last=revision
-                            )
-                    except (
-                        nats.js.errors.KeyWrongLastSequenceError,
-                        nats.js.errors.BadRequestError,
-                    ):
-                        continue  # another tracker wrote first: reload and re-apply
-                    self.updates += 1
-                    if status.state != before:
-                        _telemetry.saga_metrics().transition(
-                            status.saga_type, state_name(status.state)
-                        )
-                    if status.state in FINAL_STATES:
-                        self._deadlines.pop(env.saga_id, None)
-                        self._timed_out.discard(env.saga_id)
-                    elif status.HasField("deadline"):
-                        self._deadlines[env.saga_id] = status.deadline.ToMilliseconds()
+        async with self._locks.hold(env.saga_id):
+            for _ in range(10):
+                try:
+                    entry = await self.store.kv.get(env.saga_id)
+                    revision = entry.revision
+                    status = saga_pb2.SagaStatus()
+                    status.ParseFromString(entry.value or b"")
+                except nats.js.errors.KeyNotFoundError:
+                    revision = None
+                    status = saga_pb2.SagaStatus()
+                before = status.state
+                if not advance(status, env, self.definition, reason=reason):
                     return
-                raise RuntimeError(f"saga {env.saga_id}: too many concurrent updates")
-        finally:
-            # Drop the lock only when nobody else holds or waits for it.
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._locks.pop(env.saga_id, None)
+                if (
+                    not status.HasField("deadline")
+                    and self.definition.timeout is not None
+                    and status.state == RUNNING
+                ):
+                    status.deadline.FromMilliseconds(
+                        status.started_at.ToMilliseconds() + int(self.definition.timeout * 1000)
+                    )
+                try:
+                    if revision is None:
+                        await self.store.kv.create(env.saga_id, status.SerializeToString())
+                    else:
+                        await self.store.kv.update(
+                            env.saga_id, status.SerializeToString(), last=revision
+                        )
+                except (
+                    nats.js.errors.KeyWrongLastSequenceError,
+                    nats.js.errors.BadRequestError,
+                ):
+                    continue  # another tracker wrote first: reload and re-apply
+                self.updates += 1
+                if status.state != before:
+                    _telemetry.saga_metrics().transition(status.saga_type, state_name(status.state))
+                if status.state in FINAL_STATES:
+                    self._deadlines.pop(env.saga_id, None)
+                    self._timed_out.discard(env.saga_id)
+                elif status.HasField("deadline"):
+                    self._deadlines[env.saga_id] = status.deadline.ToMilliseconds()
+                return
+            raise RuntimeError(f"saga {env.saga_id}: too many concurrent updates")
 
     async def _sweep(self) -> None:
         while True:

@@ -250,3 +250,41 @@ async def test_orders_are_event_sourced_and_relayed_once(nats: NatsServer, tmp_p
         assert sorted(relayed) == ["shop.v1.OrderCompleted", "shop.v1.OrderCreated"]
     finally:
         await shop.stop()
+
+
+async def test_an_order_accepted_before_a_crash_still_runs_its_orchestrated_saga(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    """CreateOrder's append is the only write: a crash right after it (here, the order
+    service is down and the order was appended) must not leave an order without a saga."""
+    from examples.shop.domain import AGGREGATE, Order
+    from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
+    from examples.shop.order import order_id_for
+    from meshkit.saga import derive_event_id
+    from meshkit.saga.eventstore import EventStore, Repository
+
+    shop = await Shop(nats, tmp_path, "orchestrated").start()
+    try:
+        assert shop.bus is not None
+        await asyncio.to_thread(shop.cluster.stop_one, "order")
+        order_id = order_id_for("crash-after-append")
+        price = common_pb2.Money(currency="KRW", amount_minor=15000)
+        req = orders_pb2.CreateOrderRequest(
+            customer_id="rita",
+            items=[common_pb2.LineItem(sku="book", quantity=1, unit_price=price)],
+            shipping_address=common_pb2.Address(name="rita", city="Busan", country="KR"),
+            request_id="crash-after-append",
+        )
+        orders = Repository(EventStore(shop.bus.nc, ORDERS_STORE, source="order"), AGGREGATE, Order)
+        await orders.execute(
+            order_id,
+            lambda o: o.create(req),
+            event_ids=lambda i: derive_event_id(order_id, "order.create", i),
+            saga_id=order_id,
+            saga_type="order",
+        )
+        assert await load_status(shop.bus, order_id, saga_type="order", config=SHOP_ORCH) is None
+        await asyncio.to_thread(shop.cluster.restart, "order")
+        assert await shop.final(order_id) == "COMPLETED"
+    finally:
+        await shop.stop()

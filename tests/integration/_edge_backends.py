@@ -9,6 +9,7 @@ import collections
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from examples.shop.gen.shop.v1 import (
@@ -121,3 +122,13 @@ class ShopBackend:
     async def stop(self, grace: float | None = None) -> None:
         if self.server is not None:
             await self.server.stop(grace)
+
+
+def edge_client(app: Any, client: tuple[str, int] | None = None) -> httpx.AsyncClient:
+    """An httpx client driving an edge ASGI app in-process (``edge.asgi()`` or one profile)."""
+    transport = (
+        httpx.ASGITransport(app=app)
+        if client is None
+        else httpx.ASGITransport(app=app, client=client)
+    )
+    return httpx.AsyncClient(transport=transport, base_url="http://edge")

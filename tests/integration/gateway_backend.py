@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,15 @@ def gwtest_backend(catalog: Catalog) -> Backend:
 def load_catalog(path: Path) -> Catalog:
     fds = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
     return build_catalog(fds)
+
+
+@contextlib.asynccontextmanager
+async def serving(kind: str) -> AsyncIterator[Backend]:
+    """The ``"shop"`` or ``"gwtest"`` backend, started on a free port for the block."""
+    make = {"shop": shop_backend, "gwtest": gwtest_backend}[kind]
+    b = make(load_catalog(descriptor_sets()[kind]))
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()

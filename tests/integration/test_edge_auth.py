@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshkit.gateway.auth import hash_api_key
 from meshkit.gateway.edge import EdgeApp, create_edge_app
-from tests.integration._edge_backends import ShopBackend
+from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
 
@@ -128,9 +128,7 @@ async def edge(
 
 @pytest.fixture
 async def client(edge: EdgeApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
-    ) as c:
+    async with edge_client(edge.asgi()) as c:
         yield c
 
 
@@ -304,12 +302,20 @@ async def test_route_rate_limit_per_ip(shop_descriptor_set: Path, backend: ShopB
         },
     }
     edge = create_edge_app(cfg, shop_descriptor_set)
-    statuses = []
+    answers: list[httpx.Response] = []
     for ip in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2"):
-        transport = httpx.ASGITransport(app=edge.asgi(), client=(ip, 1234))
-        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as c:
-            statuses.append((await c.get("/v1/orders/o-1")).status_code)
-    assert statuses == [200, 200, 200, 429, 200]
+        async with edge_client(edge.asgi(), client=(ip, 1234)) as c:
+            answers.append(await c.get("/v1/orders/o-1"))
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 200]
+    refused = answers[3]
+    assert refused.headers["content-type"] == "application/json"
+    assert int(refused.headers["retry-after"]) >= 1
+    body = refused.json()
+    assert body["code"] == 8, body  # RESOURCE_EXHAUSTED
+    assert "rate limit exceeded" in body["message"]
+    [info] = body["details"]
+    assert info["@type"] == "type.googleapis.com/google.rpc.RetryInfo"
+    assert info["retryDelay"].endswith("s")
     await edge.shutdown()
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from meshkit.gateway.edge import EdgeApp, create_edge_app
-from tests.integration._edge_backends import ShopBackend
+from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
 
@@ -94,9 +94,7 @@ async def edge(backend: ShopBackend, shop_descriptor_set: Path) -> AsyncIterator
 
 @pytest.fixture
 async def client(edge: EdgeApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
-    ) as c:
+    async with edge_client(edge.asgi()) as c:
         yield c
 
 
@@ -118,7 +116,9 @@ async def test_mobile_composite_returns_the_trimmed_composed_document(
     # Request metadata reaches every call.
     assert {m.get("x-request-id") for m in backend.metadata} == {"rid-bff"}
     # The composite is only on the mobile profile.
-    assert (await client.get("/v1/orders/o-1/summary")).status_code == 404
+    r = await client.get("/v1/orders/o-1/summary")
+    assert r.status_code == 404
+    assert r.json()["code"] == 5  # NOT_FOUND, as a Status body
 
 
 async def test_failing_optional_call_gives_partial_results_and_an_error_list(
@@ -159,15 +159,20 @@ async def test_admin_reload_needs_the_token_and_reloads(
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config(backend.target)))
     edge = create_edge_app(path, shop_descriptor_set)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
-    ) as c:
+    async with edge_client(edge.asgi()) as c:
         r = await c.post("/admin/reload")
         assert r.status_code == 401
-        r = await c.post("/admin/reload", headers={"authorization": "Bearer wrong"})
-        assert r.status_code == 401
-        r = await c.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.json() == {"code": 16, "message": "admin token required", "details": []}
+        assert r.headers["www-authenticate"] == 'Bearer realm="meshkit-admin"'
+        for wrong in ("Bearer wrong", f"Basic {ADMIN_TOKEN}", f"Bearer{ADMIN_TOKEN}"):
+            r = await c.post("/admin/reload", headers={"authorization": wrong})
+            assert (r.status_code, r.json()["code"]) == (401, 16), wrong
+        assert edge.reloads == 0
+        r = await c.get("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert (r.status_code, r.headers["allow"], r.json()["code"]) == (405, "POST", 12)
+        r = await c.post("/admin/reload", headers={"authorization": f"bearer  {ADMIN_TOKEN} "})
         assert r.status_code == 200
+        assert r.json() == {"status": "reloaded"}
         assert edge.reloads == 1
         bad = config(backend.target)
         bad["edge"]["profiles"]["web"] = {
@@ -185,9 +190,7 @@ async def test_admin_reload_needs_the_token_and_reloads(
 async def test_profile_on_its_own_port_serves_without_prefix(
     edge: EdgeApp, backend: ShopBackend
 ) -> None:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=edge.app_for("mobile")), base_url="http://edge"
-    ) as c:
+    async with edge_client(edge.app_for("mobile")) as c:
         assert (await c.get("/v1/orders/o-3/summary")).status_code == 200
         assert (await c.get("/mobile/v1/orders/o-3/summary")).status_code == 200
 

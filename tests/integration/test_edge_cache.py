@@ -13,7 +13,7 @@ import pytest
 
 from meshkit.gateway.edge import EdgeApp, create_edge_app
 from meshkit.gateway.profiles import EdgeConfig
-from tests.integration._edge_backends import ShopBackend
+from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
 
@@ -69,9 +69,7 @@ async def edge(backend: ShopBackend, shop_descriptor_set: Path) -> AsyncIterator
 
 @pytest.fixture
 async def client(edge: EdgeApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge"
-    ) as c:
+    async with edge_client(edge.asgi()) as c:
         yield c
 
 
@@ -152,6 +150,12 @@ async def test_cors_preflight_and_simple_request(client: httpx.AsyncClient) -> N
     )
     assert denied.status_code == 403
     assert "access-control-allow-origin" not in denied.headers
+    assert denied.headers["content-type"] == "application/json"
+    assert denied.json() == {
+        "code": 7,  # PERMISSION_DENIED
+        "message": "origin not allowed by the CORS policy",
+        "details": [],
+    }
 
 
 async def test_ops_endpoints_access_log_and_metrics(

@@ -14,7 +14,7 @@ import pytest
 from meshkit.gateway.balancing import BalancedUpstream
 from meshkit.gateway.edge import EdgeApp, create_edge_app
 from meshkit.gateway.profiles import EdgeConfig
-from tests.integration._edge_backends import ShopBackend
+from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ async def pair() -> AsyncIterator[tuple[ShopBackend, ShopBackend]]:
 
 
 def client_for(edge: EdgeApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=edge.asgi()), base_url="http://edge")
+    return edge_client(edge.asgi())
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:

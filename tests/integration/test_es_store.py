@@ -390,3 +390,49 @@ async def test_retried_append_with_the_same_event_ids_is_idempotent(store: Event
     )
     assert batch_again.version == batch.version
     assert [e.event_id for e in await store.read("tally", agg)] == ["evt-a1", "evt-b1", "evt-b2"]
+
+
+async def test_no_responders_on_a_direct_stream_fails_the_read_without_downgrading_it(
+    nc: Any, store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a restarting server's JetStream comes up, direct gets answer "no
+    # responders": that read fails (callers retry), and later reads stay direct.
+    from meshkit.errors import MeshkitError
+    from meshkit.saga import eventstore
+
+    agg = new_id()
+    await store.append("tally", agg, [paid(1), paid(2)], expected=Version())
+    real = eventstore._direct_batch
+    calls = {"fail": 1, "direct": 0}
+
+    async def flaky(*args: Any) -> Any:
+        calls["direct"] += 1
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise eventstore._NoDirect()
+        return await real(*args)
+
+    monkeypatch.setattr(eventstore, "_direct_batch", flaky)
+    with pytest.raises(MeshkitError, match="direct get has no responders"):
+        await store.read("tally", agg)
+    assert store.stream not in eventstore._NO_DIRECT.get(nc, set())
+    assert [e.version for e in await store.read("tally", agg)] == [1, 2]
+    assert calls["direct"] == 2
+
+
+async def test_a_stream_without_direct_gets_is_read_through_a_consumer(nc: Any) -> None:
+    from nats.js import api
+
+    from meshkit.saga import eventstore
+
+    name = f"NODIRECT{new_id()}"
+    js = nc.jetstream()
+    await js.add_stream(api.StreamConfig(name=name, subjects=[f"{name.lower()}.>"]))
+    for i in range(3):
+        await js.publish(f"{name.lower()}.a", str(i).encode())
+    got = []
+    reader = eventstore.read_batches(nc, name, f"{name.lower()}.>", 1, 2, 5.0)
+    async for chunk in reader:
+        got += [(m.seq, m.data) for m in chunk]
+    assert got == [(1, b"0"), (2, b"1"), (3, b"2")]
+    assert name in eventstore._NO_DIRECT[nc]

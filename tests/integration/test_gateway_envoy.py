@@ -18,9 +18,7 @@ from meshkit.gateway import GatewayOptions, create_app
 from tests.integration.gateway_backend import (
     Backend,
     descriptor_sets,
-    gwtest_backend,
-    load_catalog,
-    shop_backend,
+    serving,
 )
 from tests.integration.gateway_envoy import Envoy, envoy_binary
 
@@ -68,18 +66,14 @@ def _body(r: httpx.Response) -> Any:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shop() -> AsyncIterator[Backend]:
-    b = shop_backend(load_catalog(descriptor_sets()["shop"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("shop") as b:
+        yield b
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def echo() -> AsyncIterator[Backend]:
-    b = gwtest_backend(load_catalog(descriptor_sets()["gwtest"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("gwtest") as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ from tests.integration.gateway_backend import (
     Backend,
     descriptor_sets,
     free_port,
-    gwtest_backend,
-    load_catalog,
-    shop_backend,
+    serving,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -26,18 +24,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shop() -> AsyncIterator[Backend]:
-    b = shop_backend(load_catalog(descriptor_sets()["shop"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("shop") as b:
+        yield b
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def echo() -> AsyncIterator[Backend]:
-    b = gwtest_backend(load_catalog(descriptor_sets()["gwtest"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("gwtest") as b:
+        yield b
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -431,7 +425,10 @@ async def test_service_split_across_upstreams(shop: Backend, echo: Backend) -> N
     )
     async with _client(app) as c:
         assert (await c.get("/v1/orders/o-1")).status_code == 200
-        assert (await c.get("/v1/inventory/sku-1")).status_code == 503
+        r = await c.get("/v1/inventory/sku-1")
+        assert r.status_code == 503
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["code"] == 14 and r.json()["message"]  # UNAVAILABLE, with a reason
 
 
 # --------------------------------------------------------------------------- options

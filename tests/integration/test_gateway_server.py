@@ -29,7 +29,7 @@ from tests.integration.gateway_backend import (
     free_port,
     gwtest_backend,
     load_catalog,
-    shop_backend,
+    serving,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -46,18 +46,14 @@ async def _wait_for(cond: Any, timeout: float = 10.0, interval: float = 0.02) ->
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def echo() -> AsyncIterator[Backend]:
-    b = gwtest_backend(load_catalog(descriptor_sets()["gwtest"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("gwtest") as b:
+        yield b
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shop() -> AsyncIterator[Backend]:
-    b = shop_backend(load_catalog(descriptor_sets()["shop"]))
-    await b.start()
-    yield b
-    await b.stop()
+    async with serving("shop") as b:
+        yield b
 
 
 class _Served:

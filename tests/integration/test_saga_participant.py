@@ -381,3 +381,39 @@ async def test_outcomes_are_counted_as_opentelemetry_metrics(bus: EventBus) -> N
         assert emitted == 2  # the duplicate republished its recorded output (dropped by dedupe)
     finally:
         _telemetry.use_meter(None)
+
+
+async def test_outputs_that_cannot_be_published_are_dead_lettered_not_dropped(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The effect commits, then publishing its output fails on every delivery (NATS
+    # unreachable for longer than publish_retry): at max_deliver the input must land in
+    # the DLQ, and its replay must publish the recorded output without a second effect.
+    stream = _stream()
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    inv = await _inventory(stream, conn).start(bus, inbox=SqliteInbox(conn))
+    rec = Recorder(stream, ev.StockReserved)
+    sink = await rec.participant.start(bus)
+    real = bus.publish_raw
+    broken = True
+
+    async def flaky(subject: str, payload: bytes, headers: dict[str, str], **kw: Any) -> Any:
+        if broken and subject == stream.subject_for(ev.StockReserved):
+            raise TimeoutError("nats unreachable")
+        return await real(subject, payload, headers, **kw)
+
+    monkeypatch.setattr(bus, "publish_raw", flaky)
+    start = await bus.emit(stream, ev.OrderCreated(order_id="o1", customer_id="c"))
+    await _wait(lambda: inv.stats.dead_lettered == 1, within=15)
+    letters = await list_dead_letters(bus, stream=stream.name)
+    assert [e.event_id for e in letters] == [start.event_id]
+    assert "failed 3 times (max_deliver)" in letters[0].letter.reason
+    assert "nats unreachable" in letters[0].letter.reason
+    assert _effects(conn) == ["o1"] and rec.seen == []
+    broken = False
+    await replay_dead_letters(bus, seqs=[letters[0].seq])
+    await _wait(lambda: len(rec.seen) == 1 and inv.stats.duplicates == 1)
+    assert rec.seen[0][0].event_id == derive_event_id(start.event_id, "inventory.reserve", 0)
+    assert _effects(conn) == ["o1"] and inv.stats.handled == 0
+    await inv.stop()
+    await sink.stop()

@@ -14,10 +14,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meshkit.errors import ConfigError
-from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError
+from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError, bearer_token
 from meshkit.gateway.bff import CompositeSpec, render
 from meshkit.gateway.cache import CachedResponse, ResponseCache
 from meshkit.gateway.canary import CanarySpec, CanaryUpstream, bucket_of
+from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.profiles import EdgeConfig
 from meshkit.gateway.ratelimit import RateLimitMiddleware, RateLimitRule
 from meshkit.gateway.shaping import ShapingRule
@@ -390,3 +391,62 @@ def test_openapi_cli_writes_a_valid_document(shop_descriptor_set: Path, tmp_path
         )
         == 2
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "token"),
+    [
+        (b"Bearer abc.def", "abc.def"),
+        ("bearer  abc ", "abc"),
+        (b"BEARER x", "x"),
+        (b"Bearer ", None),
+        (b"Basic dXNlcjpwdw==", None),
+        (b"Bearerabc", None),
+        (None, None),
+    ],
+)
+def test_bearer_token_is_read_one_way_everywhere(
+    value: str | bytes | None, token: str | None
+) -> None:
+    assert bearer_token(value) == token
+
+
+def test_durations_share_one_grammar_and_zero_only_where_it_means_something(
+    tmp_path: Path,
+) -> None:
+    secret = {"keys": [{"kid": "k", "algorithm": "HS256", "secret": "s" * 32}]}
+    # A leeway of zero is a valid choice, written either way.
+    for leeway in (0, "0s"):
+        cfg = AuthConfig.from_mapping({"jwt": {**secret, "leeway": leeway}}, base_dir=tmp_path)
+        assert cfg.jwt is not None and cfg.jwt.leeway == 0.0
+    cfg = AuthConfig.from_mapping({"jwt": {**secret, "leeway": "1m30s"}}, base_dir=tmp_path)
+    assert cfg.jwt is not None and cfg.jwt.leeway == 90.0
+    with pytest.raises(ConfigError) as ei:
+        AuthConfig.from_mapping({"jwt": {**secret, "leeway": "-1s"}}, base_dir=tmp_path, path="a")
+    assert ei.value.path == "a.jwt.leeway"
+    # A TTL or a timeout of zero means nothing: refused, naming the key and the value.
+    doc = {"edge": {"profiles": {"web": {"routes": [{"cache": {"ttl": "0s"}}]}}}}
+    with pytest.raises(ConfigError) as ei:
+        EdgeConfig.from_mapping(doc)
+    assert ei.value.path == "edge.profiles.web.routes[0].cache.ttl"
+    assert str(ei.value).endswith('expected a duration > 0, got "0s"'), str(ei.value)
+    opts = GatewayOptions.from_mapping({"default_timeout": "1m30s", "max_timeout": "2m"})
+    assert (opts.default_timeout, opts.max_timeout) == (90.0, 120.0)
+    with pytest.raises(ConfigError) as ei:
+        GatewayOptions.from_mapping({"route_timeouts": {"p.S.M": 0}})
+    assert ei.value.path == "gateway.route_timeouts.p.S.M"
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ({"rate": "fast"}, "expected a number >= 0.0, got 'fast'"),
+        ({"rate": 1, "burst": 1.5}, "expected an integer >= 0, got 1.5"),
+        ({"rate": 1, "burst": True}, "expected an integer >= 0, got True"),
+    ],
+)
+def test_number_errors_say_what_was_expected(limit: dict[str, Any], message: str) -> None:
+    doc = {"edge": {"profiles": {"web": {"routes": [{"rate_limit": limit}]}}}}
+    with pytest.raises(ConfigError) as ei:
+        EdgeConfig.from_mapping(doc)
+    assert str(ei.value).endswith(message), str(ei.value)

@@ -140,11 +140,15 @@ def test_read_model_store_commits_with_checkpoint_or_not_at_all(make: type) -> N
 
     def boom(tx: object) -> None:
         tx.put("orders", "o2", {"status": "X"})  # type: ignore[attr-defined]
+        tx.put("orders", "o1", {"status": "CHANGED"})  # type: ignore[attr-defined]
+        tx.delete("orders", "o1")  # type: ignore[attr-defined]
+        tx.put("orders", "o2", {"status": "Y"})  # type: ignore[attr-defined]
         raise RuntimeError("handler failed")
 
     with pytest.raises(RuntimeError):
         store.apply("p", {"S": 5}, {"S": 9}, boom)
     assert store.checkpoints("p") == {"S": 5} and store.get("p", "orders", "o2") is None
+    assert store.get("p", "orders", "o1") == {"status": "CREATED", "n": 1}
 
     with pytest.raises(CheckpointMoved) as moved:
         store.apply("p", {"S": 3}, {"S": 7}, put)

@@ -591,4 +591,56 @@ def test_load_config_file(tmp_path: Any) -> None:
     p.write_text("gateway:\n  strict: 3\n")
     with pytest.raises(ConfigError) as exc:
         load_config(p)
-    assert "gateway.strict" in str(exc.value) and str(p) in str(exc.value)
+    assert (exc.value.source, exc.value.path) == (str(p), "gateway.strict")
+    assert str(exc.value) == f"{p}: gateway.strict: expected true or false, got 3"
+    p.write_text("edge: [1]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value) == f"{p}: edge: expected a mapping"
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "missing.yaml")
+    assert exc.value.source == str(tmp_path / "missing.yaml")
+    assert "cannot load" in str(exc.value)
+    # The edge loader reads and reports the same way.
+    from meshkit.gateway.profiles import load_edge_config
+
+    p.write_text("edge:\n  metrics: 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_edge_config(p)
+    assert str(exc.value) == f"{p}: edge.metrics: expected true or false, got 3"
+
+
+async def test_lifespan_reports_startup_failure_and_runs_shutdown() -> None:
+    import logging
+
+    from meshkit.gateway.app import serve_lifespan
+
+    done: list[str] = []
+
+    async def run(inbox: list[str], startup_fails: bool) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        msgs = iter(inbox)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": next(msgs)}
+
+        async def send(m: Any) -> None:
+            sent.append(dict(m))
+
+        async def startup() -> None:
+            if startup_fails:
+                raise RuntimeError("no descriptors")
+            done.append("up")
+
+        async def shutdown() -> None:
+            done.append("down")
+
+        await serve_lifespan(receive, send, startup, shutdown, logging.getLogger("t"))
+        return sent
+
+    ok = await run(["lifespan.startup", "lifespan.shutdown"], startup_fails=False)
+    assert ok == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    assert done == ["up", "down"]
+    failed = await run(["lifespan.startup"], startup_fails=True)
+    assert failed == [{"type": "lifespan.startup.failed", "message": "no descriptors"}]
+    assert done == ["up", "down"]

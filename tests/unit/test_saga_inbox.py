@@ -144,3 +144,61 @@ async def test_each_handler_sees_its_own_callers_context() -> None:
     await asyncio.gather(caller("a"), caller("b"), caller("c"))
     assert seen == {"a": "ctx-a", "b": "ctx-b", "c": "ctx-c"}
     assert inbox.commits == 1
+
+
+async def test_a_failed_commit_rolls_back_and_the_inbox_keeps_working() -> None:
+    # A deferred foreign key is checked at COMMIT: the commit fails and SQLite leaves
+    # the transaction open unless the inbox rolls it back.
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute(
+        "CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    inbox = SqliteInbox(conn, max_batch=1)
+
+    async def orphan(tx: sqlite3.Connection) -> list[Outbound]:
+        tx.execute("INSERT INTO child VALUES (99)")
+        return []
+
+    async def ok(tx: sqlite3.Connection) -> list[Outbound]:
+        tx.execute("INSERT INTO parent VALUES (1)")
+        tx.execute("INSERT INTO child VALUES (1)")
+        return []
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await inbox.run_once("p/e1", orphan)
+    assert not conn.in_transaction
+    assert inbox.processed() == 0 and inbox.commits == 0
+    assert await inbox.run_once("p/e2", ok) == ([], False)
+    assert conn.execute("SELECT pid FROM child").fetchall() == [(1,)]
+    assert inbox.processed() == 1 and inbox.commits == 1
+
+
+async def test_the_shop_command_helper_runs_an_effect_once_per_command_id() -> None:
+    from examples.shop.gen.shop.v1 import events_pb2
+    from examples.shop.orchestration import _INBOXES, once
+    from examples.shop.store import Store
+    from meshkit.saga import Envelope
+    from meshkit.saga.orchestrator import CommandContext
+
+    store = Store(":memory:", "CREATE TABLE effects (n INTEGER);")
+    _INBOXES[store] = SqliteInbox(store.conn, store.lock)
+    calls = 0
+
+    def work(conn: sqlite3.Connection) -> events_pb2.StockReserved:
+        nonlocal calls
+        calls += 1
+        conn.execute("INSERT INTO effects VALUES (1)")
+        return events_pb2.StockReserved(order_id="o1", reservation_id=f"r{calls}")
+
+    env = Envelope.new("shop.v1.ReserveStockRequest", event_id="cmd-1")
+    ctx = CommandContext(env, "inventory", 1)
+    first = await once(store, ctx, work)
+    again = await once(store, CommandContext(env, "inventory", 2), work)
+    other = await once(store, CommandContext(Envelope.new("x.Y", event_id="cmd-2"), "i", 1), work)
+    assert first == again == events_pb2.StockReserved(order_id="o1", reservation_id="r1")
+    assert isinstance(again, events_pb2.StockReserved)
+    assert other == events_pb2.StockReserved(order_id="o1", reservation_id="r2")
+    assert calls == 2
+    assert store.query("SELECT COUNT(*) FROM effects") == [(2,)]
