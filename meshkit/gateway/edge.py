@@ -208,7 +208,7 @@ class ProfileRuntime:
         if policy.cache is not None and not streaming:
             on_cache = self.metrics.cache_result if self.metrics is not None else None
             app = CacheMiddleware(app, policy.cache, self.cache, name=name, on_result=on_cache)
-        has_key_limits = bool(self.key_limits._limiters)
+        has_key_limits = bool(self.key_limits)
         if policy.rate_limit is not None or has_key_limits:
             metrics = self.metrics
             on_reject = (

@@ -82,6 +82,10 @@ class ApiKeyLimits:
             if k.rate_limit is not None
         }
 
+    def __bool__(self) -> bool:
+        """Whether any key has a limit (routes skip the check entirely otherwise)."""
+        return bool(self._limiters)
+
     def try_acquire(self, key_name: str) -> float:
         """0.0 if admitted, else the seconds to wait."""
         lim = self._limiters.get(key_name)

@@ -4,6 +4,7 @@ meshkit differs on purpose (each such case says so)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -82,10 +83,11 @@ def workdir() -> Iterator[Path]:
         yield Path(d)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def shop_pair(shop: Backend, workdir: Path) -> AsyncIterator[Pair]:
-    envoy = Envoy(workdir, descriptor_sets()["shop"], SHOP_SERVICES, shop.port)
-    app = create_app(descriptor_sets()["shop"], [f"127.0.0.1:{shop.port}"], options=OPTIONS)
+@contextlib.asynccontextmanager
+async def _pair(workdir: Path, kind: str, services: list[str], port: int) -> AsyncIterator[Pair]:
+    """Envoy and meshkit's gateway, both in front of the backend on ``port``."""
+    envoy = Envoy(workdir, descriptor_sets()[kind], services, port)
+    app = create_app(descriptor_sets()[kind], [f"127.0.0.1:{port}"], options=OPTIONS)
     try:
         async with (
             httpx.AsyncClient(base_url=envoy.url, timeout=10) as e,
@@ -96,22 +98,18 @@ async def shop_pair(shop: Backend, workdir: Path) -> AsyncIterator[Pair]:
             yield Pair(e, m)
     finally:
         envoy.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shop_pair(shop: Backend, workdir: Path) -> AsyncIterator[Pair]:
+    async with _pair(workdir, "shop", SHOP_SERVICES, shop.port) as p:
+        yield p
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def echo_pair(echo: Backend, workdir: Path) -> AsyncIterator[Pair]:
-    envoy = Envoy(workdir, descriptor_sets()["gwtest"], ["gwtest.v1.EchoService"], echo.port)
-    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"], options=OPTIONS)
-    try:
-        async with (
-            httpx.AsyncClient(base_url=envoy.url, timeout=10) as e,
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app), base_url="http://gw", timeout=10
-            ) as m,
-        ):
-            yield Pair(e, m)
-    finally:
-        envoy.stop()
+    async with _pair(workdir, "gwtest", ["gwtest.v1.EchoService"], echo.port) as p:
+        yield p
 
 
 # --------------------------------------------------------------------------- agreement
