@@ -109,7 +109,10 @@ async def list_dead_letters(
     except nats.js.errors.NotFoundError:
         return []
     entries: list[DeadLetterEntry] = []
-    first, last = info.state.first_seq, info.state.last_seq
+    if not info.state.messages:
+        # A new, empty stream reports first_seq 0, and JetStream rejects a get of seq 0.
+        return entries
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
     for seq in range(first, last + 1):
         if len(entries) >= limit:
             break

@@ -417,3 +417,15 @@ async def test_outputs_that_cannot_be_published_are_dead_lettered_not_dropped(
     assert _effects(conn) == ["o1"] and inv.stats.handled == 0
     await inv.stop()
     await sink.stop()
+
+
+async def test_an_empty_dead_letter_stream_lists_nothing(nats_server: NatsServer) -> None:
+    from meshkit.saga.dlq import DLQ_STREAM
+
+    # A new stream reports first_seq 0; asking JetStream for message 0 is a 400.
+    bus = await EventBus.connect(nats_server.url, name="test-empty-dlq", source="test")
+    try:
+        await bus.ensure_stream(DLQ_STREAM)
+        assert await list_dead_letters(bus) == []
+    finally:
+        await bus.close()
