@@ -161,17 +161,23 @@ def _find_protos(root: Path, only: Iterable[str]) -> list[str]:
 def _digest(
     root: Path, protos: list[str], package: str | None, search: list[str], desc: bool
 ) -> str:
-    import grpc_tools
+    """A content hash of everything that shapes the output, independent of where the
+    checkout or the virtualenv lives (a committed manifest must match on every machine)."""
+    from importlib import metadata
 
     h = hashlib.sha256()
-    h.update(
-        json.dumps([_FORMAT_VERSION, package, desc, getattr(grpc_tools, "__file__", "")]).encode()
-    )
+    tools = [metadata.version(dist) for dist in ("grpcio-tools", "googleapis-common-protos")]
+    h.update(json.dumps([_FORMAT_VERSION, package, desc, tools]).encode())
     for rel in protos:
         h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
-    # Imports from extra include dirs change the output too.
+    # Imports from the user's extra include dirs change the output too; the built-in ones
+    # are covered by the package versions above.
+    builtin = set(include_paths())
     for inc in search[1:]:
-        h.update(inc.encode())
+        if inc in builtin:
+            continue
+        for path in sorted(Path(inc).rglob("*.proto")):
+            h.update(path.relative_to(inc).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

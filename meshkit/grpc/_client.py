@@ -876,5 +876,14 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
         self._finish()
         return bool(self._call.cancel())
 
+    def __del__(self) -> None:
+        # A caller that stops iterating early and drops the stream must not keep its
+        # bulkhead and breaker permits: grpcio cancels an abandoned call, and so do we.
+        if not self._closed and self._call is not None:
+            try:
+                self.cancel()
+            except Exception:
+                _log.debug("cancelling an abandoned stream failed", exc_info=True)
+
     def add_callback(self, callback: Any) -> bool:
         return bool(self._call.add_callback(callback))

@@ -528,6 +528,37 @@ class Client:
         )
         return await self._collect(lambda: call(req, timeout=timeout))
 
+    async def abandon_server_stream(self, req: dict[str, Any], read: int, *, cancel: bool) -> int:
+        """Open a server stream, read ``read`` messages, then cancel it or just drop it."""
+        call = self.channel.unary_stream(
+            SERVER_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        if self.mesh.kind == "aio":
+            stream = call(req)
+            got = 0
+            if read:
+                async for _ in stream:
+                    got += 1
+                    if got == read:
+                        break
+            if cancel:
+                stream.cancel()
+            del stream
+            return got
+
+        def run() -> int:
+            stream = call(req)
+            got = 0
+            for _ in range(read):
+                next(stream)
+                got += 1
+            if cancel:
+                stream.cancel()
+            del stream
+            return got
+
+        return int(await self._run(run))
+
     async def _collect(self, make: Any) -> list[Any]:
         """Collect a response stream; on error raise it with ``.received`` set."""
         got: list[Any] = []

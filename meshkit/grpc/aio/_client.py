@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -564,15 +564,14 @@ class AioClientInterceptor(
                 plan.breaker.release()
             self._release(plan)
             raise
-        stream = _AioStream(first)
-        stream._gen = self._stream_gen(
-            stream, plan, continuation, details, body, replay, deadline, start
-        )
-        return stream
+        state = _StreamState(first, plan.breaker, plan.bulkhead)
+        first.add_done_callback(state.on_done)
+        gen = self._stream_gen(state, plan, continuation, details, body, replay, deadline, start)
+        return _AioStream(state, gen)
 
     async def _stream_gen(
         self,
-        stream: _AioStream,
+        stream: _StreamState,
         plan: ClientPlan,
         continuation: Any,
         details: Any,
@@ -586,39 +585,39 @@ class AioClientInterceptor(
         attempt = 1
         prev_delay: float | None = None
         committed = False
-        holding = breaker is not None  # the first attempt's permit was taken by _stream
         try:
             while True:
                 if attempt > 1:
                     if breaker is not None:
                         if not breaker.try_acquire():
                             raise _error_of(breaker_rejection(plan))
-                        holding = True
+                        stream.holding = True
                     start = _monotonic()
                     left = None if deadline is None else max(0.001, deadline - start)
                     md = _metadata(details.metadata, attempt - 1)
                     plan.tally.n += 1
-                    stream._call = await continuation(
+                    stream.call = await continuation(
                         _details(details, left, md),
                         replay.attempt() if replay is not None else body,
                     )
-                call = stream._call
+                    stream.call.add_done_callback(stream.on_done)
+                call = stream.call
                 try:
                     async for message in call:
                         if not committed:
-                            committed = True
-                            if holding and breaker is not None:
-                                holding = False
+                            committed = stream.committed = True
+                            if stream.holding and breaker is not None:
+                                stream.holding = False
                                 breaker.on_result(_monotonic() - start, "OK")
                         yield message
-                    if holding and breaker is not None:
-                        holding = False
+                    if stream.holding and breaker is not None:
+                        stream.holding = False
                         breaker.on_result(_monotonic() - start, "OK")
                     return
                 except AioRpcError as err:
                     code = err.code()
-                    if holding and breaker is not None:
-                        holding = False
+                    if stream.holding and breaker is not None:
+                        stream.holding = False
                         breaker.on_result(_monotonic() - start, code.name)
                     if committed or (replay is not None and not replay.replayable):
                         raise
@@ -639,12 +638,10 @@ class AioClientInterceptor(
                 prev_delay = delay
                 attempt += 1
         finally:
-            if holding and breaker is not None:
-                breaker.release()
-            call = stream._call
+            call = stream.call
             if call is not None and not call.done():
                 call.cancel()
-            self._release(plan)
+            stream.close()
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -741,16 +738,66 @@ class AioClientInterceptor(
         self._alternates.clear()
 
 
+class _StreamState:
+    """What a retried response stream holds: the current attempt and its permits.
+
+    Shared by the stream object and its generator, so neither refers to the other and a
+    dropped stream is finalised at once (no reference cycle to wait for)."""
+
+    __slots__ = ("breaker", "bulkhead", "call", "closed", "committed", "holding")
+
+    def __init__(self, first: Any, breaker: Any, bulkhead: Any) -> None:
+        self.call = first
+        self.breaker = breaker
+        self.bulkhead = bulkhead
+        # The first attempt's breaker permit, taken before the stream was built.
+        self.holding = breaker is not None
+        self.closed = False
+        self.committed = False
+
+    def on_done(self, call: Any) -> None:
+        # The call is over and will not be retried (committed streams never are, nor are
+        # cancelled ones): its permits go back even if nobody reads the rest of it.
+        if call is self.call and (self.committed or call.cancelled()):
+            self.close()
+
+    def close(self) -> None:
+        """Give back the permits, once, however the stream ends: read to the end, failed,
+        cancelled, or dropped before anyone iterated it (its generator never ran)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.holding:
+            self.holding = False
+            self.breaker.release()
+        if self.bulkhead is not None:
+            self.bulkhead.release()
+
+
 class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc,type-arg]
     """A response stream retried until committed; the call methods follow the current attempt."""
 
-    def __init__(self, first: Any) -> None:
-        self._call = first
-        self._gen: Any = None
+    def __init__(self, state: _StreamState, gen: AsyncIterator[Any]) -> None:
+        self._state = state
+        self._gen = gen
+
+    @property
+    def _call(self) -> Any:
+        return self._state.call
+
+    def __del__(self) -> None:
+        state = self._state
+        if not state.closed:
+            state.call.cancel()
+            state.close()
 
     def __aiter__(self) -> AsyncIterator[Any]:
-        gen: AsyncIterator[Any] = self._gen
-        return gen
+        # Iterate through the stream object, not straight through its generator: it is
+        # what keeps the call alive (``async for m in stub.Stream(r)`` holds only this).
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self._gen.__anext__()
 
     async def read(self) -> Any:
         try:
@@ -765,7 +812,9 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         await self._call.done_writing()
 
     def cancel(self) -> bool:
-        return bool(self._call.cancel())
+        cancelled = bool(self._call.cancel())
+        self._state.close()
+        return cancelled
 
     def cancelled(self) -> bool:
         return bool(self._call.cancelled())
