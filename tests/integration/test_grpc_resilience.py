@@ -39,6 +39,7 @@ async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
     finally:
         await m.close()
 
+
 # grpc core encodes a timeout of 1s to 10s in units of 10ms, rounding up, and measures it
 # against a cached clock: the server may see up to 10ms more than the client granted.
 GRPC_TIMEOUT_ROUNDING = 0.011
@@ -543,20 +544,20 @@ async def test_abandoned_streams_give_their_permits_back(
     )
     srv = await mesh.server()
     client = mesh.client(p, srv.target)
+    # A grpc.aio call that was never read and is simply dropped lives in a reference
+    # cycle inside grpcio: it ends (and its permits return) when the collector runs.
+    collect = mesh.kind == "aio" and read == 0 and not cancel
+
+    def released() -> bool:
+        if collect:
+            gc.collect()
+        return all(b.in_flight == 0 for b in p.bulkheads().values())
+
     for i in range(3):
         got = await client.abandon_server_stream({"key": "ab", "count": 5}, read, cancel=cancel)
         assert got == read
         if mesh.kind == "aio" and not cancel:  # grpc.aio starts the call from a task
             assert await eventually(lambda i=i: srv.script.total("ab") == i + 1)
-        # A grpc.aio call that was never read and is simply dropped lives in a reference
-        # cycle inside grpcio: it ends (and its permits return) when the collector runs.
-        collect = mesh.kind == "aio" and read == 0 and not cancel
-
-        def released() -> bool:
-            if collect:
-                gc.collect()
-            return all(b.in_flight == 0 for b in p.bulkheads().values())
-
         assert await eventually(released)
     assert (await client.unary({"key": "after"}))["n"] == 1
     assert all(b.state.name == "CLOSED" for b in p.breakers().values())
