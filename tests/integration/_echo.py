@@ -528,13 +528,15 @@ class Client:
         )
         return await self._collect(lambda: call(req, timeout=timeout))
 
-    async def abandon_server_stream(self, req: dict[str, Any], read: int, *, cancel: bool) -> int:
+    async def abandon_server_stream(
+        self, req: dict[str, Any], read: int, *, cancel: bool, timeout: float | None = None
+    ) -> int:
         """Open a server stream, read ``read`` messages, then cancel it or just drop it."""
         call = self.channel.unary_stream(
             SERVER_STREAM, request_serializer=dumps, response_deserializer=loads
         )
         if self.mesh.kind == "aio":
-            stream = call(req)
+            stream = call(req, timeout=timeout)
             got = 0
             if read:
                 async for _ in stream:
@@ -547,7 +549,7 @@ class Client:
             return got
 
         def run() -> int:
-            stream = call(req)
+            stream = call(req, timeout=timeout)
             got = 0
             for _ in range(read):
                 next(stream)

@@ -564,7 +564,7 @@ class AioClientInterceptor(
                 plan.breaker.release()
             self._release(plan)
             raise
-        state = _StreamState(first, plan.breaker, plan.bulkhead)
+        state = _StreamState(first, plan.breaker, plan.bulkhead, deadline)
         first.add_done_callback(state.on_done)
         gen = self._stream_gen(state, plan, continuation, details, body, replay, deadline, start)
         return _AioStream(state, gen)
@@ -744,10 +744,11 @@ class _StreamState:
     Shared by the stream object and its generator, so neither refers to the other and a
     dropped stream is finalised at once (no reference cycle to wait for)."""
 
-    __slots__ = ("breaker", "bulkhead", "call", "closed", "committed", "holding")
+    __slots__ = ("breaker", "bulkhead", "call", "closed", "committed", "deadline", "holding")
 
-    def __init__(self, first: Any, breaker: Any, bulkhead: Any) -> None:
+    def __init__(self, first: Any, breaker: Any, bulkhead: Any, deadline: float | None) -> None:
         self.call = first
+        self.deadline = deadline
         self.breaker = breaker
         self.bulkhead = bulkhead
         # The first attempt's breaker permit, taken before the stream was built.
@@ -757,8 +758,13 @@ class _StreamState:
 
     def on_done(self, call: Any) -> None:
         # The call is over and will not be retried (committed streams never are, nor are
-        # cancelled ones): its permits go back even if nobody reads the rest of it.
-        if call is self.call and (self.committed or call.cancelled()):
+        # cancelled ones, nor any past the deadline): its permits go back even if nobody
+        # reads the rest of it. grpc.aio keeps an unread call alive until it ends.
+        if call is not self.call:
+            return
+        # (grpc core may fire the deadline a hair before our clock reads it)
+        past = self.deadline is not None and _monotonic() >= self.deadline - 0.01
+        if self.committed or past or call.cancelled():
             self.close()
 
     def close(self) -> None:
