@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class ServeSpec:
 def _load(spec: ServeSpec) -> tuple[Catalog, GatewayConfig]:
     cfg = load_config(spec.config) if spec.config else GatewayConfig()
     if spec.overrides:
-        cfg = GatewayConfig(cfg.options.with_(**spec.overrides), cfg.upstreams, cfg.policy)
+        cfg = replace(cfg, options=cfg.options.with_(**spec.overrides))
     specs = list(spec.upstreams) or [
         f"{k}={v}" if k != "default" else v for k, v in cfg.upstreams.items()
     ]
@@ -86,7 +86,10 @@ def _build_edge(spec: ServeSpec, catalog: Catalog) -> ASGIApp:
         raise ConfigError("--profile", "the edge needs --config gateway.yaml with an edge: section")
     descriptors: Any = Path(spec.descriptor_set) if spec.descriptor_set else catalog
     edge = create_edge_app(
-        spec.config, descriptors, services=list(spec.services) if spec.services else None
+        spec.config,
+        descriptors,
+        services=list(spec.services) if spec.services else None,
+        option_overrides=spec.overrides,
     )
     inner = edge.app_for(spec.profile) if spec.profile else edge.asgi()
 

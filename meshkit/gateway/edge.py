@@ -17,6 +17,7 @@ blue-green switch: no request is dropped. Caches start empty after a reload.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -397,6 +398,9 @@ class EdgeApp:
             if raw:
                 inner["raw_path"] = raw[len(prefix) :] or b"/"
             inner["root_path"] = scope.get("root_path", "") + prefix
+            if inner["path"] == "/openapi.json" and scope.get("method") == "GET":
+                await send_json(send, 200, rt.openapi())  # this profile's own document
+                return
             try:
                 await rt.app(inner, receive, send)
             finally:
@@ -472,21 +476,30 @@ def create_edge_app(
     descriptors: DescriptorSource,
     *,
     services: list[str] | None = None,
+    option_overrides: Mapping[str, Any] | None = None,
 ) -> EdgeApp:
     """Build the edge from a config (an :class:`EdgeConfig`, a YAML path, or a mapping)
     and descriptors (as :func:`meshkit.gateway.app.create_app` takes them).
 
+    ``option_overrides`` (the CLI's ``--strict``, ``--proto-names``...) replace the
+    config's ``gateway:`` options, on every reload too.
     Serve ``edge.asgi()`` (all profiles by prefix) or ``edge.app_for(name)`` per port.
     """
+
+    def overridden(cfg: EdgeConfig) -> EdgeConfig:
+        if not option_overrides:
+            return cfg
+        return dataclasses.replace(cfg, options=cfg.options.with_(**option_overrides))
+
     loader: Callable[[], EdgeConfig] | None = None
     if isinstance(config, str | Path):
         path = Path(config)
-        loader = lambda: load_edge_config(path)  # noqa: E731
+        loader = lambda: overridden(load_edge_config(path))  # noqa: E731
         cfg = loader()
     elif isinstance(config, EdgeConfig):
-        cfg = config
+        cfg = overridden(config)
     else:
-        cfg = EdgeConfig.from_mapping(config)
+        cfg = overridden(EdgeConfig.from_mapping(config))
     catalog = load_catalog(descriptors, services)
     catalog_loader: Callable[[], Catalog] | None = None
     if isinstance(descriptors, str | Path):

@@ -338,11 +338,6 @@ class OpsMiddleware:
         self.metrics = metrics
         self.openapi = openapi
         self.prefix = prefix.rstrip("/")
-        self._openapi_body: bytes | None = None
-
-    def invalidate(self) -> None:
-        """Forget the cached OpenAPI document (after a reload)."""
-        self._openapi_body = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -369,8 +364,7 @@ class OpsMiddleware:
                 )
                 return
             if path == "/openapi.json" and self.openapi is not None:
-                if self._openapi_body is None:
-                    self._openapi_body = self.openapi()
-                await send_json(send, 200, self._openapi_body)
+                # The provider caches; a reload gives it a new document.
+                await send_json(send, 200, self.openapi())
                 return
         await self.app(scope, receive, send)

@@ -67,6 +67,9 @@ _STATUS = {
     "required": ["code", "message"],
 }
 
+#: The operations an OpenAPI 3.1 path item can hold.
+_OPENAPI_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
 
 class _Schemas:
     def __init__(self, proto_names: bool) -> None:
@@ -294,7 +297,12 @@ def generate_openapi(
                 "200": {"description": "OK", "content": content},
                 "default": error_resp,
             }
-            paths.setdefault(path_prefix + path, {})[b.http_method.lower()] = op
+            verb = b.http_method.lower()
+            if verb not in _OPENAPI_METHODS:
+                # HttpRule ``custom`` kinds (LOCK, PURGE...) have no OpenAPI operation
+                # field; an extension keeps them in the document and valid.
+                verb = f"x-http-method-{verb}"
+            paths.setdefault(path_prefix + path, {})[verb] = op
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},

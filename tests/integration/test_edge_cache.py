@@ -111,6 +111,37 @@ async def test_cached_response_is_served_without_an_upstream_call_and_revalidate
     assert backend.calls["GetOrder"] == 5
 
 
+async def test_unverified_credentials_are_never_cached(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    # The route needs no auth, so the gateway forwards Authorization unverified: the
+    # upstream may answer per user, and a shared cache must not hand that to anyone else.
+    alice = await client.get("/v1/orders/o-1", headers={"authorization": "Bearer alice"})
+    bob = await client.get("/v1/orders/o-1", headers={"authorization": "Bearer bob"})
+    assert alice.status_code == bob.status_code == 200
+    assert "x-cache" not in alice.headers and "x-cache" not in bob.headers
+    assert backend.calls["GetOrder"] == 2
+    anonymous = await client.get("/v1/orders/o-1")
+    assert anonymous.headers["x-cache"] == "MISS"
+    assert backend.calls["GetOrder"] == 3
+
+
+async def test_cli_option_overrides_reach_the_edge(
+    backend: ShopBackend, shop_descriptor_set: Path
+) -> None:
+    # `meshkit gateway --strict` with an edge config: the override applies to every profile.
+    edge = create_edge_app(
+        config(backend.target), shop_descriptor_set, option_overrides={"strict": True}
+    )
+    try:
+        async with edge_client(edge.asgi()) as c:
+            r = await c.post("/v1/orders", json={"customerId": "c", "noSuchField": 1})
+        assert r.status_code == 400, r.text
+        assert "noSuchField" in r.json()["message"]
+    finally:
+        await edge.shutdown()
+
+
 async def test_errors_are_not_cached(client: httpx.AsyncClient, backend: ShopBackend) -> None:
     for _ in range(2):
         r = await client.get("/v1/orders/missing")
@@ -184,6 +215,30 @@ async def test_ops_endpoints_access_log_and_metrics(
     doc = (await client.get("/openapi.json")).json()
     assert doc["openapi"] == "3.1.0"
     assert "/v1/orders/{order_id}" in doc["paths"]
+    mobile = (await client.get("/mobile/openapi.json")).json()
+    assert "/mobile/v1/orders/{order_id}" in mobile["paths"]
+    assert "/v1/orders/{order_id}" not in mobile["paths"]
+
+
+async def test_openapi_follows_a_reload(
+    client: httpx.AsyncClient, backend: ShopBackend, edge: EdgeApp
+) -> None:
+    before = (await client.get("/mobile/openapi.json")).json()
+    assert "/mobile/v1/orders/{order_id}" in before["paths"]
+
+    def order_fields(doc: Any) -> list[str]:
+        return list(doc["components"]["schemas"]["shop.v1.Order"]["properties"])[:2]
+
+    assert order_fields((await client.get("/openapi.json")).json()) == ["orderId", "customerId"]
+    cfg = config(backend.target)
+    cfg["edge"]["profiles"]["mobile"]["prefix"] = "/m"
+    cfg["gateway"] = {"proto_names": True}
+    await edge.reload(EdgeConfig.from_mapping(cfg))
+    after_web = (await client.get("/openapi.json")).json()
+    assert order_fields(after_web) == ["order_id", "customer_id"]
+    after = (await client.get("/m/openapi.json")).json()
+    assert "/m/v1/orders/{order_id}" in after["paths"]
+    assert (await client.get("/mobile/openapi.json")).status_code == 404
 
 
 async def test_edge_metadata_cannot_be_spoofed_without_auth(
