@@ -28,9 +28,9 @@ import subprocess
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from meshkit.errors import MeshkitError
 
@@ -273,15 +273,13 @@ class ExternalServer:
         return None
 
 
-@contextlib.contextmanager
-def dev_server(**kwargs: object) -> Iterator[NatsServer | ExternalServer]:
-    """Yield the server named by ``NATS_URL``, or an embedded one for the block's duration."""
+def dev_server(**kwargs: Any) -> NatsServer | ExternalServer:
+    """The server named by ``NATS_URL``, or an embedded one (``kwargs`` go to
+    :class:`NatsServer`) that runs for a ``with`` or ``async with`` block."""
     url = os.environ.get("NATS_URL")
     if url:
-        yield ExternalServer(url)
-        return
-    with NatsServer(**kwargs) as server:  # type: ignore[arg-type]
-        yield server
+        return ExternalServer(url)
+    return NatsServer(**kwargs)
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nats
 import pytest
 
-from meshkit.nats import NatsServer, NatsServerError, dev_server
+from meshkit.nats import ExternalServer, NatsServer, NatsServerError, dev_server
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +83,62 @@ def test_kill_keeps_store_and_dev_server_honours_nats_url(monkeypatch: pytest.Mo
     with dev_server() as embedded:
         assert embedded.url.startswith("nats://127.0.0.1:")
     assert os.environ.get("NATS_URL") is None
+
+
+async def test_dev_server_works_with_async_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nats
+
+    monkeypatch.delenv("NATS_URL", raising=False)
+    async with dev_server() as embedded:
+        nc = await nats.connect(embedded.url)
+        await nc.jetstream().account_info()  # JetStream is on
+        await nc.close()
+        monkeypatch.setenv("NATS_URL", embedded.url)
+        async with dev_server() as external:
+            assert isinstance(external, ExternalServer) and external.url == embedded.url
+        assert embedded.running  # leaving the external block stopped nothing
+    assert not embedded.running
+
+
+async def test_meshkit_nats_command_serves_jetstream_and_keeps_its_store(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = tmp_path / "store"
+
+    async def run_once(publish: bool) -> int:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshkit.cli",
+                "nats",
+                "--port",
+                str(port),
+                "--store",
+                str(store),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert f"nats://127.0.0.1:{port}" in line, line
+            nc = await nats.connect(f"nats://127.0.0.1:{port}")
+            js = nc.jetstream()
+            if publish:
+                await js.add_stream(name="CLI", subjects=["cli.>"])
+                await js.publish("cli.x", b"kept")
+            messages = (await js.stream_info("CLI")).state.messages
+            await nc.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 10) == 0
+        return int(messages)
+
+    assert await run_once(publish=True) == 1
+    assert await run_once(publish=False) == 1  # the store outlived the process
