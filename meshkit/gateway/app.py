@@ -309,6 +309,20 @@ class GatewayState:
         await send_status(send, status, st, self.catalog.pool, extra)
 
 
+def route_path(scope: Scope) -> str:
+    """The request path below the app's mount point, still percent-encoded.
+
+    Hosts that mount an ASGI app (Starlette's ``Mount``, ``uvicorn --root-path``) leave the
+    full path in ``raw_path`` and name the mount in ``root_path``; routing starts below it.
+    """
+    raw = scope.get("raw_path")
+    path: str = raw.decode("latin-1") if raw else scope["path"]
+    root: str = scope.get("root_path") or ""
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
         "RESOURCE_EXHAUSTED", f"request body exceeds the limit of {limit} bytes", http_status=413
@@ -380,8 +394,7 @@ class GatewayApp:
                 await serve_websocket(state, scope, receive, send)
                 return
             method = scope["method"]
-            raw_path = scope.get("raw_path")
-            path = raw_path.decode("latin-1") if raw_path else scope["path"]
+            path = route_path(scope)
             try:
                 found = state.router.match(path, method)
                 if isinstance(found, Match):
@@ -527,4 +540,5 @@ __all__ = [
     "RouteMiddleware",
     "create_app",
     "load_catalog",
+    "route_path",
 ]

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import (
@@ -43,6 +44,7 @@ from meshkit.gateway.app import (
     Route,
     create_app,
     load_catalog,
+    route_path,
     serve_lifespan,
 )
 from meshkit.gateway.auth import Authenticator, AuthMiddleware, AuthPolicy, bearer_token
@@ -377,7 +379,7 @@ class EdgeApp:
         return self._outer(self._dispatch, "")
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
+        path = route_path(scope) if scope["type"] in ("http", "websocket") else ""
         for prefix, rt in self._by_prefix:
             if not prefix or path == prefix or path.startswith(prefix + "/"):
                 await self._serve(rt, scope, receive, send, strip=bool(prefix))
@@ -392,12 +394,15 @@ class EdgeApp:
         if strip and prefix:
             # A copy, so the outer middleware still logs the path the client sent; what the
             # inner layers learn (route, caller) is copied back for the log and metrics.
+            # The inner layers see the path below the profile (and below any mount point).
             inner = dict(scope)
-            inner["path"] = scope["path"][len(prefix) :] or "/"
-            raw = scope.get("raw_path")
-            if raw:
-                inner["raw_path"] = raw[len(prefix) :] or b"/"
-            inner["root_path"] = scope.get("root_path", "") + prefix
+            below = route_path(scope)[len(prefix) :] or "/"
+            if scope.get("raw_path"):
+                inner["raw_path"] = below.encode("latin-1")
+                inner["path"] = unquote(below)
+            else:
+                inner["path"] = below
+            inner["root_path"] = ""
             if inner["path"] == "/openapi.json" and scope.get("method") == "GET":
                 await send_json(send, 200, rt.openapi())  # this profile's own document
                 return
@@ -408,7 +413,7 @@ class EdgeApp:
                     if key in inner:
                         scope[key] = inner[key]
             return
-        if prefix and scope.get("path", "").startswith(prefix + "/"):
+        if prefix and route_path(scope).startswith(prefix + "/"):
             # The prefix is optional on the profile's own port.
             await self._serve(rt, scope, receive, send, strip=True)
             return

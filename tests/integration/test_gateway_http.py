@@ -641,3 +641,26 @@ async def test_openapi_document_of_every_rule_kind_validates() -> None:
     validate(doc)
     item = doc["paths"]["/v1/echo/{name}"]
     assert "x-http-method-lock" in item and "lock" not in item
+
+
+async def test_mounts_under_a_prefix_in_starlette(shop: Backend) -> None:
+    # The gateway is a plain ASGI app: mounted under /api next to other routes, it routes
+    # on the path below its mount point (ASGI root_path), whichever way the host passes it.
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    gateway = create_app(descriptor_sets()["shop"], [f"127.0.0.1:{shop.port}"])
+    host = Starlette(
+        routes=[
+            Route("/hello", lambda request: PlainTextResponse("hi")),
+            Mount("/api", app=gateway),
+        ]
+    )
+    async with _client(host) as c:
+        assert (await c.get("/hello")).text == "hi"
+        r = await c.get("/api/v1/orders/o-1")
+        assert r.status_code == 200, r.text
+        assert r.json()["orderId"] == "o-1"
+        _is_status(await c.get("/api/v1/nowhere"), 404, 5)
+        assert (await c.get("/v1/orders/o-1")).status_code == 404  # only under the mount
