@@ -142,6 +142,14 @@ def _code(outcome: Any) -> grpc.StatusCode:
     return code if code is not None else grpc.StatusCode.UNKNOWN
 
 
+def _pending(outcome: Any) -> bool:
+    """True for the not-yet-finished future of a ``.future()`` invocation."""
+    try:
+        return not outcome.done()
+    except Exception:  # an outcome from another interceptor without done(): finished
+        return False
+
+
 def _trailers(outcome: Any) -> Any:
     try:
         return outcome.trailing_metadata()
@@ -257,6 +265,7 @@ class ClientInterceptor(
             self._m.bulkhead_rejections.add(1, plan.attrs)
             full = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
             return self._refused(plan, full, request, details, deadline)
+        deferred = False
         try:
             if plan.budget is not None:
                 plan.budget.record_call()
@@ -276,21 +285,53 @@ class ClientInterceptor(
                 else _details(details, attempt_timeout),
                 request,
             )
-            code = _code(outcome)
-            if code is _OK:
-                if breaker is not None:
-                    breaker.on_result(_monotonic() - start, "OK")
-                if plan.fallback is not None:
-                    self._remember(plan, request, outcome)
-                return outcome
-            if breaker is not None:
-                breaker.on_result(_monotonic() - start, _NAMES[code])
-            return self._retrying(
-                plan, continuation, details, request, deadline, None, outcome, hit_limit
+            if _pending(outcome):
+                # Invoked through ``.future()``: the caller must not wait here. The rest
+                # (breaker, retries, the bulkhead permit) runs when this attempt ends.
+                deferred = True
+
+                def settle(first: Any) -> Any:
+                    try:
+                        return self._after_first(
+                            plan, continuation, details, request, deadline, start, hit_limit, first
+                        )
+                    finally:
+                        if bulkhead is not None:
+                            bulkhead.release()
+
+                return _PendingCall(outcome, settle)
+            return self._after_first(
+                plan, continuation, details, request, deadline, start, hit_limit, outcome
             )
         finally:
-            if bulkhead is not None:
+            if bulkhead is not None and not deferred:
                 bulkhead.release()
+
+    def _after_first(
+        self,
+        plan: ClientPlan,
+        continuation: Any,
+        details: Any,
+        request: Any,
+        deadline: float | None,
+        start: float,
+        hit_limit: bool,
+        outcome: Any,
+    ) -> Any:
+        """The finished first attempt of the quick path: report it, then retry if need be."""
+        breaker = plan.breaker
+        code = _code(outcome)
+        if code is _OK:
+            if breaker is not None:
+                breaker.on_result(_monotonic() - start, "OK")
+            if plan.fallback is not None:
+                self._remember(plan, request, outcome)
+            return outcome
+        if breaker is not None:
+            breaker.on_result(_monotonic() - start, _NAMES[code])
+        return self._retrying(
+            plan, continuation, details, request, deadline, None, outcome, hit_limit
+        )
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         plan: ClientPlan = self._plans.get(details.method)
@@ -702,6 +743,106 @@ class ClientInterceptor(
         except grpc.RpcError as err:
             return err
         return _Value(response)
+
+
+class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+    """The outcome of a ``.future()`` call whose policy work is still to come.
+
+    The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
+    be (on a thread of its own when it failed, since retries sleep), and this future then
+    follows the final outcome.
+    """
+
+    def __init__(self, first: Any, settle: Callable[[Any], Any]) -> None:
+        self._first = first
+        self._settle = settle
+        self._final: Any = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Any], None]] = []
+        first.add_done_callback(self._on_first_done)
+
+    def _on_first_done(self, first: Any) -> None:
+        if _code(first) is _OK:
+            self._finish(first)
+        else:
+            threading.Thread(
+                target=self._finish, args=(first,), name="meshkit-retry", daemon=True
+            ).start()
+
+    def _finish(self, first: Any) -> None:
+        try:
+            final = self._settle(first)
+        except Exception as exc:  # the policy itself failed: still end the future
+            _log.exception("settling a future call failed")
+            final = LocalRpcError.from_exception(exc)
+        with self._lock:
+            self._final = final
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                _log.exception("a future's done callback failed")
+
+    def _wait(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        return self._final
+
+    # grpc.Future
+    def cancel(self) -> bool:
+        # Cancels the attempt in flight; a cancelled attempt is never retried.
+        return bool(self._first.cancel()) if not self._done.is_set() else False
+
+    def cancelled(self) -> bool:
+        return self._done.is_set() and bool(self._final.cancelled())
+
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._wait(timeout).result()
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._wait(timeout).exception()
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._wait(timeout).traceback()
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # grpc.Call, of the final outcome
+    def initial_metadata(self) -> Any:
+        return self._wait().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._wait().trailing_metadata()
+
+    def code(self) -> Any:
+        return self._wait().code()
+
+    def details(self) -> Any:
+        return self._wait().details()
+
+    def is_active(self) -> bool:
+        return not self._done.is_set()
+
+    def time_remaining(self) -> Any:
+        return self._first.time_remaining()
+
+    def add_callback(self, callback: Any) -> bool:
+        self.add_done_callback(lambda _f: callback())
+        return True
 
 
 class _ThreadAttempt:

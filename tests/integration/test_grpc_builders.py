@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import meshkit.deadline
 import meshkit.grpc
 import meshkit.grpc.aio
 import meshkit.telemetry
@@ -421,3 +422,150 @@ def test_span_events_land_on_the_instrumentation_span() -> None:
     (span,) = exporter.get_finished_spans()
     assert span.name == "/meshkit.test.Echo/Unary"
     assert [e.name for e in span.events] == ["meshkit.retry"]
+
+
+def test_every_policy_outcome_is_counted() -> None:
+    # One run that trips each instrument the issue names, then the collected values.
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meshkit.telemetry.configure(MeterProvider(metric_readers=[reader]))
+    client_policy = Policy.from_dict(
+        {
+            "rules": [
+                {
+                    "match": "meshkit.test.Echo",
+                    "retry": {
+                        "max_attempts": 3,
+                        "initial_backoff": "1ms",
+                        "budget": {"ratio": 0.01, "min_per_second": 0.01},
+                    },
+                    "circuit_breaker": {
+                        "window": {"type": "count", "size": 2},
+                        "minimum_calls": 2,
+                        "failure_rate_threshold": 0.5,
+                        "open_duration": "30s",
+                    },
+                },
+                {"match": "meshkit.test.Other", "bulkhead": {"max_concurrent": 1}},
+            ]
+        }
+    )
+    server_policy = Policy.from_dict(
+        {
+            "rules": [
+                {"match": OTHER_UNARY, "rate_limit": {"rate": 1, "per": "60s", "burst": 1}},
+                {
+                    "match": "meshkit.test.Echo",
+                    "fault": {"abort": {"percent": 100, "code": "UNAVAILABLE"}},
+                },
+            ]
+        }
+    )
+    srv, script = echo_server(server_policy)
+    ch = grpc.intercept_channel(
+        grpc.insecure_channel(f"127.0.0.1:{srv.port}"),
+        *meshkit.grpc.client_interceptors(client_policy, target="metrics-all"),
+    )
+    codes: list[grpc.StatusCode] = []
+
+    def call(method: str, req: dict[str, Any], timeout: float = 5) -> None:
+        try:
+            unary(ch, method)(req, timeout=timeout)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+
+    try:
+        call(UNARY, {"key": "a"})  # the server's fault aborts it; the budget refuses a retry
+        call(UNARY, {"key": "b"})  # a second failure opens the breaker
+        call(UNARY, {"key": "c"})  # refused by the open breaker, never sent
+        slow = unary(ch, OTHER_UNARY).future({"key": "slow", "delay": 0.5}, timeout=5)
+        assert _wait(lambda: script.in_flight == 1)
+        call(OTHER_UNARY, {"key": "extra"})  # the client bulkhead is full
+        assert slow.result()["key"] == "slow"
+        call(OTHER_UNARY, {"key": "limited"})  # the server's rate limit (burst 1) is spent
+        with meshkit.deadline.scope(0.001):
+            time.sleep(0.01)
+            call(OTHER_UNARY, {"key": "late"})  # the propagated deadline is spent
+    finally:
+        ch.close()
+        srv.stop(None)
+        meshkit.telemetry.configure(None)
+    assert codes == [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ]
+    totals: Counter[str] = Counter()
+    transitions: list[tuple[str, str]] = []
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for pt in metric.data.data_points:
+                    attrs = dict(pt.attributes or {})
+                    if attrs.get("target", "metrics-all") != "metrics-all":
+                        continue  # attempts are tallied process-wide; keep this test's
+                    totals[metric.name] += pt.value
+                    if metric.name == "meshkit.circuit_breaker.transitions" and pt.value:
+                        transitions.append((str(attrs["from"]), str(attrs["to"])))
+    # a, b, the slow call and the rate-limited one reached the server; the rest never left
+    assert totals["meshkit.rpc.attempts"] == 4
+    assert totals["meshkit.retry_budget.exhausted"] == 2
+    assert transitions == [("CLOSED", "OPEN")]
+    assert totals["meshkit.bulkhead.rejections"] == 1
+    assert totals["meshkit.rate_limit.rejections"] == 1
+    assert totals["meshkit.faults"] == 2
+    assert totals["meshkit.rpc.failed_before_send"] == 3  # breaker, bulkhead, deadline
+
+
+def test_future_calls_do_not_block_and_keep_their_policy() -> None:
+    # grpcio's `.future()` goes through the same interceptor: it must return at once, hold
+    # the bulkhead permit until the call ends, and still retry.
+    p = Policy.from_dict(
+        {
+            "rules": [
+                {
+                    "match": "meshkit.test.Echo",
+                    "bulkhead": {"max_concurrent": 2},
+                    "retry": {"max_attempts": 3, "initial_backoff": "1ms"},
+                }
+            ]
+        }
+    )
+    srv, script = echo_server()
+    ch = grpc.intercept_channel(
+        grpc.insecure_channel(f"127.0.0.1:{srv.port}"),
+        *meshkit.grpc.client_interceptors(p, target="futures"),
+    )
+    try:
+        call = unary(ch)
+        started = time.monotonic()
+        slow = [call.future({"key": f"s{i}", "delay": 0.6}, timeout=5) for i in range(2)]
+        assert time.monotonic() - started < 0.3  # neither waited for its answer
+        assert not any(f.done() for f in slow)
+        (bulkhead,) = p.bulkheads().values()
+        assert bulkhead.in_flight == 2
+        with pytest.raises(grpc.RpcError) as info:
+            call({"key": "third"}, timeout=5)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        done: list[str] = []
+        slow[0].add_done_callback(lambda f: done.append(f.result()["key"]))
+        assert [f.result(timeout=5)["key"] for f in slow] == ["s0", "s1"]
+        assert _wait(lambda: done == ["s0"] and bulkhead.in_flight == 0)
+        # A failing future is retried in the background and ends with the answer.
+        flaky = call.future({"key": "f", "fail": [{"code": "UNAVAILABLE", "times": 2}]}, timeout=5)
+        assert flaky.result(timeout=5)["n"] == 3
+        assert flaky.code() is grpc.StatusCode.OK and script.total("f") == 3
+        assert _wait(lambda: bulkhead.in_flight == 0)
+        # A caller error is final at once, also through a future.
+        bad = call.future({"key": "bad", "code": "INVALID_ARGUMENT"}, timeout=5)
+        assert bad.exception(timeout=5).code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert script.total("bad") == 1
+    finally:
+        ch.close()
+        srv.stop(None)
