@@ -40,7 +40,7 @@ def order_view(mode: str = "choreography") -> OrderView:
     ]
     if mode == "orchestrated":
         sources.append(Source(SHOP_ORCH.stream, f"{SHOP_ORCH.prefix}.reply.>"))
-    return OrderView(sources, name=VIEW)
+    return OrderView(sources, name=VIEW, aggregate_stream=ORDERS_STORE.stream)
 
 
 def projections() -> list[tuple[Any, Any]]:

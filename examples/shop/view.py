@@ -96,16 +96,37 @@ HANDLERS: dict[str, tuple[type[Message], Handler]] = {
 }
 
 
+_ORDER_EVENTS = frozenset(
+    t.DESCRIPTOR.full_name
+    for t in (events_pb2.OrderCreated, events_pb2.OrderCompleted, events_pb2.OrderCancelled)
+)
+
+
 class OrderView:
     """The projection: ``orders/<order id>`` documents."""
 
-    def __init__(self, sources: Sequence[Source], name: str = "order_view") -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        name: str = "order_view",
+        *,
+        aggregate_stream: str | None = None,
+    ) -> None:
         self.name = name
         self.sources = tuple(sources)
+        # The order aggregate's events are also relayed onto the saga stream; with both
+        # followed, they count once, from the event store.
+        self.aggregate_stream = aggregate_stream
 
     def handle(self, event: StoredEvent, tx: ReadModelTx) -> None:
         entry = HANDLERS.get(event.event_type)
         if entry is None:
+            return
+        if (
+            self.aggregate_stream is not None
+            and event.event_type in _ORDER_EVENTS
+            and event.stream != self.aggregate_stream
+        ):
             return
         cls, handler = entry
         msg = event.decode(cls)

@@ -179,6 +179,9 @@ async def test_the_query_side_serves_the_order_view_over_rest(
             assert view["payment"] == "PAID" and view["paid"]["amountMinor"] == "31200"
             assert view["shipment"] == "SCHEDULED" and view["shipmentId"]
             assert view["city"] == "Busan"
+            # Five events shaped it (created, reserved, paid, shipped, completed), each once,
+            # though the order's own events arrive from the event store and the relay both.
+            assert int(view["version"]) == 5
 
             failed = await _view(http, bad_id, status="CANCELLED", stock="RELEASED")
             assert failed["payment"] == "REFUNDED"
