@@ -605,3 +605,54 @@ async def test_client_rate_limit_and_rich_status(mesh: Mesh) -> None:
     info = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(info)
     assert 5.0 < info.retry_delay.ToTimedelta().total_seconds() <= 10.0
+
+
+# -- every arity ---------------------------------------------------------------------------
+
+
+STREAM_CALLS = {
+    "server_stream": lambda c, key: c.server_stream({"key": key, "count": 2}),
+    "client_stream": lambda c, key: c.client_stream([{"key": key}, {"i": 1}]),
+    "bidi": lambda c, key: c.bidi([{"key": key}, {"i": 1}]),
+}
+
+
+@pytest.mark.parametrize("arity", list(STREAM_CALLS))
+async def test_streaming_arities_refuse_before_sending(mesh: Mesh, arity: str) -> None:
+    # A spent deadline, an open breaker, a client fault and a full client bulkhead each stop
+    # a streaming call on the client: the server never sees it.
+    run = STREAM_CALLS[arity]
+    srv = await mesh.server()
+
+    client = mesh.client(policy({}), srv.target)
+    with meshkit.deadline.scope(0.001):
+        await asyncio.sleep(0.01)
+        err = await expect_error(run(client, "late"))
+    assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    faulty = mesh.client(
+        policy({"fault": {"side": "client", "abort": {"percent": 100, "code": "UNAVAILABLE"}}}),
+        srv.target,
+    )
+    err = await expect_error(run(faulty, "faulted"))
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+
+    breaker = {"window": {"type": "count", "size": 2}, "minimum_calls": 2, "open_duration": "30s"}
+    p = policy({"circuit_breaker": breaker})
+    tripping = mesh.client(p, srv.target)
+    for _ in range(2):
+        await expect_error(tripping.unary({"key": "down", "code": "UNAVAILABLE"}))
+    err = await expect_error(run(tripping, "open"))
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert "circuit" in (err.details() or "").lower()
+
+    full = policy({"bulkhead": {"max_concurrent": 1, "side": "client"}})
+    crowded = mesh.client(full, srv.target)
+    slow = asyncio.ensure_future(crowded.unary({"key": "slow", "delay": 0.6}))
+    assert await eventually(lambda: srv.script.in_flight == 1)
+    err = await expect_error(run(crowded, "crowded"))
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    await slow
+
+    for key in ("late", "faulted", "open", "crowded"):
+        assert srv.script.total(key) == 0, key
