@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -794,7 +795,8 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
     def __del__(self) -> None:
         state = self._state
         if not state.closed:
-            state.call.cancel()
+            with contextlib.suppress(Exception):  # e.g. the loop is already gone
+                state.call.cancel()
             state.close()
 
     def __aiter__(self) -> AsyncIterator[Any]:
