@@ -160,13 +160,15 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT."""
     import uvicorn
 
+    from meshkit.gateway._http import GatewayHttpProtocol
+
     app = build_app(spec)
     if sock is None:
         sock = bind_socket(spec.host, spec.port)
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         ws="websockets-sansio",
         lifespan="on",
         access_log=False,

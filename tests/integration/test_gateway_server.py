@@ -21,6 +21,7 @@ import uvicorn
 import websockets
 
 from meshkit.gateway import create_app
+from meshkit.gateway._http import GatewayHttpProtocol
 from meshkit.gateway._server import bind_socket
 from tests.integration.gateway_backend import (
     ROOT,
@@ -64,8 +65,12 @@ class _Served:
         self.ws = f"ws://127.0.0.1:{port}"
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served(echo: Backend, shop: Backend) -> AsyncIterator[dict[str, _Served]]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["httptools", "cli"])
+async def served(
+    request: pytest.FixtureRequest, echo: Backend, shop: Backend
+) -> AsyncIterator[dict[str, _Served]]:
+    # Stock uvicorn httptools, and the CLI's protocol (coalesced head+body writes).
+    http: Any = "httptools" if request.param == "httptools" else GatewayHttpProtocol
     out: dict[str, _Served] = {}
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
     for name, desc, port in (("echo", "gwtest", echo.port), ("shop", "shop", shop.port)):
@@ -73,7 +78,7 @@ async def served(echo: Backend, shop: Backend) -> AsyncIterator[dict[str, _Serve
         sock = bind_socket("127.0.0.1", 0)
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=http,
             ws="websockets-sansio",
             lifespan="on",
             log_level="warning",

@@ -1,0 +1,196 @@
+"""uvicorn's httptools protocol, writing each response's head and first body chunk at once.
+
+uvicorn writes the status line and headers, then the body, as two ``transport.write``
+calls; uvloop tries each write at once, so a small unary response costs two ``write``
+syscalls, which profiling showed to be the largest single cost of a proxied request.
+Here the head is held back and goes out with the first body chunk. So that a head is
+never delayed (a streaming response may send its first chunk much later), a held head
+is also flushed at the end of the current event-loop iteration.
+
+Everything else (parsing, keep-alive, pipelining, flow control, WebSocket upgrades,
+graceful shutdown) is uvicorn's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http import httptools_impl as _impl
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+_HEADER_RE = _impl.HEADER_RE
+_HEADER_VALUE_RE = _impl.HEADER_VALUE_RE
+_STATUS_LINE = _impl.STATUS_LINE
+
+
+class _Cycle(_impl.RequestResponseCycle):
+    _head: bytes | None = None
+    _loop: asyncio.AbstractEventLoop
+
+    def _flush_head(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self.transport.is_closing():
+                self.transport.write(head)
+
+    async def run_asgi(self, app: Any) -> None:
+        try:
+            await super().run_asgi(app)
+        finally:
+            self._flush_head()
+
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()  # pragma: no cover - needs a stalled client
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
+                )
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status_code = message["status"]
+            headers = self.default_headers + list(message.get("headers", []))
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    get_path_with_query_string(self.scope),
+                    self.scope["http_version"],
+                    status_code,
+                )
+            content = [_STATUS_LINE[status_code]]
+            has_connection_close = False
+            for name, value in headers:
+                if _HEADER_RE.search(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if _HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    connection = [token.lower().strip() for token in value.split(b",")]
+                    if b"close" in connection:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content.extend((name, b": ", value, b"\r\n"))
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if (
+                self.chunked_encoding is None
+                and self.scope["method"] != "HEAD"
+                and status_code not in (204, 304)
+            ):
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            self._head = b"".join(content)
+            self._loop.call_soon(self._flush_head)
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
+                )
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            head = self._head
+            self._head = None
+            out: bytes
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+                out = b""
+            elif self.chunked_encoding:
+                parts = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+                if not more_body:
+                    parts.append(b"0\r\n\r\n")
+                out = b"".join(parts)
+            else:
+                num_bytes = len(body)
+                if num_bytes > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= num_bytes
+                out = body
+            if head is not None:
+                out = head + out
+            if out:
+                self.transport.write(out)
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+        else:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent, after response already completed."
+            )
+
+
+class GatewayHttpProtocol(_impl.HttpToolsProtocol):
+    """``uvicorn.Config(http=GatewayHttpProtocol)``: httptools with coalesced writes."""
+
+    def on_headers_complete(self) -> None:
+        # uvicorn's own method, building a _Cycle instead of its RequestResponseCycle.
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope: Any = self.scope
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = (
+            self.root_path.encode("ascii") + raw_path if self.root_path else raw_path
+        )
+        scope["query_string"] = parsed_url.query or b""
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency
+            or len(self.tasks) >= self.limit_concurrency
+        ):
+            app: Any = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app
+        existing_cycle = self.cycle
+        cycle = _Cycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        cycle._loop = self.loop
+        self.cycle = cycle
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:
+            # Pipelined requests wait their turn.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
