@@ -582,7 +582,8 @@ class AuthMiddleware:
             if k.startswith(FORWARDED_PREFIX) or k == API_KEY_NAME_HEADER
         ]
         if not self.authn.config.forward_authorization:
-            remove.append(b"authorization")
+            # Both spellings reach the upstream as ``authorization`` metadata.
+            remove += [b"authorization", b"grpc-metadata-authorization"]
         if p is not None and p.kind == "api_key":
             remove.append(self._key_header)
         add: list[tuple[bytes, bytes]] = []

@@ -2,8 +2,8 @@
 
 * Key: path, query string, the route's chosen request headers, and the caller's
   identity when authentication ran (one user's cached answer is never another's).
-  A request with an ``Authorization`` header that the gateway did not verify is
-  never served from or stored in the cache.
+  A request with credentials the gateway did not verify (``Authorization``, or
+  ``Grpc-Metadata-Authorization``) is never served from or stored in the cache.
 * Only complete 2xx responses are stored; streaming responses are never cached.
 * A client ``Cache-Control: no-cache`` (or ``no-store``) skips the lookup and
   refreshes the entry; ``If-None-Match`` matching the entry's ``ETag`` gets 304.
@@ -185,7 +185,10 @@ class CacheMiddleware:
         if scope["type"] != "http" or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        if scope.get(PRINCIPAL_KEY) is None and header(scope, b"authorization") is not None:
+        if scope.get(PRINCIPAL_KEY) is None and (
+            header(scope, b"authorization") is not None
+            or header(scope, b"grpc-metadata-authorization") is not None
+        ):
             # Credentials the gateway did not verify reach the upstream, whose answer may be
             # that caller's own: a shared cache must not store it (RFC 9111 section 3.5).
             notes(scope)["cache"] = "bypass"

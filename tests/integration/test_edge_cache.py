@@ -121,9 +121,14 @@ async def test_unverified_credentials_are_never_cached(
     assert alice.status_code == bob.status_code == 200
     assert "x-cache" not in alice.headers and "x-cache" not in bob.headers
     assert backend.calls["GetOrder"] == 2
+    carol = await client.get(
+        "/v1/orders/o-1", headers={"grpc-metadata-authorization": "Bearer carol"}
+    )
+    assert carol.status_code == 200 and "x-cache" not in carol.headers
+    assert backend.calls["GetOrder"] == 3
     anonymous = await client.get("/v1/orders/o-1")
     assert anonymous.headers["x-cache"] == "MISS"
-    assert backend.calls["GetOrder"] == 3
+    assert backend.calls["GetOrder"] == 4
 
 
 async def test_cli_option_overrides_reach_the_edge(
