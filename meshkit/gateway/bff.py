@@ -35,6 +35,7 @@ from google.protobuf import json_format
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import ASGIApp, Receive, Scope, Send, notes, send_error, send_json
 from meshkit.gateway._edge_cfg import get_bool, get_duration, get_str, section
+from meshkit.gateway._paths import route_path
 from meshkit.gateway.descriptors import Catalog, MethodInfo
 from meshkit.gateway.errors import CODE_NAME, CODE_NUMBER, GatewayError, status_from_rpc_error
 from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
@@ -346,8 +347,7 @@ class BffApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            raw = scope.get("raw_path")
-            path = raw.decode("latin-1") if raw else scope["path"]
+            path = route_path(scope)
             try:
                 found = self.router.match(path, scope["method"])
             except BadPathError:

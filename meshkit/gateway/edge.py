@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import (
@@ -38,13 +37,13 @@ from meshkit.gateway._edge_asgi import (
     send_error,
     send_json,
 )
+from meshkit.gateway._paths import path_below, unmounted
 from meshkit.gateway.app import (
     DescriptorSource,
     GatewayApp,
     Route,
     create_app,
     load_catalog,
-    route_path,
     serve_lifespan,
 )
 from meshkit.gateway.auth import Authenticator, AuthMiddleware, AuthPolicy, bearer_token
@@ -254,7 +253,10 @@ class EdgeApp:
         *,
         config_loader: Callable[[], EdgeConfig] | None = None,
         catalog_loader: Callable[[], Catalog] | None = None,
+        option_overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        self.option_overrides = dict(option_overrides or {})
+        config = self._overridden(config)
         self.catalog = catalog
         self.config = config
         self.config_loader = config_loader
@@ -309,6 +311,12 @@ class EdgeApp:
         if self.metrics is not None:
             self.metrics.shutdown()
 
+    def _overridden(self, config: EdgeConfig) -> EdgeConfig:
+        """``config`` with the command line's option overrides applied."""
+        if not self.option_overrides:
+            return config
+        return dataclasses.replace(config, options=config.options.with_(**self.option_overrides))
+
     async def reload(
         self, config: EdgeConfig | None = None, catalog: Catalog | None = None
     ) -> None:
@@ -321,7 +329,9 @@ class EdgeApp:
             if config is None:
                 if self.config_loader is None:
                     raise ConfigError("", "no config file to reload from")
-                config = self.config_loader()
+                config = self._overridden(self.config_loader())
+            elif config is not self.config:
+                config = self._overridden(config)
             if catalog is None and self.catalog_loader is not None:
                 catalog = self.catalog_loader()
             if config is self.config and config.auth.keys is not None:
@@ -361,7 +371,7 @@ class EdgeApp:
             metrics=self.metrics,
             openapi=lambda: self._openapi(scope_profile=profile),
         )
-        app = _AdminMiddleware(app, self)
+        app = _Unmount(_AdminMiddleware(app, self))
         if self.config.access_log or self.metrics is not None:
             app = TelemetryMiddleware(
                 app, metrics=self.metrics, profile=profile, access_logs=self.config.access_log
@@ -379,7 +389,7 @@ class EdgeApp:
         return self._outer(self._dispatch, "")
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = route_path(scope) if scope["type"] in ("http", "websocket") else ""
+        path = scope.get("path", "")
         for prefix, rt in self._by_prefix:
             if not prefix or path == prefix or path.startswith(prefix + "/"):
                 await self._serve(rt, scope, receive, send, strip=bool(prefix))
@@ -396,12 +406,12 @@ class EdgeApp:
             # inner layers learn (route, caller) is copied back for the log and metrics.
             # The inner layers see the path below the profile (and below any mount point).
             inner = dict(scope)
-            below = route_path(scope)[len(prefix) :] or "/"
-            if scope.get("raw_path"):
-                inner["raw_path"] = below.encode("latin-1")
-                inner["path"] = unquote(below)
-            else:
-                inner["path"] = below
+            inner["path"] = scope["path"][len(prefix) :] or "/"
+            raw = scope.get("raw_path")
+            if raw:
+                below = path_below(raw.decode("latin-1"), scope["path"], prefix)
+                inner["raw_path"] = (below or inner["path"]).encode("latin-1")
+            # Not the profile prefix: the inner layers route on the path as they see it.
             inner["root_path"] = ""
             if inner["path"] == "/openapi.json" and scope.get("method") == "GET":
                 await send_json(send, 200, rt.openapi())  # this profile's own document
@@ -413,11 +423,26 @@ class EdgeApp:
                     if key in inner:
                         scope[key] = inner[key]
             return
-        if prefix and route_path(scope).startswith(prefix + "/"):
+        if prefix and scope.get("path", "").startswith(prefix + "/"):
             # The prefix is optional on the profile's own port.
             await self._serve(rt, scope, receive, send, strip=True)
             return
         await rt.app(scope, receive, send)
+
+
+class _Unmount:
+    """Everything inside the edge sees paths below its mount point (ASGI ``root_path``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        inner = unmounted(scope)
+        await self.app(inner, receive, send)
+        if inner is not scope:
+            for key in ("meshkit.route", PRINCIPAL_KEY):
+                if key in inner:
+                    scope[key] = inner[key]
 
 
 class _AdminMiddleware:
@@ -491,23 +516,24 @@ def create_edge_app(
     Serve ``edge.asgi()`` (all profiles by prefix) or ``edge.app_for(name)`` per port.
     """
 
-    def overridden(cfg: EdgeConfig) -> EdgeConfig:
-        if not option_overrides:
-            return cfg
-        return dataclasses.replace(cfg, options=cfg.options.with_(**option_overrides))
-
     loader: Callable[[], EdgeConfig] | None = None
     if isinstance(config, str | Path):
         path = Path(config)
-        loader = lambda: overridden(load_edge_config(path))  # noqa: E731
+        loader = lambda: load_edge_config(path)  # noqa: E731
         cfg = loader()
     elif isinstance(config, EdgeConfig):
-        cfg = overridden(config)
+        cfg = config
     else:
-        cfg = overridden(EdgeConfig.from_mapping(config))
+        cfg = EdgeConfig.from_mapping(config)
     catalog = load_catalog(descriptors, services)
     catalog_loader: Callable[[], Catalog] | None = None
     if isinstance(descriptors, str | Path):
         source = descriptors
         catalog_loader = lambda: load_catalog(source, services)  # noqa: E731
-    return EdgeApp(cfg, catalog, config_loader=loader, catalog_loader=catalog_loader)
+    return EdgeApp(
+        cfg,
+        catalog,
+        config_loader=loader,
+        catalog_loader=catalog_loader,
+        option_overrides=option_overrides,
+    )

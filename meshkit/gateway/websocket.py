@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from meshkit.gateway._paths import route_path
 from meshkit.gateway.errors import GatewayError, status_from_rpc_error, status_json
 from meshkit.gateway.metadata import read_headers
 from meshkit.gateway.routing import BadPathError, Match
@@ -37,8 +38,7 @@ async def _reject(send: Send) -> None:
 
 async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, send: Send) -> None:
     """Route and serve one WebSocket connection."""
-    raw_path = scope.get("raw_path")
-    path = raw_path.decode("latin-1") if raw_path else scope["path"]
+    path = route_path(scope)
     first = await receive()
     if first["type"] != "websocket.connect":
         return

@@ -8,6 +8,7 @@ deadline -> client fault -> client rate limit -> bulkhead -> hedging or retry lo
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import random
 import threading
@@ -279,12 +280,17 @@ class ClientInterceptor(
             else:
                 attempt_timeout, hit_limit = timeout, False
             plan.tally.n += 1
-            outcome = continuation(
-                details
-                if attempt_timeout == details.timeout
-                else _details(details, attempt_timeout),
-                request,
-            )
+            try:
+                outcome = continuation(
+                    details
+                    if attempt_timeout == details.timeout
+                    else _details(details, attempt_timeout),
+                    request,
+                )
+            except BaseException:  # nothing was sent: the breaker's permit goes back
+                if breaker is not None:
+                    breaker.release()
+                raise
             if _pending(outcome):
                 # Invoked through ``.future()``: the caller must not wait here. The rest
                 # (breaker, retries, the bulkhead permit) runs when this attempt ends.
@@ -299,7 +305,14 @@ class ClientInterceptor(
                         if bulkhead is not None:
                             bulkhead.release()
 
-                return _PendingCall(outcome, settle)
+                def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
+                    if breaker is not None:
+                        breaker.release()
+                    if bulkhead is not None:
+                        bulkhead.release()
+
+                may_block = plan.retry is not None or plan.fallback is not None
+                return _PendingCall(outcome, settle, abandon, may_block)
             return self._after_first(
                 plan, continuation, details, request, deadline, start, hit_limit, outcome
             )
@@ -749,13 +762,24 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
     """The outcome of a ``.future()`` call whose policy work is still to come.
 
     The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
-    be (on a thread of its own when it failed, since retries sleep), and this future then
-    follows the final outcome.
+    be (on a thread of its own when that may block: retries sleep), and this future then
+    follows the final outcome. A cancelled first attempt is ``abandon``-ed instead.
     """
 
-    def __init__(self, first: Any, settle: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        first: Any,
+        settle: Callable[[Any], Any],
+        abandon: Callable[[], None],
+        may_block: bool,
+    ) -> None:
         self._first = first
         self._settle = settle
+        self._abandon = abandon
+        self._may_block = may_block
+        # The caller's context (deadline, span) for the retries run on another thread.
+        self._context = contextvars.copy_context()
+        self._cancelled = False
         self._final: Any = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -763,12 +787,18 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         first.add_done_callback(self._on_first_done)
 
     def _on_first_done(self, first: Any) -> None:
-        if _code(first) is _OK:
-            self._finish(first)
-        else:
+        if self._cancelled or first.cancelled():
+            self._abandon()
+            self._set(first)
+        elif self._may_block and _code(first) is not _OK:
             threading.Thread(
-                target=self._finish, args=(first,), name="meshkit-retry", daemon=True
+                target=self._context.run,
+                args=(self._finish, first),
+                name="meshkit-retry",
+                daemon=True,
             ).start()
+        else:
+            self._finish(first)
 
     def _finish(self, first: Any) -> None:
         try:
@@ -776,6 +806,9 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         except Exception as exc:  # the policy itself failed: still end the future
             _log.exception("settling a future call failed")
             final = LocalRpcError.from_exception(exc)
+        self._set(final)
+
+    def _set(self, final: Any) -> None:
         with self._lock:
             self._final = final
             self._done.set()
@@ -793,11 +826,15 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
 
     # grpc.Future
     def cancel(self) -> bool:
-        # Cancels the attempt in flight; a cancelled attempt is never retried.
-        return bool(self._first.cancel()) if not self._done.is_set() else False
+        # Cancels the first attempt while it is in flight; once retries have begun they run
+        # to their end (grpc.Future allows cancel() to refuse).
+        if self._done.is_set() or not self._first.cancel():
+            return False
+        self._cancelled = True
+        return True
 
     def cancelled(self) -> bool:
-        return self._done.is_set() and bool(self._final.cancelled())
+        return self._cancelled or (self._done.is_set() and bool(self._final.cancelled()))
 
     def running(self) -> bool:
         return not self._done.is_set()
@@ -928,7 +965,14 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
             body = self._request
         plan.tally.n += 1
         self._started = now
-        self._call = self._continuation(_details(self._details, timeout, md), body)
+        try:
+            self._call = self._continuation(_details(self._details, timeout, md), body)
+        except BaseException:  # e.g. the request serializer failed: nothing was sent
+            if self._breaker_open:
+                self._breaker_open = False
+                plan.breaker.release()
+            self._finish()
+            raise
         return None
 
     def _report(self, code: grpc.StatusCode) -> None:
@@ -961,6 +1005,10 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
                 if self._committed or not self._may_retry(code, err):
                     self._finish()
                     raise
+                if self._closed:  # cancelled while it waited out the backoff
+                    raise LocalRpcError(
+                        grpc.StatusCode.CANCELLED, "the call was cancelled"
+                    ) from err
                 error = self._send()
                 if error is not None:
                     self._finish()
@@ -1011,11 +1059,16 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
         return self._call.time_remaining()
 
     def cancel(self) -> bool:
+        if self._closed:
+            return False
         if self._breaker_open:
             self._breaker_open = False
             self._plan.breaker.release()
         self._finish()
-        return bool(self._call.cancel())
+        # The attempt in flight is cancelled, or the retry waiting out its backoff dropped.
+        if self._call is not None:
+            self._call.cancel()
+        return True
 
     def __del__(self) -> None:
         # A caller that stops iterating early and drops the stream must not keep its

@@ -182,6 +182,8 @@ class SyncEcho:
             if fail := self.s.failure(req, n):
                 context.set_trailing_metadata(_trailers(fail[1]))
                 context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            if d := self.s.delay(req, n):  # before the first message
+                self._wait(d, context)
             for i in range(int(req.get("count", 1))):
                 yield dumps({**info, "i": i, "deadline": meshkit.deadline.remaining()})
             if req.get("fail_after"):
@@ -311,6 +313,8 @@ class AioEcho:
             if fail := self.s.failure(req, n):
                 context.set_trailing_metadata(_trailers(fail[1]))
                 await context.abort(getattr(grpc.StatusCode, fail[0]), f"scripted {fail[0]}")
+            if d := self.s.delay(req, n):  # before the first message
+                await asyncio.sleep(d)
             for i in range(int(req.get("count", 1))):
                 yield dumps({**info, "i": i, "deadline": meshkit.deadline.remaining()})
             if req.get("fail_after"):
@@ -560,6 +564,21 @@ class Client:
             return got
 
         return int(await self._run(run))
+
+    async def open_server_stream(self, req: dict[str, Any]) -> tuple[Any, asyncio.Future[Any]]:
+        """Start a server stream and a reader of it; returns the call and the reading."""
+        call = self.channel.unary_stream(
+            SERVER_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        stream = call(req, timeout=10)
+        if self.mesh.kind == "aio":
+
+            async def read() -> list[Any]:
+                return [m async for m in stream]
+
+            return stream, asyncio.ensure_future(read())
+        loop = asyncio.get_running_loop()
+        return stream, loop.run_in_executor(self.mesh.pool, lambda: list(stream))
 
     async def _collect(self, make: Any) -> list[Any]:
         """Collect a response stream; on error raise it with ``.received`` set."""

@@ -141,8 +141,11 @@ async def test_cli_option_overrides_reach_the_edge(
     try:
         async with edge_client(edge.asgi()) as c:
             r = await c.post("/v1/orders", json={"customerId": "c", "noSuchField": 1})
-        assert r.status_code == 400, r.text
-        assert "noSuchField" in r.json()["message"]
+            assert r.status_code == 400, r.text
+            assert "noSuchField" in r.json()["message"]
+            await edge.reload(EdgeConfig.from_mapping(config(backend.target)))  # and after
+            r = await c.post("/v1/orders", json={"customerId": "c", "noSuchField": 1})
+            assert r.status_code == 400, r.text
     finally:
         await edge.shutdown()
 
@@ -261,3 +264,23 @@ async def test_edge_metadata_cannot_be_spoofed_without_auth(
     md = backend.metadata[-1]
     assert "x-jwt-sub" not in md and "x-api-key-name" not in md
     assert md["x-tenant"] == "acme"  # other Grpc-Metadata-* headers still pass
+
+
+async def test_the_edge_mounts_under_a_prefix(edge: EdgeApp) -> None:
+    # Mounted in Starlette under a path that needs percent-encoding: profiles, ops endpoints
+    # and per-profile OpenAPI all answer below the mount point.
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    host = Starlette(routes=[Mount("/my api", app=edge.asgi())])
+    async with edge_client(host) as c:
+        assert (await c.get("/my%20api/healthz")).json() == {"status": "ok"}
+        web = await c.get("/my%20api/v1/orders/o-1")
+        assert web.status_code == 200, web.text
+        assert web.json()["orderId"] == "o-1"
+        mobile = await c.get("/my%20api/mobile/v1/orders/o-1")
+        assert mobile.status_code == 200, mobile.text
+        assert mobile.headers["x-profile"] == "mobile" and mobile.json()["id"] == "o-1"
+        doc = (await c.get("/my%20api/mobile/openapi.json")).json()
+        assert "/mobile/v1/orders/{order_id}" in doc["paths"]
+        assert (await c.get("/v1/orders/o-1")).status_code == 404

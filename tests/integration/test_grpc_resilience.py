@@ -656,3 +656,41 @@ async def test_streaming_arities_refuse_before_sending(mesh: Mesh, arity: str) -
 
     for key in ("late", "faulted", "open", "crowded"):
         assert srv.script.total(key) == 0, key
+
+
+async def test_hung_streams_count_against_the_breaker(mesh: Mesh) -> None:
+    # A stream whose first message never comes before the deadline is a failure for the
+    # breaker, like a unary call that times out.
+    breaker = {"window": {"type": "count", "size": 2}, "minimum_calls": 2, "open_duration": "30s"}
+    p = policy({"circuit_breaker": breaker, "bulkhead": {"max_concurrent": 4}})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    for _ in range(2):
+        err = await expect_error(
+            client.server_stream({"key": "hung", "count": 1, "delay": 2.0}, timeout=0.2)
+        )
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    err = await expect_error(client.server_stream({"key": "hung", "count": 1}, timeout=0.2))
+    assert err.code() is grpc.StatusCode.UNAVAILABLE  # refused by the open breaker
+    assert srv.script.total("hung") == 2
+    assert [b.state.name for b in p.breakers().values()] == ["OPEN"]
+    assert await eventually(lambda: all(b.in_flight == 0 for b in p.bulkheads().values()))
+
+
+async def test_a_stream_cancelled_during_its_backoff_is_not_retried(mesh: Mesh) -> None:
+    retry = {**FAST_RETRY, "initial_backoff": "400ms", "max_backoff": "400ms", "jitter": "none"}
+    p = policy({"retry": retry, "bulkhead": {"max_concurrent": 1}})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    req = {"key": "backoff", "count": 1, "fail": [{"code": "UNAVAILABLE", "times": 1}]}
+    stream, reading = await client.open_server_stream(req)
+    assert await eventually(lambda: srv.script.total("backoff") == 1)
+    await asyncio.sleep(0.05)  # the first attempt has failed; the retry waits out 400ms
+    assert stream.cancel()
+    with pytest.raises((grpc.RpcError, asyncio.CancelledError)):
+        await reading
+    (bulkhead,) = p.bulkheads().values()
+    assert await eventually(lambda: bulkhead.in_flight == 0)
+    await asyncio.sleep(0.5)  # past the backoff: no retry went out
+    assert srv.script.total("backoff") == 1
+    assert (await client.unary({"key": "next"}))["n"] == 1  # the permit is free

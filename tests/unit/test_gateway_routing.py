@@ -246,3 +246,30 @@ def test_property_matcher_never_crashes(path: str) -> None:
             m.bindings()
     except BadPathError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "root", "want"),
+    [
+        (b"/api/v1/x", "/api/v1/x", "/api", "/v1/x"),  # Starlette's Mount: full path + root
+        (b"/api", "/api", "/api", "/"),
+        (b"/my%20api/v1/a%2Fb", "/my api/v1/a/b", "/my api", "/v1/a%2Fb"),  # root decoded
+        (b"/%61pi/v1/x", "/api/v1/x", "/api/", "/v1/x"),
+        (b"/apix/v1", "/apix/v1", "/api", "/apix/v1"),  # not under the root
+        (b"/v1/x", "/v1/x", "/api", "/v1/x"),  # a host that already stripped it
+        (b"/v1/x", "/v1/x", "", "/v1/x"),
+        (None, "/api/v1/caf\u00e9", "/api", "/v1/caf\u00e9"),  # no raw_path at all
+    ],
+)
+def test_route_path_is_below_the_mount_point(
+    raw: bytes | None, path: str, root: str, want: str
+) -> None:
+    from meshkit.gateway._paths import route_path, unmounted
+
+    scope = {"type": "http", "path": path, "root_path": root}
+    if raw is not None:
+        scope["raw_path"] = raw
+    assert route_path(scope) == want
+    inner = unmounted(scope)
+    assert inner["root_path"] == "" or not root
+    assert route_path(inner) == want

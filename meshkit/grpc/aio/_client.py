@@ -565,7 +565,7 @@ class AioClientInterceptor(
                 plan.breaker.release()
             self._release(plan)
             raise
-        state = _StreamState(first, plan.breaker, plan.bulkhead, deadline)
+        state = _StreamState(first, plan.breaker, plan.bulkhead, deadline, start)
         first.add_done_callback(state.on_done)
         gen = self._stream_gen(state, plan, continuation, details, body, replay, deadline, start)
         return _AioStream(state, gen)
@@ -586,14 +586,17 @@ class AioClientInterceptor(
         attempt = 1
         prev_delay: float | None = None
         committed = False
+        stream.reading = True
         try:
             while True:
                 if attempt > 1:
+                    if stream.closed:  # cancelled (or past its deadline) during the backoff
+                        raise asyncio.CancelledError()
                     if breaker is not None:
                         if not breaker.try_acquire():
                             raise _error_of(breaker_rejection(plan))
                         stream.holding = True
-                    start = _monotonic()
+                    start = stream.started = _monotonic()
                     left = None if deadline is None else max(0.001, deadline - start)
                     md = _metadata(details.metadata, attempt - 1)
                     plan.tally.n += 1
@@ -745,27 +748,48 @@ class _StreamState:
     Shared by the stream object and its generator, so neither refers to the other and a
     dropped stream is finalised at once (no reference cycle to wait for)."""
 
-    __slots__ = ("breaker", "bulkhead", "call", "closed", "committed", "deadline", "holding")
+    __slots__ = (
+        "breaker",
+        "bulkhead",
+        "call",
+        "closed",
+        "committed",
+        "deadline",
+        "holding",
+        "reading",
+        "started",
+    )
 
-    def __init__(self, first: Any, breaker: Any, bulkhead: Any, deadline: float | None) -> None:
+    def __init__(
+        self, first: Any, breaker: Any, bulkhead: Any, deadline: float | None, started: float
+    ) -> None:
         self.call = first
         self.deadline = deadline
+        self.started = started  # when the current attempt was sent
         self.breaker = breaker
         self.bulkhead = bulkhead
         # The first attempt's breaker permit, taken before the stream was built.
         self.holding = breaker is not None
         self.closed = False
         self.committed = False
+        self.reading = False  # someone iterates the stream (its generator has started)
 
     def on_done(self, call: Any) -> None:
         # The call is over and will not be retried (committed streams never are, nor are
         # cancelled ones, nor any past the deadline): its permits go back even if nobody
         # reads the rest of it. grpc.aio keeps an unread call alive until it ends.
-        if call is not self.call:
+        if call is not self.call or self.closed:
+            return
+        if self.committed or call.cancelled():
+            self.close()
             return
         # (grpc core may fire the deadline a hair before our clock reads it)
-        past = self.deadline is not None and _monotonic() >= self.deadline - 0.01
-        if self.committed or past or call.cancelled():
+        if self.deadline is not None and _monotonic() >= self.deadline - 0.01:
+            # A reader that waited out the deadline for a first message saw a hung server: a
+            # failure for the breaker. An unread stream says nothing about the server.
+            if self.holding and self.reading:
+                self.holding = False
+                self.breaker.on_result(_monotonic() - self.started, "DEADLINE_EXCEEDED")
             self.close()
 
     def close(self) -> None:
@@ -820,9 +844,13 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         await self._call.done_writing()
 
     def cancel(self) -> bool:
-        cancelled = bool(self._call.cancel())
-        self._state.close()
-        return cancelled
+        state = self._state
+        if state.closed:
+            return False
+        # The attempt in flight is cancelled, or the retry waiting out its backoff is dropped.
+        state.call.cancel()
+        state.close()
+        return True
 
     def cancelled(self) -> bool:
         return bool(self._call.cancelled())
