@@ -33,6 +33,7 @@ import grpc
 from google.protobuf import descriptor_pb2
 
 from meshkit.errors import ConfigError
+from meshkit.gateway._unary import UnaryInvoker, unary_invoker
 from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import (
     Catalog,
@@ -179,6 +180,15 @@ class GatewayState:
             cache[key] = mc
         return mc
 
+    def _unary_invoker(self, channel: grpc.aio.Channel, b: Binding) -> UnaryInvoker:
+        cache: dict[tuple[int, str], Any] = channel.__dict__.setdefault("_meshkit_calls", {})
+        key = (self._token, b.method.path + " invoke")
+        inv: UnaryInvoker | None = cache.get(key)
+        if inv is None:
+            inv = unary_invoker(self._callable(channel, b, "unary_unary"))
+            cache[key] = inv
+        return inv
+
     def _upstream_channel(self, b: Binding, scope: Scope) -> grpc.aio.Channel:
         up = self.upstreams.for_service(b.method.service)
         if up is None:
@@ -236,17 +246,14 @@ class GatewayState:
                 b, raw, hdrs.content_type, scope.get("query_string", b""), scope["path_params_raw"]
             )
             channel = self._upstream_channel(b, scope)
-            mc = self._callable(channel, b, "unary_unary")
-            call = mc(req, metadata=hdrs.metadata, timeout=self._timeout(b, hdrs))
-            resp = await call
+            invoke = self._unary_invoker(channel, b)
+            resp, initial, trailing = await invoke(req, hdrs.metadata, self._timeout(b, hdrs))
             ctype, body = self.transcoder.response_body(b, resp)
             headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
             if hdrs.request_id:
                 headers.append((b"x-request-id", hdrs.request_id.encode("latin-1")))
-            initial = await call.initial_metadata()
             if initial:
                 headers.extend(metadata_headers(initial))
-            trailing = await call.trailing_metadata()
             if trailing:
                 headers.extend(metadata_headers(trailing))
             await send({"type": "http.response.start", "status": 200, "headers": headers})
