@@ -229,6 +229,48 @@ async def test_websocket_unknown_route_rejected(served: dict[str, _Served]) -> N
             pass
 
 
+async def test_forwarded_headers_from_a_trusted_proxy(served: dict[str, _Served]) -> None:
+    # uvicorn trusts 127.0.0.1 by default: X-Forwarded-For names the client the gateway
+    # appends; without it the peer address is appended.
+    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
+        r = await c.get("/v1/headers", headers={"x-forwarded-for": "198.51.100.1"})
+        assert r.json()["labels"]["x-forwarded-for"] == "198.51.100.1, 198.51.100.1"
+        r = await c.get("/v1/headers")
+        assert r.json()["labels"]["x-forwarded-for"] == "127.0.0.1"
+
+
+async def test_cli_protocol_keep_alive_times_out_after_idle(echo: Backend) -> None:
+    # The CLI protocol arms one keep-alive timer per idle stretch and re-arms it when it
+    # fires early: requests 0.6 s apart keep the connection, 1 s of idleness ends it.
+    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"])
+    sock = bind_socket("127.0.0.1", 0)
+    config = uvicorn.Config(
+        app, http=GatewayHttpProtocol, lifespan="on", log_level="warning", timeout_keep_alive=1
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await _wait_for(lambda: server.started)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            if i:
+                await asyncio.sleep(0.6)
+            writer.write(b"GET /v1/echo/k" + str(i).encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        idle_from = loop.time()
+        assert await asyncio.wait_for(reader.read(1), 5) == b""
+        assert 0.8 <= loop.time() - idle_from < 3
+        writer.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
