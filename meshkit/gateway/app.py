@@ -22,6 +22,7 @@ started with, whose channels close once it drains.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -146,17 +147,11 @@ class GatewayState:
     def _chain(self, route: Route, route_middleware: Sequence[RouteMiddleware]) -> ASGIApp:
         b = route.binding
         m = b.method
-        handler: ASGIApp
-        if m.client_streaming or m.server_streaming:
-
-            async def handler(scope: Scope, receive: Receive, send: Send) -> None:
-                await self.handle_streaming(b, scope, receive, send)
-        else:
-
-            async def handler(scope: Scope, receive: Receive, send: Send) -> None:
-                await self.handle_unary(b, scope, receive, send)
-
-        app: ASGIApp = handler
+        # A partial, not a wrapping coroutine: one coroutine frame less per request.
+        streaming = m.client_streaming or m.server_streaming
+        app: ASGIApp = functools.partial(
+            self.handle_streaming if streaming else self.handle_unary, b
+        )
         for mw in reversed(route_middleware):
             app = mw(route, app)
         return app

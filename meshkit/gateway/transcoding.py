@@ -249,7 +249,7 @@ class JsonCodec:
         self.proto_names = options.proto_names
         self.emit_unpopulated = options.emit_unpopulated
         self.max_depth = options.max_json_depth
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        self._dumps = _compact_dumps()
         self._encoder = None if options.emit_unpopulated else Encoder(options.proto_names, pool)
         self._decoder = Decoder(self.ignore_unknown)
 
@@ -310,6 +310,25 @@ class JsonCodec:
     def field_name(self, fd: FieldT) -> str:
         """The output name of a field."""
         return str(fd.name if self.proto_names else fd.json_name)
+
+
+def _compact_dumps() -> Callable[[Any], str]:
+    """``JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode`` without its
+    per-call setup (a fresh C encoder and circular-reference dict each time): the
+    values are built from messages, which cannot be circular."""
+    ref = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    c_make = getattr(json.encoder, "c_make_encoder", None)
+    c_str = getattr(json.encoder, "c_encode_basestring", None)
+    if c_make is None or c_str is None:  # pragma: no cover - no C accelerator
+        return ref.encode
+    enc = c_make(None, ref.default, c_str, None, ":", ",", False, False, True)
+
+    def dumps(obj: Any) -> str:
+        if type(obj) is str:
+            return ref.encode(obj)
+        return "".join(enc(obj, 0))
+
+    return dumps
 
 
 def check_depth(obj: Any, limit: int) -> None:
