@@ -34,6 +34,7 @@ import grpc
 from google.protobuf import descriptor_pb2
 
 from meshkit.errors import ConfigError
+from meshkit.gateway._paths import route_path, unmounted
 from meshkit.gateway._unary import UnaryInvoker, unary_invoker
 from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import (
@@ -311,20 +312,6 @@ class GatewayState:
         await send_status(send, status, st, self.catalog.pool, extra)
 
 
-def route_path(scope: Scope) -> str:
-    """The request path below the app's mount point, still percent-encoded.
-
-    Hosts that mount an ASGI app (Starlette's ``Mount``, ``uvicorn --root-path``) leave the
-    full path in ``raw_path`` and name the mount in ``root_path``; routing starts below it.
-    """
-    raw = scope.get("raw_path")
-    path: str = raw.decode("latin-1") if raw else scope["path"]
-    root: str = scope.get("root_path") or ""
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
-
-
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(
         "RESOURCE_EXHAUSTED", f"request body exceeds the limit of {limit} bytes", http_status=413
@@ -543,4 +530,5 @@ __all__ = [
     "create_app",
     "load_catalog",
     "route_path",
+    "unmounted",
 ]
