@@ -128,6 +128,40 @@ async def test_conflicting_atomic_batch_stores_nothing(store: EventStore) -> Non
     assert [e.version for e in await store.read("tally", agg)] == [1, 2]
 
 
+class _Killed(Exception):
+    pass
+
+
+async def test_a_writer_dying_mid_batch_stores_none_of_it(
+    nats_server_module: Any, store: EventStore
+) -> None:
+    # The writer's connection drops after two of three messages, before the commit: the
+    # staged messages are never stored, and the aggregate stays at its version.
+    agg = new_id()
+    v1 = (await store.append("tally", agg, [paid(1)], expected=Version())).version
+    conn = await nats.connect(nats_server_module.url, allow_reconnect=False)
+    dying = EventStore(conn, store.config)
+    sent = 0
+    publish = conn.publish
+
+    async def publish_then_die(subject: str, payload: bytes = b"", **kw: Any) -> None:
+        nonlocal sent
+        await publish(subject, payload, **kw)
+        sent += 1
+        await conn.flush()
+        raise _Killed  # the process dies before the commit message
+
+    conn.publish = publish_then_die  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        await dying.append("tally", agg, [paid(10), paid(11), paid(12)], expected=v1)
+    await conn.close()
+    assert sent == 1  # the batch was open (message 1) and had message 2 when it died
+    assert [e.version for e in await store.read("tally", agg)] == [1]
+    after = await store.append("tally", agg, [paid(2)], expected=v1)
+    assert after.version.number == 2
+    assert [e.version for e in await store.read("tally", agg)] == [1, 2]
+
+
 async def test_racing_writers_on_separate_connections_exactly_one_wins(
     nats_server_module: Any, store: EventStore
 ) -> None:
