@@ -41,10 +41,31 @@ class _Cycle(_impl.RequestResponseCycle):
                 self.transport.write(head)
 
     async def run_asgi(self, app: Any) -> None:
+        # uvicorn's, inlined (not a wrapper around it: one coroutine frame less).
         try:
-            await super().run_asgi(app)
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self._flush_head()
+                self.transport.close()
+        else:
+            if result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                self._flush_head()
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self._flush_head()
+                self.transport.close()
         finally:
             self._flush_head()
+            self.on_response = lambda: None
 
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
