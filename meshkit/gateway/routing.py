@@ -9,7 +9,6 @@ same paths for the same HTTP method are rejected at load, naming both.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from urllib.parse import unquote
@@ -132,25 +131,46 @@ class Router(Generic[T]):
         self, segments: list[str], verb: str | None, method: str, allowed: list[str]
     ) -> Match[T] | None:
         decoded = [_decode(s, keep_slash=False) if "%" in s else s for s in segments]
-        for methods in self._walk(self._root, decoded, 0, verb):
-            hit = methods.get(method)
-            if hit is not None:
-                return Match(hit[1], hit[0], segments)
-            allowed.extend(methods)
-        return None
+        hit = self._search(self._root, decoded, 0, verb, method, allowed)
+        return None if hit is None else Match(hit[1], hit[0], segments)
 
-    def _walk(
-        self, node: _Node[T], segs: list[str], i: int, verb: str | None
-    ) -> Iterator[dict[str, tuple[PathTemplate, T]]]:
+    def _search(
+        self,
+        node: _Node[T],
+        segs: list[str],
+        i: int,
+        verb: str | None,
+        method: str,
+        allowed: list[str],
+    ) -> tuple[PathTemplate, T] | None:
+        # Depth first in priority order (literal, then "*", then a "**" tail at this
+        # node); the first candidate with ``method`` wins, the others' methods are the
+        # allowed ones. Plain recursion: a generator chain cost a frame per level per
+        # request.
         if i == len(segs):
-            if node.leaf is not None and verb in node.leaf:
-                yield node.leaf[verb]
+            if node.leaf is not None:
+                methods = node.leaf.get(verb)
+                if methods is not None:
+                    hit = methods.get(method)
+                    if hit is not None:
+                        return hit
+                    allowed.extend(methods)
         else:
             seg = segs[i]
             child = node.literals.get(seg)
             if child is not None:
-                yield from self._walk(child, segs, i + 1, verb)
+                hit = self._search(child, segs, i + 1, verb, method, allowed)
+                if hit is not None:
+                    return hit
             if node.wild is not None and seg:
-                yield from self._walk(node.wild, segs, i + 1, verb)
-        if node.deep is not None and verb in node.deep:
-            yield node.deep[verb]
+                hit = self._search(node.wild, segs, i + 1, verb, method, allowed)
+                if hit is not None:
+                    return hit
+        if node.deep is not None:
+            methods = node.deep.get(verb)
+            if methods is not None:
+                hit = methods.get(method)
+                if hit is not None:
+                    return hit
+                allowed.extend(methods)
+        return None
