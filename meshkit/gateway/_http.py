@@ -29,6 +29,31 @@ _STATUS_LINE = _impl.STATUS_LINE
 _FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
 
 
+_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# (server_state.default_headers list, its encoded lines): uvicorn replaces that list
+# once a second (the Date header), so its validation and encoding happen once per list,
+# not per response. Holding the list keeps the identity check sound.
+_defaults: list[Any] = [None, None]
+
+
+def _encoded_defaults(default_headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The server's default headers as head lines; None when one of them needs the
+    per-response checks (invalid, or one that sets framing or keep-alive)."""
+    if _defaults[0] is default_headers:
+        return _defaults[1]  # type: ignore[no-any-return]
+    out: bytes | None = None
+    parts: list[bytes] = []
+    for name, value in default_headers:
+        low = name.lower()
+        if _HEADER_RE.search(name) or _HEADER_VALUE_RE.search(value) or low in _SPECIAL:
+            break
+        parts.extend((low, b": ", value, b"\r\n"))
+    else:
+        out = b"".join(parts)
+    _defaults[0], _defaults[1] = default_headers, out
+    return out
+
+
 class _Cycle(_impl.RequestResponseCycle):
     _head: bytes | None = None
     _loop: asyncio.AbstractEventLoop
@@ -80,7 +105,11 @@ class _Cycle(_impl.RequestResponseCycle):
             self.response_started = True
             self.waiting_for_100_continue = False
             status_code = message["status"]
-            headers = self.default_headers + list(message.get("headers", []))
+            defaults = _encoded_defaults(self.default_headers)
+            if defaults is None:
+                headers = self.default_headers + list(message.get("headers", []))
+            else:
+                headers = message.get("headers", ())
             if self.access_log:
                 self.access_logger.info(
                     '%s - "%s %s HTTP/%s" %d',
@@ -91,6 +120,8 @@ class _Cycle(_impl.RequestResponseCycle):
                     status_code,
                 )
             content = [_STATUS_LINE[status_code]]
+            if defaults is not None:
+                content.append(defaults)
             has_connection_close = False
             for name, value in headers:
                 if _HEADER_RE.search(name):
