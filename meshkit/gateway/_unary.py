@@ -13,6 +13,7 @@ RPC). Anything unexpected about the channel object falls back to the public path
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ UnaryResult = tuple[Any, Any, Any]
 UnaryInvoker = Callable[[Any, MetadataPairs, float | None], Awaitable[UnaryResult]]
 
 _CANCELLED = "Locally cancelled by application!"
+log = logging.getLogger("meshkit.gateway")
 
 try:  # grpc.aio's internals: checked once here, not per call
     from grpc import _common
@@ -40,19 +42,17 @@ except (ImportError, AttributeError):  # pragma: no cover - another grpc layout
 def unary_invoker(mc: Any) -> UnaryInvoker:
     """``invoke(request, metadata, seconds) -> (response, initial_md, trailing_md)`` for
     the unary-unary multicallable ``mc``."""
-    direct = _direct(mc)
-    if direct is not None:
-        return direct
 
     async def public(request: Any, metadata: MetadataPairs, seconds: float | None) -> UnaryResult:
         call = mc(request, metadata=metadata, timeout=seconds)
         resp = await call
         return resp, await call.initial_metadata(), await call.trailing_metadata()
 
-    return public
+    direct = _direct(mc, public)
+    return direct if direct is not None else public
 
 
-def _direct(mc: Any) -> UnaryInvoker | None:
+def _direct(mc: Any, public: UnaryInvoker) -> UnaryInvoker | None:
     if _AioChannel is None or getattr(mc, "_interceptors", True):
         return None
     try:
@@ -66,11 +66,25 @@ def _direct(mc: Any) -> UnaryInvoker | None:
     if not isinstance(channel, _AioChannel) or serialize is None or deserialize is None:
         return None
 
+    broken = False
+
     async def invoke(request: Any, metadata: MetadataPairs, seconds: float | None) -> UnaryResult:
+        nonlocal broken
+        if broken:
+            return await public(request, metadata, seconds)
         deadline = None if seconds is None else time.time() + seconds
-        call = channel.call(method, deadline, None, None, handle)
+        payload = serialize(request)  # a request that does not serialize raises here
         try:
-            raw = await call.unary_unary(serialize(request), tuple(metadata), _census())
+            call = channel.call(method, deadline, None, None, handle)
+            sending = call.unary_unary(payload, tuple(metadata), _census())
+        except (TypeError, AttributeError):
+            # Nothing was sent: grpc's internals are not what this module knows (a grpc
+            # upgrade). The public API serves from now on.
+            log.warning("grpc.aio internals differ: unary calls use the public API", exc_info=True)
+            broken = True
+            return await public(request, metadata, seconds)
+        try:
+            raw = await sending
         except asyncio.CancelledError:
             if not call.cancelled():
                 call.cancel(_CANCELLED)
