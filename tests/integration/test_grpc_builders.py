@@ -568,7 +568,8 @@ def test_future_calls_do_not_block_and_keep_their_policy() -> None:
         assert script.total("bad") == 1
         # Cancelling a pending future ends it, unretried, and frees its permit.
         hung = call.future({"key": "hung", "delay": 3.0}, timeout=5)
-        assert _wait(lambda: bulkhead.in_flight == 1)
+        assert _wait(lambda: script.total("hung") == 1)  # it reached the server
+        assert bulkhead.in_flight == 1
         assert hung.cancel()
         assert _wait(hung.done) and hung.cancelled()
         assert _wait(lambda: bulkhead.in_flight == 0)
