@@ -94,22 +94,40 @@ def replay(body: bytes) -> Receive:
 class BufferedResponse:
     """A ``send`` that collects a whole response, for middleware that rewrites bodies.
 
-    Streaming responses (NDJSON, SSE) would be held whole: callers check
-    :meth:`is_streaming_type` on the start message and pass those through instead.
+    A streaming response (NDJSON, SSE) is never held: given ``stream_to``, its start
+    (headers passed through ``stream_headers``) and every chunk go straight there, and
+    :attr:`passed` says so; the middleware then has nothing left to do.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        stream_to: Send | None = None,
+        stream_headers: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]
+        | None = None,
+    ) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.started = False
         self.complete = False
+        self.passed = False
+        self._stream_to = stream_to
+        self._stream_headers = stream_headers
 
     async def __call__(self, message: Message) -> None:
+        if self.passed:
+            await self._stream_to(message)  # type: ignore[misc]
+            return
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
             self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
             self.started = True
+            if self._stream_to is not None and is_streaming_type(self.header(b"content-type")):
+                self.passed = True
+                headers = self.headers
+                if self._stream_headers is not None:
+                    headers = self._stream_headers(headers)
+                await self._stream_to({**message, "headers": headers})
         elif message["type"] == "http.response.body":
             self.chunks.append(bytes(message.get("body", b"")))
             if not message.get("more_body", False):

@@ -215,9 +215,9 @@ class CacheMiddleware:
         notes(scope)["cache"] = "bypass" if bypass else "miss"
         if self.on_result:
             self.on_result(self.name, False)
-        buf = BufferedResponse()
+        buf = BufferedResponse(stream_to=send)  # streams pass through, never cached
         await self.app(scope, receive, buf)
-        if not buf.started:
+        if not buf.started or buf.passed:
             return
         ctype = buf.header(b"content-type")
         if is_streaming_type(ctype) or not buf.complete or not 200 <= buf.status < 300:

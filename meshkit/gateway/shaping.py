@@ -151,9 +151,9 @@ class ShapingMiddleware:
 
             await self.app(scope, receive, send_headers)
             return
-        buf = BufferedResponse()
+        buf = BufferedResponse(stream_to=send, stream_headers=self._headers)
         await self.app(scope, receive, buf)
-        if not buf.started:
+        if not buf.started or buf.passed:
             return
         ctype = buf.header(b"content-type") or b""
         headers = self._headers(buf.headers)

@@ -37,6 +37,7 @@ class ShopBackend:
         self.delay = 0.0
         # When set, GetOrder waits until GetPayment has started (proves the calls overlap).
         self.payment_started: asyncio.Event | None = None
+        self.watch_gate = asyncio.Event()
 
     @property
     def target(self) -> str:
@@ -74,6 +75,14 @@ class ShopBackend:
                     shipping_address=common_pb2.Address(name="Kim", line1="1 Main", city="Seoul"),
                     labels={"server": backend.name},
                 )
+
+            async def WatchOrders(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+                backend._record("WatchOrders", ctx)
+                for detail in ("first", "second"):
+                    yield orders_pb2.OrderEvent(
+                        order_id=req.order_id, status=orders_pb2.ORDER_STATUS_CREATED, detail=detail
+                    )
+                    await backend.watch_gate.wait()  # the test decides when the next comes
 
         class Shipping(shipping_pb2_grpc.ShippingServiceServicer):
             async def GetShipment(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:

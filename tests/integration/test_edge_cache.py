@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -284,3 +285,63 @@ async def test_the_edge_mounts_under_a_prefix(edge: EdgeApp) -> None:
         doc = (await c.get("/my%20api/mobile/openapi.json")).json()
         assert "/mobile/v1/orders/{order_id}" in doc["paths"]
         assert (await c.get("/v1/orders/o-1")).status_code == 404
+
+
+async def test_streams_pass_through_profile_shaping_and_cache_unbuffered(
+    backend: ShopBackend, shop_descriptor_set: Path
+) -> None:
+    # A profile that trims JSON bodies, on a route that also caches: a server stream must
+    # still reach the client message by message (never held whole, never cached).
+    cfg = config(backend.target)
+    cfg["edge"]["profiles"]["web"]["shaping"] = {
+        "fields": ["result.orderId"],
+        "add_headers": {"x-shaped": "1"},
+    }
+    cfg["edge"]["profiles"]["web"]["routes"].append(
+        {"match": {"rpc": "shop.v1.OrderService.WatchOrders"}, "cache": {"ttl": "30s"}}
+    )
+    edge = create_edge_app(cfg, shop_descriptor_set)
+    app = edge.asgi()
+    sent: list[dict[str, Any]] = []
+    first_line = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_line.set()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/orders:watch",
+        "raw_path": b"/v1/orders:watch",
+        "query_string": b"orderId=o-1",
+        "root_path": "",
+        "headers": [(b"host", b"gw")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("gw", 80),
+    }
+    try:
+        serving = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(first_line.wait(), 5)  # before the stream has ended
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        assert start["status"] == 200
+        assert dict(start["headers"])[b"x-shaped"] == b"1"
+        assert b'"first"' in b"".join(m.get("body", b"") for m in sent)
+        backend.watch_gate.set()
+        await asyncio.wait_for(serving, 5)
+        body = b"".join(m.get("body", b"") for m in sent)
+        assert [json.loads(line)["result"]["detail"] for line in body.splitlines()] == [
+            "first",
+            "second",
+        ]
+        assert backend.calls["WatchOrders"] == 1
+    finally:
+        await edge.shutdown()
