@@ -143,14 +143,6 @@ def _code(outcome: Any) -> grpc.StatusCode:
     return code if code is not None else grpc.StatusCode.UNKNOWN
 
 
-def _pending(outcome: Any) -> bool:
-    """True for the not-yet-finished future of a ``.future()`` invocation."""
-    try:
-        return not outcome.done()
-    except Exception:  # an outcome from another interceptor without done(): finished
-        return False
-
-
 def _trailers(outcome: Any) -> Any:
     try:
         return outcome.trailing_metadata()
@@ -291,34 +283,60 @@ class ClientInterceptor(
                 if breaker is not None:
                     breaker.release()
                 raise
-            if _pending(outcome):
+            done = getattr(outcome, "done", None)  # (absent on another interceptor's outcome)
+            if done is not None and not done():
                 # Invoked through ``.future()``: the caller must not wait here. The rest
                 # (breaker, retries, the bulkhead permit) runs when this attempt ends.
                 deferred = True
-
-                def settle(first: Any) -> Any:
-                    try:
-                        return self._after_first(
-                            plan, continuation, details, request, deadline, start, hit_limit, first
-                        )
-                    finally:
-                        if bulkhead is not None:
-                            bulkhead.release()
-
-                def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
-                    if breaker is not None:
-                        breaker.release()
-                    if bulkhead is not None:
-                        bulkhead.release()
-
-                may_block = plan.retry is not None or plan.fallback is not None
-                return _PendingCall(outcome, settle, abandon, may_block)
+                return self._defer(
+                    plan, continuation, details, request, deadline, start, hit_limit, outcome
+                )
+            code = _code(outcome)
+            if code is _OK:  # the common case, without another call
+                if breaker is not None:
+                    breaker.on_result(_monotonic() - start, "OK")
+                if plan.fallback is not None:
+                    self._remember(plan, request, outcome)
+                return outcome
             return self._after_first(
                 plan, continuation, details, request, deadline, start, hit_limit, outcome
             )
         finally:
             if bulkhead is not None and not deferred:
                 bulkhead.release()
+
+    def _defer(
+        self,
+        plan: ClientPlan,
+        continuation: Any,
+        details: Any,
+        request: Any,
+        deadline: float | None,
+        start: float,
+        hit_limit: bool,
+        first: Any,
+    ) -> _PendingCall:
+        """The future for a ``.future()`` call whose first attempt is in flight; it holds
+        the bulkhead permit (and the breaker's) until the call is settled."""
+        bulkhead, breaker = plan.bulkhead, plan.breaker
+
+        def settle(done: Any) -> Any:
+            try:
+                return self._after_first(
+                    plan, continuation, details, request, deadline, start, hit_limit, done
+                )
+            finally:
+                if bulkhead is not None:
+                    bulkhead.release()
+
+        def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
+            if breaker is not None:
+                breaker.release()
+            if bulkhead is not None:
+                bulkhead.release()
+
+        may_block = plan.retry is not None or plan.fallback is not None
+        return _PendingCall(first, settle, abandon, may_block)
 
     def _after_first(
         self,
