@@ -1,4 +1,5 @@
-"""A grpc.aio server interceptor that verifies the edge's JWTs for service-to-service calls.
+"""Server interceptors (grpc.aio and sync) that verify the edge's JWTs for
+service-to-service calls.
 
 It uses the gateway's :class:`~meshkit.gateway.auth.Authenticator`, so a service
 accepts exactly the tokens (keys, algorithms, issuer, audience, leeway) the edge
@@ -27,9 +28,41 @@ def current_claims() -> Mapping[str, Any] | None:
     return _claims.get()
 
 
+class _JwtCheck:
+    """What both interceptors decide: reject (with a code and a reason) or pass claims."""
+
+    def __init__(
+        self, config: AuthConfig, exempt: Sequence[str], required_scopes: Sequence[str]
+    ) -> None:
+        self.authn = Authenticator(config)
+        self.exempt = tuple(exempt)
+        self.required_scopes = tuple(required_scopes)
+
+    def check(
+        self, details: grpc.HandlerCallDetails
+    ) -> tuple[grpc.StatusCode, str] | Mapping[str, Any] | None:
+        """None for an exempt method; a (code, reason) rejection; or the verified claims."""
+        if (details.method or "").startswith(self.exempt):
+            return None
+        token = None
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                token = bearer_token(value)
+        if not token:
+            return grpc.StatusCode.UNAUTHENTICATED, "this method needs a bearer token"
+        try:
+            p = self.authn.verify_jwt(token)
+        except AuthError as exc:
+            return grpc.StatusCode.UNAUTHENTICATED, exc.reason
+        missing = [s for s in self.required_scopes if s not in p.scopes()]
+        if missing:
+            return grpc.StatusCode.PERMISSION_DENIED, f"missing scope {missing[0]!r}"
+        return p.claims
+
+
 class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Reject calls without a valid bearer JWT; ``exempt`` lists method-path prefixes
-    (such as ``/grpc.health.v1.Health/``) that need none."""
+    """Reject calls without a valid bearer JWT (grpc.aio servers); ``exempt`` lists
+    method-path prefixes (such as ``/grpc.health.v1.Health/``) that need none."""
 
     def __init__(
         self,
@@ -38,43 +71,50 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         exempt: Sequence[str] = ("/grpc.health.v1.Health/",),
         required_scopes: Sequence[str] = (),
     ) -> None:
-        self.authn = Authenticator(config)
-        self.exempt = tuple(exempt)
-        self.required_scopes = tuple(required_scopes)
+        self._check = _JwtCheck(config, exempt, required_scopes)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         details: grpc.HandlerCallDetails,
     ) -> Any:
-        method = details.method or ""
         handler = await continuation(details)
-        if handler is None or method.startswith(self.exempt):
+        if handler is None:
+            return None
+        verdict = self._check.check(details)
+        if verdict is None:
             return handler
-        token = None
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                token = bearer_token(value)
-        reason: str | None = None
-        claims: Mapping[str, Any] | None = None
-        code = grpc.StatusCode.UNAUTHENTICATED
-        if not token:
-            reason = "this method needs a bearer token"
-        else:
-            try:
-                p = self.authn.verify_jwt(token)
-                claims = p.claims
-                missing = [s for s in self.required_scopes if s not in p.scopes()]
-                if missing:
-                    reason, code = (
-                        f"missing scope {missing[0]!r}",
-                        grpc.StatusCode.PERMISSION_DENIED,
-                    )
-            except AuthError as exc:
-                reason = exc.reason
-        if reason is not None:
-            return _rejecting(handler, code, reason)
-        return _with_claims(handler, claims or {})
+        if isinstance(verdict, tuple):
+            return _rejecting(handler, *verdict)
+        return _with_claims(handler, verdict)
+
+
+class SyncJwtServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
+    """:class:`JwtServerInterceptor` for thread-pool (``grpc.server``) servers."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        exempt: Sequence[str] = ("/grpc.health.v1.Health/",),
+        required_scopes: Sequence[str] = (),
+    ) -> None:
+        self._check = _JwtCheck(config, exempt, required_scopes)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        verdict = self._check.check(details)
+        if verdict is None:
+            return handler
+        if isinstance(verdict, tuple):
+            return _sync_rejecting(handler, *verdict)
+        return _sync_with_claims(handler, verdict)
 
 
 def _rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
@@ -137,6 +177,65 @@ def _with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
         else:
             await result
 
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+
+
+def _handler_kwargs(handler: Any) -> dict[str, Any]:
+    return {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+
+def _sync_rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
+    def abort(request: Any, context: Any) -> Any:
+        context.abort(code, reason)
+
+    kw = _handler_kwargs(handler)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, **kw)
+    return grpc.stream_stream_rpc_method_handler(abort, **kw)
+
+
+def _sync_with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
+    kw = _handler_kwargs(handler)
+    inner = (
+        handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    )
+
+    def unary(request: Any, context: Any) -> Any:
+        token = _claims.set(claims)
+        try:
+            return inner(request, context)
+        finally:
+            _claims.reset(token)
+
+    def streaming(request: Any, context: Any) -> Any:
+        # The worker thread runs this generator between other work of its own: the claims
+        # are set for each step and taken back after it.
+        responses = None
+        while True:
+            token = _claims.set(claims)
+            try:
+                if responses is None:
+                    responses = iter(inner(request, context))
+                item = next(responses)
+            except StopIteration:
+                return
+            finally:
+                _claims.reset(token)
+            yield item
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
     return grpc.stream_stream_rpc_method_handler(streaming, **kw)

@@ -368,3 +368,62 @@ async def test_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) 
             assert len(seen) == 1
     finally:
         await server.stop(None)
+
+
+def test_sync_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) -> None:
+    from concurrent import futures
+
+    from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
+    from meshkit.gateway.auth import AuthConfig
+    from meshkit.grpc.auth import SyncJwtServerInterceptor, current_claims
+
+    cfg = AuthConfig.from_mapping(edge_config(tmp_path, "127.0.0.1:1")["edge"]["auth"])
+    seen: list[Any] = []
+
+    class Orders(orders_pb2_grpc.OrderServiceServicer):
+        def GetOrder(self, req: Any, ctx: grpc.ServicerContext) -> Any:
+            seen.append(current_claims())
+            return orders_pb2.Order(order_id=req.order_id)
+
+        def WatchOrders(self, req: Any, ctx: grpc.ServicerContext) -> Any:
+            for detail in ("a", "b"):
+                seen.append(current_claims())
+                yield orders_pb2.OrderEvent(order_id=req.order_id, detail=detail)
+
+    pool = futures.ThreadPoolExecutor(max_workers=2)
+    server = grpc.server(
+        pool, interceptors=[SyncJwtServerInterceptor(cfg, required_scopes=["orders.read"])]
+    )
+    orders_pb2_grpc.add_OrderServiceServicer_to_server(Orders(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = orders_pb2_grpc.OrderServiceStub(ch)
+            tok = jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa1"})
+            md = (("authorization", f"Bearer {tok}"),)
+            assert stub.GetOrder(orders_pb2.GetOrderRequest(order_id="o-1"), metadata=md)
+            events = list(
+                stub.WatchOrders(orders_pb2.WatchOrdersRequest(order_id="o-1"), metadata=md)
+            )
+            assert [e.detail for e in events] == ["a", "b"]
+            assert [c["sub"] for c in seen] == ["user-1"] * 3
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.GetOrder(orders_pb2.GetOrderRequest(order_id="o-1"))
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            narrow = jwt.encode(
+                claims(scope="other"), RSA_KEY, algorithm="RS256", headers={"kid": "rsa1"}
+            )
+            with pytest.raises(grpc.RpcError) as ei:
+                list(
+                    stub.WatchOrders(
+                        orders_pb2.WatchOrdersRequest(order_id="o-1"),
+                        metadata=(("authorization", f"Bearer {narrow}"),),
+                    )
+                )
+            assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert len(seen) == 3  # no handler ran for a refused call
+        # The claims do not outlive their call on the worker threads.
+        assert pool.submit(current_claims).result() is None
+    finally:
+        server.stop(None)
