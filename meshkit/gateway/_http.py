@@ -195,6 +195,17 @@ class _Cycle(_impl.RequestResponseCycle):
             )
 
 
+#: The uvicorn release series this protocol was written and tested against: it extends
+#: uvicorn's internals, so other series get uvicorn's stock protocol (see protocol_for).
+TESTED_UVICORN = "0.54."
+
+
+def protocol_for(uvicorn_version: str) -> Any:
+    """The ``http=`` protocol for ``uvicorn.Config``: this one on the tested uvicorn
+    series, uvicorn's own httptools protocol on any other."""
+    return GatewayHttpProtocol if uvicorn_version.startswith(TESTED_UVICORN) else "httptools"
+
+
 class GatewayHttpProtocol(_impl.HttpToolsProtocol):
     """``uvicorn.Config(http=GatewayHttpProtocol)``: httptools with coalesced writes.
 

@@ -160,7 +160,15 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT."""
     import uvicorn
 
-    from meshkit.gateway._http import GatewayHttpProtocol
+    http: Any = "httptools"
+    try:
+        from meshkit.gateway._http import protocol_for
+
+        http = protocol_for(uvicorn.__version__)
+    except (ImportError, AttributeError):  # uvicorn's internals moved: its stock protocol
+        pass
+    if http == "httptools":
+        log.info("uvicorn %s: serving with its stock httptools protocol", uvicorn.__version__)
 
     app = build_app(spec)
     if sock is None:
@@ -168,7 +176,7 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http=GatewayHttpProtocol,
+        http=http,
         ws="websockets-sansio",
         lifespan="on",
         access_log=False,

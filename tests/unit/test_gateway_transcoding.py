@@ -689,3 +689,11 @@ async def test_unary_calls_fall_back_to_the_public_api_when_grpc_internals_diffe
     assert await invoke("b", (), None) == ("response", (), (("k", "v"),))
     assert mc.sent == ["a", "b"]  # each request went out once, through the public API
     assert "public API" in caplog.text
+
+
+def test_the_cli_protocol_is_used_only_on_the_uvicorn_series_it_was_tested_with() -> None:
+    # It extends uvicorn's internals: another uvicorn series gets uvicorn's own protocol.
+    from meshkit.gateway._http import TESTED_UVICORN, GatewayHttpProtocol, protocol_for
+
+    assert protocol_for(TESTED_UVICORN + "3") is GatewayHttpProtocol
+    assert protocol_for("0.99.0") == "httptools"
