@@ -117,6 +117,21 @@ class SyncJwtServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,typ
         return _sync_with_claims(handler, verdict)
 
 
+def _same_kind(handler: Any, unary_response: Any, streaming_response: Any) -> Any:
+    """A handler of ``handler``'s arity and serializers, running the given behaviours."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary_response, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming_response, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary_response, **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming_response, **kw)
+
+
 def _rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
     async def abort(request: Any, context: Any) -> Any:
         await context.abort(code, reason)
@@ -125,49 +140,21 @@ def _rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
         await context.abort(code, reason)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
+    return _same_kind(handler, abort, abort_stream)
 
 
 def _with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        inner = handler.unary_unary
-
-        async def uu(request: Any, context: Any) -> Any:
-            token = _claims.set(claims)
-            try:
-                return await inner(request, context)
-            finally:
-                _claims.reset(token)
-
-        return grpc.unary_unary_rpc_method_handler(uu, **kw)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def su(it: Any, context: Any) -> Any:
-            token = _claims.set(claims)
-            try:
-                return await inner_su(it, context)
-            finally:
-                _claims.reset(token)
-
-        return grpc.stream_unary_rpc_method_handler(su, **kw)
-    # Streaming responses: the handler runs in its own task context; set claims inside it.
+    inner = handler.unary_unary or handler.stream_unary
     inner_stream = handler.unary_stream or handler.stream_stream
 
+    async def unary(request: Any, context: Any) -> Any:
+        token = _claims.set(claims)
+        try:
+            return await inner(request, context)
+        finally:
+            _claims.reset(token)
+
+    # Streaming responses: the handler runs in its own task context; set claims inside it.
     async def streaming(request: Any, context: Any) -> Any:
         _claims.set(claims)
         result = inner_stream(request, context)
@@ -177,34 +164,17 @@ def _with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
         else:
             await result
 
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
-
-
-def _handler_kwargs(handler: Any) -> dict[str, Any]:
-    return {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    return _same_kind(handler, unary, streaming)
 
 
 def _sync_rejecting(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
     def abort(request: Any, context: Any) -> Any:
         context.abort(code, reason)
 
-    kw = _handler_kwargs(handler)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
-    return grpc.stream_stream_rpc_method_handler(abort, **kw)
+    return _same_kind(handler, abort, abort)
 
 
 def _sync_with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
-    kw = _handler_kwargs(handler)
     inner = (
         handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
     )
@@ -232,10 +202,4 @@ def _sync_with_claims(handler: Any, claims: Mapping[str, Any]) -> Any:
                 _claims.reset(token)
             yield item
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    return _same_kind(handler, unary, streaming)
