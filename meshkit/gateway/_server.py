@@ -160,13 +160,12 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT."""
     import uvicorn
 
-    http: Any = "httptools"
     try:
         from meshkit.gateway._http import protocol_for
 
-        http = protocol_for(uvicorn.__version__)
+        http: Any = protocol_for(uvicorn.__version__)
     except (ImportError, AttributeError):  # uvicorn's internals moved: its stock protocol
-        pass
+        http = "httptools"
     if http == "httptools":
         log.info("uvicorn %s: serving with its stock httptools protocol", uvicorn.__version__)
 

@@ -129,7 +129,7 @@ async def test_conflicting_atomic_batch_stores_nothing(store: EventStore) -> Non
 
 
 class _Killed(Exception):
-    pass
+    """The writer's process ends here."""
 
 
 async def test_a_writer_dying_mid_batch_stores_none_of_it(
