@@ -60,9 +60,8 @@ class _JwtCheck:
         return p.claims
 
 
-class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Reject calls without a valid bearer JWT (grpc.aio servers); ``exempt`` lists
-    method-path prefixes (such as ``/grpc.health.v1.Health/``) that need none."""
+class _JwtInterceptor:
+    """The configuration both interceptors take."""
 
     def __init__(
         self,
@@ -72,6 +71,11 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         required_scopes: Sequence[str] = (),
     ) -> None:
         self._check = _JwtCheck(config, exempt, required_scopes)
+
+
+class JwtServerInterceptor(_JwtInterceptor, grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Reject calls without a valid bearer JWT (grpc.aio servers); ``exempt`` lists
+    method-path prefixes (such as ``/grpc.health.v1.Health/``) that need none."""
 
     async def intercept_service(
         self,
@@ -89,17 +93,8 @@ class JwtServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         return _with_claims(handler, verdict)
 
 
-class SyncJwtServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
+class SyncJwtServerInterceptor(_JwtInterceptor, grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
     """:class:`JwtServerInterceptor` for thread-pool (``grpc.server``) servers."""
-
-    def __init__(
-        self,
-        config: AuthConfig,
-        *,
-        exempt: Sequence[str] = ("/grpc.health.v1.Health/",),
-        required_scopes: Sequence[str] = (),
-    ) -> None:
-        self._check = _JwtCheck(config, exempt, required_scopes)
 
     def intercept_service(
         self,
