@@ -30,6 +30,7 @@ class ServiceContext:
     bus: Any  # meshkit.saga.EventBus, or None when run without NATS
     args: argparse.Namespace
     mode: str = "choreography"  # or "orchestrated" (SHOP_MODE)
+    inbox: Any = None  # the participant's inbox; None: SqliteInbox in the service's store
     # Started after the gRPC server (before READY); each returns its stop function.
     background: list[Callable[[], Awaitable[Callable[[], Awaitable[None]]]]] = field(
         default_factory=list
@@ -79,7 +80,7 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
         from examples.shop import faults
         from meshkit.saga import SqliteInbox
 
-        inbox = SqliteInbox(store.conn, store.lock)
+        inbox = ctx.inbox or SqliteInbox(store.conn, store.lock)
         consumer = await participant.start(
             bus, inbox=inbox, after_commit=faults.after_commit_hook()
         )

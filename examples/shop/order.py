@@ -42,7 +42,7 @@ from examples.shop.flow import (
 )
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-from meshkit.saga import Context, Participant, derive_event_id
+from meshkit.saga import Context, IdempotentInbox, Participant, derive_event_id
 from meshkit.saga._telemetry import producer_span
 from meshkit.saga.eventstore import EventStore, EventStoreError, Repository, StoredEvent
 from meshkit.saga.orchestrator import CommandContext, CommandParticipant
@@ -377,8 +377,13 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
         raise SystemExit("the order service keeps its orders in JetStream: pass --nats-url")
     store = EventStore(bus.nc, ORDERS_STORE, source="order")
     await store.ensure()
-    orders: Repository[Order] = Repository(store, AGGREGATE, Order)
+    # The saga's commands find the order they created in memory; the append's
+    # sequence check still catches a write from elsewhere.
+    orders: Repository[Order] = Repository(store, AGGREGATE, Order, cache_size=10_000)
     _ORDERS[:] = [orders]
+    # Its handlers' only effect is an append with ids derived from the event: a
+    # redelivery finds it done, so no inbox record (nor its serializing transaction).
+    ctx.inbox = IdempotentInbox()
     if ctx.mode == "orchestrated":
         from examples.shop.orchestration import ORDER_MACHINE, serve_commands
         from meshkit.saga.orchestrator import Orchestrator
@@ -404,10 +409,12 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
             await orchestrator.begin(stored.aggregate_id, start)
 
         ctx.background.append(
-            _relay_starter(bus, _relay_db(ctx.args.db), "shop_order_saga_starter", begin_saga)
+            _relay_starter(
+                bus, store, _relay_db(ctx.args.db), "shop_order_saga_starter", begin_saga
+            )
         )
     else:
-        ctx.background.append(_relay_starter(bus, _relay_db(ctx.args.db)))
+        ctx.background.append(_relay_starter(bus, store, _relay_db(ctx.args.db)))
     service = OrderService(orders, store)
 
     def add(server: grpc.aio.Server) -> None:
@@ -418,6 +425,7 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
 
 def _relay_starter(
     bus: Any,
+    store: EventStore,
     db: str,
     name: str = "shop_order_relay",
     begin: Callable[[StoredEvent], Awaitable[None]] | None = None,
@@ -425,6 +433,8 @@ def _relay_starter(
     """The store is its own outbox: forward the order events to the saga stream.
 
     With ``begin`` (orchestrated mode) it hands each OrderCreated to ``begin`` instead.
+    This process is the orders' only writer: its appends are handed to the relay
+    directly, and a poll finds anything else (the backlog after a restart).
     """
     timeout = env_float("SHOP_SAGA_TIMEOUT", 0.0) or None
 
@@ -450,10 +460,17 @@ def _relay_starter(
             SqliteReadModelStore(db),
             publish=publish if begin is None else begin,
             types=ORDER_EVENTS if begin is None else ("shop.v1.OrderCreated",),
+            follow=False,
         )
         forwarder.poll_interval = 0.5
+        remove = store.on_append(forwarder.offer)
         await forwarder.start()
-        return forwarder.stop
+
+        async def stop() -> None:
+            remove()
+            await forwarder.stop()
+
+        return stop
 
     return start
 

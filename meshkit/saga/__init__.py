@@ -13,7 +13,14 @@ from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
 from meshkit.saga.dlq import DLQ_STREAM, dead_letter, list_dead_letters, replay_dead_letters
 from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, new_event_id, type_name
 from meshkit.saga.graph import FlowGraph, GraphReport, analyze, build_graph, to_mermaid
-from meshkit.saga.inbox import Inbox, KvInbox, MemoryInbox, Outbound, SqliteInbox
+from meshkit.saga.inbox import (
+    IdempotentInbox,
+    Inbox,
+    KvInbox,
+    MemoryInbox,
+    Outbound,
+    SqliteInbox,
+)
 from meshkit.saga.participant import Context, Participant, PermanentError, RunningParticipant
 from meshkit.saga.tracker import (
     FINAL_STATES,
@@ -34,6 +41,7 @@ __all__ = [
     "EventBus",
     "FlowGraph",
     "GraphReport",
+    "IdempotentInbox",
     "Inbox",
     "KvInbox",
     "MemoryInbox",

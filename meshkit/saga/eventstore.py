@@ -32,6 +32,7 @@ metadata travels in the same headers as every saga event
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import json
@@ -51,6 +52,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
+from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.envelope import Envelope, new_event_id, type_name
 
 __all__ = [
@@ -254,6 +256,30 @@ class EventStore:
         self.config = config or EventStoreConfig()
         self.source = source
         self._atomic: bool | None = None
+        self._append_listeners: list[Callable[[Sequence[StoredEvent]], None]] = []
+
+    def on_append(self, listener: Callable[[Sequence[StoredEvent]], None]) -> Callable[[], None]:
+        """Call ``listener`` with the events of every append; returns its remover.
+
+        Listeners run synchronously, in append order, once the server has stored
+        the events (a relay in the same process takes them from here instead of
+        reading them back: :meth:`~meshkit.saga.projections.Projector.offer`).
+        """
+        self._append_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._append_listeners.remove(listener)
+
+        return remove
+
+    def _appended(self, result: AppendResult) -> AppendResult:
+        for listener in self._append_listeners:
+            try:
+                listener(result.events)
+            except Exception:  # a listener must not turn a stored append into an error
+                log.exception("append listener %r failed", listener)
+        return result
 
     # -- stream -----------------------------------------------------------
 
@@ -403,7 +429,9 @@ class EventStore:
                 if event_ids is not None:
                     mine = await self._already_appended(aggregate_type, aggregate_id, current, ids)
                     if mine is not None:
-                        return AppendResult(mine[-1].version_at(), tuple(mine), atomic)
+                        return self._appended(
+                            AppendResult(mine[-1].version_at(), tuple(mine), atomic)
+                        )
                 if attempt + 1 < attempts:
                     await asyncio.sleep(0)
                     continue
@@ -424,7 +452,9 @@ class EventStore:
             )
             for i in range(len(events))
         )
-        return AppendResult(Version(current.number + len(events), last_seq), stored, atomic)
+        return self._appended(
+            AppendResult(Version(current.number + len(events), last_seq), stored, atomic)
+        )
 
     async def _already_appended(
         self, aggregate_type: str, aggregate_id: str, current: Version, ids: list[str]
@@ -681,16 +711,66 @@ async def _allows_direct(nc: NATS, stream: str, wait_s: float) -> bool:
     return bool(info.config.allow_direct)
 
 
+class _DirectReplies:
+    """One wildcard subscription per connection for every direct-get reply.
+
+    A batched direct get answers with several messages on its reply subject, so
+    the request/reply helper (first answer only) cannot carry it; a subscription
+    per read would cost a SUB and an UNSUB each. Reads get a token under this
+    connection's own inbox prefix instead.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox()
+        self.readers: dict[str, Callable[[Any], None]] = {}
+        self._next = 0
+        self._sub: Any = None
+        self._subscribing: asyncio.Future[None] | None = None
+
+    async def ready(self) -> None:
+        if self._sub is not None:
+            return
+        if self._subscribing is None:
+            self._subscribing = asyncio.get_running_loop().create_future()
+            try:
+                self._sub = await self.nc.subscribe(
+                    f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1
+                )
+            except BaseException as exc:
+                self._subscribing.set_exception(exc)
+                self._subscribing.exception()  # retrieved: a later read retries
+                self._subscribing = None
+                raise
+            self._subscribing.set_result(None)
+        else:
+            await asyncio.shield(self._subscribing)
+
+    def token(self) -> str:
+        self._next += 1
+        return f"{self.prefix}.{self._next:x}"
+
+    async def _on_msg(self, msg: Any) -> None:
+        reader = self.readers.get(msg.subject)
+        if reader is not None:
+            reader(msg)
+
+
 async def _direct_batch(
     nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
 ) -> list[RawMessage]:
     """One batched direct get: up to ``batch`` messages on ``subject`` from ``start_seq``."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    # Kept on the connection itself: its subscription refers back to the connection,
+    # so a weak-keyed map would keep every connection alive.
+    replies: _DirectReplies | None = getattr(nc, "_meshkit_direct_replies", None)
+    if replies is None:
+        replies = _DirectReplies(nc)
+        nc._meshkit_direct_replies = replies  # type: ignore[attr-defined]
+    await replies.ready()
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     out: list[RawMessage] = []
 
-    async def on_msg(msg: Any) -> None:
-        # A callback rather than next_msg(): no task and timer per message.
+    def on_msg(msg: Any) -> None:
         if done.done():
             return
         h = msg.headers or {}
@@ -716,11 +796,11 @@ async def _direct_batch(
             )
         )
 
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1)
+    reply = replies.token()
+    replies.readers[reply] = on_msg
     try:
         request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=reply)
         try:
             await asyncio.wait_for(done, wait_s)
         except TimeoutError:
@@ -729,8 +809,7 @@ async def _direct_batch(
             ) from None
         return out
     finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        del replies.readers[reply]
 
 
 async def _consumer_batches(
@@ -931,6 +1010,14 @@ class Repository(Generic[A]):
     ``factory(id)`` makes an empty aggregate. With ``snapshots`` and
     ``snapshot_every=N`` (and a ``codec``), every save that crosses a multiple of
     N events writes a snapshot, and loads start from the newest one.
+
+    ``cache_size=N`` keeps the N aggregates :meth:`execute` wrote last in memory,
+    so a command on one of them decides without reading it back. The append's
+    expected-sequence check still guards it: when another process wrote in
+    between, the append is refused and the command reloads and runs again. A
+    command that decides nothing, or raises, on a cached state is run once more on
+    the stored state, as a stale state may be the reason. Commands on one
+    aggregate are then serialized within the process (no conflicts among them).
     """
 
     def __init__(
@@ -944,6 +1031,7 @@ class Repository(Generic[A]):
         snapshot_every: int = 0,
         codec: StateCodec[A] | None = None,
         upcasters: Upcasters | None = None,
+        cache_size: int = 0,
     ) -> None:
         if not _NAME.match(aggregate_type):
             raise ConfigError(
@@ -951,6 +1039,8 @@ class Repository(Generic[A]):
             )
         if snapshot_every < 0:
             raise ConfigError("repository.snapshot_every", f"{snapshot_every!r}: must be >= 0")
+        if cache_size < 0:
+            raise ConfigError("repository.cache_size", f"{cache_size!r}: must be >= 0")
         if snapshot_every and (snapshots is None or codec is None):
             raise ConfigError(
                 "repository.snapshot_every", "snapshots need a snapshot store and a codec"
@@ -966,6 +1056,10 @@ class Repository(Generic[A]):
         self.snapshot_every = snapshot_every
         self.codec = codec
         self.upcasters = upcasters or Upcasters()
+        self.cache_size = cache_size
+        self.cache_hits = 0
+        self._cache: collections.OrderedDict[str, Loaded[A]] = collections.OrderedDict()
+        self._locks = KeyedLocks()
 
     async def load(
         self,
@@ -1088,9 +1182,47 @@ class Repository(Generic[A]):
 
         ``decide`` must be free of side effects: it may run more than once.
         """
+        if not self.cache_size:
+            return await self._execute(
+                aggregate_id, decide, retries, event_ids, saga_id, saga_type, causation_id
+            )
+        async with self._locks.hold(aggregate_id):
+            # Out of the cache while the command runs: only a saved state goes back.
+            cached = self._cache.pop(aggregate_id, None)
+            loaded = await self._execute(
+                aggregate_id, decide, retries, event_ids, saga_id, saga_type, causation_id, cached
+            )
+            self._cache[aggregate_id] = loaded
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return loaded
+
+    async def _execute(
+        self,
+        aggregate_id: str,
+        decide: Callable[[A], Sequence[Message]],
+        retries: int,
+        event_ids: Callable[[int], str] | None,
+        saga_id: str,
+        saga_type: str,
+        causation_id: str,
+        cached: Loaded[A] | None = None,
+    ) -> Loaded[A]:
         for attempt in range(retries + 1):
-            loaded = await self.load(aggregate_id)
-            events = list(decide(loaded.state))
+            if cached is not None:
+                loaded, cached = cached, None
+                try:
+                    events = list(decide(loaded.state))
+                except Exception:
+                    events = []
+                if not events:  # maybe stale: decide again on the stored state
+                    loaded = await self.load(aggregate_id)
+                    events = list(decide(loaded.state))
+                else:
+                    self.cache_hits += 1
+            else:
+                loaded = await self.load(aggregate_id)
+                events = list(decide(loaded.state))
             ids = [event_ids(i) for i in range(len(events))] if event_ids else None
             try:
                 return await self.save(

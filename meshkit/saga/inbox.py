@@ -11,6 +11,9 @@ JetStream drop the copies).
 * :class:`KvInbox` stores it in JetStream KV, for participants whose effects live
   elsewhere; there the effect and the record are not atomic, so the effect must
   itself be idempotent (a crash between them repeats it once).
+* :class:`IdempotentInbox` records nothing, for handlers whose effects already
+  deduplicate themselves (an event-store append with deterministic event ids):
+  a redelivered event runs its handler again, which finds the work done.
 * :class:`MemoryInbox` is for tests.
 """
 
@@ -29,7 +32,7 @@ import nats.js.errors
 
 from meshkit.saga._locks import KeyedLocks
 
-__all__ = ["Inbox", "KvInbox", "MemoryInbox", "Outbound", "SqliteInbox"]
+__all__ = ["IdempotentInbox", "Inbox", "KvInbox", "MemoryInbox", "Outbound", "SqliteInbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,25 @@ class MemoryInbox:
             outputs = await work(None)
             self.done[key] = outputs
             return outputs, False
+
+
+class IdempotentInbox:
+    """No record at all: for handlers that are idempotent by construction.
+
+    The handler runs on every delivery, concurrently for different keys and one at
+    a time per key, with no store of its own (``work`` gets None). Use it when
+    the handler's only effect is a write that recognises its own repeat, such as
+    :meth:`~meshkit.saga.eventstore.Repository.execute` with ``event_ids``
+    derived from the event id. Its outputs must be the same on every run: their
+    deterministic ids make JetStream drop the repeats.
+    """
+
+    def __init__(self) -> None:
+        self._locks = KeyedLocks()
+
+    async def run_once(self, key: str, work: Work) -> tuple[list[Outbound], bool]:
+        async with self._locks.hold(key):
+            return await work(None), False
 
 
 class SqliteInbox:

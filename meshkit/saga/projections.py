@@ -115,6 +115,7 @@ class Projector:
         timeout: float = 5.0,
         upcasters: Upcasters | None = None,
         before_commit: Callable[[list[StoredEvent]], Awaitable[None]] | None = None,
+        follow: bool = True,
     ) -> None:
         if not projection.sources:
             raise ConfigError(f"projection {projection.name}", "needs at least one source")
@@ -128,7 +129,12 @@ class Projector:
         self.timeout = timeout
         self.upcasters = upcasters
         self.before_commit = before_commit
+        self.follow = follow
         self.stats = ProjectorStats()
+        # Events offered by a writer in this process, by stream and sequence; only for
+        # sources that see every subject of their stream, where sequences have no gaps.
+        self._offered: dict[str, dict[int, StoredEvent]] = {}
+        self._whole: set[str] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
@@ -153,31 +159,18 @@ class Projector:
             events: list[StoredEvent] = []
             last = checkpoint
             pending = 0
-            reader = read_batches(
-                self.nc, source.stream, source.subject, checkpoint + 1, self.batch, self.timeout
-            )
-            async with contextlib.aclosing(reader):
-                async for chunk in reader:
-                    for m in chunk:
-                        last, pending = m.seq, m.pending
-                        try:
-                            ev = StoredEvent.from_msg(
-                                m.subject, m.data, m.headers, m.seq, source.stream
-                            )
-                        except Exception as exc:  # not a meshkit event: skip it, count it
-                            self.stats.skipped += 1
-                            log.warning(
-                                "projection %s: skipping %s seq %d: %s",
-                                self.name,
-                                source.stream,
-                                m.seq,
-                                exc,
-                            )
-                            continue
-                        if self.upcasters is not None:
-                            ev = self.upcasters.upcast(ev)
-                        events.append(ev)
-                    break  # one batch per transaction
+            offered = self._offered.get(source.stream) if source.stream in self._whole else None
+            if offered and checkpoint + 1 in offered:
+                while last + 1 in offered and len(events) < self.batch:
+                    last += 1
+                    ev = offered.pop(last)
+                    events.append(self.upcasters.upcast(ev) if self.upcasters else ev)
+                pending = 1 if last + 1 in offered else 0
+            else:
+                last, pending = await self._read_batch(source, checkpoint, events)
+                if offered:
+                    for seq in [s for s in offered if s <= last]:
+                        del offered[seq]
             if last == checkpoint:
                 return applied
 
@@ -201,6 +194,55 @@ class Projector:
             self.stats.batches += 1
             if pending == 0:
                 return applied
+
+    async def _read_batch(
+        self, source: Source, checkpoint: int, events: list[StoredEvent]
+    ) -> tuple[int, int]:
+        """Read one batch after ``checkpoint`` into ``events``; returns (last seq, pending)."""
+        last, pending = checkpoint, 0
+        reader = read_batches(
+            self.nc, source.stream, source.subject, checkpoint + 1, self.batch, self.timeout
+        )
+        async with contextlib.aclosing(reader):
+            async for chunk in reader:
+                for m in chunk:
+                    last, pending = m.seq, m.pending
+                    try:
+                        ev = StoredEvent.from_msg(
+                            m.subject, m.data, m.headers, m.seq, source.stream
+                        )
+                    except Exception as exc:  # not a meshkit event: skip it, count it
+                        self.stats.skipped += 1
+                        log.warning(
+                            "projection %s: skipping %s seq %d: %s",
+                            self.name,
+                            source.stream,
+                            m.seq,
+                            exc,
+                        )
+                        continue
+                    if self.upcasters is not None:
+                        ev = self.upcasters.upcast(ev)
+                    events.append(ev)
+                break  # one batch per transaction
+        return last, pending
+
+    def offer(self, events: Sequence[StoredEvent]) -> None:
+        """Hand over events just stored by this process, so following them needs no read.
+
+        Pass it to :meth:`EventStore.on_append`. Offers are used only for sources
+        that cover their whole stream (so sequence numbers have no gaps) and only
+        in order: an event missing from the offers (another writer's, a lost
+        answer) is read from the stream as usual.
+        """
+        for ev in events:
+            if ev.stream not in self._whole:
+                continue
+            offered = self._offered.setdefault(ev.stream, {})
+            if len(offered) >= 10 * self.batch:  # not being taken: reads will do
+                offered.clear()
+            offered[ev.seq] = ev
+        self._wake.set()
 
     async def rebuild(self) -> int:
         """Drop the read model and replay every source from the start."""
@@ -231,13 +273,16 @@ class Projector:
         if self._task is not None:
             return self
         for source in self.projection.sources:
+            info = await self.nc.jetstream().stream_info(source.stream)
+            stream_subjects = list(info.config.subjects or [])
             subjects = [source.subject]
-            if source.subject == ">":
+            if source.subject == ">" or stream_subjects == [source.subject]:
+                self._whole.add(source.stream)
                 # The whole stream: wake on its subjects, not on every subject of the server.
-                info = await self.nc.jetstream().stream_info(source.stream)
-                subjects = list(info.config.subjects or [])
-            for subject in subjects:
-                self._subs.append(await self.nc.subscribe(subject, cb=self._on_wake))
+                subjects = stream_subjects
+            if self.follow:
+                for subject in subjects:
+                    self._subs.append(await self.nc.subscribe(subject, cb=self._on_wake))
         self._task = asyncio.create_task(self._run(), name=f"meshkit-projection-{self.name}")
         return self
 
@@ -306,6 +351,7 @@ def relay(
     *,
     types: Sequence[str] = (),
     batch: int = 200,
+    follow: bool = True,
 ) -> Projector:
     """Forward stored events (e.g. an aggregate stream) to the saga bus, at least once.
 
@@ -315,12 +361,29 @@ def relay(
     drops the copies a crash between publish and checkpoint can cause. Example,
     with the saga bus: ``publish=lambda ev: bus.publish_raw(stream.subject_for(
     ev.event_type), ev.data, ev.envelope.to_headers())``.
+
+    Events of one aggregate are published in order, different aggregates'
+    concurrently. In the writing process, ``store.on_append(projector.offer)``
+    hands appends over without a read; ``follow=False`` then also drops the
+    subscription that wakes the relay for other writers' events, which wait for
+    the next poll instead.
     """
     wanted = frozenset(types)
 
+    async def in_order(events: list[StoredEvent]) -> None:
+        for ev in events:
+            await publish(ev)
+
     async def forward(events: list[StoredEvent]) -> None:
+        chains: dict[str, list[StoredEvent]] = {}
         for ev in events:
             if not wanted or ev.event_type in wanted:
-                await publish(ev)
+                chains.setdefault(ev.subject, []).append(ev)
+        if len(chains) == 1:
+            await in_order(next(iter(chains.values())))
+        elif chains:
+            await asyncio.gather(*(in_order(chain) for chain in chains.values()))
 
-    return Projector(nc, _Relay(name, sources), store, batch=batch, before_commit=forward)
+    return Projector(
+        nc, _Relay(name, sources), store, batch=batch, before_commit=forward, follow=follow
+    )
