@@ -13,7 +13,7 @@ the same number of events. Targets: ratio >= 0.5; p99 < 50 ms at the moderate ra
 CPU time per saga is recorded per process (Linux /proc): on a shared machine it is a
 steadier measure than wall-clock rates. Writes bench/results/saga.json.
 
-    .venv/bin/python -m bench.bench_saga [--sagas 1500] [--rate 50] [--seconds 5]
+    .venv/bin/python -m bench.bench_saga [--sagas 2000] [--rounds 3] [--rate 50] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -270,29 +270,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await add_stock(cluster.address("inventory"), "pen", 1_000_000)
             print("warm-up ...", flush=True)
             await saturation(driver, 100, 50)
-            print(f"saturation: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
             pids = {n: p.proc.pid for n, p in cluster.procs.items()}
             pids["nats-server"] = server.pid or 0
             pids["driver"] = os.getpid()
-            before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
-            sat = await saturation(driver, args.sagas, args.concurrency)
-            sat["cpu_ms_per_saga"] = {
-                n: round((_cpu_seconds(pid) - before[n]) * 1000 / args.sagas, 3)
-                for n, pid in pids.items()
-            }
-            sat["cpu_ms_per_saga"]["total"] = round(sum(sat["cpu_ms_per_saga"].values()), 3)
-            print(f"  {sat}", flush=True)
-            print(f"raw JetStream: {sat['sagas'] * EVENTS_PER_SAGA} events ...", flush=True)
             raw_pids = {"nats-server": server.pid or 0, "driver": os.getpid()}
-            before = {n: _cpu_seconds(pid) for n, pid in raw_pids.items()}
-            raw = await bench_raw(server.url, sat["sagas"] * EVENTS_PER_SAGA)
-            raw["cpu_ms_per_6_events"] = {
-                n: round(
-                    (_cpu_seconds(pid) - before[n]) * 1000 * EVENTS_PER_SAGA / raw["events"], 3
-                )
-                for n, pid in raw_pids.items()
-            }
-            print(f"  {raw}", flush=True)
+            sats: list[dict[str, Any]] = []
+            raws: list[dict[str, Any]] = []
+            # Alternating rounds: a shared machine's noise then hits both sides alike.
+            for r in range(1, args.rounds + 1):
+                print(f"round {r}/{args.rounds}: saga saturation, {args.sagas} sagas ...", flush=True)
+                before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
+                sat = await saturation(driver, args.sagas, args.concurrency)
+                cpu = {
+                    n: round((_cpu_seconds(pid) - before[n]) * 1000 / args.sagas, 3)
+                    for n, pid in pids.items()
+                }
+                cpu["total"] = round(sum(cpu.values()), 3)
+                sat["cpu_ms_per_saga"] = cpu
+                print(f"  {sat}", flush=True)
+                sats.append(sat)
+                events = args.sagas * EVENTS_PER_SAGA
+                print(f"round {r}/{args.rounds}: raw JetStream, {events} events ...", flush=True)
+                before = {n: _cpu_seconds(pid) for n, pid in raw_pids.items()}
+                raw = await bench_raw(server.url, events)
+                raw["cpu_ms_per_6_events"] = {
+                    n: round((_cpu_seconds(pid) - before[n]) * 1000 * EVENTS_PER_SAGA / events, 3)
+                    for n, pid in raw_pids.items()
+                }
+                print(f"  {raw}", flush=True)
+                raws.append(raw)
             print(f"moderate: {args.rate}/s for {args.seconds}s ...", flush=True)
             mod = await moderate(driver, args.rate, args.seconds)
             print(f"  {mod}", flush=True)
@@ -300,15 +306,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await driver.close()
             await asyncio.to_thread(cluster.stop)
             cluster.cleanup()
-    ratio = sat["events_per_s"] / raw["events_per_s"]
+    ratios = [s["events_per_s"] / r["events_per_s"] for s, r in zip(sats, raws, strict=True)]
+    ratio = statistics.median(ratios)
+
+    def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in rows[0].items():
+            if isinstance(value, dict):
+                out[key] = median_of([r[key] for r in rows])
+            elif isinstance(value, (int, float)):
+                out[key] = round(statistics.median(r[key] for r in rows), 3)
+        return out
+
     return {
         "benchmark": "saga",
         "description": "example order saga, 5 participant processes + gRPC order entry (the CQRS query service not running), vs raw nats-py JetStream publish+consume+ack",
+        "note": "alternating rounds of saga saturation and raw JetStream on the same server; figures are medians over the rounds, the ratio the median of the per-round ratios",
         "events_per_saga": EVENTS_PER_SAGA,
-        "raw_jetstream": raw,
-        "saga_saturation": sat,
+        "rounds": args.rounds,
+        "raw_jetstream": median_of(raws),
+        "saga_saturation": median_of(sats),
         "saga_moderate": mod,
         "event_rate_ratio": round(ratio, 3),
+        "per_round": {
+            "raw_events_per_s": [r["events_per_s"] for r in raws],
+            "saga_events_per_s": [s["events_per_s"] for s in sats],
+            "ratio": [round(x, 3) for x in ratios],
+        },
         "targets": {
             "event_rate_ratio_min": 0.5,
             "moderate_p99_ms_max": 50,
@@ -331,7 +355,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sagas", type=int, default=1500)
+    parser.add_argument("--sagas", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -156,6 +156,8 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                     event_ids=lambda i: derive_event_id(order_id, "order.create", i),
                     saga_id=order_id,
                     saga_type="order",
+                    # A new order most times: no read first; a retry finds its order.
+                    expect_new=True,
                 ),
                 within,
             )

@@ -42,7 +42,7 @@ from nats.js import api
 
 import meshkit.deadline
 from meshkit.errors import ConfigError
-from meshkit.saga import _telemetry
+from meshkit.saga import _client, _telemetry
 from meshkit.saga.envelope import Envelope, type_name
 
 __all__ = ["ConsumerSpec", "EventBus", "MessageHandler", "PullConsumer", "StreamSpec"]
@@ -60,6 +60,7 @@ _RETRYABLE_PUBLISH = (
     nats.errors.ConnectionReconnectingError,
     nats.errors.OutboundBufferLimitError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # JetStream not up yet after a restart
     asyncio.TimeoutError,
 )
 
@@ -218,6 +219,7 @@ class EventBus:
     def __init__(self, nc: NATS, *, source: str = "", publish_retry: float = 15.0) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self._replies = _client.replies(nc)
         self.source = source
         self.publish_retry = publish_retry
         self._listeners: list[Callable[[], None]] = []
@@ -262,8 +264,8 @@ class EventBus:
             "error_cb": error,
         }
         opts.update(options)
-        nc = await nats.connect(
-            servers=list(servers) if not isinstance(servers, str) else servers, **opts
+        nc = await _client.connect(
+            list(servers) if not isinstance(servers, str) else servers, **opts
         )
         bus = cls(nc, source=source if source is not None else name, publish_retry=publish_retry)
         holder.append(bus)
@@ -317,7 +319,9 @@ class EventBus:
         delay = 0.05
         while True:
             try:
-                return await self.js.publish(subject, payload, timeout=ack_timeout, headers=headers)
+                return await self._replies.jetstream_publish(
+                    self.nc, subject, payload, headers, ack_timeout
+                )
             except _RETRYABLE_PUBLISH as exc:
                 if time.monotonic() + delay >= end:
                     raise

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -52,6 +53,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
+from meshkit.saga import _client
 from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.envelope import Envelope, new_event_id, type_name
 
@@ -368,6 +370,7 @@ class EventStore:
         saga_type: str = "",
         causation_id: str = "",
         timestamp_ms: int | None = None,
+        only_new: bool = False,
     ) -> AppendResult:
         """Append ``events`` to one aggregate, all or nothing.
 
@@ -379,7 +382,9 @@ class EventStore:
         Raises :class:`AggregateConflict` when the aggregate moved on.
         ``event_ids`` (deterministic ids, one per event) make a retried append
         idempotent: when the check fails because exactly these events are already
-        there, the append returns them instead of a conflict.
+        there, the append returns them instead of a conflict. ``only_new`` (with
+        ``expected=Version()``): the aggregate must have no events at all, a
+        retry of this very append included; anything else is a conflict.
         """
         subject = self.subject(aggregate_type, aggregate_id)
         if not events:
@@ -418,14 +423,18 @@ class EventStore:
             headers = [e.to_headers() for e in envs]
             try:
                 if atomic:
-                    last_seq = await self._publish_batch(subject, payloads, headers, current)
-                    first_seq = last_seq - len(events) + 1
-                else:
-                    first_seq, last_seq = await self._publish_chain(
-                        subject, payloads, headers, current
+                    # An atomic batch is stored as one contiguous run of sequences.
+                    last_seq = await self._publish_batch(
+                        subject, payloads, headers, current, only_new
                     )
+                    seqs = list(range(last_seq - len(events) + 1, last_seq + 1))
+                else:
+                    seqs = await self._publish_chain(subject, payloads, headers, current, only_new)
                 break
             except _WrongLastSequence:
+                if only_new:
+                    actual = await self.version(aggregate_type, aggregate_id)
+                    raise AggregateConflict(subject, 0, actual.number) from None
                 if event_ids is not None:
                     mine = await self._already_appended(aggregate_type, aggregate_id, current, ids)
                     if mine is not None:
@@ -442,7 +451,7 @@ class EventStore:
                 aggregate_type=aggregate_type,
                 aggregate_id=aggregate_id,
                 version=current.number + i + 1,
-                seq=first_seq + i,
+                seq=seqs[i],
                 event_type=envs[i].event_type,
                 schema_version=self.config.schema_versions.get(envs[i].event_type, 1),
                 data=payloads[i],
@@ -453,7 +462,7 @@ class EventStore:
             for i in range(len(events))
         )
         return self._appended(
-            AppendResult(Version(current.number + len(events), last_seq), stored, atomic)
+            AppendResult(Version(current.number + len(events), seqs[-1]), stored, atomic)
         )
 
     async def _already_appended(
@@ -513,16 +522,18 @@ class EventStore:
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
-    ) -> tuple[int, int]:
+        only_new: bool = False,
+    ) -> list[int]:
+        """Publish one by one, each expecting the previous; returns each one's sequence
+        (not contiguous: other aggregates' events may land in between)."""
         expected_seq = current.seq
-        first = 0
+        seqs: list[int] = []
         for payload, h in zip(payloads, headers, strict=True):
             h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
             ack = await self._request(subject, payload, h)
-            seq = _ack_seq(ack)
-            first = first or seq
-            expected_seq = seq
-        return first, expected_seq
+            expected_seq = _ack_seq(ack, only_new)
+            seqs.append(expected_seq)
+        return seqs
 
     async def _publish_batch(
         self,
@@ -530,6 +541,7 @@ class EventStore:
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
+        only_new: bool = False,
     ) -> int:
         batch_id = uuid.uuid4().hex
         n = len(payloads)
@@ -540,7 +552,7 @@ class EventStore:
                 h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
             if i == n:
                 h[_BATCH_COMMIT] = "1"
-                return _ack_seq(await self._request(subject, payload, h))
+                return _ack_seq(await self._request(subject, payload, h), only_new)
             if i == 1:
                 # A request for the first message: the server answers (empty) once
                 # the batch is open, or with an error we can report precisely.
@@ -553,8 +565,8 @@ class EventStore:
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
         try:
-            msg = await self.nc.request(
-                subject, payload, timeout=self.config.timeout, headers=headers
+            msg = await _client.replies(self.nc).request(
+                self.nc, subject, payload, headers, self.config.timeout
             )
         except nats.errors.NoRespondersError:
             raise EventStoreError(
@@ -625,11 +637,14 @@ class _DuplicateInBatch(_WrongLastSequence):
     """An atomic batch carried a message id the stream already has (a retried append)."""
 
 
-def _ack_seq(raw: bytes) -> int:
+def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
     try:
         ack = json.loads(raw)
     except ValueError:
         raise EventStoreError(f"unexpected publish answer {raw[:200]!r}") from None
+    if refuse_duplicate and ack.get("duplicate"):
+        # Deduplicated by its message id: stored before, so the aggregate is not new.
+        raise _WrongLastSequence("duplicate message id")
     err = ack.get("error")
     if err:
         if err.get("err_code") == _WRONG_LAST_SEQUENCE:
@@ -711,62 +726,14 @@ async def _allows_direct(nc: NATS, stream: str, wait_s: float) -> bool:
     return bool(info.config.allow_direct)
 
 
-class _DirectReplies:
-    """One wildcard subscription per connection for every direct-get reply.
-
-    A batched direct get answers with several messages on its reply subject, so
-    the request/reply helper (first answer only) cannot carry it; a subscription
-    per read would cost a SUB and an UNSUB each. Reads get a token under this
-    connection's own inbox prefix instead.
-    """
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.prefix = nc.new_inbox()
-        self.readers: dict[str, Callable[[Any], None]] = {}
-        self._next = 0
-        self._sub: Any = None
-        self._subscribing: asyncio.Future[None] | None = None
-
-    async def ready(self) -> None:
-        if self._sub is not None:
-            return
-        if self._subscribing is None:
-            self._subscribing = asyncio.get_running_loop().create_future()
-            try:
-                self._sub = await self.nc.subscribe(
-                    f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1
-                )
-            except BaseException as exc:
-                self._subscribing.set_exception(exc)
-                self._subscribing.exception()  # retrieved: a later read retries
-                self._subscribing = None
-                raise
-            self._subscribing.set_result(None)
-        else:
-            await asyncio.shield(self._subscribing)
-
-    def token(self) -> str:
-        self._next += 1
-        return f"{self.prefix}.{self._next:x}"
-
-    async def _on_msg(self, msg: Any) -> None:
-        reader = self.readers.get(msg.subject)
-        if reader is not None:
-            reader(msg)
-
-
 async def _direct_batch(
     nc: NATS, stream: str, subject: str, start_seq: int, batch: int, wait_s: float
 ) -> list[RawMessage]:
     """One batched direct get: up to ``batch`` messages on ``subject`` from ``start_seq``."""
-    # Kept on the connection itself: its subscription refers back to the connection,
-    # so a weak-keyed map would keep every connection alive.
-    replies: _DirectReplies | None = getattr(nc, "_meshkit_direct_replies", None)
-    if replies is None:
-        replies = _DirectReplies(nc)
-        nc._meshkit_direct_replies = replies  # type: ignore[attr-defined]
-    await replies.ready()
+    # A batch answers with many messages on one reply subject: the connection's
+    # shared reply subscription carries them (no SUB and UNSUB per read).
+    replies = _client.replies(nc)
+    await replies.ready(nc)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     out: list[RawMessage] = []
 
@@ -796,8 +763,7 @@ async def _direct_batch(
             )
         )
 
-    reply = replies.token()
-    replies.readers[reply] = on_msg
+    reply = replies.listen(on_msg)
     try:
         request = {"seq": start_seq, "next_by_subj": subject, "batch": batch}
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=reply)
@@ -809,7 +775,7 @@ async def _direct_batch(
             ) from None
         return out
     finally:
-        del replies.readers[reply]
+        replies.forget(reply)
 
 
 async def _consumer_batches(
@@ -1018,6 +984,9 @@ class Repository(Generic[A]):
     command that decides nothing, or raises, on a cached state is run once more on
     the stored state, as a stale state may be the reason. Commands on one
     aggregate are then serialized within the process (no conflicts among them).
+    A command works on a copy of the cached state (``copy.deepcopy``; an
+    aggregate may define ``__deepcopy__`` to make it cheaper), so what an earlier
+    command returned never changes.
     """
 
     def __init__(
@@ -1121,8 +1090,12 @@ class Repository(Generic[A]):
         saga_id: str = "",
         saga_type: str = "",
         causation_id: str = "",
+        only_new: bool = False,
     ) -> Loaded[A]:
-        """Append ``events`` at ``loaded.version``, apply them, snapshot when due."""
+        """Append ``events`` at ``loaded.version``, apply them, snapshot when due.
+
+        ``only_new``: see :meth:`EventStore.append`.
+        """
         if not events:
             return loaded
         result = await self.store.append(
@@ -1134,6 +1107,7 @@ class Repository(Generic[A]):
             saga_id=saga_id,
             saga_type=saga_type,
             causation_id=causation_id,
+            only_new=only_new,
         )
         for event in events:
             self.appliers.apply(loaded.state, event)
@@ -1177,20 +1151,41 @@ class Repository(Generic[A]):
         saga_id: str = "",
         saga_type: str = "",
         causation_id: str = "",
+        expect_new: bool = False,
     ) -> Loaded[A]:
         """Load, ``decide`` the new events from the state, save; reload and retry on conflict.
 
         ``decide`` must be free of side effects: it may run more than once.
+        ``expect_new``: the aggregate is most likely new (a create), so decide on an
+        empty one without reading; an append that finds any event there, this
+        command's own earlier attempt included, is a conflict, and the command
+        runs again on the loaded aggregate.
         """
         if not self.cache_size:
             return await self._execute(
-                aggregate_id, decide, retries, event_ids, saga_id, saga_type, causation_id
+                aggregate_id,
+                decide,
+                retries,
+                event_ids,
+                saga_id,
+                saga_type,
+                causation_id,
+                None,
+                expect_new,
             )
         async with self._locks.hold(aggregate_id):
             # Out of the cache while the command runs: only a saved state goes back.
             cached = self._cache.pop(aggregate_id, None)
             loaded = await self._execute(
-                aggregate_id, decide, retries, event_ids, saga_id, saga_type, causation_id, cached
+                aggregate_id,
+                decide,
+                retries,
+                event_ids,
+                saga_id,
+                saga_type,
+                causation_id,
+                cached,
+                expect_new and cached is None,
             )
             self._cache[aggregate_id] = loaded
             if len(self._cache) > self.cache_size:
@@ -1207,18 +1202,39 @@ class Repository(Generic[A]):
         saga_type: str,
         causation_id: str,
         cached: Loaded[A] | None = None,
+        expect_new: bool = False,
     ) -> Loaded[A]:
-        for attempt in range(retries + 1):
-            if cached is not None:
-                loaded, cached = cached, None
+        # A guess (an empty aggregate, a cached one) that fails costs one more attempt.
+        last = retries + (1 if expect_new else 0)
+        for attempt in range(last + 1):
+            only_new = expect_new and attempt == 0
+            if only_new:
+                guess: Loaded[A] | None = Loaded(
+                    aggregate_id, self.factory(aggregate_id), Version()
+                )
+            elif cached is not None:
+                # A copy: the command applies its events to it, and the Loaded an
+                # earlier command returned must not change under its caller.
+                guess = Loaded(
+                    aggregate_id,
+                    copy.deepcopy(cached.state),
+                    cached.version,
+                    cached.snapshot_version,
+                )
+            else:
+                guess = None
+            cached = None
+            if guess is not None:
+                loaded = guess
                 try:
                     events = list(decide(loaded.state))
                 except Exception:
                     events = []
-                if not events:  # maybe stale: decide again on the stored state
+                if not events:  # maybe the guess is wrong: decide on the stored state
+                    only_new = False
                     loaded = await self.load(aggregate_id)
                     events = list(decide(loaded.state))
-                else:
+                elif not only_new:
                     self.cache_hits += 1
             else:
                 loaded = await self.load(aggregate_id)
@@ -1232,9 +1248,10 @@ class Repository(Generic[A]):
                     saga_id=saga_id,
                     saga_type=saga_type,
                     causation_id=causation_id,
+                    only_new=only_new,
                 )
             except AggregateConflict:
-                if attempt == retries:
+                if attempt == last:
                     raise
                 await asyncio.sleep(0)
         raise AssertionError("unreachable")

@@ -165,7 +165,8 @@ class Projector:
                     last += 1
                     ev = offered.pop(last)
                     events.append(self.upcasters.upcast(ev) if self.upcasters else ev)
-                pending = 1 if last + 1 in offered else 0
+                # Offers left past a gap: what lies between is read on the next turn.
+                pending = len(offered)
             else:
                 last, pending = await self._read_batch(source, checkpoint, events)
                 if offered:

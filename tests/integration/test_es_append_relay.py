@@ -280,12 +280,6 @@ async def test_concurrent_appends_are_each_forwarded_once_in_aggregate_order(
         assert [e.event_id for e in sink.events if e.aggregate_id == agg] == appended[agg]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="non-atomic appends report seq = first_seq + i, wrong when another aggregate's "
-    "event lands between the chained publishes; the relay takes the offers by that "
-    "seq and skips the other aggregate's event",
-)
 async def test_offers_of_a_non_atomic_append_interleaved_with_another_writer(nc: Any) -> None:
     config = _config(atomic=False)
     store = EventStore(nc, config)

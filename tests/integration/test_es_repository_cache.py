@@ -264,13 +264,6 @@ async def test_concurrent_commands_on_one_aggregate_are_serialized(store: EventS
     assert final.version.number == n and final.state.total == n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with cache_size the Loaded that execute returns shares its state object with "
-    "the cache, so the next execute on the aggregate mutates an earlier result in place "
-    "(its state then no longer matches its version); without the cache each result is "
-    "the caller's own",
-)
 async def test_an_earlier_result_is_not_changed_by_a_later_command(store: EventStore) -> None:
     agg = new_id()
     repo = Repository(store, AGG, Account, cache_size=8)
