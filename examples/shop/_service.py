@@ -88,8 +88,11 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch_parent = _watch_parent(stop)
     print(f"READY {port}", flush=True)
     await stop.wait()
+    if watch_parent is not None:
+        watch_parent.cancel()
     log.info("%s stopping: draining in-flight events", name)
     for stop_one in reversed(stoppers):
         try:
@@ -103,6 +106,24 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
         await bus.close()
     store.close()
     return 0
+
+
+def _watch_parent(stop: asyncio.Event) -> asyncio.Task[None] | None:
+    """With ``SHOP_PARENT_PID`` set (the runner sets it), stop once that process is gone."""
+    raw = os.environ.get("SHOP_PARENT_PID", "")
+    if not raw.isdigit():
+        return None
+    parent = int(raw)
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                log.warning("parent process %d is gone; stopping", parent)
+                stop.set()
+                return
+
+    return asyncio.create_task(watch())
 
 
 def main(name: str, schema: str, build: Build) -> None:

@@ -81,6 +81,9 @@ def start_service(
     log_path = data / f"{name}.log"
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # A runner that dies without stopping its services (a killed test run) leaves
+    # no orphans reconnecting forever: each service exits when this process is gone.
+    full_env["SHOP_PARENT_PID"] = str(os.getpid())
     if env:
         full_env.update(env)
     args = [
