@@ -8,6 +8,7 @@ Error bodies are written with the gateway's own :class:`GatewayError` and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
@@ -78,7 +79,8 @@ async def send_json(
 
 
 def replay(body: bytes) -> Receive:
-    """A ``receive`` that yields ``body`` once, then waits like a quiet client."""
+    """A ``receive`` that yields ``body`` once, then waits like a quiet client (it never
+    reports a disconnect: the unary handler's disconnect watch must not cancel the call)."""
     sent = False
 
     async def receive() -> Message:
@@ -86,7 +88,8 @@ def replay(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        await asyncio.Event().wait()  # until the caller is cancelled
+        return {"type": "http.disconnect"}  # pragma: no cover - never reached
 
     return receive
 

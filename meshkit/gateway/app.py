@@ -34,6 +34,7 @@ import grpc
 from google.protobuf import descriptor_pb2
 
 from meshkit.errors import ConfigError
+from meshkit.gateway._disconnect import DisconnectGuard
 from meshkit.gateway._paths import route_path, unmounted
 from meshkit.gateway._unary import UnaryInvoker, unary_invoker
 from meshkit.gateway.config import GatewayOptions
@@ -229,7 +230,8 @@ class GatewayState:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def handle_unary(self, b: Binding, scope: Scope, receive: Receive, send: Send) -> None:
-        """Unary RPC: read, transcode, call, answer."""
+        """Unary RPC: read, transcode, call, answer. A client that disconnects during the
+        call cancels it (see :mod:`meshkit.gateway._disconnect`)."""
         hdrs: RequestHeaders | None = None
         try:
             hdrs = read_headers(
@@ -243,7 +245,15 @@ class GatewayState:
             )
             channel = self._upstream_channel(b, scope)
             invoke = self._unary_invoker(channel, b)
-            resp, initial, trailing = await invoke(req, hdrs.metadata, self._timeout(b, hdrs))
+            guard = DisconnectGuard(scope, receive)
+            try:
+                resp, initial, trailing = await invoke(req, hdrs.metadata, self._timeout(b, hdrs))
+            except BaseException:
+                if guard.release():
+                    return  # the client left and the call was cancelled: nobody to answer
+                raise
+            if guard.release():
+                return
             ctype, body = self.transcoder.response_body(b, resp)
             headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
             if hdrs.request_id:

@@ -157,8 +157,9 @@ def http_status_for(code_number: int) -> int:
     return HTTP_STATUS.get(CODE_NAME.get(code_number, "UNKNOWN"), 500)
 
 
-def metadata_headers(md: Any) -> list[tuple[bytes, bytes]]:
-    """gRPC metadata as ``Grpc-Metadata-<key>`` response headers (``-bin`` values base64)."""
+def metadata_headers(md: Any, prefix: bytes = b"grpc-metadata-") -> list[tuple[bytes, bytes]]:
+    """gRPC metadata as ``Grpc-Metadata-<key>`` response headers (``-bin`` values base64);
+    another ``prefix`` names them otherwise (``grpc-trailer-`` for HTTP trailers)."""
     out: list[tuple[bytes, bytes]] = []
     if not md:
         return out
@@ -167,5 +168,19 @@ def metadata_headers(md: Any) -> list[tuple[bytes, bytes]]:
             continue
         if isinstance(value, bytes):
             value = base64.b64encode(value).decode("ascii")
-        out.append((b"grpc-metadata-" + key.encode("latin-1"), value.encode("latin-1", "replace")))
+        out.append((prefix + key.encode("latin-1"), value.encode("latin-1", "replace")))
+    return out
+
+
+def metadata_json(md: Any) -> dict[str, list[str]]:
+    """gRPC metadata as JSON: each key to the list of its values, ``-bin`` values base64
+    (the shape of the Connect protocol's end-of-stream metadata). Keys the gateway
+    consumes (``grpc-*``, status details) are left out, as in :func:`metadata_headers`."""
+    out: dict[str, list[str]] = {}
+    for key, value in md or ():
+        if key.startswith("grpc-") or key == _DETAILS_KEY:
+            continue
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")
+        out.setdefault(key, []).append(value)
     return out

@@ -74,6 +74,17 @@ class RequestHeaders:
     accept: bytes
 
 
+def accepts_trailers(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's ``TE`` header lists ``trailers``: a server sends trailer fields
+    only to a client that says it takes them (RFC 9110 section 6.5.1)."""
+    for name, value in headers:
+        if name == b"te" and any(
+            t.split(b";")[0].strip() == b"trailers" for t in value.lower().split(b",")
+        ):
+            return True
+    return False
+
+
 def parse_timeout(value: bytes) -> float:
     """``Grpc-Timeout`` (``<1-8 digits><H|M|S|m|u|n>``) in seconds; 400 if malformed."""
     m = _TIMEOUT.match(value.strip())

@@ -9,6 +9,11 @@
 * Nothing is buffered whole: each message is written as it comes, and
   ``send`` waits while the HTTP client is slow, so gRPC flow control slows
   the upstream. A client that disconnects cancels the call.
+* A server stream's trailing metadata goes out as HTTP trailers
+  ``Grpc-Trailer-<key>`` when the client sent ``TE: trailers`` and the server
+  offers the ASGI ``http.response.trailers`` extension; otherwise, when there is
+  any, in the last record: ``{"trailers": {key: [values]}}`` (merged into the
+  ``{"error": ...}`` record of a failed stream), an ``event: trailers`` in SSE.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from meshkit.gateway.errors import (
     GatewayError,
     bad_request,
     metadata_headers,
+    metadata_json,
     status_from_rpc_error,
     status_json,
 )
-from meshkit.gateway.metadata import RequestHeaders, read_headers
+from meshkit.gateway.metadata import RequestHeaders, accepts_trailers, read_headers
 from meshkit.gateway.transcoding import Binding
 
 if TYPE_CHECKING:
@@ -99,6 +105,42 @@ _CTYPES = {
     "ndjson": b"application/x-ndjson",
     "json-array": b"application/json",
 }
+
+
+def _http_trailers(scope: Scope) -> bool:
+    """Whether trailing metadata can go out as HTTP trailers: the server offers the ASGI
+    trailers extension and the client accepts trailers."""
+    ext = scope.get("extensions") or {}
+    return "http.response.trailers" in ext and accepts_trailers(scope["headers"])
+
+
+def _last_record(
+    state: GatewayState,
+    fmt: str,
+    n: int,
+    error: dict[str, Any] | None,
+    trailers: dict[str, list[str]] | None,
+) -> bytes:
+    """The bytes that close a server stream of ``n`` messages: the failure and the
+    in-band trailing metadata (each when present), and the JSON array's end."""
+    dumps = state.codec.dumps
+    if fmt == "sse":
+        out = b""
+        if error is not None:
+            out += b"event: error\ndata: " + dumps(error) + b"\n\n"
+        if trailers:
+            out += b"event: trailers\ndata: " + dumps(trailers) + b"\n\n"
+        return out
+    record: dict[str, Any] = {}
+    if error is not None:
+        record["error"] = error
+    if trailers:
+        record["trailers"] = trailers
+    if fmt == "ndjson":
+        return dumps(record) + b"\n" if record else b""
+    if not record:
+        return b"[]" if n == 0 else b"]"
+    return (b"[" if n == 0 else b",") + dumps(record) + b"]"
 
 
 async def _surface_feed_error(
@@ -195,11 +237,16 @@ async def serve_http_stream(
             *state.request_id_header(hdrs),
         ]
         headers.extend(metadata_headers(await call.initial_metadata()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        http_trailers = _http_trailers(scope)
+        start: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": headers}
+        if http_trailers:
+            start["trailers"] = True
+        await send(start)
         started = True
         codec = state.codec
         tr = state.transcoder
         n = 0
+        error: dict[str, Any] | None = None
         try:
             msg = first
             while msg is not None:
@@ -216,22 +263,25 @@ async def serve_http_stream(
                     msg = await it.__anext__()
                 except StopAsyncIteration:
                     msg = None
-            tail = (b"[]" if n == 0 else b"]") if fmt == "json-array" else b""
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED and watcher is not None and watcher.done():
                 return  # the client left; nobody to tell
-            st = status_json(status_from_rpc_error(err), state.catalog.pool)
+            error = status_json(status_from_rpc_error(err), state.catalog.pool)
             if feed_error and isinstance(feed_error[0], GatewayError):
-                st = status_json(feed_error[0].to_status(), state.catalog.pool)
-            err_obj = {"error": st}
-            if fmt == "ndjson":
-                chunk = codec.dumps(err_obj) + b"\n"
-            elif fmt == "sse":
-                chunk = b"event: error\ndata: " + codec.dumps(st) + b"\n\n"
-            else:
-                chunk = (b"[" if n == 0 else b",") + codec.dumps(err_obj) + b"]"
-            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                error = status_json(feed_error[0].to_status(), state.catalog.pool)
+            trailing = err.trailing_metadata()
+        in_band = None if http_trailers else metadata_json(trailing)
+        chunk = _last_record(state, fmt, n, error, in_band)
+        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+        if http_trailers:
+            await send(
+                {
+                    "type": "http.response.trailers",
+                    "headers": metadata_headers(trailing, b"grpc-trailer-"),
+                    "more_trailers": False,
+                }
+            )
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if call is None or (task is not None and task.cancelling()):

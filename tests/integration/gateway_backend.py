@@ -67,6 +67,12 @@ class Backend:
         self.port = 0
         self.cancelled = asyncio.Event()
         self.stream_started = asyncio.Event()
+        # A unary call that blocks until cancelled: that it started (and with what
+        # deadline), that its handler was cancelled, that the RPC then terminated.
+        self.blocked = asyncio.Event()
+        self.blocked_deadline: float | None = None
+        self.unary_cancelled = asyncio.Event()
+        self.unary_terminated = asyncio.Event()
         self.sent = 0
         self.calls = 0
 
@@ -327,7 +333,21 @@ def gwtest_backend(catalog: Catalog) -> Backend:
         return req
 
     async def headers(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
-        out = Msg()
+        if req.name == "block":
+            # Runs until the call is cancelled. grpc.aio cancels a handler's task when its
+            # RPC is cancelled (by the client, or by a deadline: hence the deadline is
+            # recorded); its context's cancelled() stays False for a client's cancel.
+            ctx.add_done_callback(lambda _: b.unary_terminated.set())
+            b.blocked_deadline = ctx.time_remaining()
+            b.blocked.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                b.unary_cancelled.set()
+                raise
+        if req.i32 > 0:
+            await asyncio.sleep(req.i32 / 1000)  # a slow call: i32 milliseconds
+        out = Msg(i32=req.i32)
         for k, v in ctx.invocation_metadata() or ():
             out.labels[k] = base64.b64encode(v).decode() if isinstance(v, bytes) else v
         remaining = ctx.time_remaining()
@@ -367,6 +387,10 @@ def gwtest_backend(catalog: Catalog) -> Backend:
 
     async def count(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         b.stream_started.set()
+        if req.trailers:
+            ctx.set_trailing_metadata(
+                (("x-done", "yes"), ("x-multi", "a"), ("x-multi", "b"), ("x-raw-bin", b"\x00\xff"))
+            )
         try:
             i = 0
             while req.count < 0 or i < req.count:

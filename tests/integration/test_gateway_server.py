@@ -4,6 +4,7 @@ and the ``meshkit gateway`` command (workers, SIGHUP reload, reflection)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest_asyncio
 import uvicorn
 import websockets
 
-from meshkit.gateway import create_app
+from meshkit.gateway import GatewayOptions, create_app
 from meshkit.gateway._http import GatewayHttpProtocol
 from meshkit.gateway._server import bind_socket
 from tests.integration.gateway_backend import (
@@ -58,9 +59,10 @@ async def shop() -> AsyncIterator[Backend]:
 
 
 class _Served:
-    def __init__(self, port: int, app: Any) -> None:
+    def __init__(self, port: int, app: Any, protocol: str) -> None:
         self.app = app
         self.port = port
+        self.protocol = protocol  # "httptools" (uvicorn's) or "cli" (GatewayHttpProtocol)
         self.url = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
 
@@ -89,7 +91,7 @@ async def served(
         task = asyncio.create_task(server.serve(sockets=[sock]))
         await _wait_for(lambda s=server: s.started)
         servers.append((server, task))
-        out[name] = _Served(sock.getsockname()[1], app)
+        out[name] = _Served(sock.getsockname()[1], app, request.param)
     yield out
     for server, task in servers:
         server.should_exit = True
@@ -100,6 +102,43 @@ def _reset(b: Backend) -> None:
     b.cancelled.clear()
     b.stream_started.clear()
     b.sent = 0
+    b.blocked.clear()
+    b.blocked_deadline = None
+    b.unary_cancelled.clear()
+    b.unary_terminated.clear()
+
+
+@contextlib.asynccontextmanager
+async def _uvicorn(app: Any, http: Any, lifespan: str = "on") -> AsyncIterator[int]:
+    """``app`` served by uvicorn with the ``http`` protocol on a free port, for the block."""
+    sock = bind_socket("127.0.0.1", 0)
+    config = uvicorn.Config(
+        app, http=http, lifespan=lifespan, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await _wait_for(lambda: server.started)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+async def _leave_a_blocked_call(port: int, backend: Backend) -> None:
+    """Start the backend's blocking unary call through the gateway on ``port``, close the
+    socket, and wait (bounded) for the backend to see the call cancelled."""
+    _reset(backend)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/headers?name=block HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(backend.blocked.wait(), 10)
+    # No deadline: only a cancellation from the gateway can end the call.
+    assert backend.blocked_deadline is None
+    writer.close()
+    await asyncio.wait_for(backend.unary_cancelled.wait(), 5)  # the handler was cancelled
+    await asyncio.wait_for(backend.unary_terminated.wait(), 5)  # and the RPC terminated
 
 
 async def test_stream_arrives_incrementally_and_disconnect_cancels(
@@ -119,6 +158,254 @@ async def test_stream_arrives_incrementally_and_disconnect_cancels(
     # Three lines arrived while the upstream stream was still open (it never ends).
     assert [x["result"]["name"] for x in lines] == ["0", "1", "2"]
     await asyncio.wait_for(echo.cancelled.wait(), 10)
+
+
+async def test_unary_call_cancelled_when_client_disconnects(
+    served: dict[str, _Served], echo: Backend
+) -> None:
+    # The CLI protocol tells the app through its meshkit.disconnect extension; under stock
+    # uvicorn a watcher reading receive() starts once the call has run 0.05-0.1 s.
+    await _leave_a_blocked_call(served["echo"].port, echo)
+    await _wait_for(lambda: served["echo"].app.state.inflight == 0)
+    async with httpx.AsyncClient(base_url=served["echo"].url, timeout=10) as c:
+        assert (await c.get("/v1/echo/after")).json() == {"name": "after"}
+
+
+async def test_unary_cancel_on_disconnect_through_client_interceptors(echo: Backend) -> None:
+    # With a client policy the call goes through grpc.aio's public API and meshkit's
+    # interceptors instead of the direct path; leaving cancels it all the same.
+    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"], policy={})
+    async with _uvicorn(app, GatewayHttpProtocol) as port:
+        await _leave_a_blocked_call(port, echo)
+        await _wait_for(lambda: app.state.inflight == 0)
+
+
+@pytest.mark.parametrize("via", ["httptools", "cli", "asgi"])
+async def test_slow_unary_call_is_answered_not_cancelled(echo: Backend, via: str) -> None:
+    # Calls that outlive the 0.1 s by which the fallback watches receive(), with and
+    # without a request body: the watch must not take the body's end for a disconnect.
+    app = create_app(
+        descriptor_sets()["gwtest"],
+        [f"127.0.0.1:{echo.port}"],
+        options=GatewayOptions(fallback_routes="all"),  # POST /gwtest.v1.EchoService/Headers
+    )
+
+    async def calls(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await c.get("/v1/headers", params={"i32": 300}),
+            await c.post("/gwtest.v1.EchoService/Headers", json={"i32": 250}),
+        ]
+
+    if via == "asgi":
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw")
+        async with client as c:
+            got = await calls(c)
+    else:
+        http: Any = GatewayHttpProtocol if via == "cli" else "httptools"
+        async with (
+            _uvicorn(app, http) as port,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c,
+        ):
+            got = await calls(c)
+    assert [r.status_code for r in got] == [200, 200], [r.text for r in got]
+    assert [r.json()["i32"] for r in got] == [300, 250]
+
+
+async def _h11_get(
+    port: int, target: str, headers: list[tuple[str, str]]
+) -> tuple[int, dict[str, str], bytes, list[tuple[str, str]]]:
+    """One GET over a fresh socket, parsed by h11 (which, unlike httpx, returns trailers):
+    status, headers, body, trailer fields."""
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = h11.Request(method="GET", target=target, headers=[("host", "gw"), *headers])
+    writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+    status, head, body = 0, {}, b""
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                head = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = [(k.decode(), v.decode()) for k, v in event.headers]
+                return status, head, body, trailers
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+    finally:
+        writer.close()
+
+
+_TRAILERS = {"x-done": ["yes"], "x-multi": ["a", "b"], "x-raw-bin": ["AP8="]}  # \x00\xff
+
+
+_STREAM_QUOTA = {"code": 8, "message": "stream quota", "details": []}
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_stream_trailing_metadata_as_http_trailers(
+    served: dict[str, _Served], fail: bool
+) -> None:
+    # Asked for with TE: trailers, trailing metadata comes as Grpc-Trailer-<key> trailer
+    # fields where the server can send them (the CLI protocol), and then not in the body.
+    query = "?trailers=true" + ("&failAfter=1" if fail else "")
+    status, head, body, trailers = await _h11_get(
+        served["echo"].port, "/v1/count/2" + query, [("te", "trailers")]
+    )
+    assert status == 200 and head["content-type"] == "application/x-ndjson"
+    lines = [json.loads(x) for x in body.splitlines()]
+    results = [{"result": {"name": "0"}}]
+    if not fail:
+        results.append({"result": {"name": "1", "i32": 1}})
+    if served["echo"].protocol == "cli":
+        assert lines == results + ([{"error": _STREAM_QUOTA}] if fail else [])
+        assert trailers == [
+            ("grpc-trailer-x-done", "yes"),
+            ("grpc-trailer-x-multi", "a"),
+            ("grpc-trailer-x-multi", "b"),
+            ("grpc-trailer-x-raw-bin", "AP8="),
+        ]
+    else:
+        # Stock uvicorn cannot send HTTP/1.1 trailers: the metadata comes in-band instead.
+        last = {"error": _STREAM_QUOTA, "trailers": _TRAILERS} if fail else {"trailers": _TRAILERS}
+        assert lines == [*results, last]
+        assert trailers == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_stream_trailing_metadata_in_band_without_te_trailers(
+    served: dict[str, _Served], fail: bool
+) -> None:
+    # A client that did not ask for trailers gets the metadata as the stream's last record:
+    # its own record after a success, merged into the error record after a failure.
+    query = "?trailers=true" + ("&failAfter=1" if fail else "")
+    status, _, body, trailers = await _h11_get(served["echo"].port, "/v1/count/2" + query, [])
+    assert status == 200 and trailers == []
+    lines = [json.loads(x) for x in body.splitlines()]
+    if fail:
+        assert lines == [{"result": {"name": "0"}}, {"error": _STREAM_QUOTA, "trailers": _TRAILERS}]
+    else:
+        assert lines == [
+            {"result": {"name": "0"}},
+            {"result": {"name": "1", "i32": 1}},
+            {"trailers": _TRAILERS},
+        ]
+    # A stream without trailing metadata has no such record.
+    _, _, plain, _ = await _h11_get(served["echo"].port, "/v1/count/1", [])
+    assert plain == b'{"result":{"name":"0"}}\n'
+
+
+async def test_stream_trailing_metadata_over_sse(served: dict[str, _Served]) -> None:
+    # SSE: an "event: trailers" last (EventSource's onmessage ignores named events), after
+    # the error event of a failed stream; or HTTP trailers when asked for and possible.
+    accept = ("accept", "text/event-stream")
+    port = served["echo"].port
+    _, _, body, _ = await _h11_get(port, "/v1/count/2?trailers=true&failAfter=1", [accept])
+    assert body.decode().split("\n\n") == [
+        'data: {"name":"0"}',
+        'event: error\ndata: {"code":8,"message":"stream quota","details":[]}',
+        "event: trailers\ndata: " + json.dumps(_TRAILERS, separators=(",", ":")),
+        "",
+    ]
+    _, _, body, trailers = await _h11_get(
+        port, "/v1/count/1?trailers=true", [accept, ("te", "trailers")]
+    )
+    if served["echo"].protocol == "cli":
+        assert body == b'data: {"name":"0"}\n\n'
+        assert ("grpc-trailer-x-done", "yes") in trailers
+    else:
+        assert trailers == []
+        assert body.decode().split("\n\n") == [
+            'data: {"name":"0"}',
+            "event: trailers\ndata: " + json.dumps(_TRAILERS, separators=(",", ":")),
+            "",
+        ]
+
+
+async def test_stream_trailing_metadata_json_array(echo: Backend) -> None:
+    app = create_app(
+        descriptor_sets()["gwtest"],
+        [f"127.0.0.1:{echo.port}"],
+        options=GatewayOptions(stream_format="json-array"),
+    )
+    async with _uvicorn(app, GatewayHttpProtocol) as port:
+        _, _, body, _ = await _h11_get(port, "/v1/count/1?trailers=true", [])
+        assert json.loads(body) == [{"name": "0"}, {"trailers": _TRAILERS}]
+        _, _, body, _ = await _h11_get(port, "/v1/count/0?trailers=true", [])
+        assert json.loads(body) == [{"trailers": _TRAILERS}]
+        _, _, body, _ = await _h11_get(port, "/v1/count/3?trailers=true&failAfter=1", [])
+        assert json.loads(body) == [
+            {"name": "0"},
+            {"error": _STREAM_QUOTA, "trailers": _TRAILERS},
+        ]
+        _, _, body, trailers = await _h11_get(
+            port, "/v1/count/1?trailers=true", [("te", "trailers")]
+        )
+        assert json.loads(body) == [{"name": "0"}]
+        assert ("grpc-trailer-x-multi", "b") in trailers
+
+
+async def test_cli_protocol_http_response_trailers_extension() -> None:
+    # The ASGI extension itself, on a plain app: trailer fields after the last chunk (for a
+    # client that sent TE: trailers; framing fields never), several trailers messages, and
+    # a response with a Content-Length, whose announced trailers are dropped.
+    import h11
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert "http.response.trailers" in scope["extensions"]
+        start: dict[str, Any] = {"type": "http.response.start", "status": 200, "trailers": True}
+        if scope["path"] == "/chunked":
+            await send({**start, "headers": []})
+            await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            await send({"type": "http.response.body", "body": b"c"})
+            await send(
+                {
+                    "type": "http.response.trailers",
+                    "headers": [(b"X-One", b"1")],
+                    "more_trailers": True,
+                }
+            )
+            trailers = [(b"x-two", b"2"), (b"content-length", b"9")]
+            await send({"type": "http.response.trailers", "headers": trailers})
+        else:
+            await send({**start, "headers": [(b"content-length", b"3")]})
+            await send({"type": "http.response.body", "body": b"abc"})
+            await send({"type": "http.response.trailers", "headers": [(b"x-one", b"1")]})
+
+    async with _uvicorn(app, GatewayHttpProtocol, lifespan="off") as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+
+        async def get(target: str, te: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+            if conn.our_state is h11.DONE:
+                conn.start_next_cycle()
+            headers = [("host", "x"), *([("te", "trailers")] if te else [])]
+            writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            body = b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    return body, list(event.headers)
+
+        try:
+            # All on one keep-alive connection: each response is framed right.
+            assert await get("/chunked", te=True) == (b"abc", [(b"x-one", b"1"), (b"x-two", b"2")])
+            assert await get("/chunked", te=False) == (b"abc", [])
+            assert await get("/length", te=True) == (b"abc", [])
+            assert await get("/chunked", te=True) == (b"abc", [(b"x-one", b"1"), (b"x-two", b"2")])
+        finally:
+            writer.close()
 
 
 async def test_backpressure_slow_reader_slows_upstream(
