@@ -278,7 +278,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raws: list[dict[str, Any]] = []
             # Alternating rounds: a shared machine's noise then hits both sides alike.
             for r in range(1, args.rounds + 1):
-                print(f"round {r}/{args.rounds}: saga saturation, {args.sagas} sagas ...", flush=True)
+                print(
+                    f"round {r}/{args.rounds}: saga saturation, {args.sagas} sagas ...", flush=True
+                )
                 before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
                 sat = await saturation(driver, args.sagas, args.concurrency)
                 cpu = {
