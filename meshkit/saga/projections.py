@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from meshkit.errors import ConfigError
@@ -164,7 +165,9 @@ class Projector:
                 while last + 1 in offered and len(events) < self.batch:
                     last += 1
                     ev = offered.pop(last)
-                    events.append(self.upcasters.upcast(ev) if self.upcasters else ev)
+                    if self.upcasters is not None:
+                        ev = self.upcasters.upcast(ev)
+                    events.append(ev)
                 # Offers left past a gap: what lies between is read on the next turn.
                 pending = len(offered)
             else:
@@ -274,8 +277,11 @@ class Projector:
         if self._task is not None:
             return self
         for source in self.projection.sources:
-            info = await self.nc.jetstream().stream_info(source.stream)
-            stream_subjects = list(info.config.subjects or [])
+            try:
+                info = await self.nc.jetstream().stream_info(source.stream)
+                stream_subjects = list(info.config.subjects or [])
+            except nats.js.errors.NotFoundError:  # not created yet: read and poll it
+                stream_subjects = []
             subjects = [source.subject]
             if source.subject == ">" or stream_subjects == [source.subject]:
                 self._whole.add(source.stream)
