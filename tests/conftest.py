@@ -76,6 +76,16 @@ def nats_server_module() -> Iterator[object]:
 
 
 @pytest.fixture
+async def nc(nats_server_module: Any) -> AsyncIterator[Any]:
+    """A nats-py connection to the module's nats-server, closed after the test."""
+    import nats
+
+    conn = await nats.connect(nats_server_module.url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
 def grpc_server() -> Iterator[Callable[..., Any]]:
     """Start sync gRPC servers on free loopback ports: ``grpc_server(*services, policy=...)``.
 

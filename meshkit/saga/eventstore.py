@@ -1161,19 +1161,9 @@ class Repository(Generic[A]):
         command's own earlier attempt included, is a conflict, and the command
         runs again on the loaded aggregate.
         """
-        if not self.cache_size:
-            return await self._execute(
-                aggregate_id,
-                decide,
-                retries,
-                event_ids,
-                saga_id,
-                saga_type,
-                causation_id,
-                None,
-                expect_new,
-            )
-        async with self._locks.hold(aggregate_id):
+        # With a cache, commands on one aggregate take turns (no conflicts among them).
+        turn = self._locks.hold(aggregate_id) if self.cache_size else contextlib.nullcontext()
+        async with turn:
             # Out of the cache while the command runs: only a saved state goes back.
             cached = self._cache.pop(aggregate_id, None)
             loaded = await self._execute(
@@ -1187,9 +1177,10 @@ class Repository(Generic[A]):
                 cached,
                 expect_new and cached is None,
             )
-            self._cache[aggregate_id] = loaded
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if self.cache_size:
+                self._cache[aggregate_id] = loaded
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
             return loaded
 
     async def _execute(

@@ -9,10 +9,9 @@ import asyncio
 import itertools
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import nats
 import pytest
 from nats.js import api
 
@@ -50,13 +49,6 @@ async def until(cond: Callable[[], bool], within: float = 2.0) -> None:
     while not cond():
         assert loop.time() < end, "condition not met in time"
         await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-async def nc(nats_server_module: Any) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server_module.url)
-    yield conn
-    await conn.close()
 
 
 def _config(**kw: Any) -> EventStoreConfig:

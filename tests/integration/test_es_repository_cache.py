@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -71,13 +70,6 @@ def count_loads(repo: Repository[Any]) -> list[str]:
 
     repo.load = load  # type: ignore[method-assign]
     return calls
-
-
-@pytest.fixture
-async def nc(nats_server_module: Any) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server_module.url)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture

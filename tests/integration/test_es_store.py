@@ -7,7 +7,6 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -68,13 +67,6 @@ def _tally_from(tally_id: str, d: dict[str, Any]) -> Tally:
 
 def paid(n: int) -> events_pb2.PaymentCompleted:
     return events_pb2.PaymentCompleted(order_id="x", amount=common_pb2.Money(amount_minor=n))
-
-
-@pytest.fixture
-async def nc(nats_server_module: Any) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server_module.url)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture
