@@ -11,6 +11,10 @@
 * :meth:`set_targets` switches the endpoint list atomically: new requests use the
   new endpoints at once, calls in flight finish on the old channels, which
   close after ``drain`` seconds. That is the blue-green switch.
+* readiness (:meth:`BalancedUpstream.not_ready`): a health-checked upstream is ready
+  when its last checks found an endpoint SERVING; one without a health check when the
+  channel to some endpoint is connected, which the probe finds out by asking the
+  channel (connecting an idle one, waiting a bounded time for one that is connecting).
 
 Channels are made by the gateway's :func:`~meshkit.gateway.upstreams.make_channel`,
 so every call goes through meshkit's client policy.
@@ -19,6 +23,7 @@ so every call goes through meshkit's client policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -109,6 +114,7 @@ class BalancedUpstream(Upstream):
         self._rr = itertools.count()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._changed: asyncio.Event | None = None
+        self._connect_probes: dict[int, asyncio.Task[bool]] = {}
         self.checks = 0
 
     # ---- selection
@@ -130,7 +136,10 @@ class BalancedUpstream(Upstream):
         target = self.pick()
         if scope is not None:
             notes(scope)["upstream"] = f"{self.name}/{target}"
-        key = (target, id(loop))
+        return self._channel_to(target, id(loop))
+
+    def _channel_to(self, target: str, loop_id: int) -> grpc.aio.Channel:
+        key = (target, loop_id)
         ch = self._channels.get(key)
         if ch is None:
             ch = make_channel(target, self.policy)
@@ -227,11 +236,52 @@ class BalancedUpstream(Upstream):
 
     @property
     def ready(self) -> bool:
-        """Whether at least one endpoint reports SERVING."""
+        """Whether at least one endpoint reported SERVING to the last health checks (always
+        true without a health check: :meth:`not_ready` also probes connectivity)."""
         return any(self.healthy.get(t, True) for t in self.targets)
+
+    # ---- readiness
+
+    #: The longest a readiness probe waits for channels that are still connecting.
+    connect_timeout: float = 0.5
+
+    async def not_ready(self) -> str | None:
+        """Why this upstream cannot take calls now, or None when it can.
+
+        With a health check: the last checks' results (no probe here). Without one: the
+        channels requests use, one per endpoint on the running loop. A READY one means
+        ready, and asking an idle channel starts its connection. When none is READY but
+        some are connecting, the probe waits at most :attr:`connect_timeout` for one to
+        get there. Concurrent probes on one loop share that wait.
+        """
+        if self.health_check is not None:
+            return None if self.ready else "no endpoint reports SERVING"
+        loop = asyncio.get_running_loop()
+        pending = []
+        for target in self.targets:
+            ch = self._channel_to(target, id(loop))
+            state = ch.get_state(try_to_connect=True)
+            if state is grpc.ChannelConnectivity.READY:
+                return None
+            if state in _CONNECTING:
+                pending.append((ch, state))
+        if pending:
+            probe = self._connect_probes.get(id(loop))
+            if probe is None or probe.done():
+                probe = loop.create_task(_first_ready(pending, self.connect_timeout))
+                self._connect_probes[id(loop)] = probe
+            # Shielded: a /readyz client that leaves must not cancel the wait others share.
+            if await asyncio.shield(probe):
+                return None
+        return "no endpoint accepts connections"
 
     async def close(self, grace: float | None = None) -> None:
         """Stop probing and close channels on the running loop."""
+        probe = self._connect_probes.pop(id(asyncio.get_running_loop()), None)
+        if probe is not None and not probe.done():
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
         task = self._tasks.pop(id(asyncio.get_running_loop()), None)
         if task is not None:
             task.cancel()
@@ -240,3 +290,36 @@ class BalancedUpstream(Upstream):
             except asyncio.CancelledError:
                 pass
         await super().close(grace)
+
+
+_CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+
+
+async def _first_ready(
+    channels: Sequence[tuple[grpc.aio.Channel, grpc.ChannelConnectivity]], within: float
+) -> bool:
+    """Whether one of ``channels`` (each with the state last seen) gets READY within
+    ``within`` seconds; a channel that fails to connect drops out at once, not at the timeout."""
+
+    async def settle(ch: grpc.aio.Channel, state: grpc.ChannelConnectivity) -> bool:
+        try:
+            while state in _CONNECTING:
+                await ch.wait_for_state_change(state)
+                state = ch.get_state(try_to_connect=True)
+        except Exception:  # a broken channel is not a connected one; /readyz must answer
+            log.debug("readiness probe of a channel failed", exc_info=True)
+            return False
+        return state is grpc.ChannelConnectivity.READY
+
+    tasks = [asyncio.ensure_future(settle(ch, st)) for ch, st in channels]
+    try:
+        for next_done in asyncio.as_completed(tasks, timeout=within):
+            if await next_done:
+                return True
+        return False
+    except TimeoutError:
+        return False
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -289,10 +289,22 @@ class EdgeApp:
     # ---- readiness and reload
 
     def ready(self) -> bool:
-        """Every balanced upstream has at least one SERVING endpoint."""
+        """Every health-checked upstream had a SERVING endpoint at its last check. This
+        does not look at connectivity; :meth:`not_ready` (what ``/readyz`` answers) does."""
         return all(
             u.ready for u in self.registry.upstreams.values() if isinstance(u, BalancedUpstream)
         )
+
+    async def not_ready(self) -> dict[str, str]:
+        """The upstreams that cannot take calls now, each with why (empty: ready).
+
+        Health-checked upstreams answer from their last checks; the others from the
+        connectivity of their channels (see :meth:`BalancedUpstream.not_ready`), so an
+        upstream whose every endpoint refuses connections is not ready. Bounded by
+        ``BalancedUpstream.connect_timeout``: the upstreams are probed concurrently."""
+        ups = [u for u in self.registry.upstreams.values() if isinstance(u, BalancedUpstream)]
+        reasons = await asyncio.gather(*(u.not_ready() for u in ups))
+        return {u.name: r for u, r in zip(ups, reasons, strict=True) if r is not None}
 
     async def startup(self) -> None:
         """Probe health once and start the periodic checks (call on the serving loop)."""
@@ -367,7 +379,7 @@ class EdgeApp:
     def _outer(self, inner: ASGIApp, profile: str) -> ASGIApp:
         app: ASGIApp = OpsMiddleware(
             inner,
-            ready=self.ready,
+            not_ready=self.not_ready,
             metrics=self.metrics,
             openapi=lambda: self._openapi(scope_profile=profile),
         )

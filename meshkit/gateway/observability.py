@@ -11,7 +11,8 @@
   registry (private, so several gateways in one process never collide), served
   as Prometheus text at ``/metrics``.
 * :class:`OpsMiddleware` answers ``/healthz`` (the process is alive),
-  ``/readyz`` (every upstream reports SERVING), ``/metrics`` and ``/openapi.json``.
+  ``/readyz`` (every upstream can take calls: 503 naming those that cannot),
+  ``/metrics`` and ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -322,7 +323,13 @@ def MetricsMiddleware(app: ASGIApp, metrics: EdgeMetrics, profile: str = "") -> 
 
 
 class OpsMiddleware:
-    """``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` in front of ``app``."""
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` in front of ``app``.
+
+    ``/readyz`` is 200 when ``not_ready()`` (awaited per probe; it must be cheap or
+    bounded) names nothing and ``ready()`` (a plain check) is true; otherwise 503 with
+    ``{"status": "not ready", "upstreams": {name: why}}``. ``/healthz`` never looks at
+    either: a process whose upstreams are down is still alive.
+    """
 
     def __init__(
         self,
@@ -332,9 +339,11 @@ class OpsMiddleware:
         metrics: EdgeMetrics | None = None,
         openapi: Callable[[], bytes] | None = None,
         prefix: str = "",
+        not_ready: Callable[[], Awaitable[Mapping[str, str]]] | None = None,
     ) -> None:
         self.app = app
         self.ready = ready
+        self.not_ready = not_ready
         self.metrics = metrics
         self.openapi = openapi
         self.prefix = prefix.rstrip("/")
@@ -348,12 +357,7 @@ class OpsMiddleware:
                 await send_json(send, 200, b'{"status":"ok"}')
                 return
             if path == "/readyz":
-                ok = self.ready() if self.ready is not None else True
-                await send_json(
-                    send,
-                    200 if ok else 503,
-                    b'{"status":"ready"}' if ok else b'{"status":"not ready"}',
-                )
+                await self._readyz(send)
                 return
             if path == "/metrics" and self.metrics is not None:
                 await send_json(
@@ -368,3 +372,16 @@ class OpsMiddleware:
                 await send_json(send, 200, self.openapi())
                 return
         await self.app(scope, receive, send)
+
+    async def _readyz(self, send: Send) -> None:
+        down: Mapping[str, str] = {}
+        if self.not_ready is not None:
+            down = await self.not_ready()
+        ok = not down and (self.ready is None or self.ready())
+        if ok:
+            await send_json(send, 200, b'{"status":"ready"}')
+            return
+        body: dict[str, Any] = {"status": "not ready"}
+        if down:
+            body["upstreams"] = dict(down)
+        await send_json(send, 503, json.dumps(body, separators=(",", ":")).encode())

@@ -47,7 +47,8 @@ class ShopBackend:
         self.calls[method] += 1
         self.metadata.append({k: v for k, v in ctx.invocation_metadata() if isinstance(v, str)})
 
-    async def start(self) -> ShopBackend:
+    async def start(self, port: int = 0) -> ShopBackend:
+        """Serve on ``port`` (0: a free one)."""
         server = grpc.aio.server()
         backend = self
 
@@ -112,7 +113,7 @@ class ShopBackend:
         shipping_pb2_grpc.add_ShippingServiceServicer_to_server(Shipping(), server)
         payment_pb2_grpc.add_PaymentServiceServicer_to_server(Payment(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port("127.0.0.1:0")
+        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         self.server = server
         await self.set_serving(True)

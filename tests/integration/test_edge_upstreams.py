@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from meshkit.gateway.balancing import BalancedUpstream
 from meshkit.gateway.edge import EdgeApp, create_edge_app
 from meshkit.gateway.profiles import EdgeConfig
+from tests.conftest import free_port
 from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
@@ -128,13 +130,103 @@ async def test_unhealthy_endpoint_leaves_rotation_and_returns(
         assert f'meshkit_gateway_upstream_healthy{{endpoint="shop/{a.target}"' in metrics
         await b.set_serving(False)
         await wait_for(lambda: up.healthy[b.target] is False)
-        assert (await c.get("/readyz")).status_code == 503
+        r = await c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {
+            "status": "not ready",
+            "upstreams": {"shop": "no endpoint reports SERVING"},
+        }
         await a.set_serving(True)
         await b.set_serving(True)
         await wait_for(lambda: up.healthy[a.target] and up.healthy[b.target])
         assert (await c.get("/readyz")).status_code == 200
         assert await served_by(c, 20) == {"blue": 10, "green": 10}
     await edge.shutdown()
+
+
+async def readyz_until(c: httpx.AsyncClient, status: int, timeout: float = 10.0) -> httpx.Response:
+    """Poll ``/readyz`` until it answers ``status`` (within ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        r = await c.get("/readyz")
+        if r.status_code == status:
+            return r
+        if loop.time() > end:
+            raise AssertionError(f"/readyz still {r.status_code} {r.text}, wanted {status}")
+        await asyncio.sleep(0.05)
+
+
+async def test_readyz_without_health_check_follows_connectivity(
+    shop_descriptor_set: Path,
+) -> None:
+    # No health_check: readiness comes from the channels. "shop" has one live and one
+    # refusing endpoint (ready: one is enough); every endpoint of "payments" refuses.
+    live = await ShopBackend("blue").start()
+    dead, later = free_port(), free_port()
+    cfg = {
+        "edge": {
+            "upstreams": {
+                "shop": [live.target, f"127.0.0.1:{dead}"],
+                "payments": [f"127.0.0.1:{later}"],
+            },
+            "services": {"default": "shop", "shop.v1.PaymentService": "payments"},
+        }
+    }
+    edge = create_edge_app(cfg, shop_descriptor_set)
+    await edge.startup()
+    late: ShopBackend | None = None
+    try:
+        async with client_for(edge) as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 503
+            assert r.json() == {
+                "status": "not ready",
+                "upstreams": {"payments": "no endpoint accepts connections"},
+            }
+            assert (await c.get("/healthz")).json() == {"status": "ok"}  # liveness unaffected
+            # A server starting on the refusing port makes the edge ready, and the call the
+            # probe's channel carries works.
+            late = await ShopBackend("late").start(later)
+            r = await readyz_until(c, 200)
+            assert r.json() == {"status": "ready"}
+            assert (await c.get("/v1/payments/p-1")).status_code == 200
+            await late.stop(None)
+            late = None
+            r = await readyz_until(c, 503)
+            assert r.json()["upstreams"] == {"payments": "no endpoint accepts connections"}
+            assert (await c.get("/healthz")).status_code == 200
+    finally:
+        await edge.shutdown()
+        await live.stop(None)
+        if late is not None:
+            await late.stop(None)
+
+
+async def test_readyz_is_bounded_when_an_endpoint_never_finishes_connecting(
+    shop_descriptor_set: Path,
+) -> None:
+    # A listener that never accepts: TCP connects (the kernel's backlog) but no HTTP/2
+    # settings ever come, so the channel stays CONNECTING for gRPC's 20 s connect timeout.
+    # /readyz waits for it only BalancedUpstream.connect_timeout, concurrent probes alike.
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        target = f"127.0.0.1:{hole.getsockname()[1]}"
+        edge = create_edge_app({"edge": {"upstreams": {"stuck": [target]}}}, shop_descriptor_set)
+        try:
+            async with client_for(edge) as c:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                answers = await asyncio.gather(*(c.get("/readyz") for _ in range(10)))
+                elapsed = loop.time() - t0
+                assert [r.status_code for r in answers] == [503] * 10
+                assert answers[0].json()["upstreams"] == {
+                    "stuck": "no endpoint accepts connections"
+                }
+                assert elapsed < 5.0, elapsed  # bound 0.5 s; the connect timeout is 20 s
+        finally:
+            await edge.shutdown()
 
 
 async def test_blue_green_switch_under_load_loses_no_request(
@@ -205,8 +297,6 @@ async def test_blue_green_over_real_http_via_the_admin_endpoint(
 
     import uvicorn
     import yaml
-
-    from tests.conftest import free_port
 
     blue, green = pair
     token = "admin-token"
