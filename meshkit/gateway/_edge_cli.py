@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,8 @@ def run_openapi(args: argparse.Namespace) -> int:
 
 
 def run_edge(args: argparse.Namespace) -> int:
-    """Entry point of ``meshkit edge``."""
+    """Entry point of ``meshkit edge``: 0 after a graceful stop (SIGTERM or SIGINT), 2 for a
+    bad config or a port it cannot listen on."""
     from meshkit.gateway.edge import create_edge_app
 
     try:
@@ -91,11 +94,26 @@ def run_edge(args: argparse.Namespace) -> int:
     if args.profile and args.profile not in edge.profiles:
         log.error("--profile: unknown profile %r; have %s", args.profile, ", ".join(edge.profiles))
         return 2
-    asyncio.run(_serve(edge, names, args.host, args.port, single=bool(args.profile)))
-    return 0
+    return asyncio.run(_serve(edge, names, args.host, args.port, single=bool(args.profile)))
 
 
-async def _serve(edge: object, names: list[str], host: str, port: int, *, single: bool) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before anything serves so a taken port fails the start.
+    No SO_REUSEPORT: one process serves each port, and a second edge started by mistake
+    on the same ports must fail rather than share them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve(edge: object, names: list[str], host: str, port: int, *, single: bool) -> int:
     import uvicorn
 
     from meshkit.gateway.edge import EdgeApp
@@ -112,27 +130,79 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
     if shared and not single:
         apps.setdefault(port, edge.asgi())
 
-    async def reload() -> None:
-        try:
-            await edge.reload()
-        except Exception as exc:  # keep serving the previous configuration
-            log.error("reload failed, keeping the previous configuration: %s", exc)
+    class _Server(uvicorn.Server):
+        """A uvicorn server that leaves signals to ``_serve``. uvicorn's own capture lets
+        only the last started server see SIGTERM, and each server then re-raises the
+        signal at exit, which kills the process before the others have drained."""
 
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
-    servers = []
-    for i, (p, app) in enumerate(sorted(apps.items())):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield
+
+        def install_signal_handlers(self) -> None:  # the same, for uvicorn < 0.29
+            pass
+
+    socks: list[tuple[socket.socket, Any]] = []
+    try:
+        for p, app in sorted(apps.items()):
+            socks.append((_listen(host, p), app))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, p, exc)
+        for sock, _ in socks:
+            sock.close()
+        return 2
+    servers: list[tuple[uvicorn.Server, socket.socket]] = []
+    for sock, app in socks:
         cfg = uvicorn.Config(
             app,
             host=host,
-            port=p,
+            port=sock.getsockname()[1],
             http="httptools",
-            lifespan="on" if i == 0 else "off",
+            ws="websockets-sansio",
+            # One startup and one shutdown for all ports (below): they share the upstreams,
+            # whose channels must stay open until the last port has drained.
+            lifespan="off",
             access_log=False,
             log_level="warning",
             timeout_graceful_shutdown=10,
         )
-        servers.append(uvicorn.Server(cfg))
-        log.info("edge serving on %s:%d", host, p)
-    await asyncio.gather(*(s.serve() for s in servers))
+        servers.append((_Server(cfg), sock))
+
+    async def reload() -> None:
+        try:
+            await edge.reload()
+            log.info("edge reloaded")
+        except Exception as exc:  # keep serving the previous configuration
+            log.error("reload failed, keeping the previous configuration: %s", exc)
+
+    def stop(sig: signal.Signals) -> None:
+        for server, _ in servers:
+            server.handle_exit(sig, None)  # a second SIGINT forces the exit, as in uvicorn
+
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        handled.append(signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig)
+            handled.append(sig)
+    try:
+        await edge.startup()
+        tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+        for sock, _ in socks:
+            log.info("edge serving on %s:%d", host, sock.getsockname()[1])
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # One server failing stops the others too.
+            for server, _ in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await edge.shutdown()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        for sock, _ in socks:
+            sock.close()
+    return 0
