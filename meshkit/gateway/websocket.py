@@ -6,8 +6,11 @@ Protocol, per connection to a streaming route's path (``GET`` binding):
   query variables of the upgrade URL are applied to every message;
 * an empty frame half-closes the request stream (``done_writing``);
 * each response message arrives as a text frame ``{"result": ...}``;
-* when the call ends the server sends ``{"error": <Status>}`` if it failed,
-  then closes with 1000; a client that closes the socket cancels the call.
+* when the call ends the server sends, when there is any, the call's trailing
+  metadata as ``{"trailers": {key: [values]}}`` (the in-band record of HTTP
+  streams), ``{"error": <Status>}`` instead if the call failed (with ``"trailers"``
+  merged in, when there are some), then closes with 1000; a client that closes
+  the socket cancels the call.
 
 Metadata and deadline come from the upgrade request's headers, as for HTTP.
 """
@@ -22,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshkit.gateway._paths import route_path
-from meshkit.gateway.errors import GatewayError, status_from_rpc_error, status_json
+from meshkit.gateway.errors import (
+    GatewayError,
+    metadata_json,
+    status_from_rpc_error,
+    status_json,
+)
 from meshkit.gateway.metadata import read_headers
 from meshkit.gateway.routing import BadPathError, Match
 
@@ -131,10 +139,19 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
         else:
             resp = await call
             await send_json({"result": tr.response_obj(b, resp)})
+        trailers = metadata_json(await call.trailing_metadata())
+        if trailers:
+            await send_json({"trailers": trailers})
         await send({"type": "websocket.close", "code": 1000})
     except grpc.aio.AioRpcError as err:
         if not closed.is_set():
-            await send_json({"error": status_json(status_from_rpc_error(err), state.catalog.pool)})
+            record: dict[str, Any] = {
+                "error": status_json(status_from_rpc_error(err), state.catalog.pool)
+            }
+            trailers = metadata_json(err.trailing_metadata())
+            if trailers:
+                record["trailers"] = trailers
+            await send_json(record)
             await send({"type": "websocket.close", "code": 1000})
     except GatewayError as err:
         if not closed.is_set():

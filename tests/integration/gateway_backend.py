@@ -324,6 +324,15 @@ def shop_backend(catalog: Catalog) -> Backend:
 # --------------------------------------------------------------------------- gwtest
 
 
+#: What Count (with ``trailers``) and Bidi (after a message with ``flag``) end with.
+_TRAILING_METADATA = (
+    ("x-done", "yes"),
+    ("x-multi", "a"),
+    ("x-multi", "b"),
+    ("x-raw-bin", b"\x00\xff"),
+)
+
+
 def gwtest_backend(catalog: Catalog) -> Backend:
     b = Backend(catalog, {})
     Msg = b.cls("gwtest.v1.Msg")
@@ -388,9 +397,7 @@ def gwtest_backend(catalog: Catalog) -> Backend:
     async def count(req: Any, ctx: grpc.aio.ServicerContext) -> Any:
         b.stream_started.set()
         if req.trailers:
-            ctx.set_trailing_metadata(
-                (("x-done", "yes"), ("x-multi", "a"), ("x-multi", "b"), ("x-raw-bin", b"\x00\xff"))
-            )
+            ctx.set_trailing_metadata(_TRAILING_METADATA)
         try:
             i = 0
             while req.count < 0 or i < req.count:
@@ -417,6 +424,10 @@ def gwtest_backend(catalog: Catalog) -> Backend:
 
     async def bidi(it: Any, ctx: grpc.aio.ServicerContext) -> Any:
         async for m in it:
+            if m.flag:  # the stream ends with trailing metadata
+                ctx.set_trailing_metadata(_TRAILING_METADATA)
+            if m.name == "fail":
+                await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "stream quota")
             yield Msg(name=m.name.upper(), i32=m.i32 * 2)
 
     b.handlers.update(

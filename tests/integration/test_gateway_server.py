@@ -480,6 +480,42 @@ async def test_websocket_bidi(served: dict[str, _Served]) -> None:
         assert ws.close_code == 1000
 
 
+async def test_websocket_trailing_metadata_is_the_last_message(served: dict[str, _Served]) -> None:
+    # Bidi: after the last result, {"trailers": ...} (the HTTP streams' in-band record),
+    # then the close. A stream without trailing metadata has no such message
+    # (test_websocket_bidi).
+    async with websockets.connect(served["echo"].ws + "/v1/bidi") as ws:
+        await ws.send(json.dumps({"name": "a", "i32": 1, "flag": True}))
+        assert json.loads(await ws.recv()) == {"result": {"name": "A", "i32": 2}}
+        await ws.send(json.dumps({"name": "b"}))
+        assert json.loads(await ws.recv()) == {"result": {"name": "B"}}
+        await ws.send("")  # half-close: the call ends
+        assert json.loads(await ws.recv()) == {"trailers": _TRAILERS}
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+        assert ws.close_code == 1000
+    # A failed call: the trailing metadata merged into the error record, as for streams.
+    async with websockets.connect(served["echo"].ws + "/v1/bidi") as ws:
+        await ws.send(json.dumps({"name": "a", "flag": True}))
+        assert json.loads(await ws.recv()) == {"result": {"name": "A"}}
+        await ws.send(json.dumps({"name": "fail"}))
+        assert json.loads(await ws.recv()) == {"error": _STREAM_QUOTA, "trailers": _TRAILERS}
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+        assert ws.close_code == 1000
+    # A server stream over WebSocket ends the same way.
+    async with websockets.connect(served["echo"].ws + "/v1/count/2?trailers=true") as ws:
+        await ws.send("")
+        got = [json.loads(await ws.recv()) for _ in range(3)]
+        assert got == [
+            {"result": {"name": "0"}},
+            {"result": {"name": "1", "i32": 1}},
+            {"trailers": _TRAILERS},
+        ]
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
+
+
 async def test_websocket_shop_chat_and_bad_message(served: dict[str, _Served]) -> None:
     async with websockets.connect(
         served["shop"].ws + "/v1/chat", additional_headers={"x-request-id": "ws-1"}
