@@ -139,8 +139,8 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
         def capture_signals(self) -> Generator[None, None, None]:
             yield
 
-        def install_signal_handlers(self) -> None:  # the same, for uvicorn < 0.29
-            pass
+        def install_signal_handlers(self) -> None:
+            """The same as ``capture_signals``, for uvicorn < 0.29: nothing installed."""
 
     socks: list[tuple[socket.socket, Any]] = []
     try:
