@@ -116,6 +116,7 @@ def _listen(host: str, port: int) -> socket.socket:
 async def _serve(edge: object, names: list[str], host: str, port: int, *, single: bool) -> int:
     import uvicorn
 
+    from meshkit.gateway._server import http_protocol
     from meshkit.gateway.edge import EdgeApp
 
     assert isinstance(edge, EdgeApp)
@@ -151,13 +152,14 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
         for sock, _ in socks:
             sock.close()
         return 2
+    http = http_protocol()
     servers: list[tuple[uvicorn.Server, socket.socket]] = []
     for sock, app in socks:
         cfg = uvicorn.Config(
             app,
             host=host,
             port=sock.getsockname()[1],
-            http="httptools",
+            http=http,
             ws="websockets-sansio",
             # One startup and one shutdown for all ports (below): they share the upstreams,
             # whose channels must stay open until the last port has drained.

@@ -156,8 +156,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
-    """Serve in this process until SIGTERM/SIGINT."""
+def http_protocol() -> Any:
+    """uvicorn's ``http`` setting for the CLIs: the gateway's own protocol on the
+    uvicorn series it was tested with, uvicorn's stock httptools otherwise."""
     import uvicorn
 
     try:
@@ -168,7 +169,14 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
         http = "httptools"
     if http == "httptools":
         log.info("uvicorn %s: serving with its stock httptools protocol", uvicorn.__version__)
+    return http
 
+
+def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
+    """Serve in this process until SIGTERM/SIGINT."""
+    import uvicorn
+
+    http = http_protocol()
     app = build_app(spec)
     if sock is None:
         sock = bind_socket(spec.host, spec.port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -137,6 +138,17 @@ async def test_edge_cli_serves_each_profile_on_its_own_port_and_stops_on_sigterm
             for c in (web, mobile):
                 assert (await c.get("/readyz")).json() == {"status": "ready"}
             assert backend.calls["GetPayment"] == 1
+            # The gateway CLI's HTTP protocol serves here too: a request it cannot parse
+            # gets a google.rpc.Status body, not uvicorn's text/plain.
+            reader, writer = await asyncio.open_connection("127.0.0.1", web_port)
+            writer.write(b"GET /v1/orders/a b HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), raw
+            assert b"application/json" in head.lower(), raw
+            assert json.loads(body)["code"] == 3, raw  # INVALID_ARGUMENT
 
             # SIGTERM while a call is in flight on one port: it is answered, both ports
             # close, the process exits 0.
