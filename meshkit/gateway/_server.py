@@ -190,7 +190,22 @@ def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
         log_level="warning",
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn stops gracefully on SIGTERM and then raises the signal again with our
+    # handler back in place; this one makes that exit 0 (as the workers' parent
+    # reports it) rather than death by signal. SIGINT keeps its KeyboardInterrupt.
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit_after_graceful_stop)
+    except ValueError:  # not the main thread: uvicorn does not capture signals there
+        previous = None
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_after_graceful_stop(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def _worker_main(spec: ServeSpec) -> None:

@@ -685,6 +685,32 @@ async def test_cli_workers_and_sighup_reload(echo: Backend, tmp_path: Path) -> N
     assert proc.returncode == 0, out
 
 
+async def test_cli_single_process_drains_on_sigterm_and_exits_0(echo: Backend) -> None:
+    port = free_port()
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"])]
+    proc = _spawn([*args, "--upstream", f"127.0.0.1:{echo.port}", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_http(base + "/", proc)
+        async with (
+            httpx.AsyncClient(base_url=base, timeout=10) as c,
+            c.stream("GET", "/v1/count/3", params={"delayMs": 300}) as r,
+        ):
+            # The stream's head is here, its three lines 300 ms apart: stop mid-stream.
+            assert r.status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            lines = [line async for line in r.aiter_lines() if line]
+            assert len(lines) == 3, lines
+        out = await asyncio.to_thread(_stop, proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    # A graceful stop is a success (uvicorn alone would end the process by the signal).
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+
+
 async def test_cli_bad_descriptor_set_fails_fast(tmp_path: Path) -> None:
     bad = tmp_path / "bad.binpb"
     bad.write_bytes(b"\xff\xff\xff not a descriptor set")
