@@ -125,13 +125,14 @@ class Replies:
     """
 
     def __init__(self, nc: _NatsClient) -> None:
+        self.nc = nc
         self.prefix = nc.new_inbox()
         self._waiting: dict[str, Callable[[Msg], None]] = {}
         self._next = 0
         self._sub: Any = None
         self._subscribing: asyncio.Future[None] | None = None
 
-    async def ready(self, nc: _NatsClient) -> None:
+    async def ready(self) -> None:
         """Subscribe once (concurrent first callers wait for the same subscription)."""
         if self._sub is not None:
             return
@@ -140,7 +141,7 @@ class Replies:
             return
         self._subscribing = asyncio.get_running_loop().create_future()
         try:
-            self._sub = await nc.subscribe(
+            self._sub = await self.nc.subscribe(
                 f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1
             )
         except BaseException as exc:
@@ -167,7 +168,6 @@ class Replies:
 
     async def request(
         self,
-        nc: _NatsClient,
         subject: str,
         payload: bytes,
         headers: dict[str, str] | None,
@@ -175,7 +175,7 @@ class Replies:
     ) -> Msg:
         """The first reply, like ``nc.request``, within ``within`` seconds; raises
         nats' TimeoutError and NoRespondersError as it does."""
-        await self.ready(nc)
+        await self.ready()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
 
@@ -186,7 +186,7 @@ class Replies:
         reply = self.listen(on_reply)
         timer = loop.call_later(within, _expire, future)
         try:
-            await nc.publish(subject, payload, reply=reply, headers=headers)
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
             msg = await future
         finally:
             timer.cancel()
@@ -197,7 +197,6 @@ class Replies:
 
     async def jetstream_publish(
         self,
-        nc: _NatsClient,
         subject: str,
         payload: bytes,
         headers: dict[str, str] | None,
@@ -206,7 +205,7 @@ class Replies:
         """``js.publish``: store the message and return the stream's ack; raises the
         same errors (``NoStreamResponseError``, ``APIError`` subclasses, TimeoutError)."""
         try:
-            msg = await self.request(nc, subject, payload, headers, within)
+            msg = await self.request(subject, payload, headers, within)
         except nats.errors.NoRespondersError:
             raise nats.js.errors.NoStreamResponseError from None
         resp = json.loads(msg.data)
@@ -226,11 +225,9 @@ def _expire(future: asyncio.Future[Msg]) -> None:
 
 
 def replies(nc: _NatsClient) -> Replies:
-    """The connection's :class:`Replies` (made on first use).
-
-    Kept on the connection itself: its subscription refers back to the connection,
-    so a weak-keyed map would keep every connection alive.
-    """
+    """The connection's :class:`Replies` (made on first use), kept on the connection
+    itself so both go together (a weak-keyed map would keep every connection alive,
+    as the :class:`Replies` refers back to it)."""
     found: Replies | None = getattr(nc, "_meshkit_replies", None)
     if found is None:
         found = Replies(nc)

@@ -319,9 +319,7 @@ class EventBus:
         delay = 0.05
         while True:
             try:
-                return await self._replies.jetstream_publish(
-                    self.nc, subject, payload, headers, ack_timeout
-                )
+                return await self._replies.jetstream_publish(subject, payload, headers, ack_timeout)
             except _RETRYABLE_PUBLISH as exc:
                 if time.monotonic() + delay >= end:
                     raise

@@ -566,7 +566,7 @@ class EventStore:
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
         try:
             msg = await _client.replies(self.nc).request(
-                self.nc, subject, payload, headers, self.config.timeout
+                subject, payload, headers, self.config.timeout
             )
         except nats.errors.NoRespondersError:
             raise EventStoreError(
@@ -733,7 +733,7 @@ async def _direct_batch(
     # A batch answers with many messages on one reply subject: the connection's
     # shared reply subscription carries them (no SUB and UNSUB per read).
     replies = _client.replies(nc)
-    await replies.ready(nc)
+    await replies.ready()
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     out: list[RawMessage] = []
 
