@@ -221,7 +221,7 @@ async def bench_load(nc: Any, repeats: int, sizes: list[int]) -> dict[str, Any]:
             flush=True,
         )
         if size == 1000:
-            subject = store.subject("acct", agg)
+            subject = store.aggregate_filter("acct", agg)
 
             async def raw_consumer(subject: str = subject, size: int = size) -> None:
                 sub = await js.pull_subscribe(

@@ -11,19 +11,25 @@ from typing import Any
 
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit._pb.meshkit.v1 import saga_pb2
-from meshkit.saga import ConsumerSpec, EventBus, SagaDefinition, StreamSpec
+from meshkit.saga import ConsumerSpec, EventBus, EventStoreSource, SagaDefinition, StreamSpec
 from meshkit.saga.eventstore import EventStoreConfig
 from meshkit.saga.orchestrator import OrchestratorConfig
 
+# The order service's aggregates (event sourced): shop_orders.order.<order id>.<event type>.
+ORDERS_STORE = EventStoreConfig(stream="SHOP_ORDERS", prefix="shop_orders")
+
+# The order aggregate's events that the rest of the saga reacts to.
+ORDER_EVENTS = ("shop.v1.OrderCreated", "shop.v1.OrderCompleted", "shop.v1.OrderCancelled")
+
+# The saga's events. The server copies the order events in from the order store
+# (stream sourcing), so the order store is its own outbox with no relay to run.
 SHOP_STREAM = StreamSpec(
     name="SHOP",
     prefix="shop.events",
     duplicate_window=120.0,
     description="the example shop's order saga events",
+    sources=(EventStoreSource(ORDERS_STORE, ORDER_EVENTS),),
 )
-
-# The order service's aggregates (event sourced): subjects shop_orders.order.<order id>.
-ORDERS_STORE = EventStoreConfig(stream="SHOP_ORDERS", prefix="shop_orders")
 
 # Orchestrated mode: commands and replies (shop.orch.cmd.> / shop.orch.reply.>), and the
 # saga instances in meshkit's default bucket so `meshkit saga show` finds them.

@@ -2,19 +2,19 @@
 or cancels them.
 
 Orders are event sourced: each is an ``Order`` aggregate (``examples/shop/domain.py``)
-in the JetStream stream ``SHOP_ORDERS`` (subject ``shop_orders.order.<id>``). The
-store is its own outbox: a relay forwards OrderCreated, OrderCompleted and
-OrderCancelled to the saga stream ``SHOP`` (checkpoint in SQLite), so an append is
-the only write. With ``SHOP_MODE=orchestrated`` the order service runs the saga's
-orchestrator instead, and answers its commands; the same relay then begins each
-order's orchestrated saga, so an order accepted just before a crash still gets one.
+in the JetStream stream ``SHOP_ORDERS`` (subjects ``shop_orders.order.<id>.<event
+type>``). The store is its own outbox: nats-server copies OrderCreated,
+OrderCompleted and OrderCancelled into the saga stream ``SHOP`` (stream sourcing,
+declared in ``flow.SHOP_STREAM``), so an append is the only write. With
+``SHOP_MODE=orchestrated`` the order service runs the saga's orchestrator instead,
+and answers its commands; a relay (checkpoint in SQLite) then begins each order's
+orchestrated saga, so an order accepted just before a crash still gets one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import time
@@ -43,7 +43,6 @@ from examples.shop.flow import (
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
 from meshkit.saga import Context, IdempotentInbox, Participant, derive_event_id
-from meshkit.saga._telemetry import producer_span
 from meshkit.saga.eventstore import EventStore, EventStoreError, Repository, StoredEvent
 from meshkit.saga.orchestrator import CommandContext, CommandParticipant
 from meshkit.saga.projections import Source, relay
@@ -53,8 +52,6 @@ _ID = re.compile(r"^[A-Za-z0-9_=-]+$")
 log = logging.getLogger("examples.shop.order")
 
 SCHEMA = ""  # orders live in the event store; the database holds the inbox only
-
-ORDER_EVENTS = ("shop.v1.OrderCreated", "shop.v1.OrderCompleted", "shop.v1.OrderCancelled")
 
 
 def order_id_for(request_id: str) -> str:
@@ -119,9 +116,13 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
     (``OrderQueryService`` in ``examples/shop/query.py``).
     """
 
-    def __init__(self, orders: Repository[Order], store: EventStore) -> None:
+    def __init__(
+        self, orders: Repository[Order], store: EventStore, saga_timeout: float | None = None
+    ) -> None:
         self.orders = orders
         self.store = store
+        # SHOP_SAGA_TIMEOUT: each saga's deadline, stamped on its OrderCreated.
+        self.saga_timeout = saga_timeout
 
     async def _get(self, order_id: str) -> Order | None:
         if not order_id or not _ID.match(order_id):
@@ -147,6 +148,11 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
         order_id = order_id_for(req.request_id)
         left = context.time_remaining()
         within = 15.0 if left is None else max(0.5, min(30.0, left - 0.5))
+        saga_deadline_ms = (
+            None
+            if self.saga_timeout is None
+            else time.time_ns() // 1_000_000 + int(self.saga_timeout * 1000)
+        )
         with _incoming_trace(context):
             # Idempotent: a retried create finds the order created and appends nothing.
             loaded = await _retrying(
@@ -158,6 +164,7 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                     saga_type="order",
                     # A new order most times: no read first; a retry finds its order.
                     expect_new=True,
+                    saga_deadline_ms=saga_deadline_ms,
                 ),
                 within,
             )
@@ -174,10 +181,7 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
 
     async def _all(self) -> list[Order]:
         """Every order, replayed (the command side has no index; fine for an example)."""
-        info = await self.store.js.stream_info(
-            self.store.stream, subjects_filter=f"{self.store.config.subject_prefix}.{AGGREGATE}.*"
-        )
-        ids = sorted(s.rsplit(".", 1)[-1] for s in (info.state.subjects or {}))
+        ids = await self.store.aggregate_ids(AGGREGATE)
         found = await asyncio.gather(*(self._get(i) for i in ids))
         return [o for o in found if o is not None]
 
@@ -410,14 +414,10 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
             )
             await orchestrator.begin(stored.aggregate_id, start)
 
-        ctx.background.append(
-            _relay_starter(
-                bus, store, _relay_db(ctx.args.db), "shop_order_saga_starter", begin_saga
-            )
-        )
-    else:
-        ctx.background.append(_relay_starter(bus, store, _relay_db(ctx.args.db)))
-    service = OrderService(orders, store)
+        ctx.background.append(_saga_starter(bus, store, _relay_db(ctx.args.db), begin_saga))
+    # In choreography the server copies the order events into the saga stream
+    # (flow.SHOP_STREAM's source): nothing to run here.
+    service = OrderService(orders, store, env_float("SHOP_SAGA_TIMEOUT", 0.0) or None)
 
     def add(server: grpc.aio.Server) -> None:
         orders_pb2_grpc.add_OrderServiceServicer_to_server(service, server)
@@ -425,43 +425,23 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
     return add, PARTICIPANT
 
 
-def _relay_starter(
-    bus: Any,
-    store: EventStore,
-    db: str,
-    name: str = "shop_order_relay",
-    begin: Callable[[StoredEvent], Awaitable[None]] | None = None,
+def _saga_starter(
+    bus: Any, store: EventStore, db: str, begin: Callable[[StoredEvent], Awaitable[None]]
 ) -> Callable[[], Awaitable[Callable[[], Awaitable[None]]]]:
-    """The store is its own outbox: forward the order events to the saga stream.
+    """Orchestrated mode: hand each OrderCreated to ``begin`` (the store is the outbox).
 
-    With ``begin`` (orchestrated mode) it hands each OrderCreated to ``begin`` instead.
     This process is the orders' only writer: its appends are handed to the relay
     directly, and a poll finds anything else (the backlog after a restart).
     """
-    timeout = env_float("SHOP_SAGA_TIMEOUT", 0.0) or None
-
-    async def publish(stored: StoredEvent) -> None:
-        env = stored.envelope
-        if env.event_type == "shop.v1.OrderCreated" and timeout is not None:
-            env = dataclasses.replace(env, saga_deadline_ms=env.timestamp_ms + int(timeout * 1000))
-        subject = SHOP_STREAM.subject_for(env.event_type)
-        # Continue the trace the event was stored in (the request that created the order,
-        # or the saga event the handler reacted to).
-        token = otel_context.attach(propagate.extract(env.to_headers()))
-        try:
-            with producer_span(subject, env, len(stored.data)) as traced:
-                await bus.publish_raw(subject, stored.data, traced.to_headers())
-        finally:
-            otel_context.detach(token)
 
     async def start() -> Callable[[], Awaitable[None]]:
         forwarder = relay(
             bus.nc,
-            name,
+            "shop_order_saga_starter",
             [Source(ORDERS_STORE.stream, f"{ORDERS_STORE.subject_prefix}.>")],
             SqliteReadModelStore(db),
-            publish=publish if begin is None else begin,
-            types=ORDER_EVENTS if begin is None else ("shop.v1.OrderCreated",),
+            publish=begin,
+            types=("shop.v1.OrderCreated",),
             follow=False,
         )
         forwarder.poll_interval = 0.5

@@ -1,7 +1,8 @@
 """Choreographed sagas over NATS JetStream.
 
 * :class:`EventBus` / :class:`StreamSpec` / :class:`ConsumerSpec` — streams, publishing
-  with ``Nats-Msg-Id`` dedupe, durable pull consumers that survive server restarts.
+  with ``Nats-Msg-Id`` dedupe, durable pull consumers that survive server restarts;
+  :class:`EventStoreSource` — an event store's events copied into a stream by the server.
 * :class:`Envelope` — the headers every event carries (ids, saga, causation, trace, deadline).
 * :class:`Participant` — ``@participant.on(Event)`` handlers and compensations; an
   :class:`Inbox` makes local effects exactly-once under redelivery.
@@ -9,7 +10,7 @@
 * :mod:`meshkit.saga.dlq` — the dead-letter subject; :mod:`meshkit.saga.graph` — the flow graph.
 """
 
-from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
+from meshkit.saga.bus import ConsumerSpec, EventBus, EventStoreSource, PullConsumer, StreamSpec
 from meshkit.saga.dlq import DLQ_STREAM, dead_letter, list_dead_letters, replay_dead_letters
 from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, new_event_id, type_name
 from meshkit.saga.graph import FlowGraph, GraphReport, analyze, build_graph, to_mermaid
@@ -39,6 +40,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "EventBus",
+    "EventStoreSource",
     "FlowGraph",
     "GraphReport",
     "IdempotentInbox",

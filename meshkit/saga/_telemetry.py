@@ -10,6 +10,7 @@ incoming trace context still flows through to the outgoing events.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -30,8 +31,17 @@ from meshkit.saga.envelope import TRACEPARENT, TRACESTATE, Envelope
 _tracer = trace.get_tracer("meshkit.saga")
 
 
+_UNKNOWN = object()
+# The API loads a provider named here on first use; without it, no provider means none.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
 def tracing() -> bool:
     """True once an OpenTelemetry SDK (any real tracer provider) is installed."""
+    # Asked on every event: skip get_tracer_provider()'s environment lookup while no
+    # provider is set (the API module's global; the public call when it is missing).
+    if getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) is None and not _PROVIDER_FROM_ENV:
+        return False
     provider = trace.get_tracer_provider()
     return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
 
@@ -51,8 +61,15 @@ def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, 
 
 
 @contextmanager
-def producer_span(subject: str, env: Envelope, size: int) -> Iterator[Envelope]:
-    """A PRODUCER span for one publish; yields the envelope with the trace context set."""
+def producer_span(
+    subject: str, env: Envelope, size: int, *, template: str = "", count: int = 1
+) -> Iterator[Envelope]:
+    """A PRODUCER span for one publish; yields the envelope with the trace context set.
+
+    ``template``: the destination with its variable part named (``orders.order.{id}``),
+    which then names the span, as the conventions ask for low-cardinality names;
+    ``count`` > 1: one span for a batch of that many messages.
+    """
     if not tracing():
         # No SDK: no spans to record, but the caller's trace context still flows on.
         if not env.traceparent and trace.get_current_span().get_span_context().is_valid:
@@ -62,10 +79,13 @@ def producer_span(subject: str, env: Envelope, size: int) -> Iterator[Envelope]:
                 env = env.with_trace(carrier[TRACEPARENT], carrier.get(TRACESTATE, ""))
         yield env
         return
+    attrs = {**_attrs(subject, env, "send", size), "messaging.operation.name": "publish"}
+    if template:
+        attrs["messaging.destination.template"] = template
+    if count > 1:
+        attrs["messaging.batch.message_count"] = count
     with _tracer.start_as_current_span(
-        f"send {subject}",
-        kind=SpanKind.PRODUCER,
-        attributes={**_attrs(subject, env, "send", size), "messaging.operation.name": "publish"},
+        f"send {template or subject}", kind=SpanKind.PRODUCER, attributes=attrs
     ) as span:
         out: dict[str, str] = {}
         propagate.inject(out)

@@ -44,8 +44,16 @@ import meshkit.deadline
 from meshkit.errors import ConfigError
 from meshkit.saga import _client, _telemetry
 from meshkit.saga.envelope import Envelope, type_name
+from meshkit.saga.eventstore import EventStore, EventStoreConfig
 
-__all__ = ["ConsumerSpec", "EventBus", "MessageHandler", "PullConsumer", "StreamSpec"]
+__all__ = [
+    "ConsumerSpec",
+    "EventBus",
+    "EventStoreSource",
+    "MessageHandler",
+    "PullConsumer",
+    "StreamSpec",
+]
 
 log = logging.getLogger("meshkit.saga")
 
@@ -97,11 +105,83 @@ def _from_mapping(cls: Any, doc: Mapping[str, Any], path: str, durations: frozen
 
 
 @dataclass(frozen=True)
+class EventStoreSource:
+    """An event store whose events nats-server copies into a stream (stream sourcing).
+
+    Each event of the listed ``types`` (full protobuf names or message classes; every
+    type when empty), stored on ``<store prefix>.<aggregate>.<id>.<type>``, lands on
+    the stream's ``<prefix>.<type>`` with its headers (ids, saga, trace) and in
+    order, where participants consume it like any other event. The store is then
+    its own outbox: an append is the only write, and the server forwards each
+    event once, across restarts, with no relay to run. It copies the store from
+    its first event: a stream that was fed by a relay before gets those events again.
+    """
+
+    store: EventStoreConfig
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = tuple(t if isinstance(t, str) else type_name(t) for t in self.types)
+        for i, name in enumerate(names):
+            if not _TOKEN.match(name):
+                raise ConfigError(
+                    f"source.types[{i}]", f"{name!r} must be dot-separated subject tokens"
+                )
+        object.__setattr__(self, "types", names)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "source") -> EventStoreSource:
+        """A source in config: ``{stream: ORDERS, prefix: orders, types: [shop.v1.OrderCreated]}``."""
+        if not isinstance(doc, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
+        unknown = set(doc) - {"stream", "prefix", "types"}
+        if unknown:
+            raise ConfigError(
+                f"{path}.{sorted(unknown)[0]}", "unknown key; expected stream, prefix or types"
+            )
+        if "stream" not in doc:
+            raise ConfigError(f"{path}.stream", "required: the event store's stream")
+        types = doc.get("types") or ()
+        if isinstance(types, str) or not isinstance(types, Sequence):
+            raise ConfigError(f"{path}.types", "expected a list of event types")
+        try:
+            store = EventStoreConfig(stream=doc["stream"], prefix=doc.get("prefix") or "")
+            return cls(store, tuple(types))
+        except ConfigError as exc:
+            raise ConfigError(
+                path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
+            ) from None
+
+    def to_source(self, prefix: str) -> api.StreamSource:
+        """The JetStream source for a stream whose events sit under ``prefix``."""
+        head = f"{self.store.subject_prefix}.*.*"
+        pairs = [(f"{head}.{t}", f"{prefix}.{t}") for t in self.types] or [
+            (f"{head}.>", f"{prefix}.>")
+        ]
+        return api.StreamSource(
+            name=self.store.stream,
+            subject_transforms=[api.SubjectTransform(src=a, dest=b) for a, b in pairs],
+        )
+
+
+def _sources_key(sources: Sequence[api.StreamSource] | None) -> list[tuple[str, list[Any]]]:
+    """What identifies a stream's sources, to tell whether the server's differ."""
+    return sorted(
+        (
+            s.name,
+            sorted((t.src, t.dest) for t in (s.subject_transforms or [])),
+        )
+        for s in (sources or [])
+    )
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """A JetStream stream holding events under ``<prefix>.<event type>`` subjects.
 
     ``duplicate_window`` (seconds) is how long ``Nats-Msg-Id`` dedupe remembers an
-    id; ``replicas`` > 1 needs a clustered deployment.
+    id; ``replicas`` > 1 needs a clustered deployment. ``sources``: event stores
+    whose events the server copies in (:class:`EventStoreSource`).
     """
 
     name: str
@@ -117,8 +197,19 @@ class StreamSpec:
     description: str = ""
     # Direct gets (ADR-31) let projections and the event store read by subject cheaply.
     allow_direct: bool = True
+    sources: tuple[EventStoreSource, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "sources",
+            tuple(
+                EventStoreSource.from_dict(src, f"stream.sources[{i}]")
+                if isinstance(src, Mapping)
+                else src
+                for i, src in enumerate(self.sources)
+            ),
+        )
         if not _NAME.match(self.name):
             raise ConfigError("stream.name", f"{self.name!r} must match [A-Za-z0-9_-]+")
         if not _TOKEN.match(self.prefix):
@@ -165,6 +256,7 @@ class StreamSpec:
             max_msgs=self.max_msgs if self.max_msgs is not None else -1,
             max_bytes=self.max_bytes if self.max_bytes is not None else -1,
             allow_direct=self.allow_direct,
+            sources=[src.to_source(self.prefix) for src in self.sources] or None,
         )
 
 
@@ -282,7 +374,13 @@ class EventBus:
         return remove
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
-        """Create the stream, or update it to ``spec``; safe to call from every process."""
+        """Create the stream, or update it to ``spec``; safe to call from every process.
+
+        The event stores it sources from are created first when missing: a source
+        the server cannot find yet is retried only every few seconds.
+        """
+        for source in spec.sources:
+            await EventStore(self.nc, source.store).ensure()
         config = spec.to_config()
         try:
             info = await self.js.stream_info(spec.name)
@@ -301,6 +399,7 @@ class EventBus:
                 or (current.max_age or 0) != (spec.max_age or 0)
                 or (current.num_replicas or 1) != spec.replicas
                 or bool(current.allow_direct) != spec.allow_direct
+                or _sources_key(current.sources) != _sources_key(config.sources)
             ):
                 await self.js.update_stream(config)
                 log.info("updated stream %s", spec.name)

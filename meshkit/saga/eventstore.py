@@ -1,11 +1,18 @@
 """The event store: aggregates that are their events, on JetStream.
 
-Every aggregate has its own subject, ``<prefix>.<aggregate type>.<id>``, in one
-stream. Appending sets ``Nats-Expected-Last-Subject-Sequence`` to the stream
-sequence of the aggregate's last event as the writer saw it, so of two writers
-racing on one aggregate the server lets exactly one win; the other gets an
-:class:`AggregateConflict` (a :class:`~meshkit.errors.ConcurrencyError`) naming
-the aggregate, the version it expected and the version it found.
+Every event sits on ``<prefix>.<aggregate type>.<id>.<event type>`` in one
+stream, so one aggregate is the filter ``<prefix>.<aggregate type>.<id>.>``.
+Appending sets ``Nats-Expected-Last-Subject-Sequence`` to the stream sequence of
+the aggregate's last event as the writer saw it, checked against that filter
+(``Nats-Expected-Last-Subject-Sequence-Subject``, nats-server >= 2.11), so of two
+writers racing on one aggregate the server lets exactly one win; the other gets
+an :class:`AggregateConflict` (a :class:`~meshkit.errors.ConcurrencyError`)
+naming the aggregate, the version it expected and the version it found.
+
+The event type in the subject lets consumers take only the types they handle,
+and lets the server copy chosen types into a saga stream
+(:class:`~meshkit.saga.EventStoreSource`): the store is then its own outbox,
+with no relay.
 
 Several events appended together are one atomic batch (ADR-50 headers
 ``Nats-Batch-Id``/``Nats-Batch-Sequence``/``Nats-Batch-Commit``, nats-server >=
@@ -14,7 +21,7 @@ server the store falls back to one publish per event, each checked against the
 previous one's sequence; no other writer can interleave, but a crash half way
 leaves a prefix of the events stored (see docs/event-sourcing.md).
 
-Loading reads only the aggregate's subject with JetStream's batched direct get
+Loading reads only the aggregate's subjects with JetStream's batched direct get
 (``next_by_subj``), starting after the snapshot when there is one, so its cost
 is the number of events since the snapshot. Events are protobuf messages; their
 metadata travels in the same headers as every saga event
@@ -53,7 +60,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
-from meshkit.saga import _client
+from meshkit.saga import _client, _telemetry
 from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.envelope import Envelope, new_event_id, type_name
 
@@ -86,6 +93,7 @@ _BATCH_ID = "Nats-Batch-Id"
 _BATCH_SEQ = "Nats-Batch-Sequence"
 _BATCH_COMMIT = "Nats-Batch-Commit"
 _EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_EXPECTED_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH_DUPLICATE_ID = 10201
 # nats-server's default limit on the messages of one atomic batch.
@@ -131,8 +139,8 @@ class Version:
 class EventStoreConfig:
     """Where the events live.
 
-    ``prefix``: subjects are ``<prefix>.<aggregate type>.<id>`` (default: the stream
-    name in lower case). ``atomic``: use atomic batch publish when the server has
+    ``prefix``: subjects are ``<prefix>.<aggregate type>.<id>.<event type>`` (default:
+    the stream name in lower case). ``atomic``: use atomic batch publish when the server has
     it. ``schema_versions``: the current schema version of each event type (full
     protobuf name), written into every event; 1 when not listed.
     """
@@ -199,7 +207,13 @@ class StoredEvent:
 
     @classmethod
     def from_msg(
-        cls, subject: str, data: bytes, headers: Mapping[str, str] | None, seq: int, stream: str
+        cls,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None,
+        seq: int,
+        stream: str,
+        prefix: str = "",
     ) -> StoredEvent:
         h = headers or {}
         # Server and publish-control headers (sequence, expected sequence, batch ids)
@@ -211,9 +225,13 @@ class StoredEvent:
         agg_type = h.get(AGGREGATE_TYPE, "")
         agg_id = h.get(AGGREGATE_ID, "")
         if not agg_type or not agg_id:
-            # Events published by something else on an aggregate subject.
-            parts = subject.split(".")
-            agg_type, agg_id = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", subject)
+            # Events published by something else on an aggregate's subjects.
+            if prefix and subject.startswith(prefix + "."):
+                parts = subject[len(prefix) + 1 :].split(".")
+                agg_type, agg_id = (parts[0], parts[1]) if len(parts) >= 2 else ("", subject)
+            else:
+                parts = subject.split(".")
+                agg_type, agg_id = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", subject)
         return cls(
             aggregate_type=agg_type,
             aggregate_id=agg_id,
@@ -250,6 +268,9 @@ class AppendResult:
 class EventStore:
     """Append to and read from per-aggregate subjects of one JetStream stream."""
 
+    # The per-aggregate check needs Nats-Expected-Last-Subject-Sequence-Subject.
+    MIN_SERVER = (2, 11)
+
     def __init__(
         self, nc: NATS, config: EventStoreConfig | None = None, *, source: str = ""
     ) -> None:
@@ -258,6 +279,7 @@ class EventStore:
         self.config = config or EventStoreConfig()
         self.source = source
         self._atomic: bool | None = None
+        self._server_checked = False
         self._append_listeners: list[Callable[[Sequence[StoredEvent]], None]] = []
 
     def on_append(self, listener: Callable[[Sequence[StoredEvent]], None]) -> Callable[[], None]:
@@ -294,16 +316,47 @@ class EventStore:
         """The filter matching every aggregate subject of this store."""
         return f"{self.config.subject_prefix}.>"
 
-    def subject(self, aggregate_type: str, aggregate_id: str) -> str:
-        """The subject of one aggregate; raises ValueError naming a bad type or id."""
+    def aggregate_name(self, aggregate_type: str, aggregate_id: str) -> str:
+        """``<prefix>.<aggregate type>.<id>``; raises ValueError naming a bad type or id."""
         if not _NAME.match(aggregate_type):
             raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
         if not _ID.match(aggregate_id):
             raise ValueError(f"aggregate id {aggregate_id!r} must match [A-Za-z0-9_=-]+")
         return f"{self.config.subject_prefix}.{aggregate_type}.{aggregate_id}"
 
+    def aggregate_filter(self, aggregate_type: str, aggregate_id: str) -> str:
+        """The subject filter matching every event of one aggregate."""
+        return self.aggregate_name(aggregate_type, aggregate_id) + ".>"
+
+    def event_subject(self, aggregate_type: str, aggregate_id: str, event_type: str) -> str:
+        """The subject one event of the aggregate is stored on."""
+        if not _TOKEN.match(event_type):
+            raise ValueError(f"event type {event_type!r} must be dot-separated subject tokens")
+        return f"{self.aggregate_name(aggregate_type, aggregate_id)}.{event_type}"
+
+    async def aggregate_ids(self, aggregate_type: str) -> list[str]:
+        """The ids of every aggregate of this type with at least one event, sorted."""
+        if not _NAME.match(aggregate_type):
+            raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
+        head = f"{self.config.subject_prefix}.{aggregate_type}."
+        info = await self.js.stream_info(self.stream, subjects_filter=head + "*.>")
+        return sorted({s[len(head) :].split(".", 1)[0] for s in (info.state.subjects or {})})
+
+    def _check_server(self) -> None:
+        if self._server_checked:
+            return
+        version = _server_version(self.nc)
+        if version < self.MIN_SERVER:
+            raise EventStoreError(
+                f"nats-server {'.'.join(map(str, version))} is too old for the event store: "
+                "its per-aggregate version check needs "
+                "Nats-Expected-Last-Subject-Sequence-Subject (nats-server >= 2.11)"
+            )
+        self._server_checked = True
+
     async def ensure(self) -> None:
         """Create or update the stream (direct get, and atomic batches when available)."""
+        self._check_server()
         atomic = self.config.atomic and _server_supports_atomic(self.nc)
         cfg = self.config
         subjects = [self.subjects]
@@ -371,6 +424,7 @@ class EventStore:
         causation_id: str = "",
         timestamp_ms: int | None = None,
         only_new: bool = False,
+        saga_deadline_ms: int | None = None,
     ) -> AppendResult:
         """Append ``events`` to one aggregate, all or nothing.
 
@@ -385,8 +439,13 @@ class EventStore:
         there, the append returns them instead of a conflict. ``only_new`` (with
         ``expected=Version()``): the aggregate must have no events at all, a
         retry of this very append included; anything else is a conflict.
+        ``saga_deadline_ms``: the saga's deadline (epoch ms) in the events' headers.
+
+        With an OpenTelemetry SDK the append is a PRODUCER span, whose context the
+        events carry; without one they carry the caller's trace context.
         """
-        subject = self.subject(aggregate_type, aggregate_id)
+        self._check_server()
+        name = self.aggregate_name(aggregate_type, aggregate_id)
         if not events:
             raise ValueError("append needs at least one event")
         if len(events) > MAX_BATCH:
@@ -395,75 +454,98 @@ class EventStore:
             raise ValueError(f"{len(event_ids)} event ids for {len(events)} events")
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
         payloads = [event.SerializeToString() for event in events]
-        atomic = len(events) > 1 and await self._uses_atomic()
-        # With expected=None the append still checks against the version it just
-        # read (so version headers never collide) and retries when someone else won.
-        attempts = 50 if expected is None else 1
-        for attempt in range(attempts):
-            if isinstance(expected, Version):
-                current = expected
-            else:
-                current = await self.version(aggregate_type, aggregate_id)
-                if expected is not None and current.number != expected:
-                    raise AggregateConflict(subject, expected, current.number)
-            envs = [
-                self._envelope(
-                    event,
-                    ids[i],
-                    current.number + i + 1,
-                    aggregate_type,
-                    aggregate_id,
-                    saga_id=saga_id,
-                    saga_type=saga_type,
-                    causation_id=causation_id,
-                    timestamp_ms=timestamp_ms,
-                )
-                for i, event in enumerate(events)
-            ]
-            headers = [e.to_headers() for e in envs]
-            try:
-                if atomic:
-                    # An atomic batch is stored as one contiguous run of sequences.
-                    last_seq = await self._publish_batch(
-                        subject, payloads, headers, current, only_new
-                    )
-                    seqs = list(range(last_seq - len(events) + 1, last_seq + 1))
-                else:
-                    seqs = await self._publish_chain(subject, payloads, headers, current, only_new)
-                break
-            except _WrongLastSequence:
-                if only_new:
-                    actual = await self.version(aggregate_type, aggregate_id)
-                    raise AggregateConflict(subject, 0, actual.number) from None
-                if event_ids is not None:
-                    mine = await self._already_appended(aggregate_type, aggregate_id, current, ids)
-                    if mine is not None:
-                        return self._appended(
-                            AppendResult(mine[-1].version_at(), tuple(mine), atomic)
-                        )
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(0)
-                    continue
-                actual = await self.version(aggregate_type, aggregate_id)
-                raise AggregateConflict(subject, current.number, actual.number) from None
-        stored = tuple(
-            StoredEvent(
-                aggregate_type=aggregate_type,
-                aggregate_id=aggregate_id,
-                version=current.number + i + 1,
-                seq=seqs[i],
-                event_type=envs[i].event_type,
-                schema_version=self.config.schema_versions.get(envs[i].event_type, 1),
-                data=payloads[i],
-                envelope=envs[i],
-                subject=subject,
-                stream=self.stream,
+        subjects = [
+            self.event_subject(aggregate_type, aggregate_id, type_name(event)) for event in events
+        ]
+        if _telemetry.tracing():
+            template = f"{name}.{{id}}." + (
+                type_name(events[0]) if len({type_name(e) for e in events}) == 1 else ">"
             )
-            for i in range(len(events))
-        )
-        return self._appended(
-            AppendResult(Version(current.number + len(events), seqs[-1]), stored, atomic)
-        )
+            probe = Envelope.new(events[0], event_id=ids[0], saga_id=saga_id or None)
+            span: Any = _telemetry.producer_span(
+                subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
+            )
+        else:
+            span = contextlib.nullcontext(None)
+        with span as traced:
+            trace = (
+                (traced.traceparent, traced.tracestate) if traced is not None else _current_trace()
+            )
+            atomic = len(events) > 1 and await self._uses_atomic()
+            # With expected=None the append still checks against the version it just
+            # read (so version headers never collide) and retries when someone else won.
+            attempts = 50 if expected is None else 1
+            for attempt in range(attempts):
+                if isinstance(expected, Version):
+                    current = expected
+                else:
+                    current = await self.version(aggregate_type, aggregate_id)
+                    if expected is not None and current.number != expected:
+                        raise AggregateConflict(name, expected, current.number)
+                envs = [
+                    self._envelope(
+                        event,
+                        ids[i],
+                        current.number + i + 1,
+                        aggregate_type,
+                        aggregate_id,
+                        saga_id=saga_id,
+                        saga_type=saga_type,
+                        causation_id=causation_id,
+                        timestamp_ms=timestamp_ms,
+                        saga_deadline_ms=saga_deadline_ms,
+                        trace=trace,
+                    )
+                    for i, event in enumerate(events)
+                ]
+                headers = [e.to_headers() for e in envs]
+                try:
+                    if atomic:
+                        # An atomic batch is stored as one contiguous run of sequences.
+                        last_seq = await self._publish_batch(
+                            name, subjects, payloads, headers, current, only_new
+                        )
+                        seqs = list(range(last_seq - len(events) + 1, last_seq + 1))
+                    else:
+                        seqs = await self._publish_chain(
+                            name, subjects, payloads, headers, current, only_new
+                        )
+                    break
+                except _WrongLastSequence:
+                    if only_new:
+                        actual = await self.version(aggregate_type, aggregate_id)
+                        raise AggregateConflict(name, 0, actual.number) from None
+                    if event_ids is not None:
+                        mine = await self._already_appended(
+                            aggregate_type, aggregate_id, current, ids
+                        )
+                        if mine is not None:
+                            return self._appended(
+                                AppendResult(mine[-1].version_at(), tuple(mine), atomic)
+                            )
+                    if attempt + 1 < attempts:
+                        await asyncio.sleep(0)
+                        continue
+                    actual = await self.version(aggregate_type, aggregate_id)
+                    raise AggregateConflict(name, current.number, actual.number) from None
+            stored = tuple(
+                StoredEvent(
+                    aggregate_type=aggregate_type,
+                    aggregate_id=aggregate_id,
+                    version=current.number + i + 1,
+                    seq=seqs[i],
+                    event_type=envs[i].event_type,
+                    schema_version=self.config.schema_versions.get(envs[i].event_type, 1),
+                    data=payloads[i],
+                    envelope=envs[i],
+                    subject=subjects[i],
+                    stream=self.stream,
+                )
+                for i in range(len(events))
+            )
+            return self._appended(
+                AppendResult(Version(current.number + len(events), seqs[-1]), stored, atomic)
+            )
 
     async def _already_appended(
         self, aggregate_type: str, aggregate_id: str, current: Version, ids: list[str]
@@ -491,6 +573,8 @@ class EventStore:
         saga_type: str,
         causation_id: str,
         timestamp_ms: int | None,
+        saga_deadline_ms: int | None,
+        trace: tuple[str, str],
     ) -> Envelope:
         etype = type_name(event)
         env = Envelope.new(
@@ -501,8 +585,9 @@ class EventStore:
             source=self.source,
             saga_type=saga_type,
             timestamp_ms=timestamp_ms,
+            saga_deadline_ms=saga_deadline_ms,
         )
-        traceparent, tracestate = _current_trace()
+        traceparent, tracestate = trace
         return replace(
             env,
             saga_id=saga_id,
@@ -518,7 +603,8 @@ class EventStore:
 
     async def _publish_chain(
         self,
-        subject: str,
+        name: str,
+        subjects: list[str],
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
@@ -528,8 +614,9 @@ class EventStore:
         (not contiguous: other aggregates' events may land in between)."""
         expected_seq = current.seq
         seqs: list[int] = []
-        for payload, h in zip(payloads, headers, strict=True):
+        for subject, payload, h in zip(subjects, payloads, headers, strict=True):
             h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+            h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
             ack = await self._request(subject, payload, h)
             expected_seq = _ack_seq(ack, only_new)
             seqs.append(expected_seq)
@@ -537,7 +624,8 @@ class EventStore:
 
     async def _publish_batch(
         self,
-        subject: str,
+        name: str,
+        subjects: list[str],
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
@@ -545,11 +633,12 @@ class EventStore:
     ) -> int:
         batch_id = uuid.uuid4().hex
         n = len(payloads)
-        for i, (payload, h) in enumerate(zip(payloads, headers, strict=True), 1):
+        for i, (subject, payload, h) in enumerate(zip(subjects, payloads, headers, strict=True), 1):
             h[_BATCH_ID] = batch_id
             h[_BATCH_SEQ] = str(i)
             if i == 1:
                 h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
+                h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
             if i == n:
                 h[_BATCH_COMMIT] = "1"
                 return _ack_seq(await self._request(subject, payload, h), only_new)
@@ -582,7 +671,7 @@ class EventStore:
 
     async def version(self, aggregate_type: str, aggregate_id: str) -> Version:
         """The aggregate's current version (one direct get of its last event)."""
-        subject = self.subject(aggregate_type, aggregate_id)
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
         try:
             raw = await self.js.get_msg(self.stream, subject=subject, direct=True)
         except nats.js.errors.NotFoundError:
@@ -603,7 +692,7 @@ class EventStore:
         ``to_version`` stops after that version; ``until_ms`` stops before the
         first event stamped later than that Unix time in milliseconds.
         """
-        subject = self.subject(aggregate_type, aggregate_id)
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
         start = (after.seq + 1) if after is not None else 1
         out: list[StoredEvent] = []
         scan = self._scan(subject, start)
@@ -626,7 +715,9 @@ class EventStore:
         async with contextlib.aclosing(reader):
             async for chunk in reader:
                 for m in chunk:
-                    yield StoredEvent.from_msg(m.subject, m.data, m.headers, m.seq, self.stream)
+                    yield StoredEvent.from_msg(
+                        m.subject, m.data, m.headers, m.seq, self.stream, self.config.subject_prefix
+                    )
 
 
 class _WrongLastSequence(Exception):
@@ -657,11 +748,14 @@ def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
     return int(ack["seq"])
 
 
-def _server_supports_atomic(nc: NATS) -> bool:
+def _server_version(nc: NATS) -> tuple[int, int]:
     version = str(getattr(nc, "_server_info", {}).get("version", "0.0.0"))
     parts = re.findall(r"\d+", version)[:2]
-    major, minor = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
-    return (major, minor) >= (2, 12)
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+
+
+def _server_supports_atomic(nc: NATS) -> bool:
+    return _server_version(nc) >= (2, 12)
 
 
 @dataclass(frozen=True)
@@ -1091,10 +1185,11 @@ class Repository(Generic[A]):
         saga_type: str = "",
         causation_id: str = "",
         only_new: bool = False,
+        saga_deadline_ms: int | None = None,
     ) -> Loaded[A]:
         """Append ``events`` at ``loaded.version``, apply them, snapshot when due.
 
-        ``only_new``: see :meth:`EventStore.append`.
+        ``only_new``, ``saga_deadline_ms``: see :meth:`EventStore.append`.
         """
         if not events:
             return loaded
@@ -1108,6 +1203,7 @@ class Repository(Generic[A]):
             saga_type=saga_type,
             causation_id=causation_id,
             only_new=only_new,
+            saga_deadline_ms=saga_deadline_ms,
         )
         for event in events:
             self.appliers.apply(loaded.state, event)
@@ -1152,6 +1248,7 @@ class Repository(Generic[A]):
         saga_type: str = "",
         causation_id: str = "",
         expect_new: bool = False,
+        saga_deadline_ms: int | None = None,
     ) -> Loaded[A]:
         """Load, ``decide`` the new events from the state, save; reload and retry on conflict.
 
@@ -1159,7 +1256,7 @@ class Repository(Generic[A]):
         ``expect_new``: the aggregate is most likely new (a create), so decide on an
         empty one without reading; an append that finds any event there, this
         command's own earlier attempt included, is a conflict, and the command
-        runs again on the loaded aggregate.
+        runs again on the loaded aggregate. ``saga_deadline_ms``: see :meth:`EventStore.append`.
         """
         # With a cache, commands on one aggregate take turns (no conflicts among them).
         turn = self._locks.hold(aggregate_id) if self.cache_size else contextlib.nullcontext()
@@ -1176,6 +1273,7 @@ class Repository(Generic[A]):
                 causation_id,
                 cached,
                 expect_new and cached is None,
+                saga_deadline_ms,
             )
             if self.cache_size:
                 self._cache[aggregate_id] = loaded
@@ -1194,6 +1292,7 @@ class Repository(Generic[A]):
         causation_id: str,
         cached: Loaded[A] | None = None,
         expect_new: bool = False,
+        saga_deadline_ms: int | None = None,
     ) -> Loaded[A]:
         # A guess (an empty aggregate, a cached one) that fails costs one more attempt.
         last = retries + (1 if expect_new else 0)
@@ -1240,6 +1339,7 @@ class Repository(Generic[A]):
                     saga_type=saga_type,
                     causation_id=causation_id,
                     only_new=only_new,
+                    saga_deadline_ms=saga_deadline_ms,
                 )
             except AggregateConflict:
                 if attempt == last:

@@ -26,6 +26,7 @@ from examples.shop.flow import ORDER_SAGA, ORDERS_STORE, SHOP_ORCH, SHOP_STREAM
 from examples.shop.runner import SERVICES, ShopCluster
 from meshkit.nats import NatsServer
 from meshkit.saga import Envelope, EventBus, SagaTracker, state_name
+from meshkit.saga.eventstore import EventStore
 from meshkit.saga.orchestrator import load_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -222,7 +223,7 @@ async def test_the_query_side_serves_the_order_view_over_rest(
     assert all(c == 0 for n, c in codes.items() if n != "gateway"), codes
 
 
-async def test_orders_are_event_sourced_and_relayed_once(nats: NatsServer, tmp_path: Path) -> None:
+async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(nats: NatsServer, tmp_path: Path) -> None:
     """The order's events live in SHOP_ORDERS; each reaches the saga stream exactly once."""
     import httpx
 
@@ -237,20 +238,27 @@ async def test_orders_are_event_sourced_and_relayed_once(nats: NatsServer, tmp_p
             assert await shop.final(order_id) == "COMPLETED"
             await _view(http, order_id, status="COMPLETED", shipment="SCHEDULED")
         assert shop.bus is not None
-        # Two events in the aggregate's stream (the retried create appended nothing).
-        info = await shop.bus.js.stream_info(
-            ORDERS_STORE.stream, subjects_filter=f"{ORDERS_STORE.subject_prefix}.order.{order_id}"
-        )
-        assert info.state.subjects == {f"{ORDERS_STORE.subject_prefix}.order.{order_id}": 2}
-        # On the saga stream: one OrderCreated and one OrderCompleted, same ids as stored.
+        # Two events in the aggregate's stream (the retried create appended nothing),
+        # each on a subject that names its type.
+        head = f"{ORDERS_STORE.subject_prefix}.order.{order_id}"
+        info = await shop.bus.js.stream_info(ORDERS_STORE.stream, subjects_filter=f"{head}.>")
+        assert info.state.subjects == {
+            f"{head}.shop.v1.OrderCreated": 1,
+            f"{head}.shop.v1.OrderCompleted": 1,
+        }
+        stored = await EventStore(shop.bus.nc, ORDERS_STORE).read("order", order_id)
+        # On the saga stream (copied by the server): the same two events, same ids.
         sinfo = await shop.bus.js.stream_info(SHOP_STREAM.name)
         relayed = []
         for seq in range(sinfo.state.first_seq, sinfo.state.last_seq + 1):
             raw = await shop.bus.js.get_msg(SHOP_STREAM.name, seq)
             env = Envelope.from_headers(raw.headers)
             if env.saga_id == order_id and env.source == "order":
-                relayed.append(env.event_type)
-        assert sorted(relayed) == ["shop.v1.OrderCompleted", "shop.v1.OrderCreated"]
+                relayed.append((env.event_type, env.event_id, raw.subject))
+        assert sorted(relayed) == sorted(
+            (e.event_type, e.event_id, SHOP_STREAM.subject_for(e.event_type)) for e in stored
+        )
+        assert len(relayed) == 2
     finally:
         await shop.stop()
 

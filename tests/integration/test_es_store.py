@@ -92,7 +92,12 @@ async def test_append_and_read_versions_and_sequences(store: EventStore) -> None
     assert [e.version for e in events] == [1, 2, 3]
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert events[-1].seq == r2.version.seq
-    assert events[0].subject == f"estest.tally.{agg}"
+    # Each event on its aggregate's subject, with its type as the last tokens.
+    assert [e.subject for e in events] == [
+        f"estest.tally.{agg}.shop.v1.OrderCreated",
+        f"estest.tally.{agg}.shop.v1.PaymentCompleted",
+        f"estest.tally.{agg}.shop.v1.PaymentCompleted",
+    ]
     assert await store.version("tally", agg) == r2.version
 
 
