@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -113,21 +113,30 @@ class EventStoreSource:
     the stream's ``<prefix>.<type>`` with its headers (ids, saga, trace) and in
     order, where participants consume it like any other event. The store is then
     its own outbox: an append is the only write, and the server forwards each
-    event once, across restarts, with no relay to run. It copies the store from
-    its first event: a stream that was fed by a relay before gets those events again.
+    event once, across restarts, with no relay to run. A new source copies the
+    store from its first event (a stream a relay fed before would get those events
+    again). When the listed types change, :meth:`EventBus.ensure_stream` has the
+    copy go on from the last event it took, where the server alone would start
+    over: newly listed types are copied from that point on, and nothing twice.
     """
 
     store: EventStoreConfig
     types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        names = tuple(t if isinstance(t, str) else type_name(t) for t in self.types)
-        for i, name in enumerate(names):
-            if not _TOKEN.match(name):
+        if isinstance(self.types, (str, Mapping)) or not isinstance(self.types, Iterable):
+            raise ConfigError("source.types", "expected a list of event types")
+        names: list[str] = []
+        for i, t in enumerate(self.types):
+            if isinstance(t, type) and issubclass(t, Message):
+                t = type_name(t)
+            if not isinstance(t, str) or not _TOKEN.match(t):
                 raise ConfigError(
-                    f"source.types[{i}]", f"{name!r} must be dot-separated subject tokens"
+                    f"source.types[{i}]",
+                    f"{t!r}: expected an event type (dot-separated subject tokens)",
                 )
-        object.__setattr__(self, "types", names)
+            names.append(t)
+        object.__setattr__(self, "types", tuple(names))
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "source") -> EventStoreSource:
@@ -141,9 +150,14 @@ class EventStoreSource:
             )
         if "stream" not in doc:
             raise ConfigError(f"{path}.stream", "required: the event store's stream")
-        types = doc.get("types") or ()
+        types = doc.get("types", ())
+        if types is None:
+            types = ()
         if isinstance(types, str) or not isinstance(types, Sequence):
             raise ConfigError(f"{path}.types", "expected a list of event types")
+        for key in ("stream", "prefix"):
+            if not isinstance(doc.get(key, ""), str):
+                raise ConfigError(f"{path}.{key}", f"{doc[key]!r}: expected a string")
         try:
             store = EventStoreConfig(stream=doc["stream"], prefix=doc.get("prefix") or "")
             return cls(store, tuple(types))
@@ -164,12 +178,14 @@ class EventStoreSource:
         )
 
 
-def _sources_key(sources: Sequence[api.StreamSource] | None) -> list[tuple[str, list[Any]]]:
+def _sources_key(
+    sources: Sequence[api.StreamSource] | None,
+) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     """What identifies a stream's sources, to tell whether the server's differ."""
     return sorted(
         (
             s.name,
-            sorted((t.src, t.dest) for t in (s.subject_transforms or [])),
+            tuple(sorted((t.src, t.dest) for t in (s.subject_transforms or []))),
         )
         for s in (sources or [])
     )
@@ -200,16 +216,19 @@ class StreamSpec:
     sources: tuple[EventStoreSource, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "sources",
-            tuple(
-                EventStoreSource.from_dict(src, f"stream.sources[{i}]")
-                if isinstance(src, Mapping)
-                else src
-                for i, src in enumerate(self.sources)
-            ),
-        )
+        if isinstance(self.sources, (str, Mapping)) or not isinstance(self.sources, Iterable):
+            raise ConfigError("stream.sources", "expected a list of event store sources")
+        sources: list[EventStoreSource] = []
+        for i, src in enumerate(self.sources):
+            if isinstance(src, Mapping):
+                src = EventStoreSource.from_dict(src, f"stream.sources[{i}]")
+            elif not isinstance(src, EventStoreSource):
+                raise ConfigError(
+                    f"stream.sources[{i}]",
+                    f"{src!r}: expected an event store source {{stream, prefix, types}}",
+                )
+            sources.append(src)
+        object.__setattr__(self, "sources", tuple(sources))
         if not _NAME.match(self.name):
             raise ConfigError("stream.name", f"{self.name!r} must match [A-Za-z0-9_-]+")
         if not _TOKEN.match(self.prefix):
@@ -401,9 +420,68 @@ class EventBus:
                 or bool(current.allow_direct) != spec.allow_direct
                 or _sources_key(current.sources) != _sources_key(config.sources)
             ):
+                if config.sources or current.sources:
+                    config.sources = await self._resumed_sources(
+                        spec.name, current.sources or [], config.sources or []
+                    )
                 await self.js.update_stream(config)
                 log.info("updated stream %s", spec.name)
         self._ensured.add(spec.name)
+
+    async def _resumed_sources(
+        self, stream: str, current: list[api.StreamSource], wanted: list[api.StreamSource]
+    ) -> list[api.StreamSource] | None:
+        """``wanted``, each source continuing where the server's copy of it stands.
+
+        nats-server copies a source whose filters changed from the origin's first
+        message again. A source it has as wanted is kept as it is; one whose types
+        changed starts after the last message already copied from its origin (so the
+        newly listed types are copied from then on, and nothing is copied twice).
+        """
+        by_key = {_sources_key([c])[0]: c for c in current}
+        by_name = {c.name: c for c in current}
+        out: list[api.StreamSource] = []
+        for want in wanted:
+            same = by_key.get(_sources_key([want])[0])
+            if same is not None:
+                out.append(same)
+                continue
+            before = by_name.get(want.name)
+            if before is not None:
+                last = await self._last_copied(stream, before)
+                if last:
+                    want = dataclasses.replace(want, opt_start_seq=last + 1)
+                    log.info(
+                        "stream %s: the source %s changed; copying from its seq %d on",
+                        stream,
+                        want.name,
+                        last + 1,
+                    )
+            out.append(want)
+        return out or None
+
+    async def _last_copied(self, stream: str, source: api.StreamSource) -> int:
+        """The origin sequence of the newest message ``stream`` holds from ``source`` (0: none).
+
+        Copies carry ``Nats-Stream-Source: <origin> <origin seq> ...``; the newest
+        one is the last message of one of the subjects the source writes to.
+        """
+        newest = 0
+        for transform in source.subject_transforms or []:
+            info = await self.js.stream_info(stream, subjects_filter=transform.dest)
+            for subject in info.state.subjects or {}:
+                try:
+                    raw = await self.js.get_msg(stream, subject=subject)
+                except nats.js.errors.NotFoundError:
+                    continue
+                origin = (raw.headers or {}).get("Nats-Stream-Source", "").split()
+                if (
+                    len(origin) >= 2
+                    and origin[0].split(":")[0] == source.name
+                    and origin[1].isdigit()
+                ):
+                    newest = max(newest, int(origin[1]))
+        return newest
 
     async def publish_raw(
         self,

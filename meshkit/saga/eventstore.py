@@ -225,13 +225,14 @@ class StoredEvent:
         agg_type = h.get(AGGREGATE_TYPE, "")
         agg_id = h.get(AGGREGATE_ID, "")
         if not agg_type or not agg_id:
-            # Events published by something else on an aggregate's subjects.
+            # Events published by something else on an aggregate's subjects:
+            # <prefix>.<aggregate type>.<id>.<event type>.
             if prefix and subject.startswith(prefix + "."):
                 parts = subject[len(prefix) + 1 :].split(".")
-                agg_type, agg_id = (parts[0], parts[1]) if len(parts) >= 2 else ("", subject)
             else:
-                parts = subject.split(".")
-                agg_type, agg_id = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", subject)
+                head = subject.removesuffix("." + env.event_type) if env.event_type else subject
+                parts = head.split(".")[-2:]
+            agg_type, agg_id = (parts[0], parts[1]) if len(parts) >= 2 else ("", subject)
         return cls(
             aggregate_type=agg_type,
             aggregate_id=agg_id,
@@ -458,7 +459,7 @@ class EventStore:
             self.event_subject(aggregate_type, aggregate_id, type_name(event)) for event in events
         ]
         if _telemetry.tracing():
-            template = f"{name}.{{id}}." + (
+            template = f"{self.config.subject_prefix}.{aggregate_type}.{{id}}." + (
                 type_name(events[0]) if len({type_name(e) for e in events}) == 1 else ">"
             )
             probe = Envelope.new(events[0], event_id=ids[0], saga_id=saga_id or None)

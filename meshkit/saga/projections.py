@@ -382,10 +382,12 @@ def relay(
             await publish(ev)
 
     async def forward(events: list[StoredEvent]) -> None:
-        chains: dict[str, list[StoredEvent]] = {}
+        # One chain per aggregate (its subjects differ by event type).
+        chains: dict[tuple[str, str, str], list[StoredEvent]] = {}
         for ev in events:
             if not wanted or ev.event_type in wanted:
-                chains.setdefault(ev.subject, []).append(ev)
+                key = (ev.stream, ev.aggregate_type, ev.aggregate_id)
+                chains.setdefault(key, []).append(ev)
         if len(chains) == 1:
             await in_order(next(iter(chains.values())))
         elif chains:
