@@ -223,7 +223,9 @@ async def test_the_query_side_serves_the_order_view_over_rest(
     assert all(c == 0 for n, c in codes.items() if n != "gateway"), codes
 
 
-async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(nats: NatsServer, tmp_path: Path) -> None:
+async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(
+    nats: NatsServer, tmp_path: Path
+) -> None:
     """The order's events live in SHOP_ORDERS; each reaches the saga stream exactly once."""
     import httpx
 
