@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -89,6 +90,7 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watch_parent = _watch_parent(stop)
+    tune_gc()
     print(f"READY {port}", flush=True)
     await stop.wait()
     if watch_parent is not None:
@@ -106,6 +108,22 @@ async def serve(name: str, schema: str, build: Build, argv: Sequence[str] | None
         await bus.close()
     store.close()
     return 0
+
+
+def tune_gc() -> None:
+    """Collect garbage less often, as long-running services with caches should.
+
+    Handling one event allocates a few dozen container objects, so CPython's default
+    (a young collection every 700 net allocations) collects every few events, and
+    each older collection walks the order service's aggregate cache: measured, that
+    was 16% of the order service's CPU and 6% of the others'. Everything alive at
+    start (modules, generated code) is frozen out of the collector's view; young
+    collections run every 50,000 net allocations and old ones seldom. Reference
+    counting still frees almost everything at once; only cycles wait.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _watch_parent(stop: asyncio.Event) -> asyncio.Task[None] | None:
