@@ -62,7 +62,7 @@ from nats.js import api
 from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
 from meshkit.saga import _client, _telemetry
 from meshkit.saga._locks import KeyedLocks
-from meshkit.saga.envelope import Envelope, new_event_id, type_name
+from meshkit.saga.envelope import Envelope, new_event_id, now_ms, type_name
 
 __all__ = [
     "AGGREGATE_ID",
@@ -578,20 +578,16 @@ class EventStore:
         trace: tuple[str, str],
     ) -> Envelope:
         etype = type_name(event)
-        env = Envelope.new(
-            etype,
+        traceparent, tracestate = trace
+        return Envelope(
             event_id=event_id,
-            saga_id=saga_id or None,
+            event_type=etype,
+            saga_id=saga_id,
             causation_id=causation_id,
+            timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
             source=self.source,
             saga_type=saga_type,
-            timestamp_ms=timestamp_ms,
             saga_deadline_ms=saga_deadline_ms,
-        )
-        traceparent, tracestate = trace
-        return replace(
-            env,
-            saga_id=saga_id,
             traceparent=traceparent,
             tracestate=tracestate,
             extra={
