@@ -13,7 +13,7 @@ the same number of events. Targets: ratio >= 0.5; p99 < 50 ms at the moderate ra
 CPU time per saga is recorded per process (Linux /proc): on a shared machine it is a
 steadier measure than wall-clock rates. Writes bench/results/saga.json.
 
-    .venv/bin/python -m bench.bench_saga [--sagas 2000] [--rounds 3] [--rate 50] [--seconds 5]
+    .venv/bin/python -m bench.bench_saga [--sagas 2000] [--rounds 5] [--rate 50] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sagas", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=5.0)
