@@ -7,12 +7,6 @@ decoded once and names are checked with one regex; headers are encoded with one
 join; JetStream publishes and batched reads share one reply subscription per
 connection (:class:`Replies`). Results are the same as nats-py's for every input,
 malformed ones included (tests/unit/test_saga_client.py compares them).
-
-Writes are coalesced under load (:attr:`Client.flush_linger`): a write that would
-follow the previous one within the linger waits that long, so one write and one
-wake-up of the server carry many messages; an isolated message is written at once.
-Wake-ups, not messages, are most of what a busy saga costs every process on its
-path (docs/sagas.md has the measurements).
 """
 
 from __future__ import annotations
@@ -82,61 +76,15 @@ def encode_headers(headers: dict[str, Any]) -> bytes:
 TESTED_NATS_PY = ("2.16.",)
 
 
-# Pending bytes past which a lingering write goes out at once.
-_LINGER_MAX_BYTES = 64 * 1024
-
-
 class Client(_NatsClient):
     """nats-py's client with a faster header parser and, on the tested nats-py
     series, a faster header encoder (one string join instead of a bytearray
-    extended four times per header) and coalesced writes (``flush_linger``)."""
-
-    # Seconds a write waits when the previous one went out less than this long ago
-    # (0: write at once, as nats-py does). Only on the tested nats-py series.
-    flush_linger: float = 0.0
+    extended four times per header)."""
 
     if callable(getattr(_NatsClient, "_parse_header_lines", None)):
         _parse_header_lines = staticmethod(parse_header_lines)
 
     if _nats_version.startswith(TESTED_NATS_PY):
-
-        async def _flusher(self) -> None:
-            # nats-py's flusher (nats/aio/client.py), plus the linger: under load the
-            # next write waits, so the messages of that time share it.
-            assert self._transport, "Client.connect must be called first"
-            assert self._flush_queue, "Client.connect must be called first"
-            loop = asyncio.get_running_loop()
-            last_write = -1.0
-            while True:
-                if not self.is_connected or self.is_connecting:
-                    break
-                future: asyncio.Future[Any] = await self._flush_queue.get()
-                try:
-                    if self._pending_data_size > 0:
-                        linger = self.flush_linger
-                        if (
-                            linger > 0
-                            and loop.time() - last_write < linger
-                            and self._pending_data_size < _LINGER_MAX_BYTES
-                        ):
-                            await asyncio.sleep(linger)
-                        if self._pending_data_size > 0:
-                            self._transport.writelines(self._pending[:])
-                            self._pending = []
-                            self._pending_data_size = 0
-                            last_write = loop.time()
-                            await self._transport.drain()  # type: ignore[no-untyped-call]
-                except OSError as e:
-                    await self._error_cb(e)
-                    await self._process_op_err(e)
-                    break
-                except (asyncio.CancelledError, RuntimeError, AttributeError):
-                    # RuntimeError in case the event loop is closed
-                    break
-                finally:
-                    # future might have been cancelled (nats-py issue #624)
-                    if not future.done():
-                        future.set_result(None)
 
         async def _send_publish(
             self,
@@ -159,14 +107,9 @@ class Client(_NatsClient):
                 await self._flush_pending()
 
 
-async def connect(
-    servers: str | list[str], *, flush_linger: float = 0.0, **options: object
-) -> Client:
-    """Like :func:`nats.connect`, returning a :class:`Client` (``flush_linger``: see there)."""
-    if flush_linger < 0:
-        raise ValueError(f"flush_linger {flush_linger!r}: must be >= 0 seconds")
+async def connect(servers: str | list[str], **options: object) -> Client:
+    """Like :func:`nats.connect`, returning a :class:`Client`."""
     nc = Client()
-    nc.flush_linger = flush_linger
     await nc.connect(servers, **options)  # type: ignore[arg-type]
     return nc
 

@@ -345,17 +345,9 @@ class EventBus:
         name: str = "meshkit",
         source: str | None = None,
         publish_retry: float = 15.0,
-        flush_linger: float = 0.001,
         **options: Any,
     ) -> EventBus:
-        """Connect (reconnecting forever) and return a bus publishing as ``source``.
-
-        ``flush_linger`` (seconds): under load, a write that would follow the previous
-        one within this time waits for it, so many messages share one write and one
-        wake-up of the server and the receivers; an isolated message is written at
-        once. 0 writes every time at once. A saga hop then takes up to that much
-        longer when the bus is busy.
-        """
+        """Connect (reconnecting forever) and return a bus publishing as ``source``."""
         holder: list[EventBus] = []
 
         async def reconnected() -> None:
@@ -384,9 +376,7 @@ class EventBus:
         }
         opts.update(options)
         nc = await _client.connect(
-            list(servers) if not isinstance(servers, str) else servers,
-            flush_linger=flush_linger,
-            **opts,
+            list(servers) if not isinstance(servers, str) else servers, **opts
         )
         bus = cls(nc, source=source if source is not None else name, publish_retry=publish_retry)
         holder.append(bus)
