@@ -6,6 +6,7 @@ draws the choreography from the participants declared in the service modules.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -103,10 +104,16 @@ INITIAL_STOCK: dict[str, int] = {
 }
 
 
+def saga_stream() -> StreamSpec:
+    """The saga stream for this mode: the orchestrated saga runs on SHOP_ORCH, and
+    nothing there consumes the order events, so they are not copied in."""
+    return SHOP_STREAM if mode() == "choreography" else dataclasses.replace(SHOP_STREAM, sources=())
+
+
 async def connect_bus(url: str, *, name: str) -> EventBus:
     """Connect to NATS and make sure the shop's stream exists."""
     bus = await EventBus.connect(url, name=name, source=name.removeprefix("shop-"))
-    await bus.ensure_stream(SHOP_STREAM)
+    await bus.ensure_stream(saga_stream())
     return bus
 
 

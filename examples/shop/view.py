@@ -114,7 +114,7 @@ class OrderView:
     ) -> None:
         self.name = name
         self.sources = tuple(sources)
-        # The order aggregate's events are also relayed onto the saga stream; with both
+        # The order aggregate's events are also copied onto the saga stream; with both
         # followed, they count once, from the event store.
         self.aggregate_stream = aggregate_stream
 

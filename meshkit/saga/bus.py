@@ -117,7 +117,14 @@ class EventStoreSource:
     store from its first event (a stream a relay fed before would get those events
     again). When the listed types change, :meth:`EventBus.ensure_stream` has the
     copy go on from the last event it took, where the server alone would start
-    over: newly listed types are copied from that point on, and nothing twice.
+    over: newly listed types are copied from that point on. An event the server
+    copies while the change is made may be copied twice; the stream's
+    ``Nats-Msg-Id`` dedupe window drops such a copy.
+
+    :meth:`EventBus.ensure_stream` creates a missing store with ``store``, so
+    declare the store's own config here. Copies reach pull consumers (participants)
+    at once; a projector that follows the stream through core subscriptions sees
+    them at its next poll, as the server publishes no core message for a copy.
     """
 
     store: EventStoreConfig
@@ -140,13 +147,18 @@ class EventStoreSource:
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "source") -> EventStoreSource:
-        """A source in config: ``{stream: ORDERS, prefix: orders, types: [shop.v1.OrderCreated]}``."""
+        """A source in config: ``{stream: ORDERS, prefix: orders, types: [shop.v1.OrderCreated]}``.
+
+        ``storage``, ``replicas`` and ``duplicate_window`` describe the store as its
+        owner declares it, for when this side creates it first.
+        """
         if not isinstance(doc, Mapping):
             raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
-        unknown = set(doc) - {"stream", "prefix", "types"}
+        known = ("stream", "prefix", "types", "storage", "replicas", "duplicate_window")
+        unknown = set(doc) - set(known)
         if unknown:
             raise ConfigError(
-                f"{path}.{sorted(unknown)[0]}", "unknown key; expected stream, prefix or types"
+                f"{path}.{sorted(unknown)[0]}", f"unknown key; expected one of {', '.join(known)}"
             )
         if "stream" not in doc:
             raise ConfigError(f"{path}.stream", "required: the event store's stream")
@@ -158,8 +170,25 @@ class EventStoreSource:
         for key in ("stream", "prefix"):
             if not isinstance(doc.get(key, ""), str):
                 raise ConfigError(f"{path}.{key}", f"{doc[key]!r}: expected a string")
+        store_options: dict[str, Any] = {}
+        if "storage" in doc:
+            store_options["storage"] = doc["storage"]
+            if doc["storage"] not in ("file", "memory"):
+                raise ConfigError(f"{path}.storage", f"{doc['storage']!r}: expected file or memory")
+        if "replicas" in doc:
+            if not isinstance(doc["replicas"], int) or not 1 <= doc["replicas"] <= 5:
+                raise ConfigError(f"{path}.replicas", f"{doc['replicas']!r}: expected 1 to 5")
+            store_options["replicas"] = doc["replicas"]
+        if "duplicate_window" in doc:
+            from meshkit.config import parse_duration
+
+            store_options["duplicate_window"] = parse_duration(
+                doc["duplicate_window"], f"{path}.duplicate_window"
+            )
         try:
-            store = EventStoreConfig(stream=doc["stream"], prefix=doc.get("prefix") or "")
+            store = EventStoreConfig(
+                stream=doc["stream"], prefix=doc.get("prefix") or "", **store_options
+            )
             return cls(store, tuple(types))
         except ConfigError as exc:
             raise ConfigError(
@@ -407,25 +436,26 @@ class EventBus:
             try:
                 await self.js.add_stream(config)
                 log.info("created stream %s (%s)", spec.name, ", ".join(spec.subjects))
+                self._ensured.add(spec.name)
+                return
             except nats.js.errors.BadRequestError:
                 # Another process created it between our lookup and our create.
-                await self.js.update_stream(config)
-        else:
-            current = info.config
-            if (
-                sorted(current.subjects or []) != sorted(spec.subjects)
-                or current.duplicate_window != spec.duplicate_window
-                or (current.max_age or 0) != (spec.max_age or 0)
-                or (current.num_replicas or 1) != spec.replicas
-                or bool(current.allow_direct) != spec.allow_direct
-                or _sources_key(current.sources) != _sources_key(config.sources)
-            ):
-                if config.sources or current.sources:
-                    config.sources = await self._resumed_sources(
-                        spec.name, current.sources or [], config.sources or []
-                    )
-                await self.js.update_stream(config)
-                log.info("updated stream %s", spec.name)
+                info = await self.js.stream_info(spec.name)
+        current = info.config
+        if (
+            sorted(current.subjects or []) != sorted(spec.subjects)
+            or current.duplicate_window != spec.duplicate_window
+            or (current.max_age or 0) != (spec.max_age or 0)
+            or (current.num_replicas or 1) != spec.replicas
+            or bool(current.allow_direct) != spec.allow_direct
+            or _sources_key(current.sources) != _sources_key(config.sources)
+        ):
+            if config.sources or current.sources:
+                config.sources = await self._resumed_sources(
+                    spec.name, current.sources or [], config.sources or []
+                )
+            await self.js.update_stream(config)
+            log.info("updated stream %s", spec.name)
         self._ensured.add(spec.name)
 
     async def _resumed_sources(

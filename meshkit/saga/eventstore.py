@@ -215,6 +215,9 @@ class StoredEvent:
         stream: str,
         prefix: str = "",
     ) -> StoredEvent:
+        """A stored message as an event. For a message without aggregate headers the
+        aggregate comes from its subject; ``prefix`` (the store's subject prefix)
+        says where in the subject it starts."""
         h = headers or {}
         # Server and publish-control headers (sequence, expected sequence, batch ids)
         # describe the stored copy, not the event: keep them out of the envelope so
@@ -340,8 +343,30 @@ class EventStore:
         if not _NAME.match(aggregate_type):
             raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
         head = f"{self.config.subject_prefix}.{aggregate_type}."
-        info = await self.js.stream_info(self.stream, subjects_filter=head + "*.>")
-        return sorted({s[len(head) :].split(".", 1)[0] for s in (info.state.subjects or {})})
+        subjects = await self._subjects(head + "*.>")
+        return sorted({s[len(head) :].split(".", 1)[0] for s in subjects})
+
+    async def _subjects(self, subjects_filter: str) -> dict[str, int]:
+        """The stream's subjects matching ``subjects_filter``, with their message counts.
+
+        Read page by page: the server answers at most 100,000 subjects at a time.
+        """
+        out: dict[str, int] = {}
+        while True:
+            request = {"subjects_filter": subjects_filter, "offset": len(out)}
+            msg = await _client.replies(self.nc).request(
+                f"$JS.API.STREAM.INFO.{self.stream}",
+                json.dumps(request).encode(),
+                None,
+                self.config.timeout,
+            )
+            resp = json.loads(msg.data)
+            if "error" in resp:
+                raise nats.js.errors.APIError.from_error(resp["error"])
+            page = (resp.get("state") or {}).get("subjects") or {}
+            out.update(page)
+            if not page or len(out) >= int(resp.get("total", 0) or 0):
+                return out
 
     def _check_server(self) -> None:
         if self._server_checked:
@@ -356,7 +381,12 @@ class EventStore:
         self._server_checked = True
 
     async def ensure(self) -> None:
-        """Create or update the stream (direct get, and atomic batches when available)."""
+        """Create or update the stream (direct get, and atomic batches when available).
+
+        Raises :class:`EventStoreError` when the stream holds events in the layout
+        before the event type joined the subjects (``<prefix>.<type>.<id>``): the
+        store would not see them. :meth:`upgrade_layout` moves them.
+        """
         self._check_server()
         atomic = self.config.atomic and _server_supports_atomic(self.nc)
         cfg = self.config
@@ -382,6 +412,61 @@ class EventStore:
         else:
             await self._update(info.config, atomic)
         self._atomic = atomic
+        old = await self._subjects(f"{self.config.subject_prefix}.*.*")
+        if old:
+            raise EventStoreError(
+                f"stream {cfg.stream} holds {sum(old.values())} events of {len(old)} "
+                f"aggregates on <prefix>.<aggregate type>.<id> subjects (e.g. {min(old)}), "
+                "the layout before the event type joined the subject; the store cannot see "
+                "them: move them with `await EventStore(nc, config).upgrade_layout()`"
+            )
+
+    async def upgrade_layout(self) -> int:
+        """Move events stored on ``<prefix>.<type>.<id>`` onto typed subjects.
+
+        Each aggregate's events are republished in order onto
+        ``<prefix>.<type>.<id>.<event type>`` with their meshkit headers (the event
+        id stays in ``Meshkit-Event-Id``; ``Nats-Msg-Id`` is left off, or JetStream
+        would take each copy for its original), each expecting the aggregate's
+        previous one; then the old subjects are purged. A second run, after a crash
+        half way, skips what an aggregate already has. Returns how many events
+        moved. Run it once, with no other writer on the stream.
+        """
+        self._check_server()
+        old_filter = f"{self.config.subject_prefix}.*.*"
+        moved = 0
+        # Per aggregate: the seq of its last event on typed subjects, and how many of
+        # its old events are still to skip (moved by an earlier run).
+        last: dict[str, int] = {}
+        skip: dict[str, int] = {}
+        reader = read_batches(
+            self.nc, self.stream, old_filter, 1, self.config.read_batch, self.config.timeout
+        )
+        async with contextlib.aclosing(reader):
+            async for chunk in reader:
+                for m in chunk:
+                    etype = str(m.headers.get("Meshkit-Event-Type", ""))
+                    if not _TOKEN.match(etype):
+                        raise EventStoreError(
+                            f"{m.subject} seq {m.seq}: no usable Meshkit-Event-Type header "
+                            f"({etype!r}); cannot place it on a typed subject"
+                        )
+                    agg = m.subject + ".>"
+                    if agg not in last:
+                        last[agg] = (await self._last_seq(agg)) or 0
+                        skip[agg] = sum((await self._subjects(agg)).values()) if last[agg] else 0
+                    if skip[agg]:
+                        skip[agg] -= 1
+                        continue
+                    headers = {k: v for k, v in m.headers.items() if not str(k).startswith("Nats-")}
+                    headers[_EXPECTED_SUBJECT_SEQ] = str(last[agg])
+                    headers[_EXPECTED_SUBJECT_SEQ_SUBJECT] = agg
+                    ack = await self._request(f"{m.subject}.{etype}", m.data, headers)
+                    last[agg] = _ack_seq(ack)
+                    moved += 1
+        if last:
+            await self.js.purge_stream(self.stream, subject=old_filter)
+        return moved
 
     async def _update(self, current: api.StreamConfig, atomic: bool) -> None:
         subjects = list(current.subjects or [])
@@ -443,7 +528,8 @@ class EventStore:
         ``saga_deadline_ms``: the saga's deadline (epoch ms) in the events' headers.
 
         With an OpenTelemetry SDK the append is a PRODUCER span, whose context the
-        events carry; without one they carry the caller's trace context.
+        events carry; without one they carry the caller's trace context. Raises
+        :class:`EventStoreError` on a nats-server older than 2.11 (see ``MIN_SERVER``).
         """
         self._check_server()
         name = self.aggregate_name(aggregate_type, aggregate_id)
@@ -462,7 +548,7 @@ class EventStore:
             template = f"{self.config.subject_prefix}.{aggregate_type}.{{id}}." + (
                 type_name(events[0]) if len({type_name(e) for e in events}) == 1 else ">"
             )
-            probe = Envelope.new(events[0], event_id=ids[0], saga_id=saga_id or None)
+            probe = Envelope(event_id=ids[0], event_type=type_name(events[0]), saga_id=saga_id)
             span: Any = _telemetry.producer_span(
                 subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
             )
@@ -668,12 +754,43 @@ class EventStore:
 
     async def version(self, aggregate_type: str, aggregate_id: str) -> Version:
         """The aggregate's current version (one direct get of its last event)."""
-        subject = self.aggregate_filter(aggregate_type, aggregate_id)
-        try:
-            raw = await self.js.get_msg(self.stream, subject=subject, direct=True)
-        except nats.js.errors.NotFoundError:
+        last = await self._direct_last(self.aggregate_filter(aggregate_type, aggregate_id))
+        if last is None:
             return Version()
-        return Version(_int_header(raw.headers or {}, AGGREGATE_VERSION, 0), int(raw.seq or 0))
+        return Version(_int_header(last.headers, AGGREGATE_VERSION, 0), last.seq)
+
+    async def _last_seq(self, subjects_filter: str) -> int | None:
+        last = await self._direct_last(subjects_filter)
+        return None if last is None else last.seq
+
+    async def _direct_last(self, subjects_filter: str) -> RawMessage | None:
+        """The last message on ``subjects_filter`` (wildcards allowed), by direct get.
+
+        The filter goes in the request's body: a wildcard may not be part of the
+        subject a request is published on.
+        """
+        msg = await _client.replies(self.nc).request(
+            f"$JS.API.DIRECT.GET.{self.stream}",
+            json.dumps({"last_by_subj": subjects_filter}).encode(),
+            None,
+            self.config.timeout,
+        )
+        h = msg.headers or {}
+        status = h.get("Status")
+        if status == "404":
+            return None
+        if status:
+            raise EventStoreError(
+                f"reading the last event of {subjects_filter} from stream {self.stream}: "
+                f"{status} {h.get('Description', '')}".rstrip()
+            )
+        return RawMessage(
+            subject=h.get("Nats-Subject", ""),
+            seq=int(h.get("Nats-Sequence", "0")),
+            headers=h,
+            data=bytes(msg.data),
+            pending=0,
+        )
 
     async def read(
         self,

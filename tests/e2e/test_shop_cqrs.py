@@ -4,7 +4,7 @@ Every service is its own process on a real nats-server: the demo in orchestrated
 mode; the query side serving the denormalized order view over REST through the
 gateway after a saga completes (both modes); `meshkit saga show/list` printing
 choreographed and orchestrated sagas; and the order aggregate's events in its
-own stream, relayed once to the saga stream.
+own stream, copied once to the saga stream.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ async def test_the_query_side_serves_the_order_view_over_rest(
             assert view["shipment"] == "SCHEDULED" and view["shipmentId"]
             assert view["city"] == "Busan"
             # Five events shaped it (created, reserved, paid, shipped, completed), each once,
-            # though the order's own events arrive from the event store and the relay both.
+            # though the order's own events arrive from the event store and the saga stream both.
             assert int(view["version"]) == 5
 
             failed = await _view(http, bad_id, status="CANCELLED", stock="RELEASED")
@@ -251,16 +251,16 @@ async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(
         stored = await EventStore(shop.bus.nc, ORDERS_STORE).read("order", order_id)
         # On the saga stream (copied by the server): the same two events, same ids.
         sinfo = await shop.bus.js.stream_info(SHOP_STREAM.name)
-        relayed = []
+        copied = []
         for seq in range(sinfo.state.first_seq, sinfo.state.last_seq + 1):
             raw = await shop.bus.js.get_msg(SHOP_STREAM.name, seq)
             env = Envelope.from_headers(raw.headers)
             if env.saga_id == order_id and env.source == "order":
-                relayed.append((env.event_type, env.event_id, raw.subject))
-        assert sorted(relayed) == sorted(
+                copied.append((env.event_type, env.event_id, raw.subject))
+        assert sorted(copied) == sorted(
             (e.event_type, e.event_id, SHOP_STREAM.subject_for(e.event_type)) for e in stored
         )
-        assert len(relayed) == 2
+        assert len(copied) == 2
     finally:
         await shop.stop()
 

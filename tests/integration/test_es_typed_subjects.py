@@ -28,6 +28,7 @@ from meshkit.saga.eventstore import (
     AggregateConflict,
     EventStore,
     EventStoreConfig,
+    EventStoreError,
     Repository,
     Version,
 )
@@ -540,7 +541,7 @@ async def test_changing_the_types_copies_nothing_twice_and_nothing_is_skipped(
         r = await store.append("order", agg, [created("a"), paid(1)], expected=Version())
         firsts.append(r)
     await _wait_for(bus, narrow.name, 3)  # the three OrderCreated, no PaymentCompleted
-    await asyncio.sleep(0.15)  # past the duplicate window
+    await asyncio.sleep(0.5)  # well past the duplicate window and the server's purge of it
 
     wider = dataclasses.replace(
         _spec(cfg, ev.OrderCreated, ev.PaymentCompleted, name=narrow.name),
@@ -676,3 +677,96 @@ async def test_without_an_sdk_the_events_carry_the_callers_trace(
     want = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert [e.envelope.traceparent for e in r.events] == [want, want]
     assert [e.envelope.traceparent for e in await store.read("order", agg)] == [want, want, ""]
+
+
+# -- the layout before typed subjects ---------------------------------------------
+
+
+async def _old_layout_events(
+    nc: Any, cfg: EventStoreConfig, agg: str, n: int
+) -> list[tuple[str, dict[str, str], bytes]]:
+    """``n`` events stored as the store wrote them before: on ``<prefix>.order.<id>``."""
+    out = []
+    for i in range(n):
+        env = Envelope.new(CREATED if i == 0 else PAID, saga_id=agg, source="old")
+        headers = {
+            **env.to_headers(),
+            AGGREGATE_TYPE: "order",
+            AGGREGATE_ID: agg,
+            AGGREGATE_VERSION: str(i + 1),
+        }
+        body = (created() if i == 0 else paid(i)).SerializeToString()
+        await nc.jetstream().publish(f"{cfg.subject_prefix}.order.{agg}", body, headers=headers)
+        out.append((env.event_id, headers, body))
+    return out
+
+
+async def test_a_store_with_events_in_the_old_layout_is_refused_with_the_way_out(
+    nc: Any,
+) -> None:
+    cfg = _config(storage="memory")
+    store = EventStore(nc, cfg)
+    await store.ensure()
+    a, b = new_id(), new_id()
+    await _old_layout_events(nc, cfg, a, 3)
+    await _old_layout_events(nc, cfg, b, 1)
+    with pytest.raises(EventStoreError) as err:
+        await EventStore(nc, cfg).ensure()
+    text = str(err.value)
+    assert f"stream {cfg.stream} holds 4 events of 2 aggregates" in text
+    assert f"{cfg.subject_prefix}.order." in text and "upgrade_layout()" in text
+
+
+async def test_upgrade_layout_moves_each_aggregate_in_order_and_a_rerun_adds_nothing(
+    nc: Any,
+) -> None:
+    cfg = _config(storage="memory")
+    store = EventStore(nc, cfg)
+    await store.ensure()
+    a, b = new_id(), new_id()
+    old_a = await _old_layout_events(nc, cfg, a, 3)
+    old_b = await _old_layout_events(nc, cfg, b, 2)
+    ids_a = [i for i, _, _ in old_a]
+    ids_b = [i for i, _, _ in old_b]
+    # A first run that stopped after moving a's first event.
+    _, headers, body = old_a[0]
+    moved = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+    await nc.jetstream().publish(f"{cfg.subject_prefix}.order.{a}.{CREATED}", body, headers=moved)
+    assert await store.upgrade_layout() == 4  # a's 2nd and 3rd, and both of b's
+    assert await store.upgrade_layout() == 0  # nothing left on the old subjects
+    await EventStore(nc, cfg).ensure()  # no longer refused
+    read_a = await store.read("order", a)
+    read_b = await store.read("order", b)
+    assert [e.event_id for e in read_a] == ids_a  # the one moved before, once
+    assert [e.version for e in read_a] == [1, 2, 3]
+    assert [e.event_id for e in read_b] == ids_b
+    assert [e.version for e in read_b] == [1, 2]
+    assert [e.subject for e in read_b] == [
+        f"{cfg.subject_prefix}.order.{b}.{CREATED}",
+        f"{cfg.subject_prefix}.order.{b}.{PAID}",
+    ]
+    assert (await store.version("order", b)).number == 2
+    # The moved aggregate takes appends at its moved version.
+    r = await store.append("order", b, [paid(9)], expected=await store.version("order", b))
+    assert r.version.number == 3
+    assert await store.aggregate_ids("order") == sorted([a, b])
+
+
+async def test_version_works_on_a_pedantic_connection(nats_server_module: Any) -> None:
+    """A direct get of the last event by a wildcard filter puts the filter in the
+    request's body: a pedantic server closes a connection that publishes on a
+    subject with a wildcard."""
+    from meshkit.saga import _client
+
+    pedantic = await _client.connect(nats_server_module.url, pedantic=True)
+    try:
+        store = EventStore(pedantic, _config(storage="memory"))
+        await store.ensure()
+        agg = new_id()
+        assert await store.version("order", agg) == Version()
+        r = await store.append("order", agg, [created(), paid()], expected=Version())
+        assert await store.version("order", agg) == r.version
+        assert pedantic.is_connected
+        assert [e.version for e in await store.read("order", agg)] == [1, 2]
+    finally:
+        await pedantic.close()

@@ -201,7 +201,7 @@ def test_a_source_that_is_not_a_mapping_is_a_config_error() -> None:
         StreamSpec.from_dict({"name": "SHOP", "prefix": "shop.events", "sources": ["ORDERS"]})
     except ConfigError as exc:
         refused.append(exc)
-    assert [e.path for e in refused] == ["stream.sources[0]"]  # today: accepted
+    assert [e.path for e in refused] == ["stream.sources[0]"]
 
 
 def test_a_type_that_is_not_a_string_is_a_config_error() -> None:
@@ -314,3 +314,29 @@ async def test_aggregate_ids_refuses_a_bad_type_before_any_io() -> None:
     with pytest.raises(ValueError, match="aggregate type"):
         await store.aggregate_ids("ord.er")
     assert nc.calls == []
+
+
+def test_from_dict_takes_the_stores_own_settings_for_creating_it() -> None:
+    src = EventStoreSource.from_dict(
+        {"stream": "ORDERS", "storage": "memory", "replicas": 3, "duplicate_window": "2m"}, "src"
+    )
+    assert (src.store.storage, src.store.replicas, src.store.duplicate_window) == (
+        "memory",
+        3,
+        120.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"stream": "ORDERS", "storage": "disk"}, "src.storage"),
+        ({"stream": "ORDERS", "replicas": 0}, "src.replicas"),
+        ({"stream": "ORDERS", "replicas": "3"}, "src.replicas"),
+        ({"stream": "ORDERS", "duplicate_window": "soon"}, "src.duplicate_window"),
+    ],
+)
+def test_bad_store_settings_name_their_key(doc: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        EventStoreSource.from_dict(doc, "src")
+    assert err.value.path == path
