@@ -541,14 +541,17 @@ class EventStore:
             raise ValueError(f"{len(event_ids)} event ids for {len(events)} events")
         ids = list(event_ids) if event_ids is not None else [new_event_id() for _ in events]
         payloads = [event.SerializeToString() for event in events]
-        subjects = [
-            self.event_subject(aggregate_type, aggregate_id, type_name(event)) for event in events
-        ]
+        # Each type once: the name is checked above, only the event types here.
+        types = [type_name(event) for event in events]
+        for etype in set(types):
+            if not _TOKEN.match(etype):
+                raise ValueError(f"event type {etype!r} must be dot-separated subject tokens")
+        subjects = [f"{name}.{etype}" for etype in types]
         if _telemetry.tracing():
             template = f"{self.config.subject_prefix}.{aggregate_type}.{{id}}." + (
-                type_name(events[0]) if len({type_name(e) for e in events}) == 1 else ">"
+                types[0] if len(set(types)) == 1 else ">"
             )
-            probe = Envelope(event_id=ids[0], event_type=type_name(events[0]), saga_id=saga_id)
+            probe = Envelope(event_id=ids[0], event_type=types[0], saga_id=saga_id)
             span: Any = _telemetry.producer_span(
                 subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
             )
@@ -571,7 +574,7 @@ class EventStore:
                         raise AggregateConflict(name, expected, current.number)
                 envs = [
                     self._envelope(
-                        event,
+                        types[i],
                         ids[i],
                         current.number + i + 1,
                         aggregate_type,
@@ -583,7 +586,7 @@ class EventStore:
                         saga_deadline_ms=saga_deadline_ms,
                         trace=trace,
                     )
-                    for i, event in enumerate(events)
+                    for i in range(len(events))
                 ]
                 headers = [e.to_headers() for e in envs]
                 try:
@@ -650,7 +653,7 @@ class EventStore:
 
     def _envelope(
         self,
-        event: Message,
+        etype: str,
         event_id: str,
         version: int,
         aggregate_type: str,
@@ -663,7 +666,6 @@ class EventStore:
         saga_deadline_ms: int | None,
         trace: tuple[str, str],
     ) -> Envelope:
-        etype = type_name(event)
         traceparent, tracestate = trace
         return Envelope(
             event_id=event_id,
