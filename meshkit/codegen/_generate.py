@@ -41,8 +41,8 @@ class CodegenError(MeshkitError):
 class GenerateResult:
     """What :func:`generate` did.
 
-    ``changed`` is False when the inputs were unchanged and nothing was
-    written; with ``check=True`` nothing is ever written and ``stale`` lists the
+    ``changed`` is True when an output file was written or removed (the manifest
+    aside); with ``check=True`` nothing is ever written and ``stale`` lists the
     output files that are missing, different or no longer generated.
     """
 
@@ -105,12 +105,14 @@ def generate(
     search = [str(root), *(str(Path(p).resolve()) for p in includes), *include_paths()]
     desc_path = Path(descriptor_set).resolve() if descriptor_set else None
     digest = _digest(root, protos, package, search, desc_path is not None)
+    tools = _tool_versions()
     manifest = _read_manifest(package_dir)
 
     if (
         not check
         and not force
         and manifest.get("digest") == digest
+        and manifest.get("tools") == tools
         and _outputs_exist(package_dir, manifest, desc_path)
     ):
         log.debug("protos unchanged: %d files, nothing to do", len(protos))
@@ -135,13 +137,21 @@ def generate(
             return GenerateResult(
                 tuple(protos), tuple(generated), bool(stale), package_dir, desc_path, tuple(stale)
             )
-        _install(staging, package_dir, generated, manifest, out_dir, package)
+        wrote = _install(staging, package_dir, generated, manifest, out_dir, package)
         if desc_path is not None and staged_desc is not None:
-            desc_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(desc_path, staged_desc.read_bytes())
-    _write_manifest(package_dir, {"digest": digest, "files": generated, "format": _FORMAT_VERSION})
+            data = staged_desc.read_bytes()
+            if not desc_path.exists() or desc_path.read_bytes() != data:
+                _atomic_write(desc_path, data)
+                wrote = True
+    fresh = {"digest": digest, "files": generated, "format": _FORMAT_VERSION, "tools": tools}
+    # Other tool versions that produce the same bytes leave the manifest alone: a
+    # committed package must not change because one machine has newer tools (the
+    # next run regenerates and compares again; ``force`` records the new versions).
+    same_inputs = all(manifest.get(k) == fresh[k] for k in ("digest", "files", "format"))
+    if force or wrote or not same_inputs or "tools" not in manifest:
+        _write_manifest(package_dir, fresh)
     log.debug("compiled %d protos into %s (%d files)", len(protos), package_dir, len(generated))
-    return GenerateResult(tuple(protos), tuple(generated), True, package_dir, desc_path)
+    return GenerateResult(tuple(protos), tuple(generated), wrote, package_dir, desc_path)
 
 
 def _find_protos(root: Path, only: Iterable[str]) -> list[str]:
@@ -161,17 +171,15 @@ def _find_protos(root: Path, only: Iterable[str]) -> list[str]:
 def _digest(
     root: Path, protos: list[str], package: str | None, search: list[str], desc: bool
 ) -> str:
-    """A content hash of everything that shapes the output, independent of where the
-    checkout or the virtualenv lives (a committed manifest must match on every machine)."""
-    from importlib import metadata
-
+    """A content hash of the inputs that shape the output, independent of where the
+    checkout or the virtualenv lives and of the tools' versions (a committed manifest
+    must match on every machine; the tools are compared separately)."""
     h = hashlib.sha256()
-    tools = [metadata.version(dist) for dist in ("grpcio-tools", "googleapis-common-protos")]
-    h.update(json.dumps([_FORMAT_VERSION, package, desc, tools]).encode())
+    h.update(json.dumps([_FORMAT_VERSION, package, desc]).encode())
     for rel in protos:
         h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
     # Imports from the user's extra include dirs change the output too; the built-in ones
-    # are covered by the package versions above.
+    # come with the tools, whose versions the manifest records.
     builtin = set(include_paths())
     for inc in search[1:]:
         if inc in builtin:
@@ -179,6 +187,13 @@ def _digest(
         for path in sorted(Path(inc).rglob("*.proto")):
             h.update(path.relative_to(inc).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def _tool_versions() -> dict[str, str]:
+    """The versions of the packages that generate code and ship the built-in protos."""
+    from importlib import metadata
+
+    return {dist: metadata.version(dist) for dist in ("grpcio-tools", "googleapis-common-protos")}
 
 
 def _read_manifest(package_dir: Path) -> dict[str, object]:
@@ -336,7 +351,10 @@ def _install(
     manifest: dict[str, object],
     out_dir: Path,
     package: str | None,
-) -> None:
+) -> bool:
+    """Move the staged files into place, writing only those whose bytes differ; True
+    when anything was written or removed."""
+    wrote = False
     package_dir.mkdir(parents=True, exist_ok=True)
     if package:
         # Parents of the package become packages too, without touching existing ones.
@@ -345,17 +363,21 @@ def _install(
             d = d.parent
             if d != out_dir and not (d / "__init__.py").exists():
                 (d / "__init__.py").write_text("")
+                wrote = True
     for rel in generated:
         target = package_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         data = (staging / rel).read_bytes()
         if not target.exists() or target.read_bytes() != data:
             _atomic_write(target, data)
+            wrote = True
     previous = manifest.get("files")
     if isinstance(previous, list):
         for rel in previous:
-            if rel not in generated:
-                (package_dir / rel).unlink(missing_ok=True)
+            if rel not in generated and (package_dir / rel).exists():
+                (package_dir / rel).unlink()
+                wrote = True
+    return wrote
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def envoy_binary() -> str | None:
-    venv = ROOT / ".venv" / "bin" / "envoy"
+    # The running interpreter's venv (.venv, or .venv-latest under `make test-latest`).
+    venv = Path(sys.executable).parent / "envoy"
     if venv.exists():
         return str(venv)
     return shutil.which("envoy")

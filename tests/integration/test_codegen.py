@@ -194,3 +194,45 @@ def test_bad_root_and_empty_root(tmp_path: Path) -> None:
 def test_committed_meshkit_protos_are_current() -> None:
     result = generate(ROOT / "proto", ROOT, package="meshkit._pb", only=["meshkit"], check=True)
     assert not result.stale, f"run `make proto`: {result.stale}"
+
+
+def test_other_tool_versions_with_the_same_output_write_nothing(
+    shop_protos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh clone set up with newer tools must not rewrite a committed manifest when
+    # the generated code comes out the same; `force` records the new versions.
+    from meshkit.codegen import _generate
+
+    out = tmp_path / "out"
+    generate(shop_protos, out, package="g")
+    manifest = out / "g" / ".meshkit-gen.json"
+    before = manifest.read_bytes()
+    target = out / "g/shop/v1/orders_pb2.py"
+    stamp = target.stat().st_mtime_ns
+    newer = {"grpcio-tools": "99.0.0", "googleapis-common-protos": "99.0.0"}
+    monkeypatch.setattr(_generate, "_tool_versions", lambda: newer)
+
+    again = generate(shop_protos, out, package="g")
+    assert not again.changed
+    assert manifest.read_bytes() == before
+    assert target.stat().st_mtime_ns == stamp
+
+    generate(shop_protos, out, package="g", force=True)
+    assert '"99.0.0"' in manifest.read_text()
+    assert not generate(shop_protos, out, package="g").changed  # fast path again
+
+
+def test_committed_manifest_names_the_locked_tools() -> None:
+    # `make setup` installs uv.lock; if the manifest named other versions, every setup
+    # would regenerate (and could rewrite) meshkit/_pb. `make lock` refreshes both.
+    import json
+    import tomllib
+
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {p["name"]: p.get("version") for p in lock["package"]}
+    manifest = json.loads((ROOT / "meshkit/_pb/.meshkit-gen.json").read_text())
+    for dist, version in manifest["tools"].items():
+        assert locked[dist] == version, (
+            f"meshkit/_pb was generated with {dist} {version}, uv.lock has {locked[dist]}: "
+            "run `make lock` (it regenerates with --force) and commit both"
+        )
