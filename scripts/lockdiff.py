@@ -24,9 +24,7 @@ def main() -> int:
         for p in tomllib.loads(LOCK.read_text())["package"]
         if "version" in p
     }
-    installed = {
-        _canonical(d.metadata["Name"]): d.version for d in metadata.distributions()
-    }
+    installed = {_canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
     moved = sorted(
         (name, locked[name], version)
         for name, version in installed.items()
