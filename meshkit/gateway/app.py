@@ -51,7 +51,13 @@ from meshkit.gateway.errors import (
     send_status,
     status_from_rpc_error,
 )
-from meshkit.gateway.metadata import RequestHeaders, read_headers
+from meshkit.gateway.metadata import (
+    REQUEST_ID_KEY,
+    RequestHeaders,
+    assign_request_id,
+    read_headers,
+    send_with_request_id,
+)
 from meshkit.gateway.routing import BadPathError, Match, Router, RoutingError
 from meshkit.gateway.transcoding import (
     Binding,
@@ -381,6 +387,12 @@ class GatewayApp:
         if kind == "lifespan":
             await self._lifespan(receive, send)
             return
+        if kind == "http" and REQUEST_ID_KEY not in scope:
+            # Outermost here, so responses written by app-wide middleware and the router
+            # (404, 405) carry the id too. Inside the edge its outer layer already did this.
+            rid = assign_request_id(scope, self.state.options.generate_request_id)
+            if rid:
+                send = send_with_request_id(send, rid)
         await self._app(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -86,12 +86,19 @@ class AuthError(Exception):
     """Authentication (401) or authorization (403) failed; ``reason`` is safe to show."""
 
     def __init__(
-        self, reason: str, *, forbidden: bool = False, error: str = "invalid_token"
+        self,
+        reason: str,
+        *,
+        forbidden: bool = False,
+        error: str = "invalid_token",
+        missing: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.forbidden = forbidden
         self.error = error
+        #: No credentials were sent at all: the challenge then carries no error code.
+        self.missing = missing
 
 
 # --------------------------------------------------------------------------- keys
@@ -421,13 +428,25 @@ class Authenticator:
             raise AuthError("bearer tokens are not accepted here")
         try:
             head = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
+            # DecodeError (segments, base64, JSON) and PyJWT's own header checks (a kid
+            # that is not a string, a malformed crit) alike: all mean a malformed token.
             raise AuthError("malformed token") from None
+        # RFC 7515 §4.1.11: a recipient must refuse a token naming critical extensions it
+        # does not understand. meshkit implements none (not even PyJWT's b64), so any crit
+        # is refused, before a signature is checked.
+        if "crit" in head:
+            raise AuthError("token has critical header extensions (crit), none is supported")
         alg = head.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
-            raise AuthError(f"token algorithm {str(alg)[:16]!r} is not allowed")
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+            # The value is not echoed: it is client-controlled text.
+            raise AuthError("token algorithm is not allowed")
         kid = head.get("kid")
-        keys = store.candidates(kid if isinstance(kid, str) else None, alg)
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("token key id (kid) must be a string")
+        # Keys come only from the configuration: jku, x5u, jwk and x5c headers are never
+        # consulted (RFC 8725 §3.10), so a token cannot bring its own key.
+        keys = store.candidates(kid, alg)
         if not keys:
             raise AuthError("no key accepts this token (unknown kid or algorithm)")
         options: Any = {
@@ -465,6 +484,13 @@ class Authenticator:
                 continue
             except jwt.InvalidTokenError:
                 raise AuthError("token is invalid") from None
+            except Exception as exc:
+                # Fail closed: a token that trips anything else in PyJWT or the crypto
+                # backend is refused like any invalid one. One line, no traceback, and
+                # only the exception's type (its text could quote the token).
+                log.warning("JWT verification failed unexpectedly: %s", type(exc).__name__)
+                raise AuthError("token is invalid") from None
+            _check_claim_types(claims)
             return Principal("jwt", str(claims.get("sub", "")), claims)
         raise last or AuthError("token signature is invalid")
 
@@ -478,6 +504,29 @@ class Authenticator:
         if found is None:
             raise AuthError("API key is not recognised", error="invalid_key")
         return Principal("api_key", found.name, {}, found)
+
+
+def _check_claim_types(claims: Mapping[str, Any]) -> None:
+    """Refuse registered claims of the wrong JSON type (RFC 7519 §4.1).
+
+    PyJWT passes ``int(value)`` of the time claims, so ``"exp": "99999999999"`` or
+    ``"iat": true`` would be taken; RFC 7519 says NumericDate is a JSON number (Envoy
+    refuses the others too). ``iss``/``sub`` are StringOrURI, ``aud`` one or a list.
+    """
+    for name in ("exp", "nbf", "iat"):
+        v = claims.get(name)
+        if name in claims and (
+            isinstance(v, bool) or not isinstance(v, int | float) or v != v  # NaN
+        ):
+            raise AuthError(f"token claim {name!r} must be a number (NumericDate)")
+    for name in ("iss", "sub"):
+        if name in claims and not isinstance(claims[name], str):
+            raise AuthError(f"token claim {name!r} must be a string")
+    aud = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise AuthError("token claim 'aud' must be a string or a list of strings")
 
 
 # --------------------------------------------------------------------------- policy + middleware
@@ -553,7 +602,7 @@ class AuthMiddleware:
             what = {"jwt": "a bearer token", "api_key": "an API key"}.get(
                 policy.require, "a bearer token or an API key"
             )
-            raise AuthError(f"this route needs {what}", error="invalid_request")
+            raise AuthError(f"this route needs {what}", error="invalid_request", missing=True)
         if principal is not None:
             self._authorize(principal)
         scope[PRINCIPAL_KEY] = principal
@@ -606,20 +655,30 @@ class AuthMiddleware:
 
     def _error(self, exc: AuthError) -> GatewayError:
         info = error_details_pb2.ErrorInfo(reason=exc.error.upper(), domain="meshkit.gateway")
-        realm = self.authn.config.realm
-        challenge = (
-            f'Bearer realm="{realm}", error="{exc.error}", error_description="{exc.reason}"'
-        ).encode("latin-1", "replace")
-        if exc.forbidden:
-            return GatewayError(
-                "PERMISSION_DENIED",
-                exc.reason,
-                details=[info],
-                headers=[(b"www-authenticate", challenge)],
-            )
         return GatewayError(
-            "UNAUTHENTICATED",
+            "PERMISSION_DENIED" if exc.forbidden else "UNAUTHENTICATED",
             exc.reason,
             details=[info],
-            headers=[(b"www-authenticate", challenge)],
+            headers=[(b"www-authenticate", challenge(self.authn.config.realm, exc))],
         )
+
+
+#: RFC 6750 §3.1's error codes; any other failure (a bad API key) is ``invalid_token``.
+_CHALLENGE_ERRORS = frozenset({"invalid_request", "invalid_token", "insufficient_scope"})
+
+
+def _quoted(text: str) -> str:
+    """``text`` reduced to what RFC 6750 allows inside a quoted challenge parameter
+    (printable ASCII without ``"`` and ``\\``), so no reason can break the header."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)[:200]
+
+
+def challenge(realm: str, exc: AuthError) -> bytes:
+    """The ``WWW-Authenticate`` value for a refusal (RFC 6750 §3): a request with no
+    credentials gets only the scheme and realm; a refused one also the error code and
+    a description (the same safe reason as the body)."""
+    value = f'Bearer realm="{_quoted(realm)}"'
+    if not exc.missing:
+        error = exc.error if exc.error in _CHALLENGE_ERRORS else "invalid_token"
+        value += f', error="{error}", error_description="{_quoted(exc.reason)}"'
+    return value.encode("ascii")

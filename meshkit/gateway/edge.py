@@ -54,6 +54,7 @@ from meshkit.gateway.canary import CanaryUpstream
 from meshkit.gateway.cors import CorsMiddleware
 from meshkit.gateway.descriptors import Catalog
 from meshkit.gateway.errors import GatewayError
+from meshkit.gateway.metadata import assign_request_id, send_with_request_id
 from meshkit.gateway.observability import EdgeMetrics, OpsMiddleware, TelemetryMiddleware
 from meshkit.gateway.openapi import openapi_json
 from meshkit.gateway.profiles import EdgeConfig, Profile, RoutePolicy, load_edge_config
@@ -383,7 +384,7 @@ class EdgeApp:
             metrics=self.metrics,
             openapi=lambda: self._openapi(scope_profile=profile),
         )
-        app = _Unmount(_AdminMiddleware(app, self))
+        app = _RequestId(_Unmount(_AdminMiddleware(app, self)), self)
         if self.config.access_log or self.metrics is not None:
             app = TelemetryMiddleware(
                 app, metrics=self.metrics, profile=profile, access_logs=self.config.access_log
@@ -455,6 +456,23 @@ class _Unmount:
             for key in ("meshkit.route", PRINCIPAL_KEY):
                 if key in inner:
                     scope[key] = inner[key]
+
+
+class _RequestId:
+    """Every response carries ``x-request-id`` (the client's if sane, else generated):
+    inside telemetry, so the access log records the same id; outside everything that can
+    answer by itself (auth, limits, ops, admin, the router)."""
+
+    def __init__(self, app: ASGIApp, edge: EdgeApp) -> None:
+        self.app = app
+        self.edge = edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            rid = assign_request_id(scope, self.edge.config.options.generate_request_id)
+            if rid:
+                send = send_with_request_id(send, rid)
+        await self.app(scope, receive, send)
 
 
 class _AdminMiddleware:

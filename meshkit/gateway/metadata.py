@@ -12,8 +12,9 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from meshkit.gateway.errors import bad_request
 
@@ -21,6 +22,9 @@ _PREFIX = b"grpc-metadata-"
 _PLEN = len(_PREFIX)
 _KEY = re.compile(rb"[0-9a-z_.\-]+\Z")
 _VALUE = re.compile(rb"[\x20-\x7e]*\Z")
+# A request id the gateway passes on as it came: short, and only characters that are
+# safe in a header, in gRPC metadata and in a log line (anything else is replaced).
+_SANE_ID = re.compile(rb"[A-Za-z0-9._\-]{1,128}\Z")
 _TIMEOUT = re.compile(rb"(\d{1,8})([HMSmun])\Z")
 _UNIT = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _HOP_BY_HOP = frozenset(
@@ -139,7 +143,8 @@ def read_headers(
                     )
                 md.append((skey, value.decode("ascii")))
         elif name == b"x-request-id":
-            request_id = value.decode("latin-1")
+            if _SANE_ID.match(value):
+                request_id = value.decode("ascii")
         elif name == b"grpc-timeout":
             timeout = parse_timeout(value)
         elif name == b"content-type":
@@ -158,3 +163,50 @@ def read_headers(
     if xff:
         md.append(("x-forwarded-for", xff))
     return RequestHeaders(md, request_id, timeout, content_type, accept)
+
+
+#: Where :func:`assign_request_id` leaves the request's id (bytes; empty: none).
+REQUEST_ID_KEY = "meshkit.request_id"
+
+_Scope = MutableMapping[str, Any]
+_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def assign_request_id(scope: _Scope, generate: bool = True) -> bytes:
+    """Decide the request's id once, for every layer: the client's ``X-Request-Id`` if
+    it is a sane token (1-128 of ``[A-Za-z0-9._-]``), else a generated one (unless
+    ``generate`` is off). The scope's header is rewritten to it, so what goes upstream,
+    into the log and back to the client is the same id. Idempotent per scope."""
+    rid: bytes | None = scope.get(REQUEST_ID_KEY)
+    if rid is not None:
+        return rid
+    headers = scope.get("headers") or ()
+    incoming: bytes | None = None
+    for k, v in headers:
+        if k == b"x-request-id":
+            incoming = bytes(v)
+            break
+    if incoming is not None and _SANE_ID.match(incoming):
+        rid = incoming
+    else:
+        rid = _new_request_id().encode("ascii") if generate else b""
+        kept = [(k, v) for k, v in headers if k != b"x-request-id"]
+        if rid:
+            kept.append((b"x-request-id", rid))
+        scope["headers"] = kept  # a copy: the server's list stays as it was
+    scope[REQUEST_ID_KEY] = rid
+    return rid
+
+
+def send_with_request_id(send: _Send, rid: bytes) -> _Send:
+    """``send`` adding ``x-request-id: rid`` to a response start that lacks it, so every
+    answer carries it, whichever layer wrote it (a 404, a 401, a 429...)."""
+
+    async def wrapped(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers") or ()
+            if not any(k == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", rid)]}
+        await send(message)
+
+    return wrapped

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -427,3 +428,218 @@ def test_sync_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) -
         assert pool.submit(current_claims).result() is None
     finally:
         server.stop(None)
+
+
+# --------------------------------------------------------------------------- attack matrix
+
+ATTACKER_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ATTACKER_EC384 = ec.generate_private_key(ec.SECP384R1())
+
+
+def sign(header: dict[str, Any], payload: Any, alg: str, key: Any) -> str:
+    """A compact JWS over exactly ``header`` and ``payload`` (PyJWT's encoder refuses
+    some of the malformed headers below, so the token is assembled by hand)."""
+    signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    algo = jwt.get_algorithm_by_name(alg)
+    sig = algo.sign(signing.encode(), algo.prepare_key(key) if isinstance(key, str) else key)
+    return f"{signing}.{b64(sig)}"
+
+
+def hs(payload: Any, **header: Any) -> str:
+    """Signed with the configured HS256 secret: only the header or claims are wrong."""
+    return sign({"alg": "HS256", "typ": "JWT", "kid": "hs", **header}, payload, "HS256", HS_SECRET)
+
+
+def _attacker_jwk() -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ATTACKER_RSA.public_key()))
+    return out
+
+
+def _long_token() -> str:
+    good = hs(claims(pad="x" * 9000))
+    return good[:-8] + ("A" if good[-8] != "A" else "B") + good[-7:]
+
+
+# RFC 8725 (JWT BCP) and RFC 7515/7519: each row must be refused with 401 by the edge and
+# UNAUTHENTICATED by the gRPC interceptor, whatever part of the token is wrong.
+ATTACKS: list[tuple[str, Any]] = [
+    ("alg-none", lambda: forge({"alg": "none", "typ": "JWT"}, claims(), None)),
+    ("alg-None", lambda: forge({"alg": "None", "typ": "JWT"}, claims(), None)),
+    ("alg-NONE", lambda: forge({"alg": "NONE", "typ": "JWT"}, claims(), None)),
+    ("alg-nOnE", lambda: forge({"alg": "nOnE", "typ": "JWT"}, claims(), None)),
+    ("empty-signature", lambda: hs(claims()).rsplit(".", 1)[0] + "."),
+    (
+        "hs256-keyed-with-rs256-pem",
+        lambda: forge({"alg": "HS256", "typ": "JWT", "kid": "rsa1"}, claims(), RSA_PUB),
+    ),
+    (
+        "jwk-header-injection",
+        lambda: sign({"alg": "RS256", "jwk": _attacker_jwk()}, claims(), "RS256", ATTACKER_RSA),
+    ),
+    (
+        "jku-header-injection",
+        lambda: sign(
+            {"alg": "RS256", "kid": "rsa1", "jku": "https://evil.test/jwks.json"},
+            claims(),
+            "RS256",
+            ATTACKER_RSA,
+        ),
+    ),
+    (
+        "x5u-header-injection",
+        lambda: sign(
+            {"alg": "RS256", "x5u": "https://evil.test/cert.pem"}, claims(), "RS256", ATTACKER_RSA
+        ),
+    ),
+    (
+        "kid-path-traversal",
+        lambda: sign({"alg": "HS256", "kid": "../../dev/null"}, claims(), "HS256", hmac_key(b"")),
+    ),
+    ("kid-sql", lambda: hs(claims(), kid="x' UNION SELECT 'secret")),
+    ("kid-int", lambda: hs(claims(), kid=1)),
+    ("kid-list", lambda: hs(claims(), kid=["hs"])),
+    ("kid-object", lambda: hs(claims(), kid={"id": "hs"})),
+    ("kid-unknown", lambda: hs(claims(), kid="nope")),
+    (
+        "alg-hs512-not-allowed",
+        lambda: sign({"alg": "HS512", "kid": "hs"}, claims(), "HS512", HS_SECRET),
+    ),
+    (
+        "alg-es384-not-allowed",
+        lambda: sign({"alg": "ES384", "kid": "ec1"}, claims(), "ES384", ATTACKER_EC384),
+    ),
+    (
+        "alg-es256-wrong-key",
+        lambda: sign({"alg": "ES256", "kid": "rsa1"}, claims(), "ES256", EC_KEY),
+    ),
+    ("exp-string", lambda: hs(claims(exp=str(int(time.time()) + 300)))),
+    ("exp-bool", lambda: hs(claims(exp=True))),
+    ("nbf-string", lambda: hs(claims(nbf=str(int(time.time()) - 10)))),
+    ("iat-string", lambda: hs(claims(iat=str(int(time.time()))))),
+    ("iat-bool", lambda: hs(claims(iat=False))),
+    ("aud-number", lambda: hs(claims(aud=42))),
+    ("iss-list", lambda: hs(claims(iss=["https://id.test"]))),
+    ("sub-number", lambda: hs(claims(sub=7))),
+    ("expired", lambda: hs(claims(exp=int(time.time()) - 60))),
+    ("not-yet-valid", lambda: hs(claims(nbf=int(time.time()) + 120))),
+    ("wrong-aud", lambda: hs(claims(aud="elsewhere"))),
+    ("wrong-iss", lambda: hs(claims(iss="https://evil.test"))),
+    ("no-exp", lambda: hs(claims(exp=None))),
+    ("crit-exp", lambda: hs(claims(), crit=["exp"])),
+    ("crit-empty", lambda: hs(claims(), crit=[])),
+    ("crit-b64", lambda: hs(claims(), crit=["b64"], b64=True)),
+    ("truncated", lambda: hs(claims())[:-20]),
+    ("two-segments", lambda: hs(claims()).rsplit(".", 1)[0]),
+    ("four-segments", lambda: hs(claims()) + ".AAAA"),
+    ("not-base64url", lambda: "!!!!.@@@@.####"),
+    ("header-is-array", lambda: f"{b64(b'[]')}.{b64(json.dumps(claims()).encode())}.AAAA"),
+    ("payload-is-array", lambda: hs(["not", "claims"])),
+    ("very-long", _long_token),
+    ("junk-9kib", lambda: "e" * 9 * 1024),
+]
+
+
+def hmac_key(secret: bytes) -> Any:
+    """An HMAC key PyJWT would refuse to build itself (empty: the ``/dev/null`` kid trick)."""
+    return secret
+
+
+@pytest.mark.parametrize("make", [m for _, m in ATTACKS], ids=[n for n, _ in ATTACKS])
+async def test_attack_matrix_is_401_everywhere_and_never_reaches_an_upstream(
+    tmp_path: Path,
+    backend: ShopBackend,
+    shop_descriptor_set: Path,
+    caplog: pytest.LogCaptureFixture,
+    make: Any,
+) -> None:
+    from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
+    from meshkit.gateway.auth import AuthConfig
+    from meshkit.grpc.auth import JwtServerInterceptor
+
+    caplog.set_level(logging.DEBUG)
+    token = make()
+    cfg = edge_config(tmp_path, backend.target)
+    edge = create_edge_app(cfg, shop_descriptor_set)
+    try:
+        async with edge_client(edge.asgi()) as c:
+            r = await c.get("/v1/orders/o-1", headers=bearer(token))
+    finally:
+        await edge.shutdown()
+    assert r.status_code == 401, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["code"] == 16  # UNAUTHENTICATED
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="meshkit"') and 'error="invalid_token"' in challenge
+    assert r.headers.get("x-request-id")
+    assert sum(backend.calls.values()) == 0
+
+    # The same token at a service behind the edge.
+    seen: list[str] = []
+
+    class Orders(orders_pb2_grpc.OrderServiceServicer):
+        async def GetOrder(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            seen.append(req.order_id)
+            return orders_pb2.Order(order_id=req.order_id)
+
+    server = grpc.aio.server(
+        interceptors=[JwtServerInterceptor(AuthConfig.from_mapping(cfg["edge"]["auth"]))],
+        # gRPC core refuses metadata over 8 KiB itself (RESOURCE_EXHAUSTED) before any
+        # interceptor runs; raised here so the long tokens reach the interceptor too.
+        options=[("grpc.max_metadata_size", 64 * 1024)],
+    )
+    orders_pb2_grpc.add_OrderServiceServicer_to_server(Orders(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await orders_pb2_grpc.OrderServiceStub(ch).GetOrder(
+                    orders_pb2.GetOrderRequest(order_id="o-1"),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+    finally:
+        await server.stop(None)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, ei.value.details()
+    assert seen == []
+
+    # Neither the token (nor a recognisable part of it) nor a traceback is anywhere.
+    parts = [p for p in token.split(".") if len(p) >= 8] or [token]
+    texts = [r.text, challenge, ei.value.details() or "", caplog.text]
+    for text in texts:
+        assert not any(p in text for p in parts), text[:300]
+    assert "Traceback" not in caplog.text
+    assert not [rec for rec in caplog.records if rec.exc_info]
+
+
+async def test_missing_token_gets_a_bare_bearer_challenge(client: httpx.AsyncClient) -> None:
+    """RFC 6750 §3.1: a request with no credentials gets no error code in the challenge."""
+    r = await client.get("/v1/orders/o-1")
+    assert r.status_code == 401
+    assert r.json()["code"] == 16
+    assert r.headers["www-authenticate"] == 'Bearer realm="meshkit"'
+    r = await client.get("/v1/orders/o-1", headers={"authorization": "Basic dXNlcjpwdw=="})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Bearer realm="meshkit"'
+
+
+async def test_edge_refusals_carry_a_request_id(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    """Answers written by the edge itself (401, 429, the ops and admin endpoints) carry the
+    id: the client's when it is a sane token, else a generated one."""
+    for _ in range(2):
+        await client.get("/v1/shipments/s-1", headers={"x-api-key": "key-small"})
+    limited = await client.get("/v1/shipments/s-1", headers={"x-api-key": "key-small"})
+    assert limited.status_code == 429
+    assert limited.headers.get("x-request-id")
+    r = await client.get("/v1/orders/o-1", headers={"x-request-id": "edge-rid-1"})
+    assert r.status_code == 401 and r.headers["x-request-id"] == "edge-rid-1"
+    r = await client.get("/v1/nothing/here")
+    assert r.status_code == 404 and r.headers.get("x-request-id")
+    # Answered outside any profile's gateway: the ops endpoints and the admin endpoint.
+    r = await client.post("/admin/reload", headers={"x-request-id": "adm 1"})
+    assert r.status_code == 404 and r.headers["x-request-id"] not in ("", "adm 1")
+    r = await client.get("/healthz", headers={"x-request-id": "hz-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "hz-1"

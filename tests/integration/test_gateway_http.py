@@ -638,3 +638,47 @@ async def test_mounts_under_a_prefix_in_starlette(shop: Backend) -> None:
         assert r.json()["orderId"] == "o-1"
         _is_status(await c.get("/api/v1/nowhere"), 404, 5)
         assert (await c.get("/v1/orders/o-1")).status_code == 404  # only under the mount
+
+
+# --------------------------------------------------------------------------- request ids
+
+
+_ID = r"[A-Za-z0-9._-]{1,128}"
+
+
+async def test_every_response_carries_a_request_id(ec: httpx.AsyncClient) -> None:
+    import re
+
+    bad = [
+        await ec.get("/v2/nothing"),  # 404
+        await ec.put("/v1/headers"),  # 405
+        await ec.get("/v1/echo/%C0%AF"),  # 400 bad path
+        await ec.get("/v1/headers", headers={"grpc-metadata-bad@key": "v"}),  # 400 metadata
+        await ec.post("/v1/echo", content=b'{"name": '),  # 400 transcoding
+        await ec.post("/v1/echo", content=b'{"name": "' + b"x" * 100_000 + b'"}'),  # 413
+        await ec.get("/v1/fail/14"),  # 503 from the upstream
+    ]
+    assert [r.status_code for r in bad] == [404, 405, 400, 400, 400, 413, 503]
+    ids = [r.headers.get("x-request-id") for r in bad]
+    assert all(i and re.fullmatch(_ID, i) for i in ids), ids
+    assert len(set(ids)) == len(ids)
+    # A sane incoming id is kept, on errors as on success, and is what the upstream sees.
+    for url in ("/v2/nothing", "/v1/headers"):
+        r = await ec.get(url, headers={"x-request-id": "abc.DEF_1-2"})
+        assert r.headers["x-request-id"] == "abc.DEF_1-2"
+    assert r.json()["labels"]["x-request-id"] == "abc.DEF_1-2"
+    # Anything else (too long, spaces, other characters) is replaced by a generated id,
+    # and the upstream sees the same one the client gets back.
+    for given in ("a" * 129, "has space", "x;y", "é"):
+        r = await ec.get("/v1/headers", headers={"x-request-id": given.encode("utf-8")})
+        rid = r.headers["x-request-id"]
+        assert rid != given and re.fullmatch(_ID, rid)
+        assert r.json()["labels"]["x-request-id"] == rid
+
+
+async def test_unreachable_upstream_carries_a_request_id() -> None:
+    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{free_port()}"])
+    async with _client(app) as c:
+        r = await c.get("/v1/echo/x", headers={"grpc-timeout": "5S", "x-request-id": "rq-1"})
+        _is_status(r, 503, 14)
+        assert r.headers["x-request-id"] == "rq-1"
