@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from meshkit import deadline as _deadline
+from meshkit._compat import grpcio as _grpcio
 from meshkit.errors import DeadlineExceededError, MeshkitError
 from meshkit.grpc._core import (
     add_attempt_header,
@@ -148,39 +149,6 @@ def _trailers(outcome: Any) -> Any:
         return outcome.trailing_metadata()
     except Exception:
         return None
-
-
-def _future_invoker(continuation: Any) -> Callable[[Any, Any], Any] | None:
-    """A function sending one attempt as a cancellable ``grpc.Future``.
-
-    grpcio's sync continuation blocks until the call ends, so it cannot be raced or
-    cancelled. The multi-callable behind it (``self._thunk(method)``) has ``future()``;
-    it is reached through the continuation's closure. When grpcio changes that shape,
-    hedging falls back to threads (the losers then run to their own timeout).
-    """
-    code = getattr(continuation, "__code__", None)
-    cells = getattr(continuation, "__closure__", None)
-    if code is None or not cells:
-        return None
-    owner = None
-    for name, cell in zip(code.co_freevars, cells, strict=False):
-        if name == "self":
-            owner = cell.cell_contents
-    thunk = getattr(owner, "_thunk", None)
-    if thunk is None:
-        return None
-
-    def invoke(d: Any, request: Any) -> Any:
-        return thunk(d.method).future(
-            request,
-            timeout=d.timeout,
-            metadata=d.metadata,
-            credentials=d.credentials,
-            wait_for_ready=d.wait_for_ready,
-            compression=d.compression,
-        )
-
-    return invoke
 
 
 class ClientInterceptor(
@@ -516,7 +484,9 @@ class ClientInterceptor(
         m = self._m
         breaker = plan.breaker
         budget = plan.budget
-        invoke = _future_invoker(continuation)
+        # Cancellable futures where grpcio's internals allow it (meshkit._compat.grpcio);
+        # otherwise threads through the public continuation.
+        invoke = _grpcio.sync_future_invoker(continuation)
         if invoke is None:
             invoke = self._thread_invoker(continuation)
         if budget is not None:

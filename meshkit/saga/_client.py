@@ -4,9 +4,12 @@ Every event is a publish with a dozen headers, a stream ack, a delivery and an
 ack, and nats-py's pure-Python header parsing and encoding and its request
 helper are a measurable share of a participant's CPU. Here the header block is
 decoded once and names are checked with one regex; headers are encoded with one
-join; JetStream publishes and batched reads share one reply subscription per
-connection (:class:`Replies`). Results are the same as nats-py's for every input,
-malformed ones included (tests/unit/test_saga_client.py compares them).
+join (:func:`parse_header_lines`, :func:`encode_headers`: nats-py's results for
+every input, malformed ones included, as tests/unit/test_saga_client.py checks).
+They replace nats-py's private methods only through :mod:`meshkit._compat.nats`,
+on the nats-py series that was tested; elsewhere :data:`Client` is nats-py's own.
+JetStream publishes and batched reads share one reply subscription per connection
+(:class:`Replies`, public API only).
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as _NatsClient
-from nats.aio.client import __version__ as _nats_version
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.protocol import command as _command
+
+from meshkit._compat import nats as _nats_compat
 
 __all__ = ["Client", "Replies", "connect", "encode_headers", "parse_header_lines", "replies"]
 
@@ -71,44 +75,14 @@ def encode_headers(headers: dict[str, Any]) -> bytes:
     return "".join(lines).encode()
 
 
-# The nats-py series whose private publish path the override below was checked
-# against; another series gets nats-py's own (slower, equally correct).
-TESTED_NATS_PY = ("2.16.",)
+#: The client class :func:`connect` makes: nats-py's ``Client`` with meshkit's header
+#: encoder and parser on the tested nats-py series (``meshkit._compat.nats``), nats-py's
+#: own ``Client`` otherwise.
+Client: type[_NatsClient] = _nats_compat.client_class(encode_headers, parse_header_lines)
 
 
-class Client(_NatsClient):
-    """nats-py's client with a faster header parser and, on the tested nats-py
-    series, a faster header encoder (one string join instead of a bytearray
-    extended four times per header)."""
-
-    if callable(getattr(_NatsClient, "_parse_header_lines", None)):
-        _parse_header_lines = staticmethod(parse_header_lines)
-
-    if _nats_version.startswith(TESTED_NATS_PY):
-
-        async def _send_publish(
-            self,
-            subject: str,
-            reply: str,
-            payload: bytes,
-            payload_size: int,
-            headers: dict[str, Any] | None,
-        ) -> None:
-            if subject == "":
-                raise nats.errors.BadSubjectError
-            if headers is None:
-                cmd = _command.pub_cmd(subject, reply, payload)
-            else:
-                cmd = _command.hpub_cmd(subject, reply, encode_headers(headers), payload)
-            self.stats["out_msgs"] += 1
-            self.stats["out_bytes"] += payload_size
-            await self._send_command(cmd)
-            if self._flush_queue is not None and self._flush_queue.empty():
-                await self._flush_pending()
-
-
-async def connect(servers: str | list[str], **options: object) -> Client:
-    """Like :func:`nats.connect`, returning a :class:`Client`."""
+async def connect(servers: str | list[str], **options: object) -> _NatsClient:
+    """Like :func:`nats.connect`, returning a :data:`Client`."""
     nc = Client()
     await nc.connect(servers, **options)  # type: ignore[arg-type]
     return nc
@@ -125,30 +99,39 @@ class Replies:
     """
 
     def __init__(self, nc: _NatsClient) -> None:
-        self.nc = nc
+        # Weakly: the connection maps to its Replies in a WeakKeyDictionary, which a
+        # strong reference back (this one, or the Subscription's) would keep alive.
+        self._nc = weakref.ref(nc)
         self.prefix = nc.new_inbox()
         self._waiting: dict[str, Callable[[Msg], None]] = {}
         self._next = 0
-        self._sub: Any = None
+        self._subscribed = False
         self._subscribing: asyncio.Future[None] | None = None
+
+    @property
+    def nc(self) -> _NatsClient:
+        """The connection (raises nats' ConnectionClosedError once it is gone)."""
+        nc = self._nc()
+        if nc is None:
+            raise nats.errors.ConnectionClosedError
+        return nc
 
     async def ready(self) -> None:
         """Subscribe once (concurrent first callers wait for the same subscription)."""
-        if self._sub is not None:
+        if self._subscribed:
             return
         if self._subscribing is not None:
             await asyncio.shield(self._subscribing)
             return
         self._subscribing = asyncio.get_running_loop().create_future()
         try:
-            self._sub = await self.nc.subscribe(
-                f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1
-            )
+            await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1)
         except BaseException as exc:
             self._subscribing.set_exception(exc)
             self._subscribing.exception()  # retrieved here: the next caller retries
             self._subscribing = None
             raise
+        self._subscribed = True
         self._subscribing.set_result(None)
 
     def listen(self, on_msg: Callable[[Msg], None]) -> str:
@@ -224,12 +207,14 @@ def _expire(future: asyncio.Future[Msg]) -> None:
         future.set_exception(nats.errors.TimeoutError())
 
 
+# Each connection's Replies, for as long as the connection lives (Replies refers back
+# to it only weakly, so the entry goes with the connection).
+_REPLIES: weakref.WeakKeyDictionary[_NatsClient, Replies] = weakref.WeakKeyDictionary()
+
+
 def replies(nc: _NatsClient) -> Replies:
-    """The connection's :class:`Replies` (made on first use), kept on the connection
-    itself so both go together (a weak-keyed map would keep every connection alive,
-    as the :class:`Replies` refers back to it)."""
-    found: Replies | None = getattr(nc, "_meshkit_replies", None)
+    """The connection's :class:`Replies`, made on first use."""
+    found = _REPLIES.get(nc)
     if found is None:
-        found = Replies(nc)
-        nc._meshkit_replies = found  # type: ignore[attr-defined]
+        found = _REPLIES[nc] = Replies(nc)
     return found

@@ -865,9 +865,20 @@ def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
 
 
 def _server_version(nc: NATS) -> tuple[int, int]:
-    version = str(getattr(nc, "_server_info", {}).get("version", "0.0.0"))
-    parts = re.findall(r"\d+", version)[:2]
-    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+    # nats-py's public view of the server's INFO: "0.0.0-unknown" until one arrived.
+    reported = nc.connected_server_version
+    try:
+        version = (reported.major, reported.minor)
+    except ValueError:  # not semantic versioning
+        version = (0, 0)
+    if version == (0, 0):
+        # Not "0.0 is too old": nothing is known, so nothing can be promised.
+        raise EventStoreError(
+            f"the nats-server version is unknown (nats-py reports {reported!r}: no server "
+            "INFO on this connection yet, or not a semantic version); the event store needs "
+            "nats-server >= 2.11 for Nats-Expected-Last-Subject-Sequence-Subject"
+        )
+    return version
 
 
 def _server_supports_atomic(nc: NATS) -> bool:

@@ -16,6 +16,7 @@ import pytest
 
 import meshkit.deadline
 from meshkit import Policy
+from meshkit._compat import grpcio as grpcio_compat
 from meshkit.grpc import parse_pushback
 from tests.integration._echo import OTHER_UNARY, Mesh, eventually
 
@@ -261,7 +262,11 @@ async def test_hedging_fastest_attempt_wins_and_the_rest_are_cancelled(mesh: Mes
     assert out["n"] == 2  # the second attempt answered
     assert out["prev"] == 1
     assert 0.09 <= elapsed < 2.0
-    assert await eventually(lambda: srv.script.cancelled["h"] == 1, timeout=2.5)
+    if mesh.kind == "aio" or grpcio_compat.FAST_PATHS["sync_future"]:
+        assert await eventually(lambda: srv.script.cancelled["h"] == 1, timeout=2.5)
+    # else: grpcio's public sync continuation cannot be cancelled, the loser runs to its
+    # end (docs/interceptors.md, meshkit/_compat/grpcio.py; both ways in
+    # tests/integration/test_compat_fallbacks.py)
     assert srv.script.total("h") == 2  # the third hedge was never needed
 
 

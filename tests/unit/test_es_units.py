@@ -4,6 +4,7 @@ snapshot encoding, read model stores, the saga state machine and its persisted f
 from __future__ import annotations
 
 import pytest
+from nats.aio.client import ServerVersion
 
 from examples.es_orders.saga import ORDER_SAGA, order_request
 from examples.shop.gen.shop.v1 import events_pb2
@@ -117,14 +118,17 @@ def test_config_errors_name_the_key() -> None:
 
 class _NC:
     def __init__(self, version: str) -> None:
-        self._server_info = {"version": version}
+        self.connected_server_version = ServerVersion(version)
 
 
 def test_atomic_batches_need_server_2_12() -> None:
     assert _server_supports_atomic(_NC("2.15.1"))  # type: ignore[arg-type]
     assert _server_supports_atomic(_NC("2.12.0"))  # type: ignore[arg-type]
     assert not _server_supports_atomic(_NC("2.11.9"))  # type: ignore[arg-type]
-    assert not _server_supports_atomic(_NC("garbage"))  # type: ignore[arg-type]
+    with pytest.raises(EventStoreError, match="version is unknown"):
+        _server_supports_atomic(_NC("garbage"))  # type: ignore[arg-type]
+    with pytest.raises(EventStoreError, match="version is unknown"):
+        _server_supports_atomic(_NC("0.0.0-unknown"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("make", [MemoryReadModelStore, SqliteReadModelStore])

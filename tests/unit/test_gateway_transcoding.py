@@ -646,51 +646,6 @@ async def test_lifespan_reports_startup_failure_and_runs_shutdown() -> None:
     assert done == ["up", "down"]
 
 
-async def test_unary_calls_fall_back_to_the_public_api_when_grpc_internals_differ(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The gateway's fast path drives grpc.aio's internal call object; a grpc release that
-    # changes it must cost speed, not correctness: nothing is sent twice, answers still come.
-    from meshkit.gateway import _unary
-
-    class InternalChannel:
-        def call(self, *args: object) -> None:
-            raise TypeError("call() takes 4 arguments")
-
-    monkeypatch.setattr(_unary, "_AioChannel", InternalChannel)
-
-    class PublicCall:
-        def __await__(self):  # type: ignore[no-untyped-def]
-            yield from ()
-            return "response"
-
-        async def initial_metadata(self) -> tuple[()]:
-            return ()
-
-        async def trailing_metadata(self) -> tuple[tuple[str, str]]:
-            return (("k", "v"),)
-
-    class MultiCallable:
-        _interceptors = None
-        _channel = InternalChannel()
-        _method = b"/pkg.S/M"
-        _request_serializer = staticmethod(lambda r: r.encode())
-        _response_deserializer = staticmethod(lambda b: b.decode())
-        _registered_call_handle = 1
-        sent: list[str] = []
-
-        def __call__(self, request: str, **kw: object) -> PublicCall:
-            self.sent.append(request)
-            return PublicCall()
-
-    mc = MultiCallable()
-    invoke = _unary.unary_invoker(mc)
-    assert await invoke("a", (), 1.0) == ("response", (), (("k", "v"),))
-    assert await invoke("b", (), None) == ("response", (), (("k", "v"),))
-    assert mc.sent == ["a", "b"]  # each request went out once, through the public API
-    assert "public API" in caplog.text
-
-
 def test_the_cli_protocol_is_used_only_on_the_uvicorn_series_it_was_tested_with() -> None:
     # It extends uvicorn's internals: another uvicorn series gets uvicorn's own protocol.
     from meshkit.gateway._http import TESTED_UVICORN, GatewayHttpProtocol, protocol_for
