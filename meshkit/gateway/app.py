@@ -25,6 +25,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,22 @@ from meshkit.gateway.transcoding import (
 from meshkit.gateway.upstreams import UpstreamRegistry
 
 log = logging.getLogger("meshkit.gateway")
+
+# Multicallables and invokers per channel. Weakly keyed, so they go when the channel
+# goes (keying by id(channel) would hand a new channel a dead one's calls), and held
+# here rather than as an attribute set on grpc's object.
+_CALLS: weakref.WeakKeyDictionary[grpc.aio.Channel, dict[tuple[int, str], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _calls_of(channel: grpc.aio.Channel) -> dict[tuple[int, str], Any]:
+    cache = _CALLS.get(channel)
+    if cache is None:
+        cache = _CALLS[channel] = {}
+    return cache
+
+
 _SNAPSHOT_TOKENS = itertools.count()
 
 Scope = MutableMapping[str, Any]
@@ -167,9 +184,7 @@ class GatewayState:
     # ---- calls
 
     def _callable(self, channel: grpc.aio.Channel, b: Binding, kind: str) -> Any:
-        # The cache lives on the channel, so it goes when the channel goes; keying a
-        # shared dict by id(channel) would hand a new channel a dead one's calls.
-        cache: dict[tuple[int, str], Any] = channel.__dict__.setdefault("_meshkit_calls", {})
+        cache = _calls_of(channel)
         key = (self._token, b.method.path)
         mc = cache.get(key)
         if mc is None:
@@ -184,7 +199,7 @@ class GatewayState:
         return mc
 
     def _unary_invoker(self, channel: grpc.aio.Channel, b: Binding) -> UnaryInvoker:
-        cache: dict[tuple[int, str], Any] = channel.__dict__.setdefault("_meshkit_calls", {})
+        cache = _calls_of(channel)
         key = (self._token, b.method.path + " invoke")
         inv: UnaryInvoker | None = cache.get(key)
         if inv is None:

@@ -31,6 +31,7 @@ from meshkit.grpc._server_core import (
     bulkhead_rejection,
     code_name,
     deadline_of,
+    with_behavior,
     wrapped_handler,
 )
 from meshkit.grpc._status import code_of, error_status, rich_trailers
@@ -152,13 +153,15 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
 
     def _wrap(self, plan: ServerPlan, handler: Any) -> Any:
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(plan, handler.unary_unary))
+            return with_behavior(handler, "unary_unary", self._unary(plan, handler.unary_unary))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._unary(plan, handler.stream_unary))
+            return with_behavior(handler, "stream_unary", self._unary(plan, handler.stream_unary))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._streaming(plan, handler.unary_stream))
+            behavior = self._streaming(plan, handler.unary_stream)
+            return with_behavior(handler, "unary_stream", behavior)
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=self._streaming(plan, handler.stream_stream))
+            behavior = self._streaming(plan, handler.stream_stream)
+            return with_behavior(handler, "stream_stream", behavior)
         return handler
 
     # -- admission ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ __all__ = [
     "code_name",
     "deadline_of",
     "rate_key",
+    "with_behavior",
     "wrapped_handler",
 ]
 
@@ -58,6 +59,25 @@ def wrapped_handler(
     wrapped = wrap(method, handler)
     cache[method] = (handler, wrapped)
     return wrapped
+
+
+_HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def with_behavior(handler: Any, kind: str, behavior: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    """A method handler like ``handler`` whose ``kind`` (``"unary_unary"`` ...) behavior
+    is ``behavior``: built with grpcio's public constructors, so nothing depends on how
+    grpcio represents a handler."""
+    return _HANDLER_FACTORIES[kind](
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class Rejection:

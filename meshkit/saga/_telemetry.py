@@ -10,7 +10,6 @@ incoming trace context still flows through to the outgoing events.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -31,19 +30,19 @@ from meshkit.saga.envelope import TRACEPARENT, TRACESTATE, Envelope
 _tracer = trace.get_tracer("meshkit.saga")
 
 
-_UNKNOWN = object()
-# The API loads a provider named here on first use; without it, no provider means none.
-_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+_installed = False
 
 
 def tracing() -> bool:
     """True once an OpenTelemetry SDK (any real tracer provider) is installed."""
-    # Asked on every event: skip get_tracer_provider()'s environment lookup while no
-    # provider is set (the API module's global; the public call when it is missing).
-    if getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) is None and not _PROVIDER_FROM_ENV:
-        return False
+    global _installed
+    # Asked on every event. The global provider can be set only once, so a real one,
+    # once seen, stays: later calls skip the lookup.
+    if _installed:
+        return True
     provider = trace.get_tracer_provider()
-    return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+    _installed = not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+    return _installed
 
 
 def _attrs(subject: str, env: Envelope, operation: str, size: int) -> dict[str, str | int]:

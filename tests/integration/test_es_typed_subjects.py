@@ -659,6 +659,7 @@ async def test_without_an_sdk_the_events_carry_the_callers_trace(
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(_telemetry, "_installed", False)  # forget a provider seen before
     assert not _telemetry.tracing()
     store = EventStore(nc, _config(storage="memory"))
     await store.ensure()

@@ -138,6 +138,7 @@ class AioMeshServer:
 
     async def start(self) -> AioMeshServer:
         """Start serving; on SIGTERM drain (when asked and the loop supports signals)."""
+        await self.set_serving(True)
         await self.server.start()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
@@ -214,13 +215,11 @@ def server(
     extra: list[str] = []
     if health:
         from grpc_health.v1 import _async as health_aio
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2_grpc
 
         servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, srv)
-        for name in ["", *names]:
-            # HealthServicer.set is a coroutine and nobody watches yet: seed the map.
-            servicer._server_status[name] = health_pb2.HealthCheckResponse.SERVING
+        # Every service is marked SERVING by start(), before the port answers.
         extra.append("grpc.health.v1.Health")
     add_health_and_reflection(srv, [*names, *extra], health=False, reflection=reflection)
     addresses = [address] if isinstance(address, str) else list(address)

@@ -25,6 +25,7 @@ from meshkit.grpc._server_core import (
     bulkhead_rejection,
     code_name,
     deadline_of,
+    with_behavior,
     wrapped_handler,
 )
 from meshkit.grpc._status import code_of
@@ -87,9 +88,9 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
             if behavior is None:
                 continue
             if inspect.isasyncgenfunction(behavior):
-                return handler._replace(**{field: self._async_gen(plan, behavior)})
+                return with_behavior(handler, field, self._async_gen(plan, behavior))
             if inspect.iscoroutinefunction(behavior):
-                return handler._replace(**{field: self._coroutine(plan, behavior)})
+                return with_behavior(handler, field, self._coroutine(plan, behavior))
             # A sync handler run on the migration thread pool.
             return self._sync._wrap(self._sync._plans.get(plan.method), handler)
         return handler
