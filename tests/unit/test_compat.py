@@ -226,6 +226,10 @@ PRIVATE_NAMES = frozenset(
         "_flush_pending",
         "_parse_header_lines",
         "_meshkit_replies",
+        "_meshkit_calls",  # once stuck on grpc.aio channels
+        "_server_status",  # grpcio-health-checking's servicer map
+        "_TRACER_PROVIDER",  # OpenTelemetry API's global
+        "_replace",  # grpcio's method handlers happen to be namedtuples
     }
 )
 
