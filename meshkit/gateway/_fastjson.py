@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from google.protobuf.internal import type_checkers
 from google.protobuf.message import Message
 
 FD = FieldDescriptor
+_DECIMAL = re.compile(r"-?[0-9]+\Z")
 # Descriptor objects are typed loosely: the upb and pure-Python classes differ in the stubs.
 DescT = Any
 FieldT = Any
@@ -241,11 +243,9 @@ class Decoder:
             def conv(v: Any) -> Any:
                 if type(v) is int:
                     return v
-                if type(v) is str and t in _INT64:
-                    try:
-                        return int(v)
-                    except ValueError:
-                        raise Fallback from None
+                # Only plain decimal strings: int() would also take "1_000" and " 12".
+                if type(v) is str and t in _INT64 and _DECIMAL.match(v):
+                    return int(v)
                 raise Fallback
 
             return conv

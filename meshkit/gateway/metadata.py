@@ -89,6 +89,31 @@ def accepts_trailers(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+# Standard and URL-safe alphabets (gRPC accepts both), without padding; a padded value
+# is checked after its ``=`` are stripped, and may have at most two of them.
+_B64 = re.compile(rb"[A-Za-z0-9+/\-_]*\Z")
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def decode_base64(value: bytes) -> bytes | None:
+    """``value`` decoded as gRPC decodes ``-bin`` metadata: either alphabet, padded to a
+    multiple of 4 or not padded at all; None for anything else. (``b64decode`` without
+    ``validate`` drops stray characters, so ``!!!`` would pass as empty bytes.)"""
+    data = value.rstrip(b"=")
+    pad = len(value) - len(data)
+    if pad > 2 or (pad and len(value) % 4) or len(data) % 4 == 1 or not _B64.match(data):
+        return None
+    try:
+        return base64.b64decode(data.translate(_URLSAFE) + b"=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError):  # pragma: no cover - excluded by the checks above
+        return None
+
+
+def _title(name: bytes) -> str:
+    """A header name as clients usually write it (``Grpc-Metadata-Blob-Bin``)."""
+    return "-".join(p.capitalize() for p in name.decode("latin-1").split("-"))
+
+
 def parse_timeout(value: bytes) -> float:
     """``Grpc-Timeout`` (``<1-8 digits><H|M|S|m|u|n>``) in seconds; 400 if malformed."""
     m = _TIMEOUT.match(value.strip())
@@ -129,12 +154,14 @@ def read_headers(
             if skey.startswith("grpc-") or skey in _HOP_BY_HOP:
                 continue
             if skey.endswith("-bin"):
-                try:
-                    md.append((skey, base64.b64decode(value + b"=" * (-len(value) % 4))))
-                except (binascii.Error, ValueError):
+                decoded = decode_base64(value)
+                if decoded is None:
                     raise bad_request(
-                        f"header {name.decode('latin-1')!r} is not valid base64", skey
-                    ) from None
+                        f"header {_title(name)} is not valid base64 (standard or URL-safe "
+                        "alphabet, padded or unpadded)",
+                        _title(name),
+                    )
+                md.append((skey, decoded))
             else:
                 if not _VALUE.match(value):
                     raise bad_request(

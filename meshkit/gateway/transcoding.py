@@ -20,6 +20,7 @@ from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from meshkit.gateway._fastjson import _WRAPPERS, FD, Decoder, DescT, Encoder, Fallback, FieldT
+from meshkit.gateway._jsoncheck import JsonChecker
 from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import MethodInfo
 from meshkit.gateway.errors import bad_request
@@ -252,6 +253,7 @@ class JsonCodec:
         self._dumps = _compact_dumps()
         self._encoder = None if options.emit_unpopulated else Encoder(options.proto_names, pool)
         self._decoder = Decoder(self.ignore_unknown)
+        self._checker = JsonChecker(pool, strict=options.strict)
 
     def loads(self, data: bytes) -> Any:
         """Parse JSON bytes; raise a 400 GatewayError for bad JSON or deep nesting."""
@@ -273,15 +275,25 @@ class JsonCodec:
             try:
                 self._decoder.merge(obj, msg)
                 return
-            except Fallback:
+            except (Fallback, ValueError, TypeError):
+                # Declined, or a value protobuf refused on assignment (a lone surrogate):
+                # the reference path decides, so both paths answer alike.
                 msg.Clear()
             except RecursionError:
                 raise bad_request(f"JSON nested deeper than {self.max_depth} levels") from None
+        self.merge_reference(obj, msg, where)
+
+    def merge_reference(self, obj: Any, msg: Message, where: str = "body") -> None:
+        """:meth:`merge` without the fast path: the JSON checked against the descriptors
+        (unknown names dropped unless strict, wrong-shaped values refused naming the field),
+        then ``json_format`` with no leniency left."""
         try:
+            if type(obj) is dict:
+                obj = self._checker.message(obj, msg.DESCRIPTOR)
             json_format.ParseDict(
                 obj,
                 msg,
-                ignore_unknown_fields=self.ignore_unknown,
+                ignore_unknown_fields=False,
                 descriptor_pool=self.pool,
                 max_recursion_depth=self.max_depth,
             )

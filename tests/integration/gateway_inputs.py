@@ -27,6 +27,15 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any]]] = [
     ("GET", "/v1/headers", {"headers": {"grpc-metadata-bad@key": "v"}}),
     ("GET", "/v1/headers", {"headers": {"grpc-metadata-x": "v\x7f"}}),
     ("GET", "/v1/headers", {"headers": {"grpc-timeout": "99999999999S"}}),
+    ("GET", "/v1/headers", {"headers": {"grpc-metadata-blob-bin": "!!!"}}),
+    ("GET", "/v1/headers", {"headers": {"grpc-metadata-blob-bin": "AAE=C"}}),
+    ("POST", "/v1/echo", {"content": b'{"name": "\\ud800"}'}),
+    ("POST", "/v1/echo", {"content": b'{"inner": {"tags": ["ok", "\\udfff"]}}'}),
+    ("POST", "/v1/echo", {"content": b'{"inner": "x"}'}),
+    ("POST", "/v1/echo", {"content": b'{"inner": 5}'}),
+    ("POST", "/v1/echo", {"content": b'{"color": "COLOR_PURPLE"}'}),
+    ("POST", "/v1/echo", {"content": b'{"colors": ["COLOR_RED", "COLOR_PURPLE"]}'}),
+    ("POST", "/v1/echo", {"content": b'{"tags": "x"}'}),
     ("GET", "/v1/headers", {"headers": {"x-long": "a" * 64_000}}),
 ]
 
