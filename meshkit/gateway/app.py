@@ -331,7 +331,7 @@ class GatewayState:
         self, send: Send, err: grpc.aio.AioRpcError, hdrs: RequestHeaders | None = None
     ) -> None:
         """Answer with an upstream call's status."""
-        st = status_from_rpc_error(err)
+        st = status_from_rpc_error(err, hdrs.request_id if hdrs is not None else "")
         extra = [
             *self.request_id_header(hdrs),
             *metadata_headers(err.initial_metadata()),

@@ -311,7 +311,8 @@ class Composite:
         try:
             resp = await call(msg, timeout=timeout, metadata=tuple(metadata))
         except grpc.aio.AioRpcError as err:
-            st = status_from_rpc_error(err)
+            rid = next((str(v) for k, v in metadata if k == "x-request-id"), "")
+            st = status_from_rpc_error(err, rid)
             raise _CallFailed(
                 c.name, CODE_NAME.get(st.code, "UNKNOWN"), st.message, status=st
             ) from None

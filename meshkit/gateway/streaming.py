@@ -267,7 +267,8 @@ async def serve_http_stream(
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED and watcher is not None and watcher.done():
                 return  # the client left; nobody to tell
-            error = status_json(status_from_rpc_error(err), state.catalog.pool)
+            rid = hdrs.request_id if hdrs is not None else ""
+            error = status_json(status_from_rpc_error(err, rid), state.catalog.pool)
             if feed_error and isinstance(feed_error[0], GatewayError):
                 error = status_json(feed_error[0].to_status(), state.catalog.pool)
             trailing = err.trailing_metadata()

@@ -146,7 +146,9 @@ async def serve_websocket(state: GatewayState, scope: Scope, receive: Receive, s
     except grpc.aio.AioRpcError as err:
         if not closed.is_set():
             record: dict[str, Any] = {
-                "error": status_json(status_from_rpc_error(err), state.catalog.pool)
+                "error": status_json(
+                    status_from_rpc_error(err, hdrs.request_id), state.catalog.pool
+                )
             }
             trailers = metadata_json(err.trailing_metadata())
             if trailers:

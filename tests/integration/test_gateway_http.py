@@ -682,3 +682,37 @@ async def test_unreachable_upstream_carries_a_request_id() -> None:
         r = await c.get("/v1/echo/x", headers={"grpc-timeout": "5S", "x-request-id": "rq-1"})
         _is_status(r, 503, 14)
         assert r.headers["x-request-id"] == "rq-1"
+
+
+# --------------------------------------------------------------------------- local failures
+
+
+async def test_local_channel_failures_are_generic_and_logged_once(
+    echo: Backend, ec: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC core's own text (internal addresses, connection errors) stays in the log; the
+    client gets a generic message with its request id. A status the upstream service
+    sent itself keeps its own message."""
+    import logging
+
+    port = free_port()
+    app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{port}"])
+    caplog.set_level(logging.DEBUG)
+    async with _client(app) as c:
+        r = await c.get("/v1/echo/x", headers={"grpc-timeout": "5S", "x-request-id": "rq-down"})
+    body = _is_status(r, 503, 14)
+    assert body["message"] == "upstream unavailable (request id rq-down)"
+    assert str(port) not in r.text and "127.0.0.1" not in r.text and "ipv4" not in r.text
+    warnings = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    [w] = warnings
+    assert str(port) in w.getMessage() and "rq-down" in w.getMessage()
+    assert w.exc_info is None and "Traceback" not in caplog.text
+    # A deadline that runs out in the gateway's own channel: generic too.
+    r = await ec.get("/v1/echo/x", headers={"grpc-timeout": "1n", "x-request-id": "rq-late"})
+    body = _is_status(r, 504, 4)
+    assert body["message"] == "upstream deadline exceeded (request id rq-late)"
+    # The service's own UNAVAILABLE passes through as it was sent.
+    r = await ec.get("/v1/fail/14")
+    body = _is_status(r, 503, 14)
+    assert body["message"].startswith("failed with")
