@@ -60,11 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="reject unknown JSON fields and query parameters with 400",
     )
+    from meshkit.gateway._serve import add_http_arguments
+
+    add_http_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``meshkit gateway``."""
+    from meshkit.gateway._serve import http_options
     from meshkit.gateway._server import ServeSpec, options_overrides, serve
 
     spec = ServeSpec(
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=options_overrides(
             proto_names=args.proto_names, emit_unpopulated=args.emit_unpopulated, strict=args.strict
         ),
+        http=http_options(args),
     )
     try:
         return serve(spec)

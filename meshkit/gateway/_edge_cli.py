@@ -9,11 +9,13 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshkit.gateway._http import HttpOptions
 
 log = logging.getLogger("meshkit.gateway.edge")
 
@@ -49,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--profile", metavar="NAME", help="serve only this profile")
     e.add_argument("--host", default="127.0.0.1")
     e.add_argument("--port", type=int, default=8080, help="port for profiles without their own")
+    from meshkit.gateway._serve import add_http_arguments
+
+    add_http_arguments(e)
     e.set_defaults(func=run_edge)
 
 
@@ -83,6 +88,7 @@ def run_openapi(args: argparse.Namespace) -> int:
 def run_edge(args: argparse.Namespace) -> int:
     """Entry point of ``meshkit edge``: 0 after a graceful stop (SIGTERM or SIGINT), 2 for a
     bad config or a port it cannot listen on."""
+    from meshkit.gateway._serve import http_options, run_loop
     from meshkit.gateway.edge import create_edge_app
 
     try:
@@ -94,7 +100,10 @@ def run_edge(args: argparse.Namespace) -> int:
     if args.profile and args.profile not in edge.profiles:
         log.error("--profile: unknown profile %r; have %s", args.profile, ", ".join(edge.profiles))
         return 2
-    return asyncio.run(_serve(edge, names, args.host, args.port, single=bool(args.profile)))
+    options = http_options(args)
+    return run_loop(
+        _serve(edge, names, args.host, args.port, single=bool(args.profile), options=options)
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -113,10 +122,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(edge: object, names: list[str], host: str, port: int, *, single: bool) -> int:
-    import uvicorn
-
-    from meshkit.gateway._server import http_protocol
+async def _serve(
+    edge: object,
+    names: list[str],
+    host: str,
+    port: int,
+    *,
+    single: bool,
+    options: HttpOptions | None = None,
+) -> int:
+    from meshkit.gateway._serve import HttpServer
     from meshkit.gateway.edge import EdgeApp
 
     assert isinstance(edge, EdgeApp)
@@ -131,18 +146,6 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
     if shared and not single:
         apps.setdefault(port, edge.asgi())
 
-    class _Server(uvicorn.Server):
-        """A uvicorn server that leaves signals to ``_serve``. uvicorn's own capture lets
-        only the last started server see SIGTERM, and each server then re-raises the
-        signal at exit, which kills the process before the others have drained."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Generator[None, None, None]:
-            yield
-
-        def install_signal_handlers(self) -> None:
-            """The same as ``capture_signals``, for uvicorn < 0.29: nothing installed."""
-
     socks: list[tuple[socket.socket, Any]] = []
     try:
         for p, app in sorted(apps.items()):
@@ -152,23 +155,10 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
         for sock, _ in socks:
             sock.close()
         return 2
-    http = http_protocol()
-    servers: list[tuple[uvicorn.Server, socket.socket]] = []
-    for sock, app in socks:
-        cfg = uvicorn.Config(
-            app,
-            host=host,
-            port=sock.getsockname()[1],
-            http=http,
-            ws="websockets-sansio",
-            # One startup and one shutdown for all ports (below): they share the upstreams,
-            # whose channels must stay open until the last port has drained.
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=10,
-        )
-        servers.append((_Server(cfg), sock))
+    # One server for every port, without a lifespan of its own: one startup and one
+    # shutdown for all ports (below), as they share the upstreams, whose channels must
+    # stay open until the last port has drained.
+    server = HttpServer(socks, options=options)
 
     async def reload() -> None:
         try:
@@ -177,9 +167,11 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
         except Exception as exc:  # keep serving the previous configuration
             log.error("reload failed, keeping the previous configuration: %s", exc)
 
+    seen: list[signal.Signals] = []
+
     def stop(sig: signal.Signals) -> None:
-        for server, _ in servers:
-            server.handle_exit(sig, None)  # a second SIGINT forces the exit, as in uvicorn
+        seen.append(sig)
+        server.stop(force=len(seen) > 1)  # a second signal stops without draining
 
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -191,16 +183,14 @@ async def _serve(edge: object, names: list[str], host: str, port: int, *, single
             handled.append(sig)
     try:
         await edge.startup()
-        tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
-        for sock, _ in socks:
-            log.info("edge serving on %s:%d", host, sock.getsockname()[1])
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            # One server failing stops the others too.
-            for server, _ in servers:
-                server.should_exit = True
-            await asyncio.gather(*tasks, return_exceptions=True)
+        serving = asyncio.create_task(server.serve())
+        started = asyncio.create_task(server.started_event.wait())
+        await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if server.started:
+            for sock, _ in socks:
+                log.info("edge serving on %s:%d", host, sock.getsockname()[1])
+        await serving
     finally:
         await edge.shutdown()
         for sig in handled:

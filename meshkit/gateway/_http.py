@@ -1,284 +1,224 @@
-"""uvicorn's httptools protocol, writing each response's head and first body chunk at once.
+"""The CLI's HTTP/1.1 server protocol: httptools' public parser under asyncio.
 
-uvicorn writes the status line and headers, then the body, as two ``transport.write``
-calls; uvloop tries each write at once, so a small unary response costs two ``write``
-syscalls, which profiling showed to be the largest single cost of a proxied request.
-Here the head is held back and goes out with the first body chunk. So that a head is
-never delayed (a streaming response may send its first chunk much later), a held head
-is also flushed at the end of the current event-loop iteration.
+``meshkit gateway`` and ``meshkit edge`` serve with this protocol (and
+:mod:`meshkit.gateway._ws` for WebSocket upgrades, :mod:`meshkit.gateway._serve` for
+the listening sockets, lifespan and graceful drain). It stands on public APIs only
+(``httptools.HttpRequestParser``, ``httptools.parse_url``, asyncio), and offers what an
+ASGI server in front of the gateway otherwise would not guarantee:
 
-It also offers what uvicorn's HTTP/1.1 protocols do not:
-
-* the ``meshkit.disconnect`` scope extension (:mod:`meshkit.gateway._disconnect`), so a
-  unary call is cancelled when its client goes away without a task watching ``receive()``;
-* the ASGI ``http.response.trailers`` extension: trailer fields after the last chunk of a
-  chunked response, sent when the request said ``TE: trailers`` (as uvicorn's HTTP/2
-  protocol does);
-* ``google.rpc.Status`` JSON for the requests it rejects itself (malformed HTTP: 400; a
-  header section over :data:`MAX_HEAD_BYTES`: 431), like every other gateway error.
-
-Everything else (parsing, keep-alive, pipelining, flow control, WebSocket upgrades,
-graceful shutdown) is uvicorn's own.
+* bounds on a request's header section, enforced while it arrives: its size
+  (:attr:`HttpOptions.max_header_bytes`) and its number of fields
+  (:attr:`HttpOptions.max_headers`), 431 beyond either; a header section not complete
+  within :attr:`HttpOptions.header_timeout` gets 408, an idle keep-alive connection is
+  closed after :attr:`HttpOptions.keep_alive_timeout`;
+* ``google.rpc.Status`` JSON for every request it refuses itself (400 malformed, a bad,
+  missing or repeated ``Host``, ``Content-Length`` with ``Transfer-Encoding``; 431; 501
+  for a transfer coding other than chunked; 505 for an HTTP version other than 1.0/1.1),
+  answered ``Connection: close`` with the connection lingering briefly so the reply is
+  not lost to a reset; no request behind a refused one reaches the app;
+* the ``meshkit.disconnect`` scope extension (:mod:`meshkit.gateway._disconnect`) and the
+  ASGI ``http.response.trailers`` extension (sent to clients that said ``TE: trailers``);
+* one write per small response: the head is held and goes out with the first body
+  chunk, or at the end of the event-loop iteration, so a streaming head is never delayed;
+* keep-alive, pipelining (in order), read and write flow control, ``Expect:
+  100-continue``, ``X-Forwarded-For``/``X-Forwarded-Proto`` from trusted proxies only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
+import ipaddress
 import json
+import logging
+import re
 import urllib.parse
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http import httptools_impl as _impl
-from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from meshkit.gateway._disconnect import DISCONNECT_EXTENSION
 from meshkit.gateway.metadata import accepts_trailers
 
-_HEADER_RE = _impl.HEADER_RE
-_HEADER_VALUE_RE = _impl.HEADER_VALUE_RE
-_STATUS_LINE = _impl.STATUS_LINE
-_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
-#: A request whose request line and headers exceed this many bytes is refused with 431:
-#: when they are complete, and while they are still arriving (httptools has no limit of
-#: its own and holds a header in memory until it is complete).
-MAX_HEAD_BYTES = 64 * 1024
+if TYPE_CHECKING:
+    from meshkit.gateway._ws import WebSocketConnection
+
+log = logging.getLogger("meshkit.gateway.http")
+
+# The app may return anything (an app that returns a value is logged as an error).
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[object],
+]
+
 #: Seconds a refused connection is still read (and the input dropped) before it closes.
 LINGER_SECONDS = 2.0
+#: A request body buffered beyond this many bytes pauses reading until the app reads it.
+HIGH_WATER = 65536
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """The CLI server's limits and timeouts (``meshkit gateway``/``meshkit edge`` flags)."""
+
+    #: Request line plus header section, in bytes; over it the request gets 431.
+    max_header_bytes: int = 64 * 1024
+    #: Header fields per request (Envoy's default); over it the request gets 431.
+    max_headers: int = 100
+    #: Seconds from a request's first byte until its header section is complete (408).
+    header_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection stays open.
+    keep_alive_timeout: float = 5.0
+    #: Peers whose X-Forwarded-For/-Proto are believed: addresses, networks or ``*``.
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
+    #: Seconds a graceful stop waits for requests in flight.
+    graceful_timeout: float = 10.0
+    #: Largest WebSocket message accepted, in bytes.
+    ws_max_size: int = 16 * 1024 * 1024
+    #: The ASGI ``root_path``.
+    root_path: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_bytes", "max_headers", "ws_max_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("header_timeout", "keep_alive_timeout", "graceful_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class _Trust:
+    """``forwarded_allow_ips`` compiled: literal addresses, networks, or everyone."""
+
+    __slots__ = ("everyone", "hosts", "networks")
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.everyone = "*" in entries
+        self.hosts: set[str] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in entries:
+            if entry == "*":
+                continue
+            if "/" in entry:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            else:
+                self.hosts.add(entry)
+
+    def __contains__(self, host: object) -> bool:
+        if self.everyone or host in self.hosts:
+            return True
+        if not self.networks or not isinstance(host, str):
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+@dataclass(eq=False)
+class ServerState:
+    """What the connections of one server share."""
+
+    options: HttpOptions
+    #: Every open connection (HTTP and WebSocket), for the graceful drain.
+    connections: set[Any] = field(default_factory=set)
+    #: The tasks running the app, so none is collected while it waits.
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: The ``date`` header line, refreshed once a second by the server.
+    date: bytes = b""
+    #: The lifespan state (ASGI ``scope["state"]``), copied into each scope when not empty.
+    lifespan_state: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False
+    trust: _Trust = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trust = _Trust(self.options.forwarded_allow_ips)
+        self.refresh_date()
+
+    def refresh_date(self) -> None:
+        """Recompute the ``date`` header line (the server calls this once a second)."""
+        from email.utils import formatdate
+
+        self.date = b"date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
+
+
+_STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+# Bytes a header name (a token) or value may not hold.
+_HEADER_RE = re.compile(b'[\x00-\x1f\x7f()<>@,;:[\\]={} \t\\\\"]')
+_HEADER_VALUE_RE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 section 3.2 / RFC 3986: uri-host [":" port]; an IP literal in brackets.
+_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# Request headers noted while parsing (the others are only collected).
+_NOTED = frozenset(
+    (
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+    )
+)
 # Fields that frame or route a message cannot come as trailers (RFC 9110 section 6.5.1).
 _NOT_TRAILERS = frozenset(
     (b"content-length", b"transfer-encoding", b"connection", b"host", b"te", b"trailer")
 )
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-# (server_state.default_headers list, its encoded lines): uvicorn replaces that list
-# once a second (the Date header), so its validation and encoding happen once per list,
-# not per response. Holding the list keeps the identity check sound.
-_defaults: list[Any] = [None, None]
+def status_body(code: int, message: str) -> bytes:
+    """A ``google.rpc.Status`` JSON body."""
+    doc = {"code": code, "message": message, "details": []}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _encoded_defaults(default_headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The server's default headers as head lines; None when one of them needs the
-    per-response checks (invalid, or one that sets framing or keep-alive)."""
-    if _defaults[0] is default_headers:
-        return _defaults[1]  # type: ignore[no-any-return]
-    out: bytes | None = None
-    parts: list[bytes] = []
-    for name, value in default_headers:
-        low = name.lower()
-        if _HEADER_RE.search(name) or _HEADER_VALUE_RE.search(value) or low in _SPECIAL:
-            break
-        parts.extend((low, b": ", value, b"\r\n"))
-    else:
-        out = b"".join(parts)
-    _defaults[0], _defaults[1] = default_headers, out
-    return out
+def status_response(status: int, code: int, message: str, date: bytes, *, close: bool) -> bytes:
+    """A whole response carrying a ``google.rpc.Status`` JSON body."""
+    body = status_body(code, message)
+    return b"".join(
+        (
+            _STATUS_LINE.get(status) or _status_line(status),
+            date,
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        )
+    )
 
 
-class _Cycle(_impl.RequestResponseCycle):
-    _head: bytes | None = None
-    _loop: asyncio.AbstractEventLoop
-    _trailers = False  # the app announced trailers (http.response.start "trailers")
-    _awaiting_trailers = False  # the last chunk is out; the trailer section is not
+class _Refuse(Exception):
+    """Raised from a parser callback to stop parsing: answer with this status."""
 
-    def _finish(self) -> None:
-        self.response_complete = True
-        self.message_event.set()
-        if not self.keep_alive:
-            self.transport.close()
-        self.on_response()
-
-    def _send_trailers(self, message: Any) -> None:
-        parts: list[bytes] = []
-        if accepts_trailers(self.scope["headers"]):
-            for name, value in message.get("headers", ()):
-                if _HEADER_RE.search(name):
-                    raise RuntimeError("Invalid HTTP trailer name.")
-                if _HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP trailer value.")
-                name = name.lower()
-                if name not in _NOT_TRAILERS:
-                    parts.extend((name, b": ", value, b"\r\n"))
-        more = message.get("more_trailers", False)
-        if not more:
-            parts.append(b"\r\n")
-        if parts and not self.transport.is_closing():
-            self.transport.write(b"".join(parts))
-        if not more:
-            self._awaiting_trailers = False
-            self._finish()
-
-    def _flush_head(self) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            if not self.transport.is_closing():
-                self.transport.write(head)
-
-    async def run_asgi(self, app: Any) -> None:
-        # uvicorn's, inlined (not a wrapper around it: one coroutine frame less).
-        try:
-            result = await app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            self.logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.response_started:
-                await self.send_500_response()
-            else:
-                self._flush_head()
-                self.transport.close()
-        else:
-            if result is not None:
-                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
-                self._flush_head()
-                self.transport.close()
-            elif not self.response_started and not self.disconnected:
-                self.logger.error("ASGI callable returned without starting response.")
-                await self.send_500_response()
-            elif not self.response_complete and not self.disconnected:
-                self.logger.error("ASGI callable returned without completing response.")
-                self._flush_head()
-                self.transport.close()
-        finally:
-            self._flush_head()
-            self.on_response = lambda: None
-
-    async def send(self, message: Any) -> None:
-        if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()  # pragma: no cover - needs a stalled client
-        if self.disconnected:
-            return
-        if not self.response_started:
-            if message["type"] != "http.response.start":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
-                )
-            self.response_started = True
-            self.waiting_for_100_continue = False
-            self._trailers = message.get("trailers", False)
-            status_code = message["status"]
-            defaults = _encoded_defaults(self.default_headers)
-            if defaults is None:
-                headers = self.default_headers + list(message.get("headers", []))
-            else:
-                headers = message.get("headers", ())
-            if self.access_log:
-                self.access_logger.info(
-                    '%s - "%s %s HTTP/%s" %d',
-                    get_client_addr(self.scope),
-                    self.scope["method"],
-                    get_path_with_query_string(self.scope),
-                    self.scope["http_version"],
-                    status_code,
-                )
-            content = [_STATUS_LINE[status_code]]
-            if defaults is not None:
-                content.append(defaults)
-            has_connection_close = False
-            for name, value in headers:
-                if _HEADER_RE.search(name):
-                    raise RuntimeError("Invalid HTTP header name.")
-                if _HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP header value.")
-                name = name.lower()
-                if name == b"content-length" and self.chunked_encoding is None:
-                    self.expected_content_length = int(value.decode())
-                    self.chunked_encoding = False
-                elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self.expected_content_length = 0
-                    self.chunked_encoding = True
-                elif name == b"connection":
-                    connection = [token.lower().strip() for token in value.split(b",")]
-                    if b"close" in connection:
-                        self.keep_alive = False
-                        has_connection_close = True
-                content.extend((name, b": ", value, b"\r\n"))
-            if not self.keep_alive and not has_connection_close:
-                content.append(b"connection: close\r\n")
-            if (
-                self.chunked_encoding is None
-                and self.scope["method"] != "HEAD"
-                and status_code not in (204, 304)
-            ):
-                self.chunked_encoding = True
-                content.append(b"transfer-encoding: chunked\r\n")
-            content.append(b"\r\n")
-            self._head = b"".join(content)
-            self._loop.call_soon(self._flush_head)
-        elif self._awaiting_trailers:
-            if message["type"] != "http.response.trailers":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.trailers', but got '{message['type']}'."
-                )
-            self._send_trailers(message)
-        elif not self.response_complete:
-            if message["type"] != "http.response.body":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
-                )
-            body = message.get("body", b"")
-            more_body = message.get("more_body", False)
-            head = self._head
-            self._head = None
-            out: bytes
-            trailers_follow = False
-            if self.scope["method"] == "HEAD":
-                self.expected_content_length = 0
-                out = b""
-            elif self.chunked_encoding:
-                parts = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
-                if not more_body:
-                    # With trailers announced, the trailer section ends the message.
-                    trailers_follow = self._trailers
-                    parts.append(b"0\r\n" if trailers_follow else b"0\r\n\r\n")
-                out = b"".join(parts)
-            else:
-                num_bytes = len(body)
-                if num_bytes > self.expected_content_length:
-                    raise RuntimeError("Response content longer than Content-Length")
-                self.expected_content_length -= num_bytes
-                out = body
-            if head is not None:
-                out = head + out
-            if out:
-                self.transport.write(out)
-            if not more_body:
-                if self.expected_content_length != 0:
-                    raise RuntimeError("Response content shorter than Content-Length")
-                if trailers_follow:
-                    self._awaiting_trailers = True
-                else:
-                    self._finish()
-        elif message["type"] == "http.response.trailers" and self._trailers:
-            # Announced, but a response with a Content-Length (or to HEAD) has nowhere to
-            # put them: dropped, as the extension allows.
-            self._trailers = message.get("more_trailers", False)
-        else:
-            raise RuntimeError(
-                f"Unexpected ASGI message '{message['type']}' sent, after response already completed."
-            )
-
-
-#: The uvicorn release series this protocol was written and tested against: it extends
-#: uvicorn's internals, so other series get uvicorn's stock protocol (see protocol_for).
-TESTED_UVICORN = "0.54."
-
-
-def protocol_for(uvicorn_version: str) -> Any:
-    """The ``http=`` protocol for ``uvicorn.Config``: this one on the tested uvicorn
-    series, uvicorn's own httptools protocol on any other."""
-    return GatewayHttpProtocol if uvicorn_version.startswith(TESTED_UVICORN) else "httptools"
-
-
-class _HeadTooLarge(Exception):
-    """Raised from the parser's headers-complete callback to stop parsing: answer 431."""
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 class _Linger(asyncio.Protocol):
-    """Takes over a connection the gateway has refused: its reply and a FIN are on the
+    """Takes over a connection the server has refused: its reply and a FIN are on the
     way, and what the client still sends is read and dropped until it closes (or for
     :data:`LINGER_SECONDS`). Closing a socket with unread input would send a RST instead,
     which can destroy the reply before the client reads it."""
@@ -296,37 +236,401 @@ class _Linger(asyncio.Protocol):
         self._timer.cancel()
 
 
-class GatewayHttpProtocol(_impl.HttpToolsProtocol):
-    """``uvicorn.Config(http=GatewayHttpProtocol)``: httptools with coalesced writes.
+class _Cycle:
+    """One request and its response: the ASGI ``receive`` and ``send``."""
 
-    Two more per-request costs of uvicorn's protocol go: its proxy-headers middleware
-    runs only for requests that carry ``X-Forwarded-For``/``X-Forwarded-Proto`` (for any
-    other request it changes nothing), and the keep-alive timer is armed once per idle
-    stretch and re-armed when it fires early, instead of created and cancelled per request.
-    """
+    __slots__ = (
+        "_awaiting_trailers",
+        "_head",
+        "_trailers",
+        "body",
+        "chunked",
+        "delivered_last",
+        "disconnected",
+        "expect_100",
+        "expected_length",
+        "keep_alive",
+        "more_body",
+        "no_body",
+        "proto",
+        "response_complete",
+        "response_started",
+        "scope",
+        "waiter",
+    )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        app: Any = self.app
-        self._proxied: Any = app
-        self._direct: Any = app.app if type(app) is ProxyHeadersMiddleware else app
-        self._forwarded = False
+    def __init__(
+        self, proto: HttpProtocol, scope: dict[str, Any], keep_alive: bool, expect_100: bool
+    ) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_100 = expect_100
+        self.body = b""
+        self.more_body = True
+        self.delivered_last = False
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.chunked: bool | None = None
+        self.expected_length = 0
+        self.no_body = False
+        self.waiter: asyncio.Future[None] | None = None
+        self._head: bytes | None = None
+        self._trailers = False  # the app announced trailers (http.response.start)
+        self._awaiting_trailers = False  # the last chunk is out; the trailer section not
+
+    def wake(self) -> None:
+        """Wake a ``receive()`` waiting for body bytes, the body's end or a disconnect."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ running the app
+
+    async def run_asgi(self, app: ASGIApp) -> None:
+        proto = self.proto
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            log.error("Exception in ASGI application", exc_info=exc)
+            if not self.response_started:
+                self._send_500()
+            else:
+                self._flush_head()
+                proto.transport.close()
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+        else:
+            if result is not None:
+                log.error("ASGI callable should return None, but returned %r.", result)
+                self._flush_head()
+                proto.transport.close()
+            elif not self.response_started and not self.disconnected:
+                log.error("ASGI callable returned without starting response.")
+                self._send_500()
+            elif not self.response_complete and not self.disconnected:
+                log.error("ASGI callable returned without completing response.")
+                self._flush_head()
+                proto.transport.close()
+        finally:
+            self._flush_head()
+
+    def _send_500(self) -> None:
+        transport = self.proto.transport
+        if self.disconnected or transport.is_closing():
+            return
+        self.response_started = True
+        transport.write(
+            status_response(
+                500, 13, "internal error", self.proto.state.date, close=not self.keep_alive
+            )
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        self.response_complete = True
+        self.wake()
+        if not self.keep_alive:
+            self.proto.transport.close()
+        self.proto.on_response_complete()
+
+    def _flush_head(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            transport = self.proto.transport
+            if not transport.is_closing():
+                transport.write(head)
+
+    # ------------------------------------------------------------------ ASGI receive
+
+    async def receive(self) -> dict[str, Any]:
+        """The ASGI ``receive``: body chunks, then ``http.disconnect`` once the client
+        has gone (or the response is complete)."""
+        proto = self.proto
+        if self.expect_100:
+            self.expect_100 = False
+            if not proto.transport.is_closing():
+                proto.transport.write(_CONTINUE)
+        while True:
+            if self.disconnected or self.response_complete:
+                return {"type": "http.disconnect"}
+            body = self.body
+            if body or not (self.more_body or self.delivered_last):
+                self.body = b""
+                more = self.more_body
+                if not more:
+                    self.delivered_last = True
+                elif proto.read_paused:
+                    proto.resume_reading()
+                return {"type": "http.request", "body": body, "more_body": more}
+            if self.more_body:
+                proto.resume_reading()
+            waiter = self.waiter = proto.loop.create_future()
+            await waiter
+
+    # ------------------------------------------------------------------ ASGI send
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        """The ASGI ``send``: the response head, body chunks, trailers."""
+        proto = self.proto
+        if proto.write_paused and not self.disconnected:
+            await proto.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{kind}'."
+                )
+            self._start(message)
+        elif self._awaiting_trailers:
+            if kind != "http.response.trailers":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.trailers', but got '{kind}'."
+                )
+            self._send_trailers(message)
+        elif not self.response_complete:
+            if kind != "http.response.body":
+                raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+            self._send_body(message)
+        elif kind == "http.response.trailers" and self._trailers:
+            # Announced, but a response with a Content-Length (or to HEAD) has nowhere to
+            # put them: dropped, as the extension allows.
+            self._trailers = message.get("more_trailers", False)
+        else:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{kind}' sent, after response already completed."
+            )
+
+    def _start(self, message: MutableMapping[str, Any]) -> None:
+        proto = self.proto
+        self.response_started = True
+        self.expect_100 = False
+        self._trailers = message.get("trailers", False)
+        status = message["status"]
+        content = [_STATUS_LINE.get(status) or _status_line(status), proto.state.date]
+        has_close = False
+        for name, value in message.get("headers", ()):
+            if _HEADER_RE.search(name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if _HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            name = name.lower()
+            if name == b"content-length" and self.chunked is None:
+                self.expected_length = int(value.decode())
+                self.chunked = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_length = 0
+                self.chunked = True
+            elif name == b"connection":
+                if b"close" in [token.lower().strip() for token in value.split(b",")]:
+                    self.keep_alive = False
+                    has_close = True
+            elif name == b"date":
+                content[1] = b""  # the app's own
+            content.extend((name, b": ", value, b"\r\n"))
+        if not self.keep_alive and not has_close:
+            content.append(b"connection: close\r\n")
+        if self.scope["method"] == "HEAD" or status in (204, 304) or status < 200:
+            # No body: whatever framing the app declared describes a body not sent.
+            self.no_body = True
+            self.chunked = False
+            self.expected_length = 0
+        elif self.chunked is None:
+            self.chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self._head = b"".join(content)
+        # Held for the first body chunk, and written at the end of this loop iteration
+        # if none comes by then (a streaming response's head is never delayed).
+        proto.loop.call_soon(self._flush_head)
+
+    def _send_body(self, message: MutableMapping[str, Any]) -> None:
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        head = self._head
+        self._head = None
+        trailers_follow = False
+        out: bytes
+        if self.chunked:
+            parts = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+            if not more_body:
+                # With trailers announced, the trailer section ends the message.
+                trailers_follow = self._trailers
+                parts.append(b"0\r\n" if trailers_follow else b"0\r\n\r\n")
+            out = b"".join(parts)
+        elif self.no_body:
+            out = b""  # HEAD, 204, 304: whatever the app sends is not part of the message
+        else:
+            if len(body) > self.expected_length:
+                self.proto.transport.close()
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_length -= len(body)
+            out = body
+        if head is not None:
+            out = head + out
+        if out:
+            self.proto.transport.write(out)
+        if not more_body:
+            if self.expected_length != 0:
+                self.proto.transport.close()
+                raise RuntimeError("Response content shorter than Content-Length")
+            if trailers_follow:
+                self._awaiting_trailers = True
+            else:
+                self._finish()
+
+    def _send_trailers(self, message: MutableMapping[str, Any]) -> None:
+        parts: list[bytes] = []
+        if accepts_trailers(self.scope["headers"]):
+            for name, value in message.get("headers", ()):
+                if _HEADER_RE.search(name):
+                    raise RuntimeError("Invalid HTTP trailer name.")
+                if _HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP trailer value.")
+                name = name.lower()
+                if name not in _NOT_TRAILERS:
+                    parts.extend((name, b": ", value, b"\r\n"))
+        more = message.get("more_trailers", False)
+        if not more:
+            parts.append(b"\r\n")
+        transport = self.proto.transport
+        if parts and not transport.is_closing():
+            transport.write(b"".join(parts))
+        if not more:
+            self._awaiting_trailers = False
+            self._finish()
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection: parses requests and runs the app for each, in order."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+        self.options = state.options
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.read_paused = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._cycle: _Cycle | None = None  # the request being parsed or the last one
+        self._pipeline: deque[_Cycle] = deque()
+        self._base: dict[str, Any] = {}
+        # One timer per connection for both timeouts: armed once per idle stretch or
+        # head, and re-armed when it fires early (no timer created per request).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._idle_since: float | None = None
+        self._head_since: float | None = None
+        # The head being parsed.
+        self._in_head = False
+        self._head_bytes = 0  # its bytes in reads before the current one
+        self._read_len = 0  # the current read's size
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._hosts = 0
+        self._host = b""
+        self._length: bytes | None = None
+        self._codings: bytes | None = None
+        self._expect = False
+        self._forwarded = False
+        self._upgrade: dict[str, Any] | None = None  # a WebSocket handshake's scope
+        self._dead = False  # the parser stopped (an upgrade not taken): input is dropped
         # The meshkit.disconnect callback of the request being served. The extension is
         # this protocol's method, bound once: a per-request bound method of the cycle,
         # held by the scope the cycle holds, would make every request a reference cycle
         # for the garbage collector (measured: p99 latency doubled under load).
         self._on_lost: Callable[[], object] | None = None
-        self._disconnect_hook = self._on_disconnect
-        self._in_head = False  # a request line or header section is being parsed
-        self._head_bytes = 0  # its bytes in reads before the current one
-        self._read_len = 0  # the current read's size
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._forwarded = False
-        self._in_head = True
-        self._head_bytes = 0
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.state.connections.add(self)
+        server = _address(transport.get_extra_info("sockname"))
+        client = _address(transport.get_extra_info("peername"))
+        tls = transport.get_extra_info("sslcontext") is not None
+        self._base = {
+            "type": "http",
+            "asgi": ASGI_VERSION,
+            "http_version": "1.1",
+            "server": server,
+            "client": client,
+            "scheme": "https" if tls else "http",
+            "root_path": self.options.root_path,
+            "extensions": {
+                "http.response.trailers": {},
+                DISCONNECT_EXTENSION: self._on_disconnect,
+            },
+        }
+        if self.state.lifespan_state:
+            self._base["state"] = self.state.lifespan_state
+        self._idle_since = self.loop.time()
+        self._arm(self._idle_since + self.options.keep_alive_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cycle = self._cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.wake()
+        for queued in self._pipeline:
+            queued.disconnected = True
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._fire_disconnect()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; the app sees http.disconnect
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its low-water mark."""
+        if self._drain_waiter is None:
+            self._drain_waiter = self.loop.create_future()
+        await self._drain_waiter
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if idle, after the current response if not."""
+        cycle = self._cycle
+        if self._in_head or cycle is None or cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False
+            for queued in self._pipeline:
+                queued.keep_alive = False
 
     def _on_disconnect(self, callback: Callable[[], object] | None) -> None:
         """The ``meshkit.disconnect`` extension: ``callback`` is called once if the
@@ -337,200 +641,340 @@ class GatewayHttpProtocol(_impl.HttpToolsProtocol):
             return
         self._on_lost = callback
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self._fire_disconnect()
-
     def _fire_disconnect(self) -> None:
         callback = self._on_lost
         if callback is not None:
             self._on_lost = None
             callback()
 
-    def _reject(self, status: int, code: int, message: str) -> None:
-        """Answer ``status`` with a Status JSON body and end the connection. When a
-        response has begun (a reply now would land inside it), or requests are queued
-        behind the one running, it just closes."""
-        cycle = self.cycle
-        transport = self.transport
-        running = cycle is not None and not cycle.response_complete
-        if (
-            (running and cycle.response_started)
-            or self.pipeline
-            or transport.is_closing()
-            or not transport.can_write_eof()
-        ):
-            transport.close()
+    # ------------------------------------------------------------------ timeouts
+
+    def _arm(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return  # fires first, and re-arms for the rest
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
             return
-        if running:
-            # The app has not answered this request yet: this reply is its answer, and
-            # the app sees the client gone (its upstream call is cancelled).
-            cycle.disconnected = True
-            cycle.message_event.set()
-            self._fire_disconnect()
-        body = json.dumps(
-            {"code": code, "message": message, "details": []}, separators=(",", ":")
-        ).encode()
-        content = [_STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            content.extend((name, b": ", value, b"\r\n"))
-        content.extend(
-            (
-                b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body),
-                b"connection: close\r\n\r\n",
-                body,
-            )
-        )
-        transport.write(b"".join(content))
-        transport.write_eof()
-        # Out of uvicorn's hands from here, as for a WebSocket upgrade.
-        self.connections.discard(self)
-        self._unset_keepalive_if_required()
-        transport.set_protocol(_Linger(transport, self.loop))
-        self.flow.resume_reading()
+        now = self.loop.time()
+        if self._head_since is not None:
+            due = self._head_since + self.options.header_timeout
+            if now >= due:
+                self._head_timeout()
+                return
+        elif self._idle_since is not None:
+            due = self._idle_since + self.options.keep_alive_timeout
+            if now >= due:
+                self.transport.close()
+                return
+        else:
+            return  # a request is being served: the end of its response arms the timer
+        self._timer_at = due
+        self._timer = self.loop.call_at(due, self._on_timer)
 
-    def send_400_response(self, msg: str) -> None:
-        self._reject(400, 3, msg)  # INVALID_ARGUMENT
+    def _head_timeout(self) -> None:
+        cycle = self._cycle
+        if cycle is not None and not cycle.response_complete:
+            # A request is in flight and the one behind it stalls: no reply could be
+            # framed for the stalled one before that response; end the connection.
+            self.transport.close()
+            return
+        log.warning("Request header section not complete in %ss.", self.options.header_timeout)
+        message = f"request header section not complete in {self.options.header_timeout}s"
+        self._reject(408, 4, message)  # DEADLINE_EXCEEDED
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        elif name in _FORWARDED:
-            self._forwarded = True
-        self.headers.append((name, value))
+    # ------------------------------------------------------------------ reading
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn's, minus cancelling the keep-alive timer (the connection is marked busy),
-        # plus a bound on the header section.
-        self._idle_since = None
-        cycle = self.cycle
+        if self._dead:
+            return
+        cycle = self._cycle
         # Head bytes are counted from a read that starts inside a request's head or between
         # requests; one that starts inside a body holds an unknown share of the next head.
         counted = self._in_head or cycle is None or not cycle.more_body
         self._read_len = len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._head_too_large()
-                return
-            self.logger.warning("Invalid HTTP request received: %s", exc)
-            self.send_400_response(f"invalid HTTP request: {exc}")
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_to(data, exc.args[0] if exc.args else len(data))
             return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
+        except httptools.HttpParserError as exc:
+            refuse = exc.__context__ if isinstance(exc.__context__, _Refuse) else None
+            if refuse is None and str(exc) == "Invalid HTTP version":
+                refuse = _Refuse(505, 12, "HTTP version not supported")
+            if refuse is None:
+                log.warning("Invalid HTTP request received: %s", exc)
+                refuse = _Refuse(400, 3, f"invalid HTTP request: {exc}")
             else:
-                self._unsupported_upgrade_warning()
+                log.warning("Request refused: %s", refuse.message)
+            self._reject(refuse.status, refuse.code, refuse.message)
             return
         if self._in_head and counted:
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
+            limit = self.options.max_header_bytes
+            if self._head_bytes > limit:
                 self._in_head = False
-                self._head_too_large()
+                log.warning("Request header section over %d bytes.", limit)
+                self._reject(431, 8, f"request header section exceeds {limit} bytes")
 
-    def _head_too_large(self) -> None:
-        self.logger.warning("Request header section over %d bytes.", MAX_HEAD_BYTES)
-        message = f"request header section exceeds {MAX_HEAD_BYTES} bytes"
-        self._reject(431, 8, message)  # RESOURCE_EXHAUSTED
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._hosts = 0
+        self._length = self._codings = None
+        self._expect = self._forwarded = False
+        self._idle_since = None
+        self._head_since = now = self.loop.time()
+        self._arm(now + self.options.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self.options.max_headers:
+            limit = self.options.max_headers
+            raise _Refuse(431, 8, f"request header section has more than {limit} fields")
+        if name in _NOTED:
+            self._note(name, value)
+
+    def _note(self, name: bytes, value: bytes) -> None:
+        if name == b"host":
+            self._hosts += 1
+            self._host = value
+        elif name == b"content-length":
+            if self._length is not None and self._length != value:
+                raise _Refuse(400, 3, "invalid HTTP request: differing Content-Length fields")
+            self._length = value
+        elif name == b"transfer-encoding":
+            self._codings = value if self._codings is None else self._codings + b"," + value
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+        else:
+            self._forwarded = True
+        if self._length is not None and self._codings is not None:
+            # RFC 9112 section 6.1: either may be a smuggling attempt; the connection ends.
+            raise _Refuse(400, 3, "invalid HTTP request: Content-Length with Transfer-Encoding")
 
     def _head_size(self) -> int:
         # The request line and header lines as sent, give or take optional whitespace.
-        size = len(self.url) + 14
-        for name, value in self.headers:
+        size = len(self._url) + 14
+        for name, value in self._headers:
             size += len(name) + len(value) + 4
         return size
 
-    def on_response_complete(self) -> None:
-        self.server_state.total_requests += 1
-        self._on_lost = None  # answered: an app that did not withdraw its callback loses it
-        if self.transport.is_closing():
-            return
-        self.flow.resume_reading()
-        if self.pipeline:
-            cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
-            return
-        self._idle_since = self.loop.time()
-        if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
-
-    def timeout_keep_alive_handler(self) -> None:
-        self.timeout_keep_alive_task = None
-        idle_since = self._idle_since
-        if idle_since is None or self.transport.is_closing():
-            return  # busy: the end of the current response arms the timer again
-        remaining = idle_since + self.timeout_keep_alive - self.loop.time()
-        if remaining > 0:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                remaining, self.timeout_keep_alive_handler
-            )
-        else:
-            self.transport.close()
-
     def on_headers_complete(self) -> None:
-        # uvicorn's own method, building a _Cycle instead of its RequestResponseCycle.
         self._in_head = False
+        self._head_since = None
+        options = self.options
         # A head within one small read is under the limit; only a big one is measured. (A
         # pipelined head that began in the read holding the previous body may get through
         # at up to one read over the limit: its share of that read is unknown.)
-        if self._head_bytes + self._read_len > MAX_HEAD_BYTES and (
-            self._head_size() > MAX_HEAD_BYTES
-        ):
-            raise _HeadTooLarge
+        limit = options.max_header_bytes
+        if self._head_bytes + self._read_len > limit and self._head_size() > limit:
+            raise _Refuse(431, 8, f"request header section exceeds {limit} bytes")
         parser = self.parser
-        http_version = parser.get_http_version()
-        scope: Any = self.scope
-        scope["method"] = parser.get_method().decode("ascii")
-        if http_version != "1.1":
-            scope["http_version"] = http_version
-        if parser.should_upgrade() and self._should_upgrade():
-            return
-        parsed_url = httptools.parse_url(self.url)
-        raw_path = parsed_url.path
-        path = raw_path.decode("ascii")
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refuse(505, 12, f"HTTP version {version} not supported")
+        if self._codings is not None:
+            for coding in self._codings.split(b","):
+                if coding.strip().lower() != b"chunked":
+                    raise _Refuse(501, 12, "request transfer coding not implemented")
+        if self._hosts != 1:
+            if self._hosts > 1:
+                raise _Refuse(400, 3, "invalid HTTP request: more than one Host field")
+            if version == "1.1":
+                raise _Refuse(400, 3, "invalid HTTP request: no Host field")
+        elif _HOST_RE.fullmatch(self._host) is None:
+            raise _Refuse(400, 3, "invalid HTTP request: invalid Host field")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        try:
+            parsed = httptools.parse_url(self._url)
+            raw_path = parsed.path or b"/"
+            path = raw_path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            raise _Refuse(400, 3, "invalid HTTP request: invalid request target") from None
         if "%" in path:
             path = urllib.parse.unquote(path)
-        scope["path"] = self.root_path + path
-        scope["raw_path"] = (
-            self.root_path.encode("ascii") + raw_path if self.root_path else raw_path
-        )
-        scope["query_string"] = parsed_url.query or b""
-        if self.limit_concurrency is not None and (
-            len(self.connections) >= self.limit_concurrency
-            or len(self.tasks) >= self.limit_concurrency
+        scope = self._base.copy()
+        if version != "1.1":
+            scope["http_version"] = version
+        scope["method"] = method
+        root = options.root_path
+        scope["path"] = root + path if root else path
+        scope["raw_path"] = root.encode("ascii") + raw_path if root else raw_path
+        scope["query_string"] = parsed.query or b""
+        scope["headers"] = self._headers
+        if self._forwarded:
+            self._apply_forwarded(scope)
+        if parser.should_upgrade() and self._wants_websocket():
+            scope["type"] = "websocket"
+            scope["scheme"] = "wss" if scope["scheme"] in ("https", "wss") else "ws"
+            del scope["method"]
+            scope["extensions"] = {}
+            self._upgrade = scope
+            return
+        keep_alive = version == "1.1" and parser.should_keep_alive() and not self.state.draining
+        cycle = _Cycle(self, scope, keep_alive, self._expect)
+        previous = self._cycle
+        self._cycle = cycle
+        if previous is None or previous.response_complete:
+            self._run(cycle)
+        else:
+            # Pipelined requests wait their turn, and reading waits with them.
+            self.pause_reading()
+            self._pipeline.append(cycle)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self._cycle
+        if cycle is None or cycle.response_complete or self._upgrade is not None:
+            return  # answered without reading it: dropped
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER:
+            self.pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self._cycle
+        if cycle is None or self._upgrade is not None:
+            return
+        cycle.more_body = False
+        cycle.wake()
+
+    def _wants_websocket(self) -> bool:
+        for name, value in self._headers:
+            if name == b"upgrade" and b"websocket" in value.lower():
+                return True
+        return False
+
+    def _apply_forwarded(self, scope: dict[str, Any]) -> None:
+        """X-Forwarded-For/-Proto, believed from a trusted peer only (the client becomes
+        the nearest untrusted address in X-Forwarded-For)."""
+        client = scope["client"]
+        trust = self.state.trust
+        if client is None or client[0] not in trust:
+            return
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-proto":
+                proto = value.decode("latin-1").strip().lower()
+                if proto in ("http", "https", "ws", "wss"):
+                    scope["scheme"] = proto
+            elif name == b"x-forwarded-for":
+                hosts = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
+                if not hosts:
+                    continue
+                chosen = hosts[0]
+                if not trust.everyone:
+                    for host in reversed(hosts):
+                        if host not in trust:
+                            chosen = host
+                            break
+                scope["client"] = (chosen, 0)
+
+    # ------------------------------------------------------------------ requests
+
+    def _run(self, cycle: _Cycle) -> None:
+        task = self.loop.create_task(cycle.run_asgi(self.app))
+        tasks = self.state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_response_complete(self) -> None:
+        """The current response is out: the next pipelined request, or idle."""
+        self._on_lost = None  # answered: an app that did not withdraw its callback loses it
+        if self.transport.is_closing():
+            return
+        self.resume_reading()
+        pipeline = self._pipeline
+        if pipeline:
+            self._run(pipeline.popleft())
+            return
+        if self.state.draining and not self._in_head:
+            self.transport.close()
+            return
+        if not self._in_head:
+            self._idle_since = now = self.loop.time()
+            self._arm(now + self.options.keep_alive_timeout)
+
+    def _reject(self, status: int, code: int, message: str) -> None:
+        """Answer ``status`` with a Status JSON body and end the connection. When a
+        response has begun (a reply now would land inside it), or requests are queued
+        behind the one running, it just closes."""
+        cycle = self._cycle
+        transport = self.transport
+        self._dead = True
+        running = cycle is not None and not cycle.response_complete
+        if (
+            (running and cycle is not None and cycle.response_started)
+            or self._pipeline
+            or transport.is_closing()
+            or not transport.can_write_eof()
         ):
-            app: Any = service_unavailable
-            self.logger.warning("Exceeded concurrency limit.")
-        else:
-            app = self._proxied if self._forwarded else self._direct
-        existing_cycle = self.cycle
-        cycle = _Cycle(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
-            on_response=self.on_response_complete,
-        )
-        cycle._loop = self.loop
-        scope["extensions"] = {
-            "http.response.trailers": {},
-            DISCONNECT_EXTENSION: self._disconnect_hook,
-        }
-        self.cycle = cycle
-        if existing_cycle is None or existing_cycle.response_complete:
-            self._start_asgi_task(cycle, app)
-        else:
-            # Pipelined requests wait their turn.
-            self.flow.pause_reading()
-            self.pipeline.appendleft((cycle, app))
+            transport.close()
+            return
+        if running and cycle is not None:
+            # The app has not answered this request yet: this reply is its answer, and
+            # the app sees the client gone (its upstream call is cancelled).
+            cycle.disconnected = True
+            cycle.wake()
+            self._fire_disconnect()
+        transport.write(status_response(status, code, message, self.state.date, close=True))
+        transport.write_eof()
+        self.state.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport.set_protocol(_Linger(transport, self.loop))
+        self.resume_reading()
+
+    # ------------------------------------------------------------------ WebSocket
+
+    def _upgrade_to(self, data: bytes, offset: int) -> None:
+        scope = self._upgrade
+        self._dead = True
+        if scope is None:
+            # An upgrade to something else (h2c...): the request is served as plain
+            # HTTP/1.1, and the connection ends with its response.
+            cycle = self._cycle
+            if cycle is not None:
+                cycle.keep_alive = False
+            return
+        previous = self._cycle
+        if previous is not None and not previous.response_complete:
+            self.transport.close()  # a handshake pipelined behind a request: not taken
+            return
+        from meshkit.gateway._ws import WebSocketConnection
+
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lines = [self.parser.get_method(), b" ", self._url, b" HTTP/1.1\r\n"]
+        for name, value in self._headers:
+            lines.extend((name, b": ", value, b"\r\n"))
+        lines.append(b"\r\n")
+        self.state.connections.discard(self)
+        ws: WebSocketConnection = WebSocketConnection(self.app, self.state, self.transport, scope)
+        self.transport.set_protocol(ws)
+        self.resume_reading()
+        ws.data_received(b"".join(lines) + data[offset:])
+
+
+def _address(addr: Any) -> tuple[str, int] | None:
+    if isinstance(addr, tuple | list) and len(addr) >= 2:
+        return (str(addr[0]), int(addr[1]))
+    return None
+
+
+__all__ = ["HttpOptions", "HttpProtocol", "ServerState", "status_body", "status_response"]

@@ -1,4 +1,5 @@
-"""Serving the gateway: uvicorn (uvloop + httptools), SO_REUSEPORT workers, SIGHUP reload."""
+"""Serving the gateway: meshkit's HTTP/1.1 server (uvloop + httptools, :mod:`._serve`),
+SO_REUSEPORT workers, SIGHUP reload, SIGTERM graceful drain."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from meshkit.errors import ConfigError
+from meshkit.gateway._http import HttpOptions
 from meshkit.gateway.app import ASGIApp, Receive, Scope, Send, create_app, load_catalog
 from meshkit.gateway.config import GatewayConfig, GatewayOptions, load_config
 from meshkit.gateway.descriptors import Catalog, build_catalog, descriptor_set_from_reflection
@@ -37,6 +39,8 @@ class ServeSpec:
     services: tuple[str, ...] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     profile: str | None = None
+    #: The HTTP server's limits and timeouts.
+    http: HttpOptions = field(default_factory=HttpOptions)
 
 
 def _load(spec: ServeSpec) -> tuple[Catalog, GatewayConfig]:
@@ -156,63 +160,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def http_protocol() -> Any:
-    """uvicorn's ``http`` setting for the CLIs: the gateway's own protocol on the
-    uvicorn series it was tested with, uvicorn's stock httptools otherwise."""
-    import uvicorn
+def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> int:
+    """Serve in this process until SIGTERM/SIGINT: 0 after a graceful stop, 3 when the
+    app's startup failed."""
+    from meshkit.gateway._serve import run
 
-    try:
-        from meshkit.gateway._http import protocol_for
-
-        http: Any = protocol_for(uvicorn.__version__)
-    except (ImportError, AttributeError):  # uvicorn's internals moved: its stock protocol
-        http = "httptools"
-    if http == "httptools":
-        log.info("uvicorn %s: serving with its stock httptools protocol", uvicorn.__version__)
-    return http
-
-
-def run_worker(spec: ServeSpec, sock: socket.socket | None = None) -> None:
-    """Serve in this process until SIGTERM/SIGINT."""
-    import uvicorn
-
-    http = http_protocol()
     app = build_app(spec)
     if sock is None:
         sock = bind_socket(spec.host, spec.port)
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http=http,
-        ws="websockets-sansio",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
-    # uvicorn stops gracefully on SIGTERM and then raises the signal again with our
-    # handler back in place; this one makes that exit 0 (as the workers' parent
-    # reports it) rather than death by signal. SIGINT keeps its KeyboardInterrupt.
-    try:
-        previous = signal.signal(signal.SIGTERM, _exit_after_graceful_stop)
-    except ValueError:  # not the main thread: uvicorn does not capture signals there
-        previous = None
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_after_graceful_stop(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+    return run([(sock, app)], options=spec.http, lifespan=app)
 
 
 def _worker_main(spec: ServeSpec) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_worker(spec)
+    raise SystemExit(run_worker(spec))
 
 
 def serve(spec: ServeSpec) -> int:
@@ -221,8 +184,7 @@ def serve(spec: ServeSpec) -> int:
     if spec.workers <= 1:
         sock = bind_socket(spec.host, spec.port)
         log.info("meshkit gateway on %s:%d", spec.host, sock.getsockname()[1])
-        run_worker(spec, sock)
-        return 0
+        return run_worker(spec, sock)
     # Reserve the port (port 0 picks one) so every worker binds the same one.
     reserve = bind_socket(spec.host, spec.port)
     port = reserve.getsockname()[1]
@@ -245,11 +207,7 @@ def serve(spec: ServeSpec) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = 0
-    clean = {
-        0,
-        -signal.SIGTERM,
-        -signal.SIGINT,
-    }  # uvicorn re-raises the signal after a graceful stop
+    clean = {0, -signal.SIGTERM, -signal.SIGINT}  # a worker killed before its handlers
     for p in procs:
         p.join()
         if p.exitcode not in clean:

@@ -1,16 +1,18 @@
 """The gateway's bad-input tests over a real socket, against ``meshkit gateway`` itself (the
-CLI: uvicorn with uvloop and the gateway's own HTTP protocol), including malformed HTTP
-no client library would send, written to the socket byte for byte.
+CLI: meshkit's own HTTP/1.1 server on uvloop and httptools), including malformed HTTP no
+client library would send, written to the socket byte for byte.
 
 Every answer must be a 4xx with a ``google.rpc.Status`` JSON body. Two layers give them:
 
 * the gateway app (bad JSON, percent-encoding, UTF-8, metadata headers, body limits),
   on a connection that stays open and serves the next request;
-* the CLI's HTTP protocol, for what httptools refuses to parse (bytes that may not appear
-  in a request line or header, framing errors: ``Content-Length`` with
-  ``Transfer-Encoding``, a bad chunk size, a method that is no method) with 400, and a
-  header section over 64 KiB with 431; these answer ``Connection: close`` and the server
-  closes the connection after the reply.
+* the CLI's HTTP server, for what it refuses to parse (bytes that may not appear in a
+  request line or header, framing errors: ``Content-Length`` with ``Transfer-Encoding``,
+  a bad chunk size, a method that is no method; a missing, repeated or invalid ``Host``)
+  with 400, a header section over 64 KiB or 100 fields with 431, a transfer coding other
+  than chunked with 501, an HTTP version other than 1.0/1.1 with 505, a header section not
+  complete in time with 408; these answer ``Connection: close`` and the server closes the
+  connection after the reply, and no request behind a refused one reaches the app.
 
 A request whose body never arrives in full (``Content-Length`` larger than what is sent,
 then the client closes) gets no answer: the server closes the connection, and the
@@ -41,6 +43,9 @@ from tests.integration.gateway_inputs import BAD_REQUESTS, garbage_bodies, is_lo
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
+HEADER_TIMEOUT = 1.0  # --header-timeout of the gateway under test
+KEEP_ALIVE = 1.5  # --keep-alive-timeout
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def echo() -> AsyncIterator[Backend]:
@@ -50,7 +55,8 @@ async def echo() -> AsyncIterator[Backend]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def port(echo: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]:
-    """``meshkit gateway`` in front of the gwtest backend, with a 64 KiB body limit."""
+    """``meshkit gateway`` in front of the gwtest backend, with a 64 KiB body limit and
+    short header and keep-alive timeouts (so their tests need not wait long)."""
     tmp = tmp_path_factory.mktemp("gateway-fuzz")
     cfg = tmp / "gateway.yaml"
     cfg.write_text("gateway:\n  max_body_bytes: 65536\n")
@@ -58,6 +64,7 @@ async def port(echo: Backend, tmp_path_factory: pytest.TempPathFactory) -> Async
     listen = free_port()
     args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
     args += ["--upstream", f"127.0.0.1:{echo.port}", "--port", str(listen)]
+    args += ["--header-timeout", str(HEADER_TIMEOUT), "--keep-alive-timeout", str(KEEP_ALIVE)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshkit.cli", "gateway", *args],
         cwd=ROOT,
@@ -270,8 +277,11 @@ MALFORMED: list[tuple[str, bytes, int, int, bool]] = [
 async def test_malformed_http_is_4xx_status_json(
     port: int, raw: bytes, status: int, code: int, by_protocol: bool
 ) -> None:
-    if b"\r\n\r\n" not in raw and raw.startswith((b"GET", b"POST", b"G@T")):
-        raw += b"Host: gw\r\n\r\n"
+    if raw.startswith((b"GET", b"POST", b"G@T")):
+        line, _, rest = raw.partition(b"\r\n")
+        raw = line + b"\r\nHost: gw\r\n" + rest
+        if b"\r\n\r\n" not in raw:
+            raw += b"\r\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(raw)
@@ -381,3 +391,159 @@ async def test_random_request_targets(port: int) -> None:
         if a.status != 200:
             _status_json(a)
     await _still_serves(port)
+
+
+def _head(target: bytes = b"/v1/echo/x", version: bytes = b"HTTP/1.1") -> bytes:
+    return b"GET " + target + b" " + version + b"\r\n"
+
+
+# (name, raw request, HTTP status, gRPC code): refused by the server itself.
+REFUSED: list[tuple[str, bytes, int, int]] = [
+    ("101 headers", _head() + b"Host: gw\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", 431, 8),
+    (
+        "header section just over 64 KiB",
+        _head() + b"Host: gw\r\n" + (b"X-Pad: " + b"p" * 16_000 + b"\r\n") * 5 + b"\r\n",
+        431,
+        8,
+    ),
+    ("no Host on HTTP/1.1", _head() + b"X-A: b\r\n\r\n", 400, 3),
+    ("two Host fields", _head() + b"Host: gw\r\nHost: other\r\n\r\n", 400, 3),
+    ("invalid Host", _head() + b"Host: a/b@c\r\n\r\n", 400, 3),
+    (
+        "Transfer-Encoding then Content-Length",
+        b"POST /v1/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 3\r\n\r\n0\r\n\r\n",
+        400,
+        3,
+    ),
+    (
+        "differing Content-Length",
+        b"POST /v1/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        400,
+        3,
+    ),
+    (
+        "gzip transfer coding",
+        b"POST /v1/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        501,
+        12,
+    ),
+    (
+        "gzip then chunked",
+        b"POST /v1/echo HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+        12,
+    ),
+    ("HTTP/2.0 request line", _head(version=b"HTTP/2.0") + b"Host: gw\r\n\r\n", 505, 12),
+    ("HTTP/1.2 request line", _head(version=b"HTTP/1.2") + b"Host: gw\r\n\r\n", 505, 12),
+    ("HTTP/0.9 request line", _head(version=b"HTTP/0.9") + b"Host: gw\r\n\r\n", 505, 12),
+]
+
+
+def _refused(a: Answer | None, status: int, code: int) -> None:
+    """A Status JSON refusal with ``Connection: close``, the connection then closed."""
+    assert a is not None, "no answer"
+    assert a.status == status, (a.status, a.body)
+    assert a.headers["content-type"] == "application/json", a.headers
+    body = json.loads(a.body)
+    assert set(body) == {"code", "message", "details"} and body["code"] == code, body
+    assert a.headers["connection"] == "close" and a.closed
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"), [pytest.param(*case[1:], id=case[0]) for case in REFUSED]
+)
+async def test_refused_by_the_server(port: int, raw: bytes, status: int, code: int) -> None:
+    _refused(await _exchange(port, raw), status, code)
+    await _still_serves(port)
+
+
+async def test_http_1_0_without_host_and_100_headers_are_served(port: int) -> None:
+    # The limits' other side: HTTP/1.0 needs no Host, and exactly 100 fields pass.
+    a = await _exchange(port, _head(version=b"HTTP/1.0") + b"\r\n")
+    assert a is not None and a.status == 200 and json.loads(a.body) == {"name": "x"}
+    a = await _exchange(port, _head() + b"Host: gw\r\n" + b"X-A: b\r\n" * 99 + b"\r\n")
+    assert a is not None and a.status == 200
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: identity\r\n",
+    ],
+)
+async def test_no_request_is_smuggled_behind_content_length_and_chunked(
+    port: int, echo: Backend, framing: bytes
+) -> None:
+    # Whichever framing a front proxy believed, the request hidden in the body must never
+    # reach the app: one refusal, then the connection ends.
+    calls = echo.calls
+    smuggled = b"GET /v1/echo/smuggled HTTP/1.1\r\nHost: gw\r\n\r\n"
+    raw = b"POST /v1/echo HTTP/1.1\r\nHost: gw\r\n" + framing + b"\r\n0\r\n\r\n" + smuggled
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        _refused(await _read_answer(reader), 400, 3)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # nothing after the refusal
+    finally:
+        writer.close()
+    assert echo.calls == calls
+    await _still_serves(port)
+
+
+async def test_header_section_not_complete_in_time_is_408(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        start = loop.time()
+        writer.write(b"GET /v1/echo/slow HTTP/1.1\r\nHost: gw\r\n")  # and never the end
+        await writer.drain()
+        a = await _read_answer(reader)
+        took = loop.time() - start
+    finally:
+        writer.close()
+    _refused(a, 408, 4)
+    assert HEADER_TIMEOUT * 0.8 <= took < HEADER_TIMEOUT + 5, took
+    await _still_serves(port)
+
+
+async def test_idle_keep_alive_connection_is_closed(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /v1/echo/a HTTP/1.1\r\nHost: gw\r\n\r\n")
+        a = await _read_answer(reader)
+        assert a is not None and a.status == 200 and "connection" not in a.headers
+        idle_from = loop.time()
+        assert await asyncio.wait_for(reader.read(1), 10) == b""  # closed, silently
+        assert KEEP_ALIVE * 0.8 <= loop.time() - idle_from < KEEP_ALIVE + 5
+    finally:
+        writer.close()
+    # A connection that never sends a byte is idle too.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await asyncio.wait_for(reader.read(1), 10) == b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("command", ["gateway", "edge"])
+@pytest.mark.parametrize(
+    "flag",
+    ["--max-header-bytes=0", "--max-headers=-1", "--header-timeout=0", "--keep-alive-timeout=x"],
+)
+async def test_http_flags_are_validated(command: str, flag: str) -> None:
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshkit.cli", command, "--descriptor-set", "x", flag],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert f"argument {flag.split('=')[0]}: must be a positive" in out.stderr, out.stderr

@@ -1,5 +1,6 @@
-"""The gateway behind a real uvicorn (streaming, backpressure, disconnects, WebSocket),
-and the ``meshkit gateway`` command (workers, SIGHUP reload, reflection)."""
+"""The gateway behind real servers: meshkit's own (the CLIs') and stock uvicorn (streaming,
+backpressure, disconnects, WebSocket), and the ``meshkit gateway`` command (workers,
+SIGHUP reload, reflection)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import uvicorn
 import websockets
 
 from meshkit.gateway import GatewayOptions, create_app
-from meshkit.gateway._http import GatewayHttpProtocol
+from meshkit.gateway._http import HttpOptions
+from meshkit.gateway._serve import HttpServer
 from meshkit.gateway._server import bind_socket
 from tests.integration.gateway_backend import (
     ROOT,
@@ -62,7 +64,7 @@ class _Served:
     def __init__(self, port: int, app: Any, protocol: str) -> None:
         self.app = app
         self.port = port
-        self.protocol = protocol  # "httptools" (uvicorn's) or "cli" (GatewayHttpProtocol)
+        self.protocol = protocol  # "httptools" (stock uvicorn) or "cli" (meshkit's server)
         self.url = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
 
@@ -71,31 +73,15 @@ class _Served:
 async def served(
     request: pytest.FixtureRequest, echo: Backend, shop: Backend
 ) -> AsyncIterator[dict[str, _Served]]:
-    # Stock uvicorn httptools, and the CLI's protocol (coalesced head+body writes).
-    http: Any = "httptools" if request.param == "httptools" else GatewayHttpProtocol
+    # Stock uvicorn (public API only: the app must keep working under any ASGI server),
+    # and the CLIs' own server.
     out: dict[str, _Served] = {}
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-    for name, desc, port in (("echo", "gwtest", echo.port), ("shop", "shop", shop.port)):
-        app = create_app(descriptor_sets()[desc], [f"127.0.0.1:{port}"])
-        sock = bind_socket("127.0.0.1", 0)
-        config = uvicorn.Config(
-            app,
-            http=http,
-            ws="websockets-sansio",
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        await _wait_for(lambda s=server: s.started)
-        servers.append((server, task))
-        out[name] = _Served(sock.getsockname()[1], app, request.param)
-    yield out
-    for server, task in servers:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+    async with contextlib.AsyncExitStack() as stack:
+        for name, desc, port in (("echo", "gwtest", echo.port), ("shop", "shop", shop.port)):
+            app = create_app(descriptor_sets()[desc], [f"127.0.0.1:{port}"])
+            listen = await stack.enter_async_context(_serving(app, request.param))
+            out[name] = _Served(listen, app, request.param)
+        yield out
 
 
 def _reset(b: Backend) -> None:
@@ -109,21 +95,42 @@ def _reset(b: Backend) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _uvicorn(app: Any, http: Any, lifespan: str = "on") -> AsyncIterator[int]:
-    """``app`` served by uvicorn with the ``http`` protocol on a free port, for the block."""
+async def _serving(
+    app: Any, via: str, lifespan: str = "on", options: HttpOptions | None = None
+) -> AsyncIterator[int]:
+    """``app`` served on a free port for the block: by meshkit's server (``via="cli"``)
+    or stock uvicorn (``"httptools"``)."""
     sock = bind_socket("127.0.0.1", 0)
+    port: int = sock.getsockname()[1]
+    if via == "cli":
+        server = HttpServer(
+            [(sock, app)], options=options, lifespan=app if lifespan == "on" else None
+        )
+        task = asyncio.create_task(server.serve())
+        try:
+            await asyncio.wait_for(server.started_event.wait(), 10)
+            yield port
+        finally:
+            server.stop()
+            assert await asyncio.wait_for(task, 15) == 0
+        return
     config = uvicorn.Config(
-        app, http=http, lifespan=lifespan, log_level="warning", access_log=False
+        app,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan=lifespan,
+        log_level="warning",
+        access_log=False,
     )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    userver = uvicorn.Server(config)
+    userver.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    utask = asyncio.create_task(userver.serve(sockets=[sock]))
     try:
-        await _wait_for(lambda: server.started)
-        yield sock.getsockname()[1]
+        await _wait_for(lambda: userver.started)
+        yield port
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+        userver.should_exit = True
+        await asyncio.wait_for(utask, 15)
 
 
 async def _leave_a_blocked_call(port: int, backend: Backend) -> None:
@@ -175,7 +182,7 @@ async def test_unary_cancel_on_disconnect_through_client_interceptors(echo: Back
     # With a client policy the call goes through grpc.aio's public API and meshkit's
     # interceptors instead of the direct path; leaving cancels it all the same.
     app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"], policy={})
-    async with _uvicorn(app, GatewayHttpProtocol) as port:
+    async with _serving(app, "cli") as port:
         await _leave_a_blocked_call(port, echo)
         await _wait_for(lambda: app.state.inflight == 0)
 
@@ -201,9 +208,8 @@ async def test_slow_unary_call_is_answered_not_cancelled(echo: Backend, via: str
         async with client as c:
             got = await calls(c)
     else:
-        http: Any = GatewayHttpProtocol if via == "cli" else "httptools"
         async with (
-            _uvicorn(app, http) as port,
+            _serving(app, via) as port,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c,
         ):
             got = await calls(c)
@@ -334,7 +340,7 @@ async def test_stream_trailing_metadata_json_array(echo: Backend) -> None:
         [f"127.0.0.1:{echo.port}"],
         options=GatewayOptions(stream_format="json-array"),
     )
-    async with _uvicorn(app, GatewayHttpProtocol) as port:
+    async with _serving(app, "cli") as port:
         _, _, body, _ = await _h11_get(port, "/v1/count/1?trailers=true", [])
         assert json.loads(body) == [{"name": "0"}, {"trailers": _TRAILERS}]
         _, _, body, _ = await _h11_get(port, "/v1/count/0?trailers=true", [])
@@ -378,7 +384,7 @@ async def test_cli_protocol_http_response_trailers_extension() -> None:
             await send({"type": "http.response.body", "body": b"abc"})
             await send({"type": "http.response.trailers", "headers": [(b"x-one", b"1")]})
 
-    async with _uvicorn(app, GatewayHttpProtocol, lifespan="off") as port:
+    async with _serving(app, "cli", lifespan="off") as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         conn = h11.Connection(h11.CLIENT)
 
@@ -563,19 +569,11 @@ async def test_forwarded_headers_from_a_trusted_proxy(served: dict[str, _Served]
 
 
 async def test_cli_protocol_keep_alive_times_out_after_idle(echo: Backend) -> None:
-    # The CLI protocol arms one keep-alive timer per idle stretch and re-arms it when it
+    # The CLI server arms one keep-alive timer per idle stretch and re-arms it when it
     # fires early: requests 0.6 s apart keep the connection, 1 s of idleness ends it.
     app = create_app(descriptor_sets()["gwtest"], [f"127.0.0.1:{echo.port}"])
-    sock = bind_socket("127.0.0.1", 0)
-    config = uvicorn.Config(
-        app, http=GatewayHttpProtocol, lifespan="on", log_level="warning", timeout_keep_alive=1
-    )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await _wait_for(lambda: server.started)
-        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    async with _serving(app, "cli", options=HttpOptions(keep_alive_timeout=1)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         loop = asyncio.get_running_loop()
         for i in range(3):
             if i:
@@ -589,9 +587,6 @@ async def test_cli_protocol_keep_alive_times_out_after_idle(echo: Backend) -> No
         assert await asyncio.wait_for(reader.read(1), 5) == b""
         assert 0.8 <= loop.time() - idle_from < 3
         writer.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 # --------------------------------------------------------------------------- the CLI
