@@ -75,6 +75,20 @@ def nats_server_module() -> Iterator[object]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[Any]:
+    """A 3-node nats-server cluster with JetStream (R3 streams), shared by a test module.
+
+    Tests using it are marked ``integration`` and ``cluster``. ``.url`` is the server
+    list; ``kill(i)``/``restart(i)`` crash and bring back a node. A test that kills a
+    node restarts it before it ends, so the next test finds three nodes.
+    """
+    from meshkit.nats import NatsCluster
+
+    with NatsCluster(size=3, start_timeout=60.0) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 async def nc(nats_server_module: Any) -> AsyncIterator[Any]:
     """A nats-py connection to the module's nats-server, closed after the test."""

@@ -11,8 +11,10 @@ Python runs a real NATS server::
     async with NatsServer() as server:    # the same from asyncio
         ...
 
-:func:`dev_server` honours ``NATS_URL``: when it is set, that server is used and
-nothing is started.
+:class:`NatsCluster` starts several such servers as one JetStream cluster
+(``meshkit nats --cluster 3``), for replicated streams and chaos tests.
+:func:`dev_server` honours ``NATS_URL``: when it is set, that server (or
+comma-separated server list) is used and nothing is started.
 """
 
 from __future__ import annotations
@@ -28,13 +30,22 @@ import subprocess
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from meshkit.errors import MeshkitError
 
-__all__ = ["ExternalServer", "NatsServer", "NatsServerError", "dev_server", "find_binary"]
+__all__ = [
+    "ExternalServer",
+    "NatsCluster",
+    "NatsServer",
+    "NatsServerError",
+    "dev_server",
+    "find_binary",
+    "split_servers",
+]
 
 log = logging.getLogger("meshkit.nats")
 
@@ -76,7 +87,8 @@ class NatsServer:
     """A nats-server process with JetStream on a loopback port.
 
     ``port=0`` picks a free port; ``store_dir=None`` uses a temporary directory
-    removed on :meth:`stop`. :meth:`restart` keeps the port and the store, so
+    removed on :meth:`stop`. ``server_name`` must be stable across restarts of a
+    clustered node (JetStream derives its peer id from it). :meth:`restart` keeps the port and the store, so
     JetStream's file storage survives it, as a real server reboot would.
     """
 
@@ -90,8 +102,10 @@ class NatsServer:
         binary: str | None = None,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 15.0,
+        server_name: str = "meshkit-dev",
     ) -> None:
         self.host = host
+        self.server_name = server_name
         self.port = port
         self.jetstream = jetstream
         self.extra_args = extra_args
@@ -115,6 +129,11 @@ class NatsServer:
     def running(self) -> bool:
         """True while the process is alive."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exited(self) -> bool:
+        """True when the process ended on its own (not stopped or killed through this object)."""
+        return self._proc is not None and self._proc.poll() is not None
 
     @property
     def pid(self) -> int | None:
@@ -141,7 +160,7 @@ class NatsServer:
         self._log_path.write_bytes(b"")
         if self.port:
             self._check_port_free()
-        args = [binary, "-a", self.host, "-p", str(self.port or -1), "-n", "meshkit-dev"]
+        args = [binary, "-a", self.host, "-p", str(self.port or -1), "-n", self.server_name]
         if self.jetstream:
             args += ["-js", "-sd", str(self.store_dir / "jetstream")]
         args += list(self.extra_args)
@@ -255,10 +274,18 @@ class NatsServer:
 
 
 class ExternalServer:
-    """A server someone else runs (``NATS_URL``): same interface, starts nothing."""
+    """A server someone else runs (``NATS_URL``): same interface, starts nothing.
+
+    ``url`` may name several servers of a cluster, comma-separated.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
+
+    @property
+    def urls(self) -> list[str]:
+        """The servers named by :attr:`url`."""
+        return split_servers(self.url)
 
     def __enter__(self) -> ExternalServer:
         return self
@@ -282,9 +309,27 @@ def dev_server(**kwargs: Any) -> NatsServer | ExternalServer:
     return NatsServer(**kwargs)
 
 
+def split_servers(servers: str | Sequence[str]) -> list[str]:
+    """A NATS server list from ``"nats://a:4222,nats://b:4222"`` (or a list of such strings).
+
+    ``NATS_URL``, ``--nats-url`` and :meth:`~meshkit.saga.EventBus.connect` accept a
+    cluster's servers comma-separated; nats-py wants them as a list (it refuses a
+    comma in one URL). Blank entries and spaces around commas are dropped.
+    """
+    items = [servers] if isinstance(servers, str) else list(servers)
+    out = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not out:
+        raise NatsServerError(f"no NATS server in {servers!r}")
+    return out
+
+
 def _accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
+
+
+# At the end: the cluster builds on NatsServer above.
+from meshkit.nats._cluster import NatsCluster  # noqa: E402

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         p.add_argument(
             "--nats-url",
             default=os.environ.get("NATS_URL", _DEFAULT_URL),
-            help="NATS server (default: $NATS_URL or %(default)s)",
+            help="NATS server, or a cluster's servers comma-separated "
+            "(default: $NATS_URL or %(default)s)",
         )
         p.add_argument("--bucket", default="meshkit_sagas", help="the tracker's KV bucket")
         p.add_argument(

@@ -82,9 +82,12 @@ Client: type[_NatsClient] = _nats_compat.client_class(encode_headers, parse_head
 
 
 async def connect(servers: str | list[str], **options: object) -> _NatsClient:
-    """Like :func:`nats.connect`, returning a :data:`Client`."""
+    """Like :func:`nats.connect`, returning a :data:`Client`; ``servers`` may be one
+    comma-separated string (``NATS_URL`` naming a cluster), which nats-py refuses."""
+    from meshkit.nats import split_servers
+
     nc = Client()
-    await nc.connect(servers, **options)  # type: ignore[arg-type]
+    await nc.connect(split_servers(servers), **options)  # type: ignore[arg-type]
     return nc
 
 

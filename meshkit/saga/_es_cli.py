@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         p.add_argument(
             "--nats-url",
             default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"),
-            help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)",
+            help="NATS server, or a cluster's servers comma-separated "
+            "(default: $NATS_URL or nats://127.0.0.1:4222)",
         )
 
     p = sub.add_parser("status", help="each projection's checkpoints and lag")
@@ -78,9 +79,15 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
     async def go() -> int:
         import nats
 
+        from meshkit.nats import split_servers
+
         try:
+            # A comma-separated NATS_URL names a cluster's servers; nats-py wants a list.
             nc = await asyncio.wait_for(
-                nats.connect(args.nats_url, allow_reconnect=False, connect_timeout=2), 5.0
+                nats.connect(
+                    split_servers(args.nats_url), allow_reconnect=False, connect_timeout=2
+                ),
+                5.0,
             )
         except (TimeoutError, Exception) as exc:
             print(

@@ -376,7 +376,13 @@ class EventBus:
         publish_retry: float = 15.0,
         **options: Any,
     ) -> EventBus:
-        """Connect (reconnecting forever) and return a bus publishing as ``source``."""
+        """Connect (reconnecting forever) and return a bus publishing as ``source``.
+
+        ``servers``: one URL, a list, or a cluster's servers in one comma-separated
+        string (``"nats://a:4222,nats://b:4222"``, as ``NATS_URL`` holds it). nats-py
+        tries them in turn, skipping dead ones, and learns the rest of the cluster
+        from the server it reaches.
+        """
         holder: list[EventBus] = []
 
         async def reconnected() -> None:
@@ -404,9 +410,7 @@ class EventBus:
             "error_cb": error,
         }
         opts.update(options)
-        nc = await _client.connect(
-            list(servers) if not isinstance(servers, str) else servers, **opts
-        )
+        nc = await _client.connect(servers if isinstance(servers, str) else list(servers), **opts)
         bus = cls(nc, source=source if source is not None else name, publish_retry=publish_retry)
         holder.append(bus)
         return bus
