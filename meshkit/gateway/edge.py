@@ -55,7 +55,12 @@ from meshkit.gateway.cors import CorsMiddleware
 from meshkit.gateway.descriptors import Catalog
 from meshkit.gateway.errors import GatewayError
 from meshkit.gateway.metadata import assign_request_id, send_with_request_id
-from meshkit.gateway.observability import EdgeMetrics, OpsMiddleware, TelemetryMiddleware
+from meshkit.gateway.observability import (
+    EdgeMetrics,
+    OpsMiddleware,
+    Redactor,
+    TelemetryMiddleware,
+)
 from meshkit.gateway.openapi import openapi_json
 from meshkit.gateway.profiles import EdgeConfig, Profile, RoutePolicy, load_edge_config
 from meshkit.gateway.ratelimit import ApiKeyLimits, RateLimitMiddleware
@@ -269,6 +274,7 @@ class EdgeApp:
         self.profiles: dict[str, ProfileRuntime] = {}
         self._compile(config)
         self._reload_lock: asyncio.Lock | None = None
+        self._redactor: tuple[Any, Redactor] | None = None
         self.reloads = 0
 
     def _compile(self, config: EdgeConfig) -> None:
@@ -387,9 +393,24 @@ class EdgeApp:
         app = _RequestId(_Unmount(_AdminMiddleware(app, self)), self)
         if self.config.access_log or self.metrics is not None:
             app = TelemetryMiddleware(
-                app, metrics=self.metrics, profile=profile, access_logs=self.config.access_log
+                app,
+                metrics=self.metrics,
+                profile=profile,
+                access_logs=self.config.access_log,
+                redactor=self.redactor,
             )
         return _Lifespan(app, self)
+
+    def redactor(self) -> Redactor:
+        """What the access log and spans hide, from the current auth config: the API-key
+        query parameter and header besides the always-secret names."""
+        auth = self.config.auth
+        cached = self._redactor
+        if cached is None or cached[0] is not auth:
+            query = [auth.api_key_query] if auth.api_key_query else []
+            cached = (auth, Redactor.for_names(query=query, headers=[auth.api_key_header]))
+            self._redactor = cached
+        return cached[1]
 
     def _openapi(self, scope_profile: str) -> bytes:
         rt = self.profiles.get(scope_profile)

@@ -22,7 +22,9 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -185,8 +187,60 @@ def route_name(scope: Scope) -> str:
     return str(notes(scope).get("route", "-"))
 
 
+#: What a credential's value becomes in logs and spans.
+REDACTED = "[REDACTED]"
+#: Credentials whatever the configuration says: request and response headers, and the
+#: query parameter RFC 6750 §2.3 lets a bearer token travel in.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+CREDENTIAL_QUERY = frozenset({"access_token"})
+
+
+@dataclass(frozen=True, slots=True)
+class Redactor:
+    """The names whose values never reach a log line, a span or a metric label: query
+    parameters and headers (lower case; compared case-insensitively, erring on the
+    side of hiding)."""
+
+    query_names: frozenset[str] = CREDENTIAL_QUERY
+    header_names: frozenset[str] = CREDENTIAL_HEADERS
+
+    @classmethod
+    def for_names(cls, query: Iterable[str] = (), headers: Iterable[str] = ()) -> Redactor:
+        """The always-secret names plus ``query`` parameters and ``headers``."""
+        return cls(
+            CREDENTIAL_QUERY | {q.lower() for q in query},
+            CREDENTIAL_HEADERS | {h.lower() for h in headers},
+        )
+
+    def query(self, raw: bytes) -> str:
+        """The query string as sent, each credential parameter's value replaced by
+        ``[REDACTED]``; names are matched as the auth layer reads them (percent-decoded)."""
+        text = raw.decode("latin-1")
+        if not text:
+            return text
+        parts = text.split("&")
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition("=")
+            if eq and unquote_plus(name).lower() in self.query_names:
+                parts[i] = f"{name}={REDACTED}"
+        return "&".join(parts)
+
+    def header(self, name: str, value: str) -> str:
+        """``value``, or ``[REDACTED]`` when header ``name`` carries a credential."""
+        return REDACTED if name.lower() in self.header_names else value
+
+
+_DEFAULT_REDACTOR = Redactor()
+
+
 class TelemetryMiddleware:
-    """Access log (JSON lines), metrics and a server span per request."""
+    """Access log (JSON lines), metrics and a server span per request.
+
+    Nothing secret is recorded: the query string goes to the log and the span with the
+    values of ``redactor``'s parameters replaced (a callable is asked per request, so a
+    reload that renames the API-key parameter applies at once); headers are not
+    recorded at all, and metric labels are the profile, route, method and status.
+    """
 
     def __init__(
         self,
@@ -197,8 +251,10 @@ class TelemetryMiddleware:
         access_logs: bool = True,
         tracing: bool = True,
         tracer_provider: trace.TracerProvider | None = None,
+        redactor: Redactor | Callable[[], Redactor] | None = None,
     ) -> None:
         self.app = app
+        self.redactor = redactor if redactor is not None else _DEFAULT_REDACTOR
         self.metrics = metrics
         self.profile = profile
         self.access_logs = access_logs
@@ -260,6 +316,9 @@ class TelemetryMiddleware:
             if span is not None:
                 span.set_attribute("http.request.method", scope["method"])
                 span.set_attribute("url.path", scope["path"])
+                query = scope.get("query_string", b"")
+                if query:
+                    span.set_attribute("url.query", self._redactor().query(query))
                 span.set_attribute("http.response.status_code", status)
                 span.set_attribute("rpc.method", route)
                 if status >= 500:
@@ -271,6 +330,10 @@ class TelemetryMiddleware:
                 self.metrics.record(profile, route, scope["method"], status, elapsed)
             if self.access_logs and access_log.isEnabledFor(logging.INFO):
                 self._log(scope, status, size, elapsed, route, rid, span, profile)
+
+    def _redactor(self) -> Redactor:
+        r = self.redactor
+        return r if isinstance(r, Redactor) else r()
 
     def _log(
         self,
@@ -291,7 +354,7 @@ class TelemetryMiddleware:
             "profile": profile,
             "method": scope["method"],
             "path": scope["path"],
-            "query": scope.get("query_string", b"").decode("latin-1")[:512],
+            "query": self._redactor().query(scope.get("query_string", b""))[:512],
             "status": status,
             "bytes": size,
             "duration_ms": round(elapsed * 1000, 3),

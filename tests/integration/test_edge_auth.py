@@ -643,3 +643,75 @@ async def test_edge_refusals_carry_a_request_id(
     assert r.status_code == 404 and r.headers["x-request-id"] not in ("", "adm 1")
     r = await client.get("/healthz", headers={"x-request-id": "hz-1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "hz-1"
+
+
+async def test_credentials_never_reach_the_access_log_or_spans(
+    tmp_path: Path,
+    backend: ShopBackend,
+    shop_descriptor_set: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from meshkit.gateway.observability import Redactor, TelemetryMiddleware
+
+    caplog.set_level(logging.DEBUG)
+    edge = create_edge_app(edge_config(tmp_path, backend.target), shop_descriptor_set)
+    secrets = ["key-big", "wrong-secret-123", "tok-secret-456", "cookie-secret", "bearer-sec"]
+    try:
+        async with edge_client(edge.asgi()) as c:
+            ok = await c.get("/v1/shipments/s-1?api_key=key-big&page=2")
+            assert ok.status_code == 200
+            bad = await c.get("/v1/shipments/s-1?API%5Fkey=x&api_key=wrong-secret-123")
+            assert bad.status_code == 401
+            r = await c.get(
+                "/v1/shipments/s-1?access_token=tok-secret-456",
+                headers={
+                    "x-api-key": "key-big",
+                    "cookie": "session=cookie-secret",
+                    "authorization": "Bearer bearer-sec",
+                    "proxy-authorization": "Basic bearer-sec",
+                },
+            )
+            assert r.status_code == 200
+    finally:
+        await edge.shutdown()
+    lines = [
+        json.loads(rec.getMessage())
+        for rec in caplog.records
+        if rec.name == "meshkit.gateway.access"
+    ]
+    assert [line["status"] for line in lines] == [200, 401, 200]
+    assert lines[0]["query"] == "api_key=[REDACTED]&page=2"  # the name stays, the value goes
+    assert lines[1]["query"] == "API%5Fkey=[REDACTED]&api_key=[REDACTED]"
+    assert lines[2]["query"] == "access_token=[REDACTED]"
+    # Everything the server side logged (the test's own httpx client logs its URLs).
+    server_log = "\n".join(
+        rec.getMessage() for rec in caplog.records if not rec.name.startswith(("httpx", "httpcore"))
+    )
+    assert "api_key" in server_log
+    assert not [s for s in secrets if s in server_log]
+
+    # Spans carry the query too, redacted the same way.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    mw = TelemetryMiddleware(
+        _ok_app,
+        tracer_provider=provider,
+        access_logs=False,
+        redactor=Redactor.for_names(query=["api_key"], headers=["x-api-key"]),
+    )
+    async with edge_client(mw) as c:
+        await c.get("/v1/x?api_key=key-big&n=1", headers={"x-api-key": "key-big"})
+    (span,) = exporter.get_finished_spans()
+    attrs = dict(span.attributes or {})
+    assert attrs["url.query"] == "api_key=[REDACTED]&n=1"
+    assert "key-big" not in json.dumps({k: str(v) for k, v in attrs.items()}) + span.name
+
+
+async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
