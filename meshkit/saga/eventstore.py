@@ -45,6 +45,7 @@ import copy
 import inspect
 import json
 import logging
+import random
 import re
 import typing
 import uuid
@@ -95,6 +96,13 @@ _BATCH_COMMIT = "Nats-Batch-Commit"
 _EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _EXPECTED_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 _WRONG_LAST_SEQUENCE = 10071
+# On a replicated stream the leader refuses an expected-sequence publish while another
+# write to the same subjects is still being replicated (JSStreamWrongLastSequenceConstantErr):
+# the outcome of that write decides ours, so wait for it and send again.
+_WRONG_LAST_SEQUENCE_IN_FLIGHT = 10164
+# How long an append waits for another writer's in-flight write before calling it a
+# lost race (AggregateConflict); a replicated write takes milliseconds.
+_IN_FLIGHT_WAIT = 2.0
 _BATCH_DUPLICATE_ID = 10201
 # nats-server's default limit on the messages of one atomic batch.
 MAX_BATCH = 1000
@@ -590,16 +598,9 @@ class EventStore:
                 ]
                 headers = [e.to_headers() for e in envs]
                 try:
-                    if atomic:
-                        # An atomic batch is stored as one contiguous run of sequences.
-                        last_seq = await self._publish_batch(
-                            name, subjects, payloads, headers, current, only_new
-                        )
-                        seqs = list(range(last_seq - len(events) + 1, last_seq + 1))
-                    else:
-                        seqs = await self._publish_chain(
-                            name, subjects, payloads, headers, current, only_new
-                        )
+                    seqs = await self._store(
+                        atomic, name, subjects, payloads, headers, current, only_new
+                    )
                     break
                 except _WrongLastSequence:
                     if only_new:
@@ -614,7 +615,9 @@ class EventStore:
                                 AppendResult(mine[-1].version_at(), tuple(mine), atomic)
                             )
                     if attempt + 1 < attempts:
-                        await asyncio.sleep(0)
+                        # Writers that collided once collide again if they retry in
+                        # lockstep: a short random pause spreads them out.
+                        await asyncio.sleep(random.uniform(0, min(0.02, 0.001 * 2**attempt)))
                         continue
                     actual = await self.version(aggregate_type, aggregate_id)
                     raise AggregateConflict(name, current.number, actual.number) from None
@@ -685,6 +688,44 @@ class EventStore:
                 SCHEMA_VERSION: str(self.config.schema_versions.get(etype, 1)),
             },
         )
+
+    async def _store(
+        self,
+        atomic: bool,
+        name: str,
+        subjects: list[str],
+        payloads: list[bytes],
+        headers: list[dict[str, str]],
+        current: Version,
+        only_new: bool,
+    ) -> list[int]:
+        """Publish the events expecting ``current``; returns their sequences.
+
+        While another write to the aggregate is in flight on a replicated stream the
+        server refuses ours (10164) without knowing yet whether the other one will
+        land: ours is sent again (same ids, so nothing is stored twice) until the
+        server can say, for up to ``_IN_FLIGHT_WAIT`` seconds. Then a lost race is
+        the 10071 conflict it is on one node.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + _IN_FLIGHT_WAIT
+        delay = 0.002
+        while True:
+            try:
+                if atomic:
+                    # An atomic batch is stored as one contiguous run of sequences.
+                    last_seq = await self._publish_batch(
+                        name, subjects, payloads, headers, current, only_new
+                    )
+                    return list(range(last_seq - len(payloads) + 1, last_seq + 1))
+                return await self._publish_chain(
+                    name, subjects, payloads, headers, current, only_new
+                )
+            except _InFlight:
+                if loop.time() + delay >= end:
+                    raise
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 0.05)
 
     async def _publish_chain(
         self,
@@ -840,6 +881,11 @@ class _WrongLastSequence(Exception):
     pass
 
 
+class _InFlight(_WrongLastSequence):
+    """Refused while another write to the aggregate was in flight (10164): the race is
+    not decided yet; a conflict if it stays so."""
+
+
 class _DuplicateInBatch(_WrongLastSequence):
     """An atomic batch carried a message id the stream already has (a retried append)."""
 
@@ -856,6 +902,8 @@ def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
     if err:
         if err.get("err_code") == _WRONG_LAST_SEQUENCE:
             raise _WrongLastSequence(err.get("description", ""))
+        if err.get("err_code") == _WRONG_LAST_SEQUENCE_IN_FLIGHT:
+            raise _InFlight(err.get("description", ""))
         if err.get("err_code") == _BATCH_DUPLICATE_ID:
             raise _DuplicateInBatch(err.get("description", ""))
         raise EventStoreError(

@@ -1,0 +1,67 @@
+"""The event store on replicated (R3) streams of a 3-node cluster: racing writers,
+concurrent unconditional appends, and appends across a SIGKILL of the stream leader."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from examples.shop.gen.shop.v1 import events_pb2
+from meshkit.saga import _client
+from meshkit.saga.eventstore import AggregateConflict, EventStore, EventStoreConfig, Version
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+
+def _event(n: int) -> events_pb2.OrderCreated:
+    return events_pb2.OrderCreated(order_id=f"o-{n}", customer_id=f"c-{n}")
+
+
+@pytest.fixture
+async def store(nats_cluster: Any) -> AsyncIterator[EventStore]:
+    """An event store on a fresh R3 stream of the module's cluster."""
+    nc = await _client.connect(nats_cluster.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    name = f"ES_R3_{uuid.uuid4().hex[:8]}"
+    es = EventStore(nc, EventStoreConfig(stream=name, prefix=name.lower(), replicas=3))
+    await es.ensure()
+    info = await es.js.stream_info(name)
+    assert info.config.num_replicas == 3
+    yield es
+    try:
+        await es.js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def test_racing_writers_at_one_version_give_one_success_and_a_conflict(
+    store: EventStore,
+) -> None:
+    for round_ in range(10):
+        agg = f"race-{round_}"
+        first = await store.append("tally", agg, [_event(0)], expected=Version())
+        results = await asyncio.gather(
+            store.append("tally", agg, [_event(1)], expected=first.version),
+            store.append("tally", agg, [_event(2)], expected=first.version),
+            return_exceptions=True,
+        )
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(won) == 1, results
+        assert len(lost) == 1 and isinstance(lost[0], AggregateConflict), results
+        assert (await store.version("tally", agg)).number == 2
+
+
+async def test_concurrent_unconditional_appends_all_succeed_with_contiguous_versions(
+    store: EventStore,
+) -> None:
+    results = await asyncio.gather(
+        *(store.append("tally", "many", [_event(i)], expected=None) for i in range(20))
+    )
+    assert sorted(r.version.number for r in results) == list(range(1, 21))
+    stored = await store.read("tally", "many")
+    assert [e.version for e in stored] == list(range(1, 21))
+    assert sorted(e.event_id for e in stored) == sorted(r.events[0].event_id for r in results)
