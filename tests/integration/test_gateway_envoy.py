@@ -236,6 +236,7 @@ async def test_gwtest_agrees(echo_pair: Pair, method: str, url: str, body: Any) 
     [
         b'{"name": "\\ud800"}',
         b'{"inner": "x"}',
+        b'{"inner": 5}',
         b'{"inner": []}',
         b'{"inner": {"child": "x"}}',
         b'{"color": "COLOR_PURPLE"}',
@@ -340,3 +341,11 @@ async def test_differs_response_body_in_additional_binding(echo_pair: Pair) -> N
     assert e.status_code == m.status_code == 200
     assert m.json() == {"name": "in", "count": "5", "tags": []}
     assert e.json()["inner"] == m.json()
+
+
+async def test_differs_single_value_for_a_repeated_field(echo_pair: Pair) -> None:
+    """Envoy takes ``"tags": "x"`` as a one-element list; meshkit (like json_format and
+    grpc-gateway's protojson) wants a JSON array."""
+    e, m = await echo_pair.both("POST", "/v1/echo", json={"tags": "x"})
+    assert e.status_code == 200 and e.json()["tags"] == ["x"]
+    assert m.status_code == 400 and m.json()["code"] == 3 and "tags" in m.json()["message"]
