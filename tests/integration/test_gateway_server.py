@@ -752,3 +752,251 @@ async def test_cli_serves_edge_profile_and_reloads(echo: Backend, tmp_path: Path
             assert (await c.get("/v1/echo/y")).json() == {"name": "y"}
     finally:
         _stop(proc)
+
+
+# --------------------------------------------------------------------------- the CLI server
+
+
+async def _raw_exchange(port: int, raw: bytes, until: bytes | None = None) -> bytes:
+    """Write ``raw`` on a fresh connection and read until ``until`` appears (or the server
+    closes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        got = b""
+        while until is None or until not in got:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            got += chunk
+        return got
+    finally:
+        writer.close()
+
+
+async def test_cli_server_http_semantics() -> None:
+    # A plain ASGI app: the scope, pipelining in order, HEAD/204 without a body, chunked
+    # framing without a Content-Length, Expect: 100-continue, a Status JSON 500, a
+    # Content-Length the app does not honour.
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(dict(scope))
+        path = scope["path"]
+        if path == "/boom":
+            raise RuntimeError("boom")
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/empty":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if path == "/short":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"9")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"abc"})
+            return
+        if path == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            await send({"type": "http.response.body", "body": b"c"})
+            return
+        out = path.encode() + b":" + body
+        headers = [(b"content-length", b"%d" % len(out))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    async with _serving(app, "cli", lifespan="off") as port:
+        # Pipelined: answered in order on one connection.
+        got = await _raw_exchange(
+            port,
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
+            b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        assert got.count(b"HTTP/1.1 200 OK\r\n") == 3, got
+        assert got.index(b"/a:") < got.index(b"/b:hi") < got.index(b"/c:"), got
+        assert b"date: " in got and b"server:" not in got.lower()
+        scope = seen[0]
+        assert scope["method"] == "GET" and scope["path"] == "/a" and scope["raw_path"] == b"/a"
+        assert scope["query_string"] == b"x=1" and scope["http_version"] == "1.1"
+        assert scope["scheme"] == "http" and scope["root_path"] == ""
+        assert scope["client"][0] == "127.0.0.1" and scope["server"] == ("127.0.0.1", port)
+        assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
+        assert scope["headers"] == [(b"host", b"h")]
+        # HEAD: the head only; 204: no body, no chunked framing.
+        got = await _raw_exchange(port, b"HEAD /h HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\n"), got
+        assert b"content-length: 3\r\n" in got
+        got = await _raw_exchange(
+            port, b"GET /empty HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+        assert got.startswith(b"HTTP/1.1 204 ") and b"transfer-encoding" not in got, got
+        assert got.endswith(b"\r\n\r\n")
+        # No Content-Length: chunked.
+        got = await _raw_exchange(port, b"GET /stream HTTP/1.1\r\nHost: h\r\n\r\n", b"0\r\n\r\n")
+        assert b"transfer-encoding: chunked\r\n" in got and got.endswith(
+            b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+        )
+        # Expect: 100-continue: the interim response comes when the app reads the body.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(b"ok")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"/e:ok"
+        writer.close()
+        # The app raises before answering: 500 with a Status JSON body.
+        got = await _raw_exchange(
+            port, b"GET /boom HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 ") and b"application/json" in head
+        assert json.loads(body)["code"] == 13
+        # Fewer bytes than the declared Content-Length: the connection ends (the client
+        # must not take the next response for the rest of this one).
+        got = await _raw_exchange(port, b"GET /short HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"abc"), got
+
+
+async def test_cli_server_forwarded_headers_only_from_trusted_peers() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        out = json.dumps([scope["client"][0], scope["scheme"]]).encode()
+        headers = [(b"content-length", b"%d" % len(out))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    forwarded = {"x-forwarded-for": "203.0.113.9, 10.0.0.1", "x-forwarded-proto": "https"}
+    for trusted, expected in (
+        (("127.0.0.1",), ["10.0.0.1", "https"]),  # the nearest untrusted hop
+        (("127.0.0.1", "10.0.0.0/8"), ["203.0.113.9", "https"]),
+        (("192.0.2.1",), ["127.0.0.1", "http"]),  # the peer is not trusted: ignored
+    ):
+        options = HttpOptions(forwarded_allow_ips=trusted)
+        async with (
+            _serving(app, "cli", lifespan="off", options=options) as port,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c,
+        ):
+            assert (await c.get("/", headers=forwarded)).json() == expected, trusted
+            assert (await c.get("/")).json() == ["127.0.0.1", "http"]
+
+
+async def test_cli_server_drain_finishes_requests_and_closes_websockets() -> None:
+    # A graceful stop: the request in flight is answered, an idle keep-alive connection
+    # is closed, a WebSocket gets 1012, and the lifespan shutdown runs last.
+    release = asyncio.Event()
+    events: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                kind = msg["type"].rsplit(".", 1)[1]
+                events.append(kind)
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        elif scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            events.append("ws-gone")
+        else:
+            if scope["path"] == "/slow":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = HttpServer([(sock, app)], lifespan=app)
+    task = asyncio.create_task(server.serve())
+    await asyncio.wait_for(server.started_event.wait(), 10)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        assert (await c.get("/fast")).text == "done"  # leaves an idle keep-alive connection
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            slow = asyncio.create_task(c.get("/slow"))
+            await _wait_for(lambda: len(server.state.tasks) == 2)  # /slow and the socket
+            server.stop()
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1012
+            assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+            idle_writer.close()
+            assert not task.done()  # still draining /slow
+            release.set()
+            assert (await slow).text == "done"
+    assert await asyncio.wait_for(task, 15) == 0
+    assert events == ["startup", "ws-gone", "shutdown"]
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_cli_server_memory_flat_under_slow_and_endless_heads() -> None:
+    # Many connections whose header section never completes, slowly (408 each) or with
+    # endless bytes (431 each): none buffers beyond the limit, nothing stays behind.
+    import gc
+    import tracemalloc
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request may reach the app")
+
+    options = HttpOptions(max_header_bytes=8192, header_timeout=0.5)
+
+    async def slow(port: int) -> bytes:
+        return await _raw_exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\nX-A: b\r\n")
+
+    async def endless(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: h\r\n")
+            for _ in range(64):  # 256 KiB if nobody stopped it
+                writer.write(b"X-Pad: " + b"p" * 4089 + b"\r\n")
+                await writer.drain()
+            return await asyncio.wait_for(reader.read(), 10)
+        except (ConnectionResetError, BrokenPipeError):
+            return b"reset"
+        finally:
+            writer.close()
+
+    async with _serving(app, "cli", lifespan="off", options=options) as port:
+
+        async def burst() -> None:
+            got = await asyncio.gather(*[slow(port) for _ in range(50)])
+            assert all(g.startswith(b"HTTP/1.1 408 ") for g in got), got[:2]
+            got = await asyncio.gather(*[endless(port) for _ in range(50)])
+            assert all(g.startswith(b"HTTP/1.1 431 ") or g == b"reset" for g in got), got[:2]
+            assert sum(g.startswith(b"HTTP/1.1 431 ") for g in got) >= 40
+
+        await burst()  # warm up
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        await burst()
+        gc.collect()
+        after, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert after - before < 1_000_000, after - before
+    # 100 connections with up to 8 KiB of head each (+ one read): far below 256 KiB each.
+    assert peak - before < 16_000_000, peak - before
