@@ -3,9 +3,13 @@
 * JWT (PyJWT): HS256, RS256 and ES256. Each key pins its algorithms, so a token
   can never pick the verification algorithm (``alg: none`` is never allowed, and
   an HS256 token "signed" with an RSA public key as the HMAC secret fails: the
-  RSA key only accepts RS256). ``exp``, ``nbf`` (with leeway), ``iss`` and
-  ``aud`` are checked. Keys come from the config, files, or a JWKS file;
-  :meth:`KeyStore.reload` re-reads the files (the gateway calls it on reload).
+  RSA key only accepts RS256). Keys come only from the configuration (``jku``,
+  ``x5u``, ``jwk`` headers are never used); any ``crit`` header and a non-string
+  ``kid`` are refused. ``exp``, ``nbf`` (with leeway), ``iss`` and ``aud`` are
+  checked, and registered claims must have their JSON types (NumericDate numbers).
+  Every failure, whatever PyJWT raised, is an :class:`AuthError`. Keys come from
+  the config, files, or a JWKS file; :meth:`KeyStore.reload` re-reads the files
+  (the gateway calls it on reload).
 * API keys: in a header or a query parameter; the config stores only their
   SHA-256, compared with :func:`hmac.compare_digest`; each key has a name and
   may carry its own rate limit.
@@ -14,8 +18,9 @@
 with :func:`auth_route_middleware`. Verified claims go upstream as metadata
 (``Grpc-Metadata-X-Jwt-Sub``, ``Grpc-Metadata-X-Jwt-Claims`` as JSON), and any
 such header sent by a client is removed first so it cannot be spoofed.
-Failures are 401 (with ``WWW-Authenticate``) or 403 with a ``google.rpc.Status``
-body naming the reason, never the token or key.
+Failures are 401 (with an RFC 6750 ``WWW-Authenticate`` challenge: no error code when
+no credentials came) or 403 with a ``google.rpc.Status`` body naming the reason, never
+the token or key.
 """
 
 from __future__ import annotations
