@@ -326,7 +326,7 @@ def main() -> int:
         "note": "medians over alternating rounds (short rounds, so a busy shared machine "
         "disturbs every target alike); cpu_us_per_request is utime+stime of the gateway "
         "process only; same Python grpc.aio backend; "
-        "meshkit: 1 uvicorn worker (uvloop+httptools); envoy --concurrency 1; "
+        "meshkit: 1 worker of its own HTTP server (uvloop+httptools); envoy --concurrency 1; "
         "bare_proxy: hand-written uvicorn+grpc.aio proxy for the two routes (the floor)",
         "scenarios": summary,
     }
