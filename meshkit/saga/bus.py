@@ -42,7 +42,7 @@ from nats.js import api
 
 import meshkit.deadline
 from meshkit.errors import ConfigError
-from meshkit.saga import _client, _telemetry
+from meshkit.saga import _client, _telemetry, cluster
 from meshkit.saga.envelope import Envelope, type_name
 from meshkit.saga.eventstore import EventStore, EventStoreConfig
 
@@ -176,8 +176,7 @@ class EventStoreSource:
             if doc["storage"] not in ("file", "memory"):
                 raise ConfigError(f"{path}.storage", f"{doc['storage']!r}: expected file or memory")
         if "replicas" in doc:
-            if not isinstance(doc["replicas"], int) or not 1 <= doc["replicas"] <= 5:
-                raise ConfigError(f"{path}.replicas", f"{doc['replicas']!r}: expected 1 to 5")
+            cluster.check_replicas(doc["replicas"], f"{path}.replicas")
             store_options["replicas"] = doc["replicas"]
         if "duplicate_window" in doc:
             from meshkit.config import parse_duration
@@ -225,8 +224,10 @@ class StreamSpec:
     """A JetStream stream holding events under ``<prefix>.<event type>`` subjects.
 
     ``duplicate_window`` (seconds) is how long ``Nats-Msg-Id`` dedupe remembers an
-    id; ``replicas`` > 1 needs a clustered deployment. ``sources``: event stores
-    whose events the server copies in (:class:`EventStoreSource`).
+    id; ``replicas`` > 1 needs a clustered deployment, and None (the default) means
+    ``MESHKIT_NATS_REPLICAS`` (:mod:`meshkit.saga.cluster`), read when the stream is
+    ensured. ``sources``: event stores whose events the server copies in
+    (:class:`EventStoreSource`).
     """
 
     name: str
@@ -234,7 +235,7 @@ class StreamSpec:
     storage: Literal["file", "memory"] = "file"
     retention: Literal["limits", "interest", "workqueue"] = "limits"
     duplicate_window: float = 120.0
-    replicas: int = 1
+    replicas: int | None = None
     max_age: float | None = None
     max_msgs: int | None = None
     max_bytes: int | None = None
@@ -274,8 +275,7 @@ class StreamSpec:
             raise ConfigError(
                 "stream.duplicate_window", f"{self.duplicate_window!r}: must be > 0 seconds"
             )
-        if not 1 <= self.replicas <= 5:
-            raise ConfigError("stream.replicas", f"{self.replicas!r}: expected 1 to 5")
+        cluster.check_replicas(self.replicas, "stream.replicas")
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "stream") -> StreamSpec:
@@ -299,7 +299,7 @@ class StreamSpec:
             retention=api.RetentionPolicy(self.retention),
             storage=api.StorageType(self.storage),
             duplicate_window=self.duplicate_window,
-            num_replicas=self.replicas,
+            num_replicas=cluster.replicas(self.replicas),
             max_age=self.max_age,
             max_msgs=self.max_msgs if self.max_msgs is not None else -1,
             max_bytes=self.max_bytes if self.max_bytes is not None else -1,
@@ -426,7 +426,16 @@ class EventBus:
         return remove
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
-        """Create the stream, or update it to ``spec``; safe to call from every process.
+        """Create the stream, or bring it up to ``spec``; safe to call from every process.
+
+        An existing stream keeps what others gave it: subjects it has beyond the
+        spec's stay, and replicas only go up (a spec leaving them to the default
+        never scales a stream down; an explicit lower value is logged as a
+        mismatch and not applied; see :func:`meshkit.saga.cluster.replicas_target`).
+        The duplicate window, max age, direct gets and sources follow the spec.
+        Lookups, creates and updates ride out cluster elections; a refusal (no
+        placement for the replicas, say) raises
+        :class:`~meshkit.saga.cluster.JetStreamAPIError` with the server's words.
 
         The event stores it sources from are created first when missing: a source
         the server cannot find yet is retried only every few seconds.
@@ -434,32 +443,65 @@ class EventBus:
         for source in spec.sources:
             await EventStore(self.nc, source.store).ensure()
         config = spec.to_config()
-        try:
-            info = await self.js.stream_info(spec.name)
-        except nats.js.errors.NotFoundError:
-            try:
-                await self.js.add_stream(config)
-                log.info("created stream %s (%s)", spec.name, ", ".join(spec.subjects))
+        info = await cluster.stream_info_or_none(self.js, spec.name)
+        if info is None:
+            if await cluster.add_stream(self.js, config):
+                log.info(
+                    "created stream %s (%s, replicas %d)",
+                    spec.name,
+                    ", ".join(spec.subjects),
+                    config.num_replicas,
+                )
                 self._ensured.add(spec.name)
                 return
-            except nats.js.errors.BadRequestError:
-                # Another process created it between our lookup and our create.
-                info = await self.js.stream_info(spec.name)
+            # Another process created it between our lookup and our create.
+            info = await cluster.stream_info_or_none(self.js, spec.name)
+            if info is None:
+                raise cluster.JetStreamAPIError(
+                    f"stream {spec.name}: the server says it exists and that it does not"
+                )
         current = info.config
+        subjects = list(current.subjects or [])
+        subjects += [s for s in spec.subjects if s not in subjects]
+        have = current.num_replicas or 1
+        raised = cluster.replicas_target(f"stream {spec.name}", have, spec.replicas)
+        for setting, now, wanted in (
+            ("storage", current.storage, config.storage),
+            ("retention", current.retention, config.retention),
+        ):
+            if now != wanted:
+                log.warning(
+                    "stream %s: %s is %s on the server, the spec wants %s; "
+                    "JetStream cannot change it in place, left as is",
+                    spec.name,
+                    setting,
+                    getattr(now, "value", now),
+                    getattr(wanted, "value", wanted),
+                )
         if (
-            sorted(current.subjects or []) != sorted(spec.subjects)
+            subjects != list(current.subjects or [])
             or current.duplicate_window != spec.duplicate_window
             or (current.max_age or 0) != (spec.max_age or 0)
-            or (current.num_replicas or 1) != spec.replicas
+            or raised is not None
             or bool(current.allow_direct) != spec.allow_direct
             or _sources_key(current.sources) != _sources_key(config.sources)
         ):
+            sources = config.sources
             if config.sources or current.sources:
-                config.sources = await self._resumed_sources(
+                sources = await self._resumed_sources(
                     spec.name, current.sources or [], config.sources or []
                 )
-            await self.js.update_stream(config)
-            log.info("updated stream %s", spec.name)
+            # From the server's config: whatever else someone set there stays.
+            update = dataclasses.replace(
+                current,
+                subjects=subjects,
+                duplicate_window=spec.duplicate_window,
+                max_age=spec.max_age,
+                num_replicas=raised or have,
+                allow_direct=spec.allow_direct,
+                sources=sources,
+            )
+            await cluster.update_stream(self.js, update, f"updated stream {spec.name}")
         self._ensured.add(spec.name)
 
     async def _resumed_sources(
@@ -605,20 +647,21 @@ class EventBus:
         return consumer
 
     async def key_value(
-        self, bucket: str, *, history: int = 1, storage: Literal["file", "memory"] = "file"
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        storage: Literal["file", "memory"] = "file",
+        replicas: int | None = None,
     ) -> Any:
-        """The JetStream KV bucket, created when missing."""
-        try:
-            return await self.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            try:
-                return await self.js.create_key_value(
-                    api.KeyValueConfig(
-                        bucket=bucket, history=history, storage=api.StorageType(storage)
-                    )
-                )
-            except nats.js.errors.BadRequestError:
-                return await self.js.key_value(bucket)
+        """The JetStream KV bucket, created when missing.
+
+        ``replicas``: None takes ``MESHKIT_NATS_REPLICAS``; an existing bucket's
+        replicas are raised to it, never lowered (:func:`meshkit.saga.cluster.ensure_key_value`).
+        """
+        return await cluster.ensure_key_value(
+            self.js, bucket, history=history, storage=storage, replicas_=replicas
+        )
 
     async def close(self) -> None:
         """Stop every consumer (draining in-flight work), then close the connection."""

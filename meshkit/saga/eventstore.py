@@ -61,7 +61,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from meshkit.errors import ConcurrencyError, ConfigError, MeshkitError
-from meshkit.saga import _client, _telemetry
+from meshkit.saga import _client, _telemetry, cluster
 from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.envelope import Envelope, new_event_id, now_ms, type_name
 
@@ -150,14 +150,16 @@ class EventStoreConfig:
     ``prefix``: subjects are ``<prefix>.<aggregate type>.<id>.<event type>`` (default:
     the stream name in lower case). ``atomic``: use atomic batch publish when the server has
     it. ``schema_versions``: the current schema version of each event type (full
-    protobuf name), written into every event; 1 when not listed.
+    protobuf name), written into every event; 1 when not listed. ``replicas``: the
+    stream's; None takes ``MESHKIT_NATS_REPLICAS`` (:mod:`meshkit.saga.cluster`)
+    when the store is ensured.
     """
 
     stream: str = "EVENTS"
     prefix: str = ""
     storage: Literal["file", "memory"] = "file"
     duplicate_window: float = 120.0
-    replicas: int = 1
+    replicas: int | None = None
     atomic: bool = True
     timeout: float = 5.0
     read_batch: int = 1000
@@ -172,6 +174,7 @@ class EventStoreConfig:
             )
         if not self.duplicate_window > 0:
             raise ConfigError("eventstore.duplicate_window", "must be > 0 seconds")
+        cluster.check_replicas(self.replicas, "eventstore.replicas")
         if not 1 <= self.read_batch <= 10_000:
             raise ConfigError("eventstore.read_batch", f"{self.read_batch!r}: expected 1..10000")
 
@@ -399,25 +402,27 @@ class EventStore:
         atomic = self.config.atomic and _server_supports_atomic(self.nc)
         cfg = self.config
         subjects = [self.subjects]
-        try:
-            info = await self.js.stream_info(cfg.stream)
-        except nats.js.errors.NotFoundError:
+        info = await cluster.stream_info_or_none(self.js, cfg.stream)
+        if info is None:
             stream_cfg = api.StreamConfig(
                 name=cfg.stream,
                 subjects=subjects,
                 storage=api.StorageType(cfg.storage),
                 duplicate_window=cfg.duplicate_window,
-                num_replicas=cfg.replicas,
+                num_replicas=cluster.replicas(cfg.replicas),
                 allow_direct=True,
                 allow_atomic=True if atomic else None,
             )
-            try:
-                await self.js.add_stream(stream_cfg)
-                log.info("created event stream %s (%s)", cfg.stream, subjects[0])
-            except nats.js.errors.BadRequestError:
-                info = await self.js.stream_info(cfg.stream)
-                await self._update(info.config, atomic)
-        else:
+            if await cluster.add_stream(self.js, stream_cfg):
+                log.info(
+                    "created event stream %s (%s, replicas %d)",
+                    cfg.stream,
+                    subjects[0],
+                    stream_cfg.num_replicas,
+                )
+            else:  # created by another process since our lookup
+                info = await cluster.stream_info_or_none(self.js, cfg.stream)
+        if info is not None:
             await self._update(info.config, atomic)
         self._atomic = atomic
         old = await self._subjects(f"{self.config.subject_prefix}.*.*")
@@ -478,7 +483,11 @@ class EventStore:
 
     async def _update(self, current: api.StreamConfig, atomic: bool) -> None:
         subjects = list(current.subjects or [])
-        changed = False
+        have = current.num_replicas or 1
+        raised = cluster.replicas_target(
+            f"event stream {self.config.stream}", have, self.config.replicas
+        )
+        changed = raised is not None
         if self.subjects not in subjects:
             subjects.append(self.subjects)
             changed = True
@@ -487,15 +496,17 @@ class EventStore:
         if atomic and not current.allow_atomic:
             changed = True
         if changed:
-            await self.js.update_stream(
+            await cluster.update_stream(
+                self.js,
                 replace(
                     current,
                     subjects=subjects,
                     allow_direct=True,
                     allow_atomic=True if atomic else current.allow_atomic,
-                )
+                    num_replicas=raised or have,
+                ),
+                f"updated event stream {self.config.stream}",
             )
-            log.info("updated event stream %s", self.config.stream)
 
     async def _uses_atomic(self) -> bool:
         if self._atomic is None:

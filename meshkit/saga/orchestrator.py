@@ -54,6 +54,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from meshkit.errors import ConfigError
+from meshkit.saga import cluster
 from meshkit.saga.bus import ConsumerSpec, EventBus
 from meshkit.saga.dlq import dead_letter
 from meshkit.saga.envelope import MSG_ID, Envelope, EnvelopeError, derive_event_id, type_name
@@ -380,6 +381,8 @@ class OrchestratorConfig:
     KV bucket of saga instances. ``duplicate_window``: how long JetStream
     remembers command ids (recovery also checks the stream, so this is a first
     line only). ``consumer``: how replies are redelivered after a crash.
+    ``replicas``: the stream's and the bucket's; None takes ``MESHKIT_NATS_REPLICAS``
+    (:mod:`meshkit.saga.cluster`).
     """
 
     stream: str = "MESHKIT_ORCH"
@@ -387,11 +390,15 @@ class OrchestratorConfig:
     bucket: str = "meshkit_orch"
     duplicate_window: float = 600.0
     storage: str = "file"
+    replicas: int | None = None
     # A reply must never be dropped (a saga would hang), hence the high max_deliver:
     # after a crash, the dead process's pull request can swallow a few deliveries.
     consumer: ConsumerSpec = field(
         default_factory=lambda: ConsumerSpec(ack_wait=10.0, max_deliver=10_000)
     )
+
+    def __post_init__(self) -> None:
+        cluster.check_replicas(self.replicas, "orchestrator.replicas")
 
     def command_subject(self, participant: str, saga_id: str) -> str:
         return f"{self.prefix}.cmd.{participant}.{saga_id}"
@@ -408,13 +415,21 @@ async def ensure_orchestration(bus: EventBus, config: OrchestratorConfig) -> Any
         storage=api.StorageType(config.storage),
         duplicate_window=config.duplicate_window,
         allow_direct=True,
+        num_replicas=cluster.replicas(config.replicas),
     )
-    try:
-        await bus.js.stream_info(config.stream)
-    except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            await bus.js.add_stream(stream_cfg)
-    return await bus.key_value(config.bucket, history=8)
+    info = await cluster.stream_info_or_none(bus.js, config.stream)
+    if info is None:
+        await cluster.add_stream(bus.js, stream_cfg)
+    else:
+        have = info.config.num_replicas or 1
+        raised = cluster.replicas_target(f"stream {config.stream}", have, config.replicas)
+        if raised is not None:
+            await cluster.update_stream(
+                bus.js,
+                replace(info.config, num_replicas=raised),
+                f"raised the replicas of stream {config.stream} to {raised}",
+            )
+    return await bus.key_value(config.bucket, history=8, replicas=config.replicas)
 
 
 CrashHook = Callable[[str, "SagaInstance"], Awaitable[None]]

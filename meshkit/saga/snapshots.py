@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js import api
 
 from meshkit.errors import ConfigError
+from meshkit.saga import cluster
 
 __all__ = ["Snapshot", "SnapshotStore"]
 
@@ -63,7 +63,11 @@ class Snapshot:
 
 
 class SnapshotStore:
-    """Snapshots of aggregates, in KV bucket ``bucket`` (created on first use)."""
+    """Snapshots of aggregates, in KV bucket ``bucket`` (created on first use).
+
+    ``replicas``: the bucket's; None takes ``MESHKIT_NATS_REPLICAS``
+    (:mod:`meshkit.saga.cluster`).
+    """
 
     def __init__(
         self,
@@ -72,9 +76,12 @@ class SnapshotStore:
         bucket: str = "meshkit_snapshots",
         history: int = 8,
         storage: Literal["file", "memory"] = "file",
+        replicas: int | None = None,
     ) -> None:
         if not 1 <= history <= 64:
             raise ConfigError("snapshots.history", f"{history!r}: expected 1..64 (a KV limit)")
+        cluster.check_replicas(replicas, "snapshots.replicas")
+        self.replicas = replicas
         self.js = nc.jetstream()
         self.bucket = bucket
         self.history = history
@@ -83,19 +90,13 @@ class SnapshotStore:
 
     async def kv(self) -> Any:
         if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(self.bucket)
-            except nats.js.errors.BucketNotFoundError:
-                try:
-                    self._kv = await self.js.create_key_value(
-                        api.KeyValueConfig(
-                            bucket=self.bucket,
-                            history=self.history,
-                            storage=api.StorageType(self.storage),
-                        )
-                    )
-                except nats.js.errors.BadRequestError:
-                    self._kv = await self.js.key_value(self.bucket)
+            self._kv = await cluster.ensure_key_value(
+                self.js,
+                self.bucket,
+                history=self.history,
+                storage=self.storage,
+                replicas_=self.replicas,
+            )
         return self._kv
 
     @staticmethod

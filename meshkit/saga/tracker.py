@@ -179,8 +179,11 @@ class SagaStore:
         self.kv = kv
 
     @classmethod
-    async def open(cls, bus: EventBus, bucket: str = "meshkit_sagas") -> SagaStore:
-        return cls(await bus.key_value(bucket))
+    async def open(
+        cls, bus: EventBus, bucket: str = "meshkit_sagas", *, replicas: int | None = None
+    ) -> SagaStore:
+        """The bucket, created when missing (``replicas`` None: ``MESHKIT_NATS_REPLICAS``)."""
+        return cls(await bus.key_value(bucket, replicas=replicas))
 
     async def get(self, saga_id: str) -> Any | None:
         """The saga's ``SagaStatus``, or None."""

@@ -1,0 +1,301 @@
+"""Running on a JetStream cluster: one replicas setting, one retry window.
+
+Replicas
+    Every stream and KV bucket meshkit creates (saga streams, event stores,
+    snapshot and tracker buckets, the dead-letter stream, the orchestrator's
+    stream and bucket) takes its replicas from its spec when the spec names them,
+    else from ``MESHKIT_NATS_REPLICAS`` (1 to 5; 1 when unset), read each time a
+    spec is turned into a server config. So ``MESHKIT_NATS_REPLICAS=3`` in every
+    service's environment makes the whole deployment R3 with no code change.
+    :func:`replicas` resolves a spec's value.
+
+Retry window
+    While a cluster elects a stream or meta leader (a node died), JetStream
+    answers 503, "no responders" or nothing at all for a few seconds. Publishes,
+    event-store appends and reads, stream/consumer/bucket creation and lookups,
+    and tracker waits retry such answers with backoff for up to
+    ``MESHKIT_NATS_RETRY_WINDOW`` seconds (default 15), then raise
+    :class:`JetStreamUnavailable` saying what failed and how. :func:`retrying`
+    is that loop. See docs/operations.md for the measured stall on a node loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from meshkit.errors import ConfigError, MeshkitError
+
+__all__ = [
+    "DEFAULT_RETRY_WINDOW",
+    "REPLICAS_ENV",
+    "RETRY_WINDOW_ENV",
+    "TRANSIENT",
+    "JetStreamAPIError",
+    "JetStreamUnavailable",
+    "add_stream",
+    "api_error",
+    "check_replicas",
+    "default_replicas",
+    "describe",
+    "ensure_key_value",
+    "replicas",
+    "replicas_target",
+    "retry_window",
+    "retrying",
+    "stream_info_or_none",
+    "update_stream",
+]
+
+log = logging.getLogger("meshkit.saga.cluster")
+
+REPLICAS_ENV = "MESHKIT_NATS_REPLICAS"
+RETRY_WINDOW_ENV = "MESHKIT_NATS_RETRY_WINDOW"
+#: Seconds: longer than the elections measured on a 3-node loopback cluster after
+#: a SIGKILL (docs/operations.md), with room for a loaded machine.
+DEFAULT_RETRY_WINDOW = 15.0
+
+#: What a cluster answers while a leader is being elected, or a node restarts.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+)
+
+T = TypeVar("T")
+
+
+class JetStreamUnavailable(MeshkitError, TimeoutError):
+    """JetStream did not answer within the retry window (an election that did not
+    end, a lost quorum, or no server at all). A ``TimeoutError``."""
+
+    code = "UNAVAILABLE"
+
+
+class JetStreamAPIError(MeshkitError):
+    """JetStream refused a request (placement, limits, a bad config): the server's
+    description and error code, and what meshkit asked for."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+
+
+def default_replicas() -> int:
+    """``MESHKIT_NATS_REPLICAS`` (1 when unset); raises :class:`ConfigError` naming
+    the variable when it is not an integer from 1 to 5."""
+    raw = os.environ.get(REPLICAS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 5 or str(value) != raw.lstrip("+"):
+        raise ConfigError(
+            REPLICAS_ENV, f"{raw!r}: expected an integer from 1 to 5 (JetStream's replica limit)"
+        )
+    return value
+
+
+def replicas(value: int | None) -> int:
+    """A spec's replicas: ``value`` when it names them, else :func:`default_replicas`."""
+    return default_replicas() if value is None else value
+
+
+def check_replicas(value: object, path: str) -> None:
+    """Raise :class:`ConfigError` at ``path`` unless ``value`` is None or 1 to 5."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+        raise ConfigError(path, f"{value!r}: expected 1 to 5 (or unset: {REPLICAS_ENV})")
+
+
+def retry_window() -> float:
+    """``MESHKIT_NATS_RETRY_WINDOW`` in seconds (``15``, ``20s``, ``1m``), default 15."""
+    raw = os.environ.get(RETRY_WINDOW_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_WINDOW
+    from meshkit.config import parse_duration
+
+    value = parse_duration(raw, RETRY_WINDOW_ENV)
+    if not value > 0:
+        raise ConfigError(RETRY_WINDOW_ENV, f"{raw!r}: must be > 0 seconds")
+    return float(value)
+
+
+def describe(exc: BaseException) -> str:
+    """An error as a person reads it: the server's description and codes for a
+    JetStream API error (nats-py's repr of those is a bare ``NotFoundError()``)."""
+    if isinstance(exc, nats.js.errors.APIError):
+        parts = [f"code {exc.code}"] if exc.code else []
+        if exc.err_code:
+            parts.append(f"err_code {exc.err_code}")
+        text = exc.description or type(exc).__name__
+        return f"{text} ({', '.join(parts)})" if parts else text
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return "no responders (no JetStream leader answering)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer (timeout)"
+    return repr(exc)
+
+
+def api_error(what: str, exc: nats.js.errors.APIError) -> JetStreamAPIError:
+    """``exc`` as a :class:`JetStreamAPIError` saying what was asked (``what``)."""
+    return JetStreamAPIError(f"{what}: {describe(exc)}", err_code=exc.err_code)
+
+
+async def retrying(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    window: float | None = None,
+    transient: tuple[type[BaseException], ...] = TRANSIENT,
+) -> T:
+    """``await call()``, again with backoff (50 ms doubling to 1 s, jittered) while it
+    raises a ``transient`` error, for up to ``window`` seconds (default:
+    :func:`retry_window`); then :class:`JetStreamUnavailable` naming ``what``, how
+    long and the last error. Only calls that are safe to repeat belong here."""
+    loop = asyncio.get_running_loop()
+    limit = retry_window() if window is None else window
+    start = loop.time()
+    delay = 0.05
+    tries = 0
+    while True:
+        try:
+            return await call()
+        except transient as exc:
+            tries += 1
+            left = start + limit - loop.time()
+            if left <= 0:
+                raise JetStreamUnavailable(
+                    f"{what}: JetStream did not answer within {limit:g}s "
+                    f"({tries} tries; last: {describe(exc)}): a leader election that did "
+                    f"not end, a lost quorum, or no server; the window is {RETRY_WINDOW_ENV}"
+                ) from exc
+            if tries == 1:
+                log.info("%s: %s; retrying for up to %.0fs", what, describe(exc), left)
+            await asyncio.sleep(min(left, delay * random.uniform(0.7, 1.3)))
+            delay = min(delay * 2, 1.0)
+
+
+# -- streams and buckets --------------------------------------------------------
+
+#: "stream name already in use with a different configuration": someone created it first.
+STREAM_NAME_IN_USE = 10058
+
+
+def replicas_target(what: str, current: int, wanted: int | None) -> int | None:
+    """The replicas to update ``what`` to, or None to leave it at ``current``.
+
+    Replicas only go up: a spec that leaves them to the default (``wanted`` None)
+    raises them to :func:`default_replicas` and leaves a higher value alone; an
+    explicit lower value is a mismatch, logged as a WARNING and not applied (the
+    first service to start with an old spec must not scale a stream down).
+    """
+    target = replicas(wanted)
+    if target > current:
+        return target
+    if wanted is not None and wanted < current:
+        log.warning(
+            "%s: replicas is %d on the server, the spec wants %d; left at %d "
+            "(meshkit never lowers replicas: change them on the server if you mean it)",
+            what,
+            current,
+            wanted,
+            current,
+        )
+    return None
+
+
+async def stream_info_or_none(js: JetStreamContext, stream: str) -> api.StreamInfo | None:
+    """The stream's info (retried through elections), or None when it does not exist."""
+    try:
+        return await retrying(f"looking up stream {stream}", lambda: js.stream_info(stream))
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def ensure_key_value(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int = 1,
+    storage: str = "file",
+    replicas_: int | None = None,
+) -> KeyValue:
+    """The KV bucket, created when missing with ``replicas_`` (None: the default);
+    an existing bucket's replicas are raised to that, never lowered.
+
+    Lookups and creation ride out elections (:func:`retrying`); a refusal (no
+    placement for the replicas, say) raises :class:`JetStreamAPIError` with the
+    server's description.
+    """
+    info = await stream_info_or_none(js, f"KV_{bucket}")
+    if info is None:
+        n = replicas(replicas_)
+        config = api.KeyValueConfig(
+            bucket=bucket, history=history, storage=api.StorageType(storage), replicas=n
+        )
+        try:
+            return await retrying(
+                f"creating KV bucket {bucket}", lambda: js.create_key_value(config)
+            )
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise api_error(f"creating KV bucket {bucket} (replicas {n})", exc) from None
+            # Created by another process between our lookup and our create.
+    else:
+        target = replicas_target(f"KV bucket {bucket}", info.config.num_replicas or 1, replicas_)
+        if target is not None:
+            await update_stream(
+                js,
+                dataclasses.replace(info.config, num_replicas=target),
+                f"raising the replicas of KV bucket {bucket} to {target}",
+            )
+    return await retrying(f"opening KV bucket {bucket}", lambda: js.key_value(bucket))
+
+
+async def update_stream(js: JetStreamContext, config: api.StreamConfig, what: str) -> None:
+    """``js.update_stream`` through elections; a refusal is a :class:`JetStreamAPIError`."""
+    try:
+        await retrying(what, lambda: js.update_stream(config))
+    except nats.js.errors.APIError as exc:
+        if isinstance(exc, TRANSIENT):
+            raise
+        raise api_error(what, exc) from None
+    log.info("%s", what)
+
+
+async def add_stream(js: JetStreamContext, config: api.StreamConfig) -> bool:
+    """Create the stream through elections: True when created (or already there with
+    this very config), False when it exists with another config (someone else made
+    it first). A refusal is a :class:`JetStreamAPIError` naming the stream, its
+    replicas and the server's description (e.g. no suitable peers for placement)."""
+    try:
+        await retrying(f"creating stream {config.name}", lambda: js.add_stream(config))
+        return True
+    except nats.js.errors.APIError as exc:
+        if isinstance(exc, TRANSIENT):
+            raise
+        if exc.err_code == STREAM_NAME_IN_USE:
+            return False
+        raise api_error(
+            f"creating stream {config.name} (replicas {config.num_replicas or 1})", exc
+        ) from None
