@@ -5,8 +5,9 @@ Build the ASGI app from a descriptor set and upstream targets::
     from meshkit.gateway import create_app
     app = create_app("build/api.binpb", ["127.0.0.1:50051"])
 
-then serve it with uvicorn (``meshkit gateway`` does that, with workers and
-SIGHUP reload), or mount it into Starlette/FastAPI. See docs/gateway.md.
+then serve it with any ASGI server (uvicorn, granian, hypercorn), or mount it into
+Starlette/FastAPI; ``meshkit gateway`` serves it on meshkit's own HTTP/1.1 server, with
+workers, SIGHUP reload and the guarantees listed in docs/gateway.md.
 """
 
 from typing import Any

@@ -817,6 +817,8 @@ class HttpProtocol(asyncio.Protocol):
         scope["raw_path"] = root.encode("ascii") + raw_path if root else raw_path
         scope["query_string"] = parsed.query or b""
         scope["headers"] = self._headers
+        if "state" in scope:
+            scope["state"] = scope["state"].copy()  # ASGI: a shallow copy per request
         if self._forwarded:
             self._apply_forwarded(scope)
         if parser.should_upgrade() and self._wants_websocket():

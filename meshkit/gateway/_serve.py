@@ -237,6 +237,10 @@ async def serve_until_signalled(server: HttpServer) -> int:
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+            # Stopped and drained: what is left is the loop's teardown and the exit. A
+            # further signal then (a supervisor repeating its SIGTERM) must not turn a
+            # graceful stop into death by signal.
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run(

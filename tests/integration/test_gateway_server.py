@@ -1000,3 +1000,47 @@ async def test_cli_server_memory_flat_under_slow_and_endless_heads() -> None:
     assert after - before < 1_000_000, after - before
     # 100 connections with up to 8 KiB of head each (+ one read): far below 256 KiB each.
     assert peak - before < 16_000_000, peak - before
+
+
+async def test_cli_server_websocket_limits_and_refusals() -> None:
+    # Messages over the size limit close the connection with 1009 (the sans-I/O protocol
+    # enforces it); fragments are reassembled; a close before the accept is a 403; the
+    # lifespan state reaches the scope as a copy.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            scope["state"]["ready"] = True
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert scope["type"] == "websocket" and scope["state"] == {"ready": True}
+        await receive()
+        if scope["path"] == "/refuse":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept", "subprotocol": "echo"})
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": msg["text"].upper()})
+
+    options = HttpOptions(ws_max_size=1024)
+    async with _serving(app, "cli", options=options) as port:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/echo",
+            subprotocols=["echo"],  # type: ignore[list-item]
+        ) as ws:
+            assert ws.subprotocol == "echo"
+            await ws.send(["ab", "cd"])  # two frames, one message
+            assert await ws.recv() == "ABCD"
+            await ws.send("x" * 2000)
+            with pytest.raises(websockets.ConnectionClosedError):
+                await ws.recv()
+            assert ws.close_code == 1009
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/refuse"):
+                pass
+        assert refused.value.response.status_code == 403
+        assert json.loads(refused.value.response.body or b"{}")["code"] == 7
