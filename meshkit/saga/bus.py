@@ -356,11 +356,12 @@ class ConsumerSpec:
 class EventBus:
     """A NATS connection with JetStream, publishing envelopes and running consumers."""
 
-    def __init__(self, nc: NATS, *, source: str = "", publish_retry: float = 15.0) -> None:
+    def __init__(self, nc: NATS, *, source: str = "", publish_retry: float | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self._replies = _client.replies(nc)
         self.source = source
+        # None: the library's retry window (MESHKIT_NATS_RETRY_WINDOW), read per publish.
         self.publish_retry = publish_retry
         self._listeners: list[Callable[[], None]] = []
         self._ensured: set[str] = set()
@@ -373,7 +374,7 @@ class EventBus:
         *,
         name: str = "meshkit",
         source: str | None = None,
-        publish_retry: float = 15.0,
+        publish_retry: float | None = None,
         **options: Any,
     ) -> EventBus:
         """Connect (reconnecting forever) and return a bus publishing as ``source``.
@@ -567,18 +568,17 @@ class EventBus:
         *,
         ack_timeout: float = 5.0,
     ) -> api.PubAck:
-        """Publish to JetStream, retrying while the server is unreachable (up to ``publish_retry``)."""
-        end = time.monotonic() + self.publish_retry
-        delay = 0.05
-        while True:
-            try:
-                return await self._replies.jetstream_publish(subject, payload, headers, ack_timeout)
-            except _RETRYABLE_PUBLISH as exc:
-                if time.monotonic() + delay >= end:
-                    raise
-                log.debug("publish to %s failed (%r); retrying in %.2fs", subject, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        """Publish to JetStream, retrying while the server is unreachable or electing a
+        stream leader (up to ``publish_retry`` seconds; None: the library's window,
+        :func:`meshkit.saga.cluster.retry_window`), then raising
+        :class:`~meshkit.saga.cluster.JetStreamUnavailable`. A retry carries the same
+        headers, so its ``Nats-Msg-Id`` makes the stream keep one copy."""
+        return await cluster.retrying(
+            f"publishing to {subject}",
+            lambda: self._replies.jetstream_publish(subject, payload, headers, ack_timeout),
+            window=self.publish_retry,
+            transient=_RETRYABLE_PUBLISH,
+        )
 
     async def publish(
         self, stream: StreamSpec, event: Message, env: Envelope, *, ack_timeout: float = 5.0
@@ -682,6 +682,7 @@ class ConsumerStats:
     handled: int = 0
     errors: int = 0
     pulls: int = 0
+    backoffs: int = 0
     recoveries: int = 0
     last_error: str = ""
 
@@ -726,6 +727,14 @@ class PullConsumer:
         self._remove_listener: Callable[[], None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # After a pull ends with an error status (503 while the consumer's leader is
+        # elected, 409s), the next pull waits: doubling from 50 ms to 2 s, reset by
+        # the next delivered message. Without it every 503 starts the next pull at
+        # once (thousands of pulls and log lines a second).
+        self._backoff = 0.0
+        self._not_before = 0.0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -747,15 +756,31 @@ class PullConsumer:
             filter_subjects=subjects if len(subjects) > 1 else None,
         )
 
-    async def ensure(self) -> None:
-        """Create or update the durable consumer on the server."""
-        await self.bus.js.add_consumer(self.stream, self._config())
+    async def ensure(self, *, window: float | None = 0.0) -> None:
+        """Create or update the durable consumer on the server.
+
+        ``window``: how long to ride out an election (None: the library's window,
+        :func:`meshkit.saga.cluster.retry_window`; 0: one try). A refusal is a
+        :class:`~meshkit.saga.cluster.JetStreamAPIError` with the server's description,
+        except a missing stream (nats' ``NotFoundError``, which recovery handles).
+        """
+        what = f"creating consumer {self.durable} on stream {self.stream}"
+        try:
+            await cluster.retrying(
+                what,
+                lambda: self.bus.js.add_consumer(self.stream, self._config()),
+                window=window,
+            )
+        except nats.js.errors.APIError as exc:
+            if isinstance(exc, (nats.js.errors.NotFoundError, *cluster.TRANSIENT)):
+                raise
+            raise cluster.api_error(what, exc) from None
 
     async def start(self) -> PullConsumer:
         """Create the consumer if needed and start pulling."""
         if self._started:
             return self
-        await self.ensure()
+        await self.ensure(window=None)
         self._inbox = self.bus.nc.new_inbox()
         self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
         self._remove_listener = self.bus.on_reconnect(self._on_reconnect)
@@ -767,7 +792,7 @@ class PullConsumer:
         return self
 
     async def _pull(self) -> None:
-        if self._stopping or not self._started:
+        if self._stopping or not self._started or time.monotonic() < self._not_before:
             return
         limit = self.spec.max_in_flight
         want = limit - self._credits - self._in_flight
@@ -802,19 +827,25 @@ class PullConsumer:
             if status in ("404", "408") and pending:
                 self._credits = max(0, self._credits - int(pending))
             else:
+                self._credits = 0
                 if status not in ("404", "408"):
-                    log.info(
+                    # Once per series of failed pulls: a leaderless consumer answers
+                    # every pull at once, and each would be a log line.
+                    log.log(
+                        logging.DEBUG if self._backoff else logging.INFO,
                         "consumer %s: pull ended with %s %s",
                         self.durable,
                         status,
                         headers.get("Description", "") if headers else "",
                     )
-                self._credits = 0
-                if status == "409" and headers and "Deleted" in headers.get("Description", ""):
-                    self._schedule_recover()
+                    if status == "409" and headers and "Deleted" in headers.get("Description", ""):
+                        self._schedule_recover()
+                        return
+                    self._back_off()
                     return
             await self._pull()
             return
+        self._backoff = 0.0
         self._credits = max(0, self._credits - 1)
         self.stats.delivered += 1
         if self._stopping:
@@ -858,6 +889,24 @@ class PullConsumer:
             if self._in_flight == 0:
                 self._idle.set()
             await self._pull()
+
+    def _back_off(self) -> None:
+        """Pull again later, not at once (see ``_backoff``)."""
+        self._backoff = min(self._backoff * 2 if self._backoff else 0.05, 2.0)
+        self.stats.backoffs += 1
+        self._not_before = time.monotonic() + self._backoff
+        if self._retry_handle is None and not self._stopping:
+            self._retry_handle = asyncio.get_running_loop().call_later(
+                self._backoff, self._pull_later
+            )
+
+    def _pull_later(self) -> None:
+        self._retry_handle = None
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._pull())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_reconnect(self) -> None:
         self._schedule_recover()
@@ -907,6 +956,8 @@ class PullConsumer:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._recovering is not None:

@@ -42,6 +42,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -50,7 +51,7 @@ import re
 import typing
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
@@ -76,6 +77,7 @@ __all__ = [
     "EventStore",
     "EventStoreConfig",
     "EventStoreError",
+    "EventStoreUnavailable",
     "Loaded",
     "Repository",
     "StoredEvent",
@@ -112,12 +114,32 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _ID = re.compile(r"^[A-Za-z0-9_=-]+$")
 
 A = TypeVar("A")
+T = TypeVar("T")
 
 
 class EventStoreError(MeshkitError):
     """The event store could not read or write (the message says what and where)."""
 
     code = "INTERNAL"
+
+
+class EventStoreUnavailable(EventStoreError):
+    """JetStream did not answer (no responders, no answer in time, 503): a leader
+    election, a restarting server, or no stream for the subjects. Appends and reads
+    retry it within :func:`meshkit.saga.cluster.retry_window` before raising it."""
+
+    code = "UNAVAILABLE"
+
+
+async def _riding(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` retried through elections (:func:`meshkit.saga.cluster.retrying`);
+    an :class:`EventStoreUnavailable` saying what failed and for how long after that."""
+    try:
+        return await cluster.retrying(
+            what, call, transient=(EventStoreUnavailable, *cluster.TRANSIENT)
+        )
+    except cluster.JetStreamUnavailable as exc:
+        raise EventStoreUnavailable(str(exc)) from exc.__cause__
 
 
 class AggregateConflict(ConcurrencyError):
@@ -609,8 +631,21 @@ class EventStore:
                 ]
                 headers = [e.to_headers() for e in envs]
                 try:
-                    seqs = await self._store(
-                        atomic, name, subjects, payloads, headers, current, only_new
+                    # Resent as it was while the cluster elects a leader: the same
+                    # Nats-Msg-Id, so one that was stored but not acknowledged is
+                    # acknowledged as a duplicate and not stored again.
+                    seqs = await _riding(
+                        f"append to {name}",
+                        functools.partial(
+                            self._store,
+                            atomic,
+                            name,
+                            subjects,
+                            payloads,
+                            headers,
+                            current,
+                            only_new,
+                        ),
                     )
                     break
                 except _WrongLastSequence:
@@ -795,11 +830,12 @@ class EventStore:
                 subject, payload, headers, self.config.timeout
             )
         except nats.errors.NoRespondersError:
-            raise EventStoreError(
-                f"no stream takes {subject}: call EventStore.ensure() first"
+            raise EventStoreUnavailable(
+                f"no stream takes {subject} (a leader election, or EventStore.ensure() "
+                "was not called)"
             ) from None
         except nats.errors.TimeoutError:
-            raise EventStoreError(
+            raise EventStoreUnavailable(
                 f"append to {subject}: no answer in {self.config.timeout}s"
             ) from None
         return bytes(msg.data)
@@ -808,7 +844,10 @@ class EventStore:
 
     async def version(self, aggregate_type: str, aggregate_id: str) -> Version:
         """The aggregate's current version (one direct get of its last event)."""
-        last = await self._direct_last(self.aggregate_filter(aggregate_type, aggregate_id))
+        subjects = self.aggregate_filter(aggregate_type, aggregate_id)
+        last = await _riding(
+            f"reading the version of {subjects}", lambda: self._direct_last(subjects)
+        )
         if last is None:
             return Version()
         return Version(_int_header(last.headers, AGGREGATE_VERSION, 0), last.seq)
@@ -833,6 +872,11 @@ class EventStore:
         status = h.get("Status")
         if status == "404":
             return None
+        if status in ("503", "408"):
+            raise EventStoreUnavailable(
+                f"reading the last event of {subjects_filter} from stream {self.stream}: "
+                f"{status} {h.get('Description', '')}".rstrip()
+            )
         if status:
             raise EventStoreError(
                 f"reading the last event of {subjects_filter} from stream {self.stream}: "
@@ -862,18 +906,23 @@ class EventStore:
         """
         subject = self.aggregate_filter(aggregate_type, aggregate_id)
         start = (after.seq + 1) if after is not None else 1
-        out: list[StoredEvent] = []
-        scan = self._scan(subject, start)
-        async with contextlib.aclosing(scan):
-            async for ev in scan:
-                if to_version is not None and ev.version > to_version:
-                    break
-                if until_ms is not None and ev.timestamp_ms > until_ms:
-                    break
-                out.append(ev)
-                if to_version is not None and ev.version >= to_version:
-                    break
-        return out
+
+        async def collect() -> list[StoredEvent]:
+            out: list[StoredEvent] = []
+            scan = self._scan(subject, start)
+            async with contextlib.aclosing(scan):
+                async for ev in scan:
+                    if to_version is not None and ev.version > to_version:
+                        break
+                    if until_ms is not None and ev.timestamp_ms > until_ms:
+                        break
+                    out.append(ev)
+                    if to_version is not None and ev.version >= to_version:
+                        break
+            return out
+
+        # A read cut short by an election starts over: it is a list, not a stream.
+        return await _riding(f"reading {subject}", collect)
 
     async def _scan(self, subject: str, start_seq: int) -> typing.AsyncGenerator[StoredEvent, None]:
         """Every message on ``subject`` from ``start_seq``, in stream order."""
@@ -984,7 +1033,7 @@ async def read_batches(
             # not up yet: fall back for good only when the stream really lacks direct
             # gets, otherwise fail this read (callers retry) and stay on the fast path.
             if await _allows_direct(nc, stream, wait_s):
-                raise EventStoreError(
+                raise EventStoreUnavailable(
                     f"reading {subject} from stream {stream}: direct get has no responders "
                     "(server starting?)"
                 ) from None
@@ -1050,7 +1099,7 @@ async def _direct_batch(
         try:
             await asyncio.wait_for(done, wait_s)
         except TimeoutError:
-            raise EventStoreError(
+            raise EventStoreUnavailable(
                 f"reading {subject} from stream {stream}: no answer in {wait_s}s"
             ) from None
         return out

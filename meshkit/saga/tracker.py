@@ -31,7 +31,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from meshkit._pb.meshkit.v1 import saga_pb2
-from meshkit.saga import _telemetry
+from meshkit.saga import _telemetry, cluster
 from meshkit.saga._locks import KeyedLocks
 from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
 from meshkit.saga.dlq import CONSUMER, DLQ_STREAM, REASON
@@ -186,9 +186,16 @@ class SagaStore:
         return cls(await bus.key_value(bucket, replicas=replicas))
 
     async def get(self, saga_id: str) -> Any | None:
-        """The saga's ``SagaStatus``, or None."""
+        """The saga's ``SagaStatus``, or None.
+
+        Rides out a cluster election of the bucket's leader (503s, timeouts) within
+        :func:`meshkit.saga.cluster.retry_window`, then raises
+        :class:`~meshkit.saga.cluster.JetStreamUnavailable`.
+        """
         try:
-            entry = await self.kv.get(saga_id)
+            entry = await cluster.retrying(
+                f"reading saga {saga_id} from KV", lambda: self.kv.get(saga_id)
+            )
         except nats.js.errors.KeyNotFoundError:
             return None
         status = saga_pb2.SagaStatus()

@@ -65,3 +65,63 @@ async def test_concurrent_unconditional_appends_all_succeed_with_contiguous_vers
     stored = await store.read("tally", "many")
     assert [e.version for e in stored] == list(range(1, 21))
     assert sorted(e.event_id for e in stored) == sorted(r.events[0].event_id for r in results)
+
+
+async def test_appends_ride_out_a_sigkill_of_the_stream_leader(
+    store: EventStore, nats_cluster: Any
+) -> None:
+    """Appends every 20 ms while the stream leader is killed and restarted: every
+    acknowledged event is stored once and in order, and no caller sees an error."""
+    info = await store.js.stream_info(store.stream)
+    assert info.cluster is not None and info.cluster.leader
+    leader = nats_cluster.index_of(info.cluster.leader)
+    loop = asyncio.get_running_loop()
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    slowest = 0.0
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        nonlocal slowest
+        n = 0
+        while not stop.is_set():
+            began = loop.time()
+            try:
+                result = await store.append("tally", "chaos", [_event(n)], expected=None)
+                acked.append(result.events[0].event_id)
+            except Exception as exc:  # the test's point: there must be none
+                errors.append(exc)
+            slowest = max(slowest, loop.time() - began)
+            n += 1
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(writer())
+    try:
+        await asyncio.sleep(1.0)
+        before = len(acked)
+        killed_at = loop.time()
+        await asyncio.to_thread(nats_cluster.kill, leader)
+        # Until appends flow again (a new leader), bounded well inside the retry window.
+        while len(acked) < before + 10 and loop.time() - killed_at < 20:
+            await asyncio.sleep(0.05)
+        stall = loop.time() - killed_at
+        await asyncio.to_thread(nats_cluster.restart, leader)
+        restarted = len(acked)
+        while len(acked) < restarted + 25 and loop.time() - killed_at < 30:
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+        if not nats_cluster.nodes[leader].running:
+            await asyncio.to_thread(nats_cluster.restart, leader)
+    print(
+        f"\nleader {nats_cluster.names[leader]} killed: {len(acked)} appends, "
+        f"appends flowing again after {stall:.2f}s, slowest append {slowest:.2f}s"
+    )
+    assert not errors, errors[:3]
+    assert len(acked) >= before + 35
+    stored = await store.read("tally", "chaos")
+    assert [e.event_id for e in stored] == acked  # each once, in the order acknowledged
+    assert [e.version for e in stored] == list(range(1, len(stored) + 1))
+    new = (await store.js.stream_info(store.stream)).cluster
+    assert new is not None and new.leader in nats_cluster.names

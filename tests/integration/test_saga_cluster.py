@@ -114,3 +114,49 @@ async def test_one_setting_gives_every_stream_and_bucket_its_replicas(
     for s in [*streams, one.name]:
         if s != DLQ_STREAM.name:
             await bus.js.delete_stream(s)
+
+
+async def test_pull_consumer_backs_off_while_its_leader_is_elected(
+    bus: EventBus, nats_cluster: Any
+) -> None:
+    """Killing the consumer's leader: pulls that end in 503 wait before the next one
+    (no busy loop), and every event published meanwhile is handled once it is back."""
+    import asyncio
+
+    name = _name("PULL")
+    spec = StreamSpec(name=name, prefix=name.lower(), replicas=3)
+    await bus.ensure_stream(spec)
+    handled: set[str] = set()
+
+    async def handle(msg: Any) -> None:
+        handled.add(msg.data.decode())
+        await msg.ack()
+
+    consumer = bus.consumer(spec, "worker", handle)
+    await consumer.start()
+    leader = ""
+    try:
+        for i in range(20):
+            await bus.publish_raw(f"{spec.prefix}.x", str(i).encode(), {"Nats-Msg-Id": f"a{i}"})
+        info = await bus.js.consumer_info(name, "worker")
+        assert info.cluster is not None and info.cluster.leader
+        leader = info.cluster.leader
+        pulls = consumer.stats.pulls
+        await asyncio.to_thread(nats_cluster.kill, nats_cluster.index_of(leader))
+        for i in range(20, 40):
+            await bus.publish_raw(f"{spec.prefix}.x", str(i).encode(), {"Nats-Msg-Id": f"a{i}"})
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 25
+        while len(handled) < 40 and loop.time() < end:
+            await asyncio.sleep(0.05)
+        print(
+            f"\nconsumer leader {leader} killed: {consumer.stats.pulls - pulls} pulls, "
+            f"{consumer.stats.backoffs} back-offs until all 40 handled"
+        )
+        assert handled == {str(i) for i in range(40)}
+        assert consumer.stats.pulls - pulls < 100
+    finally:
+        await consumer.stop()
+        if leader:
+            await asyncio.to_thread(nats_cluster.restart, nats_cluster.index_of(leader))
+        await bus.js.delete_stream(name)
