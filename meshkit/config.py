@@ -58,7 +58,22 @@ from meshkit.resilience.hedging import HedgingPolicy
 from meshkit.resilience.ratelimit import KeyedRateLimiter, RateLimitConfig
 from meshkit.resilience.retry import Jitter, RetryPolicy
 
-__all__ = ["MethodPolicy", "Policy", "parse_duration", "parse_size"]
+__all__ = [
+    "MethodPolicy",
+    "Policy",
+    "located",
+    "parse_duration",
+    "parse_size",
+    "read_bool",
+    "read_code",
+    "read_codes",
+    "read_int",
+    "read_mapping",
+    "read_number",
+    "read_str",
+    "read_yaml",
+    "show_value",
+]
 
 _log = logging.getLogger("meshkit.config")
 
@@ -337,6 +352,19 @@ def _mapping(
         if key not in value:
             raise ConfigError(_join(path, key), "missing required key")
     return dict(value)
+
+
+# Public names for the readers, so gateway.yaml's sections (meshkit.gateway) report a
+# bad value exactly as a policy document does: the key path, what was expected, the
+# value, a did-you-mean for a misspelt key.
+show_value = _show
+read_int = _int
+read_number = _number
+read_bool = _bool
+read_str = _str
+read_code = _code
+read_codes = _codes
+read_mapping = _mapping
 
 
 def _off(value: Any) -> bool:
@@ -939,6 +967,9 @@ class Policy:
     ) -> None:
         self.source = source
         self.clock = clock
+        #: The document this policy was read from (set by :meth:`from_dict`), so a
+        #: reload can tell an unchanged policy and keep this one, breakers and all.
+        self.document: Mapping[str, Any] | None = None
         self._defaults: dict[str, Any] = dict(defaults or {})
         self.rules: tuple[Rule, ...] = tuple(rules)
         self._by_service: dict[str, Rule] = {}
@@ -989,7 +1020,9 @@ class Policy:
             if source and exc.source is None:
                 raise ConfigError(exc.path, _bare(exc), source=source) from None
             raise
-        return cls(defaults, rules, source=source, clock=clock)
+        policy = cls(defaults, rules, source=source, clock=clock)
+        policy.document = document
+        return policy
 
     @classmethod
     def from_text(
@@ -1012,15 +1045,7 @@ class Policy:
                 raise ConfigError("", exc.msg, source=f"{where}:{exc.lineno}:{exc.colno}") from None
             marks: dict[str, tuple[int, int]] = {}
         elif format in (None, "yaml"):
-            try:
-                document, marks = _load_yaml(text)
-            except yaml.MarkedYAMLError as exc:
-                mark = exc.problem_mark or exc.context_mark
-                pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-                problem = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
-                raise ConfigError("", problem or str(exc), source=f"{where}{pos}") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError("", str(exc), source=where) from None
+            document, marks = read_yaml(text, where)
         else:
             raise ValueError(f"format must be 'yaml' or 'json', not {format!r}")
         if document is not None and not isinstance(document, Mapping):
@@ -1030,8 +1055,7 @@ class Policy:
         try:
             return cls.from_dict(document, source, clock=clock)
         except ConfigError as exc:
-            pos = _mark_for(exc.path, marks, at_key=_bare(exc).startswith("unknown key"))
-            raise ConfigError(exc.path, _bare(exc), source=f"{where}{pos}") from None
+            raise located(exc, where, marks) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, clock: Clock = SYSTEM_CLOCK) -> Policy:
@@ -1359,6 +1383,34 @@ _Loader.add_implicit_resolver(
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
 )
+
+
+def read_yaml(text: str, source: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """Parse YAML the way every meshkit document is read: safe, duplicate keys are
+    errors, booleans only ``true``/``false`` (so ``on:`` stays a string key).
+
+    Returns the document (``None`` when empty) and the positions of its nodes by key
+    path, for :func:`located`. A syntax error is a ConfigError naming
+    ``source:line:col``."""
+    try:
+        return _load_yaml(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError("", problem or str(exc), source=f"{source}{pos}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", str(exc), source=source) from None
+
+
+def located(exc: ConfigError, source: str, marks: Mapping[str, tuple[int, int]]) -> ConfigError:
+    """``exc`` again, its source now ``source:line:col`` of the node its key path
+    names (of the key itself for an unknown key), as ``meshkit policy check`` reports.
+    An error that already names another source (a key file, say) is returned unchanged."""
+    if exc.source is not None and exc.source != source:
+        return exc
+    pos = _mark_for(exc.path, marks, at_key=_bare(exc).startswith("unknown key"))
+    return ConfigError(exc.path, _bare(exc), source=f"{source}{pos}")
 
 
 def _load_yaml(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:

@@ -11,6 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshkit.config import (
+    parse_size,
+    read_bool,
+    read_int,
+    read_mapping,
+    read_number,
+    show_value,
+)
 from meshkit.errors import ConfigError
 from meshkit.gateway.config import parse_duration
 
@@ -18,78 +26,73 @@ _MISSING: Any = object()
 
 
 def section(raw: Any, path: str, known: Sequence[str]) -> Mapping[str, Any]:
-    """``raw`` as a mapping with only ``known`` keys (None is an empty mapping)."""
+    """``raw`` as a mapping with only ``known`` keys (None is an empty mapping). A
+    misspelt key is reported at the key with a did-you-mean, as in policy documents."""
     if raw is None:
         return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(path, f"expected a mapping, got {type(raw).__name__}")
-    for key in raw:
-        if key not in known:
-            raise ConfigError(
-                f"{path}.{key}" if path else str(key),
-                f"unknown key; expected one of {', '.join(sorted(known))}",
-            )
-    return raw
+    return read_mapping(raw, path, known)
+
+
+def _required(raw: Mapping[str, Any], key: str, path: str, default: Any) -> Any:
+    """``raw[key]``, or ``default``; a ConfigError when absent without a default."""
+    if key in raw:
+        return raw[key]
+    if default is _MISSING:
+        raise ConfigError(f"{path}.{key}", "missing required key")
+    return _MISSING
 
 
 def get_str(raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING) -> Any:
     """A string value (required unless ``default`` is given)."""
-    if key not in raw:
-        if default is _MISSING:
-            raise ConfigError(f"{path}.{key}", "required")
+    v = _required(raw, key, path, default)
+    if v is _MISSING:
         return default
-    v = raw[key]
     if not isinstance(v, str):
-        raise ConfigError(f"{path}.{key}", f"expected a string, got {v!r}")
+        raise ConfigError(f"{path}.{key}", f"expected a string, got {show_value(v)}")
     return v
 
 
 def get_bool(raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    """A boolean value."""
-    v = raw.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{path}.{key}", f"expected true or false, got {v!r}")
-    return v
-
-
-def _get_number(
-    raw: Mapping[str, Any], key: str, path: str, default: Any, minimum: float, integer: bool
-) -> Any:
-    if key not in raw:
-        if default is _MISSING:
-            raise ConfigError(f"{path}.{key}", "required")
-        return default
-    v = raw[key]
-    kind = int if integer else int | float
-    if not isinstance(v, kind) or isinstance(v, bool) or v < minimum:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{path}.{key}", f"expected {what} >= {minimum}, got {v!r}")
-    return v if integer else float(v)
+    """A boolean value (``true``/``false`` only: YAML 1.1's yes/no/on/off are strings)."""
+    return read_bool(raw[key], f"{path}.{key}") if key in raw else default
 
 
 def get_int(
     raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: int = 0
 ) -> Any:
     """An integer value >= ``minimum``."""
-    return _get_number(raw, key, path, default, minimum, integer=True)
+    v = _required(raw, key, path, default)
+    return default if v is _MISSING else read_int(v, f"{path}.{key}", lo=minimum)
 
 
 def get_number(
     raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: float = 0.0
 ) -> Any:
     """A number >= ``minimum``."""
-    return _get_number(raw, key, path, default, minimum, integer=False)
+    v = _required(raw, key, path, default)
+    return default if v is _MISSING else read_number(v, f"{path}.{key}", lo=minimum)
+
+
+def get_size(
+    raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, minimum: int = 0
+) -> Any:
+    """A size in bytes: an integer or ``"512KiB"``, ``"4MiB"``, ``"1MB"`` (the policy
+    document's grammar), at least ``minimum``."""
+    v = _required(raw, key, path, default)
+    if v is _MISSING:
+        return default
+    size = parse_size(v, f"{path}.{key}")
+    if size < minimum:
+        raise ConfigError(f"{path}.{key}", f"expected a size >= {minimum}, got {show_value(v)}")
+    return size
 
 
 def get_duration(
     raw: Mapping[str, Any], key: str, path: str, default: Any = _MISSING, *, positive: bool = True
 ) -> Any:
     """A duration (``"30s"``, ``"250ms"`` or seconds); zero only when not ``positive``."""
-    if key not in raw:
-        if default is _MISSING:
-            raise ConfigError(f"{path}.{key}", "required")
-        return default
-    return parse_duration(raw[key], f"{path}.{key}", positive=positive)
+    v = _required(raw, key, path, default)
+    return default if v is _MISSING else parse_duration(v, f"{path}.{key}", positive=positive)
 
 
 def get_str_list(raw: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
@@ -100,7 +103,7 @@ def get_str_list(raw: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]
     if isinstance(v, str):
         return (v,)
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ConfigError(f"{path}.{key}", f"expected a list of strings, got {v!r}")
+        raise ConfigError(f"{path}.{key}", f"expected a list of strings, got {show_value(v)}")
     return tuple(v)
 
 
@@ -110,7 +113,7 @@ def get_list(raw: Mapping[str, Any], key: str, path: str) -> list[Any]:
     if v is None:
         return []
     if not isinstance(v, list):
-        raise ConfigError(f"{path}.{key}", f"expected a list, got {type(v).__name__}")
+        raise ConfigError(f"{path}.{key}", f"expected a list, got {show_value(v)}")
     return v
 
 

@@ -218,9 +218,22 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def serve_until_signalled(server: HttpServer) -> int:
-    """Serve, stopping gracefully on SIGTERM or SIGINT (a second one stops at once)."""
+async def serve_until_signalled(
+    server: HttpServer, on_started: Callable[[], None] | None = None
+) -> int:
+    """Serve, stopping gracefully on SIGTERM or SIGINT (a second one stops at once).
+    ``on_started`` runs once every listener accepts connections (after the lifespan
+    startup), so "listening" is only ever said of a server that answers."""
     loop = asyncio.get_running_loop()
+    announce: asyncio.Task[None] | None = None
+    if on_started is not None:
+        callback = on_started
+
+        async def when_started() -> None:
+            await server.started_event.wait()
+            callback()
+
+        announce = loop.create_task(when_started())
     seen: list[signal.Signals] = []
 
     def on_signal(sig: signal.Signals) -> None:
@@ -235,6 +248,8 @@ async def serve_until_signalled(server: HttpServer) -> int:
     try:
         return await server.serve()
     finally:
+        if announce is not None:
+            announce.cancel()
         for sig in handled:
             loop.remove_signal_handler(sig)
             # Stopped and drained: what is left is the loop's teardown and the exit. A
@@ -248,10 +263,12 @@ def run(
     *,
     options: HttpOptions | None = None,
     lifespan: ASGIApp | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> int:
-    """Serve ``listeners`` in this process until SIGTERM/SIGINT; 0 after a graceful stop."""
+    """Serve ``listeners`` in this process until SIGTERM/SIGINT; 0 after a graceful stop.
+    ``on_started`` runs once the listeners accept connections."""
     server = HttpServer(listeners, options=options, lifespan=lifespan)
-    return run_loop(serve_until_signalled(server))
+    return run_loop(serve_until_signalled(server, on_started))
 
 
 def _positive_int(text: str) -> int:

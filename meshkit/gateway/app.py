@@ -34,11 +34,12 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2
 
+from meshkit.config import Policy
 from meshkit.errors import ConfigError
 from meshkit.gateway._disconnect import DisconnectGuard
 from meshkit.gateway._paths import route_path, unmounted
 from meshkit.gateway._unary import UnaryInvoker, unary_invoker
-from meshkit.gateway.config import GatewayOptions
+from meshkit.gateway.config import GatewayOptions, compile_policy
 from meshkit.gateway.descriptors import (
     Catalog,
     build_catalog,
@@ -537,17 +538,20 @@ def create_app(
     services: Sequence[str] | None = None,
     middleware: Sequence[Middleware] = (),
     route_middleware: Sequence[RouteMiddleware] = (),
-    policy: Mapping[str, Any] | None = None,
+    policy: Policy | Mapping[str, Any] | None = None,
 ) -> GatewayApp:
     """Build the gateway ASGI app.
 
     ``descriptors``: a FileDescriptorSet (path, bytes or message) or a Catalog.
     ``upstreams``: a registry, or specs ``["HOST:PORT", "pkg.Svc=HOST:PORT"]``, or a
     mapping ``{"default" | service: target}``. ``policy`` is meshkit's client policy
-    section for upstream calls. Raises ConfigError listing every invalid or
+    for upstream calls: a :class:`~meshkit.config.Policy`, shared by every upstream
+    (a mapping is compiled here, once, the same way). Raises ConfigError listing every invalid or
     ambiguous rule (method and template).
     """
     catalog = load_catalog(descriptors, services)
+    if isinstance(policy, Mapping):
+        policy = compile_policy(policy)
     registry = (
         upstreams
         if isinstance(upstreams, UpstreamRegistry)

@@ -33,9 +33,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshkit.config import Policy
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import notes
 from meshkit.gateway._edge_cfg import get_duration, get_list, get_str, section
+from meshkit.gateway.config import compile_policy
 from meshkit.gateway.upstreams import Upstream, make_channel
 
 log = logging.getLogger("meshkit.gateway.upstreams")
@@ -68,7 +70,8 @@ class UpstreamSpec:
     targets: tuple[str, ...]
     health_check: HealthCheck | None = None
     drain: float = 5.0
-    policy: Mapping[str, Any] | None = None
+    #: This upstream's own client policy (compiled at load), instead of the document's.
+    policy: Policy | None = None
 
     @classmethod
     def from_mapping(cls, name: str, raw: object, path: str) -> UpstreamSpec:
@@ -82,9 +85,7 @@ class UpstreamSpec:
         if not targets or not all(isinstance(t, str) for t in targets):
             raise ConfigError(f"{path}.targets", "expected a non-empty list of HOST:PORT")
         hc = m.get("health_check")
-        policy = m.get("policy")
-        if policy is not None and not isinstance(policy, Mapping):
-            raise ConfigError(f"{path}.policy", "expected a mapping (meshkit's client policy)")
+        policy = compile_policy(m.get("policy"), f"{path}.policy")
         return cls(
             name,
             tuple(targets),
@@ -102,7 +103,7 @@ class BalancedUpstream(Upstream):
         name: str,
         targets: Sequence[str],
         *,
-        policy: Mapping[str, Any] | None = None,
+        policy: Policy | Mapping[str, Any] | None = None,
         health_check: HealthCheck | None = None,
         drain: float = 5.0,
     ) -> None:
@@ -170,6 +171,20 @@ class BalancedUpstream(Upstream):
         log.info("upstream %s switched to %s", self.name, ", ".join(new))
         loop_id = id(asyncio.get_running_loop())
         old = [(k, ch) for k, ch in self._channels.items() if k[0] in removed and k[1] == loop_id]
+        for k, _ in old:
+            del self._channels[k]
+        if old:
+            asyncio.get_running_loop().create_task(self._close_later([ch for _, ch in old]))
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Use ``policy`` from now on. A channel's interceptors hold the policy it was
+        made with, so this loop's channels are replaced: new calls get new channels,
+        calls in flight finish on the old ones, closed after ``drain`` seconds."""
+        if policy is self.policy:
+            return
+        self.policy = policy
+        loop_id = id(asyncio.get_running_loop())
+        old = [(k, ch) for k, ch in self._channels.items() if k[1] == loop_id]
         for k, _ in old:
             del self._channels[k]
         if old:

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from meshkit.config import Policy, located, parse_size, read_bool, read_int, read_mapping
 from meshkit.config import parse_duration as _parse_duration
+from meshkit.config import read_yaml as _read_yaml_text
 from meshkit.errors import ConfigError
 
 
@@ -73,7 +75,9 @@ class GatewayOptions:
                 f"expected ndjson or json-array; got {self.stream_format!r}",
             )
         if self.max_body_bytes <= 0:
-            raise ConfigError("gateway.max_body_bytes", f"expected > 0, got {self.max_body_bytes}")
+            raise ConfigError(
+                "gateway.max_body_bytes", f"expected a size > 0, got {self.max_body_bytes}"
+            )
         if not 1 <= self.max_json_depth <= 10_000:
             raise ConfigError(
                 "gateway.max_json_depth", f"expected 1..10000, got {self.max_json_depth}"
@@ -86,30 +90,32 @@ class GatewayOptions:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], path: str = "gateway") -> GatewayOptions:
-        """Validate a ``gateway:`` section; errors name the key."""
-        known = {f.name for f in fields(cls)}
+        """Validate a ``gateway:`` section with the policy document's readers: errors
+        name the key, the value and what was expected; a misspelt key gets a
+        did-you-mean; ``max_body_bytes`` takes sizes such as ``4MiB``."""
+        known = [f.name for f in fields(cls)]
         kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
+        for key, value in read_mapping(raw, path, known).items():
             where = f"{path}.{key}"
-            if key not in known:
-                raise ConfigError(where, f"unknown key; expected one of {', '.join(sorted(known))}")
             if key in ("emit_unpopulated", "proto_names", "strict", "generate_request_id"):
-                if not isinstance(value, bool):
-                    raise ConfigError(where, f"expected true or false, got {value!r}")
-                kwargs[key] = value
-            elif key in ("max_body_bytes", "max_json_depth"):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise ConfigError(where, f"expected an integer, got {value!r}")
-                kwargs[key] = value
+                kwargs[key] = read_bool(value, where)
+            elif key == "max_body_bytes":
+                kwargs[key] = parse_size(value, where)
+            elif key == "max_json_depth":
+                kwargs[key] = read_int(value, where, lo=1, hi=10_000)
             elif key in ("default_timeout", "max_timeout"):
                 kwargs[key] = parse_duration(value, where)
             elif key == "route_timeouts":
                 if not isinstance(value, Mapping):
-                    raise ConfigError(where, "expected a mapping of method name to duration")
+                    raise ConfigError(
+                        where,
+                        "expected a mapping of method name to duration, "
+                        f"got {json.dumps(value, default=repr)}",
+                    )
                 kwargs[key] = {str(k): parse_duration(v, f"{where}.{k}") for k, v in value.items()}
             else:
                 if not isinstance(value, str):
-                    raise ConfigError(where, f"expected a string, got {value!r}")
+                    raise ConfigError(where, f"expected a string, got {json.dumps(value)}")
                 kwargs[key] = value
         return cls(**kwargs)
 
@@ -120,60 +126,146 @@ class GatewayOptions:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """A whole ``gateway.yaml``: options, upstream targets and the client policy section."""
+    """A whole ``gateway.yaml``: options, upstream targets and the client policy."""
 
     options: GatewayOptions = field(default_factory=GatewayOptions)
+    #: Service (or ``default``) -> ``HOST:PORT[,HOST:PORT...]``, balanced round-robin.
     upstreams: Mapping[str, str] = field(default_factory=dict)
-    policy: Mapping[str, Any] | None = None
+    #: The ``policy:`` section, compiled once at load: every upstream channel, on
+    #: every event loop, shares it (and so its breakers, budgets and limiters).
+    policy: Policy | None = None
     #: The ``edge:`` section, validated by :mod:`meshkit.gateway.edge` when present.
     edge: Mapping[str, Any] | None = None
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's document (empty is ``{}``); an unreadable file is a ConfigError."""
-    import yaml
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A parsed configuration file: its data, where each key path sits in it (line,
+    column) and the file name, so any error about it can name ``file:line:col``."""
 
+    data: Any
+    marks: Mapping[str, tuple[int, int]]
+    source: str
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """ConfigErrors raised in the block name this file and the line and column of
+        the key they are about."""
+        with config_source(self.source, self.marks):
+            yield
+
+
+def read_document(path: str | Path) -> Document:
+    """Read a YAML configuration file with the policy documents' loader (duplicate
+    keys are errors; ``on``/``off``/``yes``/``no`` stay strings). Empty is ``{}``."""
+    p = Path(path)
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError("", f"cannot load: {exc}", source=str(path)) from exc
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot load: {exc}", source=str(p)) from exc
+    data, marks = _read_yaml_text(text, str(p))
+    return Document({} if data is None else data, marks, str(p))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's document (empty is ``{}``), read as :func:`read_document` does."""
+    return read_document(path).data
 
 
 @contextlib.contextmanager
-def config_source(source: str | None) -> Iterator[None]:
-    """ConfigErrors raised in the block also name ``source`` (the file), once."""
+def config_source(
+    source: str | None, marks: Mapping[str, tuple[int, int]] | None = None
+) -> Iterator[None]:
+    """ConfigErrors raised in the block also name ``source`` (the file), once, with the
+    line and column of the key path when ``marks`` (from :func:`read_document`) has it."""
     try:
         yield
     except ConfigError as exc:
         if not source or exc.source is not None:
             raise
-        prefix = f"{exc.path}: "
-        message = exc.message[len(prefix) :] if exc.message.startswith(prefix) else exc.message
-        raise ConfigError(exc.path, message, source=source) from exc
+        raise located(exc, source, marks or {}) from exc
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file."""
-    p = Path(path)
-    raw = read_yaml(p)
-    with config_source(str(p)):
+def compile_policy(
+    document: Any, path: str = "policy", *, source: str | None = None
+) -> Policy | None:
+    """The ``policy:`` section as a :class:`~meshkit.config.Policy`, built now so a bad
+    one stops the start (``policy.defaults.retry.max_attempts: expected ...``) rather
+    than failing every request later. ``None`` (absent) is no policy."""
+    if document is None:
+        return None
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            path,
+            f"expected a mapping (meshkit's client policy), got {json.dumps(document, default=repr)}",
+        )
+    try:
+        return Policy.from_dict(document, source)
+    except ConfigError as exc:
+        from meshkit.config import _bare
+
+        inner = f"{path}.{exc.path}" if exc.path else path
+        raise ConfigError(inner, _bare(exc)) from None
+
+
+def carry_policy(old: Policy | None, new: Policy | None) -> Policy | None:
+    """``old`` when ``new`` was read from the same document: a reload that leaves the
+    policy alone keeps its breakers, budgets and limiters rather than resetting them."""
+    if old is not None and new is not None and old.document == new.document:
+        return old
+    return new
+
+
+def config_from_document(doc: Document, *, previous: GatewayConfig | None = None) -> GatewayConfig:
+    """Validate a parsed ``gateway.yaml`` (without its ``edge:`` section, which
+    :mod:`meshkit.gateway.profiles` validates). ``previous`` (on reload) lends its
+    policy when the document's is unchanged."""
+    with doc.errors():
+        raw = doc.data
         if not isinstance(raw, Mapping):
-            raise ConfigError("", "expected a mapping at the top level")
-        unknown = set(raw) - {"gateway", "upstreams", "policy", "edge"}
-        if unknown:
             raise ConfigError(
-                sorted(unknown)[0], "unknown key; expected gateway, upstreams, policy or edge"
+                "", f"expected a mapping at the top level, got {json.dumps(raw, default=repr)}"
             )
+        read_mapping(raw, "", ("gateway", "upstreams", "policy", "edge"))
         options = GatewayOptions.from_mapping(raw.get("gateway") or {})
-        ups = raw.get("upstreams") or {}
-        if not isinstance(ups, Mapping) or not all(isinstance(v, str) for v in ups.values()):
-            raise ConfigError(
-                "upstreams", "expected a mapping of service (or 'default') to HOST:PORT"
-            )
-        policy = raw.get("policy")
-        if policy is not None and not isinstance(policy, Mapping):
-            raise ConfigError("policy", "expected a mapping")
+        ups = read_upstreams(raw.get("upstreams"))
         edge = raw.get("edge")
         if edge is not None and not isinstance(edge, Mapping):
             raise ConfigError("edge", "expected a mapping")
-    return GatewayConfig(options=options, upstreams=dict(ups), policy=policy, edge=edge)
+        policy = compile_policy(raw.get("policy"), source=doc.source)
+    if previous is not None:
+        policy = carry_policy(previous.policy, policy)
+    return GatewayConfig(options=options, upstreams=ups, policy=policy, edge=edge)
+
+
+def read_upstreams(raw: Any, path: str = "upstreams") -> dict[str, str]:
+    """The ``upstreams:`` section: service (or ``default``) -> ``HOST:PORT``, or several
+    comma-separated targets, which the gateway balances round-robin."""
+    from meshkit.gateway.upstreams import check_target
+
+    if raw is None:
+        return {}
+    expected = "a mapping of service (or 'default') to HOST:PORT[,HOST:PORT...]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"expected {expected}, got {json.dumps(raw, default=repr)}")
+    out: dict[str, str] = {}
+    for svc, target in raw.items():
+        where = f"{path}.{svc}"
+        if not isinstance(svc, str):
+            raise ConfigError(path, f"keys must be strings, got {json.dumps(svc, default=repr)}")
+        if not isinstance(target, str) or not target.strip():
+            raise ConfigError(
+                where, f"expected HOST:PORT[,HOST:PORT...], got {json.dumps(target, default=repr)}"
+            )
+        targets = [t.strip() for t in target.split(",") if t.strip()]
+        if not targets:
+            raise ConfigError(where, f"expected HOST:PORT[,HOST:PORT...], got {json.dumps(target)}")
+        for t in targets:
+            check_target(t, where)
+        out[svc] = target
+    return out
+
+
+def load_config(path: str | Path, *, previous: GatewayConfig | None = None) -> GatewayConfig:
+    """Read and validate a gateway YAML file; errors name ``file:line:col`` and the key."""
+    return config_from_document(read_document(path), previous=previous)

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,9 @@ async def update_registry(registry: UpstreamRegistry, config: EdgeConfig) -> Non
         if isinstance(cur, BalancedUpstream):
             cur.health_check = spec.health_check
             cur.drain = spec.drain
+            # The same Policy object when the document did not change (carry_policies),
+            # so this is a no-op and the breakers keep their state across the reload.
+            cur.set_policy(spec.policy if spec.policy is not None else config.policy)
             await cur.set_targets(spec.targets)
             ups[name] = cur
         else:
@@ -276,6 +279,10 @@ class EdgeApp:
         self._reload_lock: asyncio.Lock | None = None
         self._redactor: tuple[Any, Redactor] | None = None
         self.reloads = 0
+        #: What ``POST /admin/reload`` runs instead of :meth:`reload` when this process
+        #: is one of several serving the port (``meshkit gateway --workers``): a reload
+        #: of every worker, as SIGHUP does. Raises ConfigError when it failed.
+        self.reload_all: Callable[[], Awaitable[None]] | None = None
 
     def _compile(self, config: EdgeConfig) -> None:
         self._install(self._build(config, self.catalog))
@@ -351,6 +358,8 @@ class EdgeApp:
                 config = self._overridden(self.config_loader())
             elif config is not self.config:
                 config = self._overridden(config)
+            if config is not self.config:
+                config = config.carry_policies(self.config)
             if catalog is None and self.catalog_loader is not None:
                 catalog = self.catalog_loader()
             if config is self.config and config.auth.keys is not None:
@@ -529,7 +538,14 @@ class _AdminMiddleware:
                 )
                 return
             try:
-                await self.edge.reload()
+                if self.edge.reload_all is not None:
+                    # Validate here first: a bad file is refused with its error in the
+                    # answer, and no worker is disturbed.
+                    if self.edge.config_loader is not None:
+                        self.edge.config_loader()
+                    await self.edge.reload_all()
+                else:
+                    await self.edge.reload()
             except ConfigError as exc:
                 await send_error(
                     send, GatewayError("FAILED_PRECONDITION", f"reload refused: {exc}")

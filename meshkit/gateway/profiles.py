@@ -52,19 +52,36 @@ names the key path.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshkit.config import Policy
 from meshkit.errors import ConfigError
-from meshkit.gateway._edge_cfg import Selector, get_bool, get_int, get_list, get_str, section
+from meshkit.gateway._edge_cfg import (
+    Selector,
+    get_bool,
+    get_int,
+    get_list,
+    get_size,
+    get_str,
+    section,
+)
 from meshkit.gateway.auth import AuthConfig, AuthPolicy
 from meshkit.gateway.balancing import UpstreamSpec
 from meshkit.gateway.bff import CompositeSpec
 from meshkit.gateway.cache import CacheRule
 from meshkit.gateway.canary import CanarySpec
-from meshkit.gateway.config import GatewayOptions, config_source, read_yaml
+from meshkit.gateway.config import (
+    Document,
+    GatewayOptions,
+    carry_policy,
+    compile_policy,
+    config_source,
+    read_document,
+)
 from meshkit.gateway.cors import CorsConfig
 from meshkit.gateway.ratelimit import RateLimitRule
 from meshkit.gateway.shaping import ShapingRule
@@ -192,7 +209,9 @@ class EdgeConfig:
     cache_max_bytes: int = 64 * 1024 * 1024
     admin_token_sha256: bytes | None = None
     options: GatewayOptions = field(default_factory=GatewayOptions)
-    policy: Mapping[str, Any] | None = None
+    #: The ``policy:`` section, compiled once at load and shared by every upstream
+    #: without a ``policy`` of its own (so they share its breakers).
+    policy: Policy | None = None
     metrics: bool = True
     access_log: bool = True
     source: str | None = None
@@ -218,19 +237,40 @@ class EdgeConfig:
 
     @classmethod
     def from_mapping(
-        cls, raw: Any, *, base_dir: Path | None = None, source: str | None = None
+        cls,
+        raw: Any,
+        *,
+        base_dir: Path | None = None,
+        source: str | None = None,
+        marks: Mapping[str, tuple[int, int]] | None = None,
     ) -> EdgeConfig:
-        """Validate a whole document (``gateway:``, ``upstreams:``, ``policy:``, ``edge:``)."""
-        with config_source(source):
+        """Validate a whole document (``gateway:``, ``upstreams:``, ``policy:``, ``edge:``).
+        With ``source`` (and ``marks``, from :func:`~meshkit.gateway.config.read_document`)
+        errors name ``file:line:col``."""
+        with config_source(source, marks):
             return cls._from_mapping(raw, base_dir, source)
+
+    def carry_policies(self, old: EdgeConfig) -> EdgeConfig:
+        """This config with ``old``'s Policy objects wherever the document is unchanged,
+        so a reload keeps the breakers, budgets and limiters of an unchanged policy."""
+        ups = {
+            n: dataclasses.replace(
+                u,
+                policy=carry_policy(
+                    old.upstreams[n].policy if n in old.upstreams else None, u.policy
+                ),
+            )
+            for n, u in self.upstreams.items()
+        }
+        return dataclasses.replace(
+            self, upstreams=ups, policy=carry_policy(old.policy, self.policy)
+        )
 
     @classmethod
     def _from_mapping(cls, raw: Any, base_dir: Path | None, source: str | None) -> EdgeConfig:
         top = section(raw, "", ("gateway", "upstreams", "policy", "edge"))
         options = GatewayOptions.from_mapping(top.get("gateway") or {})
-        policy = top.get("policy")
-        if policy is not None and not isinstance(policy, Mapping):
-            raise ConfigError("policy", "expected a mapping")
+        policy = compile_policy(top.get("policy"), source=source)
         e = section(
             top.get("edge"),
             "edge",
@@ -332,7 +372,7 @@ class EdgeConfig:
             services,
             auth,
             profiles,
-            get_int(cache, "max_bytes", "edge.cache", 64 * 1024 * 1024, 1),
+            get_size(cache, "max_bytes", "edge.cache", 64 * 1024 * 1024, 1),
             token,
             options,
             policy,
@@ -342,7 +382,10 @@ class EdgeConfig:
         )
 
 
-def load_edge_config(path: str | Path) -> EdgeConfig:
-    """Read and validate ``gateway.yaml`` (key files resolve relative to it)."""
-    p = Path(path)
-    return EdgeConfig.from_mapping(read_yaml(p), base_dir=p.parent, source=str(p))
+def load_edge_config(path: str | Path | Document) -> EdgeConfig:
+    """Read and validate ``gateway.yaml`` (key files resolve relative to it); errors name
+    ``file:line:col``, the key path, the value and what was expected."""
+    doc = path if isinstance(path, Document) else read_document(path)
+    return EdgeConfig.from_mapping(
+        doc.data, base_dir=Path(doc.source).parent, source=doc.source, marks=doc.marks
+    )

@@ -14,6 +14,7 @@ which client interceptors (meshkit's policy chain) upstream calls go through.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -36,7 +37,8 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 def make_channel(target: str, policy: Any = None) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to ``target``.
 
-    With a policy (a ``meshkit.config.Policy`` or its mapping form), every call
+    With a policy (a ``meshkit.config.Policy``, or its mapping form, which builds a
+    Policy of its own and so shares no breaker with anything), every call
     goes through ``meshkit.grpc.aio.client_interceptors(policy, target=...)``:
     deadline propagation, retries, breakers, as the policy says. Without one
     the channel is plain: grpc.aio's interceptor machinery costs a task and
@@ -55,26 +57,31 @@ def make_channel(target: str, policy: Any = None) -> grpc.aio.Channel:
 
 
 class Upstream:
-    """A named set of endpoints. This base class uses the first target only;
-    subclasses may balance over ``targets`` by overriding :meth:`channel`."""
+    """A named set of endpoints, used round-robin (one channel per endpoint and event
+    loop). :class:`~meshkit.gateway.balancing.BalancedUpstream` adds health checks
+    and switching; any subclass may choose differently by overriding :meth:`channel`."""
 
     def __init__(self, name: str, targets: Sequence[str], *, policy: Any = None) -> None:
         if not targets:
             raise ConfigError(f"upstreams.{name}", "needs at least one HOST:PORT target")
         for t in targets:
-            _check_target(t, f"upstreams.{name}")
+            check_target(t, f"upstreams.{name}")
         self.name = name
         self.targets = tuple(targets)
         self.policy = policy
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self._next = itertools.count()
 
     def channel(self, scope: MutableMapping[str, Any] | None = None) -> grpc.aio.Channel:
-        """The channel for a request (``scope`` is the ASGI scope, for routing decisions)."""
+        """The channel for a request (``scope`` is the ASGI scope, for routing decisions):
+        the next target in turn, so ``a:1,b:2`` spreads requests over both."""
+        targets = self.targets
+        target = targets[next(self._next) % len(targets)] if len(targets) > 1 else targets[0]
         loop_id = id(asyncio.get_running_loop())
-        key = (self.targets[0], loop_id)
+        key = (target, loop_id)
         ch = self._channels.get(key)
         if ch is None:
-            ch = make_channel(self.targets[0], self.policy)
+            ch = make_channel(target, self.policy)
             self._channels[key] = ch
         return ch
 
@@ -90,7 +97,9 @@ class Upstream:
         return f"Upstream({self.name!r}, {list(self.targets)!r})"
 
 
-def _check_target(target: str, path: str) -> None:
+def check_target(target: str, path: str) -> None:
+    """Refuse a target that is neither ``HOST:PORT`` nor a gRPC ``unix:``/``dns:``/
+    ``ipv4:``/``ipv6:`` URI (the ConfigError names ``path``)."""
     host, sep, port = target.rpartition(":")
     valid = bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
     if not valid and not target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):

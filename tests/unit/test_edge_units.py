@@ -440,9 +440,10 @@ def test_durations_share_one_grammar_and_zero_only_where_it_means_something(
 @pytest.mark.parametrize(
     ("limit", "message"),
     [
-        ({"rate": "fast"}, "expected a number >= 0.0, got 'fast'"),
+        # The policy document's readers and wording: the value as written in JSON.
+        ({"rate": "fast"}, 'expected a number >= 0, got "fast"'),
         ({"rate": 1, "burst": 1.5}, "expected an integer >= 0, got 1.5"),
-        ({"rate": 1, "burst": True}, "expected an integer >= 0, got True"),
+        ({"rate": 1, "burst": True}, "expected an integer >= 0, got true"),
     ],
 )
 def test_number_errors_say_what_was_expected(limit: dict[str, Any], message: str) -> None:

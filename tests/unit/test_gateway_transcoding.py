@@ -589,12 +589,13 @@ def test_load_config_file(tmp_path: Any) -> None:
     p.write_text("gateway:\n  strict: 3\n")
     with pytest.raises(ConfigError) as exc:
         load_config(p)
-    assert (exc.value.source, exc.value.path) == (str(p), "gateway.strict")
-    assert str(exc.value) == f"{p}: gateway.strict: expected true or false, got 3"
+    # file:line:col of the value, as `meshkit policy check` reports.
+    assert (exc.value.source, exc.value.path) == (f"{p}:2:11", "gateway.strict")
+    assert str(exc.value) == f"{p}:2:11: gateway.strict: expected true or false, got 3"
     p.write_text("edge: [1]\n")
     with pytest.raises(ConfigError) as exc:
         load_config(p)
-    assert str(exc.value) == f"{p}: edge: expected a mapping"
+    assert str(exc.value) == f"{p}:1:7: edge: expected a mapping"
     with pytest.raises(ConfigError) as exc:
         load_config(tmp_path / "missing.yaml")
     assert exc.value.source == str(tmp_path / "missing.yaml")
@@ -605,7 +606,7 @@ def test_load_config_file(tmp_path: Any) -> None:
     p.write_text("edge:\n  metrics: 3\n")
     with pytest.raises(ConfigError) as exc:
         load_edge_config(p)
-    assert str(exc.value) == f"{p}: edge.metrics: expected true or false, got 3"
+    assert str(exc.value) == f"{p}:2:12: edge.metrics: expected true or false, got 3"
 
 
 async def test_lifespan_reports_startup_failure_and_runs_shutdown() -> None:
