@@ -214,6 +214,14 @@ def main() -> int:
     ap.add_argument("--serve-backend", nargs=2, metavar=("DESC", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-bare", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--no-bare", action="store_true", help="skip the bare-proxy reference")
+    ap.add_argument(
+        "--baseline",
+        nargs=2,
+        metavar=("ROOT", "PYTHON"),
+        help="also run the meshkit gateway of another checkout (e.g. a `git worktree` of an "
+        "earlier commit) with its own interpreter, in the same alternating rounds, and "
+        "report this tree's CPU per request against it",
+    )
     args = ap.parse_args()
     if args.serve_bare:
         _serve_bare(Path(args.serve_bare[0]), args.serve_bare[1], int(args.serve_bare[2]))
@@ -224,7 +232,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
-    py = str(ROOT / ".venv" / "bin" / "python")
+    py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         desc = compile_descriptor_sets(work)["shop"]
@@ -235,28 +243,26 @@ def main() -> int:
             backend = subprocess.Popen([py, __file__, "--serve-backend", str(desc), str(bport)])
             procs.append(backend)
             wait_port(bport, backend)
-            gateway = subprocess.Popen(
-                [
-                    py,
-                    "-m",
-                    "meshkit.cli",
-                    "gateway",
-                    "--descriptor-set",
-                    str(desc),
-                    "--upstream",
-                    f"127.0.0.1:{bport}",
-                    "--port",
-                    str(gport),
-                ],
-                cwd=ROOT,
-            )
-            procs.append(gateway)
-            wait_port(gport, gateway)
+
+            def start_gateway(python: str, root: Path, port: int) -> subprocess.Popen[bytes]:
+                cli = [python, "-m", "meshkit.cli", "gateway", "--descriptor-set", str(desc)]
+                proc = subprocess.Popen(
+                    [*cli, "--upstream", f"127.0.0.1:{bport}", "--port", str(port)], cwd=root
+                )
+                procs.append(proc)
+                wait_port(port, proc)
+                return proc
+
+            gateway = start_gateway(py, ROOT, gport)
             envoy = Envoy(work, desc, SHOP_SERVICES, bport, concurrency=1)
             targets = {
                 "meshkit": (gateway.pid, f"http://127.0.0.1:{gport}"),
                 "envoy": (envoy.proc.pid, envoy.url),
             }
+            if args.baseline:
+                base_port = free_port()
+                base = start_gateway(args.baseline[1], Path(args.baseline[0]), base_port)
+                targets["baseline"] = (base.pid, f"http://127.0.0.1:{base_port}")
             if not args.no_bare:
                 bare_port = free_port()
                 bare = subprocess.Popen(
@@ -268,7 +274,9 @@ def main() -> int:
             results: dict[str, dict[str, list[dict[str, float]]]] = {}
             for scenario in SCENARIOS:
                 for r in range(args.rounds):
-                    order = [n for n in ("envoy", "meshkit", "bare_proxy") if n in targets]
+                    order = [
+                        n for n in ("envoy", "meshkit", "bare_proxy", "baseline") if n in targets
+                    ]
                     if r % 2:
                         order.reverse()
                     for name in order:
@@ -311,6 +319,16 @@ def main() -> int:
             summary[scenario]["meshkit_vs_bare_proxy_cpu"] = (
                 m["cpu_us_per_request"] / b["cpu_us_per_request"]
             )  # type: ignore[index]
+        if "baseline" in med:
+            base = med["baseline"]
+            summary[scenario]["meshkit_vs_baseline_cpu"] = (  # type: ignore[index]
+                m["cpu_us_per_request"] / base["cpu_us_per_request"]
+            )
+            summary[scenario]["meshkit_vs_baseline_throughput"] = m["rps"] / base["rps"]  # type: ignore[index]
+            print(
+                f"{scenario}: cpu/req {summary[scenario]['meshkit_vs_baseline_cpu']:.2f}x "  # type: ignore[index]
+                f"the baseline ({args.baseline[0]})"
+            )
         print(
             f"{scenario}: throughput {summary[scenario]['throughput_ratio']:.2f}x envoy, "  # type: ignore[index]
             f"p99 {summary[scenario]['p99_ratio']:.2f}x, cpu/req {summary[scenario]['cpu_ratio']:.2f}x"
@@ -321,6 +339,7 @@ def main() -> int:
         "duration_s": args.duration,
         "connections": args.connections,
         "rounds": args.rounds,
+        "baseline": args.baseline[0] if args.baseline else None,
         "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "note": "medians over alternating rounds (short rounds, so a busy shared machine "
