@@ -662,4 +662,3 @@ def test_the_cli_server_needs_no_uvicorn() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-
