@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1044,3 +1046,146 @@ async def test_cli_server_websocket_limits_and_refusals() -> None:
                 pass
         assert refused.value.response.status_code == 403
         assert json.loads(refused.value.response.body or b"{}")["code"] == 7
+
+
+# --------------------------------------------------------------------------- configuration (#13)
+
+
+async def test_cli_balances_an_upstream_list_over_both_backends(tmp_path: Path) -> None:
+    """``--upstream a:1,b:2`` (docs/gateway.md) spreads requests over both targets."""
+    async with serving("gwtest") as one, serving("gwtest") as two:
+        port = free_port()
+        targets = f"127.0.0.1:{one.port},127.0.0.1:{two.port}"
+        args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--upstream", targets]
+        proc = _spawn([*args, "--port", str(port)])
+        try:
+            await _wait_http(f"http://127.0.0.1:{port}/", proc)
+            one.calls = two.calls = 0
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                for i in range(10):
+                    r = await c.get(f"/v1/echo/n{i}")
+                    assert r.status_code == 200, r.text
+        finally:
+            _stop(proc)
+        assert one.calls + two.calls == 10
+        assert one.calls == two.calls == 5  # round-robin, in turn
+
+
+# `on:` is the fallback's trigger key; read as YAML 1.1 it became True and every request
+# failed with 500 after a clean start.
+_FALLBACK_ON = """\
+policy:
+  defaults:
+    circuit_breaker: {}
+    fallback: {on: [circuit_open]}
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_cli_policy_with_fallback_on_serves(
+    echo: Backend, tmp_path: Path, workers: int
+) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"upstreams: {{default: 127.0.0.1:{echo.port}}}\n" + _FALLBACK_ON)
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
+    proc = _spawn([*args, "--port", str(port), "--workers", str(workers)], log)
+    try:
+        # The listening line comes only once the port answers: a connection made as
+        # soon as it is in the log succeeds.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while "meshkit gateway on" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert loop.time() < end, log.read_text()
+            await asyncio.sleep(0.01)
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for i in range(4):
+                r = await c.get(f"/v1/echo/x{i}")
+                assert r.status_code == 200, r.text
+    finally:
+        _stop(proc)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "policy:\n  defaults:\n    retry: {max_attempts: four}\n",
+            ':4:27: policy.defaults.retry.max_attempts: expected an integer >= 1, got "four"',
+        ),
+        (
+            "edge:\n  profiles:\n    web: {prefx: /web}\n",
+            ":4:11: edge.profiles.web.prefx: unknown key; did you mean 'prefix'?",
+        ),
+    ],
+)
+async def test_cli_bad_config_stops_the_start_before_listening(
+    echo: Backend, tmp_path: Path, workers: int, text: str, where: str
+) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"upstreams: {{default: 127.0.0.1:{echo.port}}}\n" + text)
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
+    proc = _spawn([*args, "--port", str(free_port()), "--workers", str(workers)])
+    out = (await asyncio.to_thread(proc.communicate, None, 60))[0].decode()
+    assert proc.returncode == 2, out
+    assert f"{cfg}{where}" in out, out
+    assert "meshkit gateway on" not in out and "Traceback" not in out, out
+
+
+async def test_cli_admin_reload_reaches_every_worker(echo: Backend, tmp_path: Path) -> None:
+    """``POST /admin/reload`` with ``--workers 2`` reloads both workers, as SIGHUP does."""
+    token = "s3cret-admin-token"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+
+    def config(prefix: str) -> str:
+        return (
+            f"edge:\n  upstreams:\n    echo: [127.0.0.1:{echo.port}]\n"
+            f"  admin: {{token_sha256: '{digest}'}}\n"
+            f"  profiles:\n    web: {{prefix: '{prefix}'}}\n"
+        )
+
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(config("/v1api"))
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
+    proc = _spawn([*args, "--port", str(port), "--workers", "2"], log)
+    base = f"http://127.0.0.1:{port}"
+
+    async def statuses(path: str) -> set[int]:
+        # Fresh connections, so SO_REUSEPORT spreads them over both workers.
+        out = set()
+        for _ in range(16):
+            async with httpx.AsyncClient(base_url=base, timeout=10) as fresh:
+                out.add((await fresh.get(path)).status_code)
+        return out
+
+    try:
+        await _wait_http(base + "/healthz", proc)
+        assert await statuses("/v1api/v1/echo/a") == {200}
+        cfg.write_text(config("/v2api"))
+        async with httpx.AsyncClient(base_url=base, timeout=20) as c:
+            r = await c.post("/admin/reload", headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        # Each worker says it reloaded, by pid: both did, not only the one asked.
+        await _wait_for(lambda: len(_reloaded_pids(log)) == 2, timeout=20)
+        assert await statuses("/v2api/v1/echo/a") == {200}
+        assert await statuses("/v1api/v1/echo/a") == {404}
+        # A bad file is refused by the worker asked, and nobody reloads.
+        cfg.write_text(config("/v3api") + "  metrics: maybe\n")
+        async with httpx.AsyncClient(base_url=base, timeout=20) as c:
+            r = await c.post("/admin/reload", headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 400 and "edge.metrics" in r.text, r.text
+        await asyncio.sleep(0.3)
+        assert len(_reloaded_pids(log)) == 2 and log.read_text().count("edge reloaded") == 2
+    finally:
+        _stop(proc)
+
+
+def _reloaded_pids(log: Path) -> set[str]:
+    return set(re.findall(r"edge reloaded \(pid (\d+)\)", log.read_text()))
