@@ -195,3 +195,25 @@ def test_policy_warnings_come_once_with_the_file(
         load_config(p)
     warnings = [r.getMessage() for r in caplog.records if "circuit_open" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(str(p)), warnings
+
+
+def test_policy_check_and_the_gateway_read_the_policy_alike(tmp_path: Path) -> None:
+    """`meshkit policy check` on the policy section and the gateway's load agree: the
+    same loader, so `on:` is the trigger key for both (it is valid, docs/policy.md)."""
+    import subprocess
+    import sys
+
+    section = FALLBACK_ON.split("policy:\n", 1)[1]
+    policy_file = tmp_path / "mesh.yaml"
+    policy_file.write_text("\n".join(line[2:] for line in section.splitlines()) + "\n")
+    checked = subprocess.run(
+        [sys.executable, "-m", "meshkit.cli", "policy", "check", str(policy_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    gateway = load_config(_write(tmp_path, FALLBACK_ON)).policy
+    assert gateway is not None
+    method = "/a.S/M"
+    assert gateway.for_method(method) == Policy.load(policy_file).for_method(method)
