@@ -295,11 +295,15 @@ def _int_header(h: Mapping[str, str], name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class AppendResult:
-    """What an append stored: the new version and the stored events."""
+    """What an append stored: the version right after its events, and the events."""
 
     version: Version
     events: tuple[StoredEvent, ...]
     atomic: bool
+    #: True when every event was already stored (a retried append whose first try
+    #: was stored): ``version`` and ``events`` are then what that first try stored,
+    #: and nothing new was written.
+    duplicate: bool = False
 
 
 class EventStore:
@@ -603,6 +607,13 @@ class EventStore:
                 (traced.traceparent, traced.tracestate) if traced is not None else _current_trace()
             )
             atomic = len(events) > 1 and await self._uses_atomic()
+            meta: dict[str, Any] = {
+                "saga_id": saga_id,
+                "saga_type": saga_type,
+                "causation_id": causation_id,
+                "timestamp_ms": timestamp_ms,
+                "saga_deadline_ms": saga_deadline_ms,
+            }
             # With expected=None the append still checks against the version it just
             # read (so version headers never collide) and retries when someone else won.
             attempts = 50 if expected is None else 1
@@ -612,6 +623,21 @@ class EventStore:
                 else:
                     current = await self.version(aggregate_type, aggregate_id)
                     if expected is not None and current.number != expected:
+                        if event_ids is not None and current.number > expected:
+                            # A retry of an append that was stored: the events
+                            # after `expected` are ours.
+                            at = await self._seq_of_version(
+                                aggregate_type, aggregate_id, expected + 1, current
+                            )
+                            done = (
+                                await self._resume(
+                                    at, aggregate_type, aggregate_id, events, ids, atomic, **meta
+                                )
+                                if at
+                                else None
+                            )
+                            if done is not None:
+                                return done
                         raise AggregateConflict(name, expected, current.number)
                 envs = [
                     self._envelope(
@@ -648,18 +674,75 @@ class EventStore:
                         ),
                     )
                     break
+                except _Duplicate as dup:
+                    # The server already has our first event (a retry, or a resend
+                    # after a lost answer): answer with what is stored, not with
+                    # versions counted from `current`.
+                    if dup.index:
+                        raise EventStoreError(
+                            f"append to {name}: event id {ids[dup.index]} is already stored "
+                            f"(seq {dup.seq}) but the events before it were not (event ids "
+                            "reused?)"
+                        ) from None
+                    done = await self._resume(
+                        dup.seq, aggregate_type, aggregate_id, events, ids, atomic, **meta
+                    )
+                    if done is None:
+                        raise EventStoreError(
+                            f"append to {name}: the stream has event id {ids[0]} at seq "
+                            f"{dup.seq}, not as one of this aggregate's events (event ids "
+                            "reused?)"
+                        ) from None
+                    return done
+                except _DuplicateInBatch:
+                    # An atomic batch is stored whole or not at all: a message id
+                    # the stream has means the whole batch was stored before.
+                    if only_new:
+                        actual = await self.version(aggregate_type, aggregate_id)
+                        raise AggregateConflict(name, 0, actual.number) from None
+                    at = await self._find_id(aggregate_type, aggregate_id, ids[0], current)
+                    done = (
+                        await self._resume(
+                            at, aggregate_type, aggregate_id, events, ids, atomic, **meta
+                        )
+                        if at
+                        else None
+                    )
+                    if done is not None:
+                        return done
+                    raise EventStoreError(
+                        f"append to {name}: the stream already has one of the event ids "
+                        f"{ids} but not as this append's run of events (event ids reused?)"
+                    ) from None
                 except _WrongLastSequence:
                     if only_new:
                         actual = await self.version(aggregate_type, aggregate_id)
                         raise AggregateConflict(name, 0, actual.number) from None
                     if event_ids is not None:
-                        mine = await self._already_appended(
-                            aggregate_type, aggregate_id, current, ids
+                        # Our events (or the start of them) right after `current`:
+                        # this append's first try was stored.
+                        done = await self._resume(
+                            current.seq + 1,
+                            aggregate_type,
+                            aggregate_id,
+                            events,
+                            ids,
+                            atomic,
+                            **meta,
                         )
-                        if mine is not None:
-                            return self._appended(
-                                AppendResult(mine[-1].version_at(), tuple(mine), atomic)
+                        if done is None:
+                            # Or ours end at `current`: a retry decided on the state
+                            # its first try returned.
+                            at = await self._ending_at(aggregate_type, aggregate_id, ids, current)
+                            done = (
+                                await self._resume(
+                                    at, aggregate_type, aggregate_id, events, ids, atomic, **meta
+                                )
+                                if at
+                                else None
                             )
+                        if done is not None:
+                            return done
                     if attempt + 1 < attempts:
                         # Writers that collided once collide again if they retry in
                         # lockstep: a short random pause spreads them out.
@@ -686,19 +769,155 @@ class EventStore:
                 AppendResult(Version(current.number + len(events), seqs[-1]), stored, atomic)
             )
 
-    async def _already_appended(
-        self, aggregate_type: str, aggregate_id: str, current: Version, ids: list[str]
-    ) -> list[StoredEvent] | None:
-        """The events right after ``current`` if they are exactly ours (a retried append)."""
-        after = await self.read(
+    async def _resume(
+        self,
+        seq: int,
+        aggregate_type: str,
+        aggregate_id: str,
+        events: Sequence[Message],
+        ids: list[str],
+        atomic: bool,
+        **meta: Any,
+    ) -> AppendResult | None:
+        """The answer to an append whose first event may be stored at ``seq``.
+
+        The aggregate's events from ``seq`` on are compared with ``ids``. All of
+        them there: what was stored (a retry gets what its first try stored). A
+        prefix there (a one-by-one append cut short earlier): the rest is appended
+        after it, so the caller gets the whole run, each event once. None when the
+        event at ``seq`` is not ours.
+        """
+        mine = await self._run_from(aggregate_type, aggregate_id, seq, ids)
+        if not mine:
+            return None
+        stored = self._appended(_replayed(mine, atomic))
+        if len(mine) == len(ids):
+            return stored
+        rest = await self.append(
             aggregate_type,
             aggregate_id,
-            after=current if current.seq else None,
-            to_version=current.number + len(ids),
+            events[len(mine) :],
+            expected=mine[-1].version_at(),
+            event_ids=ids[len(mine) :],
+            **meta,
         )
-        if [e.event_id for e in after] == ids:
-            return after
-        return None
+        return AppendResult(rest.version, (*mine, *rest.events), rest.atomic)
+
+    async def _run_from(
+        self, aggregate_type: str, aggregate_id: str, seq: int, ids: list[str]
+    ) -> list[StoredEvent]:
+        """The aggregate's events from stream sequence ``seq`` on, as long as their ids
+        are ``ids[0]``, ``ids[1]``, ... (at most ``len(ids)`` events)."""
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
+
+        async def collect() -> list[StoredEvent]:
+            out: list[StoredEvent] = []
+            reader = read_batches(
+                self.nc, self.stream, subject, seq, len(ids) + 1, self.config.timeout
+            )
+            async with contextlib.aclosing(reader):
+                async for chunk in reader:
+                    for m in chunk:
+                        ev = StoredEvent.from_msg(
+                            m.subject,
+                            m.data,
+                            m.headers,
+                            m.seq,
+                            self.stream,
+                            self.config.subject_prefix,
+                        )
+                        if len(out) == len(ids) or ev.event_id != ids[len(out)]:
+                            return out
+                        out.append(ev)
+            return out
+
+        return await _riding(f"reading {subject}", collect)
+
+    async def _seq_of_version(
+        self, aggregate_type: str, aggregate_id: str, version: int, last: Version
+    ) -> int:
+        """The stream sequence of the aggregate's event at ``version`` (0: none);
+        ``last`` is the aggregate's latest version.
+
+        Found by bisecting the stream sequences up to ``last.seq`` with direct gets
+        (each answers the aggregate's first event at or after a sequence): a few
+        small reads, however long the aggregate.
+        """
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
+        lo, hi = 1, last.seq
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            m = await _riding(
+                f"reading {subject}",
+                functools.partial(self._direct_get, {"seq": mid, "next_by_subj": subject}),
+            )
+            if m is None:
+                hi = mid - 1
+                continue
+            at = _int_header(m.headers, AGGREGATE_VERSION, 0)
+            if at > version:
+                hi = mid - 1
+            elif at < version:
+                lo = m.seq + 1
+            else:
+                return m.seq
+        return 0
+
+    async def _ending_at(
+        self, aggregate_type: str, aggregate_id: str, ids: list[str], at: Version
+    ) -> int:
+        """The stream sequence of ``ids[0]`` if the aggregate's event at ``at`` is
+        ``ids[-1]`` (0 otherwise): one direct get, then a bisection for a batch."""
+        if not at.seq:
+            return 0
+        last = await _riding(
+            f"reading {self.stream} seq {at.seq}",
+            functools.partial(self._direct_get, {"seq": at.seq}),
+        )
+        name = self.aggregate_name(aggregate_type, aggregate_id)
+        if (
+            last is None
+            or not last.subject.startswith(name + ".")
+            or last.headers.get("Nats-Msg-Id") != ids[-1]
+        ):
+            return 0
+        if len(ids) == 1:
+            return last.seq
+        first = _int_header(last.headers, AGGREGATE_VERSION, 0) - len(ids) + 1
+        return await self._seq_of_version(aggregate_type, aggregate_id, first, at)
+
+    async def _find_id(
+        self, aggregate_type: str, aggregate_id: str, event_id: str, last: Version
+    ) -> int:
+        """The stream sequence of the aggregate's event ``event_id`` at or before
+        ``last`` (0: none).
+
+        Searched backwards from ``last.seq`` in windows growing 16-fold: a retry the
+        stream deduplicates comes within its duplicate window, so near the end.
+        """
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
+        width = 1024
+        while True:
+            lo = max(1, last.seq - width + 1)
+            found = await _riding(
+                f"reading {subject}", functools.partial(self._first_with_id, subject, lo, event_id)
+            )
+            if found or lo == 1:
+                return found
+            width *= 16
+
+    async def _first_with_id(self, subject: str, start_seq: int, event_id: str) -> int:
+        """The sequence of the first message on ``subject`` from ``start_seq`` whose
+        ``Nats-Msg-Id`` is ``event_id`` (0: none)."""
+        reader = read_batches(
+            self.nc, self.stream, subject, start_seq, self.config.read_batch, self.config.timeout
+        )
+        async with contextlib.aclosing(reader):
+            async for chunk in reader:
+                for m in chunk:
+                    if m.headers.get("Nats-Msg-Id") == event_id:
+                        return m.seq
+        return 0
 
     def _envelope(
         self,
@@ -790,7 +1009,10 @@ class EventStore:
             h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
             h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
             ack = await self._request(subject, payload, h)
-            expected_seq = _ack_seq(ack, only_new)
+            try:
+                expected_seq = _ack_seq(ack, only_new)
+            except _Duplicate as dup:
+                raise _Duplicate(dup.seq, len(seqs)) from None
             seqs.append(expected_seq)
         return seqs
 
@@ -862,9 +1084,13 @@ class EventStore:
         The filter goes in the request's body: a wildcard may not be part of the
         subject a request is published on.
         """
+        return await self._direct_get({"last_by_subj": subjects_filter})
+
+    async def _direct_get(self, request: Mapping[str, Any]) -> RawMessage | None:
+        """One message by direct get (``request`` as ADR-31 has it); None for 404."""
         msg = await _client.replies(self.nc).request(
             f"$JS.API.DIRECT.GET.{self.stream}",
-            json.dumps({"last_by_subj": subjects_filter}).encode(),
+            json.dumps(request).encode(),
             None,
             self.config.timeout,
         )
@@ -872,16 +1098,11 @@ class EventStore:
         status = h.get("Status")
         if status == "404":
             return None
+        what = f"direct get {json.dumps(request)} from stream {self.stream}"
         if status in ("503", "408"):
-            raise EventStoreUnavailable(
-                f"reading the last event of {subjects_filter} from stream {self.stream}: "
-                f"{status} {h.get('Description', '')}".rstrip()
-            )
+            raise EventStoreUnavailable(f"{what}: {status} {h.get('Description', '')}".rstrip())
         if status:
-            raise EventStoreError(
-                f"reading the last event of {subjects_filter} from stream {self.stream}: "
-                f"{status} {h.get('Description', '')}".rstrip()
-            )
+            raise EventStoreError(f"{what}: {status} {h.get('Description', '')}".rstrip())
         return RawMessage(
             subject=h.get("Nats-Subject", ""),
             seq=int(h.get("Nats-Sequence", "0")),
@@ -950,14 +1171,31 @@ class _DuplicateInBatch(_WrongLastSequence):
     """An atomic batch carried a message id the stream already has (a retried append)."""
 
 
+class _Duplicate(Exception):
+    """The stream already has the message id of event ``index`` of an append, at
+    ``seq`` (JetStream's deduplication answered instead of storing it)."""
+
+    def __init__(self, seq: int, index: int = 0) -> None:
+        super().__init__(f"duplicate of seq {seq}")
+        self.seq = seq
+        self.index = index
+
+
+def _replayed(mine: Sequence[StoredEvent], atomic: bool) -> AppendResult:
+    """The answer to an append whose events were all stored before: those events."""
+    return AppendResult(mine[-1].version_at(), tuple(mine), atomic, duplicate=True)
+
+
 def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
     try:
         ack = json.loads(raw)
     except ValueError:
         raise EventStoreError(f"unexpected publish answer {raw[:200]!r}") from None
-    if refuse_duplicate and ack.get("duplicate"):
-        # Deduplicated by its message id: stored before, so the aggregate is not new.
-        raise _WrongLastSequence("duplicate message id")
+    if ack.get("duplicate") and not ack.get("error"):
+        if refuse_duplicate:
+            # Deduplicated by its message id: stored before, so the aggregate is not new.
+            raise _WrongLastSequence("duplicate message id")
+        raise _Duplicate(int(ack["seq"]))
     err = ack.get("error")
     if err:
         if err.get("err_code") == _WRONG_LAST_SEQUENCE:
@@ -1440,6 +1678,13 @@ class Repository(Generic[A]):
             only_new=only_new,
             saga_deadline_ms=saga_deadline_ms,
         )
+        if result.duplicate and result.events[0].version != loaded.version.number + 1:
+            # A retry whose events were stored by its first try, decided on a state
+            # that already has them (or has moved on): the answer is the state right
+            # after them, as the first try returned it, never them applied twice.
+            if loaded.version == result.version:
+                return loaded
+            return await self.load(loaded.aggregate_id, version=result.version.number)
         for event in events:
             self.appliers.apply(loaded.state, event)
         old = loaded.version.number

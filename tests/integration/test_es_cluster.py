@@ -1,5 +1,6 @@
 """The event store on replicated (R3) streams of a 3-node cluster: racing writers,
-concurrent unconditional appends, and appends across a SIGKILL of the stream leader."""
+concurrent unconditional appends, retried appends, and appends across a SIGKILL of
+the stream leader."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import pytest
 from examples.shop.gen.shop.v1 import events_pb2
 from meshkit.saga import _client
 from meshkit.saga.eventstore import AggregateConflict, EventStore, EventStoreConfig, Version
+from tests.integration._es_retries import (
+    a_retried_execute_applies_its_events_once,
+    retries_return_the_first_append,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -53,6 +58,14 @@ async def test_racing_writers_at_one_version_give_one_success_and_a_conflict(
         assert len(won) == 1, results
         assert len(lost) == 1 and isinstance(lost[0], AggregateConflict), results
         assert (await store.version("tally", agg)).number == 2
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_every_retry_of_a_stored_append_returns_what_the_first_try_stored(
+    store: EventStore, size: int
+) -> None:
+    await retries_return_the_first_append(store, size)
+    await a_retried_execute_applies_its_events_once(store, cache_size=0)
 
 
 async def test_concurrent_unconditional_appends_all_succeed_with_contiguous_versions(

@@ -20,12 +20,17 @@ from meshkit.saga.eventstore import (
     AggregateConflict,
     EventStore,
     EventStoreConfig,
+    EventStoreError,
     Repository,
     StateCodec,
     Upcasters,
     Version,
 )
 from meshkit.saga.snapshots import SnapshotStore
+from tests.integration._es_retries import (
+    a_retried_execute_applies_its_events_once,
+    retries_return_the_first_append,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -421,6 +426,61 @@ async def test_retried_append_with_the_same_event_ids_is_idempotent(store: Event
     )
     assert batch_again.version == batch.version
     assert [e.event_id for e in await store.read("tally", agg)] == ["evt-a1", "evt-b1", "evt-b2"]
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "one-by-one"])
+@pytest.mark.parametrize("size", [1, 3])
+async def test_every_retry_of_a_stored_append_returns_what_the_first_try_stored(
+    nc: Any, atomic: bool, size: int
+) -> None:
+    # Retried with the version it was decided on (a Version or a count), the version
+    # after it, or no check, and after another writer moved the aggregate on: always
+    # the first try's events and version, marked duplicate, nothing stored again.
+    s = EventStore(nc, EventStoreConfig(stream="ESRETRY", prefix="esretry", atomic=atomic))
+    await s.ensure()
+    await retries_return_the_first_append(s, size)
+
+
+@pytest.mark.parametrize("cache_size", [0, 8])
+async def test_a_retried_execute_returns_the_state_its_first_try_returned(
+    store: EventStore, cache_size: int
+) -> None:
+    await a_retried_execute_applies_its_events_once(store, cache_size)
+
+
+async def test_a_one_by_one_append_cut_short_is_completed_by_its_retry(nc: Any) -> None:
+    # Without atomic batches a crash half way leaves a prefix stored: the retry
+    # stores the rest after it and answers with the whole run, each event once.
+    s = EventStore(nc, EventStoreConfig(stream="ESPLAIN", prefix="esplain", atomic=False))
+    await s.ensure()
+    for expected_of in ("version", "none"):
+        agg = new_id()
+        ids = [f"{agg}-{i}" for i in range(3)]
+        cut = await s.append("tally", agg, [paid(1)], expected=Version(), event_ids=ids[:1])
+        expected = Version() if expected_of == "version" else None
+        whole = await s.append(
+            "tally", agg, [paid(1), paid(2), paid(3)], expected=expected, event_ids=ids
+        )
+        assert not whole.duplicate
+        assert whole.events[0].seq == cut.events[0].seq
+        stored = await s.read("tally", agg)
+        assert [(e.event_id, e.version) for e in stored] == [(i, n + 1) for n, i in enumerate(ids)]
+        assert [(e.event_id, e.version, e.seq) for e in whole.events] == [
+            (e.event_id, e.version, e.seq) for e in stored
+        ]
+
+
+async def test_a_reused_event_id_of_another_aggregate_is_an_error_not_a_result(
+    store: EventStore,
+) -> None:
+    a, b = new_id(), new_id()
+    await store.append("tally", a, [paid(1)], expected=Version(), event_ids=["shared-id-1"])
+    b_first = await store.append("tally", b, [paid(2)], expected=Version())
+    with pytest.raises(EventStoreError, match="event ids reused"):
+        await store.append(
+            "tally", b, [paid(3)], expected=b_first.version, event_ids=["shared-id-1"]
+        )
+    assert [e.version for e in await store.read("tally", b)] == [1]
 
 
 async def test_no_responders_on_a_direct_stream_is_retried_without_downgrading_it(
