@@ -24,24 +24,28 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import ASGIApp, Receive, Scope, Send, notes, send_error, send_json
 from meshkit.gateway._edge_cfg import get_bool, get_duration, get_str, section
+from meshkit.gateway._fastjson import DescT
 from meshkit.gateway._paths import route_path
+from meshkit.gateway.config import GatewayOptions
 from meshkit.gateway.descriptors import Catalog, MethodInfo
 from meshkit.gateway.errors import CODE_NAME, CODE_NUMBER, GatewayError, status_from_rpc_error
 from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
 from meshkit.gateway.metadata import read_headers
 from meshkit.gateway.routing import BadPathError, Match, Router, RoutingError
 from meshkit.gateway.shaping import ShapingRule
+from meshkit.gateway.transcoding import JsonCodec
 from meshkit.gateway.upstreams import UpstreamRegistry
 
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
@@ -178,12 +182,45 @@ def render(template: Any, env: Mapping[str, Any]) -> Any:
 
 
 class _CallFailed(Exception):
-    def __init__(self, call: str, code: str, message: str, status: Any = None) -> None:
+    def __init__(
+        self,
+        call: str,
+        code: str,
+        message: str,
+        status: Any = None,
+        details: Sequence[Message] = (),
+    ) -> None:
         super().__init__(message)
         self.call = call
         self.code = code
         self.message = message
         self.status = status
+        self.details = details
+
+
+def _check_template(template: Mapping[str, Any], desc: DescT, path: str) -> None:
+    """Every field name written in a request template must be a field of its message
+    (a misspelt one would otherwise be dropped without a word); nested objects are
+    checked against their field's message. Values are checked per request."""
+    fields: dict[str, Any] = {}
+    for fd in desc.fields:
+        fields[fd.name] = fd
+        fields[fd.json_name] = fd
+    for key, value in template.items():
+        if key.startswith("["):
+            continue  # an extension: json_format resolves it per request
+        fd = fields.get(key)
+        if fd is None:
+            raise ConfigError(f"{path}.{key}", f"no field {key!r} in {desc.full_name}")
+        md = fd.message_type
+        if md is None or md.GetOptions().map_entry or md.full_name.startswith("google.protobuf."):
+            continue  # a scalar, a map (any keys) or a well-known type (its own JSON)
+        if isinstance(value, Mapping):
+            _check_template(value, md, f"{path}.{key}")
+        elif fd.is_repeated and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    _check_template(item, md, f"{path}.{key}[{i}]")
 
 
 class Composite:
@@ -197,11 +234,15 @@ class Composite:
         *,
         generate_request_id: bool = True,
         config_path: str | None = None,
+        codec: JsonCodec | None = None,
     ) -> None:
         self.spec = spec
         self.catalog = catalog
         self.upstreams = upstreams
         self.generate_request_id = generate_request_id
+        # The transcoding routes' codec: a request built from the template is checked as a
+        # request body is (wrong-shaped values, unknown enum names: 400 naming the field).
+        self.codec = codec if codec is not None else JsonCodec(catalog.pool, GatewayOptions())
         where = config_path or f"bff.{spec.name}"
         by_name = {m.full_name: m for m in catalog.methods}
         self.methods: dict[str, MethodInfo] = {}
@@ -214,6 +255,7 @@ class Composite:
                     f"{where}.calls.{c.name}.rpc",
                     f"{c.rpc} is streaming; only unary calls compose",
                 )
+            _check_template(c.request, mi.input_type.DESCRIPTOR, f"{where}.calls.{c.name}.request")
             self.methods[c.name] = mi
         self.template: PathTemplate = parse_template(spec.path)
 
@@ -286,12 +328,10 @@ class Composite:
         mi = self.methods[c.name]
         msg = mi.input_type()
         try:
-            json_format.ParseDict(
-                request, msg, ignore_unknown_fields=True, descriptor_pool=self.catalog.pool
-            )
-        except (json_format.ParseError, TypeError, ValueError) as exc:
+            self.codec.merge(request, msg, where="request")
+        except GatewayError as err:
             raise _CallFailed(
-                c.name, "INVALID_ARGUMENT", f"cannot build the request: {exc}"
+                c.name, err.code, f"cannot build the request: {err.message}", details=err.details
             ) from None
         remaining = deadline - time.monotonic()
         timeout = min(c.timeout, remaining) if c.timeout is not None else remaining
@@ -396,7 +436,9 @@ class BffApp:
                 )
             except _CallFailed as exc:
                 msg = f"{exc.call}: {exc.message}"
-                await send_error(send, GatewayError(exc.code, msg, headers=rid))
+                await send_error(
+                    send, GatewayError(exc.code, msg, details=exc.details, headers=rid)
+                )
                 return
             except TimeoutError:
                 await send_error(

@@ -184,6 +184,7 @@ class ProfileRuntime:
                 registry,
                 generate_request_id=config.options.generate_request_id,
                 config_path=f"edge.profiles.{profile.name}.bff[{i}]",
+                codec=self.gateway.state.codec,
             )
             for i, spec in enumerate(profile.bff)
         ]

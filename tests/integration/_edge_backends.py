@@ -38,6 +38,7 @@ class ShopBackend:
         # When set, GetOrder waits until GetPayment has started (proves the calls overlap).
         self.payment_started: asyncio.Event | None = None
         self.watch_gate = asyncio.Event()
+        self.list_requests: list[Any] = []  # the ListOrdersRequest messages received
 
     @property
     def target(self) -> str:
@@ -75,6 +76,13 @@ class ShopBackend:
                     status=orders_pb2.ORDER_STATUS_CREATED,
                     shipping_address=common_pb2.Address(name="Kim", line1="1 Main", city="Seoul"),
                     labels={"server": backend.name},
+                )
+
+            async def ListOrders(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:
+                backend._record("ListOrders", ctx)
+                backend.list_requests.append(req)
+                return orders_pb2.ListOrdersResponse(
+                    orders=[orders_pb2.Order(order_id="o-1", status=req.status)]
                 )
 
             async def WatchOrders(self, req: Any, ctx: grpc.aio.ServicerContext) -> Any:

@@ -78,6 +78,42 @@ def config(target: str) -> dict[str, Any]:
                                 }
                             },
                         },
+                        {
+                            # Requests built from the client's query: checked as a
+                            # request body is.
+                            "name": "customer_orders",
+                            "path": "/v1/customers/{customer_id}/orders",
+                            "calls": {
+                                "orders": {
+                                    "rpc": "shop.v1.OrderService.ListOrders",
+                                    "request": {
+                                        "customerId": "{path.customer_id}",
+                                        "status": "{query.status}",
+                                        "pageSize": "{query.n}",
+                                    },
+                                },
+                            },
+                        },
+                        {
+                            "name": "extras",
+                            "path": "/v1/orders/{order_id}/extras",
+                            "calls": {
+                                "order": {
+                                    "rpc": "shop.v1.OrderService.GetOrder",
+                                    "request": {"orderId": "{path.order_id}"},
+                                },
+                                "extra": {
+                                    "rpc": "shop.v1.OrderService.ListOrders",
+                                    "request": {"status": "{query.extra}"},
+                                    "optional": True,
+                                },
+                                "update": {
+                                    "rpc": "shop.v1.OrderService.UpdateOrder",
+                                    "request": {"order": "{query.order}"},
+                                    "optional": True,
+                                },
+                            },
+                        },
                     ],
                 },
             },
@@ -221,3 +257,69 @@ async def test_reload_with_an_unknown_rpc_is_refused_and_the_old_config_serves(
     assert ei.value.path == "edge.profiles.mobile.bff[0].calls.order.rpc"
     assert edge.reloads == 0
     assert (await client.get("/mobile/v1/orders/o-1/summary")).status_code == 200
+
+
+async def test_composite_requests_are_checked_like_request_bodies(
+    client: httpx.AsyncClient, backend: ShopBackend
+) -> None:
+    """A value a composite's request takes from the client is checked against the call's
+    message as a transcoded request body is: a wrong-shaped value or an unknown enum name
+    is 400 naming the field and the value, never dropped on the way to the upstream."""
+    url = "/mobile/v1/customers/c-1/orders"
+    r = await client.get(url, params={"status": "ORDER_STATUS_CREATED", "n": "5"})
+    assert r.status_code == 200, r.text
+    assert r.json()["orders"] == {"orders": [{"orderId": "o-1", "status": "ORDER_STATUS_CREATED"}]}
+    [req] = backend.list_requests
+    assert (req.customer_id, req.status, req.page_size) == ("c-1", 2, 5)
+
+    for params, field, value, why in [
+        ({"status": "POETRY"}, "status", "POETRY", "not a value of enum shop.v1.OrderStatus"),
+        ({"n": "abc"}, "pageSize", "abc", "expected an integer"),
+        ({"n": "1_000"}, "pageSize", "1_000", "expected an integer"),
+    ]:
+        r = await client.get(url, params=params)
+        assert r.status_code == 400, (params, r.text)
+        body = r.json()
+        assert body["code"] == 3, body  # INVALID_ARGUMENT
+        assert body["message"].startswith("orders: cannot build the request: "), body
+        assert f'invalid value "{value}" for field {field}: {why}' in body["message"], body
+        [violation] = body["details"]
+        assert violation["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        assert violation["fieldViolations"][0]["field"] == field
+    assert backend.calls["ListOrders"] == 1  # none of the refused requests went upstream
+
+    # An optional call whose request cannot be built is left out with its error, as an
+    # optional call that fails upstream is; the required call still answers.
+    r = await client.get("/mobile/v1/orders/o-7/extras", params={"extra": "POETRY", "order": "x"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "extra" not in body and "update" not in body
+    assert body["order"]["orderId"] == "o-7"
+    errors = {e["call"]: e for e in body["errors"]}
+    assert errors["extra"]["code"] == 3 and errors["extra"]["status"] == "INVALID_ARGUMENT"
+    assert 'invalid value "POETRY" for field status' in errors["extra"]["message"]
+    assert (
+        'invalid value "x" for field order: expected a JSON object (shop.v1.Order)'
+        in (errors["update"]["message"])
+    )
+    assert backend.calls["ListOrders"] == 1 and backend.calls["UpdateOrder"] == 0
+
+
+def test_a_misspelt_field_in_a_request_template_stops_the_load(
+    backend: ShopBackend, shop_descriptor_set: Path
+) -> None:
+    from meshkit.errors import ConfigError
+
+    bad = config(backend.target)
+    calls = bad["edge"]["profiles"]["mobile"]["bff"][2]["calls"]
+    calls["orders"]["request"]["pageSise"] = "{query.n}"
+    with pytest.raises(ConfigError) as ei:
+        create_edge_app(bad, shop_descriptor_set)
+    assert ei.value.path == "edge.profiles.mobile.bff[2].calls.orders.request.pageSise"
+    assert "shop.v1.ListOrdersRequest" in str(ei.value)
+    del calls["orders"]["request"]["pageSise"]
+    calls = bad["edge"]["profiles"]["mobile"]["bff"][3]["calls"]
+    calls["update"]["request"] = {"order": {"labels": {"any": "key"}, "totl": {}}}
+    with pytest.raises(ConfigError) as ei:
+        create_edge_app(bad, shop_descriptor_set)
+    assert ei.value.path == "edge.profiles.mobile.bff[3].calls.update.request.order.totl"
