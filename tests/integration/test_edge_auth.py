@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,8 @@ import grpc
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -715,3 +723,148 @@ async def test_credentials_never_reach_the_access_log_or_spans(
 async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"{}"})
+
+
+# --------------------------------------------------------------------------- over a socket
+# The same matrix sent over a real socket to a running ``meshkit edge`` (one process for
+# the module), configured with the same keys from files; its log is read back for the
+# token and for tracebacks.
+
+
+@dataclass
+class EdgeProcess:
+    url: str
+    log: Path
+    backend: ShopBackend
+    proc: subprocess.Popen[bytes]
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def logged(self, request_id: str, timeout: float = 10.0) -> str:
+        """The log once the access line of ``request_id`` is in it (the process writes it
+        after answering)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        needle = f'"request_id":"{request_id}"'
+        while True:
+            text = self.text()
+            if needle in text:
+                return text
+            if self.proc.poll() is not None:
+                raise AssertionError(f"edge exited {self.proc.returncode}: {text}")
+            if loop.time() > end:
+                raise AssertionError(f"no access line for {request_id}: {text[-2000:]}")
+            await asyncio.sleep(0.02)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def edge_cli(
+    tmp_path_factory: pytest.TempPathFactory, shop_descriptor_set: Path
+) -> AsyncIterator[EdgeProcess]:
+    from tests.conftest import ROOT, free_port
+
+    tmp = tmp_path_factory.mktemp("edge-auth-cli")
+    backend = await ShopBackend("blue").start()
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump(edge_config(tmp, backend.target)))
+    log = tmp / "edge.log"
+    port = free_port()
+    args = ["--descriptor-set", str(shop_descriptor_set), "--config", str(cfg)]
+    proc = subprocess.Popen(
+        # -v: whatever logs at DEBUG must not carry the token either.
+        [sys.executable, "-m", "meshkit.cli", "-v", "edge", *args, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    edge = EdgeProcess(f"http://127.0.0.1:{port}", log, backend, proc)
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        async with httpx.AsyncClient(timeout=2) as c:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"edge exited {proc.returncode}: {edge.text()}")
+                try:
+                    if (await c.get(edge.url + "/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if loop.time() > end:
+                    raise AssertionError(f"edge not up: {edge.text()}")
+                await asyncio.sleep(0.05)
+        yield edge
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 20
+            # Polled: the backend the edge drains against runs on this loop.
+            while proc.poll() is None and loop.time() < end:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        await backend.stop(None)
+    assert proc.returncode == 0, edge.text()
+    assert "Traceback" not in edge.text(), edge.text()
+
+
+def _token_parts(token: str) -> list[str]:
+    """The token and every recognisable piece of it (a segment of 8 characters or more)."""
+    return [p for p in token.split(".") if len(p) >= 8] or [token]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_valid_tokens_pass_through_the_edge_cli(edge_cli: EdgeProcess) -> None:
+    """The harness can succeed: each algorithm's valid token reaches the upstream."""
+    tokens = [
+        jwt.encode(claims(), HS_SECRET, algorithm="HS256", headers={"kid": "hs"}),
+        jwt.encode(claims(sub="rs-user"), RSA_KEY, algorithm="RS256", headers={"kid": "rsa1"}),
+        jwt.encode(claims(sub="es-user"), EC_KEY, algorithm="ES256", headers={"kid": "ec1"}),
+    ]
+    backend = edge_cli.backend
+    before = backend.calls["GetOrder"]
+    seen = len(backend.metadata)
+    async with httpx.AsyncClient(base_url=edge_cli.url, timeout=10) as c:
+        for i, tok in enumerate(tokens):
+            rid = f"valid-{i}"
+            r = await c.get("/v1/orders/o-1", headers={**bearer(tok), "x-request-id": rid})
+            assert r.status_code == 200, r.text
+            assert r.json()["orderId"] == "o-1"
+            assert r.headers["x-request-id"] == rid
+    assert backend.calls["GetOrder"] == before + 3
+    subs = [m.get("x-jwt-sub") for m in backend.metadata[seen:]]
+    assert subs == ["user-1", "rs-user", "es-user"]
+    assert all("authorization" not in m for m in backend.metadata[seen:])
+    text = await edge_cli.logged("valid-2")
+    assert not [p for tok in tokens for p in _token_parts(tok) if p in text]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("make", [m for _, m in ATTACKS], ids=[n for n, _ in ATTACKS])
+async def test_attack_matrix_over_a_socket_to_the_edge_cli(
+    edge_cli: EdgeProcess, request: pytest.FixtureRequest, make: Any
+) -> None:
+    token = make()
+    rid = f"attack-{request.node.callspec.id}"
+    backend = edge_cli.backend
+    before = sum(backend.calls.values())
+    async with httpx.AsyncClient(base_url=edge_cli.url, timeout=10) as c:
+        r = await c.get("/v1/orders/o-1", headers={**bearer(token), "x-request-id": rid})
+    assert r.status_code == 401, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["code"] == 16  # UNAUTHENTICATED
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="meshkit"') and 'error="invalid_token"' in challenge
+    assert r.headers["x-request-id"] == rid
+    text = await edge_cli.logged(rid)
+    assert sum(backend.calls.values()) == before  # never reached the upstream
+    parts = _token_parts(token)
+    for where in (r.text, challenge, text):
+        assert not [p for p in parts if p in where], where[-2000:]
+    assert "Traceback" not in text, text[-4000:]

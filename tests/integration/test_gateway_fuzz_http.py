@@ -1,6 +1,7 @@
-"""The gateway's bad-input tests over a real socket, against ``meshkit gateway`` itself (the
-CLI: meshkit's own HTTP/1.1 server on uvloop and httptools), including malformed HTTP no
-client library would send, written to the socket byte for byte.
+"""The gateway's bad-input tests over a real socket, against ``meshkit gateway`` and
+``meshkit edge`` themselves (the CLIs: meshkit's own HTTP/1.1 server on uvloop and
+httptools; every test runs against both), including malformed HTTP no client library
+would send, written to the socket byte for byte.
 
 Every answer must be a 4xx with a ``google.rpc.Status`` JSON body. Two layers give them:
 
@@ -53,20 +54,30 @@ async def echo() -> AsyncIterator[Backend]:
         yield b
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def port(echo: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]:
-    """``meshkit gateway`` in front of the gwtest backend, with a 64 KiB body limit and
-    short header and keep-alive timeouts (so their tests need not wait long)."""
-    tmp = tmp_path_factory.mktemp("gateway-fuzz")
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["gateway", "edge"])
+async def port(
+    request: pytest.FixtureRequest, echo: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[int]:
+    """``meshkit gateway``, then ``meshkit edge`` (the same HTTP server in front of the
+    edge's app), in front of the gwtest backend, with a 64 KiB body limit and short header
+    and keep-alive timeouts (so their tests need not wait long). Every test of the module
+    runs against both."""
+    command: str = request.param
+    tmp = tmp_path_factory.mktemp(f"{command}-fuzz")
     cfg = tmp / "gateway.yaml"
-    cfg.write_text("gateway:\n  max_body_bytes: 65536\n")
-    log = tmp / "gateway.log"
+    text = "gateway:\n  max_body_bytes: 65536\n"
+    if command == "edge":
+        text += f"upstreams:\n  default: 127.0.0.1:{echo.port}\n"
+    cfg.write_text(text)
+    log = tmp / f"{command}.log"
     listen = free_port()
     args = ["--descriptor-set", str(descriptor_sets()["gwtest"]), "--config", str(cfg)]
-    args += ["--upstream", f"127.0.0.1:{echo.port}", "--port", str(listen)]
+    if command == "gateway":
+        args += ["--upstream", f"127.0.0.1:{echo.port}"]
+    args += ["--port", str(listen)]
     args += ["--header-timeout", str(HEADER_TIMEOUT), "--keep-alive-timeout", str(KEEP_ALIVE)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshkit.cli", "gateway", *args],
+        [sys.executable, "-m", "meshkit.cli", command, *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=log.open("wb"),
@@ -83,6 +94,8 @@ async def port(echo: Backend, tmp_path_factory: pytest.TempPathFactory) -> Async
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+    # Nothing of the above made the server fail on its own.
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
 
 
 async def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
