@@ -656,6 +656,7 @@ class EventStore:
                     for i in range(len(events))
                 ]
                 headers = [e.to_headers() for e in envs]
+                self._check_sizes(name, subjects, payloads, headers, types)
                 try:
                     # Resent as it was while the cluster elects a leader: the same
                     # Nats-Msg-Id, so one that was stored but not acknowledged is
@@ -1025,8 +1026,15 @@ class EventStore:
         current: Version,
         only_new: bool = False,
     ) -> int:
+        """Publish the events as one atomic batch; returns the last one's sequence.
+
+        A batch that fails before its commit is sent (the connection refuses a
+        message, an answer does not come) is abandoned at once rather than left open
+        on the server until its timeout: see :meth:`_abandon`.
+        """
         batch_id = uuid.uuid4().hex
         n = len(payloads)
+        opened = False
         for i, (subject, payload, h) in enumerate(zip(subjects, payloads, headers, strict=True), 1):
             h[_BATCH_ID] = batch_id
             h[_BATCH_SEQ] = str(i)
@@ -1036,15 +1044,75 @@ class EventStore:
             if i == n:
                 h[_BATCH_COMMIT] = "1"
                 return _ack_seq(await self._request(subject, payload, h), only_new)
-            if i == 1:
-                # A request for the first message: the server answers (empty) once
-                # the batch is open, or with an error we can report precisely.
-                reply = await self._request(subject, payload, h)
-                if reply:
-                    _ack_seq(reply)
-            else:
-                await self.nc.publish(subject, payload, headers=h)
+            try:
+                if i == 1:
+                    # A request for the first message: the server answers (empty) once
+                    # the batch is open, or with an error we can report precisely.
+                    opened = True
+                    reply = await self._request(subject, payload, h)
+                    if reply:
+                        opened = False  # refused: no batch is open
+                        _ack_seq(reply)
+                else:
+                    await self._publish(subject, payload, h)
+            except BaseException:
+                if opened:
+                    await self._abandon(subjects[0], batch_id, n)
+                raise
         raise AssertionError("unreachable")
+
+    async def _abandon(self, subject: str, batch_id: str, n: int) -> None:
+        """Close an open batch that will not be completed: a message numbered after
+        a gap makes the server abandon it as incomplete (stored: nothing). Best
+        effort: without it the server drops the batch after its timeout (10 s)."""
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                subject, b"", headers={_BATCH_ID: batch_id, _BATCH_SEQ: str(n + 2)}
+            )
+            await self.nc.flush(timeout=1)
+
+    def _check_sizes(
+        self,
+        name: str,
+        subjects: list[str],
+        payloads: list[bytes],
+        headers: list[dict[str, str]],
+        types: list[str],
+    ) -> None:
+        """Refuse, before anything is sent, an event the server would refuse for size.
+
+        The limit is the connection's ``max_payload`` (the server's, from nats-py's
+        public API), for payload and headers together, the store's own control
+        headers (batch id, sequence, commit, expected sequence) included.
+        """
+        limit = self.nc.max_payload
+        control = sum(
+            len(k) + len(v) + 4
+            for k, v in (
+                (_BATCH_ID, "0" * 32),
+                (_BATCH_SEQ, str(MAX_BATCH)),
+                (_BATCH_COMMIT, "1"),
+                (_EXPECTED_SUBJECT_SEQ, "0" * 20),
+                (_EXPECTED_SUBJECT_SEQ_SUBJECT, name + ".>"),
+            )
+        )
+        for i, (payload, h) in enumerate(zip(payloads, headers, strict=True)):
+            size = len(payload) + _header_size(h) + control
+            if size > limit:
+                raise EventStoreError(
+                    f"append to {name}: event {i + 1} of {len(payloads)} ({types[i]}, "
+                    f"{subjects[i]}) is {size} bytes with its headers; the server takes at "
+                    f"most {limit} (max_payload): nothing was sent"
+                )
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.nc.publish(subject, payload, headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise EventStoreError(
+                f"append to {subject}: {len(payload)} bytes is more than the server's "
+                f"max_payload ({self.nc.max_payload})"
+            ) from None
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
         try:
@@ -1059,6 +1127,11 @@ class EventStore:
         except nats.errors.TimeoutError:
             raise EventStoreUnavailable(
                 f"append to {subject}: no answer in {self.config.timeout}s"
+            ) from None
+        except nats.errors.MaxPayloadError:
+            raise EventStoreError(
+                f"append to {subject}: {len(payload)} bytes is more than the server's "
+                f"max_payload ({self.nc.max_payload})"
             ) from None
         return bytes(msg.data)
 
@@ -1179,6 +1252,11 @@ class _Duplicate(Exception):
         super().__init__(f"duplicate of seq {seq}")
         self.seq = seq
         self.index = index
+
+
+def _header_size(headers: Mapping[str, str]) -> int:
+    """The bytes ``headers`` take on the wire (``NATS/1.0``, one line each, a blank)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def _replayed(mine: Sequence[StoredEvent], atomic: bool) -> AppendResult:

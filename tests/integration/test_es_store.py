@@ -483,6 +483,54 @@ async def test_a_reused_event_id_of_another_aggregate_is_an_error_not_a_result(
     assert [e.version for e in await store.read("tally", b)] == [1]
 
 
+async def test_an_oversize_event_is_refused_before_anything_is_sent(store: EventStore) -> None:
+    # Under max_payload by itself, over it with its headers: nats-py would send it and
+    # the server would drop the connection. Refused first, naming event, size, limit.
+    agg = new_id()
+    limit = store.nc.max_payload
+    big = events_pb2.OrderCreated(order_id="x", customer_id="y" * (limit - 100))
+    assert len(big.SerializeToString()) < limit
+    small = events_pb2.OrderCreated(order_id="s")
+    for events in ([small, big, small], [big]):
+        with pytest.raises(EventStoreError, match=r"event \d of \d .*max_payload"):
+            await store.append("tally", agg, events, expected=None)
+    assert await store.read("tally", agg) == []
+    assert store.nc.is_connected
+    r = await store.append("tally", agg, [small, small], expected=Version())
+    assert r.version.number == 2
+
+
+async def test_a_batch_failing_mid_way_is_abandoned_at_once(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch cut off after it was opened is closed right away (the server abandons
+    # it as incomplete), not left open until the server's batch timeout.
+    abandoned: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_advisory(msg: Any) -> None:
+        await abandoned.put(json.loads(msg.data))
+
+    sub = await store.nc.subscribe(
+        f"$JS.EVENT.ADVISORY.STREAM.BATCH_ABANDONED.{store.stream}", cb=on_advisory
+    )
+    await store.nc.flush()
+
+    async def fail(subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        raise EventStoreError("connection lost (test)")
+
+    monkeypatch.setattr(store, "_publish", fail)
+    agg = new_id()
+    with pytest.raises(EventStoreError, match="connection lost"):
+        await store.append("tally", agg, [paid(1), paid(2), paid(3)], expected=None)
+    advisory = await asyncio.wait_for(abandoned.get(), 5)
+    assert advisory["reason"] == "incomplete"
+    monkeypatch.undo()
+    await sub.unsubscribe()
+    assert await store.read("tally", agg) == []
+    r = await store.append("tally", agg, [paid(1), paid(2)], expected=Version())
+    assert [e.version for e in r.events] == [1, 2]
+
+
 async def test_no_responders_on_a_direct_stream_is_retried_without_downgrading_it(
     nc: Any, store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
