@@ -321,7 +321,8 @@ def _codes(
         name = _code(item, p)
         if retryable and name in NEVER_RETRYABLE:
             raise ConfigError(
-                p, f"{name} must never be retried ({NEVER_RETRYABLE[name]}; seed section 6.4)"
+                p,
+                f"{name} must never be retried ({NEVER_RETRYABLE[name]}: a second attempt cannot fix it)",
             )
         if not allow_ok and name == "OK":
             raise ConfigError(p, "OK is a success, not a failure code")
@@ -1181,7 +1182,7 @@ class Policy:
     # -- checks ------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Warnings about sound-but-suspect settings (seed section 7.2 and friends).
+        """Warnings about sound-but-suspect settings (timeout budgets and friends).
 
         Checked for the defaults and for each rule as it applies (merged over the
         defaults and, for a method rule, over its service's rule):
@@ -1234,8 +1235,8 @@ class Policy:
                     f"timeout {_fmt(t)} is shorter than its retries' worst case "
                     f"{_fmt(worst)} ({retry.max_attempts} attempts x "
                     f"{_fmt(retry.per_attempt_timeout or 0.0)} + backoffs {_fmt(backoffs)}); "
-                    "later attempts will be cut short (seed §7.2: an upper level's timeout "
-                    "must exceed the sum below it)"
+                    "later attempts will be cut short (a timeout must exceed the sum of the "
+                    "attempts and waits below it)"
                 )
         hedging = mp.hedging
         if t is not None and hedging is not None and hedging.max_attempts > 1:

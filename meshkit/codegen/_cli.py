@@ -59,7 +59,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     if args.check:
         if result.stale:
-            print("meshkit gen: generated code is out of date; run `make proto`:", file=sys.stderr)
+            print(
+                "meshkit gen: generated code is out of date; run the same command without "
+                "--check to regenerate:",
+                file=sys.stderr,
+            )
             for path in result.stale:
                 print(f"  {path}", file=sys.stderr)
             return 1

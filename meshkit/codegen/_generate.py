@@ -92,6 +92,8 @@ def generate(
     Raises :class:`CodegenError` with ``path:line:col: message`` lines when
     protoc rejects the input; the previous output is then left as it was.
     """
+    if package is not None:
+        _check_package(package)
     root = Path(proto_root).resolve()
     if not root.is_dir():
         raise CodegenError(f"proto root {str(proto_root)!r} is not a directory")
@@ -152,6 +154,19 @@ def generate(
         _write_manifest(package_dir, fresh)
     log.debug("compiled %d protos into %s (%d files)", len(protos), package_dir, len(generated))
     return GenerateResult(tuple(protos), tuple(generated), wrote, package_dir, desc_path)
+
+
+def _check_package(package: str) -> None:
+    """Refuse a package name Python could not import (``app-gen``, ``1gen``, ``a..b``)."""
+    import keyword
+
+    for part in package.split("."):
+        if not part.isidentifier() or keyword.iskeyword(part):
+            hint = f" (try {part.replace('-', '_')!r})" if "-" in part else ""
+            raise CodegenError(
+                f"--package {package!r}: {part!r} is not a valid Python identifier, so the "
+                f"generated modules could not be imported{hint}"
+            )
 
 
 def _find_protos(root: Path, only: Iterable[str]) -> list[str]:

@@ -28,12 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Generate OpenAPI 3.1 (paths, parameters, schemas, the google.rpc.Status "
         "error schema, security schemes) from a FileDescriptorSet.",
     )
-    p.add_argument("--descriptor-set", required=True, metavar="FILE")
+    p.add_argument(
+        "--descriptor-set",
+        required=True,
+        metavar="FILE",
+        help="FileDescriptorSet of the services (`meshkit gen --descriptor-set` writes one)",
+    )
     p.add_argument(
         "--config", metavar="FILE", help="gateway.yaml (JSON naming, auth schemes, profiles)"
     )
     p.add_argument("--profile", metavar="NAME", help="document this profile's prefix")
-    p.add_argument("--title", default="meshkit gateway")
+    p.add_argument("--title", default="meshkit gateway", help="info.title (default: %(default)s)")
     p.add_argument(
         "--server", action="append", default=[], metavar="URL", help="servers[].url (repeatable)"
     )
@@ -46,10 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Serve every profile of gateway.yaml's edge section: profiles with a port on "
         "their port, the others by path prefix on --port. SIGHUP reloads the config.",
     )
-    e.add_argument("--descriptor-set", required=True, metavar="FILE")
-    e.add_argument("--config", required=True, metavar="FILE")
+    e.add_argument(
+        "--descriptor-set",
+        required=True,
+        metavar="FILE",
+        help="FileDescriptorSet of the services (`meshkit gen --descriptor-set` writes one)",
+    )
+    e.add_argument(
+        "--config", required=True, metavar="FILE", help="gateway.yaml with an edge: section"
+    )
     e.add_argument("--profile", metavar="NAME", help="serve only this profile")
-    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
     e.add_argument("--port", type=int, default=8080, help="port for profiles without their own")
     from meshkit.gateway._serve import add_http_arguments
 

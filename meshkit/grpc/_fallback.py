@@ -1,4 +1,4 @@
-"""Fallback responses (seed section 4.6) for the client adapters.
+"""Fallback responses for the client adapters.
 
 The client interceptor never sees the method's serializers (generated stubs hand
 them to the channel, not to interceptors), so the response type of a method comes

@@ -46,7 +46,7 @@ _rng = random.Random()
 
 
 class IsolationPool:
-    """A bounded thread pool for one service's handlers (seed section 5: one pool per service).
+    """A bounded thread pool for one service's handlers (one pool per service, so a slow service cannot starve the others).
 
     grpcio gives every service the server's one thread pool, and an interceptor
     cannot change that. The isolation pool runs the service's unary-response handlers

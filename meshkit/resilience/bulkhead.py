@@ -40,7 +40,7 @@ class LimitScope(StrEnum):
 class BulkheadConfig:
     """``max_concurrent`` permits; a caller waits at most ``max_wait`` for one.
 
-    ``scope``: one bulkhead per service (seed section 5: one pool per service) or per
+    ``scope``: one bulkhead per service (so a slow service cannot starve the others) or per
     method. ``side``: apply in client interceptors, server interceptors or both.
     """
 

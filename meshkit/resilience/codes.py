@@ -30,7 +30,7 @@ STATUS_CODES: tuple[str, ...] = (
 STATUS_CODE_SET: frozenset[str] = frozenset(STATUS_CODES)
 
 #: Codes that must never be retried or hedged: the caller's or the business's
-#: errors (seed section 6.4), which a second attempt cannot fix. ``ABORTED`` is here
+#: errors, which a second attempt cannot fix. ``ABORTED`` is here
 #: because it reports a concurrency conflict: the fix is to re-read and retry at a
 #: higher level, not to resend the same request. ``OK`` and ``CANCELLED`` are not
 #: failures of the server at all.

@@ -1,4 +1,4 @@
-"""Fallbacks (seed section 4.6): what to answer when a policy refuses or gives up.
+"""Fallbacks: what to answer when a policy refuses or gives up.
 
 :class:`FallbackPolicy` is a value; the adapter builds the response. The
 :class:`LastGoodCache` keeps serialized responses of successful calls so that the

@@ -1,4 +1,4 @@
-"""Orchestrated sagas: the seed's state machine (§8.4) run by a central coordinator.
+"""Orchestrated sagas: the order saga's state machine run by a central coordinator.
 
 A :class:`SagaMachine` is data: states, the events that move between them,
 the command each state sends to a participant when the saga enters it, and

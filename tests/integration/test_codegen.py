@@ -236,3 +236,26 @@ def test_committed_manifest_names_the_locked_tools() -> None:
             f"meshkit/_pb was generated with {dist} {version}, uv.lock has {locked[dist]}: "
             "run `make lock` (it regenerates with --force) and commit both"
         )
+
+
+@pytest.mark.parametrize("package", ["app-gen", "1gen", "a..b", "app.class", "app gen"])
+def test_a_package_python_cannot_import_is_refused(
+    package: str, shop_protos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["gen", str(shop_protos), "--out", str(tmp_path / "out"), "--package", package])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"--package {package!r}" in err and "not a valid Python identifier" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+    if package == "app-gen":
+        assert "'app_gen'" in err
+
+
+def test_check_says_how_to_regenerate(
+    shop_protos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["gen", str(shop_protos), "--out", str(tmp_path / "out"), "--package", "g", "--check"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "run the same command without --check" in err
+    assert "make proto" not in err  # this repository's target, not the user's

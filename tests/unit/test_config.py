@@ -93,7 +93,7 @@ def test_the_issue_document_compiles() -> None:
     assert (mp.fault.abort_percent, mp.fault.abort_code) == (5.0, "UNAVAILABLE")
     assert mp.matched == ("defaults", "rules[0]")
     assert not mp.is_noop
-    # The issue's own example trips the section 7.2 check: 4 x 300ms > 800ms.
+    # The issue's own example trips the timeout budget check: 4 x 300ms > 800ms.
     assert any("worst case 1.55s" in w and w.startswith("rules[0]") for w in policy.warnings)
 
 
@@ -718,7 +718,7 @@ def test_top_level_must_be_a_mapping() -> None:
         Policy.from_text("- 1\n- 2\n", "x.yaml")
 
 
-# -- the section 7.2 check and other warnings ----------------------------------------------------
+# -- the timeout budget check and other warnings ----------------------------------------------------
 
 
 def test_no_warnings_for_a_sound_document() -> None:
@@ -926,7 +926,9 @@ def test_cli_check_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "good.yaml: ok (1 rules, 2 warnings)" in out
     assert "worst case 1.55s" in err
     assert main(["policy", "check", "--strict", str(good)]) == 1
-    capsys.readouterr()
+    out, err = capsys.readouterr()
+    assert "ok" not in out  # a failing check does not say ok
+    assert "good.yaml: failed with --strict (1 rules, 2 warnings; warnings fail)" in err
     assert main(["policy", "check", str(good), str(bad)]) == 1
     out, err = capsys.readouterr()
     assert (
