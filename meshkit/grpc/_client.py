@@ -215,14 +215,34 @@ class ClientInterceptor(
             if timeout != details.timeout:
                 details = _details(details, timeout)
             return continuation(details, request)
-        if not plan.quick:
-            return self._unary(plan, continuation, details, request, timeout)
-        # The common case, inline: a non-blocking bulkhead, then the first attempt sent
-        # from here; only a failed first attempt goes on to the retry loop.
+        return self._call(plan, continuation, details, request, None, timeout)
+
+    def _call(
+        self,
+        plan: ClientPlan,
+        continuation: Any,
+        details: Any,
+        request: Any,
+        replay: Replay | None,
+        timeout: float | None,
+    ) -> Any:
+        """A unary-response call: admit it, send the first attempt from here, and hand a
+        failed one to the retry loop. A first attempt still in flight (the caller used
+        ``.future()``) is not waited for: the rest runs when it ends (:meth:`_defer`)."""
         start = _monotonic()
         deadline = start + timeout if timeout is not None else None
         bulkhead = plan.bulkhead
-        if bulkhead is not None and not bulkhead.try_acquire():
+        if not plan.quick:
+            refused = self._admit(plan, details, request, deadline)
+            if refused is not None:
+                return refused
+            if plan.hedging is not None and replay is None:
+                try:
+                    return self._hedged(plan, continuation, details, request, deadline)
+                finally:
+                    if bulkhead is not None:
+                        bulkhead.release()
+        elif bulkhead is not None and not bulkhead.try_acquire():
             self._m.bulkhead_rejections.add(1, plan.attrs)
             full = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
             return self._refused(plan, full, request, details, deadline)
@@ -245,7 +265,7 @@ class ClientInterceptor(
                     details
                     if attempt_timeout == details.timeout
                     else _details(details, attempt_timeout),
-                    request,
+                    replay.attempt() if replay is not None else request,
                 )
             except BaseException:  # nothing was sent: the breaker's permit goes back
                 if breaker is not None:
@@ -257,121 +277,33 @@ class ClientInterceptor(
                 # (breaker, retries, the bulkhead permit) runs when this attempt ends.
                 deferred = True
                 return self._defer(
-                    plan, continuation, details, request, deadline, start, hit_limit, outcome
+                    plan,
+                    continuation,
+                    details,
+                    request,
+                    replay,
+                    deadline,
+                    start,
+                    hit_limit,
+                    outcome,
                 )
             code = _code(outcome)
             if code is _OK:  # the common case, without another call
                 if breaker is not None:
                     breaker.on_result(_monotonic() - start, "OK")
-                if plan.fallback is not None:
+                if plan.fallback is not None and replay is None:
                     self._remember(plan, request, outcome)
                 return outcome
             return self._after_first(
-                plan, continuation, details, request, deadline, start, hit_limit, outcome
+                plan, continuation, details, request, replay, deadline, start, hit_limit, outcome
             )
         finally:
             if bulkhead is not None and not deferred:
                 bulkhead.release()
 
-    def _defer(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        deadline: float | None,
-        start: float,
-        hit_limit: bool,
-        first: Any,
-    ) -> _PendingCall:
-        """The future for a ``.future()`` call whose first attempt is in flight; it holds
-        the bulkhead permit (and the breaker's) until the call is settled."""
-        bulkhead, breaker = plan.bulkhead, plan.breaker
-
-        def settle(done: Any) -> Any:
-            try:
-                return self._after_first(
-                    plan, continuation, details, request, deadline, start, hit_limit, done
-                )
-            finally:
-                if bulkhead is not None:
-                    bulkhead.release()
-
-        def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
-            if breaker is not None:
-                breaker.release()
-            if bulkhead is not None:
-                bulkhead.release()
-
-        may_block = plan.retry is not None or plan.fallback is not None
-        return _PendingCall(first, settle, abandon, may_block)
-
-    def _after_first(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        deadline: float | None,
-        start: float,
-        hit_limit: bool,
-        outcome: Any,
-    ) -> Any:
-        """The finished first attempt of the quick path: report it, then retry if need be."""
-        breaker = plan.breaker
-        code = _code(outcome)
-        if code is _OK:
-            if breaker is not None:
-                breaker.on_result(_monotonic() - start, "OK")
-            if plan.fallback is not None:
-                self._remember(plan, request, outcome)
-            return outcome
-        if breaker is not None:
-            breaker.on_result(_monotonic() - start, _NAMES[code])
-        return self._retrying(
-            plan, continuation, details, request, deadline, None, outcome, hit_limit
-        )
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        plan: ClientPlan = self._plans.get(details.method)
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return continuation(details, request_iterator)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            return self._refused(plan, exc, None, details, None)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return continuation(details, request_iterator)
-        # Always through a Replay (limit 0 without retries): the attempt loop then never
-        # hedges a client stream nor mistakes the iterator for a request to cache.
-        limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
-        replay = Replay(request_iterator, limit)
-        return self._unary(plan, continuation, details, None, timeout, replay=replay)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return self._stream(continuation, details, request, None)
-
-    def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return self._stream(continuation, details, None, request_iterator)
-
-    # -- unary responses -----------------------------------------------------------------
-
-    def _unary(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        timeout: float | None,
-        *,
-        replay: Replay | None = None,
-    ) -> Any:
-        deadline = _monotonic() + timeout if timeout is not None else None
+    def _admit(self, plan: ClientPlan, details: Any, request: Any, deadline: float | None) -> Any:
+        """Fault, rate limit and bulkhead (waiting up to ``max_wait``): None when the call
+        may go on (holding a bulkhead permit), else the outcome to answer with."""
         m = self._m
         if plan.fault is not None:
             injected = client_fault(plan, details.metadata, deadline, _rng)
@@ -397,13 +329,97 @@ class ClientInterceptor(
                     bulkhead.name or plan.method, bulkhead.config.max_concurrent
                 )
                 return self._refused(plan, exc, request, details, deadline)
-        try:
-            if plan.hedging is not None and replay is None:
-                return self._hedged(plan, continuation, details, request, deadline)
-            return self._retrying(plan, continuation, details, request, deadline, replay)
-        finally:
+        return None
+
+    def _defer(
+        self,
+        plan: ClientPlan,
+        continuation: Any,
+        details: Any,
+        request: Any,
+        replay: Replay | None,
+        deadline: float | None,
+        start: float,
+        hit_limit: bool,
+        first: Any,
+    ) -> _PendingCall:
+        """The future for a ``.future()`` call whose first attempt is in flight; it holds
+        the bulkhead permit (and the breaker's) until the call is settled."""
+        bulkhead, breaker = plan.bulkhead, plan.breaker
+
+        def settle(done: Any) -> Any:
+            try:
+                return self._after_first(
+                    plan, continuation, details, request, replay, deadline, start, hit_limit, done
+                )
+            finally:
+                if bulkhead is not None:
+                    bulkhead.release()
+
+        def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
+            if breaker is not None:
+                breaker.release()
             if bulkhead is not None:
                 bulkhead.release()
+
+        may_block = plan.retry is not None or plan.fallback is not None
+        return _PendingCall(first, settle, abandon, may_block)
+
+    def _after_first(
+        self,
+        plan: ClientPlan,
+        continuation: Any,
+        details: Any,
+        request: Any,
+        replay: Replay | None,
+        deadline: float | None,
+        start: float,
+        hit_limit: bool,
+        outcome: Any,
+    ) -> Any:
+        """The finished first attempt of the quick path: report it, then retry if need be."""
+        breaker = plan.breaker
+        code = _code(outcome)
+        if code is _OK:
+            if breaker is not None:
+                breaker.on_result(_monotonic() - start, "OK")
+            if plan.fallback is not None and replay is None:
+                self._remember(plan, request, outcome)
+            return outcome
+        if breaker is not None:
+            breaker.on_result(_monotonic() - start, _NAMES[code])
+        return self._retrying(
+            plan, continuation, details, request, deadline, replay, outcome, hit_limit
+        )
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        plan: ClientPlan = self._plans.get(details.method)
+        level = plan.level
+        if level == PASS and _DEADLINE.get() is None:
+            return continuation(details, request_iterator)
+        try:
+            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
+        except DeadlineExceededError as exc:
+            return self._refused(plan, exc, None, details, None)
+        if level != FULL:
+            if timeout != details.timeout:
+                details = _details(details, timeout)
+            return continuation(details, request_iterator)
+        # Always through a Replay (limit 0 without retries): the attempt loop then never
+        # hedges a client stream nor mistakes the iterator for a request to cache.
+        limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+        replay = Replay(request_iterator, limit)
+        return self._call(plan, continuation, details, None, replay, timeout)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return self._stream(continuation, details, request, None)
+
+    def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return self._stream(continuation, details, None, request_iterator)
+
+    # -- unary responses -----------------------------------------------------------------
 
     def _retrying(
         self,

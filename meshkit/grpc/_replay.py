@@ -94,6 +94,8 @@ class AsyncReplay:
         self._size = 0
         self._limit = limit
         self.replayable = True
+        #: The caller's request stream has ended (the call is half-closed).
+        self.source_done = False
         self._generation = 0
 
     def attempt(self) -> AsyncIterator[Any]:
@@ -114,6 +116,7 @@ class AsyncReplay:
                         assert self._iter is not None
                         item = next(self._iter)
                 except (StopIteration, StopAsyncIteration):
+                    self.source_done = True
                     return
                 if self.replayable:
                     self._size += message_size(item)

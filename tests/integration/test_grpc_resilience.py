@@ -168,6 +168,28 @@ async def test_deadline_shrinks_across_three_hops(mesh: Mesh) -> None:
     assert da - dc >= 0.02
 
 
+@pytest.mark.parametrize("budget", [0.3, 2.0, 20.0, 200.0])
+async def test_deadline_never_grows_across_hops(mesh: Mesh, budget: float) -> None:
+    # grpc-timeout is rounded up on the wire (10 ms steps at 2 s, 1 s at 200 s) and the
+    # server's deadline lands later still: each hop must see no more than its caller had.
+    p = Policy.from_dict({"defaults": {}})
+    c = await mesh.server(p)
+    b = await mesh.server(p)
+    a = await mesh.server(p)
+    client = mesh.client(p, a.target)
+    req = {
+        "key": "hop",
+        "next": {"target": b.target, "request": {"key": "hop", "next": {"target": c.target}}},
+    }
+    out = await client.unary(req, timeout=budget)
+    da = out["deadline"]
+    db = out["downstream"]["deadline"]
+    dc = out["downstream"]["downstream"]["deadline"]
+    assert 0 < dc <= db <= da <= budget
+    # ... and the correction costs little: two steps of the budget's magnitude per hop.
+    assert da >= budget * 0.97 - 0.1
+
+
 async def test_spent_deadline_fails_before_sending(mesh: Mesh) -> None:
     p = policy({})
     srv = await mesh.server()

@@ -46,6 +46,7 @@ _Details = grpc.aio.ClientCallDetails
 AioRpcError = grpc.aio.AioRpcError
 _EOF: Any = getattr(grpc.aio, "EOF", None)
 _NAMES = {code: code.name for code in grpc.StatusCode}
+_SUCall = grpc.aio.StreamUnaryCall
 _STREAM: Any = object()  # the "request" of a response stream: never a fallback value
 
 
@@ -240,7 +241,13 @@ class AioClientInterceptor(
         # Always through a replay (limit 0 without retries): never hedged, never cached.
         limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
         replay = AsyncReplay(request_iterator, limit)
-        return await self._unary(plan, continuation, details, None, timeout, replay)
+        # Return a call at once: grpc.aio feeds ``call.write()`` messages to the request
+        # iterator only after the interceptor returned, so waiting here for the response
+        # would wait for writes that cannot come. The attempts run on a task.
+        task = asyncio.ensure_future(
+            self._unary(plan, continuation, details, None, timeout, replay)
+        )
+        return _AioUnaryCall(task, replay)
 
     async def _admit(
         self, plan: ClientPlan, details: Any, request: Any, deadline: float | None
@@ -837,6 +844,11 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         except StopAsyncIteration:
             return _EOF
 
+    @property
+    def _done_writing_flag(self) -> bool:
+        # grpc.aio's ``write()`` reads it from the call an interceptor returned.
+        return bool(getattr(self._call, "_done_writing_flag", False))
+
     async def write(self, request: Any) -> None:
         await self._call.write(request)
 
@@ -885,6 +897,139 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
 
     async def wait_for_connection(self) -> None:
         await self._call.wait_for_connection()
+
+
+class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
+    """A stream-unary call whose attempts run on ``task``; it behaves as grpc.aio's call.
+
+    The task ends with the final attempt's call, a fallback value, or an ``AioRpcError``
+    (a refusal); cancelling this call cancels the task and so the attempt in flight."""
+
+    def __init__(self, task: asyncio.Future[Any], replay: AsyncReplay) -> None:
+        self._task = task
+        self._replay = replay
+
+    def __await__(self) -> Any:
+        outcome = yield from self._task.__await__()
+        if isinstance(outcome, _SUCall):
+            return (yield from outcome.__await__())
+        return outcome
+
+    async def _final(self) -> Any:
+        """The final call, a fallback value, or the error that ended the task."""
+        try:
+            return await asyncio.shield(self._task)
+        except (AioRpcError, asyncio.CancelledError) as exc:
+            return exc
+
+    @property
+    def _done_writing_flag(self) -> bool:
+        # grpc.aio's ``write()`` reads it: the request stream has ended.
+        return self._replay.source_done
+
+    def cancel(self) -> bool:
+        if not self._task.done():
+            return self._task.cancel()
+        outcome = self._outcome()
+        return bool(outcome.cancel()) if isinstance(outcome, _SUCall) else False
+
+    def _outcome(self) -> Any:
+        if self._task.cancelled():
+            return None
+        exc = self._task.exception()
+        return exc if exc is not None else self._task.result()
+
+    def cancelled(self) -> bool:
+        if not self._task.done():
+            return False
+        outcome = self._outcome()
+        if outcome is None:
+            return True
+        if isinstance(outcome, AioRpcError):
+            return outcome.code() is grpc.StatusCode.CANCELLED
+        return bool(outcome.cancelled()) if isinstance(outcome, _SUCall) else False
+
+    def done(self) -> bool:
+        if not self._task.done():
+            return False
+        outcome = self._outcome()
+        return bool(outcome.done()) if isinstance(outcome, _SUCall) else True
+
+    def add_done_callback(self, callback: Any) -> None:
+        def on_task(_task: Any) -> None:
+            outcome = self._outcome()
+            if isinstance(outcome, _SUCall) and not outcome.done():
+                outcome.add_done_callback(lambda _c: callback(self))
+            else:
+                callback(self)
+
+        self._task.add_done_callback(on_task)
+
+    def time_remaining(self) -> float | None:
+        if self._task.done():
+            outcome = self._outcome()
+            if isinstance(outcome, _SUCall):
+                left: float | None = outcome.time_remaining()
+                return left
+        return None
+
+    async def initial_metadata(self) -> Any:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            return await outcome.initial_metadata()
+        if isinstance(outcome, AioRpcError):
+            return outcome.initial_metadata()
+        return grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> Any:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            return await outcome.trailing_metadata()
+        if isinstance(outcome, AioRpcError):
+            return outcome.trailing_metadata()
+        return grpc.aio.Metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            code: grpc.StatusCode = await outcome.code()
+            return code
+        if isinstance(outcome, AioRpcError):
+            return outcome.code()
+        if isinstance(outcome, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        return _OK
+
+    async def details(self) -> str:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            text: str = await outcome.details()
+            return text
+        if isinstance(outcome, AioRpcError):
+            return str(outcome.details())
+        if isinstance(outcome, asyncio.CancelledError):
+            return "Locally cancelled by application!"
+        return ""
+
+    async def debug_error_string(self) -> str:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            # (grpc.aio calls have it; grpc-stubs does not declare it)
+            return str(await outcome.debug_error_string())  # type: ignore[attr-defined]
+        if isinstance(outcome, AioRpcError):
+            return str(outcome.debug_error_string())
+        return ""
+
+    async def wait_for_connection(self) -> None:
+        outcome = await self._final()
+        if isinstance(outcome, _SUCall):
+            await outcome.wait_for_connection()
+
+    async def write(self, request: Any) -> None:  # grpc.aio's wrapper feeds the writes
+        raise NotImplementedError
+
+    async def done_writing(self) -> None:
+        raise NotImplementedError
 
 
 class _Capped:
