@@ -275,6 +275,17 @@ def _event_trace(ctx: Context) -> Iterator[None]:
         otel_context.detach(token)
 
 
+class OrderNotFound(RuntimeError):
+    """A saga event for an order the store does not have.
+
+    Every event the participant handles follows the order's OrderCreated, so this is
+    never a reason to acknowledge the event and do nothing: raised, the event is
+    redelivered with backoff and dead-lettered after ``max_deliver`` attempts, where
+    someone sees it. (The repository already retried the read against the stream
+    leader, so a replica that was behind is not the cause.)
+    """
+
+
 # The repository the participant's handlers use (set by build; one per process).
 _ORDERS: list[Repository[Order]] = []
 
@@ -285,12 +296,14 @@ async def _decide(ctx: Context, order_id: str, decide: Callable[[Order], Any]) -
     The outputs reach the saga stream through the relay, not as handler outputs.
     A redelivered event appends the same event ids (``derive_event_id(event id,
     "order", i)``), which the store recognises, and a repeat finds nothing to do.
+    An order that is not there is :class:`OrderNotFound` (redelivered, then
+    dead-lettered), never an acknowledged no-op.
     """
     orders = _ORDERS[0]
 
     def guarded(o: Order) -> Any:
         if not o.created:
-            return []
+            raise OrderNotFound(f"order {order_id}: no such order for {ctx.envelope.event_type}")
         try:
             return decide(o)
         except OrderRejected:  # e.g. a timeout arriving after completion

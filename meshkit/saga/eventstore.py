@@ -39,6 +39,7 @@ metadata travels in the same headers as every saga event
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
@@ -1147,6 +1148,82 @@ class EventStore:
             return Version()
         return Version(_int_header(last.headers, AGGREGATE_VERSION, 0), last.seq)
 
+    async def leader_version(self, aggregate_type: str, aggregate_id: str) -> Version:
+        """The aggregate's current version as the stream leader has it.
+
+        :meth:`version` and :meth:`read` use direct gets, which any replica of a
+        replicated stream may answer, a follower that has not applied the latest
+        writes included. This asks the leader (``$JS.API.STREAM.MSG.GET``), which has
+        applied every write it acknowledged: what a decision must not miss.
+        """
+        subjects = self.aggregate_filter(aggregate_type, aggregate_id)
+        last = await _riding(
+            f"reading the version of {subjects} from the leader",
+            functools.partial(self._leader_get, {"last_by_subj": subjects}),
+        )
+        if last is None:
+            return Version()
+        return Version(_int_header(last.headers, AGGREGATE_VERSION, 0), last.seq)
+
+    async def read_from_leader(
+        self, aggregate_type: str, aggregate_id: str, *, after: Version, through_seq: int
+    ) -> list[StoredEvent]:
+        """The aggregate's events after ``after`` up to stream sequence ``through_seq``,
+        each read from the stream leader (one request per event: for the few events a
+        follower's answer missed, see :meth:`leader_version`)."""
+        subject = self.aggregate_filter(aggregate_type, aggregate_id)
+
+        async def collect() -> list[StoredEvent]:
+            out: list[StoredEvent] = []
+            seq = after.seq + 1
+            while seq <= through_seq:
+                m = await self._leader_get({"seq": seq, "next_by_subj": subject})
+                if m is None or m.seq > through_seq:
+                    break
+                out.append(
+                    StoredEvent.from_msg(
+                        m.subject, m.data, m.headers, m.seq, self.stream, self.config.subject_prefix
+                    )
+                )
+                seq = m.seq + 1
+            return out
+
+        return await _riding(f"reading {subject} from the leader", collect)
+
+    async def _leader_get(self, request: Mapping[str, Any]) -> RawMessage | None:
+        """One message through the stream leader (``STREAM.MSG.GET``); None for 404."""
+        what = f"reading {json.dumps(request)} from the leader of stream {self.stream}"
+        try:
+            msg = await _client.replies(self.nc).request(
+                f"$JS.API.STREAM.MSG.GET.{self.stream}",
+                json.dumps(request).encode(),
+                None,
+                self.config.timeout,
+            )
+        except nats.errors.NoRespondersError:
+            raise EventStoreUnavailable(f"{what}: no responders") from None
+        except nats.errors.TimeoutError:
+            raise EventStoreUnavailable(f"{what}: no answer in {self.config.timeout}s") from None
+        h = msg.headers or {}
+        if h.get("Status") in ("503", "408"):
+            raise EventStoreUnavailable(f"{what}: {h.get('Status')} {h.get('Description', '')}")
+        resp = json.loads(msg.data)
+        err = resp.get("error")
+        if err:
+            if err.get("err_code") == 10037 or err.get("code") == 404:
+                return None
+            if err.get("code") == 503:
+                raise EventStoreUnavailable(f"{what}: {err.get('description', err)}")
+            raise EventStoreError(f"{what}: {err.get('description', err)}")
+        m = resp["message"]
+        return RawMessage(
+            subject=m["subject"],
+            seq=int(m["seq"]),
+            headers=_parse_headers(base64.b64decode(m.get("hdrs") or b"")),
+            data=base64.b64decode(m.get("data") or b""),
+            pending=0,
+        )
+
     async def _last_seq(self, subjects_filter: str) -> int | None:
         last = await self._direct_last(subjects_filter)
         return None if last is None else last.seq
@@ -1252,6 +1329,16 @@ class _Duplicate(Exception):
         super().__init__(f"duplicate of seq {seq}")
         self.seq = seq
         self.index = index
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """A NATS header block (``NATS/1.0`` then ``Name: value`` lines) as a dict."""
+    out: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name:
+            out[name.strip()] = value.strip()
+    return out
 
 
 def _header_size(headers: Mapping[str, str]) -> int:
@@ -1682,8 +1769,16 @@ class Repository(Generic[A]):
         version: int | None = None,
         as_of_ms: int | None = None,
         use_snapshots: bool = True,
+        consistent: bool = False,
     ) -> Loaded[A]:
-        """The aggregate now, or as of ``version`` / Unix time ``as_of_ms`` (time travel)."""
+        """The aggregate now, or as of ``version`` / Unix time ``as_of_ms`` (time travel).
+
+        ``consistent``: the state has every event the stream leader acknowledged
+        before the call (checked with the leader after reading; see
+        :meth:`catch_up`). Without it a replica that is behind may answer the read,
+        which only a decision that writes nothing needs to care about (an append
+        is checked by the leader anyway).
+        """
         snap = None
         if use_snapshots and self.snapshots is not None and self.codec is not None:
             if version is None and as_of_ms is None:
@@ -1718,13 +1813,42 @@ class Repository(Generic[A]):
             ev = self.upcasters.upcast(ev)
             self.appliers.apply(state, self.appliers.decode(ev))
             at = Version(ev.version, ev.seq)
-        return Loaded(
+        loaded = Loaded(
             aggregate_id,
             state,
             at,
             snapshot_version=snap.version if snap is not None else None,
             replayed=len(events),
         )
+        if consistent and version is None and as_of_ms is None:
+            await self.catch_up(loaded)
+        return loaded
+
+    async def catch_up(self, loaded: Loaded[A]) -> bool:
+        """Apply to ``loaded`` what the stream leader has beyond it; True if anything.
+
+        Reads on a replicated stream may be answered by a follower that has not
+        applied the latest writes yet: the leader's last sequence for the aggregate
+        says whether it did, and the missing events come from the leader.
+        """
+        last = await self.store.leader_version(self.aggregate_type, loaded.aggregate_id)
+        if last.seq <= loaded.version.seq:
+            return False
+        tail = await self.store.read_from_leader(
+            self.aggregate_type, loaded.aggregate_id, after=loaded.version, through_seq=last.seq
+        )
+        for ev in tail:
+            self.appliers.apply(loaded.state, self.appliers.decode(self.upcasters.upcast(ev)))
+            loaded.version = ev.version_at()
+        loaded.replayed += len(tail)
+        if tail:
+            log.info(
+                "%s/%s: a read missed %d event(s) the leader has (a replica behind); caught up",
+                self.aggregate_type,
+                loaded.aggregate_id,
+                len(tail),
+            )
+        return bool(tail)
 
     async def save(
         self,
@@ -1880,13 +2004,13 @@ class Repository(Generic[A]):
                     events = []
                 if not events:  # maybe the guess is wrong: decide on the stored state
                     only_new = False
-                    loaded = await self.load(aggregate_id)
-                    events = list(decide(loaded.state))
+                    loaded, events = await self._decide_on_stored(aggregate_id, decide, attempt > 0)
                 elif not only_new:
                     self.cache_hits += 1
             else:
-                loaded = await self.load(aggregate_id)
-                events = list(decide(loaded.state))
+                # After a conflict the read is confirmed with the leader: a replica
+                # that is behind would only lead to the same conflict again.
+                loaded, events = await self._decide_on_stored(aggregate_id, decide, attempt > 0)
             ids = [event_ids(i) for i in range(len(events))] if event_ids else None
             try:
                 return await self.save(
@@ -1904,6 +2028,25 @@ class Repository(Generic[A]):
                     raise
                 await asyncio.sleep(0)
         raise AssertionError("unreachable")
+
+    async def _decide_on_stored(
+        self, aggregate_id: str, decide: Callable[[A], Sequence[Message]], consistent: bool
+    ) -> tuple[Loaded[A], list[Message]]:
+        """Load (``consistent``: see :meth:`load`) and decide. A decision to write
+        nothing (or a refusal) is taken only on a state the stream leader confirms:
+        an append is checked by the leader, a no-op is not, so a read answered by a
+        replica that is behind must not make one.
+        """
+        loaded = await self.load(aggregate_id, consistent=consistent)
+        try:
+            events = list(decide(loaded.state))
+        except Exception:
+            if not await self.catch_up(loaded):
+                raise
+            events = list(decide(loaded.state))
+        if not events and await self.catch_up(loaded):
+            events = list(decide(loaded.state))
+        return loaded, events
 
     def handled_types(self) -> Iterable[str]:
         return self.appliers.methods.keys()
