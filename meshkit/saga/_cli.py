@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 _DEFAULT_URL = "nats://127.0.0.1:4222"
+#: How long the inspection commands wait for a server before saying none answered.
+_CONNECT_SECONDS = 2.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,20 +42,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     sub = saga.add_subparsers(dest="saga_command", metavar="SUBCOMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, *, buckets: bool = True) -> None:
         p.add_argument(
             "--nats-url",
             default=os.environ.get("NATS_URL", _DEFAULT_URL),
             help="NATS server, or a cluster's servers comma-separated "
             "(default: $NATS_URL or %(default)s)",
         )
-        p.add_argument("--bucket", default="meshkit_sagas", help="the tracker's KV bucket")
-        p.add_argument(
-            "--orch-bucket",
-            default="meshkit_orch",
-            help="the orchestrator's KV bucket (orchestrated sagas)",
-        )
+        if buckets:  # the tracker's and orchestrator's state; the DLQ has neither
+            p.add_argument("--bucket", default="meshkit_sagas", help="the tracker's KV bucket")
+            p.add_argument(
+                "--orch-bucket",
+                default="meshkit_orch",
+                help="the orchestrator's KV bucket (orchestrated sagas)",
+            )
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    def dlq_filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--stream", help="only letters from this stream (e.g. SHOP)")
+        p.add_argument("--consumer", help="only letters of this durable consumer")
 
     p = sub.add_parser("list", help="every saga with its state")
     common(p)
@@ -102,18 +109,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     dlq = sub.add_parser("dlq", help="dead letters: list and replay")
     dsub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION")
     p = dsub.add_parser("list", help="list dead letters with their reasons")
-    common(p)
-    p.add_argument("--stream")
-    p.add_argument("--consumer")
+    common(p, buckets=False)
+    dlq_filters(p)
     p.set_defaults(func=lambda a: _run(_dlq_list, a))
     p = dsub.add_parser("replay", help="republish dead letters to their original subjects")
-    common(p)
+    common(p, buckets=False)
     p.add_argument("seqs", nargs="*", type=int, metavar="SEQ")
     p.add_argument(
         "--all", action="store_true", help="replay every dead letter (or those filtered)"
     )
-    p.add_argument("--stream")
-    p.add_argument("--consumer")
+    dlq_filters(p)
     p.add_argument("--keep", action="store_true", help="keep replayed letters in the DLQ")
     p.set_defaults(func=lambda a: _run(_dlq_replay, a))
     dlq.set_defaults(func=lambda a: (dlq.print_help(sys.stderr), 2)[1])
@@ -124,15 +129,32 @@ def _run(fn: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse
     from meshkit.saga.bus import EventBus
 
     async def go() -> int:
+        errors: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
         try:
             bus = await asyncio.wait_for(
                 EventBus.connect(
-                    args.nats_url, name="meshkit-cli", allow_reconnect=False, connect_timeout=2
+                    args.nats_url,
+                    name="meshkit-cli",
+                    allow_reconnect=False,
+                    connect_timeout=_CONNECT_SECONDS,
+                    error_cb=on_error,
                 ),
-                5.0,
+                _CONNECT_SECONDS,
             )
-        except (TimeoutError, Exception) as exc:
-            print(f"meshkit saga: cannot connect to {args.nats_url}: {exc!r}", file=sys.stderr)
+        except Exception as exc:
+            # nats-py keeps trying a refused server until the timeout: say what it met.
+            cause = errors[-1] if errors else exc
+            reason = str(cause) or type(cause).__name__
+            print(
+                f"meshkit saga: cannot connect to {args.nats_url}: no NATS server answered "
+                f"within {_CONNECT_SECONDS:g} s ({reason}); is it running? "
+                "(--nats-url or NATS_URL names it)",
+                file=sys.stderr,
+            )
             return 1
         try:
             return await fn(bus, args)
