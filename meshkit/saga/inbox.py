@@ -24,6 +24,7 @@ import base64
 import contextvars
 import json
 import sqlite3
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,19 +48,108 @@ class Outbound:
 Work = Callable[[Any], Awaitable[list[Outbound]]]
 _Item = tuple[str, Work, "asyncio.Future[tuple[list[Outbound], bool]]", contextvars.Context]
 
-
-async def _call(work: Work, handle: Any) -> list[Outbound]:
-    return await work(handle)
+# Recorded outputs, binary (since #15): this byte, then per output three length-prefixed
+# fields (type, id, payload; 4-byte big-endian lengths). Records written before are JSON
+# (``[[type, id, base64 payload], ...]``, so they start with "[") and still decode.
+_BINARY = b"\x01"
+_LEN = struct.Struct(">I")
 
 
 def encode_outputs(outputs: Sequence[Outbound]) -> bytes:
+    """Outputs as an inbox record (binary; see ``_BINARY``)."""
+    parts = [_BINARY]
+    pack = _LEN.pack
+    for o in outputs:
+        etype = o.event_type.encode()
+        eid = o.event_id.encode()
+        parts += (pack(len(etype)), etype, pack(len(eid)), eid, pack(len(o.payload)), o.payload)
+    return b"".join(parts)
+
+
+def encode_outputs_json(outputs: Sequence[Outbound]) -> bytes:
+    """Outputs in the JSON record format (what inboxes wrote before #15; the KV inbox's)."""
     return json.dumps(
         [[o.event_type, o.event_id, base64.b64encode(o.payload).decode()] for o in outputs]
     ).encode()
 
 
 def decode_outputs(raw: bytes) -> list[Outbound]:
-    return [Outbound(t, i, base64.b64decode(p)) for t, i, p in json.loads(raw or b"[]")]
+    """An inbox record's outputs, in either format (binary, or the older JSON)."""
+    if not raw:
+        return []
+    raw = bytes(raw)
+    if raw[:1] != _BINARY:
+        return [Outbound(t, i, base64.b64decode(p)) for t, i, p in json.loads(raw)]
+    out: list[Outbound] = []
+    at, end = 1, len(raw)
+    unpack = _LEN.unpack_from
+    while at < end:
+        fields: list[bytes] = []
+        for _ in range(3):
+            if at + 4 > end:
+                raise ValueError("inbox record: truncated outputs")
+            (n,) = unpack(raw, at)
+            at += 4
+            fields.append(raw[at : at + n])
+            at += n
+        if at > end:
+            raise ValueError("inbox record: truncated outputs")
+        out.append(Outbound(fields[0].decode(), fields[1].decode(), fields[2]))
+    return out
+
+
+class _Rest:
+    """The rest of a coroutine that suspended on its first step, awaitable by a task."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Any:
+        return _resume(self.coro, self.first)
+
+
+def _resume(coro: Any, first: Any) -> Any:
+    # Hand the task what the coroutine waits on; when it is done, go on with the
+    # coroutine (``yield from`` forwards sends, throws and cancellation from then on).
+    try:
+        yield first
+    except BaseException as exc:
+        try:
+            nxt = coro.throw(exc)
+        except StopIteration as stop:
+            return stop.value
+        return (yield from _resume(coro, nxt))
+    return (yield from coro.__await__())
+
+
+async def _finish(coro: Any, first: Any) -> Any:
+    return await _Rest(coro, first)
+
+
+async def _inline(work: Work, handle: Any, ctx: contextvars.Context) -> list[Outbound]:
+    """``await work(handle)`` in ``ctx`` (the caller's context), without a task when the
+    work never suspends (the common case: SQLite work is synchronous); work that does
+    suspend goes on in a task running in ``ctx``."""
+    coro: Any = work(handle)
+    if not hasattr(coro, "send"):  # an awaitable that is not a coroutine
+        return await coro  # type: ignore[no-any-return]
+    try:
+        first = ctx.run(coro.send, None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    return await asyncio.get_running_loop().create_task(_finish(coro, first), context=ctx)  # type: ignore[no-any-return]
+
+
+class _Failed(Exception):
+    """A handler of a batch raised ``exc`` (the batch's ``index``-th event)."""
+
+    def __init__(self, index: int, exc: Exception) -> None:
+        super().__init__(index, exc)
+        self.index = index
+        self.exc = exc
 
 
 class Inbox(Protocol):
@@ -113,11 +203,20 @@ class SqliteInbox:
     same ``lock`` the rest of the process uses around that connection.
 
     Events handled concurrently share one ``BEGIN IMMEDIATE ... COMMIT`` (up to
-    ``max_batch`` of them), each inside its own savepoint: a failing handler rolls
-    back only its own writes, and nobody's outputs are published or input
-    acknowledged before the commit that holds their effect. The commit is most of a
-    small transaction's cost, so under load this multiplies what one process can
-    handle; ``max_batch=1`` gives one transaction per event.
+    ``max_batch`` of them): one select finds which of them were recorded before,
+    the new ones' handlers run one after the other (inline, each in its caller's
+    context; a handler that awaits something goes on in a task), and one
+    ``executemany`` records them. Nobody's outputs are published or input
+    acknowledged before the commit that holds their effect. When a handler raises,
+    the transaction is rolled back and the batch done again with each event in its
+    own savepoint, so a failing handler rolls back only its own writes (the others
+    run a second time; the failed one does not). The commit is most of a small
+    transaction's cost, so under load this multiplies what one process can handle;
+    ``max_batch=1`` gives one transaction per event.
+
+    Records hold the outputs in a binary format; records in the JSON format inboxes
+    wrote before still read (a database written by this version is not readable
+    by older ones).
     """
 
     def __init__(
@@ -170,36 +269,33 @@ class SqliteInbox:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         results: list[tuple[asyncio.Future[tuple[list[Outbound], bool]], Any, bool]] = []
-        seen: dict[str, list[Outbound]] = {}
         async with self.lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for key, work, fut, ctx in batch:
-                    if key in seen:  # the same event twice in one batch
-                        results.append((fut, (seen[key], True), True))
-                        continue
-                    row = conn.execute(
-                        f"SELECT outputs FROM {self.table} WHERE key = ?", (key,)
-                    ).fetchone()
-                    if row is not None:
-                        results.append((fut, (decode_outputs(row[0]), True), True))
-                        continue
-                    conn.execute("SAVEPOINT meshkit_event")
-                    try:
-                        outputs = await asyncio.create_task(_call(work, conn), context=ctx)
-                        conn.execute(
-                            f"INSERT INTO {self.table} VALUES (?, ?, julianday('now'))",
-                            (key, encode_outputs(outputs)),
-                        )
-                    except Exception as exc:
-                        conn.execute("ROLLBACK TO meshkit_event")
-                        conn.execute("RELEASE meshkit_event")
-                        results.append((fut, exc, False))
-                        continue
-                    conn.execute("RELEASE meshkit_event")
-                    seen[key] = outputs
-                    results.append((fut, (outputs, False), True))
+                keys = list(dict.fromkeys(item[0] for item in batch))
+                recorded: dict[str, list[Outbound]] = {}
+                for key, raw in conn.execute(
+                    f"SELECT key, outputs FROM {self.table} WHERE key IN "
+                    f"({','.join('?' * len(keys))})",
+                    keys,
+                ):
+                    recorded[key] = decode_outputs(raw)
+                try:
+                    # No savepoints while nothing fails: the whole batch is one unit.
+                    records = await self._run_all(batch, recorded, results)
+                except _Failed as failed:
+                    # A handler failed: its writes went into the shared transaction.
+                    # Start it again, each event in its own savepoint this time (those
+                    # before the failure run again; the failed one does not).
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    results.clear()
+                    records = await self._run_each(batch, recorded, results, failed)
+                if records:
+                    conn.executemany(
+                        f"INSERT INTO {self.table} VALUES (?, ?, julianday('now'))", records
+                    )
                 # Inside the try: a failed COMMIT (disk full, I/O error) leaves the
                 # transaction open, and every later BEGIN would fail on it.
                 conn.execute("COMMIT")
@@ -215,6 +311,68 @@ class SqliteInbox:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+
+    async def _run_all(
+        self,
+        batch: list[_Item],
+        recorded: dict[str, list[Outbound]],
+        results: list[tuple[asyncio.Future[tuple[list[Outbound], bool]], Any, bool]],
+    ) -> list[tuple[str, bytes]]:
+        """Every new event's work, one after the other; :class:`_Failed` at the first
+        that raises. Returns the records to insert."""
+        conn = self.conn
+        seen: dict[str, list[Outbound]] = {}
+        records: list[tuple[str, bytes]] = []
+        for index, (key, work, fut, ctx) in enumerate(batch):
+            done = recorded.get(key)
+            if done is None:
+                done = seen.get(key)  # the same event twice in one batch
+            if done is not None:
+                results.append((fut, (done, True), True))
+                continue
+            try:
+                outputs = await _inline(work, conn, ctx)
+            except Exception as exc:
+                raise _Failed(index, exc) from None
+            seen[key] = outputs
+            records.append((key, encode_outputs(outputs)))
+            results.append((fut, (outputs, False), True))
+        return records
+
+    async def _run_each(
+        self,
+        batch: list[_Item],
+        recorded: dict[str, list[Outbound]],
+        results: list[tuple[asyncio.Future[tuple[list[Outbound], bool]], Any, bool]],
+        failed: _Failed,
+    ) -> list[tuple[str, bytes]]:
+        """The batch again, each event in a savepoint: a failing one rolls back alone."""
+        conn = self.conn
+        seen: dict[str, list[Outbound]] = {}
+        records: list[tuple[str, bytes]] = []
+        for index, (key, work, fut, ctx) in enumerate(batch):
+            done = recorded.get(key)
+            if done is None:
+                done = seen.get(key)
+            if done is not None:
+                results.append((fut, (done, True), True))
+                continue
+            if index == failed.index:
+                results.append((fut, failed.exc, False))
+                continue
+            conn.execute("SAVEPOINT meshkit_event")
+            try:
+                outputs = await _inline(work, conn, ctx)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO meshkit_event")
+                conn.execute("RELEASE meshkit_event")
+                results.append((fut, exc, False))
+                continue
+            conn.execute("RELEASE meshkit_event")
+            seen[key] = outputs
+            records.append((key, encode_outputs(outputs)))
+            results.append((fut, (outputs, False), True))
+        return records
 
     def processed(self) -> int:
         """How many events this inbox has recorded."""
@@ -242,5 +400,5 @@ class KvInbox:
             except nats.js.errors.KeyNotFoundError:
                 pass
             outputs = await work(None)
-            await self.kv.put(k, encode_outputs(outputs))
+            await self.kv.put(k, encode_outputs_json(outputs))
             return outputs, False

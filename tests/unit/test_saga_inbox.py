@@ -202,3 +202,89 @@ async def test_the_shop_command_helper_runs_an_effect_once_per_command_id() -> N
     assert other == events_pb2.StockReserved(order_id="o1", reservation_id="r2")
     assert calls == 2
     assert store.query("SELECT COUNT(*) FROM effects") == [(2,)]
+
+
+async def test_outputs_round_trip_in_both_record_formats() -> None:
+    from meshkit.saga.inbox import decode_outputs, encode_outputs, encode_outputs_json
+
+    outs = [Outbound("a.B", "id-1", b"\x00\x01[\xff"), Outbound("c.D", "id-2", b"")]
+    assert encode_outputs(outs)[:1] == b"\x01"
+    assert decode_outputs(encode_outputs(outs)) == outs
+    assert decode_outputs(encode_outputs_json(outs)) == outs
+    assert decode_outputs(encode_outputs([])) == [] and decode_outputs(b"") == []
+    with pytest.raises(ValueError):
+        decode_outputs(encode_outputs(outs)[:-1])
+
+
+async def test_a_record_written_in_the_old_json_format_is_a_duplicate_with_its_outputs() -> None:
+    # Databases recorded by earlier versions keep their rows: a redelivered event
+    # finds its record and republishes the outputs stored there.
+    from meshkit.saga.inbox import encode_outputs_json
+
+    conn = _db()
+    inbox = SqliteInbox(conn)
+    old = [Outbound("a.B", "id-1", b"\x01\x02")]
+    conn.execute(
+        "INSERT INTO meshkit_inbox VALUES (?, ?, julianday('now'))",
+        ("p/e1", encode_outputs_json(old)),
+    )
+
+    async def work(tx: sqlite3.Connection) -> list[Outbound]:
+        raise AssertionError("a recorded event must not run again")
+
+    assert await inbox.run_once("p/e1", work) == (old, True)
+
+
+async def test_a_failing_handler_runs_once_and_the_others_commit_once() -> None:
+    import asyncio
+
+    conn = _db()
+    inbox = SqliteInbox(conn)
+    calls: dict[int, int] = {}
+
+    def work_for(n: int):  # type: ignore[no-untyped-def]
+        async def work(tx: sqlite3.Connection) -> list[Outbound]:
+            calls[n] = calls.get(n, 0) + 1
+            tx.execute("INSERT INTO effects VALUES (?)", (n,))
+            if n == 2:
+                raise RuntimeError("fails")
+            return []
+
+        return work
+
+    results = await asyncio.gather(
+        *(inbox.run_once(f"p/e{n}", work_for(n)) for n in range(5)), return_exceptions=True
+    )
+    assert isinstance(results[2], RuntimeError)
+    assert calls[2] == 1  # not run again
+    assert sorted(r[0] for r in conn.execute("SELECT n FROM effects")) == [0, 1, 3, 4]
+    assert inbox.processed() == 4 and inbox.commits == 1
+
+
+async def test_a_handler_that_awaits_keeps_its_callers_context() -> None:
+    import asyncio
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="none")
+    conn = _db()
+    inbox = SqliteInbox(conn)
+    seen: dict[str, tuple[str, str]] = {}
+
+    def caller(name: str):  # type: ignore[no-untyped-def]
+        async def wrapped(tx: sqlite3.Connection) -> list[Outbound]:
+            before = var.get()
+            await asyncio.sleep(0.001)  # suspends: the rest runs in a task
+            tx.execute("INSERT INTO effects VALUES (1)")
+            seen[name] = (before, var.get())
+            return [Outbound("a.B", f"out-{name}", b"")]
+
+        async def run() -> tuple[list[Outbound], bool]:
+            var.set(f"ctx-{name}")
+            return await inbox.run_once(name, wrapped)
+
+        return run()
+
+    results = await asyncio.gather(caller("a"), caller("b"))
+    assert seen == {"a": ("ctx-a", "ctx-a"), "b": ("ctx-b", "ctx-b")}
+    assert results[0] == ([Outbound("a.B", "out-a", b"")], False)
+    assert conn.execute("SELECT COUNT(*) FROM effects").fetchone()[0] == 2
