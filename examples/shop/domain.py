@@ -36,6 +36,20 @@ class Order:
         self.cancel_reason = ""
         self.created = False
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Order:
+        """What ``Repository`` copies a cached order with before a command (see its
+        docstring), cheaper than ``copy.deepcopy``'s walk: the messages the ``apply_*``
+        methods change in place are copied, the line items (only ever replaced,
+        never changed) are shared."""
+        new = Order.__new__(Order)
+        new.__dict__.update(self.__dict__)
+        new.items = list(self.items)
+        new.total = common_pb2.Money()
+        new.total.CopyFrom(self.total)
+        new.address = common_pb2.Address()
+        new.address.CopyFrom(self.address)
+        return new
+
     # -- events -> state --------------------------------------------------
 
     def apply_created(self, e: events_pb2.OrderCreated) -> None:

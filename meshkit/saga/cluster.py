@@ -173,14 +173,35 @@ async def retrying(
     :func:`retry_window`); then :class:`JetStreamUnavailable` naming ``what``, how
     long and the last error. Only calls that are safe to repeat belong here."""
     loop = asyncio.get_running_loop()
-    limit = retry_window() if window is None else window
     start = loop.time()
+    try:
+        return await call()  # the usual case: no window to look up, no loop to enter
+    except transient as exc:
+        first: BaseException = exc
+    return await _retrying(what, call, window, transient, loop, start, first)
+
+
+async def _retrying(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    window: float | None,
+    transient: tuple[type[BaseException], ...],
+    loop: asyncio.AbstractEventLoop,
+    start: float,
+    first: BaseException,
+) -> T:
+    """:func:`retrying` after its first try failed with ``first``."""
+    limit = retry_window() if window is None else window
     delay = 0.05
     tries = 0
+    failed: BaseException | None = first
     while True:
         try:
+            if failed is not None:
+                raise failed
             return await call()
         except transient as exc:
+            failed = None
             tries += 1
             left = start + limit - loop.time()
             if left <= 0:

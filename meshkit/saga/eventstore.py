@@ -132,13 +132,14 @@ class EventStoreUnavailable(EventStoreError):
     code = "UNAVAILABLE"
 
 
+_UNAVAILABLE: tuple[type[BaseException], ...] = (EventStoreUnavailable, *cluster.TRANSIENT)
+
+
 async def _riding(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """``call()`` retried through elections (:func:`meshkit.saga.cluster.retrying`);
     an :class:`EventStoreUnavailable` saying what failed and for how long after that."""
     try:
-        return await cluster.retrying(
-            what, call, transient=(EventStoreUnavailable, *cluster.TRANSIENT)
-        )
+        return await cluster.retrying(what, call, transient=_UNAVAILABLE)
     except cluster.JetStreamUnavailable as exc:
         raise EventStoreUnavailable(str(exc)) from exc.__cause__
 
@@ -1087,16 +1088,8 @@ class EventStore:
         headers (batch id, sequence, commit, expected sequence) included.
         """
         limit = self.nc.max_payload
-        control = sum(
-            len(k) + len(v) + 4
-            for k, v in (
-                (_BATCH_ID, "0" * 32),
-                (_BATCH_SEQ, str(MAX_BATCH)),
-                (_BATCH_COMMIT, "1"),
-                (_EXPECTED_SUBJECT_SEQ, "0" * 20),
-                (_EXPECTED_SUBJECT_SEQ_SUBJECT, name + ".>"),
-            )
-        )
+        # The control headers' largest values; only the subject's depends on the call.
+        control = _CONTROL_SIZE + len((name + ".>").encode())
         for i, (payload, h) in enumerate(zip(payloads, headers, strict=True)):
             size = len(payload) + _header_size(h) + control
             if size > limit:
@@ -1339,6 +1332,20 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
         if sep and name:
             out[name.strip()] = value.strip()
     return out
+
+
+# What the store's control headers add to an event at most, but for the value of
+# _EXPECTED_SUBJECT_SEQ_SUBJECT (the aggregate's subjects): see EventStore._check_sizes.
+_CONTROL_SIZE = sum(
+    len(k) + len(v) + 4
+    for k, v in (
+        (_BATCH_ID, "0" * 32),
+        (_BATCH_SEQ, str(MAX_BATCH)),
+        (_BATCH_COMMIT, "1"),
+        (_EXPECTED_SUBJECT_SEQ, "0" * 20),
+        (_EXPECTED_SUBJECT_SEQ_SUBJECT, ""),
+    )
+)
 
 
 def _header_size(headers: Mapping[str, str]) -> int:
