@@ -366,6 +366,8 @@ class EventBus:
         self._listeners: list[Callable[[], None]] = []
         self._ensured: set[str] = set()
         self._consumers: list[PullConsumer] = []
+        # Replicated streams with sources this bus ensured: their sources watched.
+        self.source_watches: dict[str, cluster.SourceWatch] = {}
 
     @classmethod
     async def connect(
@@ -439,7 +441,10 @@ class EventBus:
         :class:`~meshkit.saga.cluster.JetStreamAPIError` with the server's words.
 
         The event stores it sources from are created first when missing: a source
-        the server cannot find yet is retried only every few seconds.
+        the server cannot find yet is retried only every few seconds. A replicated
+        stream with sources is watched from then on until :meth:`close`
+        (:class:`~meshkit.saga.cluster.SourceWatch`, ``MESHKIT_NATS_SOURCE_STALL``):
+        a source left stalled by a leader election is nudged.
         """
         for source in spec.sources:
             await EventStore(self.nc, source.store).ensure()
@@ -454,13 +459,11 @@ class EventBus:
                     config.num_replicas,
                 )
                 self._ensured.add(spec.name)
+                self._watch_sources(spec, config.num_replicas or 1)
                 return
-            # Another process created it between our lookup and our create.
-            info = await cluster.stream_info_or_none(self.js, spec.name)
-            if info is None:
-                raise cluster.JetStreamAPIError(
-                    f"stream {spec.name}: the server says it exists and that it does not"
-                )
+            # Another process created it between our lookup and our create (its
+            # group may not have a leader yet: "not found" for a moment).
+            info = await cluster.stream_info_existing(self.js, spec.name)
         current = info.config
         subjects = list(current.subjects or [])
         subjects += [s for s in spec.subjects if s not in subjects]
@@ -504,6 +507,16 @@ class EventBus:
             )
             await cluster.update_stream(self.js, update, f"updated stream {spec.name}")
         self._ensured.add(spec.name)
+        self._watch_sources(spec, raised or have)
+
+    def _watch_sources(self, spec: StreamSpec, replicas: int) -> None:
+        """Watch a replicated stream's sources (:class:`~meshkit.saga.cluster.SourceWatch`):
+        after a leader election one can stay stalled for ~45 s; the watch nudges it."""
+        if not spec.sources or replicas < 2 or spec.name in self.source_watches:
+            return
+        watch = cluster.SourceWatch(self.nc, spec.name)
+        if watch.stalled_after > 0:
+            self.source_watches[spec.name] = watch.start()
 
     async def _resumed_sources(
         self, stream: str, current: list[api.StreamSource], wanted: list[api.StreamSource]
@@ -665,6 +678,9 @@ class EventBus:
 
     async def close(self) -> None:
         """Stop every consumer (draining in-flight work), then close the connection."""
+        for watch in list(self.source_watches.values()):
+            await watch.stop()
+        self.source_watches.clear()
         for consumer in list(self._consumers):
             await consumer.stop()
         if not self.nc.is_closed:

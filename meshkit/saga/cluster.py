@@ -17,17 +17,28 @@ Retry window
     ``MESHKIT_NATS_RETRY_WINDOW`` seconds (default 15), then raise
     :class:`JetStreamUnavailable` saying what failed and how. :func:`retrying`
     is that loop. See docs/operations.md for the measured stall on a node loss.
+
+Stalled sources
+    A replicated stream that sources another (the shop's ``SHOP`` from
+    ``SHOP_ORDERS``) can stop copying for ~45 s after its leader dies: the new
+    leader asks the source stream for a consumer, and when that request is lost
+    in the same election nats-server waits 30 s for the answer and then backs
+    off 10 s more. :class:`SourceWatch` (started by ``EventBus.ensure_stream``
+    for a replicated stream with sources) sees such a source in stream info and
+    asks the leader to step down; the next one sets its sources up at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -38,11 +49,14 @@ from meshkit.errors import ConfigError, MeshkitError
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW",
+    "DEFAULT_SOURCE_STALL",
     "REPLICAS_ENV",
     "RETRY_WINDOW_ENV",
+    "SOURCE_STALL_ENV",
     "TRANSIENT",
     "JetStreamAPIError",
     "JetStreamUnavailable",
+    "SourceWatch",
     "add_stream",
     "api_error",
     "check_replicas",
@@ -53,6 +67,8 @@ __all__ = [
     "replicas_target",
     "retry_window",
     "retrying",
+    "source_stall",
+    "stream_info_existing",
     "stream_info_or_none",
     "update_stream",
 ]
@@ -64,6 +80,11 @@ RETRY_WINDOW_ENV = "MESHKIT_NATS_RETRY_WINDOW"
 #: Seconds: longer than the elections measured on a 3-node loopback cluster after
 #: a SIGKILL (docs/operations.md), with room for a loaded machine.
 DEFAULT_RETRY_WINDOW = 15.0
+SOURCE_STALL_ENV = "MESHKIT_NATS_SOURCE_STALL"
+#: Seconds a stream's source may stay inactive under one leader before
+#: :class:`SourceWatch` nudges it. A healthy source hears a heartbeat every second,
+#: and a new leader sets its sources up within ~2 s.
+DEFAULT_SOURCE_STALL = 6.0
 
 #: What a cluster answers while a leader is being elected, or a node restarts.
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -253,6 +274,27 @@ async def stream_info_or_none(js: JetStreamContext, stream: str) -> api.StreamIn
         return None
 
 
+#: What a lookup of a stream the server has just said exists may answer for a moment:
+#: right after an R3 stream is created (by us or by another process at the same
+#: time), before its Raft group has a leader, stream info can say 10059 "stream not
+#: found". Retried like an election, but only for a stream known to exist.
+JUST_CREATED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NotFoundError)
+
+
+async def stream_info_existing(
+    js: JetStreamContext, stream: str, *, window: float | None = None
+) -> api.StreamInfo:
+    """The info of a stream known to exist (just created, or a create refused because
+    it exists): "not found" is retried with elections' answers (:data:`JUST_CREATED`)
+    within ``window`` (default :func:`retry_window`), then :class:`JetStreamUnavailable`."""
+    return await retrying(
+        f"looking up stream {stream} (just created)",
+        lambda: js.stream_info(stream),
+        window=window,
+        transient=JUST_CREATED,
+    )
+
+
 async def ensure_key_value(
     js: JetStreamContext,
     bucket: str,
@@ -290,7 +332,10 @@ async def ensure_key_value(
                 dataclasses.replace(info.config, num_replicas=target),
                 f"raising the replicas of KV bucket {bucket} to {target}",
             )
-    return await retrying(f"opening KV bucket {bucket}", lambda: js.key_value(bucket))
+    # The bucket exists now: "not found" is a just-created R3 bucket without a leader yet.
+    return await retrying(
+        f"opening KV bucket {bucket}", lambda: js.key_value(bucket), transient=JUST_CREATED
+    )
 
 
 async def update_stream(js: JetStreamContext, config: api.StreamConfig, what: str) -> None:
@@ -320,3 +365,168 @@ async def add_stream(js: JetStreamContext, config: api.StreamConfig) -> bool:
         raise api_error(
             f"creating stream {config.name} (replicas {config.num_replicas or 1})", exc
         ) from None
+
+
+# -- stalled sources ------------------------------------------------------------
+
+
+def source_stall() -> float:
+    """``MESHKIT_NATS_SOURCE_STALL`` in seconds (``6``, ``10s``; ``0`` turns
+    :class:`SourceWatch` off), default :data:`DEFAULT_SOURCE_STALL`."""
+    raw = os.environ.get(SOURCE_STALL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SOURCE_STALL
+    from meshkit.config import parse_duration
+
+    value = parse_duration(raw, SOURCE_STALL_ENV)
+    if value < 0:
+        raise ConfigError(SOURCE_STALL_ENV, f"{raw!r}: must be >= 0 seconds (0: off)")
+    return float(value)
+
+
+class SourceWatch:
+    """Watches a replicated stream's sources; nudges one that stays inactive.
+
+    Why: when a stream's leader changes, the new leader asks each source stream for
+    a consumer. If that request is lost (the JetStream meta leader died with the
+    stream leader and no one answers until a new one is elected), nats-server waits
+    30 s for the answer, then backs off another 10 s: the stream copies nothing for
+    ~45 s while its sources keep taking events (measured: 1 run in 6 of the shop's
+    leader-kill run, docs/operations.md). Stream info shows such a source with
+    ``active`` -1 (nothing heard since this leader took over); a healthy source
+    hears a heartbeat every second.
+
+    What: every ``interval`` s (jittered) the watch reads the stream's info. A source
+    whose ``active`` is -1, or older than ``stalled_after``, for ``stalled_after`` s
+    under one leader is stalled: the watch checks once more and asks the leader to
+    step down (``$JS.API.STREAM.LEADER.STEPDOWN``); the next leader sets its sources
+    up anew, from where the stream's copy stands (nothing is copied twice: sourced
+    messages are deduplicated by the server's source sequence tracking). Then it
+    stays quiet for ``stalled_after`` s. Several processes may watch one stream: a
+    leader change resets every watch's clock, so one nudge is normally all.
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        stream: str,
+        *,
+        stalled_after: float | None = None,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.stalled_after = source_stall() if stalled_after is None else stalled_after
+        self.interval = interval
+        self.timeout = timeout
+        self._clock = clock
+        self._since: dict[str, tuple[str, float]] = {}  # source -> (leader, idle since)
+        self._quiet_until = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.nudges = 0
+        self.checks = 0
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    async def _info(self) -> dict[str, Any] | None:
+        try:
+            msg = await self.nc.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", self.timeout)
+            info = json.loads(msg.data)
+        except Exception:  # an election, a reconnect: nothing to judge by
+            return None
+        return None if not isinstance(info, dict) or "error" in info else info
+
+    def _stalled(self, info: dict[str, Any]) -> list[str]:
+        """The sources stalled for ``stalled_after`` s under the info's leader."""
+        leader = str((info.get("cluster") or {}).get("leader") or "")
+        now = self._now()
+        out: list[str] = []
+        seen: set[str] = set()
+        for src in info.get("sources") or []:
+            name = str(src.get("name") or "")
+            seen.add(name)
+            active = src.get("active")
+            idle = (
+                not leader
+                or active is None
+                or int(active) < 0
+                or int(active) / 1e9 >= self.stalled_after
+            )
+            if not idle:
+                self._since.pop(name, None)
+                continue
+            since = self._since.get(name)
+            if since is None or since[0] != leader:
+                self._since[name] = (leader, now)
+            elif leader and now - since[1] >= self.stalled_after:
+                out.append(name)
+        for name in set(self._since) - seen:
+            del self._since[name]
+        return out
+
+    async def check(self) -> list[str]:
+        """One look; returns the sources it nudged for (the leader was asked to step down)."""
+        if self.stalled_after <= 0:
+            return []
+        self.checks += 1
+        info = await self._info()
+        if info is None:
+            return []
+        stalled = self._stalled(info)
+        if not stalled or self._now() < self._quiet_until:
+            return []
+        # Once more: another watch may just have nudged (a new leader resets the clock).
+        again = await self._info()
+        if again is None or not (stalled := [s for s in self._stalled(again) if s in stalled]):
+            return []
+        leader = str((again.get("cluster") or {}).get("leader") or "")
+        log.warning(
+            "stream %s: source %s has copied nothing for %.0fs under leader %s (a source "
+            "consumer request lost in an election; nats-server would wait ~45s); asking "
+            "the leader to step down so the next one sets its sources up again",
+            self.stream,
+            ", ".join(stalled),
+            self.stalled_after,
+            leader,
+        )
+        try:
+            msg = await self.nc.request(
+                f"$JS.API.STREAM.LEADER.STEPDOWN.{self.stream}", b"", self.timeout
+            )
+            answer = json.loads(msg.data)
+            if isinstance(answer, dict) and "error" in answer:
+                log.warning("stream %s: step down refused: %s", self.stream, answer["error"])
+        except Exception as exc:
+            log.warning("stream %s: step down request failed: %s", self.stream, describe(exc))
+        self.nudges += 1
+        self._since.clear()
+        self._quiet_until = self._now() + self.stalled_after
+        return stalled
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a watch never takes its process down
+                log.exception("stream %s: watching its sources failed", self.stream)
+
+    def start(self) -> SourceWatch:
+        """Run :meth:`check` in the background until :meth:`stop` (no-op when off)."""
+        if self._task is None and self.stalled_after > 0:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"meshkit-source-watch-{self.stream}"
+            )
+        return self
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -449,11 +449,17 @@ class EventStore:
                     stream_cfg.num_replicas,
                 )
             else:  # created by another process since our lookup
-                info = await cluster.stream_info_or_none(self.js, cfg.stream)
+                info = await cluster.stream_info_existing(self.js, cfg.stream)
         if info is not None:
             await self._update(info.config, atomic)
         self._atomic = atomic
-        old = await self._subjects(f"{self.config.subject_prefix}.*.*")
+        # The stream exists now; just created on a cluster, its group may have no
+        # leader yet and info answers "not found" for a moment.
+        old = await cluster.retrying(
+            f"looking up the subjects of stream {cfg.stream}",
+            lambda: self._subjects(f"{self.config.subject_prefix}.*.*"),
+            transient=cluster.JUST_CREATED,
+        )
         if old:
             raise EventStoreError(
                 f"stream {cfg.stream} holds {sum(old.values())} events of {len(old)} "
