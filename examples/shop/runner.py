@@ -3,6 +3,12 @@
 Each service is ``python -m examples.shop.<name>`` with the repository root as
 its working directory; it prints ``READY <port>`` on stdout once its gRPC
 server listens and its participant consumes.
+
+A service may run as several instances (``ShopCluster(..., instances=2)``): each is
+its own process with its own gRPC port and log, and the instances of one service
+share its durable consumer (JetStream hands each event to one of them) and its
+SQLite file (one host; the store opens it in WAL mode with a busy timeout, and
+every write is a ``BEGIN IMMEDIATE`` transaction, so two processes take turns).
 """
 
 from __future__ import annotations
@@ -66,6 +72,11 @@ class ServiceProcess:
         return _tail(self.log_path, n)
 
 
+def instance_key(name: str, instance: int) -> str:
+    """How :class:`ShopCluster` names a service's instance: ``order``, ``order.2``, ..."""
+    return name if instance <= 1 else f"{name}.{instance}"
+
+
 def start_service(
     name: str,
     nats_url: str,
@@ -74,11 +85,17 @@ def start_service(
     env: Mapping[str, str] | None = None,
     extra_args: Iterable[str] = (),
     timeout: float = 30.0,
+    instance: int = 1,
 ) -> ServiceProcess:
-    """Start ``examples.shop.<name>`` and wait for its READY line."""
+    """Start ``examples.shop.<name>`` and wait for its READY line.
+
+    Every instance of a service uses ``<data_dir>/<name>.sqlite``; instance ``i > 1``
+    logs to ``<name>.<i>.log`` and is named ``<name>.<i>``.
+    """
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    log_path = data / f"{name}.log"
+    key = instance_key(name, instance)
+    log_path = data / f"{key}.log"
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     # A runner that dies without stopping its services (a killed test run) leaves
@@ -126,7 +143,7 @@ def start_service(
                 done.set()
         done.set()
 
-    threading.Thread(target=read, name=f"shop-{name}-stdout", daemon=True).start()
+    threading.Thread(target=read, name=f"shop-{key}-stdout", daemon=True).start()
     done.wait(timeout)
     if not ready:
         with contextlib.suppress(ProcessLookupError):
@@ -135,8 +152,8 @@ def start_service(
         tail = ""
         with contextlib.suppress(OSError):
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise ServiceStartError(f"{name} did not become ready (exit {proc.poll()}):\n{tail}")
-    return ServiceProcess(name, proc, ready[0], log_path, lines)
+        raise ServiceStartError(f"{key} did not become ready (exit {proc.poll()}):\n{tail}")
+    return ServiceProcess(key, proc, ready[0], log_path, lines)
 
 
 def stop_service(svc: ServiceProcess, timeout: float = 10.0) -> int | None:
@@ -225,7 +242,16 @@ def start_gateway(
 
 
 class ShopCluster:
-    """Every shop service as its own process, sharing one NATS server and a data dir."""
+    """Every shop service as its own process, sharing one NATS server and a data dir.
+
+    ``nats_url`` may be a cluster's server list (comma-separated). ``instances``: how
+    many processes each saga participant runs (an int for all of them, or a mapping
+    by service name; default one). The query service runs once whatever the int
+    says (its projector applies every event to its own database; a second one on
+    the same file would apply each event twice); a mapping may still name it.
+    :attr:`procs` is keyed by :func:`instance_key` (``order``, ``order.2``, ...), so
+    ``address("order")``, ``kill("order")`` and friends mean the first instance.
+    """
 
     def __init__(
         self,
@@ -235,6 +261,7 @@ class ShopCluster:
         services: Iterable[str] = SERVICES,
         env: Mapping[str, Mapping[str, str]] | None = None,
         extra_args: Mapping[str, Iterable[str]] | None = None,
+        instances: int | Mapping[str, int] = 1,
     ) -> None:
         self.nats_url = nats_url
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -245,6 +272,15 @@ class ShopCluster:
         self.names = tuple(services)
         self.env = dict(env or {})
         self.extra_args = dict(extra_args or {})
+        self.instances: dict[str, int] = {}
+        for name in self.names:
+            if isinstance(instances, int):
+                count = instances if name in SAGA_SERVICES else 1
+            else:
+                count = instances.get(name, 1)
+            if count < 1:
+                raise ValueError(f"instances of {name}: {count}; at least 1")
+            self.instances[name] = count
         self.procs: dict[str, ServiceProcess] = {}
         self.gateway: GatewayProcess | None = None
 
@@ -258,13 +294,17 @@ class ShopCluster:
         """Start every service (in parallel) and wait until all are ready."""
         errors: list[BaseException] = []
 
-        def one(name: str) -> None:
+        def one(name: str, instance: int) -> None:
             try:
-                self.procs[name] = self._start(name)
+                self.procs[instance_key(name, instance)] = self._start(name, instance=instance)
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=one, args=(n,)) for n in self.names]
+        threads = [
+            threading.Thread(target=one, args=(n, i))
+            for n in self.names
+            for i in range(1, self.instances[n] + 1)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -274,7 +314,9 @@ class ShopCluster:
             raise errors[0]
         return self
 
-    def _start(self, name: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def _start(
+        self, name: str, env: Mapping[str, str] | None = None, *, instance: int = 1
+    ) -> ServiceProcess:
         merged = dict(self.env.get(name, {}))
         merged.update(env or {})
         return start_service(
@@ -283,29 +325,50 @@ class ShopCluster:
             self.data_dir,
             env=merged,
             extra_args=self.extra_args.get(name, ()),
+            instance=instance,
         )
 
+    @staticmethod
+    def _split(key: str) -> tuple[str, int]:
+        """``order.2`` -> ("order", 2); ``order`` -> ("order", 1)."""
+        name, _, num = key.partition(".")
+        return name, int(num) if num.isdigit() else 1
+
+    def keys(self, name: str) -> list[str]:
+        """The :attr:`procs` keys of every instance of service ``name``."""
+        return [instance_key(name, i) for i in range(1, self.instances.get(name, 1) + 1)]
+
     def restart(self, name: str, *, env: Mapping[str, str] | None = None) -> ServiceProcess:
-        """Stop (if running) and start one service again with the same database."""
+        """Stop (if running) and start one instance again with the same database.
+
+        ``name`` is a service (its first instance) or an instance key (``order.2``).
+        """
         old = self.procs.get(name)
         if old is not None:
             stop_service(old)
-        self.procs[name] = self._start(name, env)
+        service, instance = self._split(name)
+        self.procs[name] = self._start(service, env, instance=instance)
         return self.procs[name]
 
     def kill(self, name: str) -> None:
-        """SIGKILL one service, as a crash would."""
+        """SIGKILL one instance, as a crash would."""
         kill_service(self.procs[name])
 
     def stop_one(self, name: str) -> int | None:
-        """Stop one service gracefully; :meth:`restart` brings it back."""
+        """Stop one instance gracefully; :meth:`restart` brings it back."""
         return stop_service(self.procs[name])
 
     def address(self, name: str) -> str:
+        """The gRPC address of an instance (a service name: its first instance)."""
         return self.procs[name].address
 
+    def addresses(self, name: str) -> list[str]:
+        """The gRPC addresses of every running instance of service ``name``."""
+        return [self.procs[k].address for k in self.keys(name) if k in self.procs]
+
     def db_path(self, name: str) -> Path:
-        return self.data_dir / f"{name}.sqlite"
+        """Service ``name``'s database (every instance of it shares the file)."""
+        return self.data_dir / f"{self._split(name)[0]}.sqlite"
 
     def stop(self) -> dict[str, int | None]:
         """Stop every service gracefully (in parallel); returns exit codes by name."""
