@@ -32,6 +32,9 @@ __all__ = ["ClientInterceptor"]
 _log = logging.getLogger("meshkit.grpc")
 _monotonic = time.monotonic
 _OK = grpc.StatusCode.OK
+#: grpcio's continuation: sends the call (a request or a request iterator) and returns
+#: its outcome (a ``grpc.Call`` and ``grpc.Future``; a response iterator for streams).
+Continuation = Callable[[grpc.ClientCallDetails, Any], Any]
 
 
 class _Details(
@@ -170,26 +173,26 @@ class ClientInterceptor(
     # -- entry points ------------------------------------------------------------------
 
     def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+        self, continuation: Continuation, client_call_details: grpc.ClientCallDetails, request: Any
     ) -> Any:
         return self._unary(continuation, client_call_details, request, None)
 
     def intercept_stream_unary(
         self,
-        continuation: Any,
+        continuation: Continuation,
         client_call_details: grpc.ClientCallDetails,
         request_iterator: Iterator[Any],
     ) -> Any:
         return self._unary(continuation, client_call_details, None, request_iterator)
 
     def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+        self, continuation: Continuation, client_call_details: grpc.ClientCallDetails, request: Any
     ) -> Any:
         return self._stream(continuation, client_call_details, request, None)
 
     def intercept_stream_stream(
         self,
-        continuation: Any,
+        continuation: Continuation,
         client_call_details: grpc.ClientCallDetails,
         request_iterator: Iterator[Any],
     ) -> Any:
@@ -199,7 +202,7 @@ class ClientInterceptor(
 
     def _unary(
         self,
-        continuation: Any,
+        continuation: Continuation,
         details: grpc.ClientCallDetails,
         request: Any,
         request_iterator: Iterator[Any] | None,
@@ -225,7 +228,7 @@ class ClientInterceptor(
         self,
         eng: Attempts,
         step: Step,
-        continuation: Any,
+        continuation: Continuation,
         details: grpc.ClientCallDetails,
         request: Any,
         replay: Replay | None,
@@ -266,7 +269,7 @@ class ClientInterceptor(
         self,
         eng: Attempts,
         first: Any,
-        continuation: Any,
+        continuation: Continuation,
         details: grpc.ClientCallDetails,
         request: Any,
         replay: Replay | None,
@@ -286,7 +289,7 @@ class ClientInterceptor(
         self,
         eng: Attempts,
         step: Step,
-        continuation: Any,
+        continuation: Continuation,
         details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
@@ -338,7 +341,7 @@ class ClientInterceptor(
             last = outcomes.get(step.otherwise.attempt)
         return self._answer(eng, step, last, details, request)
 
-    def _thread_invoker(self, continuation: Any) -> Callable[[Any, Any], Any]:
+    def _thread_invoker(self, continuation: Continuation) -> Callable[[Any, Any], Any]:
         with self._lock:
             if self._executor is None:
                 self._executor = futures.ThreadPoolExecutor(
@@ -408,7 +411,7 @@ class ClientInterceptor(
 
     def _stream(
         self,
-        continuation: Any,
+        continuation: Continuation,
         details: grpc.ClientCallDetails,
         request: Any,
         request_iterator: Iterator[Any] | None,

@@ -614,6 +614,28 @@ class Client:
         )
         return await self._run(lambda: call(iter(reqs)))
 
+    async def client_stream_fed(self, reqs: list[dict[str, Any]]) -> Any:
+        """A client stream whose requests are written after the call object came back:
+        ``call.write()`` on grpc.aio, a ``.future()`` fed through a queue on sync."""
+        call = self.channel.stream_unary(
+            CLIENT_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        if self.mesh.kind == "aio":
+            acall = call(timeout=10)
+            for r in reqs:
+                await acall.write(r)
+            await acall.done_writing()
+            return await acall
+
+        import queue
+
+        feed: queue.Queue[Any] = queue.Queue()
+        fut = call.future(iter(lambda: feed.get(timeout=10), None), timeout=10)
+        for r in reqs:  # .future() returned before any request was sent
+            feed.put(r)
+        feed.put(None)
+        return await self._run(lambda: fut.result(timeout=10))
+
     async def bidi(self, reqs: list[dict[str, Any]]) -> list[Any]:
         call = self.channel.stream_stream(
             BIDI, request_serializer=dumps, response_deserializer=loads

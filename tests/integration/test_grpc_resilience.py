@@ -251,6 +251,16 @@ async def test_client_stream_is_replayed_on_retry(mesh: Mesh) -> None:
     assert out["received"] == 3  # every message sent again on the third attempt
 
 
+async def test_client_stream_written_after_the_call_returned_is_replayed(mesh: Mesh) -> None:
+    p = policy({"retry": FAST_RETRY})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    reqs = [{"key": "w", "fail": [{"code": "UNAVAILABLE", "times": 1}]}, {"i": 1}, {"i": 2}]
+    out = await client.client_stream_fed(reqs)
+    assert out["received"] == 3
+    assert srv.script.total("w") == 2
+
+
 async def test_bidi_stream_is_retried_before_commit(mesh: Mesh) -> None:
     p = policy({"retry": FAST_RETRY})
     srv = await mesh.server()

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -42,6 +42,9 @@ AioRpcError = grpc.aio.AioRpcError
 _SUCall = grpc.aio.StreamUnaryCall
 _EOF: Any = getattr(grpc.aio, "EOF", None)
 Requests = AsyncIterable[Any] | Iterable[Any]
+#: grpc.aio's continuation: sends the call (a request or a request stream) and returns
+#: grpc.aio's call object for it.
+Continuation = Callable[[_Details, Any], Awaitable[Any]]
 
 
 def _details(d: _Details, timeout: float | None, metadata: Any = None) -> _Details:
@@ -115,7 +118,7 @@ class AioClientInterceptor(
     # -- unary responses ---------------------------------------------------------------
 
     async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: _Details, request: Any
+        self, continuation: Continuation, client_call_details: _Details, request: Any
     ) -> Any:
         _plan, eng, details, step = self._engine(client_call_details, False, False)
         if eng is None:
@@ -123,7 +126,7 @@ class AioClientInterceptor(
         return await self._run(eng, step, continuation, details, request, None)
 
     async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: _Details, request_iterator: Requests
+        self, continuation: Continuation, client_call_details: _Details, request_iterator: Requests
     ) -> Any:
         plan, eng, details, step = self._engine(client_call_details, True, False)
         if eng is None:
@@ -141,7 +144,7 @@ class AioClientInterceptor(
         self,
         eng: Attempts,
         step: Step,
-        continuation: Any,
+        continuation: Continuation,
         details: _Details,
         request: Any,
         replay: AsyncReplay | None,
@@ -179,7 +182,7 @@ class AioClientInterceptor(
                 return await self._answer(eng, step, call, details, request)
 
     async def _hedged(
-        self, eng: Attempts, step: Step, continuation: Any, details: _Details, request: Any
+        self, eng: Attempts, step: Step, continuation: Continuation, details: _Details, request: Any
     ) -> Any:
         """Race the engine's hedges as tasks; the losers are cancelled."""
         tasks: dict[asyncio.Task[tuple[Any, grpc.StatusCode, Any]], int] = {}
@@ -270,6 +273,8 @@ class AioClientInterceptor(
         self._alternates.clear()
 
     # -- streaming responses -------------------------------------------------------------
+    # (``continuation: Any``: grpc-stubs declare these continuations as returning the call,
+    # but grpc.aio's are coroutines, as for the other arities.)
 
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: _Details, request: Any
@@ -283,7 +288,7 @@ class AioClientInterceptor(
 
     async def _stream(
         self,
-        continuation: Any,
+        continuation: Continuation,
         details: _Details,
         request: Any,
         request_iterator: Requests | None,
@@ -610,7 +615,7 @@ def _arity_view(arity: type[Any], name: str) -> type[Any]:
         self.core = core
         setattr(self, name, getattr(core, name))  # no forwarding frame per call
 
-    async def forward(self: Any, continuation: Any, details: Any, body: Any) -> Any:
+    async def forward(self: Any, continuation: Continuation, details: Any, body: Any) -> Any:
         return await getattr(self.core, name)(continuation, details, body)  # pragma: no cover
 
     return type(f"_{arity.__name__}View", (arity,), {"__init__": __init__, name: forward})
