@@ -294,9 +294,23 @@ class ClientInterceptor(
         request: Any,
     ) -> Any:
         """Race the engine's hedges: cancellable futures where grpcio's internals allow it
-        (meshkit._compat.grpcio), else threads through the public continuation."""
+        (meshkit._compat.grpcio), else threads through the public continuation. A caller
+        that used ``.future()`` gets a future at once; the race runs on a thread."""
         invoke = _grpcio.sync_future_invoker(continuation) or self._thread_invoker(continuation)
-        cond = threading.Condition()
+        if _grpcio.future_call(continuation):
+            return _RaceCall(lambda race: self._race(eng, step, invoke, details, request, race))
+        return self._race(eng, step, invoke, details, request, None)
+
+    def _race(
+        self,
+        eng: Attempts,
+        step: Step,
+        invoke: Callable[[Any, Any], Any],
+        details: grpc.ClientCallDetails,
+        request: Any,
+        race: _RaceCall | None,
+    ) -> Any:
+        cond = race.cond if race is not None else threading.Condition()
         finished: collections.deque[tuple[int, Any]] = collections.deque()
         attempts: dict[int, Any] = {}
         outcomes: dict[int, Any] = {}
@@ -316,11 +330,13 @@ class ClientInterceptor(
                     step = eng.tick()
                 elif isinstance(step, Await):
                     with cond:
-                        while not finished:
+                        while not finished and not (race is not None and race.cancelling):
                             left = None if step.until is None else step.until - _monotonic()
                             if left is not None and left <= 0:
                                 break
                             cond.wait(left)
+                        if race is not None and race.cancelling:
+                            return _CANCELLED  # (the finally cancels the attempts)
                         item = finished.popleft() if finished else None
                     if item is None:
                         step = eng.tick()
@@ -331,7 +347,7 @@ class ClientInterceptor(
                 else:
                     racing = False
         finally:
-            if racing:  # an error (or an interrupt) ended the race: no verdicts
+            if racing:  # cancelled, or an error (or an interrupt) ended the race: no verdicts
                 eng.cancel()
             for attempt, fut in attempts.items():  # the losers (the server sees CANCELLED)
                 if attempt not in outcomes:
@@ -432,51 +448,21 @@ class ClientInterceptor(
         return _RetryingStream(StreamState(eng, continuation, details, body, replay)).start()
 
 
-class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
-    """The outcome of a ``.future()`` call whose policy work is still to come.
+class _Later(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+    """A call object returned at once whose final outcome comes later (from a thread or
+    a done callback); every grpc.Call and grpc.Future method follows that outcome."""
 
-    The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
-    be (on a thread of its own when that may block: retries sleep), and this future then
-    follows the final outcome. A cancelled first attempt is ``abandon``-ed instead.
-    """
-
-    def __init__(
-        self,
-        first: Any,
-        settle: Callable[[Any], Any],
-        abandon: Callable[[], None],
-        may_block: bool,
-    ) -> None:
-        self._first = first
-        self._settle = settle
-        self._abandon = abandon
-        self._may_block = may_block
-        # The caller's context (deadline, span) for the retries run on another thread.
+    def __init__(self) -> None:
+        # The caller's context (deadline, span) for work run on another thread.
         self._context = contextvars.copy_context()
-        self._cancelled = False
         self._final: Any = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Any], None]] = []
-        first.add_done_callback(self._on_first_done)
 
-    def _on_first_done(self, first: Any) -> None:
-        if self._cancelled or first.cancelled():
-            self._abandon()
-            self._set(first)
-        elif self._may_block and _code(first) is not _OK:
-            threading.Thread(
-                target=self._context.run,
-                args=(self._finish, first),
-                name="meshkit-retry",
-                daemon=True,
-            ).start()
-        else:
-            self._finish(first)
-
-    def _finish(self, first: Any) -> None:
+    def _finish(self, settle: Callable[[], Any]) -> None:
         try:
-            final = self._settle(first)
+            final = settle()
         except Exception as exc:  # the policy itself failed: still end the future
             _log.exception("settling a future call failed")
             final = LocalRpcError.from_exception(exc)
@@ -499,16 +485,8 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         return self._final
 
     # grpc.Future
-    def cancel(self) -> bool:
-        # Cancels the first attempt while it is in flight; once retries have begun they run
-        # to their end (grpc.Future allows cancel() to refuse).
-        if self._done.is_set() or not self._first.cancel():
-            return False
-        self._cancelled = True
-        return True
-
     def cancelled(self) -> bool:
-        return self._cancelled or (self._done.is_set() and bool(self._final.cancelled()))
+        return self._done.is_set() and bool(self._final.cancelled())
 
     def running(self) -> bool:
         return not self._done.is_set()
@@ -549,11 +527,93 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         return not self._done.is_set()
 
     def time_remaining(self) -> Any:
-        return self._first.time_remaining()
+        return None
 
     def add_callback(self, callback: Any) -> bool:
         self.add_done_callback(lambda _f: callback())
         return True
+
+
+class _PendingCall(_Later):
+    """The outcome of a ``.future()`` call whose policy work is still to come.
+
+    The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
+    be (on a thread of its own when that may block: retries sleep), and this future then
+    follows the final outcome. A cancelled first attempt is ``abandon``-ed instead.
+    """
+
+    def __init__(
+        self,
+        first: Any,
+        settle: Callable[[Any], Any],
+        abandon: Callable[[], None],
+        may_block: bool,
+    ) -> None:
+        super().__init__()
+        self._first = first
+        self._settle = settle
+        self._abandon = abandon
+        self._may_block = may_block
+        self._cancelled = False
+        first.add_done_callback(self._on_first_done)
+
+    def _on_first_done(self, first: Any) -> None:
+        if self._cancelled or first.cancelled():
+            self._abandon()
+            self._set(first)
+        elif self._may_block and _code(first) is not _OK:
+            threading.Thread(
+                target=self._context.run,
+                args=(self._finish, lambda: self._settle(first)),
+                name="meshkit-retry",
+                daemon=True,
+            ).start()
+        else:
+            self._finish(lambda: self._settle(first))
+
+    def cancel(self) -> bool:
+        # Cancels the first attempt while it is in flight; once retries have begun they run
+        # to their end (grpc.Future allows cancel() to refuse).
+        if self._done.is_set() or not self._first.cancel():
+            return False
+        self._cancelled = True
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled or super().cancelled()
+
+    def time_remaining(self) -> Any:
+        return self._first.time_remaining()
+
+
+class _RaceCall(_Later):
+    """A hedged ``.future()`` call: the race runs on a thread of its own and this future
+    follows its answer; ``cancel()`` ends the race and cancels every attempt in flight."""
+
+    def __init__(self, race: Callable[[_RaceCall], Any]) -> None:
+        super().__init__()
+        self.cond = threading.Condition()  # the race waits on it; cancel() wakes it
+        self.cancelling = False
+        threading.Thread(
+            target=self._context.run,
+            args=(self._finish, lambda: race(self)),
+            name="meshkit-hedge",
+            daemon=True,
+        ).start()
+
+    def cancel(self) -> bool:
+        with self.cond:
+            if self._done.is_set():
+                return False
+            self.cancelling = True
+            self.cond.notify_all()
+        return True
+
+    def cancelled(self) -> bool:
+        return self.cancelling or super().cancelled()
+
+
+_CANCELLED = LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
 
 
 class _ThreadAttempt:

@@ -614,6 +614,22 @@ class Client:
         )
         return await self._run(lambda: call(iter(reqs)))
 
+    def start_unary(self, req: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """Start a unary call without waiting: ``.future()`` on sync, the call on aio."""
+        call = self.channel.unary_unary(
+            UNARY, request_serializer=dumps, response_deserializer=loads
+        )
+        if self.mesh.kind == "aio":
+            return call(req, timeout=timeout)
+        return call.future(req, timeout=timeout)
+
+    async def code_of(self, started: Any) -> grpc.StatusCode:
+        """The status of a call from :meth:`start_unary`, once it is over."""
+        if self.mesh.kind == "aio":
+            code: grpc.StatusCode = await started.code()
+            return code
+        return await self._run(started.code)  # type: ignore[no-any-return]
+
     async def client_stream_fed(self, reqs: list[dict[str, Any]]) -> Any:
         """A client stream whose requests are written after the call object came back:
         ``call.write()`` on grpc.aio, a ``.future()`` fed through a queue on sync."""

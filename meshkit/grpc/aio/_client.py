@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from meshkit._compat.grpcio import AioHalfClose
 from meshkit.grpc._adapter import ClientAdapter, StreamState
 from meshkit.grpc._engine import (
     FINISHED,
@@ -297,9 +298,12 @@ class AioClientInterceptor(
         plan, eng, details, step = self._engine(details, request_iterator is not None, True)
         if eng is None:
             return await continuation(details, body)
+        # A request stream always goes through a replay (limit 0 without retries): it
+        # also tells when the stream has ended (grpc.aio's ``write()`` asks).
         replay = None
-        if request_iterator is not None and plan.retry is not None:
-            replay = AsyncReplay(request_iterator, plan.retry.max_buffer_bytes)
+        if request_iterator is not None:
+            limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+            replay = AsyncReplay(request_iterator, limit)
         state = _StreamState(eng, continuation, details, body, replay)
         step = await state.advance(step)
         if isinstance(step, Fail):
@@ -384,7 +388,7 @@ async def _stream_gen(state: _StreamState) -> AsyncIterator[Any]:
         eng.cancel()
 
 
-class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc,type-arg]
+class _AioStream(AioHalfClose, grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc,type-arg]
     """A response stream retried until committed; the call methods follow the current attempt."""
 
     def __init__(self, state: _StreamState, gen: AsyncIterator[Any]) -> None:
@@ -416,10 +420,9 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         except StopAsyncIteration:
             return _EOF
 
-    @property
-    def _done_writing_flag(self) -> bool:
-        # grpc.aio's ``write()`` reads it from the call an interceptor returned.
-        return bool(getattr(self._call, "_done_writing_flag", False))
+    def half_closed(self) -> bool:
+        replay = self._state.replay
+        return replay is not None and bool(replay.source_done)
 
     async def write(self, request: Any) -> None:
         await self._call.write(request)
@@ -471,7 +474,7 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         await self._call.wait_for_connection()
 
 
-class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
+class _AioUnaryCall(AioHalfClose, grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
     """A stream-unary call whose attempts run on ``task``; it behaves as grpc.aio's call.
 
     The task ends with the final attempt's call, a fallback value, or an ``AioRpcError``
@@ -494,9 +497,7 @@ class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
         except (AioRpcError, asyncio.CancelledError) as exc:
             return exc
 
-    @property
-    def _done_writing_flag(self) -> bool:
-        # grpc.aio's ``write()`` reads it: the request stream has ended.
+    def half_closed(self) -> bool:
         return self._replay.source_done
 
     def cancel(self) -> bool:
