@@ -378,3 +378,44 @@ def test_a_stream_attempt_never_gets_a_zero_timeout(fake_clock: FakeClock) -> No
     )
     step = eng.start()
     assert isinstance(step, Send) and step.timeout == 10.0  # no per-attempt cut on streams
+
+
+def test_hedging_stops_when_the_budget_or_the_breaker_says_no(fake_clock: FakeClock) -> None:
+    budget = {"ratio": 0.0, "min_per_second": 0.1, "ttl": "10s"}  # one reserve hedge
+    rule = {"hedging": {"max_attempts": 3, "delay": "100ms"}, "retry": {**RETRY, "budget": budget}}
+    _, eng = make(rule, fake_clock)
+    eng.start()
+    fake_clock.advance(0.1)
+    assert isinstance(eng.tick(), Send)  # the reserve
+    fake_clock.advance(0.1)
+    assert eng.tick() == Await(fake_clock.now() + 9.8)  # spent: wait for those in flight
+    assert isinstance(eng.outcome(UNAVAILABLE, attempt=1), Await)
+    assert eng.outcome(UNAVAILABLE, attempt=2) == Finish(2)
+    spy = SpyBreaker()
+    _, eng = make(HEDGE, fake_clock, breaker=spy)
+    eng.start()
+    spy.permit = False
+    fake_clock.advance(0.1)
+    assert isinstance(eng.tick(), Await)  # no hedge while the breaker is open
+    assert eng.outcome(OK, attempt=1) == Finish(1)
+    assert spy.held == 0
+
+
+def test_a_stream_retry_the_breaker_refuses_ends_with_the_last_error(fake_clock: FakeClock) -> None:
+    spy = SpyBreaker()
+    _, eng = make({"retry": RETRY}, fake_clock, breaker=spy, response_stream=True)
+    eng.start()
+    assert isinstance(eng.stream_outcome(UNAVAILABLE), Sleep)
+    spy.permit = False
+    assert eng.resume() == Finish(1)
+    eng.close()
+    assert spy.held == 0
+
+
+def test_a_bulkhead_wait_without_a_deadline_is_unbounded(fake_clock: FakeClock) -> None:
+    rule = {"bulkhead": {"max_concurrent": 1, "max_wait": "1s"}}
+    plan, first = make(rule, fake_clock, timeout=None)
+    assert first.start() == Send(1, None, None)
+    _, second = make(rule, fake_clock, timeout=None)
+    second.plan = plan
+    assert second.start() == Acquire(None)

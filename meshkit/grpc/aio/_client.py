@@ -172,13 +172,15 @@ class AioClientInterceptor(
                         )
                     else:
                         step = eng.outcome(_OK)
-                        if replay is None:
+                        if replay is None and eng.plan.fallback is not None:
                             self._remember(eng.plan, request, response)
                 except BaseException:  # cancelled, or nothing could be sent
                     eng.cancel()
                     raise
             elif isinstance(step, Sleep | Acquire):
                 step = await _wait(eng, step)
+            elif isinstance(step, Finish):
+                return call  # (the common answer, without another coroutine)
             else:
                 return await self._answer(eng, step, call, details, request)
 
