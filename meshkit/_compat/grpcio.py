@@ -24,6 +24,19 @@ Two fast paths, each with a public fallback giving the same results:
     winner, the codes and the retries are the same, but a losing attempt is not
     cancelled (it runs to its own timeout, holding a thread).
 
+``future_call`` (the sync client's hedged ``.future()``)
+    Whether grpcio's sync continuation comes from ``.future()`` (the caller will not
+    wait) rather than from a direct call: the closure's ``__qualname__`` says which
+    method of grpcio's intercepted multicallable made it. Off: False, and a hedged
+    ``.future()`` races its hedges before returning, as a direct call does.
+
+``AioHalfClose`` (not a fast path: a shape grpc.aio requires)
+    grpc.aio's ``write()`` on an intercepted request stream reads the private
+    ``_done_writing_flag`` of the call object the interceptor returned
+    (``grpc/aio/_interceptor.py``), so every call object meshkit returns for a request
+    stream serves it, from what meshkit knows (the request stream has ended). Not gated:
+    serving the attribute is harmless on any grpcio, and without it ``write()`` fails.
+
 ``TESTED`` names the series; another grpcio version, or ``MESHKIT_COMPAT=off``,
 turns both off. Re-test before widening it: tests/unit/test_compat.py fails when the
 locked grpcio is outside the gate.
@@ -46,12 +59,14 @@ __all__ = [
     "INSTALLED",
     "TESTED",
     "TESTED_GRPCIO",
+    "AioHalfClose",
     "MetadataPairs",
     "UnaryInvoker",
     "UnaryResult",
     "active",
     "aio_unary_invoker",
     "describe",
+    "future_call",
     "sync_future_invoker",
 ]
 
@@ -205,3 +220,27 @@ def sync_future_invoker(continuation: Any) -> Callable[[Any, Any], Any] | None:
         )
 
     return invoke
+
+
+def future_call(continuation: Any) -> bool:
+    """Whether the sync ``continuation`` was made by grpcio's ``.future()`` (see the
+    module docstring); False when the fast path is off or the shape is unknown."""
+    if not FAST_PATHS["sync_future"]:
+        return False
+    name = getattr(continuation, "__qualname__", "")
+    return isinstance(name, str) and name.endswith(".future.<locals>.continuation")
+
+
+class AioHalfClose:
+    """Serves grpc.aio's ``_done_writing_flag`` on a call object of ours (see the module
+    docstring): True once :meth:`half_closed` says the request stream has ended."""
+
+    __slots__ = ()
+
+    def half_closed(self) -> bool:
+        """Whether the caller's request stream has ended (``done_writing()`` or its end)."""
+        raise NotImplementedError
+
+    @property
+    def _done_writing_flag(self) -> bool:
+        return self.half_closed()

@@ -1,8 +1,10 @@
-"""The fused sync client interceptor: every client policy in one grpcio interceptor.
+"""The fused sync client interceptor: the attempt engine's steps, waited for on threads.
 
 Order of the chain for one call (the go-grpc-middleware order, outermost first):
 deadline -> client fault -> client rate limit -> bulkhead -> hedging or retry loop
-(each attempt: circuit breaker -> send) -> fallback on rejection or exhaustion.
+(each attempt: circuit breaker -> send) -> fallback on rejection or exhaustion. Every
+decision is :class:`~meshkit.grpc._engine.Attempts`'; this adapter sends attempts,
+sleeps, waits for permits and futures, and shapes the answer as grpcio's own.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,37 +20,21 @@ from typing import Any
 
 import grpc
 
-from meshkit import deadline as _deadline
 from meshkit._compat import grpcio as _grpcio
-from meshkit.errors import DeadlineExceededError, MeshkitError
-from meshkit.grpc._core import (
-    add_attempt_header,
-    begin_attempt,
-    breaker_rejection,
-    bulkhead_rejection,
-    exhausted_trigger,
-    fallback_kind,
-    fallback_served,
-    rate_rejection,
-    refusal_trigger,
-    retry_delay,
-)
-from meshkit.grpc._fallback import FallbackError, FallbackSupport, method_types
-from meshkit.grpc._faults import client_fault
-from meshkit.grpc._plan import FULL, PASS, ClientPlan, PlanCache, compile_client
+from meshkit.grpc._adapter import ClientAdapter, StreamState
+from meshkit.grpc._engine import Acquire, Attempts, Await, Fail, Finish, Send, Serve, Sleep, Step
+from meshkit.grpc._fallback import FallbackError
 from meshkit.grpc._replay import Replay
-from meshkit.grpc._status import LocalRpcError, code_of, error_status, pushback_metadata
-from meshkit.telemetry import instruments, span_event
+from meshkit.grpc._status import LocalRpcError, code_of, pushback_metadata
 
 __all__ = ["ClientInterceptor"]
 
 _log = logging.getLogger("meshkit.grpc")
-_DEADLINE = _deadline._DEADLINE
 _monotonic = time.monotonic
 _OK = grpc.StatusCode.OK
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
-_rng = random.Random()
-_NAMES = {code: code.name for code in grpc.StatusCode}
+#: grpcio's continuation: sends the call (a request or a request iterator) and returns
+#: its outcome (a ``grpc.Call`` and ``grpc.Future``; a response iterator for streams).
+Continuation = Callable[[grpc.ClientCallDetails, Any], Any]
 
 
 class _Details(
@@ -62,26 +47,35 @@ class _Details(
     """Call details with the fields grpcio reads."""
 
 
-def _details(d: Any, timeout: float | None, metadata: Any = None) -> _Details:
+def _details(d: grpc.ClientCallDetails, timeout: float | None, metadata: Any = None) -> _Details:
     try:
         return _Details(
             d.method,
             timeout,
             d.metadata if metadata is None else metadata,
-            d.credentials,
-            d.wait_for_ready,
-            d.compression,
+            d.credentials,  # type: ignore[attr-defined]
+            d.wait_for_ready,  # type: ignore[attr-defined]
+            d.compression,  # type: ignore[attr-defined]
         )
-    except AttributeError:  # details from another interceptor may lack some fields
-        pass
-    return _Details(
-        d.method,
-        timeout,
-        d.metadata if metadata is None else metadata,
-        getattr(d, "credentials", None),
-        getattr(d, "wait_for_ready", None),
-        getattr(d, "compression", None),
-    )
+    except AttributeError:  # details from another interceptor may lack the optional fields
+        return _Details(
+            d.method,
+            timeout,
+            d.metadata if metadata is None else metadata,
+            getattr(d, "credentials", None),
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
+
+
+def _for_attempt(d: grpc.ClientCallDetails, step: Send) -> grpc.ClientCallDetails:
+    if step.metadata is None and step.timeout == d.timeout:
+        return d
+    return _details(d, step.timeout, step.metadata)
+
+
+def _failure(step: Fail) -> LocalRpcError:
+    return LocalRpcError(step.code, step.message, pushback_metadata(step.pushback))
 
 
 class _Value(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
@@ -151,461 +145,219 @@ def _trailers(outcome: Any) -> Any:
         return None
 
 
+def _report(eng: Attempts, outcome: Any, replay: Replay | None, attempt: int = 0) -> Step:
+    code = _code(outcome)
+    return eng.outcome(
+        code,
+        None if code is _OK else _trailers(outcome),
+        attempt=attempt,
+        replayable=replay is None or replay.replayable,
+    )
+
+
 class ClientInterceptor(
+    ClientAdapter[grpc.Channel],
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """One interceptor applying a :class:`~meshkit.Policy` to every call of a channel.
+    """One interceptor applying a :class:`~meshkit.Policy` to every call of a channel
+    (arguments: see :class:`~meshkit.grpc._adapter.ClientAdapter`)."""
 
-    ``target`` keys the shared per-target state (breakers, retry budgets, bulkheads);
-    several channels to the same target share it. ``alternate_channel`` builds the
-    channel for ``kind: alternate`` fallbacks (default: insecure).
-    """
+    _executor: futures.ThreadPoolExecutor | None = None  # hedges' threads, when needed
 
-    def __init__(
-        self,
-        policy: Any,
-        target: str | None = None,
-        *,
-        client_faults: bool = False,
-        client_rate_limits: bool = False,
-        alternate_channel: Callable[[str], grpc.Channel] | None = None,
-    ) -> None:
-        self._policy = policy
-        self._target = target or "default"
-        self._client_faults = client_faults
-        self._client_rate_limits = client_rate_limits
-        self._plans = PlanCache(self._compile)
-        self._m = instruments()
-        self._fallbacks = FallbackSupport(getattr(policy, "last_good_cache", None))
-        self._alternate_factory = alternate_channel or grpc.insecure_channel
-        self._alternates: dict[str, grpc.Channel] = {}
-        self._executor: futures.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _compile(self, method: str) -> ClientPlan:
-        return compile_client(
-            self._policy,
-            method,
-            self._target,
-            client_faults=self._client_faults,
-            client_rate_limits=self._client_rate_limits,
-            flavour="sync",
-        )
-
-    def plan(self, method: str) -> ClientPlan:
-        """The compiled plan for ``method`` (for tests and introspection)."""
-        plan: ClientPlan = self._plans.get(method)
-        return plan
+    def _insecure_channel(self, target: str) -> grpc.Channel:
+        return grpc.insecure_channel(target)
 
     # -- entry points ------------------------------------------------------------------
 
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        plan: ClientPlan = self._plans.get(details.method)
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return continuation(details, request)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            return self._refused(plan, exc, request, details, None)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return continuation(details, request)
-        return self._call(plan, continuation, details, request, None, timeout)
-
-    def _call(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        replay: Replay | None,
-        timeout: float | None,
+    def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: grpc.ClientCallDetails, request: Any
     ) -> Any:
-        """A unary-response call: admit it, send the first attempt from here, and hand a
-        failed one to the retry loop. A first attempt still in flight (the caller used
-        ``.future()``) is not waited for: the rest runs when it ends (:meth:`_defer`)."""
-        start = _monotonic()
-        deadline = start + timeout if timeout is not None else None
-        bulkhead = plan.bulkhead
-        if not plan.quick:
-            refused = self._admit(plan, details, request, deadline)
-            if refused is not None:
-                return refused
-            if plan.hedging is not None and replay is None:
-                try:
-                    return self._hedged(plan, continuation, details, request, deadline)
-                finally:
-                    if bulkhead is not None:
-                        bulkhead.release()
-        elif bulkhead is not None and not bulkhead.try_acquire():
-            self._m.bulkhead_rejections.add(1, plan.attrs)
-            full = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
-            return self._refused(plan, full, request, details, deadline)
-        deferred = False
-        try:
-            if plan.budget is not None:
-                plan.budget.record_call()
-            breaker = plan.breaker
-            if breaker is not None and not breaker.try_acquire():
-                return self._refused(plan, breaker_rejection(plan), request, details, deadline)
-            per_attempt = plan.per_attempt_timeout
-            attempt_timeout: float | None
-            if per_attempt is not None and (timeout is None or per_attempt < timeout):
-                attempt_timeout, hit_limit = per_attempt, True
-            else:
-                attempt_timeout, hit_limit = timeout, False
-            plan.tally.n += 1
-            try:
-                outcome = continuation(
-                    details
-                    if attempt_timeout == details.timeout
-                    else _details(details, attempt_timeout),
-                    replay.attempt() if replay is not None else request,
-                )
-            except BaseException:  # nothing was sent: the breaker's permit goes back
-                if breaker is not None:
-                    breaker.release()
-                raise
-            done = getattr(outcome, "done", None)  # (absent on another interceptor's outcome)
-            if done is not None and not done():
-                # Invoked through ``.future()``: the caller must not wait here. The rest
-                # (breaker, retries, the bulkhead permit) runs when this attempt ends.
-                deferred = True
-                return self._defer(
-                    plan,
-                    continuation,
-                    details,
-                    request,
-                    replay,
-                    deadline,
-                    start,
-                    hit_limit,
-                    outcome,
-                )
-            code = _code(outcome)
-            if code is _OK:  # the common case, without another call
-                if breaker is not None:
-                    breaker.on_result(_monotonic() - start, "OK")
-                if plan.fallback is not None and replay is None:
-                    self._remember(plan, request, outcome)
-                return outcome
-            return self._after_first(
-                plan, continuation, details, request, replay, deadline, start, hit_limit, outcome
-            )
-        finally:
-            if bulkhead is not None and not deferred:
-                bulkhead.release()
+        return self._unary(continuation, client_call_details, request, None)
 
-    def _admit(self, plan: ClientPlan, details: Any, request: Any, deadline: float | None) -> Any:
-        """Fault, rate limit and bulkhead (waiting up to ``max_wait``): None when the call
-        may go on (holding a bulkhead permit), else the outcome to answer with."""
-        m = self._m
-        if plan.fault is not None:
-            injected = client_fault(plan, details.metadata, deadline, _rng)
-            if injected is not None:
-                return LocalRpcError(injected[0], injected[1])
-        if plan.rate_limiter is not None:
-            wait = plan.rate_limiter.try_acquire("")
-            if wait > 0:
-                m.rate_limit_rejections.add(1, plan.attrs)
-                return self._refused(
-                    plan, rate_rejection(plan.method, wait), request, details, deadline
-                )
-        bulkhead = plan.bulkhead
-        if bulkhead is not None:
-            if plan.bulkhead_wait > 0:
-                left = None if deadline is None else max(0.0, deadline - _monotonic())
-                ok = bulkhead.acquire(left)
-            else:
-                ok = bulkhead.try_acquire()
-            if not ok:
-                m.bulkhead_rejections.add(1, plan.attrs)
-                exc = bulkhead_rejection(
-                    bulkhead.name or plan.method, bulkhead.config.max_concurrent
-                )
-                return self._refused(plan, exc, request, details, deadline)
-        return None
-
-    def _defer(
+    def intercept_stream_unary(
         self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        replay: Replay | None,
-        deadline: float | None,
-        start: float,
-        hit_limit: bool,
-        first: Any,
-    ) -> _PendingCall:
-        """The future for a ``.future()`` call whose first attempt is in flight; it holds
-        the bulkhead permit (and the breaker's) until the call is settled."""
-        bulkhead, breaker = plan.bulkhead, plan.breaker
-
-        def settle(done: Any) -> Any:
-            try:
-                return self._after_first(
-                    plan, continuation, details, request, replay, deadline, start, hit_limit, done
-                )
-            finally:
-                if bulkhead is not None:
-                    bulkhead.release()
-
-        def abandon() -> None:  # cancelled by the caller: no verdict for the breaker
-            if breaker is not None:
-                breaker.release()
-            if bulkhead is not None:
-                bulkhead.release()
-
-        may_block = plan.retry is not None or plan.fallback is not None
-        return _PendingCall(first, settle, abandon, may_block)
-
-    def _after_first(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        replay: Replay | None,
-        deadline: float | None,
-        start: float,
-        hit_limit: bool,
-        outcome: Any,
+        continuation: Continuation,
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Any],
     ) -> Any:
-        """The finished first attempt of the quick path: report it, then retry if need be."""
-        breaker = plan.breaker
-        code = _code(outcome)
-        if code is _OK:
-            if breaker is not None:
-                breaker.on_result(_monotonic() - start, "OK")
-            if plan.fallback is not None and replay is None:
-                self._remember(plan, request, outcome)
-            return outcome
-        if breaker is not None:
-            breaker.on_result(_monotonic() - start, _NAMES[code])
-        return self._retrying(
-            plan, continuation, details, request, deadline, replay, outcome, hit_limit
-        )
+        return self._unary(continuation, client_call_details, None, request_iterator)
 
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        plan: ClientPlan = self._plans.get(details.method)
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return continuation(details, request_iterator)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            return self._refused(plan, exc, None, details, None)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return continuation(details, request_iterator)
-        # Always through a Replay (limit 0 without retries): the attempt loop then never
-        # hedges a client stream nor mistakes the iterator for a request to cache.
-        limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
-        replay = Replay(request_iterator, limit)
-        return self._call(plan, continuation, details, None, replay, timeout)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return self._stream(continuation, details, request, None)
+    def intercept_unary_stream(
+        self, continuation: Continuation, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        return self._stream(continuation, client_call_details, request, None)
 
     def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
+        self,
+        continuation: Continuation,
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[Any],
     ) -> Any:
-        return self._stream(continuation, details, None, request_iterator)
+        return self._stream(continuation, client_call_details, None, request_iterator)
 
     # -- unary responses -----------------------------------------------------------------
 
-    def _retrying(
+    def _unary(
         self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
+        continuation: Continuation,
+        details: grpc.ClientCallDetails,
         request: Any,
-        deadline: float | None,
-        replay: Replay | None,
-        first: Any = None,
-        first_hit_limit: bool = False,
+        request_iterator: Iterator[Any] | None,
     ) -> Any:
-        """Attempts until one succeeds or the policy stops; ``first`` is the outcome of
-        a failed first attempt already sent (and reported to the breaker) by the caller."""
-        m = self._m
-        retry = plan.retry
-        breaker = plan.breaker
-        if plan.budget is not None and first is None:
-            plan.budget.record_call()
-        per_attempt = retry.per_attempt_timeout if retry is not None else None
-        metadata = details.metadata
-        attempt = 1
-        prev_delay: float | None = None
-        outcome: Any = first
-        hit_limit = first_hit_limit
-        code = _code(first) if first is not None else _OK
+        stream = request_iterator is not None
+        plan, eng, timeout, refusal = self._admit(
+            details.method, details.timeout, details.metadata, stream, False
+        )
+        if eng is None:
+            if timeout != details.timeout:
+                details = _details(details, timeout)
+            return continuation(details, request if request_iterator is None else request_iterator)
+        if refusal is not None:
+            return self._answer(eng, refusal, None, details, request)
+        # A client stream always goes through a Replay (limit 0 without retries).
+        replay = None
+        if request_iterator is not None:
+            limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+            replay = Replay(request_iterator, limit)
+        return self._run(eng, eng.start(), continuation, details, request, replay)
+
+    def _run(
+        self,
+        eng: Attempts,
+        step: Step,
+        continuation: Continuation,
+        details: grpc.ClientCallDetails,
+        request: Any,
+        replay: Replay | None,
+        outcome: Any = None,
+        may_defer: bool = True,
+    ) -> Any:
+        """Run the engine's steps to the answer. A first attempt still in flight (the
+        caller used ``.future()``) is not waited for: the call object is returned at once
+        and the rest runs when the attempt ends (see :class:`_PendingCall`)."""
         while True:
-            if outcome is None or attempt > 1:  # else the caller sent the first attempt
-                began = begin_attempt(plan, attempt, deadline, per_attempt)
-                if not isinstance(began, tuple):
-                    if began is None:
-                        break
-                    # The breaker refused the first attempt.
-                    return self._refused(plan, breaker_rejection(plan), request, details, deadline)
-                timeout, hit_limit, now = began
-                body = replay.attempt() if replay is not None else request
-                outcome = continuation(_details(details, timeout, metadata), body)
-                code = _code(outcome)
-                if breaker is not None:
-                    breaker.on_result(_monotonic() - now, _NAMES[code])
-            if code is _OK:
-                if plan.fallback is not None and replay is None:
-                    self._remember(plan, request, outcome)
-                return outcome
-            if replay is not None and not replay.replayable:
-                break
-            delay = retry_delay(
-                plan,
-                attempt,
-                code,
-                _trailers(outcome),
-                prev_delay,
-                deadline,
-                hit_limit and code is _DEADLINE_EXCEEDED,
-                m,
+            if isinstance(step, Send):
+                if eng.hedging:
+                    return self._hedged(eng, step, continuation, details, request)
+                try:
+                    outcome = continuation(
+                        _for_attempt(details, step),
+                        replay.attempt() if replay is not None else request,
+                    )
+                except BaseException:  # nothing was sent (e.g. the serializer failed)
+                    eng.unsent()
+                    raise
+                if may_defer:
+                    done = getattr(outcome, "done", None)  # (absent on another's outcome)
+                    if done is not None and not done():
+                        return self._defer(eng, outcome, continuation, details, request, replay)
+                step = _report(eng, outcome, replay)
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                step = eng.resume()
+            elif isinstance(step, Acquire):
+                bulkhead = eng.plan.bulkhead
+                assert bulkhead is not None
+                step = eng.acquired(bulkhead.acquire(step.max_wait))
+            else:
+                return self._answer(eng, step, outcome, details, request, replay)
+
+    def _defer(
+        self,
+        eng: Attempts,
+        first: Any,
+        continuation: Continuation,
+        details: grpc.ClientCallDetails,
+        request: Any,
+        replay: Replay | None,
+    ) -> _PendingCall:
+        def settle(done: Any) -> Any:
+            step = _report(eng, done, replay)
+            return self._run(
+                eng, step, continuation, details, request, replay, done, may_defer=False
             )
-            if delay is None:
-                break
-            if delay > 0:
-                time.sleep(delay)
-            prev_delay = delay
-            attempt += 1
-            metadata = add_attempt_header(details.metadata, attempt - 1)
-        if outcome is None:
-            exc2 = DeadlineExceededError("the deadline passed before an attempt could be sent")
-            return self._refused(plan, exc2, request, details, deadline)
-        return self._exhausted(plan, outcome, request, details, deadline)
+
+        plan = eng.plan
+        return _PendingCall(
+            first, settle, eng.cancel, plan.retry is not None or bool(plan.fallback)
+        )
 
     def _hedged(
         self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
+        eng: Attempts,
+        step: Step,
+        continuation: Continuation,
+        details: grpc.ClientCallDetails,
         request: Any,
-        deadline: float | None,
     ) -> Any:
-        hedging = plan.hedging
-        m = self._m
-        breaker = plan.breaker
-        budget = plan.budget
-        # Cancellable futures where grpcio's internals allow it (meshkit._compat.grpcio);
-        # otherwise threads through the public continuation.
-        invoke = _grpcio.sync_future_invoker(continuation)
-        if invoke is None:
-            invoke = self._thread_invoker(continuation)
-        if budget is not None:
-            budget.record_call()
-        cond = threading.Condition()
-        finished: collections.deque[Any] = collections.deque()
-        started: list[tuple[Any, float]] = []
-        outstanding: set[int] = set()
+        """Race the engine's hedges: cancellable futures where grpcio's internals allow it
+        (meshkit._compat.grpcio), else threads through the public continuation. A caller
+        that used ``.future()`` gets a future at once; the race runs on a thread."""
+        invoke = _grpcio.sync_future_invoker(continuation) or self._thread_invoker(continuation)
+        if _grpcio.future_call(continuation):
+            return _RaceCall(lambda race: self._race(eng, step, invoke, details, request, race))
+        return self._race(eng, step, invoke, details, request, None)
 
-        def launch(index: int) -> bool:
-            if breaker is not None and not breaker.try_acquire():
-                return False
-            now = _monotonic()
-            left = None if deadline is None else deadline - now
-            if left is not None and left <= 0:
-                if breaker is not None:
-                    breaker.release()
-                return False
-            md = details.metadata if index == 0 else add_attempt_header(details.metadata, index)
-            plan.tally.n += 1
-            if index > 0:
-                m.retries.add(1, plan.attrs)
-                span_event("meshkit.hedge", {"attempt": index + 1})
-            fut = invoke(_details(details, left, md), request)
-            started.append((fut, now))
-            outstanding.add(index)
+    def _race(
+        self,
+        eng: Attempts,
+        step: Step,
+        invoke: Callable[[Any, Any], Any],
+        details: grpc.ClientCallDetails,
+        request: Any,
+        race: _RaceCall | None,
+    ) -> Any:
+        cond = race.cond if race is not None else threading.Condition()
+        finished: collections.deque[tuple[int, Any]] = collections.deque()
+        attempts: dict[int, Any] = {}
+        outcomes: dict[int, Any] = {}
 
-            def done(f: Any, i: int = index) -> None:
-                with cond:
-                    finished.append((i, f))
-                    cond.notify()
-
-            fut.add_done_callback(done)
-            return True
-
-        if not launch(0):
-            return self._refused(plan, breaker_rejection(plan), request, details, deadline)
-        next_hedge = _monotonic() + hedging.delay
-        hedge_open = hedging.max_attempts > 1  # more attempts may still be sent
-        last: Any = None
-        winner: Any = None
-        while True:
+        def on_done(fut: Any, attempt: int) -> None:
             with cond:
-                while not finished:
-                    until = next_hedge if hedge_open else deadline
-                    if until is not None and deadline is not None:
-                        until = min(until, deadline)
-                    if until is None:
-                        cond.wait()
-                        continue
-                    now = _monotonic()
-                    if now >= until:
-                        break
-                    cond.wait(until - now)
-                batch = list(finished)
-                finished.clear()
-            launch_now = False
-            for index, fut in batch:
-                outstanding.discard(index)
-                outcome = fut.outcome() if isinstance(fut, _ThreadAttempt) else fut
-                code = _code(outcome)
-                if breaker is not None:
-                    breaker.on_result(_monotonic() - started[index][1], _NAMES[code])
-                if code is _OK or hedging.is_fatal(code.name):
-                    winner = outcome
-                    break
-                last = outcome
-                launch_now = True
-            if winner is not None:
-                break
-            now = _monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            if hedge_open and (launch_now or now >= next_hedge):
-                sent = False
-                if budget is not None and not budget.try_withdraw():
-                    m.budget_exhausted.add(1, plan.attrs)
-                else:
-                    sent = launch(len(started))
-                if sent:
-                    next_hedge = _monotonic() + hedging.delay
-                    hedge_open = len(started) < hedging.max_attempts
-                else:
-                    hedge_open = False  # budget spent or breaker open: wait for those in flight
-            if not outstanding and not hedge_open:
-                break
-        for index, (fut, _) in enumerate(started):
-            if index in outstanding:
-                fut.cancel()
-                if breaker is not None:
-                    breaker.release()
-        if winner is not None:
-            if _code(winner) is _OK:
-                if plan.fallback is not None:
-                    self._remember(plan, request, winner)
-                return winner
-            return winner
-        if last is None:
-            exc = DeadlineExceededError("deadline exceeded while hedging")
-            return self._refused(plan, exc, request, details, deadline)
-        return self._exhausted(plan, last, request, details, deadline)
+                finished.append((attempt, fut))
+                cond.notify()
 
-    def _thread_invoker(self, continuation: Any) -> Callable[[Any, Any], Any]:
+        racing = True
+        try:
+            while racing:
+                if isinstance(step, Send):
+                    fut = invoke(_for_attempt(details, step), request)
+                    attempts[step.attempt] = fut
+                    fut.add_done_callback(lambda f, a=step.attempt: on_done(f, a))
+                    step = eng.tick()
+                elif isinstance(step, Await):
+                    with cond:
+                        while not finished and not (race is not None and race.cancelling):
+                            left = None if step.until is None else step.until - _monotonic()
+                            if left is not None and left <= 0:
+                                break
+                            cond.wait(left)
+                        if race is not None and race.cancelling:
+                            return _CANCELLED  # (the finally cancels the attempts)
+                        item = finished.popleft() if finished else None
+                    if item is None:
+                        step = eng.tick()
+                        continue
+                    attempt, fut = item
+                    outcomes[attempt] = fut.outcome() if isinstance(fut, _ThreadAttempt) else fut
+                    step = _report(eng, outcomes[attempt], None, attempt)
+                else:
+                    racing = False
+        finally:
+            if racing:  # cancelled, or an error (or an interrupt) ended the race: no verdicts
+                eng.cancel()
+            for attempt, fut in attempts.items():  # the losers (the server sees CANCELLED)
+                if attempt not in outcomes:
+                    fut.cancel()
+        last = outcomes.get(step.attempt) if isinstance(step, Finish) else None
+        if isinstance(step, Serve) and isinstance(step.otherwise, Finish):
+            last = outcomes.get(step.otherwise.attempt)
+        return self._answer(eng, step, last, details, request)
+
+    def _thread_invoker(self, continuation: Continuation) -> Callable[[Any, Any], Any]:
         with self._lock:
             if self._executor is None:
                 self._executor = futures.ThreadPoolExecutor(
@@ -618,195 +370,99 @@ class ClientInterceptor(
 
         return invoke
 
-    # -- streaming responses ---------------------------------------------------------------
+    # -- answers -------------------------------------------------------------------------
 
-    def _stream(self, continuation: Any, details: Any, request: Any, request_iterator: Any) -> Any:
-        plan: ClientPlan = self._plans.get(details.method)
-        body = request if request_iterator is None else request_iterator
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return continuation(details, body)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            self._m.failed_before_send.add(1, plan.attrs)
-            code, message, _ = error_status(exc)
-            return LocalRpcError(code, message)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return continuation(details, body)
-        deadline = _monotonic() + timeout if timeout is not None else None
-        m = self._m
-        if plan.fault is not None:
-            injected = client_fault(plan, details.metadata, deadline, _rng)
-            if injected is not None:
-                return LocalRpcError(injected[0], injected[1])
-        if plan.rate_limiter is not None:
-            wait = plan.rate_limiter.try_acquire("")
-            if wait > 0:
-                m.rate_limit_rejections.add(1, plan.attrs)
-                return self._rejected_stream(plan, rate_rejection(plan.method, wait))
-        bulkhead = plan.bulkhead
-        if bulkhead is not None:
-            left = None if deadline is None else max(0.0, deadline - _monotonic())
-            ok = bulkhead.acquire(left) if plan.bulkhead_wait > 0 else bulkhead.try_acquire()
-            if not ok:
-                m.bulkhead_rejections.add(1, plan.attrs)
-                exc2 = bulkhead_rejection(
-                    bulkhead.name or plan.method, bulkhead.config.max_concurrent
-                )
-                return self._rejected_stream(plan, exc2)
-        replay = None
-        if request_iterator is not None and plan.retry is not None:
-            replay = Replay(request_iterator, plan.retry.max_buffer_bytes)
-        stream = _RetryingStream(
-            self, plan, continuation, details, request, request_iterator, replay, deadline
-        )
-        return stream.start()
-
-    def _rejected_stream(self, plan: ClientPlan, exc: MeshkitError) -> LocalRpcError:
-        refusal_trigger(plan, exc, self._m)  # counted and annotated; no fallback for streams
-        code, message, pushback = error_status(exc)
-        return LocalRpcError(code, message, pushback_metadata(pushback))
-
-    # -- outcomes ----------------------------------------------------------------------------
-
-    def _remember(self, plan: ClientPlan, request: Any, outcome: Any) -> None:
-        fb = plan.fallback
-        if fb is None or str(fb.kind) != "cached":
-            return
-        try:
-            self._fallbacks.remember(plan.method, request, outcome.result())
-        except Exception:  # caching must never fail the call
-            _log.debug("could not cache the response of %s", plan.method, exc_info=True)
-
-    def _refused(
+    def _answer(
         self,
-        plan: ClientPlan,
-        exc: MeshkitError,
+        eng: Attempts,
+        step: Step,
+        outcome: Any,
+        details: grpc.ClientCallDetails,
         request: Any,
-        details: Any,
-        deadline: float | None,
+        replay: Replay | None = None,
     ) -> Any:
-        """A call refused before it was sent: fallback, or the error as an outcome."""
-        trigger = refusal_trigger(plan, exc, self._m)
-        served = self._fallback(plan, trigger, request, details, deadline)
-        if served is not None:
-            return served
-        code, message, pushback = error_status(exc)
-        return LocalRpcError(code, message, pushback_metadata(pushback))
+        """The outcome grpcio gets for a final step (``outcome``: the last attempt's)."""
+        if isinstance(step, Serve):
+            served = self._serve(eng, step, request, details)
+            if served is not None:
+                return served
+            step = step.otherwise
+        if isinstance(step, Fail):
+            return _failure(step)
+        if replay is None and _code(outcome) is _OK and eng.plan.fallback is not None:
+            self._remember(eng.plan, request, outcome.result())
+        return outcome
 
-    def _exhausted(
-        self, plan: ClientPlan, outcome: Any, request: Any, details: Any, deadline: float | None
+    def _serve(
+        self, eng: Attempts, step: Serve, request: Any, details: grpc.ClientCallDetails
     ) -> Any:
-        """The last attempt failed: the fallback for transient failures, else the failure."""
-        if plan.fallback is None:
-            return outcome
-        trigger = exhausted_trigger(plan, _code(outcome))
-        if trigger is None:
-            return outcome
-        served = self._fallback(plan, trigger, request, details, deadline)
-        return served if served is not None else outcome
-
-    def _fallback(
-        self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
-    ) -> Any:
-        kind = fallback_kind(plan, trigger, request is None)
-        if kind is None:
-            return None
+        """The fallback's answer, or None when it has none."""
         try:
-            if kind == "alternate":
-                value = self._alternate(plan, plan.fallback.target, request, details, deadline)
-                if value is None:
+            if step.kind == "alternate":
+                served = self._call_alternate(eng, request, details)
+                if served is None:
                     return None
-                served: Any = value
             else:
-                ok, value = self._fallbacks.local_value(plan.fallback, plan.method, request)
-                if not ok:
+                found, value = self._local_fallback(eng, step, request)
+                if not found:
                     return None
                 served = _Value(value)
         except FallbackError as exc:
             served = LocalRpcError(code_of(exc.code), exc.message)
-        fallback_served(plan, kind, trigger, self._m)
+        eng.served(step)
         return served
 
-    def _alternate(
-        self,
-        plan: ClientPlan,
-        target: str | None,
-        request: Any,
-        details: Any,
-        deadline: float | None,
-    ) -> Any:
-        if not target:
+    def _call_alternate(self, eng: Attempts, request: Any, details: grpc.ClientCallDetails) -> Any:
+        alternate = self._alternate(eng, request)
+        if alternate is None:
             return None
-        types = method_types(plan.method)
-        resp_cls = types[1] if types is not None else self._fallbacks.response_type(plan.method)
-        serializer = getattr(type(request), "SerializeToString", None)
-        if resp_cls is None or serializer is None:
-            _log.warning("alternate fallback for %s: message types unknown", plan.method)
-            return None
-        with self._lock:
-            channel = self._alternates.get(target)
-            if channel is None:
-                channel = self._alternates[target] = self._alternate_factory(target)
-        call = channel.unary_unary(
-            plan.method, request_serializer=serializer, response_deserializer=resp_cls.FromString
-        )
-        left = None if deadline is None else max(0.001, deadline - _monotonic())
+        call, left = alternate
         try:
             response, _call = call.with_call(request, timeout=left, metadata=details.metadata)
         except grpc.RpcError as err:
             return err
         return _Value(response)
 
+    # -- streaming responses ---------------------------------------------------------------
 
-class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
-    """The outcome of a ``.future()`` call whose policy work is still to come.
-
-    The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
-    be (on a thread of its own when that may block: retries sleep), and this future then
-    follows the final outcome. A cancelled first attempt is ``abandon``-ed instead.
-    """
-
-    def __init__(
+    def _stream(
         self,
-        first: Any,
-        settle: Callable[[Any], Any],
-        abandon: Callable[[], None],
-        may_block: bool,
-    ) -> None:
-        self._first = first
-        self._settle = settle
-        self._abandon = abandon
-        self._may_block = may_block
-        # The caller's context (deadline, span) for the retries run on another thread.
+        continuation: Continuation,
+        details: grpc.ClientCallDetails,
+        request: Any,
+        request_iterator: Iterator[Any] | None,
+    ) -> Any:
+        body = request if request_iterator is None else request_iterator
+        plan, eng, timeout, refusal = self._admit(
+            details.method, details.timeout, details.metadata, request_iterator is not None, True
+        )
+        if eng is None:
+            if timeout != details.timeout:
+                details = _details(details, timeout)
+            return continuation(details, body)
+        if refusal is not None:
+            return self._answer(eng, refusal, None, details, request)
+        replay = None
+        if request_iterator is not None and plan.retry is not None:
+            replay = Replay(request_iterator, plan.retry.max_buffer_bytes)
+        return _RetryingStream(StreamState(eng, continuation, details, body, replay)).start()
+
+
+class _Later(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+    """A call object returned at once whose final outcome comes later (from a thread or
+    a done callback); every grpc.Call and grpc.Future method follows that outcome."""
+
+    def __init__(self) -> None:
+        # The caller's context (deadline, span) for work run on another thread.
         self._context = contextvars.copy_context()
-        self._cancelled = False
         self._final: Any = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Any], None]] = []
-        first.add_done_callback(self._on_first_done)
 
-    def _on_first_done(self, first: Any) -> None:
-        if self._cancelled or first.cancelled():
-            self._abandon()
-            self._set(first)
-        elif self._may_block and _code(first) is not _OK:
-            threading.Thread(
-                target=self._context.run,
-                args=(self._finish, first),
-                name="meshkit-retry",
-                daemon=True,
-            ).start()
-        else:
-            self._finish(first)
-
-    def _finish(self, first: Any) -> None:
+    def _finish(self, settle: Callable[[], Any]) -> None:
         try:
-            final = self._settle(first)
+            final = settle()
         except Exception as exc:  # the policy itself failed: still end the future
             _log.exception("settling a future call failed")
             final = LocalRpcError.from_exception(exc)
@@ -829,16 +485,8 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         return self._final
 
     # grpc.Future
-    def cancel(self) -> bool:
-        # Cancels the first attempt while it is in flight; once retries have begun they run
-        # to their end (grpc.Future allows cancel() to refuse).
-        if self._done.is_set() or not self._first.cancel():
-            return False
-        self._cancelled = True
-        return True
-
     def cancelled(self) -> bool:
-        return self._cancelled or (self._done.is_set() and bool(self._final.cancelled()))
+        return self._done.is_set() and bool(self._final.cancelled())
 
     def running(self) -> bool:
         return not self._done.is_set()
@@ -879,11 +527,93 @@ class _PendingCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
         return not self._done.is_set()
 
     def time_remaining(self) -> Any:
-        return self._first.time_remaining()
+        return None
 
     def add_callback(self, callback: Any) -> bool:
         self.add_done_callback(lambda _f: callback())
         return True
+
+
+class _PendingCall(_Later):
+    """The outcome of a ``.future()`` call whose policy work is still to come.
+
+    The first attempt is in flight; when it ends, ``settle`` reports it and retries if need
+    be (on a thread of its own when that may block: retries sleep), and this future then
+    follows the final outcome. A cancelled first attempt is ``abandon``-ed instead.
+    """
+
+    def __init__(
+        self,
+        first: Any,
+        settle: Callable[[Any], Any],
+        abandon: Callable[[], None],
+        may_block: bool,
+    ) -> None:
+        super().__init__()
+        self._first = first
+        self._settle = settle
+        self._abandon = abandon
+        self._may_block = may_block
+        self._cancelled = False
+        first.add_done_callback(self._on_first_done)
+
+    def _on_first_done(self, first: Any) -> None:
+        if self._cancelled or first.cancelled():
+            self._abandon()
+            self._set(first)
+        elif self._may_block and _code(first) is not _OK:
+            threading.Thread(
+                target=self._context.run,
+                args=(self._finish, lambda: self._settle(first)),
+                name="meshkit-retry",
+                daemon=True,
+            ).start()
+        else:
+            self._finish(lambda: self._settle(first))
+
+    def cancel(self) -> bool:
+        # Cancels the first attempt while it is in flight; once retries have begun they run
+        # to their end (grpc.Future allows cancel() to refuse).
+        if self._done.is_set() or not self._first.cancel():
+            return False
+        self._cancelled = True
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled or super().cancelled()
+
+    def time_remaining(self) -> Any:
+        return self._first.time_remaining()
+
+
+class _RaceCall(_Later):
+    """A hedged ``.future()`` call: the race runs on a thread of its own and this future
+    follows its answer; ``cancel()`` ends the race and cancels every attempt in flight."""
+
+    def __init__(self, race: Callable[[_RaceCall], Any]) -> None:
+        super().__init__()
+        self.cond = threading.Condition()  # the race waits on it; cancel() wakes it
+        self.cancelling = False
+        threading.Thread(
+            target=self._context.run,
+            args=(self._finish, lambda: race(self)),
+            name="meshkit-hedge",
+            daemon=True,
+        ).start()
+
+    def cancel(self) -> bool:
+        with self.cond:
+            if self._done.is_set():
+                return False
+            self.cancelling = True
+            self.cond.notify_all()
+        return True
+
+    def cancelled(self) -> bool:
+        return self.cancelling or super().cancelled()
+
+
+_CANCELLED = LocalRpcError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
 
 
 class _ThreadAttempt:
@@ -906,142 +636,68 @@ class _ThreadAttempt:
 class _RetryingStream(grpc.Call):  # type: ignore[misc]
     """A response stream retried until committed (its first message)."""
 
-    def __init__(
-        self,
-        owner: ClientInterceptor,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        request_iterator: Any,
-        replay: Replay | None,
-        deadline: float | None,
-    ) -> None:
-        self._owner = owner
-        self._plan = plan
-        self._continuation = continuation
-        self._details = details
-        self._request = request
-        self._request_iterator = request_iterator
-        self._replay = replay
-        self._deadline = deadline
-        self._call: Any = None
-        self._committed = False
-        self._attempt = 0
-        self._prev_delay: float | None = None
-        self._started = 0.0
-        self._closed = False
-        self._breaker_open = False
+    def __init__(self, state: StreamState) -> None:
+        self._s = state
+        self._eng = state.eng
+
+    @property
+    def _call(self) -> Any:
+        return self._s.call
 
     def start(self) -> Any:
-        plan = self._plan
-        if plan.budget is not None and plan.retry is not None:
-            plan.budget.record_call()
-        error = self._send()
-        if error is not None:
-            self._finish()
-            return error
+        step = self._advance(self._eng.start())
+        if isinstance(step, Fail):
+            return _failure(step)
         return self
 
-    def _send(self) -> Any:
-        """Start the next attempt; returns an error outcome when it cannot be sent."""
-        plan = self._plan
-        breaker = plan.breaker
-        if breaker is not None and not breaker.try_acquire():
-            self._breaker_open = False
-            exc = breaker_rejection(plan)
-            code, message, pushback = error_status(exc)
-            return LocalRpcError(code, message, pushback_metadata(pushback))
-        self._breaker_open = breaker is not None
-        self._attempt += 1
-        now = _monotonic()
-        timeout = None if self._deadline is None else max(0.001, self._deadline - now)
-        md = (
-            self._details.metadata
-            if self._attempt == 1
-            else add_attempt_header(self._details.metadata, self._attempt - 1)
-        )
-        if self._replay is not None:
-            body = self._replay.attempt()
-        elif self._request_iterator is not None:
-            body = self._request_iterator
-        else:
-            body = self._request
-        plan.tally.n += 1
-        self._started = now
-        try:
-            self._call = self._continuation(_details(self._details, timeout, md), body)
-        except BaseException:  # e.g. the request serializer failed: nothing was sent
-            if self._breaker_open:
-                self._breaker_open = False
-                plan.breaker.release()
-            self._finish()
-            raise
-        return None
-
-    def _report(self, code: grpc.StatusCode) -> None:
-        if self._breaker_open:
-            self._breaker_open = False
-            self._plan.breaker.on_result(_monotonic() - self._started, code.name)
-
-    def _finish(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        plan = self._plan
-        if plan.bulkhead is not None:
-            plan.bulkhead.release()
+    def _advance(self, step: Step) -> Step:
+        """Run the engine's steps until an attempt is sent or the stream is over."""
+        eng = self._eng
+        while True:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                if eng.closed:  # cancelled while it waited out the backoff
+                    return Fail(grpc.StatusCode.CANCELLED, "the call was cancelled")
+                step = eng.resume()
+            elif isinstance(step, Acquire):
+                assert eng.plan.bulkhead is not None
+                step = eng.acquired(eng.plan.bulkhead.acquire(step.max_wait))
+            elif isinstance(step, Send):
+                state = self._s
+                try:
+                    state.call = state.continuation(
+                        _for_attempt(state.details, step), state.attempt_body()
+                    )
+                except BaseException:  # e.g. the request serializer failed: nothing was sent
+                    eng.unsent()
+                    raise
+                return step
+            else:
+                return step
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
+        eng = self._eng
         while True:
             try:
                 message = next(self._call)
             except StopIteration:
-                self._report(_OK)
-                self._finish()
+                eng.stream_outcome(_OK)
+                eng.close()
                 raise
             except grpc.RpcError as err:
-                code = _code(err)
-                self._report(code)
-                if self._committed or not self._may_retry(code, err):
-                    self._finish()
-                    raise
-                if self._closed:  # cancelled while it waited out the backoff
-                    raise LocalRpcError(
-                        grpc.StatusCode.CANCELLED, "the call was cancelled"
-                    ) from err
-                error = self._send()
-                if error is not None:
-                    self._finish()
-                    raise error from err
-                continue
-            if not self._committed:
-                self._committed = True
-                self._report(_OK)
+                step = eng.stream_outcome(_code(err), _trailers(err), replayable=self._s.replayable)
+                step = self._advance(step)
+                if isinstance(step, Send):
+                    continue
+                eng.close()
+                if isinstance(step, Fail):
+                    raise _failure(step) from err
+                raise
+            eng.commit()
             return message
-
-    def _may_retry(self, code: grpc.StatusCode, err: Any) -> bool:
-        if self._replay is not None and not self._replay.replayable:
-            return False
-        delay = retry_delay(
-            self._plan,
-            self._attempt,
-            code,
-            _trailers(err),
-            self._prev_delay,
-            self._deadline,
-            False,
-            self._owner._m,
-        )
-        if delay is None:
-            return False
-        if delay > 0:
-            time.sleep(delay)
-        self._prev_delay = delay
-        return True
 
     # grpc.Call, delegated to the current attempt
     def initial_metadata(self) -> Any:
@@ -1063,12 +719,9 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
         return self._call.time_remaining()
 
     def cancel(self) -> bool:
-        if self._closed:
+        if self._eng.closed:
             return False
-        if self._breaker_open:
-            self._breaker_open = False
-            self._plan.breaker.release()
-        self._finish()
+        self._eng.cancel()
         # The attempt in flight is cancelled, or the retry waiting out its backoff dropped.
         if self._call is not None:
             self._call.cancel()
@@ -1077,7 +730,7 @@ class _RetryingStream(grpc.Call):  # type: ignore[misc]
     def __del__(self) -> None:
         # A caller that stops iterating early and drops the stream must not keep its
         # bulkhead and breaker permits: grpcio cancels an abandoned call, and so do we.
-        if not self._closed and self._call is not None:
+        if not self._eng.closed and self._call is not None:
             try:
                 self.cancel()
             except Exception:

@@ -24,6 +24,14 @@ from meshkit.telemetry import (
 
 if TYPE_CHECKING:
     from meshkit.config import MethodPolicy, Policy
+    from meshkit.resilience.breaker import CircuitBreaker
+    from meshkit.resilience.budget import RetryBudget
+    from meshkit.resilience.bulkhead import Bulkhead
+    from meshkit.resilience.fallback import FallbackPolicy
+    from meshkit.resilience.fault import FaultPolicy
+    from meshkit.resilience.hedging import HedgingPolicy
+    from meshkit.resilience.ratelimit import KeyedRateLimiter
+    from meshkit.resilience.retry import RetryPolicy
 
 __all__ = ["ClientPlan", "PlanCache", "ServerPlan", "compile_client", "compile_server"]
 
@@ -41,20 +49,20 @@ class ClientPlan:
 
     method: str
     level: int
-    policy: Any = None  # MethodPolicy
+    policy: MethodPolicy | None = None
     timeout: float | None = None
     margin: float = 0.0
-    retry: Any = None
-    budget: Any = None
-    hedging: Any = None
-    breaker: Any = None
+    retry: RetryPolicy | None = None
+    budget: RetryBudget | None = None
+    hedging: HedgingPolicy | None = None
+    breaker: CircuitBreaker | None = None
     breaker_name: str = ""
-    bulkhead: Any = None
+    bulkhead: Bulkhead | None = None
     bulkhead_wait: float = 0.0
-    rate_limiter: Any = None
-    fault: Any = None
+    rate_limiter: KeyedRateLimiter | None = None
+    fault: FaultPolicy | None = None
     allow_fault_headers: bool = False
-    fallback: Any = None
+    fallback: FallbackPolicy | None = None
     attrs: dict[str, str] = field(default_factory=dict)
     tally: Tally = field(default_factory=lambda: Tally({}))
     quick: bool = False  # no fault, client rate limit, bulkhead queue or hedging

@@ -614,6 +614,44 @@ class Client:
         )
         return await self._run(lambda: call(iter(reqs)))
 
+    def start_unary(self, req: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """Start a unary call without waiting: ``.future()`` on sync, the call on aio."""
+        call = self.channel.unary_unary(
+            UNARY, request_serializer=dumps, response_deserializer=loads
+        )
+        if self.mesh.kind == "aio":
+            return call(req, timeout=timeout)
+        return call.future(req, timeout=timeout)
+
+    async def code_of(self, started: Any) -> grpc.StatusCode:
+        """The status of a call from :meth:`start_unary`, once it is over."""
+        if self.mesh.kind == "aio":
+            code: grpc.StatusCode = await started.code()
+            return code
+        return await self._run(started.code)  # type: ignore[no-any-return]
+
+    async def client_stream_fed(self, reqs: list[dict[str, Any]]) -> Any:
+        """A client stream whose requests are written after the call object came back:
+        ``call.write()`` on grpc.aio, a ``.future()`` fed through a queue on sync."""
+        call = self.channel.stream_unary(
+            CLIENT_STREAM, request_serializer=dumps, response_deserializer=loads
+        )
+        if self.mesh.kind == "aio":
+            acall = call(timeout=10)
+            for r in reqs:
+                await acall.write(r)
+            await acall.done_writing()
+            return await acall
+
+        import queue
+
+        feed: queue.Queue[Any] = queue.Queue()
+        fut = call.future(iter(lambda: feed.get(timeout=10), None), timeout=10)
+        for r in reqs:  # .future() returned before any request was sent
+            feed.put(r)
+        feed.put(None)
+        return await self._run(lambda: fut.result(timeout=10))
+
     async def bidi(self, reqs: list[dict[str, Any]]) -> list[Any]:
         call = self.channel.stream_stream(
             BIDI, request_serializer=dumps, response_deserializer=loads

@@ -251,6 +251,16 @@ async def test_client_stream_is_replayed_on_retry(mesh: Mesh) -> None:
     assert out["received"] == 3  # every message sent again on the third attempt
 
 
+async def test_client_stream_written_after_the_call_returned_is_replayed(mesh: Mesh) -> None:
+    p = policy({"retry": FAST_RETRY})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    reqs = [{"key": "w", "fail": [{"code": "UNAVAILABLE", "times": 1}]}, {"i": 1}, {"i": 2}]
+    out = await client.client_stream_fed(reqs)
+    assert out["received"] == 3
+    assert srv.script.total("w") == 2
+
+
 async def test_bidi_stream_is_retried_before_commit(mesh: Mesh) -> None:
     p = policy({"retry": FAST_RETRY})
     srv = await mesh.server()
@@ -293,6 +303,22 @@ async def test_hedging_fastest_attempt_wins_and_the_rest_are_cancelled(mesh: Mes
 
 
 # -- circuit breaker -------------------------------------------------------------------
+
+
+async def test_a_hedged_call_returns_at_once_and_cancels_every_attempt(mesh: Mesh) -> None:
+    if mesh.kind == "sync" and not grpcio_compat.FAST_PATHS["sync_future"]:
+        pytest.skip("without meshkit._compat's sync_future path a hedged .future() races first")
+    p = policy({"hedging": {"max_attempts": 2, "delay": "50ms"}, "retry": None})
+    srv = await mesh.server()
+    client = mesh.client(p, srv.target)
+    start = time.monotonic()
+    started = client.start_unary({"key": "h", "delay": 5.0}, timeout=10)
+    assert time.monotonic() - start < 1.0  # sync .future() does not race before returning
+    assert await eventually(lambda: srv.script.total("h") == 2)  # the hedge went too
+    assert started.cancel()
+    assert await client.code_of(started) is grpc.StatusCode.CANCELLED
+    assert started.cancelled()
+    assert await eventually(lambda: srv.script.cancelled["h"] == 2)
 
 
 async def test_breaker_opens_fails_fast_probes_and_closes(mesh: Mesh) -> None:

@@ -151,6 +151,26 @@ def test_no_sync_future_invoker_when_its_fast_path_is_off(monkeypatch: pytest.Mo
     assert grpcio_compat.sync_future_invoker(continuation) is None
 
 
+def test_future_calls_are_told_only_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    class MultiCallable:
+        def future(self) -> Any:
+            def continuation(details: Any, request: Any) -> None: ...
+
+            return continuation
+
+        def _with_call(self) -> Any:
+            def continuation(details: Any, request: Any) -> None: ...
+
+            return continuation
+
+    mc = MultiCallable()
+    if grpcio_compat.FAST_PATHS["sync_future"]:
+        assert grpcio_compat.future_call(mc.future())
+        assert not grpcio_compat.future_call(mc._with_call())
+    monkeypatch.setitem(grpcio_compat.FAST_PATHS, "sync_future", False)
+    assert not grpcio_compat.future_call(mc.future())
+
+
 async def test_unary_calls_fall_back_to_the_public_api_when_grpc_internals_differ(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -230,6 +250,7 @@ PRIVATE_NAMES = frozenset(
         "_server_status",  # grpcio-health-checking's servicer map
         "_TRACER_PROVIDER",  # OpenTelemetry API's global
         "_replace",  # grpcio's method handlers happen to be namedtuples
+        "_done_writing_flag",  # what grpc.aio's write() reads from an interceptor's call
     }
 )
 

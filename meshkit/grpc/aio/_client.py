@@ -1,56 +1,54 @@
-"""The fused asyncio client interceptor (grpc.aio): every client policy in one interceptor."""
+"""The fused asyncio client interceptor (grpc.aio): the attempt engine's steps, waited
+for on the event loop. As :mod:`meshkit.grpc._client`; every decision is
+:class:`~meshkit.grpc._engine.Attempts`'."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from meshkit import deadline as _deadline
-from meshkit.errors import DeadlineExceededError, MeshkitError
-from meshkit.grpc._core import (
-    add_attempt_header,
-    begin_attempt,
-    breaker_rejection,
-    bulkhead_rejection,
-    exhausted_trigger,
-    fallback_kind,
-    fallback_served,
-    rate_rejection,
-    refusal_trigger,
-    retry_delay,
+from meshkit._compat.grpcio import AioHalfClose
+from meshkit.grpc._adapter import ClientAdapter, StreamState
+from meshkit.grpc._engine import (
+    FINISHED,
+    Acquire,
+    Attempts,
+    Await,
+    Fail,
+    Finish,
+    Send,
+    Serve,
+    Sleep,
+    Step,
 )
-from meshkit.grpc._fallback import FallbackError, FallbackSupport, method_types
-from meshkit.grpc._faults import client_fault_async
-from meshkit.grpc._plan import FULL, PASS, ClientPlan, PlanCache, compile_client
+from meshkit.grpc._fallback import FallbackError
+from meshkit.grpc._plan import ClientPlan
 from meshkit.grpc._replay import AsyncReplay
-from meshkit.grpc._status import code_of, error_status, pushback_metadata
-from meshkit.telemetry import instruments, span_event
+from meshkit.grpc._status import code_of, pushback_metadata
 
 __all__ = ["AioClientInterceptor", "arity_views"]
 
 _log = logging.getLogger("meshkit.grpc")
-_DEADLINE = _deadline._DEADLINE
 _monotonic = time.monotonic
 _OK = grpc.StatusCode.OK
-_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
-_rng = random.Random()
 _Details = grpc.aio.ClientCallDetails
 AioRpcError = grpc.aio.AioRpcError
-_EOF: Any = getattr(grpc.aio, "EOF", None)
-_NAMES = {code: code.name for code in grpc.StatusCode}
 _SUCall = grpc.aio.StreamUnaryCall
-_STREAM: Any = object()  # the "request" of a response stream: never a fallback value
+_EOF: Any = getattr(grpc.aio, "EOF", None)
+Requests = AsyncIterable[Any] | Iterable[Any]
+#: grpc.aio's continuation: sends the call (a request or a request stream) and returns
+#: grpc.aio's call object for it.
+Continuation = Callable[[_Details, Any], Awaitable[Any]]
 
 
-def _details(d: Any, timeout: float | None, metadata: Any = None) -> Any:
+def _details(d: _Details, timeout: float | None, metadata: Any = None) -> _Details:
     return _Details(
         d.method,
         timeout,
@@ -60,45 +58,32 @@ def _details(d: Any, timeout: float | None, metadata: Any = None) -> Any:
     )
 
 
-def _metadata(md: Any, previous: int) -> grpc.aio.Metadata:
-    return grpc.aio.Metadata(*add_attempt_header(tuple(md) if md else (), previous))
+def _for_attempt(d: _Details, step: Send) -> _Details:
+    if step.metadata is None:
+        return d if step.timeout == d.timeout else _details(d, step.timeout)
+    return _details(d, step.timeout, grpc.aio.Metadata(*step.metadata))
 
 
 def _error(code: grpc.StatusCode, message: str, trailers: Any = ()) -> AioRpcError:
     return AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), message, None)
 
 
-def _error_of(exc: MeshkitError) -> AioRpcError:
-    code, message, pushback = error_status(exc)
-    return _error(code, message, pushback_metadata(pushback))
+def _failure(step: Fail) -> AioRpcError:
+    return _error(step.code, step.message, pushback_metadata(step.pushback))
 
 
-class _Attempt:
-    """The outcome of one unary attempt: the call (for grpc) and its status."""
-
-    __slots__ = ("call", "code", "error", "response")
-
-    def __init__(self, call: Any, code: grpc.StatusCode, response: Any, error: Any) -> None:
-        self.call = call
-        self.code = code
-        self.response = response
-        self.error = error
-
-
-async def _run(continuation: Any, details: Any, body: Any) -> _Attempt:
-    call = await continuation(details, body)
-    try:
-        response = await call
-    except AioRpcError as err:
-        return _Attempt(call, err.code(), None, err)
-    return _Attempt(call, _OK, response, None)
-
-
-class _Value:
-    """A fallback answer; grpc wraps a non-call return in ``UnaryUnaryCallResponse``."""
+async def _wait(eng: Attempts, step: Sleep | Acquire) -> Step:
+    """Wait out a ``Sleep`` or an ``Acquire``; the engine's next step."""
+    if isinstance(step, Sleep):
+        await asyncio.sleep(step.seconds)
+        return eng.resume()
+    bulkhead = eng.plan.bulkhead
+    assert bulkhead is not None
+    return eng.acquired(await bulkhead.acquire_async(step.max_wait))
 
 
 class AioClientInterceptor(
+    ClientAdapter[grpc.aio.Channel],
     grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
     grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
@@ -106,137 +91,46 @@ class AioClientInterceptor(
 ):
     """One grpc.aio client interceptor applying a :class:`~meshkit.Policy`.
 
-    As :class:`meshkit.grpc.ClientInterceptor`; waits happen on the event loop.
+    As :class:`meshkit.grpc.ClientInterceptor`; waits happen on the event loop
+    (arguments: see :class:`~meshkit.grpc._adapter.ClientAdapter`).
     """
 
-    def __init__(
-        self,
-        policy: Any,
-        target: str | None = None,
-        *,
-        client_faults: bool = False,
-        client_rate_limits: bool = False,
-        alternate_channel: Callable[[str], grpc.aio.Channel] | None = None,
-    ) -> None:
-        self._policy = policy
-        self._target = target or "default"
-        self._client_faults = client_faults
-        self._client_rate_limits = client_rate_limits
-        self._plans = PlanCache(self._compile)
-        self._m = instruments()
-        self._fallbacks = FallbackSupport(getattr(policy, "last_good_cache", None))
-        self._alternate_factory = alternate_channel or grpc.aio.insecure_channel
-        self._alternates: dict[str, grpc.aio.Channel] = {}
+    flavour = "aio"
 
-    def _compile(self, method: Any) -> ClientPlan:
-        name = method.decode() if isinstance(method, bytes) else method
-        return compile_client(
-            self._policy,
-            name,
-            self._target,
-            client_faults=self._client_faults,
-            client_rate_limits=self._client_rate_limits,
-            flavour="aio",
+    def _insecure_channel(self, target: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(target)
+
+    def _engine(
+        self, details: _Details, request_stream: bool, response_stream: bool
+    ) -> tuple[ClientPlan, Attempts | None, _Details, Step]:
+        """The plan, the engine of a call that needs one (None: send the returned details
+        as they are) and its first step. A refusal without a fallback raises."""
+        plan, eng, timeout, refusal = self._admit(
+            details.method, details.timeout, details.metadata, request_stream, response_stream
         )
-
-    def plan(self, method: str) -> ClientPlan:
-        """The compiled plan for ``method`` (for tests and introspection)."""
-        plan: ClientPlan = self._plans.get(method)
-        return plan
+        if isinstance(refusal, Fail):
+            raise _failure(refusal)
+        if eng is None:
+            if timeout != details.timeout:
+                details = _details(details, timeout)
+            return plan, None, details, FINISHED
+        return plan, eng, details, refusal if refusal is not None else eng.start()
 
     # -- unary responses ---------------------------------------------------------------
 
     async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
+        self, continuation: Continuation, client_call_details: _Details, request: Any
     ) -> Any:
-        details = client_call_details
-        plan: ClientPlan = self._plans.get(details.method)
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
+        _plan, eng, details, step = self._engine(client_call_details, False, False)
+        if eng is None:
             return await continuation(details, request)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            return await self._refused(plan, exc, request, details, None)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return await continuation(details, request)
-        if not plan.quick:
-            return await self._unary(plan, continuation, details, request, timeout, None)
-        # The common case, inline: a non-blocking bulkhead, then the first attempt sent
-        # from here; only a failed first attempt goes on to the retry loop.
-        start = _monotonic()
-        deadline = start + timeout if timeout is not None else None
-        bulkhead = plan.bulkhead
-        if bulkhead is not None and not bulkhead.try_acquire():
-            return await self._bulkhead_full(plan, details, request, deadline)
-        try:
-            if plan.budget is not None:
-                plan.budget.record_call()
-            breaker = plan.breaker
-            if breaker is not None and not breaker.try_acquire():
-                return await self._refused(
-                    plan, breaker_rejection(plan), request, details, deadline
-                )
-            per_attempt = plan.per_attempt_timeout
-            attempt_timeout: float | None
-            if per_attempt is not None and (timeout is None or per_attempt < timeout):
-                attempt_timeout, hit_limit = per_attempt, True
-            else:
-                attempt_timeout, hit_limit = timeout, False
-            plan.tally.n += 1
-            try:
-                call = await continuation(
-                    details
-                    if attempt_timeout == details.timeout
-                    else _Details(
-                        details.method,
-                        attempt_timeout,
-                        details.metadata,
-                        details.credentials,
-                        details.wait_for_ready,
-                    ),
-                    request,
-                )
-                try:
-                    response = await call
-                except AioRpcError as err:
-                    first = _Attempt(call, err.code(), None, err)
-                else:
-                    if breaker is not None:
-                        breaker.on_result(_monotonic() - start, "OK")
-                    if plan.fallback is not None:
-                        self._remember(plan, request, response)
-                    return call
-            except BaseException:
-                if breaker is not None:
-                    breaker.release()
-                raise
-            if breaker is not None:
-                breaker.on_result(_monotonic() - start, _NAMES[first.code])
-            return await self._retrying(
-                plan, continuation, details, request, deadline, None, first, hit_limit
-            )
-        finally:
-            if bulkhead is not None:
-                bulkhead.release()
+        return await self._run(eng, step, continuation, details, request, None)
 
     async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
+        self, continuation: Continuation, client_call_details: _Details, request_iterator: Requests
     ) -> Any:
-        details = client_call_details
-        plan: ClientPlan = self._plans.get(details.method)
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return await continuation(details, request_iterator)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            return await self._refused(plan, exc, None, details, None)
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
+        plan, eng, details, step = self._engine(client_call_details, True, False)
+        if eng is None:
             return await continuation(details, request_iterator)
         # Always through a replay (limit 0 without retries): never hedged, never cached.
         limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
@@ -244,503 +138,136 @@ class AioClientInterceptor(
         # Return a call at once: grpc.aio feeds ``call.write()`` messages to the request
         # iterator only after the interceptor returned, so waiting here for the response
         # would wait for writes that cannot come. The attempts run on a task.
-        task = asyncio.ensure_future(
-            self._unary(plan, continuation, details, None, timeout, replay)
-        )
+        task = asyncio.ensure_future(self._run(eng, step, continuation, details, None, replay))
         return _AioUnaryCall(task, replay)
 
-    async def _admit(
-        self, plan: ClientPlan, details: Any, request: Any, deadline: float | None
-    ) -> Any:
-        """Fault, rate limit and bulkhead; returns None when admitted, else the answer."""
-        m = self._m
-        if plan.fault is not None:
-            injected = await client_fault_async(plan, details.metadata, deadline, _rng)
-            if injected is not None:
-                raise _error(injected[0], injected[1])
-        if plan.rate_limiter is not None:
-            wait = plan.rate_limiter.try_acquire("")
-            if wait > 0:
-                m.rate_limit_rejections.add(1, plan.attrs)
-                return await self._refused(
-                    plan, rate_rejection(plan.method, wait), request, details, deadline
-                )
-        bulkhead = plan.bulkhead
-        if bulkhead is not None:
-            if plan.bulkhead_wait > 0:
-                left = None if deadline is None else max(0.0, deadline - _monotonic())
-                ok = await bulkhead.acquire_async(left)
-            else:
-                ok = bulkhead.try_acquire()
-            if not ok:
-                return await self._bulkhead_full(plan, details, request, deadline)
-        return None
-
-    async def _bulkhead_full(
-        self, plan: ClientPlan, details: Any, request: Any, deadline: float | None
-    ) -> Any:
-        self._m.bulkhead_rejections.add(1, plan.attrs)
-        bulkhead = plan.bulkhead
-        exc = bulkhead_rejection(bulkhead.name or plan.method, bulkhead.config.max_concurrent)
-        return await self._refused(plan, exc, request, details, deadline)
-
-    def _release(self, plan: ClientPlan) -> None:
-        if plan.bulkhead is not None:
-            plan.bulkhead.release()
-
-    async def _unary(
+    async def _run(
         self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
+        eng: Attempts,
+        step: Step,
+        continuation: Continuation,
+        details: _Details,
         request: Any,
-        timeout: float | None,  # noqa: ASYNC109 - the call's timeout, not ours
         replay: AsyncReplay | None,
     ) -> Any:
-        deadline = _monotonic() + timeout if timeout is not None else None
-        if plan.fault is not None or plan.rate_limiter is not None or plan.bulkhead_wait > 0:
-            refused = await self._admit(plan, details, request, deadline)
-            if refused is not None:
-                return refused
-        elif plan.bulkhead is not None and not plan.bulkhead.try_acquire():
-            return await self._bulkhead_full(plan, details, request, deadline)
-        try:
-            if plan.hedging is not None and replay is None:
-                return await self._hedged(plan, continuation, details, request, deadline)
-            return await self._retrying(plan, continuation, details, request, deadline, replay)
-        finally:
-            self._release(plan)
-
-    async def _retrying(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        deadline: float | None,
-        replay: AsyncReplay | None,
-        first: _Attempt | None = None,
-        first_hit_limit: bool = False,
-    ) -> Any:
-        """Attempts until one succeeds or the policy stops; ``first`` is the outcome of
-        a first attempt already sent (and reported to the breaker) by the caller."""
-        m = self._m
-        retry = plan.retry
-        breaker = plan.breaker
-        if plan.budget is not None and first is None:
-            plan.budget.record_call()
-        per_attempt = retry.per_attempt_timeout if retry is not None else None
-        metadata = details.metadata
-        attempt = 1
-        prev_delay: float | None = None
-        last: _Attempt | None = first
-        hit_limit = first_hit_limit
+        """Run the engine's steps to the answer: the last attempt's call, a fallback
+        value, or an ``AioRpcError`` raised."""
+        call: Any = None
         while True:
-            if last is None or attempt > 1:  # else the caller sent the first attempt
-                began = begin_attempt(plan, attempt, deadline, per_attempt)
-                if not isinstance(began, tuple):
-                    if began is None:
-                        break
-                    return await self._refused(  # the breaker refused the first attempt
-                        plan, breaker_rejection(plan), request, details, deadline
-                    )
-                timeout, hit_limit, now = began
-                body = replay.attempt() if replay is not None else request
+            if isinstance(step, Send):
+                if eng.hedging:
+                    return await self._hedged(eng, step, continuation, details, request)
                 try:
                     call = await continuation(
-                        _Details(
-                            details.method,
-                            timeout,
-                            metadata,
-                            details.credentials,
-                            details.wait_for_ready,
-                        ),
-                        body,
+                        _for_attempt(details, step),
+                        replay.attempt() if replay is not None else request,
                     )
                     try:
                         response = await call
                     except AioRpcError as err:
-                        last = _Attempt(call, err.code(), None, err)
+                        step = eng.outcome(
+                            err.code(),
+                            err.trailing_metadata(),
+                            replayable=replay is None or replay.replayable,
+                        )
                     else:
-                        if breaker is not None:
-                            breaker.on_result(_monotonic() - now, "OK")
-                        if plan.fallback is not None and replay is None:
-                            self._remember(plan, request, response)
-                        return call
-                except BaseException:
-                    if breaker is not None:
-                        breaker.release()
+                        step = eng.outcome(_OK)
+                        if replay is None and eng.plan.fallback is not None:
+                            self._remember(eng.plan, request, response)
+                except BaseException:  # cancelled, or nothing could be sent
+                    eng.cancel()
                     raise
-                if breaker is not None:
-                    breaker.on_result(_monotonic() - now, _NAMES[last.code])
-            assert last is not None
-            if replay is not None and not replay.replayable:
-                break
-            delay = retry_delay(
-                plan,
-                attempt,
-                last.code,
-                last.error.trailing_metadata() if last.error is not None else None,
-                prev_delay,
-                deadline,
-                hit_limit and last.code is _DEADLINE_EXCEEDED,
-                m,
-            )
-            if delay is None:
-                break
-            if delay > 0:
-                await asyncio.sleep(delay)
-            prev_delay = delay
-            attempt += 1
-            metadata = _metadata(details.metadata, attempt - 1)
-        if last is None:
-            return await self._refused(
-                plan,
-                DeadlineExceededError("the deadline passed before an attempt could be sent"),
-                request,
-                details,
-                deadline,
-            )
-        return await self._exhausted(plan, last, request, details, deadline)
+            elif isinstance(step, Sleep | Acquire):
+                step = await _wait(eng, step)
+            elif isinstance(step, Finish):
+                return call  # (the common answer, without another coroutine)
+            else:
+                return await self._answer(eng, step, call, details, request)
 
     async def _hedged(
-        self,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        request: Any,
-        deadline: float | None,
+        self, eng: Attempts, step: Step, continuation: Continuation, details: _Details, request: Any
     ) -> Any:
-        hedging = plan.hedging
-        m = self._m
-        breaker = plan.breaker
-        budget = plan.budget
-        if budget is not None:
-            budget.record_call()
-        tasks: dict[asyncio.Task[_Attempt], float] = {}
-        calls: list[Any] = []
+        """Race the engine's hedges as tasks; the losers are cancelled."""
+        tasks: dict[asyncio.Task[tuple[Any, grpc.StatusCode, Any]], int] = {}
+        calls: dict[int, Any] = {}
 
-        async def one(index: int, left: float | None) -> _Attempt:
-            md = details.metadata if index == 0 else _metadata(details.metadata, index)
-            call = await continuation(_details(details, left, md), request)
-            calls.append(call)
+        async def attempt(send: Send) -> tuple[Any, grpc.StatusCode, Any]:
+            call = calls[send.attempt] = await continuation(_for_attempt(details, send), request)
             try:
                 response = await call
             except AioRpcError as err:
-                return _Attempt(call, err.code(), None, err)
-            return _Attempt(call, _OK, response, None)
+                return call, err.code(), err.trailing_metadata()
+            self._remember(eng.plan, request, response)
+            return call, _OK, None
 
-        def launch() -> bool:
-            if breaker is not None and not breaker.try_acquire():
-                return False
-            now = _monotonic()
-            left = None if deadline is None else deadline - now
-            if left is not None and left <= 0:
-                if breaker is not None:
-                    breaker.release()
-                return False
-            index = len(tasks)
-            plan.tally.n += 1
-            if index > 0:
-                m.retries.add(1, plan.attrs)
-                span_event("meshkit.hedge", {"attempt": index + 1})
-            tasks[asyncio.ensure_future(one(index, left))] = now
-            return True
-
-        if not launch():
-            return await self._refused(plan, breaker_rejection(plan), request, details, deadline)
-        pending: set[asyncio.Task[_Attempt]] = set(tasks)
-        next_hedge = _monotonic() + hedging.delay
-        winner: _Attempt | None = None
-        last: _Attempt | None = None
-        try:
-            while pending or len(tasks) < hedging.max_attempts:
-                now = _monotonic()
-                can_hedge = len(tasks) < hedging.max_attempts
-                until = next_hedge if can_hedge else deadline
-                if deadline is not None and until is not None:
-                    until = min(until, deadline)
-                wait = None if until is None else max(0.0, until - now)
-                if pending:
-                    done, pending = await asyncio.wait(
-                        pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                    )
-                else:
-                    done = set()
-                    if wait:
-                        await asyncio.sleep(wait)
-                launch_now = False
-                for task in done:
-                    outcome = task.result()
-                    if breaker is not None:
-                        breaker.on_result(_monotonic() - tasks[task], outcome.code.name)
-                    if outcome.code is _OK or hedging.is_fatal(outcome.code.name):
-                        winner = outcome
-                        break
-                    last = outcome
-                    launch_now = True
-                if winner is not None:
-                    break
-                now = _monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if can_hedge and (launch_now or now >= next_hedge):
-                    if budget is None or budget.try_withdraw():
-                        if launch():
-                            pending = {t for t in tasks if not t.done()}
-                            next_hedge = _monotonic() + hedging.delay
-                            continue
-                    else:
-                        m.budget_exhausted.add(1, plan.attrs)
-                    # No more hedges can be sent: wait for the ones in flight.
-                    tasks_cap = len(tasks)
-                    hedging = _Capped(hedging, tasks_cap)
-                if not pending and len(tasks) >= hedging.max_attempts:
-                    break
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-                    if breaker is not None:
-                        breaker.release()
-            for call in calls:
-                if not call.done():
-                    call.cancel()
-        if winner is not None:
-            if winner.code is _OK and plan.fallback is not None:
-                self._remember(plan, request, winner.response)
-            return winner.call
-        if last is None:
-            return await self._refused(
-                plan,
-                DeadlineExceededError("deadline exceeded while hedging"),
-                request,
-                details,
-                deadline,
-            )
-        return await self._exhausted(plan, last, request, details, deadline)
-
-    # -- streaming responses -------------------------------------------------------------
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return await self._stream(continuation, client_call_details, request, None)
-
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await self._stream(continuation, client_call_details, None, request_iterator)
-
-    async def _stream(
-        self, continuation: Any, details: Any, request: Any, request_iterator: Any
-    ) -> Any:
-        plan: ClientPlan = self._plans.get(details.method)
-        body = request if request_iterator is None else request_iterator
-        level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
-            return await continuation(details, body)
-        try:
-            timeout = _deadline.compute_timeout(details.timeout, plan.timeout, plan.margin)
-        except DeadlineExceededError as exc:
-            self._m.failed_before_send.add(1, plan.attrs)
-            raise _error_of(exc) from None
-        if level != FULL:
-            if timeout != details.timeout:
-                details = _details(details, timeout)
-            return await continuation(details, body)
-        deadline = _monotonic() + timeout if timeout is not None else None
-        await self._admit(plan, details, _STREAM, deadline)  # raises when refused
-        replay = None
-        if request_iterator is not None and plan.retry is not None:
-            replay = AsyncReplay(request_iterator, plan.retry.max_buffer_bytes)
-        if plan.breaker is not None and not plan.breaker.try_acquire():
-            self._release(plan)
-            self._m.failed_before_send.add(1, plan.attrs)
-            raise _error_of(breaker_rejection(plan))
-        if plan.budget is not None and plan.retry is not None:
-            plan.budget.record_call()
-        start = _monotonic()
-        left = None if deadline is None else max(0.001, deadline - start)
-        plan.tally.n += 1
-        try:
-            first = await continuation(
-                _details(details, left), replay.attempt() if replay is not None else body
-            )
-        except BaseException:
-            if plan.breaker is not None:
-                plan.breaker.release()
-            self._release(plan)
-            raise
-        state = _StreamState(first, plan.breaker, plan.bulkhead, deadline, start)
-        first.add_done_callback(state.on_done)
-        gen = self._stream_gen(state, plan, continuation, details, body, replay, deadline, start)
-        return _AioStream(state, gen)
-
-    async def _stream_gen(
-        self,
-        stream: _StreamState,
-        plan: ClientPlan,
-        continuation: Any,
-        details: Any,
-        body: Any,
-        replay: AsyncReplay | None,
-        deadline: float | None,
-        start: float,
-    ) -> AsyncIterator[Any]:
-        m = self._m
-        breaker = plan.breaker
-        attempt = 1
-        prev_delay: float | None = None
-        committed = False
-        stream.reading = True
         try:
             while True:
-                if attempt > 1:
-                    if stream.closed:  # cancelled (or past its deadline) during the backoff
-                        raise asyncio.CancelledError()
-                    if breaker is not None:
-                        if not breaker.try_acquire():
-                            raise _error_of(breaker_rejection(plan))
-                        stream.holding = True
-                    start = stream.started = _monotonic()
-                    left = None if deadline is None else max(0.001, deadline - start)
-                    md = _metadata(details.metadata, attempt - 1)
-                    plan.tally.n += 1
-                    stream.call = await continuation(
-                        _details(details, left, md),
-                        replay.attempt() if replay is not None else body,
-                    )
-                    stream.call.add_done_callback(stream.on_done)
-                call = stream.call
-                try:
-                    async for message in call:
-                        if not committed:
-                            committed = stream.committed = True
-                            if stream.holding and breaker is not None:
-                                stream.holding = False
-                                breaker.on_result(_monotonic() - start, "OK")
-                        yield message
-                    if stream.holding and breaker is not None:
-                        stream.holding = False
-                        breaker.on_result(_monotonic() - start, "OK")
-                    return
-                except AioRpcError as err:
-                    code = err.code()
-                    if stream.holding and breaker is not None:
-                        stream.holding = False
-                        breaker.on_result(_monotonic() - start, code.name)
-                    if committed or (replay is not None and not replay.replayable):
-                        raise
-                    delay = retry_delay(
-                        plan,
-                        attempt,
-                        code,
-                        err.trailing_metadata(),
-                        prev_delay,
-                        deadline,
-                        False,
-                        m,
-                    )
-                    if delay is None:
-                        raise
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                prev_delay = delay
-                attempt += 1
+                if isinstance(step, Send):
+                    tasks[asyncio.ensure_future(attempt(step))] = step.attempt
+                    step = eng.tick()
+                elif isinstance(step, Await):
+                    pending = {t for t in tasks if tasks[t] > 0}
+                    wait = None if step.until is None else max(0.0, step.until - _monotonic())
+                    done: set[Any] = set()
+                    if pending:
+                        done, _ = await asyncio.wait(
+                            pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    elif wait:
+                        await asyncio.sleep(wait)
+                    if not done:
+                        step = eng.tick()
+                        continue
+                    task = done.pop()  # one at a time: the rest are seen on the next turn
+                    number, tasks[task] = tasks[task], 0
+                    _call, code, trailers = task.result()
+                    step = eng.outcome(code, trailers, attempt=number)
+                else:
+                    break
+        except BaseException:
+            eng.cancel()
+            raise
         finally:
-            call = stream.call
-            if call is not None and not call.done():
-                call.cancel()
-            stream.close()
+            for task in tasks:
+                task.cancel()
+            for call in calls.values():
+                if not call.done():
+                    call.cancel()
+        last = step.otherwise if isinstance(step, Serve) else step
+        call = calls.get(last.attempt) if isinstance(last, Finish) else None
+        return await self._answer(eng, step, call, details, request)
 
-    # -- outcomes ----------------------------------------------------------------------------
-
-    def _remember(self, plan: ClientPlan, request: Any, response: Any) -> None:
-        fb = plan.fallback
-        if fb is None or str(fb.kind) != "cached":
-            return
-        try:
-            self._fallbacks.remember(plan.method, request, response)
-        except Exception:
-            _log.debug("could not cache the response of %s", plan.method, exc_info=True)
-
-    async def _refused(
-        self,
-        plan: ClientPlan,
-        exc: MeshkitError,
-        request: Any,
-        details: Any,
-        deadline: float | None,
+    async def _answer(
+        self, eng: Attempts, step: Step, call: Any, details: _Details, request: Any
     ) -> Any:
-        trigger = refusal_trigger(plan, exc, self._m)
-        found, value = await self._fallback(plan, trigger, request, details, deadline)
-        if found:
-            return value
-        raise _error_of(exc)
+        if isinstance(step, Serve):
+            found, value = await self._serve(eng, step, request, details)
+            if found:
+                return value
+            step = step.otherwise
+        if isinstance(step, Fail):
+            raise _failure(step)
+        return call
 
-    async def _exhausted(
-        self,
-        plan: ClientPlan,
-        last: _Attempt,
-        request: Any,
-        details: Any,
-        deadline: float | None,
-    ) -> Any:
-        if plan.fallback is None:
-            return last.call
-        trigger = exhausted_trigger(plan, last.code)
-        if trigger is None:
-            return last.call
-        found, value = await self._fallback(plan, trigger, request, details, deadline)
-        return value if found else last.call
-
-    async def _fallback(
-        self, plan: ClientPlan, trigger: str, request: Any, details: Any, deadline: float | None
+    async def _serve(
+        self, eng: Attempts, step: Serve, request: Any, details: _Details
     ) -> tuple[bool, Any]:
-        if request is _STREAM:
-            return False, None  # a response stream: nothing to stand in for it
-        kind = fallback_kind(plan, trigger, request is None)
-        if kind is None:
-            return False, None
-        fb = plan.fallback
         try:
-            if kind == "alternate":
-                found, value = await self._alternate(plan, fb.target, request, details, deadline)
+            if step.kind == "alternate":
+                alternate = self._alternate(eng, request)
+                if alternate is None:
+                    return False, None
+                call, left = alternate
+                value = await call(request, timeout=left, metadata=details.metadata)
             else:
-                found, value = self._fallbacks.local_value(fb, plan.method, request)
-            if not found:
-                return False, None
+                found, value = self._local_fallback(eng, step, request)
+                if not found:
+                    return False, None
         except FallbackError as exc:
-            self._m.fallbacks.add(1, plan.attrs)
+            eng.served(step)
             raise _error(code_of(exc.code), exc.message) from None
-        fallback_served(plan, kind, trigger, self._m)
+        eng.served(step)
         return True, value
-
-    async def _alternate(
-        self,
-        plan: ClientPlan,
-        target: str | None,
-        request: Any,
-        details: Any,
-        deadline: float | None,
-    ) -> tuple[bool, Any]:
-        if not target:
-            return False, None
-        types = method_types(plan.method)
-        resp_cls = types[1] if types is not None else self._fallbacks.response_type(plan.method)
-        serializer = getattr(type(request), "SerializeToString", None)
-        if resp_cls is None or serializer is None:
-            _log.warning("alternate fallback for %s: message types unknown", plan.method)
-            return False, None
-        channel = self._alternates.get(target)
-        if channel is None:
-            channel = self._alternates[target] = self._alternate_factory(target)
-        call = channel.unary_unary(
-            plan.method, request_serializer=serializer, response_deserializer=resp_cls.FromString
-        )
-        left = None if deadline is None else max(0.001, deadline - _monotonic())
-        return True, await call(request, timeout=left, metadata=details.metadata)
 
     async def close(self) -> None:
         """Close the channels opened for alternate-target fallbacks."""
@@ -748,71 +275,122 @@ class AioClientInterceptor(
             await channel.close(None)
         self._alternates.clear()
 
+    # -- streaming responses -------------------------------------------------------------
+    # (``continuation: Any``: grpc-stubs declare these continuations as returning the call,
+    # but grpc.aio's are coroutines, as for the other arities.)
 
-class _StreamState:
-    """What a retried response stream holds: the current attempt and its permits.
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: _Details, request: Any
+    ) -> Any:
+        return await self._stream(continuation, client_call_details, request, None)
 
-    Shared by the stream object and its generator, so neither refers to the other and a
-    dropped stream is finalised at once (no reference cycle to wait for)."""
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: _Details, request_iterator: Requests
+    ) -> Any:
+        return await self._stream(continuation, client_call_details, None, request_iterator)
 
-    __slots__ = (
-        "breaker",
-        "bulkhead",
-        "call",
-        "closed",
-        "committed",
-        "deadline",
-        "holding",
-        "reading",
-        "started",
-    )
+    async def _stream(
+        self,
+        continuation: Continuation,
+        details: _Details,
+        request: Any,
+        request_iterator: Requests | None,
+    ) -> Any:
+        body = request if request_iterator is None else request_iterator
+        plan, eng, details, step = self._engine(details, request_iterator is not None, True)
+        if eng is None:
+            return await continuation(details, body)
+        # A request stream always goes through a replay (limit 0 without retries): it
+        # also tells when the stream has ended (grpc.aio's ``write()`` asks).
+        replay = None
+        if request_iterator is not None:
+            limit = plan.retry.max_buffer_bytes if plan.retry is not None else 0
+            replay = AsyncReplay(request_iterator, limit)
+        state = _StreamState(eng, continuation, details, body, replay)
+        step = await state.advance(step)
+        if isinstance(step, Fail):
+            raise _failure(step)
+        return _AioStream(state, _stream_gen(state))
 
-    def __init__(
-        self, first: Any, breaker: Any, bulkhead: Any, deadline: float | None, started: float
-    ) -> None:
-        self.call = first
-        self.deadline = deadline
-        self.started = started  # when the current attempt was sent
-        self.breaker = breaker
-        self.bulkhead = bulkhead
-        # The first attempt's breaker permit, taken before the stream was built.
-        self.holding = breaker is not None
-        self.closed = False
-        self.committed = False
-        self.reading = False  # someone iterates the stream (its generator has started)
+
+class _StreamState(StreamState):
+    """A response stream's state (:class:`~meshkit.grpc._adapter.StreamState`), shared by
+    the stream object and its generator, so neither refers to the other and a dropped
+    stream is finalised at once (no reference cycle to wait for)."""
+
+    __slots__ = ()
+
+    async def advance(self, step: Step) -> Step:
+        """Run the engine's steps until an attempt is sent (then ``Send``) or the end."""
+        eng = self.eng
+        while True:
+            if isinstance(step, Sleep | Acquire):
+                step = await _wait(eng, step)
+                if eng.closed:  # cancelled (or past its deadline) during the backoff
+                    raise asyncio.CancelledError()
+            elif isinstance(step, Send):
+                try:
+                    self.call = await self.continuation(
+                        _for_attempt(self.details, step), self.attempt_body()
+                    )
+                except BaseException:
+                    eng.unsent()
+                    raise
+                self.call.add_done_callback(self.on_done)
+                return step
+            else:
+                return step
 
     def on_done(self, call: Any) -> None:
         # The call is over and will not be retried (committed streams never are, nor are
         # cancelled ones, nor any past the deadline): its permits go back even if nobody
         # reads the rest of it. grpc.aio keeps an unread call alive until it ends.
-        if call is not self.call or self.closed:
+        eng = self.eng
+        if call is not self.call or eng.closed:
             return
-        if self.committed or call.cancelled():
-            self.close()
+        if eng.committed or call.cancelled():
+            eng.cancel()
             return
         # (grpc core may fire the deadline a hair before our clock reads it)
-        if self.deadline is not None and _monotonic() >= self.deadline - 0.01:
+        if eng.deadline is not None and _monotonic() >= eng.deadline - 0.01:
             # A reader that waited out the deadline for a first message saw a hung server: a
             # failure for the breaker. An unread stream says nothing about the server.
-            if self.holding and self.reading:
-                self.holding = False
-                self.breaker.on_result(_monotonic() - self.started, "DEADLINE_EXCEEDED")
-            self.close()
-
-    def close(self) -> None:
-        """Give back the permits, once, however the stream ends: read to the end, failed,
-        cancelled, or dropped before anyone iterated it (its generator never ran)."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.holding:
-            self.holding = False
-            self.breaker.release()
-        if self.bulkhead is not None:
-            self.bulkhead.release()
+            if self.reading:
+                eng.report(grpc.StatusCode.DEADLINE_EXCEEDED)
+            eng.cancel()
 
 
-class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc,type-arg]
+async def _stream_gen(state: _StreamState) -> AsyncIterator[Any]:
+    eng = state.eng
+    state.reading = True
+    try:
+        while True:
+            try:
+                async for message in state.call:
+                    eng.commit()
+                    yield message
+                eng.stream_outcome(_OK)
+                return
+            except AioRpcError as err:
+                step = eng.stream_outcome(
+                    err.code(), err.trailing_metadata(), replayable=state.replayable
+                )
+                if not isinstance(step, Sleep):
+                    raise
+                failed = err
+            step = await state.advance(step)
+            if isinstance(step, Fail):
+                raise _failure(step) from failed
+            if not isinstance(step, Send):
+                raise failed
+    finally:
+        call = state.call
+        if call is not None and not call.done():
+            call.cancel()
+        eng.cancel()
+
+
+class _AioStream(AioHalfClose, grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: ignore[misc,type-arg]
     """A response stream retried until committed; the call methods follow the current attempt."""
 
     def __init__(self, state: _StreamState, gen: AsyncIterator[Any]) -> None:
@@ -825,10 +403,10 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
 
     def __del__(self) -> None:
         state = self._state
-        if not state.closed:
+        if not state.eng.closed:
             with contextlib.suppress(Exception):  # e.g. the loop is already gone
                 state.call.cancel()
-            state.close()
+            state.eng.cancel()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         # Iterate through the stream object, not straight through its generator: it is
@@ -844,10 +422,9 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         except StopAsyncIteration:
             return _EOF
 
-    @property
-    def _done_writing_flag(self) -> bool:
-        # grpc.aio's ``write()`` reads it from the call an interceptor returned.
-        return bool(getattr(self._call, "_done_writing_flag", False))
+    def half_closed(self) -> bool:
+        replay = self._state.replay
+        return replay is not None and bool(replay.source_done)
 
     async def write(self, request: Any) -> None:
         await self._call.write(request)
@@ -857,11 +434,11 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
 
     def cancel(self) -> bool:
         state = self._state
-        if state.closed:
+        if state.eng.closed:
             return False
         # The attempt in flight is cancelled, or the retry waiting out its backoff is dropped.
         state.call.cancel()
-        state.close()
+        state.eng.cancel()
         return True
 
     def cancelled(self) -> bool:
@@ -899,7 +476,7 @@ class _AioStream(grpc.aio.UnaryStreamCall, grpc.aio.StreamStreamCall):  # type: 
         await self._call.wait_for_connection()
 
 
-class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
+class _AioUnaryCall(AioHalfClose, grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
     """A stream-unary call whose attempts run on ``task``; it behaves as grpc.aio's call.
 
     The task ends with the final attempt's call, a fallback value, or an ``AioRpcError``
@@ -922,9 +499,7 @@ class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
         except (AioRpcError, asyncio.CancelledError) as exc:
             return exc
 
-    @property
-    def _done_writing_flag(self) -> bool:
-        # grpc.aio's ``write()`` reads it: the request stream has ended.
+    def half_closed(self) -> bool:
         return self._replay.source_done
 
     def cancel(self) -> bool:
@@ -1032,64 +607,30 @@ class _AioUnaryCall(grpc.aio.StreamUnaryCall):  # type: ignore[misc,type-arg]
         raise NotImplementedError
 
 
-class _Capped:
-    """A hedging policy seen with fewer attempts (the budget refused more hedges)."""
+def _arity_view(arity: type[Any], name: str) -> type[Any]:
+    """A view of the fused interceptor filed under one more arity.
 
-    __slots__ = ("_inner", "max_attempts")
-
-    def __init__(self, inner: Any, max_attempts: int) -> None:
-        self._inner = inner
-        self.max_attempts = max_attempts
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _UnaryStreamView(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    """grpc.aio files each interceptor under ONE arity (an ``elif`` chain on its type), so
+    grpc.aio files each interceptor under ONE arity (an ``elif`` chain on its type), so
     the fused interceptor is registered once per arity through these views. A call still
-    runs through exactly one interceptor: the view forwards to the shared core."""
+    runs through exactly one interceptor: the view's method is the core's own."""
 
-    def __init__(self, core: AioClientInterceptor) -> None:
+    def __init__(self: Any, core: AioClientInterceptor) -> None:
         self.core = core
-        self.intercept_unary_stream = core.intercept_unary_stream  # type: ignore[method-assign]
+        setattr(self, name, getattr(core, name))  # no forwarding frame per call
 
-    async def intercept_unary_stream(  # pragma: no cover - replaced per instance
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return await self.core.intercept_unary_stream(continuation, client_call_details, request)
+    async def forward(self: Any, continuation: Continuation, details: Any, body: Any) -> Any:
+        return await getattr(self.core, name)(continuation, details, body)  # pragma: no cover
 
-
-class _StreamUnaryView(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    """See :class:`_UnaryStreamView`."""
-
-    def __init__(self, core: AioClientInterceptor) -> None:
-        self.core = core
-        self.intercept_stream_unary = core.intercept_stream_unary  # type: ignore[method-assign]
-
-    async def intercept_stream_unary(  # pragma: no cover - replaced per instance
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await self.core.intercept_stream_unary(
-            continuation, client_call_details, request_iterator
-        )
+    return type(f"_{arity.__name__}View", (arity,), {"__init__": __init__, name: forward})
 
 
-class _StreamStreamView(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    """See :class:`_UnaryStreamView`."""
-
-    def __init__(self, core: AioClientInterceptor) -> None:
-        self.core = core
-        self.intercept_stream_stream = core.intercept_stream_stream  # type: ignore[method-assign]
-
-    async def intercept_stream_stream(  # pragma: no cover - replaced per instance
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await self.core.intercept_stream_stream(
-            continuation, client_call_details, request_iterator
-        )
+_VIEWS = (
+    _arity_view(grpc.aio.UnaryStreamClientInterceptor, "intercept_unary_stream"),
+    _arity_view(grpc.aio.StreamUnaryClientInterceptor, "intercept_stream_unary"),
+    _arity_view(grpc.aio.StreamStreamClientInterceptor, "intercept_stream_stream"),
+)
 
 
 def arity_views(core: AioClientInterceptor) -> list[Any]:
     """``core`` (filed as unary-unary) plus its views for the other three arities."""
-    return [core, _UnaryStreamView(core), _StreamUnaryView(core), _StreamStreamView(core)]
+    return [core, *(view(core) for view in _VIEWS)]
