@@ -38,7 +38,7 @@ from meshkit.errors import ConfigError
 from meshkit.gateway._edge_asgi import notes
 from meshkit.gateway._edge_cfg import get_duration, get_list, get_str, section
 from meshkit.gateway.config import compile_policy
-from meshkit.gateway.upstreams import Upstream, make_channel
+from meshkit.gateway.upstreams import Upstream, loop_key, make_channel
 
 log = logging.getLogger("meshkit.gateway.upstreams")
 
@@ -132,12 +132,12 @@ class BalancedUpstream(Upstream):
     def channel(self, scope: MutableMapping[str, Any] | None = None) -> grpc.aio.Channel:
         """A channel to the next healthy endpoint (starts health checks on first use)."""
         loop = asyncio.get_running_loop()
-        if self.health_check is not None and id(loop) not in self._tasks:
+        if self.health_check is not None and loop_key(loop) not in self._tasks:
             self.start_health_checks()
         target = self.pick()
         if scope is not None:
             notes(scope)["upstream"] = f"{self.name}/{target}"
-        return self._channel_to(target, id(loop))
+        return self._channel_to(target, loop_key(loop))
 
     def _channel_to(self, target: str, loop_id: int) -> grpc.aio.Channel:
         key = (target, loop_id)
@@ -169,7 +169,7 @@ class BalancedUpstream(Upstream):
         self.healthy = health
         self._recompute()
         log.info("upstream %s switched to %s", self.name, ", ".join(new))
-        loop_id = id(asyncio.get_running_loop())
+        loop_id = loop_key()
         old = [(k, ch) for k, ch in self._channels.items() if k[0] in removed and k[1] == loop_id]
         for k, _ in old:
             del self._channels[k]
@@ -183,7 +183,7 @@ class BalancedUpstream(Upstream):
         if policy is self.policy:
             return
         self.policy = policy
-        loop_id = id(asyncio.get_running_loop())
+        loop_id = loop_key()
         old = [(k, ch) for k, ch in self._channels.items() if k[1] == loop_id]
         for k, _ in old:
             del self._channels[k]
@@ -200,9 +200,11 @@ class BalancedUpstream(Upstream):
     def start_health_checks(self) -> None:
         """Start probing on the running loop (idempotent)."""
         loop = asyncio.get_running_loop()
-        if id(loop) in self._tasks or self.health_check is None:
+        if loop_key(loop) in self._tasks or self.health_check is None:
             return
-        self._tasks[id(loop)] = loop.create_task(self._health_loop(), name=f"health:{self.name}")
+        self._tasks[loop_key(loop)] = loop.create_task(
+            self._health_loop(), name=f"health:{self.name}"
+        )
 
     async def _check(self, target: str) -> bool:
         hc = self.health_check or HealthCheck()
@@ -274,17 +276,17 @@ class BalancedUpstream(Upstream):
         loop = asyncio.get_running_loop()
         pending = []
         for target in self.targets:
-            ch = self._channel_to(target, id(loop))
+            ch = self._channel_to(target, loop_key(loop))
             state = ch.get_state(try_to_connect=True)
             if state is grpc.ChannelConnectivity.READY:
                 return None
             if state in _CONNECTING:
                 pending.append((ch, state))
         if pending:
-            probe = self._connect_probes.get(id(loop))
+            probe = self._connect_probes.get(loop_key(loop))
             if probe is None or probe.done():
                 probe = loop.create_task(_first_ready(pending, self.connect_timeout))
-                self._connect_probes[id(loop)] = probe
+                self._connect_probes[loop_key(loop)] = probe
             # Shielded: a /readyz client that leaves must not cancel the wait others share.
             if await asyncio.shield(probe):
                 return None
@@ -292,12 +294,12 @@ class BalancedUpstream(Upstream):
 
     async def close(self, grace: float | None = None) -> None:
         """Stop probing and close channels on the running loop."""
-        probe = self._connect_probes.pop(id(asyncio.get_running_loop()), None)
+        probe = self._connect_probes.pop(loop_key(), None)
         if probe is not None and not probe.done():
             probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await probe
-        task = self._tasks.pop(id(asyncio.get_running_loop()), None)
+        task = self._tasks.pop(loop_key(), None)
         if task is not None:
             task.cancel()
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -24,6 +25,24 @@ import grpc
 from meshkit.errors import ConfigError
 
 log = logging.getLogger("meshkit.gateway")
+
+_LOOP_KEYS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+_loop_numbers = itertools.count(1)
+
+
+def loop_key(loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """A number naming ``loop`` (default: the running one) that no later loop gets.
+
+    Channels belong to the loop that made them. ``id(loop)`` is not a safe key: a new
+    loop can be allocated at a closed one's address and would be handed its channels.
+    """
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    key = _LOOP_KEYS.get(loop)
+    if key is None:
+        key = _LOOP_KEYS[loop] = next(_loop_numbers)
+    return key
+
 
 DEFAULT = "default"
 
@@ -77,8 +96,7 @@ class Upstream:
         the next target in turn, so ``a:1,b:2`` spreads requests over both."""
         targets = self.targets
         target = targets[next(self._next) % len(targets)] if len(targets) > 1 else targets[0]
-        loop_id = id(asyncio.get_running_loop())
-        key = (target, loop_id)
+        key = (target, loop_key())
         ch = self._channels.get(key)
         if ch is None:
             ch = make_channel(target, self.policy)
@@ -87,7 +105,7 @@ class Upstream:
 
     async def close(self, grace: float | None = None) -> None:
         """Close every channel this upstream opened on the running loop."""
-        loop_id = id(asyncio.get_running_loop())
+        loop_id = loop_key()
         for key, ch in list(self._channels.items()):
             if key[1] == loop_id:
                 del self._channels[key]

@@ -217,3 +217,26 @@ def test_policy_check_and_the_gateway_read_the_policy_alike(tmp_path: Path) -> N
     assert gateway is not None
     method = "/a.S/M"
     assert gateway.for_method(method) == Policy.load(policy_file).for_method(method)
+
+
+def test_a_new_event_loop_never_gets_a_closed_loops_channels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A loop allocated at a closed loop's address has the same id(); channels are bound
+    # to the loop that made them, so keying them by id() handed the new loop dead ones.
+    made: list[object] = []
+
+    def fake_channel(target: str, policy: Any = None) -> Any:
+        made.append(object())
+        return made[-1]
+
+    monkeypatch.setattr(upstreams_mod, "make_channel", fake_channel)
+    up = upstreams_mod.Upstream("default", ["127.0.0.1:1"])
+    monkeypatch.setattr(upstreams_mod, "id", lambda _obj: 42, raising=False)  # every loop alike
+
+    async def get() -> Any:
+        return up.channel()
+
+    first = asyncio.run(get())
+    second = asyncio.run(get())
+    assert first is not second and len(made) == 2
