@@ -19,6 +19,7 @@ comma-separated server list) is used and nothing is started.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from meshkit.errors import MeshkitError
 
@@ -83,7 +84,40 @@ def find_binary() -> str:
     )
 
 
-class NatsServer:
+class _Lifecycle:
+    """``with`` and ``async with`` for what has blocking ``start()`` and ``stop()``
+    (``async with`` runs them on a thread, so the event loop is not blocked)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+class NatsServer(_Lifecycle):
     """A nats-server process with JetStream on a loopback port.
 
     ``port=0`` picks a free port; ``store_dir=None`` uses a temporary directory
@@ -245,32 +279,6 @@ class NatsServer:
                 proc.kill()
                 proc.wait(5.0)
         self._proc = None
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> NatsServer:
-        import asyncio
-
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.stop)
 
 
 class ExternalServer:

@@ -21,10 +21,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from meshkit.nats import NatsServer, NatsServerError
+from meshkit.nats import NatsServer, NatsServerError, _Lifecycle
 
 __all__ = ["NatsCluster"]
 
@@ -37,7 +36,7 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-class NatsCluster:
+class NatsCluster(_Lifecycle):
     """``size`` nats-server processes with JetStream forming one cluster on ``host``.
 
     ::
@@ -261,31 +260,3 @@ class NatsCluster:
                     f"{self._names[0]}:\n{self.nodes[0].log_tail() if self.nodes else ''}"
                 )
             time.sleep(0.1)
-
-    # -- context managers ---------------------------------------------------
-
-    def __enter__(self) -> NatsCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> NatsCluster:
-        import asyncio
-
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.stop)
