@@ -19,7 +19,7 @@ import importlib.metadata
 import logging
 import os
 
-__all__ = ["ENABLED", "gate_open", "installed_version", "log_once"]
+__all__ = ["ENABLED", "describe", "gate_open", "installed_version", "log_once"]
 
 log = logging.getLogger("meshkit.compat")
 
@@ -55,3 +55,15 @@ def log_once(key: str, line: str) -> None:
     if key not in _logged:
         _logged.add(key)
         log.info("%s", line)
+
+
+def describe(
+    module: str, dependency: str, installed: str, tested: tuple[str, ...], paths: dict[str, bool]
+) -> str:
+    """One line: which fast paths of ``module`` are on, the installed ``dependency`` and
+    the tested series (and the kill switch, when set)."""
+    listed = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in paths.items())
+    series = " or ".join(f"{t}x" for t in tested)
+    if not ENABLED:
+        series += "; MESHKIT_COMPAT=off"
+    return f"meshkit/_compat/{module}.py: {dependency} {installed} (tested {series}): {listed}"

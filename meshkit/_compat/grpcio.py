@@ -52,7 +52,8 @@ from typing import Any
 import grpc
 from grpc.aio import AioRpcError, Metadata
 
-from meshkit._compat import ENABLED, gate_open, installed_version, log, log_once
+from meshkit._compat import describe as _describe
+from meshkit._compat import gate_open, installed_version, log, log_once
 
 __all__ = [
     "FAST_PATHS",
@@ -120,11 +121,7 @@ def active() -> dict[str, bool]:
 
 def describe() -> str:
     """One line: which fast paths are on, the installed grpcio and the tested series."""
-    paths = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in FAST_PATHS.items())
-    tested = " or ".join(f"{t}x" for t in TESTED)
-    if not ENABLED:
-        tested += "; MESHKIT_COMPAT=off"
-    return f"meshkit/_compat/grpcio.py: grpcio {INSTALLED} (tested {tested}): {paths}"
+    return _describe("grpcio", "grpcio", INSTALLED, TESTED, FAST_PATHS)
 
 
 def aio_unary_invoker(mc: Any, public: UnaryInvoker) -> UnaryInvoker | None:

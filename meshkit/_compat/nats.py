@@ -27,7 +27,8 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from meshkit._compat import ENABLED, gate_open, installed_version, log_once
+from meshkit._compat import describe as _describe
+from meshkit._compat import gate_open, installed_version, log_once
 
 __all__ = [
     "FAST_PATHS",
@@ -69,11 +70,7 @@ def active() -> dict[str, bool]:
 
 def describe() -> str:
     """One line: which fast paths are on, the installed nats-py and the tested series."""
-    paths = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in FAST_PATHS.items())
-    tested = " or ".join(f"{t}x" for t in TESTED)
-    if not ENABLED:
-        tested += "; MESHKIT_COMPAT=off"
-    return f"meshkit/_compat/nats.py: nats-py {INSTALLED} (tested {tested}): {paths}"
+    return _describe("nats", "nats-py", INSTALLED, TESTED, FAST_PATHS)
 
 
 def client_class(
