@@ -109,13 +109,16 @@ class SnapshotStore:
         current = await self.get(snapshot.aggregate_type, snapshot.aggregate_id)
         if current is not None and current.version >= snapshot.version:
             return
-        await kv.put(self.key(snapshot.aggregate_type, snapshot.aggregate_id), snapshot.encode())
+        key, data = self.key(snapshot.aggregate_type, snapshot.aggregate_id), snapshot.encode()
+        # Safe to repeat (the same bytes under the same key); rides out an election.
+        await cluster.retrying(f"snapshot put {key}", lambda: kv.put(key, data))
 
     async def get(self, aggregate_type: str, aggregate_id: str) -> Snapshot | None:
         """The newest snapshot, or None."""
         kv = await self.kv()
+        key = self.key(aggregate_type, aggregate_id)
         try:
-            entry = await kv.get(self.key(aggregate_type, aggregate_id))
+            entry = await cluster.retrying(f"snapshot get {key}", lambda: kv.get(key))
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
@@ -132,8 +135,9 @@ class SnapshotStore:
     ) -> Snapshot | None:
         """The newest kept snapshot at or before ``version`` and ``as_of_ms``."""
         kv = await self.kv()
+        key = self.key(aggregate_type, aggregate_id)
         try:
-            entries = await kv.history(self.key(aggregate_type, aggregate_id))
+            entries = await cluster.retrying(f"snapshot history {key}", lambda: kv.history(key))
         except nats.js.errors.NoKeysError:
             return None
         best: Snapshot | None = None
@@ -151,4 +155,5 @@ class SnapshotStore:
 
     async def delete(self, aggregate_type: str, aggregate_id: str) -> None:
         kv = await self.kv()
-        await kv.purge(self.key(aggregate_type, aggregate_id))
+        key = self.key(aggregate_type, aggregate_id)
+        await cluster.retrying(f"snapshot purge {key}", lambda: kv.purge(key))

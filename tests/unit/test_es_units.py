@@ -256,3 +256,51 @@ def test_instance_round_trip_and_status() -> None:
     assert ok.to_status().state == saga_pb2.SAGA_STATE_COMPLETED
     plain_fail = replace(done, state="FAILED", final=True, history=done.history[:2])
     assert plain_fail.to_status().state == saga_pb2.SAGA_STATE_FAILED
+
+
+async def test_snapshot_reads_and_writes_ride_out_an_election() -> None:
+    # During a leader election the KV answers 503 for a while: each operation is tried
+    # again within the retry window instead of failing the caller.
+    import nats.js.errors
+
+    from meshkit.saga.snapshots import SnapshotStore
+
+    class FlakyKv:
+        def __init__(self) -> None:
+            self.data: dict[str, bytes] = {}
+            self.failures = 0
+
+        def _maybe_fail(self) -> None:
+            if self.failures < 2:
+                self.failures += 1
+                raise nats.js.errors.ServiceUnavailableError()
+
+        async def put(self, key: str, value: bytes) -> None:
+            self._maybe_fail()
+            self.data[key] = value
+
+        async def get(self, key: str) -> object:
+            self._maybe_fail()
+            if key not in self.data:
+                raise nats.js.errors.KeyNotFoundError()
+            return type("Entry", (), {"value": self.data[key]})()
+
+        async def purge(self, key: str) -> None:
+            self._maybe_fail()
+            self.data.pop(key, None)
+
+    class FakeNc:
+        def jetstream(self) -> object:
+            return object()
+
+    store = SnapshotStore(FakeNc())  # type: ignore[arg-type]
+    kv = FlakyKv()
+    store._kv = kv
+    snap = Snapshot("order", "o-1", 3, 42, 1700, 1, b"state")
+    assert await store.get("order", "o-1") is None  # two 503s, then "not found"
+    kv.failures = 0
+    await store.put(snap)
+    assert await store.get("order", "o-1") == snap
+    kv.failures = 0
+    await store.delete("order", "o-1")
+    assert await store.get("order", "o-1") is None
