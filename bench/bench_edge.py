@@ -212,13 +212,8 @@ def _serve_gateways(backend: str, plain_port: int, edge_port: int, desc: str) ->
 def isolated_costs(token: str, n: int = 20000) -> dict[str, float]:
     """CPU-us per request of each feature's middleware around a stub app, in-process:
     no network, no backend, so the machine's noise mostly cancels out."""
-    from meshkit.gateway.edge.auth import (
-        AuthConfig,
-        Authenticator,
-        AuthMiddleware,
-        AuthPolicy,
-        hash_api_key,
-    )
+    from meshkit.auth import AuthConfig, Authenticator, hash_api_key
+    from meshkit.gateway.edge.auth import AuthMiddleware, AuthPolicy
     from meshkit.gateway.edge.cache import CacheMiddleware, CacheRule, ResponseCache
     from meshkit.gateway.edge.observability import EdgeMetrics, TelemetryMiddleware
     from meshkit.gateway.edge.ratelimit import RateLimitMiddleware, RateLimitRule

@@ -19,7 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "meshkit.saga._es_cli",
     "meshkit.gateway.serve._cli",
     "meshkit.gateway.serve._edge_cli",
-    "meshkit.resilience._cli",
+    "meshkit._policy_cli",
 )
 
 

@@ -13,9 +13,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from meshkit.auth import AuthConfig, Authenticator, AuthError, bearer_token
 from meshkit.errors import ConfigError
 from meshkit.gateway.core.config import GatewayOptions
-from meshkit.gateway.edge.auth import AuthConfig, Authenticator, AuthError, bearer_token
 from meshkit.gateway.edge.bff import CompositeSpec, render
 from meshkit.gateway.edge.cache import CachedResponse, ResponseCache
 from meshkit.gateway.edge.profiles import EdgeConfig

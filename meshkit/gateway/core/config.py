@@ -30,21 +30,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from meshkit._sections import parse_duration
 from meshkit.config import Policy, located, parse_size, read_bool, read_int, read_mapping
-from meshkit.config import parse_duration as _parse_duration
 from meshkit.config import read_yaml as _read_yaml_text
 from meshkit.errors import ConfigError
-
-
-def parse_duration(value: Any, path: str, *, positive: bool = True) -> float:
-    """Seconds from ``"250ms"``, ``"30s"``, ``"1m30s"`` or a number, parsed by
-    :func:`meshkit.config.parse_duration` (one duration grammar for every config);
-    ``positive`` also refuses zero, which a timeout or TTL never means."""
-    seconds = _parse_duration(value, path)
-    if positive and seconds <= 0:
-        shown = json.dumps(value) if isinstance(value, str | int | float) else repr(value)
-        raise ConfigError(path, f"expected a duration > 0, got {shown}")
-    return seconds
 
 
 @dataclass(frozen=True, slots=True)

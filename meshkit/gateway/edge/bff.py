@@ -33,6 +33,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from meshkit._sections import get_bool, get_duration, get_str, section
 from meshkit.errors import ConfigError
 from meshkit.gateway.core._fastjson import DescT
 from meshkit.gateway.core._paths import route_path
@@ -52,7 +53,6 @@ from meshkit.gateway.edge._edge_asgi import (
     send_error,
     send_json,
 )
-from meshkit.gateway.edge._edge_cfg import get_bool, get_duration, get_str, section
 from meshkit.gateway.edge.shaping import ShapingRule
 from meshkit.gateway.upstream.upstreams import UpstreamRegistry
 

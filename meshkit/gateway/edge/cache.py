@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshkit._sections import get_duration, get_str_list, section
 from meshkit.gateway.edge._edge_asgi import (
     PRINCIPAL_KEY,
     ASGIApp,
@@ -29,7 +30,6 @@ from meshkit.gateway.edge._edge_asgi import (
     is_streaming_type,
     notes,
 )
-from meshkit.gateway.edge._edge_cfg import get_duration, get_str_list, section
 from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
 
 _HOP = {

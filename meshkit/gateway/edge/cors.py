@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from meshkit._sections import get_bool, get_int, get_str_list, section
 from meshkit.gateway.core.errors import GatewayError
 from meshkit.gateway.edge._edge_asgi import (
     ASGIApp,
@@ -15,7 +16,6 @@ from meshkit.gateway.edge._edge_asgi import (
     header,
     send_error,
 )
-from meshkit.gateway.edge._edge_cfg import get_bool, get_int, get_str_list, section
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from meshkit.auth import Authenticator, bearer_token
 from meshkit.errors import ConfigError
 from meshkit.gateway.core._paths import path_below, unmounted
 from meshkit.gateway.core.app import (
@@ -49,7 +50,7 @@ from meshkit.gateway.edge._edge_asgi import (
     send_error,
     send_json,
 )
-from meshkit.gateway.edge.auth import Authenticator, AuthMiddleware, AuthPolicy, bearer_token
+from meshkit.gateway.edge.auth import AuthMiddleware, AuthPolicy
 from meshkit.gateway.edge.bff import BffApp, Composite
 from meshkit.gateway.edge.cache import CacheMiddleware, ResponseCache
 from meshkit.gateway.edge.cors import CorsMiddleware

@@ -58,6 +58,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshkit._sections import (
+    Selector,
+    get_bool,
+    get_int,
+    get_list,
+    get_size,
+    get_str,
+    section,
+)
+from meshkit.auth import AuthConfig
 from meshkit.config import Policy
 from meshkit.errors import ConfigError
 from meshkit.gateway.core.config import (
@@ -68,16 +78,7 @@ from meshkit.gateway.core.config import (
     config_source,
     read_document,
 )
-from meshkit.gateway.edge._edge_cfg import (
-    Selector,
-    get_bool,
-    get_int,
-    get_list,
-    get_size,
-    get_str,
-    section,
-)
-from meshkit.gateway.edge.auth import AuthConfig, AuthPolicy
+from meshkit.gateway.edge.auth import AuthPolicy
 from meshkit.gateway.edge.bff import CompositeSpec
 from meshkit.gateway.edge.cache import CacheRule
 from meshkit.gateway.edge.cors import CorsConfig

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
+from meshkit._sections import get_str, section
+from meshkit.auth import ApiKey, Principal, RateSpec
 from meshkit.errors import ConfigError
 from meshkit.gateway.core.errors import GatewayError
 from meshkit.gateway.edge._edge_asgi import (
@@ -34,8 +36,6 @@ from meshkit.gateway.edge._edge_asgi import (
     notes,
     send_error,
 )
-from meshkit.gateway.edge._edge_cfg import get_str, section
-from meshkit.gateway.edge.auth import ApiKey, Principal, RateSpec
 from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
 from meshkit.resilience.ratelimit import KeyedRateLimiter, RateLimitConfig
 

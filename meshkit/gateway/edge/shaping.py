@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshkit._sections import get_str_list, section
 from meshkit.errors import ConfigError
 from meshkit.gateway.edge._edge_asgi import (
     ASGIApp,
@@ -24,7 +25,6 @@ from meshkit.gateway.edge._edge_asgi import (
     Send,
     is_streaming_type,
 )
-from meshkit.gateway.edge._edge_cfg import get_str_list, section
 
 
 def _tree(paths: tuple[str, ...]) -> dict[str, Any]:

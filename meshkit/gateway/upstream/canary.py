@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 
+from meshkit._sections import get_bool, get_number, get_str, section
 from meshkit.errors import ConfigError
 from meshkit.gateway.edge._edge_asgi import PRINCIPAL_KEY, client_ip, header, notes
-from meshkit.gateway.edge._edge_cfg import get_bool, get_number, get_str, section
 from meshkit.gateway.upstream.upstreams import Upstream
 
 

@@ -1,4 +1,4 @@
-"""Validation helpers for the edge sections of ``gateway.yaml``.
+"""Validation helpers for config sections (the edge sections of ``gateway.yaml``, ``auth:``).
 
 Every reader takes the key path, so a ConfigError names the exact key
 (``profiles.mobile.routes[2].cache.ttl``), the bad value and what was expected.
@@ -7,10 +7,12 @@ Every reader takes the key path, so a ConfigError names the exact key
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshkit.config import parse_duration as _parse_duration
 from meshkit.config import (
     parse_size,
     read_bool,
@@ -20,9 +22,19 @@ from meshkit.config import (
     show_value,
 )
 from meshkit.errors import ConfigError
-from meshkit.gateway.core.config import parse_duration
 
 _MISSING: Any = object()
+
+
+def parse_duration(value: Any, path: str, *, positive: bool = True) -> float:
+    """Seconds from ``"250ms"``, ``"30s"``, ``"1m30s"`` or a number, parsed by
+    :func:`meshkit.config.parse_duration` (one duration grammar for every config);
+    ``positive`` also refuses zero, which a timeout or TTL never means."""
+    seconds = _parse_duration(value, path)
+    if positive and seconds <= 0:
+        shown = json.dumps(value) if isinstance(value, str | int | float) else repr(value)
+        raise ConfigError(path, f"expected a duration > 0, got {shown}")
+    return seconds
 
 
 def section(raw: Any, path: str, known: Sequence[str]) -> Mapping[str, Any]:
