@@ -175,7 +175,7 @@ def _serve_gateways(backend: str, plain_port: int, edge_port: int, desc: str) ->
     import uvicorn
 
     from meshkit.gateway import create_app
-    from meshkit.gateway.edge import create_edge_app
+    from meshkit.gateway.edge.edge import create_edge_app
 
     plain = create_app(desc, [backend])
     edge = create_edge_app(edge_config(backend), desc)
@@ -212,17 +212,12 @@ def _serve_gateways(backend: str, plain_port: int, edge_port: int, desc: str) ->
 def isolated_costs(token: str, n: int = 20000) -> dict[str, float]:
     """CPU-us per request of each feature's middleware around a stub app, in-process:
     no network, no backend, so the machine's noise mostly cancels out."""
-    from meshkit.gateway.auth import (
-        AuthConfig,
-        Authenticator,
-        AuthMiddleware,
-        AuthPolicy,
-        hash_api_key,
-    )
-    from meshkit.gateway.cache import CacheMiddleware, CacheRule, ResponseCache
-    from meshkit.gateway.observability import EdgeMetrics, TelemetryMiddleware
-    from meshkit.gateway.ratelimit import RateLimitMiddleware, RateLimitRule
-    from meshkit.gateway.shaping import ShapingMiddleware, ShapingRule
+    from meshkit.auth import AuthConfig, Authenticator, hash_api_key
+    from meshkit.gateway.edge.auth import AuthMiddleware, AuthPolicy
+    from meshkit.gateway.edge.cache import CacheMiddleware, CacheRule, ResponseCache
+    from meshkit.gateway.edge.observability import EdgeMetrics, TelemetryMiddleware
+    from meshkit.gateway.edge.ratelimit import RateLimitMiddleware, RateLimitRule
+    from meshkit.gateway.edge.shaping import ShapingMiddleware, ShapingRule
 
     body = json.dumps(
         {

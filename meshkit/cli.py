@@ -17,9 +17,9 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "meshkit.nats._cli",
     "meshkit.saga._cli",
     "meshkit.saga._es_cli",
-    "meshkit.gateway._cli",
-    "meshkit.gateway._edge_cli",
-    "meshkit.resilience._cli",
+    "meshkit.gateway.serve._cli",
+    "meshkit.gateway.serve._edge_cli",
+    "meshkit._policy_cli",
 )
 
 

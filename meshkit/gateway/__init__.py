@@ -12,31 +12,23 @@ workers, SIGHUP reload and the guarantees listed in docs/gateway.md.
 
 from typing import Any
 
-from meshkit.gateway.app import (
-    ASGIApp,
-    GatewayApp,
-    GatewayState,
-    Middleware,
-    Route,
-    RouteMiddleware,
-    create_app,
-    load_catalog,
-)
-from meshkit.gateway.config import GatewayConfig, GatewayOptions, load_config
-from meshkit.gateway.descriptors import Catalog, MethodInfo, build_catalog, load_descriptor_set
-from meshkit.gateway.errors import HTTP_STATUS, GatewayError
-from meshkit.gateway.httprule import PathTemplate, TemplateError, parse_template
-from meshkit.gateway.routing import Router, RoutingError
-from meshkit.gateway.transcoding import Binding, HttpRuleError
-from meshkit.gateway.upstreams import Upstream, UpstreamRegistry, make_channel
+from meshkit.gateway.core.app import GatewayApp, GatewayState, create_app, load_catalog
+from meshkit.gateway.core.config import GatewayConfig, GatewayOptions, load_config
+from meshkit.gateway.core.descriptors import Catalog, MethodInfo, build_catalog, load_descriptor_set
+from meshkit.gateway.core.errors import HTTP_STATUS, GatewayError
+from meshkit.gateway.core.httprule import PathTemplate, TemplateError, parse_template
+from meshkit.gateway.core.routing import Router, RoutingError
+from meshkit.gateway.core.transcoding import Binding, HttpRuleError
+from meshkit.gateway.core.types import ASGIApp, Middleware, Route, RouteMiddleware
+from meshkit.gateway.upstream.upstreams import Upstream, UpstreamRegistry, make_channel
 
 # The edge (auth, limits, cache, canary, BFF, OpenAPI) loads PyJWT, cryptography and the
 # Prometheus exporter: imported on first use so a plain transcoding gateway stays light.
 _EDGE_NAMES = {
-    "EdgeApp": "meshkit.gateway.edge",
-    "create_edge_app": "meshkit.gateway.edge",
-    "EdgeConfig": "meshkit.gateway.profiles",
-    "load_edge_config": "meshkit.gateway.profiles",
+    "EdgeApp": "meshkit.gateway.edge.edge",
+    "create_edge_app": "meshkit.gateway.edge.edge",
+    "EdgeConfig": "meshkit.gateway.edge.profiles",
+    "load_edge_config": "meshkit.gateway.edge.profiles",
     "generate_openapi": "meshkit.gateway.openapi",
 }
 

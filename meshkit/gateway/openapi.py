@@ -1,7 +1,7 @@
 """OpenAPI 3.1 from descriptors and ``google.api.http`` rules.
 
 The document describes exactly what the gateway serves: each binding is
-compiled with the gateway's own :func:`~meshkit.gateway.transcoding.compile_binding`
+compiled with the gateway's own :func:`~meshkit.gateway.core.transcoding.compile_binding`
 (so paths, bodies and query parameters agree with the transcoder), and schemas
 follow the canonical proto3 JSON mapping (int64 as strings, enums by name,
 well-known types in their JSON forms). Every operation documents the
@@ -17,9 +17,9 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from meshkit.gateway.descriptors import Catalog, MethodInfo
-from meshkit.gateway.httprule import DEEP, WILD
-from meshkit.gateway.transcoding import Binding, HttpRuleError, compile_binding, rule_bindings
+from meshkit.gateway.core.descriptors import Catalog, MethodInfo
+from meshkit.gateway.core.httprule import DEEP, WILD
+from meshkit.gateway.core.transcoding import Binding, HttpRuleError, compile_binding, rule_bindings
 
 FD = FieldDescriptor
 _REF = "#/components/schemas/"

@@ -145,10 +145,12 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         if handler is None:
             return None
         return wrapped_handler(
-            self._wrapped, handler_call_details.method, handler, self._wrap_method
+            self._wrapped, handler_call_details.method, handler, self.wrap_handler
         )
 
-    def _wrap_method(self, method: str, handler: Any) -> Any:
+    def wrap_handler(self, method: str, handler: Any) -> Any:
+        """``handler`` (a sync ``grpc.RpcMethodHandler`` of ``method``) under its compiled
+        server plan; the aio interceptor uses it for sync handlers on the thread pool."""
         return self._wrap(self._plans.get(method), handler)
 
     def _wrap(self, plan: ServerPlan, handler: Any) -> Any:

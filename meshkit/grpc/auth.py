@@ -1,7 +1,7 @@
 """Server interceptors (grpc.aio and sync) that verify the edge's JWTs for
 service-to-service calls.
 
-It uses the gateway's :class:`~meshkit.gateway.auth.Authenticator`, so a service
+It uses :class:`meshkit.auth.Authenticator`, as the gateway's edge does, so a service
 accepts exactly the tokens (keys, algorithms, issuer, audience, leeway) the edge
 accepts. A call without a valid ``authorization: Bearer <jwt>`` fails with
 UNAUTHENTICATED before the handler runs; the verified claims are available to
@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError, bearer_token
+from meshkit.auth import AuthConfig, Authenticator, AuthError, bearer_token
 
 _claims: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "meshkit_jwt_claims", default=None

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from meshkit.gateway.descriptors import Catalog, build_catalog
+from meshkit.gateway.core.descriptors import Catalog, build_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 from meshkit import Policy
 from meshkit._compat import grpcio as grpcio_compat
 from meshkit._compat import nats as nats_compat
-from meshkit.gateway._unary import unary_invoker
+from meshkit.gateway.upstream._unary import unary_invoker
 from meshkit.saga import _client
 from meshkit.saga.eventstore import EventStoreError, _server_version
 from tests.integration._echo import Mesh, eventually

@@ -27,8 +27,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshkit.gateway.auth import hash_api_key
-from meshkit.gateway.edge import EdgeApp, create_edge_app
+from meshkit.auth import hash_api_key
+from meshkit.gateway.edge.edge import EdgeApp, create_edge_app
 from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
@@ -337,7 +337,7 @@ async def test_route_rate_limit_per_ip(shop_descriptor_set: Path, backend: ShopB
 
 async def test_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) -> None:
     from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-    from meshkit.gateway.auth import AuthConfig
+    from meshkit.auth import AuthConfig
     from meshkit.grpc.auth import JwtServerInterceptor, current_claims
 
     cfg = AuthConfig.from_mapping(edge_config(tmp_path, "127.0.0.1:1")["edge"]["auth"])
@@ -383,7 +383,7 @@ def test_sync_grpc_server_interceptor_verifies_the_same_tokens(tmp_path: Path) -
     from concurrent import futures
 
     from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-    from meshkit.gateway.auth import AuthConfig
+    from meshkit.auth import AuthConfig
     from meshkit.grpc.auth import SyncJwtServerInterceptor, current_claims
 
     cfg = AuthConfig.from_mapping(edge_config(tmp_path, "127.0.0.1:1")["edge"]["auth"])
@@ -561,7 +561,7 @@ async def test_attack_matrix_is_401_everywhere_and_never_reaches_an_upstream(
     make: Any,
 ) -> None:
     from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
-    from meshkit.gateway.auth import AuthConfig
+    from meshkit.auth import AuthConfig
     from meshkit.grpc.auth import JwtServerInterceptor
 
     caplog.set_level(logging.DEBUG)
@@ -663,7 +663,7 @@ async def test_credentials_never_reach_the_access_log_or_spans(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from meshkit.gateway.observability import Redactor, TelemetryMiddleware
+    from meshkit.gateway.edge.observability import Redactor, TelemetryMiddleware
 
     caplog.set_level(logging.DEBUG)
     edge = create_edge_app(edge_config(tmp_path, backend.target), shop_descriptor_set)

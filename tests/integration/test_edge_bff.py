@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from meshkit.gateway.edge import EdgeApp, create_edge_app
+from meshkit.gateway.edge.edge import EdgeApp, create_edge_app
 from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration
@@ -246,7 +246,7 @@ async def test_reload_with_an_unknown_rpc_is_refused_and_the_old_config_serves(
     edge: EdgeApp, client: httpx.AsyncClient, backend: ShopBackend
 ) -> None:
     from meshkit.errors import ConfigError
-    from meshkit.gateway.profiles import EdgeConfig
+    from meshkit.gateway.edge.profiles import EdgeConfig
 
     bad = config(backend.target)
     bad["edge"]["profiles"]["mobile"]["bff"][0]["calls"]["order"]["rpc"] = (

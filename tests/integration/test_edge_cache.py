@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from meshkit.gateway.edge import EdgeApp, create_edge_app
-from meshkit.gateway.profiles import EdgeConfig
+from meshkit.gateway.edge.edge import EdgeApp, create_edge_app
+from meshkit.gateway.edge.profiles import EdgeConfig
 from tests.integration._edge_backends import ShopBackend, edge_client
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from meshkit.gateway.edge import create_edge_app  # noqa: E402
+from meshkit.gateway.edge.edge import create_edge_app  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.integration._edge_backends import ShopBackend  # noqa: E402
 

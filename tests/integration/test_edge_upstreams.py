@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from meshkit.gateway.balancing import BalancedUpstream
-from meshkit.gateway.edge import EdgeApp, create_edge_app
-from meshkit.gateway.profiles import EdgeConfig
+from meshkit.gateway.edge.edge import EdgeApp, create_edge_app
+from meshkit.gateway.edge.profiles import EdgeConfig
+from meshkit.gateway.upstream.balancing import BalancedUpstream
 from tests.conftest import free_port
 from tests.integration._edge_backends import ShopBackend, edge_client
 

@@ -608,7 +608,7 @@ async def test_openapi_document_of_every_rule_kind_validates() -> None:
     # has no operation field for: it is kept as an extension and the document stays valid.
     from openapi_spec_validator import validate
 
-    from meshkit.gateway.app import load_catalog
+    from meshkit.gateway.core.app import load_catalog
     from meshkit.gateway.openapi import generate_openapi
 
     doc = generate_openapi(load_catalog(descriptor_sets()["gwtest"]))

@@ -25,9 +25,9 @@ import uvicorn
 import websockets
 
 from meshkit.gateway import GatewayOptions, create_app
-from meshkit.gateway._http import HttpOptions
-from meshkit.gateway._serve import HttpServer
-from meshkit.gateway._server import bind_socket
+from meshkit.gateway.serve._http import HttpOptions
+from meshkit.gateway.serve._serve import HttpServer
+from meshkit.gateway.serve._server import bind_socket
 from tests.integration.gateway_backend import (
     ROOT,
     Backend,
@@ -735,7 +735,7 @@ async def test_cli_reflect(tmp_path: Path) -> None:
 
 
 async def test_cli_serves_edge_profile_and_reloads(echo: Backend, tmp_path: Path) -> None:
-    """A config with an ``edge:`` section is served through meshkit.gateway.edge."""
+    """A config with an ``edge:`` section is served through meshkit.gateway.edge.edge."""
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(
         f"edge:\n  upstreams:\n    echo: [127.0.0.1:{echo.port}]\n  services:\n    default: echo\n"

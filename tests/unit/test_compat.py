@@ -177,7 +177,7 @@ async def test_unary_calls_fall_back_to_the_public_api_when_grpc_internals_diffe
     # The gateway's fast path drives grpc.aio's internal call object; a grpc release the
     # gate lets through that changes it must cost speed, not correctness: nothing is sent
     # twice, answers still come.
-    from meshkit.gateway import _unary
+    from meshkit.gateway.upstream import _unary
 
     class InternalChannel:
         def call(self, *args: object) -> None:

@@ -13,16 +13,16 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from meshkit.auth import AuthConfig, Authenticator, AuthError, bearer_token
 from meshkit.errors import ConfigError
-from meshkit.gateway.auth import AuthConfig, Authenticator, AuthError, bearer_token
-from meshkit.gateway.bff import CompositeSpec, render
-from meshkit.gateway.cache import CachedResponse, ResponseCache
-from meshkit.gateway.canary import CanarySpec, CanaryUpstream, bucket_of
-from meshkit.gateway.config import GatewayOptions
-from meshkit.gateway.profiles import EdgeConfig
-from meshkit.gateway.ratelimit import RateLimitMiddleware, RateLimitRule
-from meshkit.gateway.shaping import ShapingRule
-from meshkit.gateway.upstreams import Upstream
+from meshkit.gateway.core.config import GatewayOptions
+from meshkit.gateway.edge.bff import CompositeSpec, render
+from meshkit.gateway.edge.cache import CachedResponse, ResponseCache
+from meshkit.gateway.edge.profiles import EdgeConfig
+from meshkit.gateway.edge.ratelimit import RateLimitMiddleware, RateLimitRule
+from meshkit.gateway.edge.shaping import ShapingRule
+from meshkit.gateway.upstream.canary import CanarySpec, CanaryUpstream, bucket_of
+from meshkit.gateway.upstream.upstreams import Upstream
 from meshkit.resilience.clock import FakeClock
 
 pytestmark = pytest.mark.unit
@@ -229,7 +229,7 @@ def test_bff_templates_and_dependencies() -> None:
 def test_openapi_document_validates(shop_descriptor_set: Path) -> None:
     from openapi_spec_validator import validate
 
-    from meshkit.gateway.app import load_catalog
+    from meshkit.gateway.core.app import load_catalog
     from meshkit.gateway.openapi import generate_openapi
 
     doc = generate_openapi(load_catalog(shop_descriptor_set), servers=["http://localhost:8080"])
@@ -293,7 +293,7 @@ async def test_gateway_span_context_is_passed_upstream_as_traceparent() -> None:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from meshkit.gateway.observability import TelemetryMiddleware
+    from meshkit.gateway.edge.observability import TelemetryMiddleware
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -322,7 +322,7 @@ async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def test_subject_limits_and_required_claims(fake_clock: FakeClock) -> None:
-    from meshkit.gateway.auth import AuthMiddleware, AuthPolicy
+    from meshkit.gateway.edge.auth import AuthMiddleware, AuthPolicy
 
     secret = "s" * 40
     cfg = AuthConfig.from_mapping({"jwt": {"keys": [{"algorithm": "HS256", "secret": secret}]}})

@@ -14,10 +14,10 @@ import pytest
 
 from meshkit.config import Policy
 from meshkit.errors import ConfigError
-from meshkit.gateway import upstreams as upstreams_mod
-from meshkit.gateway.config import load_config
-from meshkit.gateway.profiles import load_edge_config
-from meshkit.gateway.upstreams import Upstream, UpstreamRegistry
+from meshkit.gateway.core.config import load_config
+from meshkit.gateway.edge.profiles import load_edge_config
+from meshkit.gateway.upstream import upstreams as upstreams_mod
+from meshkit.gateway.upstream.upstreams import Upstream, UpstreamRegistry
 from meshkit.resilience.fallback import FallbackTrigger
 
 # `on:` is the fallback's trigger key (docs/policy.md); YAML 1.1 would read it as True.

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from meshkit.gateway import _disconnect
-from meshkit.gateway._disconnect import DISCONNECT_EXTENSION, WATCH_AFTER, DisconnectGuard
+from meshkit.gateway.core import _disconnect
+from meshkit.gateway.core._disconnect import DISCONNECT_EXTENSION, WATCH_AFTER, DisconnectGuard
 
 pytestmark = pytest.mark.unit
 

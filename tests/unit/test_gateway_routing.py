@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshkit.gateway.httprule import DEEP, WILD, TemplateError, Variable, parse_template
-from meshkit.gateway.routing import BadPathError, Match, Router, RoutingError
+from meshkit.gateway.core.httprule import DEEP, WILD, TemplateError, Variable, parse_template
+from meshkit.gateway.core.routing import BadPathError, Match, Router, RoutingError
 
 pytestmark = pytest.mark.unit
 
@@ -264,7 +264,7 @@ def test_property_matcher_never_crashes(path: str) -> None:
 def test_route_path_is_below_the_mount_point(
     raw: bytes | None, path: str, root: str, want: str
 ) -> None:
-    from meshkit.gateway._paths import route_path, unmounted
+    from meshkit.gateway.core._paths import route_path, unmounted
 
     scope = {"type": "http", "path": path, "root_path": root}
     if raw is not None:

@@ -12,10 +12,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from meshkit.gateway import GatewayOptions, build_catalog
-from meshkit.gateway.descriptors import Catalog
-from meshkit.gateway.errors import GatewayError, status_json
-from meshkit.gateway.metadata import read_headers
-from meshkit.gateway.transcoding import JsonCodec
+from meshkit.gateway.core.descriptors import Catalog
+from meshkit.gateway.core.errors import GatewayError, status_json
+from meshkit.gateway.core.metadata import read_headers
+from meshkit.gateway.core.transcoding import JsonCodec
 from tests.integration.gateway_backend import descriptor_sets
 
 pytestmark = pytest.mark.unit

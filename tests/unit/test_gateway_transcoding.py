@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from meshkit.errors import ConfigError
 from meshkit.gateway import GatewayOptions, build_catalog, create_app
-from meshkit.gateway.config import load_config
-from meshkit.gateway.descriptors import Catalog
-from meshkit.gateway.errors import HTTP_STATUS, GatewayError, http_status_for, status_json
-from meshkit.gateway.metadata import parse_timeout, read_headers
-from meshkit.gateway.transcoding import Binding, JsonCodec, Transcoder, compile_binding
+from meshkit.gateway.core.config import load_config
+from meshkit.gateway.core.descriptors import Catalog
+from meshkit.gateway.core.errors import HTTP_STATUS, GatewayError, http_status_for, status_json
+from meshkit.gateway.core.metadata import parse_timeout, read_headers
+from meshkit.gateway.core.transcoding import Binding, JsonCodec, Transcoder, compile_binding
 from tests.integration.gateway_backend import descriptor_sets
 
 pytestmark = pytest.mark.unit
@@ -601,7 +601,7 @@ def test_load_config_file(tmp_path: Any) -> None:
     assert exc.value.source == str(tmp_path / "missing.yaml")
     assert "cannot load" in str(exc.value)
     # The edge loader reads and reports the same way.
-    from meshkit.gateway.profiles import load_edge_config
+    from meshkit.gateway.edge.profiles import load_edge_config
 
     p.write_text("edge:\n  metrics: 3\n")
     with pytest.raises(ConfigError) as exc:
@@ -612,7 +612,7 @@ def test_load_config_file(tmp_path: Any) -> None:
 async def test_lifespan_reports_startup_failure_and_runs_shutdown() -> None:
     import logging
 
-    from meshkit.gateway.app import serve_lifespan
+    from meshkit.gateway.core.app import serve_lifespan
 
     done: list[str] = []
 
@@ -653,8 +653,8 @@ def test_the_cli_server_needs_no_uvicorn() -> None:
 
     code = (
         "import sys; sys.modules['uvicorn'] = None\n"
-        "import meshkit.gateway._cli, meshkit.gateway._edge_cli, meshkit.gateway._serve\n"
-        "import meshkit.gateway._server, meshkit.gateway._http, meshkit.gateway._ws\n"
+        "import meshkit.gateway.serve._cli, meshkit.gateway.serve._edge_cli, meshkit.gateway.serve._serve\n"
+        "import meshkit.gateway.serve._server, meshkit.gateway.serve._http, meshkit.gateway.serve._ws\n"
         "print(sorted(m for m in sys.modules if m.startswith('uvicorn') and sys.modules[m]))"
     )
     proc = subprocess.run(

@@ -92,7 +92,7 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,typ
             if inspect.iscoroutinefunction(behavior):
                 return with_behavior(handler, field, self._coroutine(plan, behavior))
             # A sync handler run on the migration thread pool.
-            return self._sync._wrap(self._sync._plans.get(plan.method), handler)
+            return self._sync.wrap_handler(plan.method, handler)
         return handler
 
     async def _admit(self, plan: ServerPlan, context: Any, deadline: float | None) -> Admission:

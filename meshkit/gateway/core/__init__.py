@@ -1,0 +1,1 @@
+"""The transcoding core: descriptors, HttpRule, routing, JSON, errors, the ASGI app."""

@@ -1,0 +1,1 @@
+"""Edge features as ASGI middleware: auth, rate limits, cache, CORS, shaping, BFF, observability."""

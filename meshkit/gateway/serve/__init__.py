@@ -1,0 +1,1 @@
+"""meshkit's own HTTP/1.1 + WebSocket server and the gateway CLIs."""

@@ -1,0 +1,1 @@
+"""Upstream gRPC channels: the registry, balancing, canary, the direct unary call."""

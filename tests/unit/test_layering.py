@@ -1,0 +1,88 @@
+"""Layers point one way (docs/architecture.md): each rule lists the imports a package
+must never make, read from the source with :mod:`ast` (imports inside functions and
+``TYPE_CHECKING`` blocks count too: a lazy import is still a dependency)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "meshkit"
+
+HTTP = ("httptools", "uvicorn", "starlette", "websockets", "h11", "httpx")
+NATS = ("nats",)
+GRPC = ("grpc", "grpc_health", "grpc_reflection")
+
+#: package (path under meshkit/) -> module prefixes it must not import
+RULES: dict[str, tuple[str, ...]] = {
+    "resilience": (
+        *GRPC,
+        *HTTP,
+        *NATS,
+        "meshkit.config",
+        "meshkit.gateway",
+        "meshkit.grpc",
+        "meshkit.saga",
+        "meshkit.nats",
+        "meshkit.auth",
+    ),
+    "grpc": ("meshkit.gateway", "meshkit.saga"),
+    "auth": (*GRPC, *HTTP, "meshkit.gateway", "meshkit.grpc", "meshkit.saga"),
+    "saga": ("meshkit.gateway",),
+}
+
+
+def imported_modules(path: Path, package: str | None = None) -> list[tuple[int, str]]:
+    """(line, module) of every import in ``path`` (of ``package``, by default the one
+    it sits in); relative imports resolved."""
+    if package is None:
+        package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            out.append((node.lineno, base))
+            # ``from meshkit import gateway`` imports the submodule.
+            out.extend((node.lineno, f"{base}.{alias.name}") for alias in node.names)
+    return out
+
+
+def _matches(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_layer_imports_point_one_way(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"meshkit/{package}/ has no modules"
+    bad = [
+        f"{path.relative_to(ROOT.parent)}:{line} imports {module}"
+        for path in files
+        for line, module in imported_modules(path)
+        for prefix in RULES[package]
+        if _matches(module, prefix)
+    ]
+    assert not bad, "layering broken:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_violations(tmp_path: Path) -> None:
+    """The rules above are not vacuous: a lazy, a relative and a ``from x import y``
+    import are all seen."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "def f():\n    from meshkit.gateway.core import app\nfrom .. import saga\nimport nats.js\n"
+    )
+    modules = [m for _, m in imported_modules(probe, "meshkit.grpc")]
+    assert "meshkit.gateway.core.app" in modules
+    assert "meshkit.saga" in modules
+    assert "nats.js" in modules
