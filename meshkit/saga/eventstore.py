@@ -629,7 +629,7 @@ class EventStore:
                 if isinstance(expected, Version):
                     current = expected
                 else:
-                    current = await self.version(aggregate_type, aggregate_id)
+                    current = await self._deciding_version(aggregate_type, aggregate_id)
                     if expected is not None and current.number != expected:
                         if event_ids is not None and current.number > expected:
                             # A retry of an append that was stored: the events
@@ -707,7 +707,7 @@ class EventStore:
                     # An atomic batch is stored whole or not at all: a message id
                     # the stream has means the whole batch was stored before.
                     if only_new:
-                        actual = await self.version(aggregate_type, aggregate_id)
+                        actual = await self._deciding_version(aggregate_type, aggregate_id)
                         raise AggregateConflict(name, 0, actual.number) from None
                     at = await self._find_id(aggregate_type, aggregate_id, ids[0], current)
                     done = (
@@ -725,7 +725,7 @@ class EventStore:
                     ) from None
                 except _WrongLastSequence:
                     if only_new:
-                        actual = await self.version(aggregate_type, aggregate_id)
+                        actual = await self._deciding_version(aggregate_type, aggregate_id)
                         raise AggregateConflict(name, 0, actual.number) from None
                     if event_ids is not None:
                         # Our events (or the start of them) right after `current`:
@@ -757,7 +757,7 @@ class EventStore:
                         # lockstep: a short random pause spreads them out.
                         await asyncio.sleep(random.uniform(0, min(0.02, 0.001 * 2**attempt)))
                         continue
-                    actual = await self.version(aggregate_type, aggregate_id)
+                    actual = await self._deciding_version(aggregate_type, aggregate_id)
                     raise AggregateConflict(name, current.number, actual.number) from None
             stored = tuple(
                 StoredEvent(
@@ -1138,7 +1138,11 @@ class EventStore:
     # -- read -------------------------------------------------------------
 
     async def version(self, aggregate_type: str, aggregate_id: str) -> Version:
-        """The aggregate's current version (one direct get of its last event)."""
+        """The aggregate's current version (one direct get of its last event).
+
+        On a replicated stream a follower behind the leader may answer it: to decide
+        on, use :meth:`leader_version` (``append`` does, on a cluster).
+        """
         subjects = self.aggregate_filter(aggregate_type, aggregate_id)
         last = await _riding(
             f"reading the version of {subjects}", lambda: self._direct_last(subjects)
@@ -1163,6 +1167,25 @@ class EventStore:
         if last is None:
             return Version()
         return Version(_int_header(last.headers, AGGREGATE_VERSION, 0), last.seq)
+
+    async def _deciding_version(self, aggregate_type: str, aggregate_id: str) -> Version:
+        """The version an append decides on (``expected=<int>`` or ``None``).
+
+        On a cluster, from the stream leader (:meth:`leader_version`): a follower
+        behind it would answer an old version by direct get, a spurious
+        :class:`AggregateConflict` for ``expected=<int>`` and a refused first try for
+        ``expected=None``. The request is one, as the direct get's; on a single
+        nats-server the direct get stays (its one copy is current).
+        """
+        if self._on_cluster():
+            return await self.leader_version(aggregate_type, aggregate_id)
+        return await self.version(aggregate_type, aggregate_id)
+
+    def _on_cluster(self) -> bool:
+        """Whether the connected server is part of a cluster (its INFO names one), so
+        the stream may be replicated. Free: the INFO is already on the connection."""
+        info = getattr(self.nc, "_server_info", None)
+        return isinstance(info, dict) and bool(info.get("cluster"))
 
     async def read_from_leader(
         self, aggregate_type: str, aggregate_id: str, *, after: Version, through_seq: int

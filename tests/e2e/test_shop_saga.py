@@ -2,7 +2,13 @@
 
 The demo itself; a participant killed in the middle of a handler; a participant
 that crashes after committing but before acknowledging; a nats-server restart in
-the middle of many sagas. After each, every saga is final and the invariants hold.
+the middle of many sagas; a stalled saga timing out. After each, every saga is final
+and the invariants hold.
+
+The chaos tests run twice (issue #17): on one nats-server, and on a 3-node cluster
+with every stream and bucket R3 (``MESHKIT_NATS_REPLICAS=3``, the server list as the
+NATS URL), where restarting "the nats-server" is a SIGKILL and restart of the node
+that leads the ``SHOP`` stream. ``-m cluster`` selects the cluster variants.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from typing import Any
 import pytest
 
 from examples.shop import invariants
+from examples.shop.chaos import _stream_leader
 from examples.shop.demo import SCENARIOS, GrpcOrders, Scenario
 from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, SHOP_STREAM
 from examples.shop.runner import SERVICES, ShopCluster
-from meshkit.nats import NatsServer
+from meshkit.nats import NatsCluster, NatsServer
 from meshkit.saga import EventBus, SagaTracker, state_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -31,10 +38,34 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST_ENV = {"SHOP_ACK_WAIT": "2"}
 
 
+class Nats:
+    """The test's NATS: one nats-server, or a 3-node cluster with R3 streams."""
+
+    def __init__(self, server: NatsServer | NatsCluster) -> None:
+        self.server = server
+        self.url = server.url
+
+    async def restart(self) -> str:
+        """Restart the server; on a cluster, SIGKILL and restart the ``SHOP`` leader.
+
+        Returns the name of the node restarted ("" for the single server).
+        """
+        if isinstance(self.server, NatsServer):
+            await asyncio.to_thread(self.server.restart)
+            return ""
+        bus = await EventBus.connect(self.url, name="test-leader")
+        try:
+            leader = await _stream_leader(bus.js, SHOP_STREAM.name)
+        finally:
+            await bus.close()
+        assert leader, "SHOP has no leader"
+        # Kill (a crash: no leadership handed over) and start again: an election.
+        await asyncio.to_thread(self.server.restart, self.server.index_of(leader))
+        return leader
+
+
 class Shop:
-    def __init__(
-        self, nats: NatsServer, tmp: Path, env: dict[str, dict[str, str]] | None = None
-    ) -> None:
+    def __init__(self, nats: Nats, tmp: Path, env: dict[str, dict[str, str]] | None = None) -> None:
         per = {name: dict(FAST_ENV) for name in SERVICES}
         for name, extra in (env or {}).items():
             per[name].update(extra)
@@ -48,6 +79,10 @@ class Shop:
         await asyncio.to_thread(self.cluster.start)
         self.bus = await EventBus.connect(self.nats.url, name="test-tracker", publish_retry=30)
         self.tracker = await SagaTracker(self.bus, SHOP_STREAM, ORDER_SAGA).start()
+        if isinstance(self.nats.server, NatsCluster):  # R3 through the one setting alone
+            for stream in (SHOP_STREAM.name, "KV_meshkit_sagas"):
+                info = await self.bus.js.stream_info(stream)
+                assert info.config.num_replicas == 3, (stream, info.config.num_replicas)
         self.orders = GrpcOrders(self.cluster.address("order"))
         return self
 
@@ -85,10 +120,19 @@ class Shop:
         return await asyncio.to_thread(self.cluster.stop)
 
 
-@pytest.fixture
-async def nats() -> AsyncIterator[NatsServer]:
-    async with NatsServer() as server:
-        yield server
+@pytest.fixture(params=["single", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def nats(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Nats]:
+    """One nats-server, or a fresh 3-node cluster (under a second to start) with every
+    stream and bucket R3: the services inherit the setting, the test's tracker too."""
+    if request.param == "single":
+        async with NatsServer() as server:
+            yield Nats(server)
+        return
+    monkeypatch.setenv("MESHKIT_NATS_REPLICAS", "3")
+    async with NatsCluster(size=3, start_timeout=60.0) as cluster:
+        yield Nats(cluster)
 
 
 def _ledger(shop: Shop, order_id: str) -> list[str]:
@@ -123,7 +167,7 @@ def test_the_demo_exits_zero_with_every_invariant() -> None:
 
 
 async def test_participant_killed_mid_handler_is_redelivered_and_charges_once(
-    nats: NatsServer, tmp_path: Path
+    nats: Nats, tmp_path: Path
 ) -> None:
     shop = await Shop(nats, tmp_path, env={"payment": {"SHOP_HANDLER_DELAY": "30"}}).start()
     try:
@@ -148,7 +192,7 @@ async def test_participant_killed_mid_handler_is_redelivered_and_charges_once(
 
 
 async def test_crash_after_commit_before_ack_replays_outputs_without_a_second_effect(
-    nats: NatsServer, tmp_path: Path
+    nats: Nats, tmp_path: Path
 ) -> None:
     marker = tmp_path / "crash-once"
     marker.write_text("x")
@@ -178,7 +222,7 @@ async def test_crash_after_commit_before_ack_replays_outputs_without_a_second_ef
 
 
 async def test_nats_restart_during_many_sagas_every_saga_finishes_and_invariants_hold(
-    nats: NatsServer, tmp_path: Path
+    nats: Nats, tmp_path: Path
 ) -> None:
     shop = await Shop(nats, tmp_path).start()
     try:
@@ -186,7 +230,8 @@ async def test_nats_restart_during_many_sagas_every_saga_finishes_and_invariants
         batch = [mix[i % len(mix)] for i in range(60)]
         placing = asyncio.create_task(shop.place(batch, "restart"))
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(nats.restart)  # file storage: the streams, consumers and KV survive
+        # File storage: the streams, consumers and KV survive (on a cluster, on the others).
+        await nats.restart()
         ids = await placing
         more = await shop.place(batch[:20], "after")
         states = await shop.final_states(ids + more, within=90)
@@ -204,9 +249,7 @@ async def test_nats_restart_during_many_sagas_every_saga_finishes_and_invariants
         await shop.stop()
 
 
-async def test_a_stalled_saga_times_out_and_is_compensated(
-    nats: NatsServer, tmp_path: Path
-) -> None:
+async def test_a_stalled_saga_times_out_and_is_compensated(nats: Nats, tmp_path: Path) -> None:
     shop = await Shop(nats, tmp_path, env={"order": {"SHOP_SAGA_TIMEOUT": "1.5"}}).start()
     try:
         await asyncio.to_thread(shop.cluster.stop_one, "shipping")  # the saga will stall there
