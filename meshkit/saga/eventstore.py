@@ -1182,10 +1182,10 @@ class EventStore:
         return await self.version(aggregate_type, aggregate_id)
 
     def _on_cluster(self) -> bool:
-        """Whether the connected server is part of a cluster (its INFO names one), so
-        the stream may be replicated. Free: the INFO is already on the connection."""
-        info = getattr(self.nc, "_server_info", None)
-        return isinstance(info, dict) and bool(info.get("cluster"))
+        """Whether the connection knows several servers (a cluster's members, given or
+        discovered from the server's INFO), so the stream may be replicated. Free:
+        nats-py's public server pool is already there."""
+        return len(self.nc.servers) > 1
 
     async def read_from_leader(
         self, aggregate_type: str, aggregate_id: str, *, after: Version, through_seq: int

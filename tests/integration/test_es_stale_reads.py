@@ -114,7 +114,7 @@ async def test_an_append_on_a_cluster_decides_on_the_leaders_version(
     first = await store.append(
         "acct", agg, [events_pb2.OrderCreated(order_id=agg), paid(1)], expected=Version()
     )
-    assert not store._on_cluster()  # one nats-server: its INFO names no cluster
+    assert not store._on_cluster()  # one nats-server: the connection knows only it
     monkeypatch.setattr(store, "_on_cluster", lambda: True)  # as on a replicated stream
     lagging(store, monkeypatch)
     calls = counting(store, monkeypatch, "_store")
