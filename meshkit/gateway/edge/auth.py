@@ -1,19 +1,8 @@
 """Authentication at the edge: JWT bearer tokens and API keys, verified by
 :mod:`meshkit.auth`.
 
-* JWT (PyJWT): HS256, RS256 and ES256. Each key pins its algorithms, so a token
-  can never pick the verification algorithm (``alg: none`` is never allowed, and
-  an HS256 token "signed" with an RSA public key as the HMAC secret fails: the
-  RSA key only accepts RS256). Keys come only from the configuration (``jku``,
-  ``x5u``, ``jwk`` headers are never used); any ``crit`` header and a non-string
-  ``kid`` are refused. ``exp``, ``nbf`` (with leeway), ``iss`` and ``aud`` are
-  checked, and registered claims must have their JSON types (NumericDate numbers).
-  Every failure, whatever PyJWT raised, is an :class:`AuthError`. Keys come from
-  the config, files, or a JWKS file; :meth:`KeyStore.reload` re-reads the files
-  (the gateway calls it on reload).
-* API keys: in a header or a query parameter; the config stores only their
-  SHA-256, compared with :func:`hmac.compare_digest`; each key has a name and
-  may carry its own rate limit.
+What is accepted and refused (algorithms pinned per key, no keys from token
+headers, ``crit`` refused, typed claims, hashed API keys) is :mod:`meshkit.auth`'s.
 
 :class:`AuthMiddleware` enforces one :class:`AuthPolicy`; build one per route
 with :func:`auth_route_middleware`. Verified claims go upstream as metadata
