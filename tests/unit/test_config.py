@@ -213,7 +213,7 @@ def test_concurrent_lookups_share_one_object() -> None:
 
 
 def test_compiled_methods_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import meshkit.config as config
+    import meshkit.config.policy as config
 
     monkeypatch.setattr(config, "MAX_COMPILED_METHODS", 3)
     p = Policy.from_dict(PRECEDENCE)
