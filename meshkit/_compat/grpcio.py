@@ -236,7 +236,7 @@ class AioHalfClose:
 
     def half_closed(self) -> bool:
         """Whether the caller's request stream has ended (``done_writing()`` or its end)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say when its requests end")
 
     @property
     def _done_writing_flag(self) -> bool:

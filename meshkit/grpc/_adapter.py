@@ -65,7 +65,8 @@ class ClientAdapter(Generic[ChannelT]):
         self._lock = threading.Lock()
 
     def _insecure_channel(self, target: str) -> ChannelT:
-        raise NotImplementedError
+        """A channel to a fallback's alternate target; each adapter opens its own kind."""
+        raise NotImplementedError(f"{type(self).__name__} must open alternate channels")
 
     def _compile(self, method: str | bytes) -> ClientPlan:
         name = method.decode() if isinstance(method, bytes) else method

@@ -89,10 +89,12 @@ class _Lifecycle:
     (``async with`` runs them on a thread, so the event loop is not blocked)."""
 
     def start(self) -> Self:
-        raise NotImplementedError
+        """Start (blocking); each server kind defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define start()")
 
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop (blocking); each server kind defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define stop()")
 
     def __enter__(self) -> Self:
         return self.start()

@@ -637,12 +637,8 @@ class EventStore:
                             at = await self._seq_of_version(
                                 aggregate_type, aggregate_id, expected + 1, current
                             )
-                            done = (
-                                await self._resume(
-                                    at, aggregate_type, aggregate_id, events, ids, atomic, **meta
-                                )
-                                if at
-                                else None
+                            done = await self._resume(
+                                at, aggregate_type, aggregate_id, events, ids, atomic, **meta
                             )
                             if done is not None:
                                 return done
@@ -710,12 +706,8 @@ class EventStore:
                         actual = await self._deciding_version(aggregate_type, aggregate_id)
                         raise AggregateConflict(name, 0, actual.number) from None
                     at = await self._find_id(aggregate_type, aggregate_id, ids[0], current)
-                    done = (
-                        await self._resume(
-                            at, aggregate_type, aggregate_id, events, ids, atomic, **meta
-                        )
-                        if at
-                        else None
+                    done = await self._resume(
+                        at, aggregate_type, aggregate_id, events, ids, atomic, **meta
                     )
                     if done is not None:
                         return done
@@ -743,12 +735,8 @@ class EventStore:
                             # Or ours end at `current`: a retry decided on the state
                             # its first try returned.
                             at = await self._ending_at(aggregate_type, aggregate_id, ids, current)
-                            done = (
-                                await self._resume(
-                                    at, aggregate_type, aggregate_id, events, ids, atomic, **meta
-                                )
-                                if at
-                                else None
+                            done = await self._resume(
+                                at, aggregate_type, aggregate_id, events, ids, atomic, **meta
                             )
                         if done is not None:
                             return done
@@ -780,7 +768,7 @@ class EventStore:
 
     async def _resume(
         self,
-        seq: int,
+        seq: int | None,
         aggregate_type: str,
         aggregate_id: str,
         events: Sequence[Message],
@@ -794,8 +782,10 @@ class EventStore:
         them there: what was stored (a retry gets what its first try stored). A
         prefix there (a one-by-one append cut short earlier): the rest is appended
         after it, so the caller gets the whole run, each event once. None when the
-        event at ``seq`` is not ours.
+        event at ``seq`` is not ours, or ``seq`` is None (none of ours was found).
         """
+        if not seq:
+            return None
         mine = await self._run_from(aggregate_type, aggregate_id, seq, ids)
         if not mine:
             return None

@@ -600,11 +600,13 @@ class _AioUnaryCall(AioHalfClose, grpc.aio.StreamUnaryCall):  # type: ignore[mis
         if isinstance(outcome, _SUCall):
             await outcome.wait_for_connection()
 
-    async def write(self, request: Any) -> None:  # grpc.aio's wrapper feeds the writes
-        raise NotImplementedError
+    async def write(self, request: Any) -> None:
+        # grpc.aio hands the caller its own wrapper, whose write() feeds our request
+        # iterator: nothing reaches this object's write() through the public API.
+        raise RuntimeError("write() belongs to the call grpc.aio returned, not to this view")
 
     async def done_writing(self) -> None:
-        raise NotImplementedError
+        raise RuntimeError("done_writing() belongs to the call grpc.aio returned, not to this view")
 
 
 def _arity_view(arity: type[Any], name: str) -> type[Any]:
