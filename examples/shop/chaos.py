@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.shop import invariants
-from examples.shop.demo import EXPECT_COMPLETED, SCENARIOS, Scenario
+from examples.shop.demo import EXPECT_COMPLETED, SCENARIOS, Scenario, order_request
 from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, ORDERS_STORE, SHOP_STREAM
 from examples.shop.runner import SERVICES, ShopCluster
 
@@ -180,27 +180,7 @@ class _Placer:
     async def create(self, s: Scenario, request_id: str) -> str:
         import grpc
 
-        from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
-
-        req = orders_pb2.CreateOrderRequest(
-            customer_id=s.customer,
-            items=[
-                common_pb2.LineItem(
-                    sku=sku,
-                    quantity=qty,
-                    unit_price=common_pb2.Money(currency="KRW", amount_minor=price),
-                )
-                for sku, qty, price in s.items
-            ],
-            shipping_address=common_pb2.Address(
-                name=s.customer,
-                line1="1 Main St",
-                city="Seoul",
-                postal_code="04524",
-                country=s.country,
-            ),
-            request_id=request_id,
-        )
+        req = order_request(s, request_id)
         self._n += 1
         turn = self._n
         end = time.monotonic() + self.within

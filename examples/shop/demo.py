@@ -38,6 +38,31 @@ class Scenario:
     expect: str  # final saga state
 
 
+def order_request(s: Scenario, request_id: str) -> Any:
+    """The CreateOrder request of scenario ``s`` (a shop.v1.CreateOrderRequest)."""
+    from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
+
+    return orders_pb2.CreateOrderRequest(
+        customer_id=s.customer,
+        items=[
+            common_pb2.LineItem(
+                sku=sku,
+                quantity=qty,
+                unit_price=common_pb2.Money(currency="KRW", amount_minor=price),
+            )
+            for sku, qty, price in s.items
+        ],
+        shipping_address=common_pb2.Address(
+            name=s.customer,
+            line1="1 Main St",
+            city="Seoul",
+            postal_code="04524",
+            country=s.country,
+        ),
+        request_id=request_id,
+    )
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("success", "alice", (("book", 2, 15000), ("pen", 3, 1200)), "KR", EXPECT_COMPLETED),
     Scenario("success", "carol", (("lamp", 1, 49000),), "DE", EXPECT_COMPLETED),
@@ -81,28 +106,7 @@ class GrpcOrders:
         )
 
     async def create(self, s: Scenario, request_id: str) -> str:
-        from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
-
-        req = orders_pb2.CreateOrderRequest(
-            customer_id=s.customer,
-            items=[
-                common_pb2.LineItem(
-                    sku=sku,
-                    quantity=qty,
-                    unit_price=common_pb2.Money(currency="KRW", amount_minor=price),
-                )
-                for sku, qty, price in s.items
-            ],
-            shipping_address=common_pb2.Address(
-                name=s.customer,
-                line1="1 Main St",
-                city="Seoul",
-                postal_code="04524",
-                country=s.country,
-            ),
-            request_id=request_id,
-        )
-        order = await self.stub.CreateOrder(req, timeout=10)
+        order = await self.stub.CreateOrder(order_request(s, request_id), timeout=10)
         return str(order.order_id)
 
     async def view(self, order_id: str) -> dict[str, Any] | None:
