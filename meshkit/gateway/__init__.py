@@ -12,6 +12,7 @@ workers, SIGHUP reload and the guarantees listed in docs/gateway.md.
 
 from typing import Any
 
+from meshkit.gateway._asgi import ASGIApp, Middleware
 from meshkit.gateway.core.app import GatewayApp, GatewayState, create_app, load_catalog
 from meshkit.gateway.core.config import GatewayConfig, GatewayOptions, load_config
 from meshkit.gateway.core.descriptors import Catalog, MethodInfo, build_catalog, load_descriptor_set
@@ -19,7 +20,7 @@ from meshkit.gateway.core.errors import HTTP_STATUS, GatewayError
 from meshkit.gateway.core.httprule import PathTemplate, TemplateError, parse_template
 from meshkit.gateway.core.routing import Router, RoutingError
 from meshkit.gateway.core.transcoding import Binding, HttpRuleError
-from meshkit.gateway.core.types import ASGIApp, Middleware, Route, RouteMiddleware
+from meshkit.gateway.core.types import Route, RouteMiddleware
 from meshkit.gateway.upstream.upstreams import Upstream, UpstreamRegistry, make_channel
 
 # The edge (auth, limits, cache, canary, BFF, OpenAPI) loads PyJWT, cryptography and the

@@ -35,6 +35,7 @@ from google.protobuf import descriptor_pb2
 
 from meshkit.config import Policy
 from meshkit.errors import ConfigError
+from meshkit.gateway._asgi import ASGIApp, Middleware, Receive, Scope, Send
 from meshkit.gateway.core._disconnect import DisconnectGuard
 from meshkit.gateway.core._paths import route_path, unmounted
 from meshkit.gateway.core.config import GatewayOptions, compile_policy
@@ -67,15 +68,7 @@ from meshkit.gateway.core.transcoding import (
     compile_binding,
     rule_bindings,
 )
-from meshkit.gateway.core.types import (
-    ASGIApp,
-    Middleware,
-    Receive,
-    Route,
-    RouteMiddleware,
-    Scope,
-    Send,
-)
+from meshkit.gateway.core.types import Route, RouteMiddleware
 from meshkit.gateway.upstream._unary import UnaryInvoker, unary_invoker
 from meshkit.gateway.upstream.upstreams import UpstreamRegistry
 

@@ -39,7 +39,8 @@ from meshkit.gateway.core.metadata import RequestHeaders, accepts_trailers, read
 from meshkit.gateway.core.transcoding import Binding
 
 if TYPE_CHECKING:
-    from meshkit.gateway.core.types import Receive, Scope, Send, StateView
+    from meshkit.gateway._asgi import Receive, Scope, Send
+    from meshkit.gateway.core.types import StateView
 
 log = logging.getLogger("meshkit.gateway")
 

@@ -8,25 +8,19 @@ not the app, so app → streaming/websocket → app is no longer a circle.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
+from meshkit.gateway._asgi import ASGIApp, Receive, Scope, Send
 from meshkit.gateway.core.config import GatewayOptions
 from meshkit.gateway.core.descriptors import Catalog
 from meshkit.gateway.core.errors import GatewayError
 from meshkit.gateway.core.metadata import RequestHeaders
 from meshkit.gateway.core.routing import Router
 from meshkit.gateway.core.transcoding import Binding, JsonCodec, Transcoder
-
-Scope = MutableMapping[str, Any]
-Message_ = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message_]]
-Send = Callable[[Message_], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Middleware = Callable[[ASGIApp], ASGIApp]
 
 
 @dataclass(slots=True)

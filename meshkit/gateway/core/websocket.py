@@ -35,7 +35,8 @@ from meshkit.gateway.core.metadata import read_headers
 from meshkit.gateway.core.routing import BadPathError, Match
 
 if TYPE_CHECKING:
-    from meshkit.gateway.core.types import Receive, Scope, Send, StateView
+    from meshkit.gateway._asgi import Receive, Scope, Send
+    from meshkit.gateway.core.types import StateView
 
 log = logging.getLogger("meshkit.gateway")
 

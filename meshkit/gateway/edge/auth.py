@@ -26,8 +26,7 @@ from google.rpc import error_details_pb2
 from meshkit._sections import get_str, get_str_list, section
 from meshkit.auth import Authenticator, AuthError, Principal, bearer_token
 from meshkit.errors import ConfigError
-from meshkit.gateway.core.errors import GatewayError
-from meshkit.gateway.edge._edge_asgi import (
+from meshkit.gateway._asgi import (
     PRINCIPAL_KEY,
     ASGIApp,
     Receive,
@@ -35,9 +34,10 @@ from meshkit.gateway.edge._edge_asgi import (
     Send,
     header,
     notes,
-    send_error,
     set_headers,
 )
+from meshkit.gateway.core.errors import GatewayError
+from meshkit.gateway.edge._responses import send_error
 
 #: Metadata the gateway sets from verified credentials; clients may never send them.
 FORWARDED_PREFIX = b"grpc-metadata-x-jwt-"

@@ -35,6 +35,7 @@ from google.protobuf.message import Message
 
 from meshkit._sections import get_bool, get_duration, get_str, section
 from meshkit.errors import ConfigError
+from meshkit.gateway._asgi import ASGIApp, Receive, Scope, Send, notes
 from meshkit.gateway.core._fastjson import DescT
 from meshkit.gateway.core._paths import route_path
 from meshkit.gateway.core.config import GatewayOptions
@@ -44,15 +45,7 @@ from meshkit.gateway.core.httprule import PathTemplate, TemplateError, parse_tem
 from meshkit.gateway.core.metadata import read_headers
 from meshkit.gateway.core.routing import BadPathError, Match, Router, RoutingError
 from meshkit.gateway.core.transcoding import JsonCodec
-from meshkit.gateway.edge._edge_asgi import (
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    notes,
-    send_error,
-    send_json,
-)
+from meshkit.gateway.edge._responses import send_error, send_json
 from meshkit.gateway.edge.shaping import ShapingRule
 from meshkit.gateway.upstream.upstreams import UpstreamRegistry
 

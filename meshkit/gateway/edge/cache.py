@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshkit._sections import get_duration, get_str_list, section
-from meshkit.gateway.edge._edge_asgi import (
+from meshkit.gateway._asgi import (
     PRINCIPAL_KEY,
     ASGIApp,
-    BufferedResponse,
     Receive,
     Scope,
     Send,
@@ -30,6 +29,7 @@ from meshkit.gateway.edge._edge_asgi import (
     is_streaming_type,
     notes,
 )
+from meshkit.gateway.edge._responses import BufferedResponse
 from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
 
 _HOP = {

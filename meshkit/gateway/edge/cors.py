@@ -6,16 +6,9 @@ import fnmatch
 from dataclasses import dataclass
 
 from meshkit._sections import get_bool, get_int, get_str_list, section
+from meshkit.gateway._asgi import ASGIApp, Message, Receive, Scope, Send, header
 from meshkit.gateway.core.errors import GatewayError
-from meshkit.gateway.edge._edge_asgi import (
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    header,
-    send_error,
-)
+from meshkit.gateway.edge._responses import send_error
 
 
 @dataclass(frozen=True, slots=True)

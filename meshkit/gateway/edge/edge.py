@@ -27,6 +27,7 @@ from typing import Any
 
 from meshkit.auth import Authenticator, bearer_token
 from meshkit.errors import ConfigError
+from meshkit.gateway._asgi import PRINCIPAL_KEY, ASGIApp, Receive, Scope, Send, header, notes
 from meshkit.gateway.core._paths import path_below, unmounted
 from meshkit.gateway.core.app import (
     DescriptorSource,
@@ -39,17 +40,7 @@ from meshkit.gateway.core.descriptors import Catalog
 from meshkit.gateway.core.errors import GatewayError
 from meshkit.gateway.core.metadata import assign_request_id, send_with_request_id
 from meshkit.gateway.core.types import Route
-from meshkit.gateway.edge._edge_asgi import (
-    PRINCIPAL_KEY,
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    header,
-    notes,
-    send_error,
-    send_json,
-)
+from meshkit.gateway.edge._responses import send_error, send_json
 from meshkit.gateway.edge.auth import AuthMiddleware, AuthPolicy
 from meshkit.gateway.edge.bff import BffApp, Composite
 from meshkit.gateway.edge.cache import CacheMiddleware, ResponseCache

@@ -30,7 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from meshkit.gateway.edge._edge_asgi import (
+from meshkit.gateway._asgi import (
     EDGE_NOTES_KEY,
     PRINCIPAL_KEY,
     ASGIApp,
@@ -40,9 +40,9 @@ from meshkit.gateway.edge._edge_asgi import (
     Send,
     header,
     notes,
-    send_json,
     set_headers,
 )
+from meshkit.gateway.edge._responses import send_json
 
 access_log = logging.getLogger("meshkit.gateway.access")
 log = logging.getLogger("meshkit.gateway")

@@ -25,17 +25,9 @@ from google.rpc import error_details_pb2
 from meshkit._sections import get_str, section
 from meshkit.auth import ApiKey, Principal, RateSpec
 from meshkit.errors import ConfigError
+from meshkit.gateway._asgi import PRINCIPAL_KEY, ASGIApp, Receive, Scope, Send, client_ip, notes
 from meshkit.gateway.core.errors import GatewayError
-from meshkit.gateway.edge._edge_asgi import (
-    PRINCIPAL_KEY,
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    client_ip,
-    notes,
-    send_error,
-)
+from meshkit.gateway.edge._responses import send_error
 from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
 from meshkit.resilience.ratelimit import KeyedRateLimiter, RateLimitConfig
 

@@ -16,15 +16,8 @@ from typing import Any
 
 from meshkit._sections import get_str_list, section
 from meshkit.errors import ConfigError
-from meshkit.gateway.edge._edge_asgi import (
-    ASGIApp,
-    BufferedResponse,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    is_streaming_type,
-)
+from meshkit.gateway._asgi import ASGIApp, Message, Receive, Scope, Send, is_streaming_type
+from meshkit.gateway.edge._responses import BufferedResponse
 
 
 def _tree(paths: tuple[str, ...]) -> dict[str, Any]:

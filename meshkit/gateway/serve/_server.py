@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshkit.errors import ConfigError
+from meshkit.gateway._asgi import ASGIApp, Receive, Scope, Send
 from meshkit.gateway.core.app import create_app, load_catalog
 from meshkit.gateway.core.config import (
     GatewayConfig,
@@ -26,7 +27,6 @@ from meshkit.gateway.core.config import (
     read_upstreams,
 )
 from meshkit.gateway.core.descriptors import Catalog, build_catalog, descriptor_set_from_reflection
-from meshkit.gateway.core.types import ASGIApp, Receive, Scope, Send
 from meshkit.gateway.serve._http import HttpOptions
 from meshkit.gateway.upstream.upstreams import UpstreamRegistry
 

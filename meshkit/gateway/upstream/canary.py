@@ -21,7 +21,7 @@ import grpc
 
 from meshkit._sections import get_bool, get_number, get_str, section
 from meshkit.errors import ConfigError
-from meshkit.gateway.edge._edge_asgi import PRINCIPAL_KEY, client_ip, header, notes
+from meshkit.gateway._asgi import PRINCIPAL_KEY, client_ip, header, notes
 from meshkit.gateway.upstream.upstreams import Upstream
 
 

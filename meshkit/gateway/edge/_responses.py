@@ -1,64 +1,17 @@
-"""Small ASGI helpers shared by the edge middleware (auth, limits, cache, shaping, ...).
+"""Responses written by edge middleware: Status errors, JSON bodies, and a buffering
+``send`` for middleware that rewrites bodies (shaping, cache).
 
-The types are the same structural ASGI types :mod:`meshkit.gateway.core.app` uses, so
-edge middleware plugs into ``create_app(middleware=..., route_middleware=...)``.
-Error bodies are written with the gateway's own :class:`GatewayError` and
-:func:`~meshkit.gateway.core.errors.send_status`, so a client sees one error shape whatever refused it.
+Error bodies use the gateway's own :class:`GatewayError` and
+:func:`~meshkit.gateway.core.errors.send_status`, so a client sees one error shape
+whatever refused it.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
+from meshkit.gateway._asgi import Message, Send, is_streaming_type
 from meshkit.gateway.core.errors import GatewayError, send_status
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-#: Where edge middleware leaves the authenticated caller for later middleware.
-PRINCIPAL_KEY = "meshkit.principal"
-#: Where edge middleware counts what it did, for the access log and metrics.
-EDGE_NOTES_KEY = "meshkit.edge"
-
-
-def header(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of request header ``name`` (lower-case bytes), or None."""
-    for k, v in scope.get("headers") or ():
-        if k == name:
-            return bytes(v)
-    return None
-
-
-def set_headers(
-    scope: Scope, add: Iterable[tuple[bytes, bytes]] = (), remove: Iterable[bytes] = ()
-) -> None:
-    """Replace ``scope["headers"]`` with a copy minus ``remove`` (and any name in
-    ``add``) plus ``add``. Copying keeps the caller's list untouched."""
-    add = list(add)
-    drop = set(remove) | {k for k, _ in add}
-    kept = [(k, v) for k, v in scope.get("headers") or () if k not in drop]
-    scope["headers"] = kept + add
-
-
-def client_ip(scope: Scope) -> str:
-    """The peer address ASGI reports (the gateway is the edge: X-Forwarded-For is
-    client-controlled and not trusted for limits)."""
-    client = scope.get("client")
-    return str(client[0]) if client else ""
-
-
-def notes(scope: Scope) -> dict[str, Any]:
-    """The per-request notes dict (created on first use)."""
-    n = scope.get(EDGE_NOTES_KEY)
-    if n is None:
-        n = {}
-        scope[EDGE_NOTES_KEY] = n
-    return n  # type: ignore[no-any-return]
 
 
 async def send_error(send: Send, err: GatewayError) -> None:
@@ -76,22 +29,6 @@ async def send_json(
     hdrs.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
-
-
-def replay(body: bytes) -> Receive:
-    """A ``receive`` that yields ``body`` once, then waits like a quiet client (it never
-    reports a disconnect: the unary handler's disconnect watch must not cancel the call)."""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # until the caller is cancelled
-        return {"type": "http.disconnect"}  # pragma: no cover - never reached
-
-    return receive
 
 
 class BufferedResponse:
@@ -164,11 +101,3 @@ class BufferedResponse:
         hdrs.append((b"content-length", str(len(b)).encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": hdrs})
         await send({"type": "http.response.body", "body": b})
-
-
-def is_streaming_type(content_type: bytes | None) -> bool:
-    """Whether a response of this type is a stream (never buffered by the edge)."""
-    if not content_type:
-        return False
-    ct = content_type.split(b";", 1)[0].strip().lower()
-    return ct in (b"application/x-ndjson", b"text/event-stream", b"application/jsonl")
