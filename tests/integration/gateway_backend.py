@@ -220,7 +220,9 @@ def shop_backend(catalog: Catalog) -> Backend:
                     await asyncio.sleep(0.005)
             if req.order_id == "fail":
                 await ctx.abort(grpc.StatusCode.INTERNAL, "watch broke")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while grpc writes a yielded message is raised in
+            # grpc's task, not here: the generator is then closed (GeneratorExit).
             b.cancelled.set()
             raise
 
@@ -408,7 +410,9 @@ def gwtest_backend(catalog: Catalog) -> Backend:
                 i += 1
                 if req.delay_ms:
                     await asyncio.sleep(req.delay_ms / 1000)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while grpc writes a yielded message is raised in
+            # grpc's task, not here: the generator is then closed (GeneratorExit).
             b.cancelled.set()
             raise
 
