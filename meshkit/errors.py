@@ -33,6 +33,9 @@ class ConfigError(MeshkitError, ValueError):
         super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
         self.path = path
         self.source = source
+        #: The message without the source and path prefixes: what to say again when
+        #: re-raising the error under another path or source.
+        self.reason = message
 
 
 class CallRejectedError(MeshkitError):

@@ -12,15 +12,17 @@ expected (``rules[0].retry.max_attempts: expected an integer >= 1, got "four"``)
 prefixed with ``file:line:col`` when it came from a file. Each method's policy is
 compiled once into a frozen :class:`MethodPolicy` and cached.
 
-The :class:`Policy` also owns the shared state: one registry per pattern, so every
-interceptor on every channel using this policy shares the same breakers, budgets,
-bulkheads and limiters.
+The live state is not the document's: a :class:`Policy` uses a
+:class:`~meshkit.resilience.registry.ResilienceRegistry` (``policy.registry``), so
+every interceptor on every channel using the policy shares the same breakers,
+budgets, bulkheads and limiters, and a reload hands the registry to the next
+Policy (:meth:`Policy.with_registry`), keeping the state of what did not change.
 
 The package, by concern: :mod:`~meshkit.config.values` (value readers: durations,
 sizes, codes...), :mod:`~meshkit.config.sections` (one reader per section),
 :mod:`~meshkit.config.compile` (per-method compilation into :class:`MethodPolicy`),
-:mod:`~meshkit.config.policy` (:class:`Policy`, its checks and warnings, the
-registries) and :mod:`~meshkit.config.yaml` (YAML with position marks). Import from
+:mod:`~meshkit.config.policy` (:class:`Policy`, its checks and warnings) and
+:mod:`~meshkit.config.yaml` (YAML with position marks). Import from
 ``meshkit.config``: the names below are its public API.
 """
 
@@ -31,7 +33,6 @@ from meshkit.config.policy import Policy
 from meshkit.config.policy import Rule as Rule
 from meshkit.config.sections import DEFAULT_DEADLINE_MARGIN as DEFAULT_DEADLINE_MARGIN
 from meshkit.config.sections import SECTIONS as SECTIONS
-from meshkit.config.values import _bare as _bare
 from meshkit.config.values import (
     parse_duration,
     parse_size,

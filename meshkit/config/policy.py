@@ -1,93 +1,40 @@
 """The :class:`Policy`: a validated, compiled policy document (its rules, the
-per-method cache, the checks and warnings) plus the registries of shared breakers,
-budgets, bulkheads and limiters.
+per-method cache, the checks and warnings). The live state its interceptors use
+(breakers, budgets, bulkheads, limiters) is in its :attr:`Policy.registry`, a
+:class:`~meshkit.resilience.registry.ResilienceRegistry` that outlives the document.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from meshkit.config.compile import MethodPolicy, _compile
 from meshkit.config.sections import SECTIONS, _read_sections
-from meshkit.config.values import _bare, _fail, _fmt, _join, _mapping, _show
+from meshkit.config.values import _fail, _fmt, _join, _mapping, _show
 from meshkit.config.yaml import located, read_yaml
 from meshkit.errors import ConfigError
-from meshkit.resilience.adaptive import AdaptiveLimitConfig, AdaptiveLimiter
-from meshkit.resilience.breaker import (
-    CircuitBreaker,
-    CircuitBreakerConfig,
-)
+from meshkit.resilience.breaker import CircuitBreakerConfig
 from meshkit.resilience.budget import RetryBudget, RetryBudgetConfig
-from meshkit.resilience.bulkhead import Bulkhead, BulkheadConfig
-from meshkit.resilience.clock import SYSTEM_CLOCK, Clock
-from meshkit.resilience.events import EventEmitter, Listener
-from meshkit.resilience.fallback import FallbackPolicy, FallbackTrigger, LastGoodCache
-from meshkit.resilience.ratelimit import KeyedRateLimiter, RateLimitConfig
+from meshkit.resilience.fallback import FallbackPolicy, FallbackTrigger
+from meshkit.resilience.registry import MAX_INSTANCES as MAX_INSTANCES
+from meshkit.resilience.registry import ResilienceRegistry
 from meshkit.resilience.retry import RetryPolicy
 
 _log = logging.getLogger("meshkit.config")
 
 
-# Upper bounds on what callers can make us remember.
+# Upper bound on the methods whose compiled policy is cached.
 MAX_COMPILED_METHODS = 10_000
-MAX_INSTANCES = 10_000
-
-_T = TypeVar("_T", bound=EventEmitter)
-
-
-# --------------------------------------------------------------------------------------
-# Registries of shared state.
-# --------------------------------------------------------------------------------------
-
-
-class _Registry(Generic[_T]):
-    """Instances by key; created once; bounded (the oldest is dropped when full).
-
-    Reads are a plain dict lookup; creation takes the lock. A dropped instance lives
-    on in whoever holds it, so bounding never breaks a call in flight.
-    """
-
-    def __init__(self, factory: Callable[[str, Any], _T], limit: int = MAX_INSTANCES) -> None:
-        self._factory = factory
-        self._items: dict[Any, _T] = {}
-        self._lock = threading.Lock()
-        self._limit = limit
-        self._listeners: list[Listener] = []
-
-    def get(self, key: Any, name: str, config: Any) -> _T:
-        item = self._items.get(key)
-        if item is not None:
-            return item
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                item = self._factory(name, config)
-                for listener in self._listeners:
-                    item.add_listener(listener)
-                if len(self._items) >= self._limit:
-                    del self._items[next(iter(self._items))]
-                self._items[key] = item
-        return item
-
-    def add_listener(self, listener: Listener) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-            items = list(self._items.values())
-        for item in items:
-            item.add_listener(listener)
-
-    def snapshot(self) -> dict[str, _T]:
-        with self._lock:
-            return {(k[0] if isinstance(k, tuple) else k): v for k, v in self._items.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -113,10 +60,14 @@ class Rule:
 
 
 class Policy:
-    """A validated, compiled policy document plus the shared resilience state.
+    """A validated, compiled policy document over a registry of live resilience state.
 
     Build one with :meth:`load`, :meth:`from_dict` or :meth:`from_text`; share it
-    between every channel and server of a process.
+    between every channel and server of a process. The Policy itself is the
+    document (immutable once built, apart from its per-method cache); the breakers,
+    budgets, bulkheads, limiters and the last-good cache are in :attr:`registry`
+    (``policy.registry.breakers()``...), which a reload hands to the next Policy
+    (:meth:`with_registry`) so their state survives a changed document.
     """
 
     def __init__(
@@ -125,10 +76,12 @@ class Policy:
         rules: Sequence[Rule] = (),
         *,
         source: str | None = None,
-        clock: Clock = SYSTEM_CLOCK,
+        registry: ResilienceRegistry | None = None,
     ) -> None:
         self.source = source
-        self.clock = clock
+        #: The live state this policy's interceptors share (a fresh registry unless
+        #: one is given): instances by name and config, see :class:`ResilienceRegistry`.
+        self.registry = registry if registry is not None else ResilienceRegistry()
         #: The document this policy was read from (set by :meth:`from_dict`), so a
         #: reload can tell an unchanged policy and keep this one, breakers and all.
         self.document: Mapping[str, Any] | None = None
@@ -144,23 +97,8 @@ class Policy:
                     self._by_service[service] = rule
         self._compiled: dict[str, MethodPolicy] = {}
         self._compile_lock = threading.Lock()
-        self._breakers: _Registry[CircuitBreaker] = _Registry(
-            lambda name, cfg: CircuitBreaker(cfg, name=name, clock=clock)
-        )
-        self._budgets: _Registry[RetryBudget] = _Registry(
-            lambda name, cfg: RetryBudget(cfg, name=name, clock=clock)
-        )
-        self._bulkheads: _Registry[Bulkhead] = _Registry(
-            lambda name, cfg: Bulkhead(cfg, name=name, clock=clock)
-        )
-        self._rate_limiters: _Registry[KeyedRateLimiter] = _Registry(
-            lambda name, cfg: KeyedRateLimiter(cfg, name=name, clock=clock)
-        )
-        self._adaptive: _Registry[AdaptiveLimiter] = _Registry(
-            lambda name, cfg: AdaptiveLimiter(cfg, name=name, clock=clock)
-        )
-        self._last_good: LastGoodCache | None = None
-        self._last_good_lock = threading.Lock()
+        # The retry budget config each target got first (one budget per target).
+        self._budget_configs: dict[str, RetryBudgetConfig] = {}
         self.warnings: list[str] = self.check()
         for warning in self.warnings:
             _log.warning("%s%s", f"{source}: " if source else "", warning)
@@ -173,16 +111,16 @@ class Policy:
         document: Mapping[str, Any] | None,
         source: str | None = None,
         *,
-        clock: Clock = SYSTEM_CLOCK,
+        registry: ResilienceRegistry | None = None,
     ) -> Policy:
         """Validate and compile a document given as a dict (``None``: an empty policy)."""
         try:
             defaults, rules = _read_document(document)
         except ConfigError as exc:
             if source and exc.source is None:
-                raise ConfigError(exc.path, _bare(exc), source=source) from None
+                raise ConfigError(exc.path, exc.reason, source=source) from None
             raise
-        policy = cls(defaults, rules, source=source, clock=clock)
+        policy = cls(defaults, rules, source=source, registry=registry)
         policy.document = document
         return policy
 
@@ -193,7 +131,7 @@ class Policy:
         source: str | None = None,
         *,
         format: str | None = None,
-        clock: Clock = SYSTEM_CLOCK,
+        registry: ResilienceRegistry | None = None,
     ) -> Policy:
         """Parse YAML (default) or JSON (``format="json"``) text, then :meth:`from_dict`.
 
@@ -215,12 +153,14 @@ class Policy:
                 "", f"expected a mapping at the top level, got {_show(document)}", source=where
             )
         try:
-            return cls.from_dict(document, source, clock=clock)
+            return cls.from_dict(document, source, registry=registry)
         except ConfigError as exc:
             raise located(exc, where, marks) from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, clock: Clock = SYSTEM_CLOCK) -> Policy:
+    def load(
+        cls, path: str | os.PathLike[str], *, registry: ResilienceRegistry | None = None
+    ) -> Policy:
         """Load a ``.yaml``/``.yml`` or ``.json`` file (by extension; others as YAML)."""
         p = Path(path)
         try:
@@ -230,7 +170,25 @@ class Policy:
                 "", f"cannot read the policy: {exc.strerror or exc}", source=str(p)
             ) from None
         fmt = "json" if p.suffix.lower() == ".json" else "yaml"
-        return cls.from_text(text, str(p), format=fmt, clock=clock)
+        return cls.from_text(text, str(p), format=fmt, registry=registry)
+
+    def with_registry(self, registry: ResilienceRegistry) -> Policy:
+        """This document over ``registry`` (``self`` when it already uses it).
+
+        A reload with a changed document builds a new Policy and hands it the old
+        one's registry this way: every breaker, budget, bulkhead and limiter whose
+        name and config are unchanged keeps its state. Nothing is validated or
+        logged again.
+        """
+        if registry is self.registry:
+            return self
+        other = copy.copy(self)
+        other.registry = registry
+        other._compiled = dict(self._compiled)
+        other._compile_lock = threading.Lock()
+        other._budget_configs = {}
+        other.warnings = list(self.warnings)
+        return other
 
     # -- lookup --------------------------------------------------------------------
 
@@ -258,87 +216,32 @@ class Policy:
                 mp = self._compiled.setdefault(full_method, mp)
         return mp
 
-    # -- shared state --------------------------------------------------------------
-
-    def breaker(self, scope_key: str, config: CircuitBreakerConfig) -> CircuitBreaker:
-        """The breaker shared by every call with ``scope_key`` and this ``config``.
-
-        ``scope_key`` names it (``MethodPolicy.key_for(config.scope, target)``).
-        """
-        return self._breakers.get((scope_key, config), scope_key, config)
-
     def retry_budget(
         self, target: str, config: RetryBudgetConfig | None = None
     ) -> RetryBudget | None:
-        """The retry budget of ``target``, one per target, created with the first
-        ``config`` asked for (default: the ``retry.budget`` of the document's
-        ``defaults``, else :class:`RetryBudgetConfig`'s defaults). ``None`` only when
-        no config is given and the defaults turn the budget off."""
-        existing = self._budgets._items.get(target)
-        if existing is not None:
-            return existing
-        if config is None:
-            retry = self._defaults.get("retry")
-            if isinstance(retry, RetryPolicy):
-                if retry.budget is None:
-                    return None
-                config = retry.budget
-            else:
-                config = RetryBudgetConfig()
-        return self._budgets.get(target, target, config)
+        """The retry budget of ``target`` (from :attr:`registry`): one per target for
+        this document, with the first ``config`` asked for (default: the
+        ``retry.budget`` of the document's ``defaults``, else
+        :class:`RetryBudgetConfig`'s defaults). ``None`` only when no config is given
+        and the defaults turn the budget off.
 
-    def bulkhead(self, key: str, config: BulkheadConfig) -> Bulkhead:
-        """The bulkhead shared under ``key`` with this ``config``."""
-        return self._bulkheads.get((key, config), key, config)
-
-    def rate_limiter(self, key: str, config: RateLimitConfig) -> KeyedRateLimiter:
-        """The keyed rate limiter shared under ``key``; callers' keys live inside it."""
-        return self._rate_limiters.get((key, config), key, config)
-
-    def adaptive_limiter(self, key: str, config: AdaptiveLimitConfig) -> AdaptiveLimiter:
-        """The adaptive concurrency limiter shared under ``key``."""
-        return self._adaptive.get((key, config), key, config)
-
-    @property
-    def last_good_cache(self) -> LastGoodCache:
-        """The cache of last good responses for ``fallback: {kind: cached}``."""
-        if self._last_good is None:
-            with self._last_good_lock:
-                if self._last_good is None:
-                    self._last_good = LastGoodCache(clock=self.clock)
-        return self._last_good
-
-    def add_listener(self, listener: Listener) -> None:
-        """Receive the events of every breaker, budget, bulkhead and limiter this
-        policy has made or will make."""
-        for registry in (
-            self._breakers,
-            self._budgets,
-            self._bulkheads,
-            self._rate_limiters,
-            self._adaptive,
-        ):
-            registry.add_listener(listener)
-
-    def breakers(self) -> dict[str, CircuitBreaker]:
-        """The breakers made so far, by name."""
-        return self._breakers.snapshot()
-
-    def retry_budgets(self) -> dict[str, RetryBudget]:
-        """The retry budgets made so far, by target."""
-        return self._budgets.snapshot()
-
-    def bulkheads(self) -> dict[str, Bulkhead]:
-        """The bulkheads made so far, by key."""
-        return self._bulkheads.snapshot()
-
-    def rate_limiters(self) -> dict[str, KeyedRateLimiter]:
-        """The rate limiters made so far, by key."""
-        return self._rate_limiters.snapshot()
-
-    def adaptive_limiters(self) -> dict[str, AdaptiveLimiter]:
-        """The adaptive limiters made so far, by key."""
-        return self._adaptive.snapshot()
+        This is the document's choice of config; the instance is the registry's, so
+        a reload that keeps a target's budget config keeps the budget's state.
+        """
+        chosen = self._budget_configs.get(target)
+        if chosen is None:
+            if config is None:
+                retry = self._defaults.get("retry")
+                if isinstance(retry, RetryPolicy):
+                    if retry.budget is None:
+                        return None
+                    config = retry.budget
+                else:
+                    config = RetryBudgetConfig()
+            chosen = config
+            if len(self._budget_configs) < MAX_INSTANCES:
+                chosen = self._budget_configs.setdefault(target, config)
+        return self.registry.retry_budget(target, chosen)
 
     # -- checks ------------------------------------------------------------------------
 

@@ -58,8 +58,9 @@ SECTIONS: tuple[str, ...] = (
 DEFAULT_DEADLINE_MARGIN = 0.005
 
 
-def _off(value: Any) -> bool:
-    """``null`` or ``false`` turns a section off (and overrides the defaults' one)."""
+def _turns_off(value: Any) -> bool:
+    """Whether a section's value switches it off: ``null`` or ``false`` (which also
+    overrides the same section of a lower layer, where leaving it out would not)."""
     return value is None or value is False
 
 
@@ -69,7 +70,7 @@ def _off(value: Any) -> bool:
 
 
 def _read_budget(value: Any, path: str) -> RetryBudgetConfig | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(value, path, ("ratio", "min_per_second", "ttl"))
     base = RetryBudgetConfig()
@@ -90,7 +91,7 @@ def _read_budget(value: Any, path: str) -> RetryBudgetConfig | None:
 
 
 def _read_retry(value: Any, path: str) -> RetryPolicy | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     keys = (
         "max_attempts",
@@ -141,7 +142,7 @@ def _read_retry(value: Any, path: str) -> RetryPolicy | None:
 
 
 def _read_hedging(value: Any, path: str) -> HedgingPolicy | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(value, path, ("max_attempts", "delay", "non_fatal_codes"))
     kw: dict[str, Any] = {}
@@ -157,7 +158,7 @@ def _read_hedging(value: Any, path: str) -> HedgingPolicy | None:
 
 
 def _read_breaker(value: Any, path: str) -> CircuitBreakerConfig | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     keys = (
         "window",
@@ -240,7 +241,7 @@ def _read_breaker(value: Any, path: str) -> CircuitBreakerConfig | None:
 
 
 def _read_bulkhead(value: Any, path: str) -> BulkheadConfig | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(
         value, path, ("max_concurrent", "max_wait", "scope", "side"), required=("max_concurrent",)
@@ -258,7 +259,7 @@ def _read_bulkhead(value: Any, path: str) -> BulkheadConfig | None:
 
 
 def _read_adaptive(value: Any, path: str) -> AdaptiveLimitConfig | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     keys = (
         "algorithm",
@@ -325,7 +326,7 @@ _HEADER_NAME = re.compile(r"[0-9a-z_.-]+")
 
 
 def _read_rate_limit(value: Any, path: str) -> RateLimitConfig | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(
         value,
@@ -366,7 +367,7 @@ def _read_rate_limit(value: Any, path: str) -> RateLimitConfig | None:
 
 
 def _read_fallback(value: Any, path: str) -> FallbackPolicy | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(value, path, ("on", "kind", "value", "target", "code", "message", "cache_ttl"))
     kw: dict[str, Any] = {}
@@ -435,18 +436,18 @@ def _read_fallback(value: Any, path: str) -> FallbackPolicy | None:
 
 
 def _read_fault(value: Any, path: str) -> FaultPolicy | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     d = _mapping(value, path, ("delay", "abort", "allow_headers", "side"))
     kw: dict[str, Any] = {}
-    if "delay" in d and not _off(d["delay"]):
+    if "delay" in d and not _turns_off(d["delay"]):
         dp = _join(path, "delay")
         dd = _mapping(d["delay"], dp, ("percent", "duration"), required=("duration",))
         kw["delay"] = _duration(dd["duration"], _join(dp, "duration"))
         kw["delay_percent"] = (
             _percent(dd["percent"], _join(dp, "percent")) if "percent" in dd else 100.0
         )
-    if "abort" in d and not _off(d["abort"]):
+    if "abort" in d and not _turns_off(d["abort"]):
         ap = _join(path, "abort")
         ad = _mapping(d["abort"], ap, ("percent", "code"), required=("code",))
         kw["abort_code"] = _code(ad["code"], _join(ap, "code"))
@@ -463,7 +464,7 @@ def _read_fault(value: Any, path: str) -> FaultPolicy | None:
 
 
 def _read_timeout(value: Any, path: str) -> float | None:
-    if _off(value):
+    if _turns_off(value):
         return None
     return _duration(value, path, positive=True)
 

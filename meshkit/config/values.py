@@ -303,10 +303,3 @@ def _fmt(seconds: float) -> str:
         return f"{seconds:g}s"
     ms = seconds * 1000
     return f"{ms:.4g}ms"
-
-
-def _bare(exc: ConfigError) -> str:
-    """The message of ``exc`` without its source and path prefix."""
-    text = exc.message
-    prefix = (f"{exc.source}: " if exc.source else "") + (f"{exc.path}: " if exc.path else "")
-    return text[len(prefix) :] if text.startswith(prefix) else text

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from meshkit.config.values import _bare, _join
+from meshkit.config.values import _join
 from meshkit.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
@@ -75,8 +75,8 @@ def located(exc: ConfigError, source: str, marks: Mapping[str, tuple[int, int]])
     An error that already names another source (a key file, say) is returned unchanged."""
     if exc.source is not None and exc.source != source:
         return exc
-    pos = _mark_for(exc.path, marks, at_key=_bare(exc).startswith("unknown key"))
-    return ConfigError(exc.path, _bare(exc), source=f"{source}{pos}")
+    pos = _mark_for(exc.path, marks, at_key=exc.reason.startswith("unknown key"))
+    return ConfigError(exc.path, exc.reason, source=f"{source}{pos}")
 
 
 def _load_yaml(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:

@@ -16,13 +16,16 @@ from meshkit import deadline as _deadline
 from meshkit.errors import DeadlineExceededError
 from meshkit.grpc._engine import Attempts, Serve, Step
 from meshkit.grpc._fallback import FallbackSupport, method_types
-from meshkit.grpc._plan import FULL, PASS, ClientPlan, PlanCache, compile_client
+from meshkit.grpc._plan import ClientPlan, PlanCache, PlanLevel, compile_client
 from meshkit.telemetry import instruments
 
 __all__ = ["Admission", "ClientAdapter", "StreamState"]
 
 _log = logging.getLogger("meshkit.grpc")
 _DEADLINE = _deadline._DEADLINE
+# Module-level aliases: per call, `is` against a global is cheaper than an enum lookup.
+_DEADLINE_ONLY = PlanLevel.DEADLINE_ONLY
+_RESILIENT = PlanLevel.RESILIENT
 
 ChannelT = TypeVar("ChannelT")
 
@@ -59,7 +62,9 @@ class ClientAdapter(Generic[ChannelT]):
         self._client_rate_limits = client_rate_limits
         self._plans = PlanCache(self._compile)
         self._m = instruments()
-        self._fallbacks = FallbackSupport(getattr(policy, "last_good_cache", None))
+        self._fallbacks = FallbackSupport(
+            policy.registry.last_good_cache() if policy is not None else None
+        )
         self._alternate_factory = alternate_channel or self._insecure_channel
         self._alternates: dict[str, ChannelT] = {}
         self._lock = threading.Lock()
@@ -96,7 +101,7 @@ class ClientAdapter(Generic[ChannelT]):
         # (grpc.aio passes the method as bytes; the plans are keyed by either)
         plan: ClientPlan = self._plans.get(method)  # type: ignore[arg-type]
         level = plan.level
-        if level == PASS and _DEADLINE.get() is None:
+        if level is _DEADLINE_ONLY and _DEADLINE.get() is None:
             return plan, None, timeout, None
         try:
             left = _deadline.compute_timeout(timeout, plan.timeout, plan.margin)
@@ -109,7 +114,7 @@ class ClientAdapter(Generic[ChannelT]):
                 metrics=self._m,
             )
             return plan, eng, None, eng.refuse(exc)
-        if level != FULL:
+        if level is not _RESILIENT:
             return plan, None, left, None
         eng = Attempts(
             plan,

@@ -78,8 +78,9 @@ def _failure(step: Fail) -> LocalRpcError:
     return LocalRpcError(step.code, step.message, pushback_metadata(step.pushback))
 
 
-class _Value(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
-    """A locally produced successful outcome (a fallback value)."""
+class _SucceededCall(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+    """A call that already ended OK with a response in hand (a fallback's value, or
+    the alternate target's answer): what an interceptor returns instead of a call."""
 
     def __init__(self, value: Any) -> None:
         self._value = value
@@ -406,7 +407,7 @@ class ClientInterceptor(
                 found, value = self._local_fallback(eng, step, request)
                 if not found:
                     return None
-                served = _Value(value)
+                served = _SucceededCall(value)
         except FallbackError as exc:
             served = LocalRpcError(code_of(exc.code), exc.message)
         eng.served(step)
@@ -421,7 +422,7 @@ class ClientInterceptor(
             response, _call = call.with_call(request, timeout=left, metadata=details.metadata)
         except grpc.RpcError as err:
             return err
-        return _Value(response)
+        return _SucceededCall(response)
 
     # -- streaming responses ---------------------------------------------------------------
 

@@ -15,12 +15,10 @@ import logging
 import threading
 from typing import Any
 
-import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
 from meshkit.errors import MeshkitError
-from meshkit.grpc._status import code_of
 from meshkit.resilience.fallback import FallbackKind, FallbackPolicy, LastGoodCache
 
 __all__ = ["FallbackSupport", "method_types", "serialize_request"]
@@ -116,8 +114,3 @@ class FallbackSupport:
                 return False, None
             return True, cls.FromString(raw)
         return False, None
-
-
-def fallback_code(fb: FallbackPolicy) -> grpc.StatusCode:
-    """The status an ``error`` fallback answers with."""
-    return code_of(fb.code)

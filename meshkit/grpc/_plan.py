@@ -2,12 +2,14 @@
 
 The fused interceptors look a plan up by method name (one dict lookup per call) and
 take the fast path when the plan says so. Plans hold the shared state instances
-(breakers, budgets, bulkheads, limiters) fetched once from the :class:`Policy`
-registries, and the telemetry attribute dicts, so nothing is built per call.
+(breakers, budgets, bulkheads, limiters) fetched once from the policy's
+:class:`~meshkit.resilience.registry.ResilienceRegistry`, and the telemetry attribute
+dicts, so nothing is built per call.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -33,14 +35,30 @@ if TYPE_CHECKING:
     from meshkit.resilience.ratelimit import KeyedRateLimiter
     from meshkit.resilience.retry import RetryPolicy
 
-__all__ = ["ClientPlan", "PlanCache", "ServerPlan", "compile_client", "compile_server"]
+__all__ = [
+    "ClientPlan",
+    "PlanCache",
+    "PlanLevel",
+    "ServerPlan",
+    "compile_client",
+    "compile_server",
+]
 
 _log = logging.getLogger("meshkit.grpc")
 
-# Fast-path levels for client plans.
-PASS = 0  # no policy at all: only deadline propagation (skipped when no deadline is set)
-TIMEOUT = 1  # a timeout/deadline only: adjust the call's timeout and go
-FULL = 2  # anything else: the resilient path
+
+class PlanLevel(enum.IntEnum):
+    """How much a client interceptor does for a method: the fast paths skip the
+    attempt engine when the policy leaves it nothing to do."""
+
+    #: No client-side policy: only propagate the incoming deadline (and do nothing at
+    #: all when no deadline is set).
+    DEADLINE_ONLY = 0
+    #: A timeout (or deadline margin) only: set the call's timeout and send it.
+    TIMEOUT_ONLY = 1
+    #: Anything else (retries, hedging, breaker, bulkhead, limits, faults,
+    #: fallbacks): run the call through the attempt engine.
+    RESILIENT = 2
 
 
 @dataclass(slots=True)
@@ -48,7 +66,7 @@ class ClientPlan:
     """What a client interceptor does for one method."""
 
     method: str
-    level: int
+    level: PlanLevel
     policy: MethodPolicy | None = None
     timeout: float | None = None
     margin: float = 0.0
@@ -65,7 +83,6 @@ class ClientPlan:
     fallback: FallbackPolicy | None = None
     attrs: dict[str, str] = field(default_factory=dict)
     tally: Tally = field(default_factory=lambda: Tally({}))
-    quick: bool = False  # no fault, client rate limit, bulkhead queue or hedging
     per_attempt_timeout: float | None = None  # the retry policy's, when it retries
 
 
@@ -119,12 +136,6 @@ def compile_client(
     attrs = method_attributes(method, "client", target=target)
     plan = _client_plan(policy, method, target, attrs, client_faults, client_rate_limits, flavour)
     plan.tally = attempts_tally(attrs)
-    plan.quick = (
-        plan.fault is None
-        and plan.rate_limiter is None
-        and plan.bulkhead_wait <= 0
-        and plan.hedging is None
-    )
     if plan.bulkhead is not None:
         watch_bulkhead(plan.bulkhead, attrs)
     return plan
@@ -140,13 +151,14 @@ def _client_plan(
     flavour: str,
 ) -> ClientPlan:
     if policy is None:
-        return ClientPlan(method, PASS, attrs=attrs)
+        return ClientPlan(method, PlanLevel.DEADLINE_ONLY, attrs=attrs)
     mp: MethodPolicy = policy.for_method(method)
     timeout = mp.timeout
     margin = float(mp.deadline_margin or 0.0)
     if mp.client_is_noop and not client_faults and not client_rate_limits:
-        return ClientPlan(method, PASS, mp, attrs=attrs, margin=margin)
-    plan = ClientPlan(method, FULL, mp, timeout=timeout, margin=margin, attrs=attrs)
+        return ClientPlan(method, PlanLevel.DEADLINE_ONLY, mp, attrs=attrs, margin=margin)
+    plan = ClientPlan(method, PlanLevel.RESILIENT, mp, timeout=timeout, margin=margin, attrs=attrs)
+    registry = policy.registry
     retry = mp.retry
     if retry is not None and retry.max_attempts > 1:
         plan.retry = retry
@@ -165,18 +177,18 @@ def _client_plan(
     cb = mp.circuit_breaker
     if cb is not None:
         key = mp.key_for(str(cb.scope), target)
-        plan.breaker = policy.breaker(key, cb)
+        plan.breaker = registry.breaker(key, cb)
         plan.breaker_name = key
         _attach_breaker_listener(plan.breaker, key)
     bh = _get(mp, "bulkhead")
     if bh is not None and _applies(bh, "client"):
         scoped = method if str(_get(bh, "scope", "service")) == "method" else f"/{service}"
-        plan.bulkhead = policy.bulkhead(f"client:{flavour}:{target}{scoped}", bh)
+        plan.bulkhead = registry.bulkhead(f"client:{flavour}:{target}{scoped}", bh)
         plan.bulkhead_wait = _wait_of(bh)
     rl = _get(mp, "rate_limit")
     if rl is not None and (client_rate_limits or _applies_strict(rl, "client")):
         scoped = method if str(_get(rl, "scope", "service")) == "method" else f"/{service}"
-        plan.rate_limiter = policy.rate_limiter(f"client:{target}{scoped}", rl)
+        plan.rate_limiter = registry.rate_limiter(f"client:{target}{scoped}", rl)
     fault = _get(mp, "fault")
     if fault is not None and (client_faults or _applies_strict(fault, "client")):
         plan.fault = fault
@@ -191,7 +203,7 @@ def _client_plan(
         and plan.fault is None
         and plan.fallback is None
     ):
-        plan.level = TIMEOUT
+        plan.level = PlanLevel.TIMEOUT_ONLY
     return plan
 
 
@@ -208,15 +220,15 @@ def compile_server(
     bh = _get(mp, "bulkhead")
     if bh is not None and _applies(bh, "server"):
         scoped = method if str(_get(bh, "scope", "service")) == "method" else f"/{service}"
-        plan.bulkhead = policy.bulkhead(f"server:{flavour}:{scoped}", bh)
+        plan.bulkhead = policy.registry.bulkhead(f"server:{flavour}:{scoped}", bh)
         plan.bulkhead_wait = _wait_of(bh)
     al = _get(mp, "adaptive_limit")
     if al is not None and _applies(al, "server"):
-        plan.adaptive = policy.adaptive_limiter(f"server:{flavour}:/{service}", al)
+        plan.adaptive = policy.registry.adaptive_limiter(f"server:{flavour}:/{service}", al)
     rl = _get(mp, "rate_limit")
     if rl is not None and _applies(rl, "server"):
         scoped = method if str(_get(rl, "scope", "service")) == "method" else f"/{service}"
-        plan.rate_limit = policy.rate_limiter(f"server:{scoped}", rl)
+        plan.rate_limit = policy.registry.rate_limiter(f"server:{scoped}", rl)
         plan.rate_key = _get(rl, "key")
     fault = _get(mp, "fault")
     if fault is not None and _applies(fault, "server"):

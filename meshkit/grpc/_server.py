@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 
 from meshkit import deadline as _deadline
-from meshkit.errors import MeshkitError
 from meshkit.grpc._faults import decide
 from meshkit.grpc._plan import PlanCache, ServerPlan, compile_server
 from meshkit.grpc._server_core import (
@@ -34,7 +33,7 @@ from meshkit.grpc._server_core import (
     with_behavior,
     wrapped_handler,
 )
-from meshkit.grpc._status import code_of, error_status, rich_trailers
+from meshkit.grpc._status import code_of
 from meshkit.telemetry import instruments
 
 __all__ = ["IsolationPool", "ServerInterceptor"]
@@ -106,12 +105,6 @@ class IsolationPool:
 def _abort(context: Any, rejection: Rejection) -> None:
     context.set_trailing_metadata(rejection.trailers)
     context.abort(rejection.code, rejection.message)
-
-
-def _abort_error(context: Any, exc: MeshkitError) -> None:
-    code, message, pushback = error_status(exc)
-    context.set_trailing_metadata(rich_trailers(code, message, pushback=pushback))
-    context.abort(code, message)
 
 
 class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
@@ -222,8 +215,10 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
         pool = plan.isolation
         bulkhead = plan.bulkhead
         m = self._m
-        quick = plan.fault is None and plan.bulkhead_wait <= 0
-        if quick and pool is None and plan.rate_limit is None and plan.adaptive is None:
+        # No fault delay to sleep out and no bulkhead queue to wait in: admission is
+        # a few non-blocking checks (admit_now), with no deadline to watch.
+        never_waits = plan.fault is None and plan.bulkhead_wait <= 0
+        if never_waits and pool is None and plan.rate_limit is None and plan.adaptive is None:
             assert bulkhead is not None  # the plan is active
             # Only a bulkhead: a permit or a refusal, nothing allocated.
 
@@ -246,7 +241,7 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,type-arg]
             deadline = deadline_of(context)
             token = _DEADLINE.set(deadline)
             try:
-                if quick:
+                if never_waits:
                     adm = admit_now(plan, context, m)
                     if isinstance(adm, Rejection):
                         _abort(context, adm)

@@ -1,7 +1,8 @@
 """Transport-free resilience policies: pure state machines with an injected clock.
 
 Nothing here imports grpc, HTTP or NATS. The adapters in :mod:`meshkit.grpc` own the
-waiting (threads or asyncio); these classes own the decisions.
+waiting (threads or asyncio); these classes own the decisions, and a
+:class:`ResilienceRegistry` holds the shared instances by name and config.
 """
 
 from meshkit.resilience.adaptive import (
@@ -26,6 +27,7 @@ from meshkit.resilience.fallback import FallbackKind, FallbackPolicy, FallbackTr
 from meshkit.resilience.fault import FaultDecision, FaultPolicy
 from meshkit.resilience.hedging import HedgingPolicy
 from meshkit.resilience.ratelimit import KeyedRateLimiter, RateLimitConfig, RateLimiter, TokenBucket
+from meshkit.resilience.registry import ResilienceRegistry
 from meshkit.resilience.retry import Jitter, RetryPolicy
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "Listener",
     "RateLimitConfig",
     "RateLimiter",
+    "ResilienceRegistry",
     "RetryBudget",
     "RetryBudgetConfig",
     "RetryPolicy",

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from meshkit.gateway.edge.edge import EdgeApp, create_edge_app
 from meshkit.gateway.edge.profiles import EdgeConfig
 from meshkit.gateway.upstream.balancing import BalancedUpstream
+from meshkit.resilience.clock import FakeClock
+from meshkit.resilience.registry import ResilienceRegistry
 from tests.conftest import free_port
 from tests.integration._edge_backends import ShopBackend, edge_client
 
@@ -364,3 +368,66 @@ async def test_blue_green_over_real_http_via_the_admin_endpoint(
     assert failures == []
     assert seen[0] == "blue"
     assert set(seen[mark + 12 :]) == {"green"}
+
+
+async def test_reload_with_an_unrelated_change_keeps_an_open_breaker_open(
+    shop_descriptor_set: Path,
+) -> None:
+    """The policies' registry outlives the document (#16): a reload that changes another
+    rule's timeout keeps the payment breaker OPEN (it used to come back CLOSED)."""
+    backend = await ShopBackend("blue").start()
+    backend.fail_payment = grpc.StatusCode.UNAVAILABLE
+
+    def doc(order_timeout: str) -> dict[str, Any]:
+        return {
+            "policy": {
+                "rules": [
+                    {
+                        "match": "shop.v1.PaymentService",
+                        "circuit_breaker": {
+                            "window": {"type": "count", "size": 1},
+                            "minimum_calls": 1,
+                            "open_duration": "10s",
+                        },
+                    },
+                    {"match": "shop.v1.OrderService", "timeout": order_timeout},
+                ]
+            },
+            "edge": {"upstreams": {"shop": {"targets": [backend.target]}}},
+        }
+
+    clock = FakeClock()
+    first = EdgeConfig.from_mapping(doc("2s"))
+    assert first.policy is not None
+    registry = ResilienceRegistry(clock=clock)
+    edge = create_edge_app(
+        dataclasses.replace(first, policy=first.policy.with_registry(registry)),
+        shop_descriptor_set,
+    )
+    await edge.startup()
+    try:
+        async with client_for(edge) as c:
+            assert (await c.get("/v1/payments/p-1")).status_code == 503  # the backend's failure
+            (breaker,) = registry.breakers().values()
+            assert str(breaker.state) == "OPEN"
+            assert (await c.get("/v1/payments/p-1")).status_code == 503  # refused, not sent
+            assert backend.calls["GetPayment"] == 1
+
+            await edge.reload(EdgeConfig.from_mapping(doc("3s")))
+            policy = edge.config.policy
+            assert policy is not None and policy is not first.policy
+            assert policy.for_method("/shop.v1.OrderService/GetOrder").timeout == 3.0
+            assert policy.registry is registry
+            assert registry.breakers() == {breaker.name: breaker}
+            assert str(breaker.state) == "OPEN"
+            assert (await c.get("/v1/payments/p-1")).status_code == 503
+            assert backend.calls["GetPayment"] == 1  # still refused after the reload
+
+            # The registry's clock still drives it: past open_duration a probe goes out.
+            backend.fail_payment = None
+            clock.advance(10)
+            assert (await c.get("/v1/payments/p-1")).status_code == 200
+            assert backend.calls["GetPayment"] == 2
+    finally:
+        await edge.shutdown()
+        await backend.stop(None)

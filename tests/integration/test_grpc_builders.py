@@ -548,7 +548,7 @@ def test_future_calls_do_not_block_and_keep_their_policy() -> None:
         slow = [call.future({"key": f"s{i}", "delay": 0.6}, timeout=5) for i in range(2)]
         assert time.monotonic() - started < 0.3  # neither waited for its answer
         assert not any(f.done() for f in slow)
-        (bulkhead,) = p.bulkheads().values()
+        (bulkhead,) = p.registry.bulkheads().values()
         assert bulkhead.in_flight == 2
         with pytest.raises(grpc.RpcError) as info:
             call({"key": "third"}, timeout=5)

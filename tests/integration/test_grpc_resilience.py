@@ -344,7 +344,7 @@ async def test_breaker_opens_fails_fast_probes_and_closes(mesh: Mesh) -> None:
     pushback = parse_pushback(err.trailing_metadata())
     assert pushback is not None and 0 < pushback <= 0.2
     assert srv.script.total("b") == 4  # not sent
-    (breaker,) = p.breakers().values()
+    (breaker,) = p.registry.breakers().values()
     assert str(breaker.state) == "OPEN"
     await asyncio.sleep(0.3)
     out = await client.unary({"key": "b"})  # the probe
@@ -577,7 +577,7 @@ async def test_stream_permits_are_released(mesh: Mesh) -> None:
         got = await client.bidi([{"key": "bp"}, {"i": 1}])
         assert len(got) == 2
     assert (await client.unary({"key": "after"}))["n"] == 1
-    for bulkhead in p.bulkheads().values():
+    for bulkhead in p.registry.bulkheads().values():
         assert bulkhead.in_flight == 0
 
 
@@ -601,7 +601,7 @@ async def test_abandoned_streams_give_their_permits_back(
     timeout = 0.5
 
     def released() -> bool:
-        return all(b.in_flight == 0 for b in p.bulkheads().values())
+        return all(b.in_flight == 0 for b in p.registry.bulkheads().values())
 
     for i in range(3):
         got = await client.abandon_server_stream(
@@ -612,7 +612,7 @@ async def test_abandoned_streams_give_their_permits_back(
             assert await eventually(lambda i=i: srv.script.total("ab") == i + 1)
         assert await eventually(released)
     assert (await client.unary({"key": "after"}))["n"] == 1
-    assert all(b.state.name == "CLOSED" for b in p.breakers().values())
+    assert all(b.state.name == "CLOSED" for b in p.registry.breakers().values())
 
 
 async def test_server_adaptive_limit_rejects_past_the_limit(mesh: Mesh) -> None:
@@ -635,7 +635,7 @@ async def test_server_adaptive_limit_rejects_past_the_limit(mesh: Mesh) -> None:
     assert "concurrency limit" in (err.details() or "")
     assert srv.script.total("extra") == 0
     await asyncio.gather(*slow)
-    (limiter,) = p.adaptive_limiters().values()
+    (limiter,) = p.registry.adaptive_limiters().values()
     assert limiter.in_flight == 0
 
 
@@ -726,8 +726,8 @@ async def test_hung_streams_count_against_the_breaker(mesh: Mesh) -> None:
     err = await expect_error(client.server_stream({"key": "hung", "count": 1}, timeout=0.2))
     assert err.code() is grpc.StatusCode.UNAVAILABLE  # refused by the open breaker
     assert srv.script.total("hung") == 2
-    assert [b.state.name for b in p.breakers().values()] == ["OPEN"]
-    assert await eventually(lambda: all(b.in_flight == 0 for b in p.bulkheads().values()))
+    assert [b.state.name for b in p.registry.breakers().values()] == ["OPEN"]
+    assert await eventually(lambda: all(b.in_flight == 0 for b in p.registry.bulkheads().values()))
 
 
 async def test_a_stream_cancelled_during_its_backoff_is_not_retried(mesh: Mesh) -> None:
@@ -742,7 +742,7 @@ async def test_a_stream_cancelled_during_its_backoff_is_not_retried(mesh: Mesh) 
     assert stream.cancel()
     with pytest.raises((grpc.RpcError, asyncio.CancelledError)):
         await reading
-    (bulkhead,) = p.bulkheads().values()
+    (bulkhead,) = p.registry.bulkheads().values()
     assert await eventually(lambda: bulkhead.in_flight == 0)
     await asyncio.sleep(0.5)  # past the backoff: no retry went out
     assert srv.script.total("backoff") == 1

@@ -20,6 +20,7 @@ from meshkit.resilience.clock import FakeClock
 from meshkit.resilience.events import Event
 from meshkit.resilience.fallback import FallbackKind, FallbackTrigger
 from meshkit.resilience.ratelimit import RateLimitConfig
+from meshkit.resilience.registry import ResilienceRegistry
 from meshkit.resilience.retry import Jitter
 
 pytestmark = pytest.mark.unit
@@ -817,23 +818,23 @@ def test_other_warnings(section: dict[str, Any], fragment: str) -> None:
 
 def test_registries_share_instances_per_key_and_config() -> None:
     clock = FakeClock()
-    p = Policy.from_dict(PRECEDENCE, clock=clock)
+    p = Policy.from_dict(PRECEDENCE, registry=ResilienceRegistry(clock=clock))
     cfg = CircuitBreakerConfig()
-    a = p.breaker("h:1", cfg)
-    assert p.breaker("h:1", cfg) is a
-    assert p.breaker("h:1", CircuitBreakerConfig()) is a  # equal configs are the same key
-    assert p.breaker("h:2", cfg) is not a
-    assert p.breaker("h:1", CircuitBreakerConfig(half_open_calls=1)) is not a
+    a = p.registry.breaker("h:1", cfg)
+    assert p.registry.breaker("h:1", cfg) is a
+    assert p.registry.breaker("h:1", CircuitBreakerConfig()) is a  # equal configs are the same key
+    assert p.registry.breaker("h:2", cfg) is not a
+    assert p.registry.breaker("h:1", CircuitBreakerConfig(half_open_calls=1)) is not a
     assert a.name == "h:1"
     bh = BulkheadConfig(max_concurrent=2)
-    assert p.bulkhead("k", bh) is p.bulkhead("k", bh)
+    assert p.registry.bulkhead("k", bh) is p.registry.bulkhead("k", bh)
     rl = RateLimitConfig(rate=1)
-    assert p.rate_limiter("k", rl) is p.rate_limiter("k", rl)
+    assert p.registry.rate_limiter("k", rl) is p.registry.rate_limiter("k", rl)
     al = AdaptiveLimitConfig()
-    assert p.adaptive_limiter("k", al) is p.adaptive_limiter("k", al)
-    assert set(p.breakers()) == {"h:1", "h:2"}
-    assert set(p.bulkheads()) == {"k"}
-    # Instances use the policy's clock.
+    assert p.registry.adaptive_limiter("k", al) is p.registry.adaptive_limiter("k", al)
+    assert set(p.registry.breakers()) == {"h:1", "h:2"}
+    assert set(p.registry.bulkheads()) == {"k"}
+    # Instances use the registry's clock.
     for _ in range(10):
         assert a.try_acquire()
         a.on_result(0.01, "UNAVAILABLE")
@@ -859,13 +860,13 @@ def test_retry_budget_is_one_per_target() -> None:
 def test_policy_listeners_reach_every_instance_old_and_new() -> None:
     p = Policy.from_dict({})
     events: list[Event] = []
-    old = p.bulkhead("a", BulkheadConfig(max_concurrent=1))
-    p.add_listener(events.append)
-    new = p.bulkhead("b", BulkheadConfig(max_concurrent=1))
+    old = p.registry.bulkhead("a", BulkheadConfig(max_concurrent=1))
+    p.registry.add_listener(events.append)
+    new = p.registry.bulkhead("b", BulkheadConfig(max_concurrent=1))
     for bh in (old, new):
         assert bh.try_acquire()
         assert not bh.try_acquire()
-    breaker = p.breaker("t", CircuitBreakerConfig(minimum_calls=1, window_size=1))
+    breaker = p.registry.breaker("t", CircuitBreakerConfig(minimum_calls=1, window_size=1))
     assert breaker.try_acquire()
     breaker.on_result(0.0, "UNAVAILABLE")
     kinds = [(e.source, e.name, e.kind) for e in events]
@@ -880,19 +881,19 @@ def test_registries_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from meshkit import config
 
     p = Policy.from_dict({})
-    monkeypatch.setattr(p._bulkheads, "_limit", 5)
+    monkeypatch.setattr(p.registry._bulkheads, "_limit", 5)
     cfg = BulkheadConfig(max_concurrent=1)
-    first = p.bulkhead("k0", cfg)
+    first = p.registry.bulkhead("k0", cfg)
     for i in range(1, 50):
-        p.bulkhead(f"k{i}", cfg)
-    assert len(p.bulkheads()) == 5
-    assert p.bulkhead("k0", cfg) is not first  # the oldest was dropped
+        p.registry.bulkhead(f"k{i}", cfg)
+    assert len(p.registry.bulkheads()) == 5
+    assert p.registry.bulkhead("k0", cfg) is not first  # the oldest was dropped
     assert config.MAX_INSTANCES >= 1000
 
 
 def test_last_good_cache_is_shared() -> None:
     p = Policy.from_dict({})
-    assert p.last_good_cache is p.last_good_cache
+    assert p.registry.last_good_cache() is p.registry.last_good_cache()
 
 
 def test_hard_coded_status_codes_match_grpc() -> None:

@@ -22,6 +22,7 @@ from meshkit.grpc._engine import (
 from meshkit.grpc._plan import ClientPlan, compile_client
 from meshkit.grpc._status import MESHKIT_ATTEMPTS_KEY, PREVIOUS_ATTEMPTS_KEY, PUSHBACK_KEY
 from meshkit.resilience.clock import FakeClock
+from meshkit.resilience.registry import ResilienceRegistry
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +73,8 @@ def make(
     **options: Any,
 ) -> tuple[ClientPlan, Attempts]:
     policy = Policy.from_dict(
-        {"defaults": {}, "rules": [{"match": "pkg.Svc", **rule}]}, clock=clock
+        {"defaults": {}, "rules": [{"match": "pkg.Svc", **rule}]},
+        registry=ResilienceRegistry(clock=clock),
     )
     plan = compile_client(policy, M, "t", client_faults=False, client_rate_limits=False, **options)
     if breaker is not None:

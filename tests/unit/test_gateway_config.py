@@ -170,6 +170,28 @@ def test_reload_keeps_an_unchanged_policy_and_its_breakers(tmp_path: Path) -> No
     assert e2.upstreams["own"].policy is e1.upstreams["own"].policy is not None
 
 
+def test_reload_with_a_changed_policy_hands_on_the_registry(tmp_path: Path) -> None:
+    """#16: the live state outlives the document, for the gateway's policy and for the
+    edge's shared and per-upstream policies alike."""
+    p = _write(tmp_path, FALLBACK_ON)
+    first = load_config(p)
+    assert first.policy is not None
+    p.write_text(FALLBACK_ON + "  rules: [{match: a.S, timeout: 1s}]\n")
+    changed = load_config(p, previous=first)
+    assert changed.policy is not None and changed.policy is not first.policy
+    assert changed.policy.registry is first.policy.registry
+    edge = "edge:\n  upstreams:\n    own: {targets: [h:1], policy: {defaults: {timeout: %s}}}\n"
+    p.write_text(FALLBACK_ON + edge % "1s")
+    e1 = load_edge_config(p)
+    p.write_text(FALLBACK_ON + "  rules: [{match: a.S, timeout: 1s}]\n" + edge % "2s")
+    e2 = load_edge_config(p).carry_policies(e1)
+    assert e1.policy is not None and e2.policy is not None and e2.policy is not e1.policy
+    assert e2.policy.registry is e1.policy.registry
+    own1, own2 = e1.upstreams["own"].policy, e2.upstreams["own"].policy
+    assert own1 is not None and own2 is not None and own2 is not own1
+    assert own2.registry is own1.registry is not e1.policy.registry
+
+
 def test_upstream_list_is_used_round_robin(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[str] = []
 

@@ -211,18 +211,6 @@ def _identity(v: Any) -> Any:
 Dec = Callable[[Message, str, Any], None]
 
 
-def _set_scalar_checked(kind: type | tuple[type, ...]) -> Dec:
-    def dec(msg: Message, name: str, v: Any) -> None:
-        if type(v) is not kind and not (isinstance(kind, tuple) and type(v) in kind):
-            raise Fallback
-        try:
-            setattr(msg, name, v)
-        except (ValueError, TypeError):
-            raise Fallback from None
-
-    return dec
-
-
 class Decoder:
     """JSON object -> message for the common shapes; raises :class:`Fallback` otherwise."""
 

@@ -121,7 +121,8 @@ class GatewayConfig:
     #: Service (or ``default``) -> ``HOST:PORT[,HOST:PORT...]``, balanced round-robin.
     upstreams: Mapping[str, str] = field(default_factory=dict)
     #: The ``policy:`` section, compiled once at load: every upstream channel, on
-    #: every event loop, shares it (and so its breakers, budgets and limiters).
+    #: every event loop, shares it (and so its registry of breakers, budgets and
+    #: limiters, which a reload hands on: :func:`carry_policy`).
     policy: Policy | None = None
     #: The ``edge:`` section, validated by :mod:`meshkit.gateway.edge.edge` when present.
     edge: Mapping[str, Any] | None = None
@@ -191,24 +192,29 @@ def compile_policy(
     try:
         return Policy.from_dict(document, source)
     except ConfigError as exc:
-        from meshkit.config import _bare
-
         inner = f"{path}.{exc.path}" if exc.path else path
-        raise ConfigError(inner, _bare(exc)) from None
+        raise ConfigError(inner, exc.reason) from None
 
 
 def carry_policy(old: Policy | None, new: Policy | None) -> Policy | None:
-    """``old`` when ``new`` was read from the same document: a reload that leaves the
-    policy alone keeps its breakers, budgets and limiters rather than resetting them."""
-    if old is not None and new is not None and old.document == new.document:
+    """The policy to use after a reload from ``old`` to ``new``.
+
+    ``old`` itself when ``new`` was read from the same document (its compiled cache
+    and all). Otherwise ``new`` over ``old``'s registry: the live state outlives the
+    document, so every breaker, budget, bulkhead and limiter whose name and config
+    the change left alone keeps its state (an OPEN breaker stays OPEN when another
+    rule's timeout changed); one whose config changed starts afresh."""
+    if old is None or new is None:
+        return new
+    if old.document == new.document:
         return old
-    return new
+    return new.with_registry(old.registry)
 
 
 def config_from_document(doc: Document, *, previous: GatewayConfig | None = None) -> GatewayConfig:
     """Validate a parsed ``gateway.yaml`` (without its ``edge:`` section, which
     :mod:`meshkit.gateway.edge.profiles` validates). ``previous`` (on reload) lends its
-    policy when the document's is unchanged."""
+    policy when the document's is unchanged, else its registry (:func:`carry_policy`)."""
     with doc.errors():
         raw = doc.data
         if not isinstance(raw, Mapping):

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.api import annotations_pb2, http_pb2  # registers the google.api.http extension
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.descriptor import Descriptor, MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -162,11 +162,6 @@ def _add_with_deps(by_name: dict[str, descriptor_pb2.FileDescriptorProto], fdesc
     proto = descriptor_pb2.FileDescriptorProto()
     fdesc.CopyToProto(proto)
     by_name[fdesc.name] = proto
-
-
-def message_descriptor(catalog: Catalog, full_name: str) -> Descriptor:
-    """The pool's descriptor for ``full_name``."""
-    return catalog.pool.FindMessageTypeByName(full_name)
 
 
 def descriptor_set_from_reflection(

@@ -11,7 +11,9 @@ Reload (:meth:`EdgeApp.reload`, SIGHUP in the CLI, or ``POST /admin/reload``
 with the admin token) rebuilds every profile from the new config and swaps it in
 atomically; requests in flight finish on the old one. Upstreams are kept and
 switched in place (:meth:`BalancedUpstream.set_targets`), which is the
-blue-green switch: no request is dropped. Caches start empty after a reload.
+blue-green switch: no request is dropped. Caches start empty after a reload; the
+resilience state (breakers, budgets, limiters) lives in the policies' registry and
+carries over (:meth:`EdgeConfig.carry_policies`).
 """
 
 from __future__ import annotations
@@ -103,8 +105,9 @@ async def update_registry(registry: UpstreamRegistry, config: EdgeConfig) -> Non
         if isinstance(cur, BalancedUpstream):
             cur.health_check = spec.health_check
             cur.drain = spec.drain
-            # The same Policy object when the document did not change (carry_policies),
-            # so this is a no-op and the breakers keep their state across the reload.
+            # carry_policies: the same Policy object when its document did not change
+            # (a no-op here), else a new one over the same registry, so the new
+            # channels find the breakers, budgets and limiters whose config is unchanged.
             cur.set_policy(spec.policy if spec.policy is not None else config.policy)
             await cur.set_targets(spec.targets)
             ups[name] = cur

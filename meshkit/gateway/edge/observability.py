@@ -372,19 +372,6 @@ class TelemetryMiddleware:
         access_log.info(json.dumps(rec, separators=(",", ":")))
 
 
-#: Convenience names for the two halves (one class, one pass per request).
-def AccessLogMiddleware(app: ASGIApp, profile: str = "") -> TelemetryMiddleware:
-    """Access logs only."""
-    return TelemetryMiddleware(app, profile=profile, tracing=False)
-
-
-def MetricsMiddleware(app: ASGIApp, metrics: EdgeMetrics, profile: str = "") -> TelemetryMiddleware:
-    """Metrics only."""
-    return TelemetryMiddleware(
-        app, metrics=metrics, profile=profile, access_logs=False, tracing=False
-    )
-
-
 class OpsMiddleware:
     """``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json`` in front of ``app``.
 

@@ -252,15 +252,20 @@ class EdgeConfig:
             return cls._from_mapping(raw, base_dir, source)
 
     def carry_policies(self, old: EdgeConfig) -> EdgeConfig:
-        """This config with ``old``'s Policy objects wherever the document is unchanged,
-        so a reload keeps the breakers, budgets and limiters of an unchanged policy."""
+        """This config after a reload from ``old`` (:func:`carry_policy`, per policy):
+        ``old``'s Policy objects wherever the document is unchanged, else the new
+        ones over the registry each upstream used before, so breakers, budgets and
+        limiters whose config did not change keep their state."""
+
+        def before(name: str) -> Policy | None:
+            # The policy the upstream used: its own, or the document's shared one.
+            spec = old.upstreams.get(name)
+            if spec is None:
+                return None
+            return spec.policy if spec.policy is not None else old.policy
+
         ups = {
-            n: dataclasses.replace(
-                u,
-                policy=carry_policy(
-                    old.upstreams[n].policy if n in old.upstreams else None, u.policy
-                ),
-            )
+            n: dataclasses.replace(u, policy=carry_policy(before(n), u.policy))
             for n, u in self.upstreams.items()
         }
         return dataclasses.replace(

@@ -216,7 +216,8 @@ def build_app(spec: ServeSpec) -> ASGIApp:
             new = _load(spec, previous=old)
             new_cfg = new.cfg
             # carry_policy kept the old Policy object when the document is unchanged:
-            # the same upstreams then keep their channels and breakers.
+            # the same upstreams then keep their channels. A changed one shares the old
+            # registry, so new channels still find the breakers whose config is unchanged.
             same_ups = new_cfg.upstreams == old.upstreams and new_cfg.policy is old.policy
             registry = (
                 None
