@@ -29,7 +29,7 @@ sizes, codes...), :mod:`~meshkit.config.sections` (one reader per section),
 from meshkit.config.compile import MethodPolicy
 from meshkit.config.policy import MAX_COMPILED_METHODS as MAX_COMPILED_METHODS
 from meshkit.config.policy import MAX_INSTANCES as MAX_INSTANCES
-from meshkit.config.policy import Policy
+from meshkit.config.policy import Policy, carry_policy, compile_policy
 from meshkit.config.policy import Rule as Rule
 from meshkit.config.sections import DEFAULT_DEADLINE_MARGIN as DEFAULT_DEADLINE_MARGIN
 from meshkit.config.sections import SECTIONS as SECTIONS
@@ -51,6 +51,8 @@ from meshkit.errors import ConfigError as ConfigError
 __all__ = [
     "MethodPolicy",
     "Policy",
+    "carry_policy",
+    "compile_policy",
     "located",
     "parse_duration",
     "parse_size",

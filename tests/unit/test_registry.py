@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from meshkit.config import Policy
-from meshkit.gateway.core.config import carry_policy
+from meshkit.config import Policy, carry_policy
 from meshkit.resilience import ResilienceRegistry
 from meshkit.resilience.adaptive import AdaptiveLimitConfig
 from meshkit.resilience.breaker import CircuitBreakerConfig

@@ -33,12 +33,12 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2
 
-from meshkit.config import Policy
+from meshkit.config import Policy, compile_policy
 from meshkit.errors import ConfigError
 from meshkit.gateway._asgi import ASGIApp, Middleware, Receive, Scope, Send
 from meshkit.gateway.core._disconnect import DisconnectGuard
 from meshkit.gateway.core._paths import route_path, unmounted
-from meshkit.gateway.core.config import GatewayOptions, compile_policy
+from meshkit.gateway.core.config import GatewayOptions
 from meshkit.gateway.core.descriptors import (
     Catalog,
     build_catalog,

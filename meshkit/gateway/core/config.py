@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from meshkit._sections import parse_duration
-from meshkit.config import Policy, located, parse_size, read_bool, read_int, read_mapping
+from meshkit.config import (
+    Policy,
+    carry_policy,
+    compile_policy,
+    located,
+    parse_size,
+    read_bool,
+    read_int,
+    read_mapping,
+)
 from meshkit.config import read_yaml as _read_yaml_text
 from meshkit.errors import ConfigError
 
@@ -174,41 +183,6 @@ def config_source(
         if not source or exc.source is not None:
             raise
         raise located(exc, source, marks or {}) from exc
-
-
-def compile_policy(
-    document: Any, path: str = "policy", *, source: str | None = None
-) -> Policy | None:
-    """The ``policy:`` section as a :class:`~meshkit.config.Policy`, built now so a bad
-    one stops the start (``policy.defaults.retry.max_attempts: expected ...``) rather
-    than failing every request later. ``None`` (absent) is no policy."""
-    if document is None:
-        return None
-    if not isinstance(document, Mapping):
-        raise ConfigError(
-            path,
-            f"expected a mapping (meshkit's client policy), got {json.dumps(document, default=repr)}",
-        )
-    try:
-        return Policy.from_dict(document, source)
-    except ConfigError as exc:
-        inner = f"{path}.{exc.path}" if exc.path else path
-        raise ConfigError(inner, exc.reason) from None
-
-
-def carry_policy(old: Policy | None, new: Policy | None) -> Policy | None:
-    """The policy to use after a reload from ``old`` to ``new``.
-
-    ``old`` itself when ``new`` was read from the same document (its compiled cache
-    and all). Otherwise ``new`` over ``old``'s registry: the live state outlives the
-    document, so every breaker, budget, bulkhead and limiter whose name and config
-    the change left alone keeps its state (an OPEN breaker stays OPEN when another
-    rule's timeout changed); one whose config changed starts afresh."""
-    if old is None or new is None:
-        return new
-    if old.document == new.document:
-        return old
-    return new.with_registry(old.registry)
 
 
 def config_from_document(doc: Document, *, previous: GatewayConfig | None = None) -> GatewayConfig:

@@ -68,13 +68,11 @@ from meshkit._sections import (
     section,
 )
 from meshkit.auth import AuthConfig
-from meshkit.config import Policy
+from meshkit.config import Policy, carry_policy, compile_policy
 from meshkit.errors import ConfigError
 from meshkit.gateway.core.config import (
     Document,
     GatewayOptions,
-    carry_policy,
-    compile_policy,
     config_source,
     read_document,
 )

@@ -34,10 +34,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshkit._sections import get_duration, get_list, get_str, section
-from meshkit.config import Policy
+from meshkit.config import Policy, compile_policy
 from meshkit.errors import ConfigError
 from meshkit.gateway._asgi import notes
-from meshkit.gateway.core.config import compile_policy
 from meshkit.gateway.upstream.upstreams import Upstream, loop_key, make_channel
 
 log = logging.getLogger("meshkit.gateway.upstreams")
