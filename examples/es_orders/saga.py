@@ -28,15 +28,9 @@ from examples.shop.gen.shop.v1 import (
     payment_pb2,
     shipping_pb2,
 )
+from meshkit.saga.commands import CommandContext, CommandParticipant
 from meshkit.saga.eventstore import EventStore, Repository
-from meshkit.saga.orchestrator import (
-    Command,
-    CommandContext,
-    CommandParticipant,
-    SagaContext,
-    SagaMachine,
-    State,
-)
+from meshkit.saga.machine import Command, SagaContext, SagaMachine, State
 from meshkit.saga.snapshots import SnapshotStore
 
 

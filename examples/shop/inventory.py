@@ -240,7 +240,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
 def commands(store: Store) -> Any:
     """The inventory's command handlers for the orchestrated saga (``SHOP_MODE=orchestrated``)."""
     from examples.shop.orchestration import once
-    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+    from meshkit.saga.commands import CommandContext, CommandParticipant
 
     part = CommandParticipant("inventory")
 

@@ -122,7 +122,7 @@ class NotificationService(notification_pb2_grpc.NotificationServiceServicer):
 def commands(store: Store) -> Any:
     """The notification service's command handler for the orchestrated saga."""
     from examples.shop.orchestration import once
-    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+    from meshkit.saga.commands import CommandContext, CommandParticipant
 
     part = CommandParticipant("notification")
 

@@ -42,16 +42,10 @@ from examples.shop.gen.shop.v1 import (
 )
 from examples.shop.store import Store
 from meshkit.saga import Outbound, SqliteInbox
-from meshkit.saga.bus import ConsumerSpec
+from meshkit.saga.commands import CommandContext, CommandParticipant
 from meshkit.saga.envelope import type_name
-from meshkit.saga.orchestrator import (
-    Command,
-    CommandContext,
-    CommandParticipant,
-    SagaContext,
-    SagaMachine,
-    State,
-)
+from meshkit.saga.machine import Command, SagaContext, SagaMachine, State
+from meshkit.saga.streams import ConsumerSpec
 
 # The command side's inbox per store (made at start-up by serve_commands, before any
 # transaction can be open on the connection).

@@ -43,8 +43,8 @@ from examples.shop.flow import (
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2, orders_pb2_grpc
 from meshkit.saga import Context, IdempotentInbox, Participant, derive_event_id
+from meshkit.saga.commands import CommandContext, CommandParticipant
 from meshkit.saga.eventstore import EventStore, EventStoreError, Repository, StoredEvent
-from meshkit.saga.orchestrator import CommandContext, CommandParticipant
 from meshkit.saga.projections import Source, relay
 from meshkit.saga.readmodels import SqliteReadModelStore
 

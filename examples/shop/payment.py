@@ -238,7 +238,7 @@ class PaymentService(payment_pb2_grpc.PaymentServiceServicer):
 def commands(store: Store) -> Any:
     """The payment service's command handlers for the orchestrated saga."""
     from examples.shop.orchestration import once
-    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+    from meshkit.saga.commands import CommandContext, CommandParticipant
 
     part = CommandParticipant("payment")
 

@@ -146,7 +146,7 @@ class ShippingService(shipping_pb2_grpc.ShippingServiceServicer):
 def commands(store: Store) -> Any:
     """The shipping service's command handlers for the orchestrated saga."""
     from examples.shop.orchestration import once
-    from meshkit.saga.orchestrator import CommandContext, CommandParticipant
+    from meshkit.saga.commands import CommandContext, CommandParticipant
 
     part = CommandParticipant("shipping")
 

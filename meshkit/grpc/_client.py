@@ -5,6 +5,10 @@ deadline -> client fault -> client rate limit -> bulkhead -> hedging or retry lo
 (each attempt: circuit breaker -> send) -> fallback on rejection or exhaustion. Every
 decision is :class:`~meshkit.grpc._engine.Attempts`'; this adapter sends attempts,
 sleeps, waits for permits and futures, and shapes the answer as grpcio's own.
+
+Why this module is long: grpcio's four call shapes each need their own future or
+iterator (``_SucceededCall``, ``_PendingCall``, ``_RaceCall``, ``_RetryingStream``) that
+behaves exactly as grpcio's, and they share the interceptor's private step loop.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 * :mod:`meshkit.saga.dlq` — the dead-letter subject; :mod:`meshkit.saga.graph` — the flow graph.
 """
 
-from meshkit.saga.bus import ConsumerSpec, EventBus, EventStoreSource, PullConsumer, StreamSpec
+from meshkit.saga.bus import EventBus
+from meshkit.saga.consumer import PullConsumer
 from meshkit.saga.dlq import DLQ_STREAM, dead_letter, list_dead_letters, replay_dead_letters
 from meshkit.saga.envelope import Envelope, EnvelopeError, derive_event_id, new_event_id, type_name
 from meshkit.saga.graph import FlowGraph, GraphReport, analyze, build_graph, to_mermaid
@@ -23,6 +24,7 @@ from meshkit.saga.inbox import (
     SqliteInbox,
 )
 from meshkit.saga.participant import Context, Participant, PermanentError, RunningParticipant
+from meshkit.saga.streams import ConsumerSpec, EventStoreSource, StreamSpec
 from meshkit.saga.tracker import (
     FINAL_STATES,
     SagaDefinition,

@@ -19,8 +19,9 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from meshkit._pb.meshkit.v1 import event_pb2
-from meshkit.saga.bus import EventBus, StreamSpec
+from meshkit.saga.bus import EventBus
 from meshkit.saga.envelope import EVENT_ID, EVENT_TYPE, MSG_ID, SAGA_ID, now_ms
+from meshkit.saga.streams import StreamSpec
 
 __all__ = [
     "DLQ_STREAM",

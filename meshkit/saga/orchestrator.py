@@ -37,33 +37,37 @@ so ``meshkit saga show`` can print orchestrated sagas beside choreographed ones
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from nats.aio.msg import Msg
 from nats.js import api
 
-from meshkit.errors import ConfigError
 from meshkit.saga import cluster
-from meshkit.saga.bus import ConsumerSpec, EventBus
+from meshkit.saga.bus import EventBus
 from meshkit.saga.dlq import dead_letter
 from meshkit.saga.envelope import MSG_ID, Envelope, EnvelopeError, derive_event_id, type_name
-from meshkit.saga.participant import PermanentError
+from meshkit.saga.machine import (
+    Command,
+    PendingCommand,
+    SagaContext,
+    SagaInstance,
+    SagaMachine,
+    State,
+    Step,
+    _now_ms,
+)
+from meshkit.saga.streams import _NAME, ConsumerSpec
 
 __all__ = [
     "Command",
-    "CommandContext",
-    "CommandParticipant",
     "Orchestrator",
     "OrchestratorConfig",
     "SagaContext",
@@ -78,296 +82,6 @@ log = logging.getLogger("meshkit.saga.orchestrator")
 
 COMMAND = "Meshkit-Command"
 REPLY_TO = "Meshkit-Reply-To"
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-# -- the definition ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SagaContext:
-    """What a command builder sees: the start message and every reply so far, by event name."""
-
-    saga_id: str
-    start: Message
-    replies: Mapping[str, Message]
-    state: str
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command a state sends to ``participant`` when the saga enters it.
-
-    ``build(ctx)`` makes the protobuf message; it must be deterministic in ``ctx``.
-    """
-
-    participant: str
-    build: Callable[[SagaContext], Message]
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.participant):
-            raise ConfigError(
-                "command.participant", f"{self.participant!r} must match [A-Za-z0-9_-]+"
-            )
-
-
-@dataclass(frozen=True)
-class State:
-    """One state: the commands sent on entry, and ``on``: event name -> next state.
-
-    ``command`` is shorthand for one entry command; ``commands`` sends several (to
-    different participants, e.g. complete the order *and* notify the customer).
-    """
-
-    command: Command | None = None
-    on: Mapping[str, str] = field(default_factory=dict)
-    final: bool = False
-    compensation: bool = False
-    succeeded: bool = False
-    commands: tuple[Command, ...] = ()
-
-    def entry_commands(self) -> tuple[Command, ...]:
-        return ((self.command,) if self.command is not None else ()) + tuple(self.commands)
-
-
-@dataclass(frozen=True)
-class SagaMachine:
-    """A saga as a state machine, checked when built.
-
-    ``events`` maps each event name used in ``on`` to the protobuf message type
-    participants reply with (one name per type).
-    """
-
-    name: str
-    initial: str
-    states: Mapping[str, State]
-    events: Mapping[str, type[Message]]
-    start_type: type[Message]
-
-    def __post_init__(self) -> None:
-        where = f"saga {self.name}"
-        if not _NAME.match(self.name):
-            raise ConfigError(f"{where}.name", "must match [A-Za-z0-9_-]+")
-        if self.initial not in self.states:
-            raise ConfigError(f"{where}.initial", f"{self.initial!r} is not a state")
-        seen: dict[str, str] = {}
-        for name, t in self.events.items():
-            full = type_name(t)
-            if full in seen:
-                raise ConfigError(f"{where}.events.{name}", f"{full} is already event {seen[full]}")
-            seen[full] = name
-        for sname, st in self.states.items():
-            targets = [c.participant for c in st.entry_commands()]
-            if len(targets) != len(set(targets)):
-                raise ConfigError(
-                    f"{where}.states.{sname}.commands", "at most one command per participant"
-                )
-            if st.final and st.on:
-                raise ConfigError(f"{where}.states.{sname}", "a final state has no transitions")
-            if not st.final and not st.on:
-                raise ConfigError(f"{where}.states.{sname}", "not final, but nothing leaves it")
-            for event, target in st.on.items():
-                if event not in self.events:
-                    raise ConfigError(f"{where}.states.{sname}.on.{event}", "unknown event")
-                if target not in self.states:
-                    raise ConfigError(
-                        f"{where}.states.{sname}.on.{event}", f"unknown state {target!r}"
-                    )
-
-    def event_name(self, full_type: str) -> str | None:
-        for name, t in self.events.items():
-            if type_name(t) == full_type:
-                return name
-        return None
-
-    def to_mermaid(self) -> str:
-        """The state machine as a Mermaid ``stateDiagram-v2``."""
-        lines = ["stateDiagram-v2", f"    [*] --> {self.initial}"]
-        for sname, st in self.states.items():
-            cmds = ", ".join(f"{c.participant}.{c.name or 'command'}" for c in st.entry_commands())
-            if cmds:
-                lines.append(f"    {sname}: {sname} / {cmds}")
-            for event, target in st.on.items():
-                lines.append(f"    {sname} --> {target}: {event}")
-            if st.final:
-                lines.append(f"    {sname} --> [*]")
-        return "\n".join(lines)
-
-
-# -- the persisted instance --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PendingCommand:
-    command_id: str
-    participant: str
-    name: str
-    type: str
-    subject: str
-    data: bytes
-    causation_id: str
-    sent: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.command_id,
-            "participant": self.participant,
-            "name": self.name,
-            "type": self.type,
-            "subject": self.subject,
-            "data": base64.b64encode(self.data).decode(),
-            "causation": self.causation_id,
-            "sent": self.sent,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> PendingCommand:
-        return cls(
-            command_id=d["id"],
-            participant=d["participant"],
-            name=d["name"],
-            type=d["type"],
-            subject=d["subject"],
-            data=base64.b64decode(d["data"]),
-            causation_id=d.get("causation", ""),
-            sent=bool(d.get("sent")),
-        )
-
-
-@dataclass(frozen=True)
-class Step:
-    """One transition taken: from, to, the event that caused it, and when."""
-
-    from_state: str
-    to_state: str
-    event: str
-    event_id: str
-    at_ms: int
-    command_id: str = ""
-
-
-@dataclass(frozen=True)
-class SagaInstance:
-    """One saga's persisted state (the KV value, as JSON)."""
-
-    saga_id: str
-    saga_type: str
-    state: str
-    start_type: str
-    start: bytes
-    replies: tuple[tuple[str, str, bytes], ...] = ()  # (event name, type, payload)
-    history: tuple[Step, ...] = ()
-    pending: tuple[PendingCommand, ...] = ()
-    started_ms: int = 0
-    updated_ms: int = 0
-    final: bool = False
-    succeeded: bool = False
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "saga_id": self.saga_id,
-                "saga_type": self.saga_type,
-                "state": self.state,
-                "start": {"type": self.start_type, "data": base64.b64encode(self.start).decode()},
-                "replies": [
-                    {"event": e, "type": t, "data": base64.b64encode(d).decode()}
-                    for e, t, d in self.replies
-                ],
-                "history": [
-                    {
-                        "from": s.from_state,
-                        "to": s.to_state,
-                        "event": s.event,
-                        "event_id": s.event_id,
-                        "at": s.at_ms,
-                        "command_id": s.command_id,
-                    }
-                    for s in self.history
-                ],
-                "pending": [c.to_json() for c in self.pending],
-                "started": self.started_ms,
-                "updated": self.updated_ms,
-                "final": self.final,
-                "succeeded": self.succeeded,
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> SagaInstance:
-        d = json.loads(raw)
-        return cls(
-            saga_id=d["saga_id"],
-            saga_type=d["saga_type"],
-            state=d["state"],
-            start_type=d["start"]["type"],
-            start=base64.b64decode(d["start"]["data"]),
-            replies=tuple(
-                (r["event"], r["type"], base64.b64decode(r["data"])) for r in d.get("replies", [])
-            ),
-            history=tuple(
-                Step(
-                    h["from"], h["to"], h["event"], h["event_id"], h["at"], h.get("command_id", "")
-                )
-                for h in d.get("history", [])
-            ),
-            pending=tuple(PendingCommand.from_json(c) for c in d.get("pending") or ()),
-            started_ms=int(d.get("started", 0)),
-            updated_ms=int(d.get("updated", 0)),
-            final=bool(d.get("final")),
-            succeeded=bool(d.get("succeeded")),
-        )
-
-    @property
-    def unsent(self) -> bool:
-        """True while an entry command of the current state may not have been published."""
-        return any(not c.sent for c in self.pending)
-
-    def seen(self, event_id: str) -> bool:
-        return any(s.event_id == event_id for s in self.history)
-
-    def to_status(self) -> Any:
-        """This saga as a ``meshkit.v1.SagaStatus`` (what ``meshkit saga show`` prints)."""
-        from meshkit._pb.meshkit.v1 import saga_pb2
-
-        if self.final:
-            compensated = any(s.to_state != self.state and _is_comp(s) for s in self.history)
-            state = (
-                saga_pb2.SAGA_STATE_COMPLETED
-                if self.succeeded
-                else (
-                    saga_pb2.SAGA_STATE_COMPENSATED if compensated else saga_pb2.SAGA_STATE_FAILED
-                )
-            )
-        elif self.history and self.history[-1].event.startswith("!"):
-            state = saga_pb2.SAGA_STATE_COMPENSATING
-        else:
-            state = saga_pb2.SAGA_STATE_RUNNING
-        status = saga_pb2.SagaStatus(
-            saga_id=self.saga_id, saga_type=self.saga_type, state=state, reason=self.state
-        )
-        status.started_at.FromMilliseconds(self.started_ms)
-        status.updated_at.FromMilliseconds(self.updated_ms)
-        for s in self.history:
-            step = status.steps.add(
-                event_id=s.event_id,
-                event_type=f"{s.event}: {s.from_state} -> {s.to_state}",
-                source="orchestrator",
-                compensation=s.event.startswith("!"),
-            )
-            step.at.FromMilliseconds(s.at_ms)
-        return status
-
-
-def _is_comp(step: Step) -> bool:
-    return step.event.startswith("!")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # -- the orchestrator --------------------------------------------------------
@@ -770,137 +484,3 @@ async def list_statuses(bus: EventBus, *, config: OrchestratorConfig | None = No
             if entry.value:
                 out.append(SagaInstance.decode(entry.value).to_status())
     return out
-
-
-# -- participants in orchestration mode --------------------------------------
-
-
-@dataclass(frozen=True)
-class CommandContext:
-    """What a command handler sees besides the command."""
-
-    envelope: Envelope
-    participant: str
-    deliveries: int
-
-    @property
-    def saga_id(self) -> str:
-        return self.envelope.saga_id
-
-    @property
-    def command_id(self) -> str:
-        return self.envelope.event_id
-
-
-CommandHandler = Callable[[Any, CommandContext], Awaitable[Message]]
-
-
-class CommandParticipant:
-    """A participant that executes commands and replies with one event each.
-
-    ::
-
-        inventory = CommandParticipant("inventory")
-
-        @inventory.handles(ReserveStockRequest)
-        async def reserve(cmd: ReserveStockRequest, ctx: CommandContext) -> Message:
-            return StockReserved(...)  # or StockReservationFailed(...)
-
-    The reply's id is derived from the command's, so a redelivered command
-    yields a reply JetStream drops. Effects must be idempotent per
-    ``ctx.command_id`` (or run through an inbox, :mod:`meshkit.saga.inbox`).
-    """
-
-    def __init__(self, name: str) -> None:
-        if not _NAME.match(name):
-            raise ConfigError("participant.name", f"{name!r} must match [A-Za-z0-9_-]+")
-        self.name = name
-        self._handlers: dict[str, tuple[type[Message], CommandHandler]] = {}
-        self._consumer: Any = None
-        self._bus: EventBus | None = None
-
-    def handles(self, command: type[Message]) -> Callable[[CommandHandler], CommandHandler]:
-        def deco(fn: CommandHandler) -> CommandHandler:
-            full = type_name(command)
-            if full in self._handlers:
-                raise ConfigError(f"participant {self.name}", f"{full} already has a handler")
-            self._handlers[full] = (command, fn)
-            return fn
-
-        return deco
-
-    async def start(
-        self,
-        bus: EventBus,
-        config: OrchestratorConfig | None = None,
-        *,
-        spec: ConsumerSpec | None = None,
-    ) -> CommandParticipant:
-        cfg = config or OrchestratorConfig()
-        await ensure_orchestration(bus, cfg)
-        self._bus = bus
-        consumer_spec = spec or ConsumerSpec(ack_wait=10.0)
-        durable = f"cmd-{self.name}"
-
-        async def give_up(msg: Msg, reason: str) -> None:
-            # A command nobody can execute must stay visible and replayable: a
-            # silently dropped one would leave its saga waiting forever.
-            await dead_letter(bus, msg, reason=reason, consumer=durable)
-
-        async def handle(msg: Msg) -> None:
-            try:
-                env = Envelope.from_headers(msg.headers)
-            except EnvelopeError as exc:
-                await give_up(msg, f"invalid envelope: {exc}")
-                return
-            entry = self._handlers.get(env.event_type)
-            if entry is None:
-                await give_up(msg, f"{self.name} has no handler for command {env.event_type}")
-                return
-            cls, fn = entry
-            try:
-                cmd = cls.FromString(msg.data)
-            except (DecodeError, ValueError) as exc:
-                await give_up(msg, f"undecodable {env.event_type} payload: {exc}")
-                return
-            deliveries = 1
-            with contextlib.suppress(Exception):
-                deliveries = int(msg.metadata.num_delivered)
-            try:
-                reply = await fn(cmd, CommandContext(env, self.name, deliveries))
-                reply_to = (msg.headers or {}).get(REPLY_TO) or cfg.reply_subject(
-                    env.saga_type, env.saga_id
-                )
-                out = env.caused(
-                    reply, event_id=derive_event_id(env.event_id, self.name, 0), source=self.name
-                )
-                await bus.publish_raw(reply_to, reply.SerializeToString(), out.to_headers())
-            except PermanentError as exc:
-                await give_up(msg, f"{self.name} rejected {env.event_type}: {exc}")
-                return
-            except Exception as exc:
-                if deliveries >= consumer_spec.max_deliver:
-                    await give_up(
-                        msg,
-                        f"{self.name} failed {env.event_type} {deliveries} times "
-                        f"(max_deliver); last error: {exc!r}",
-                    )
-                    return
-                raise  # the consumer naks it with the spec's backoff
-            await msg.ack()
-
-        self._consumer = bus.consumer(
-            cfg.stream,
-            durable,
-            handle,
-            filter_subjects=[f"{cfg.prefix}.cmd.{self.name}.>"],
-            spec=consumer_spec,
-        )
-        await self._consumer.start()
-        return self
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking commands, letting in-flight ones finish for ``grace`` seconds."""
-        if self._consumer is not None:
-            await self._consumer.stop(grace)
-            self._consumer = None

@@ -40,10 +40,12 @@ from nats.aio.msg import Msg
 import meshkit.deadline
 from meshkit.errors import MeshkitError
 from meshkit.saga import _telemetry
-from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
+from meshkit.saga.bus import EventBus
+from meshkit.saga.consumer import PullConsumer
 from meshkit.saga.dlq import dead_letter
 from meshkit.saga.envelope import EVENT_TYPE, Envelope, EnvelopeError, derive_event_id, type_name
 from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound
+from meshkit.saga.streams import ConsumerSpec, StreamSpec
 
 __all__ = ["Context", "HandlerSpec", "Participant", "PermanentError", "RunningParticipant"]
 

@@ -33,7 +33,8 @@ from nats.aio.msg import Msg
 from meshkit._pb.meshkit.v1 import saga_pb2
 from meshkit.saga import _telemetry, cluster
 from meshkit.saga._locks import KeyedLocks
-from meshkit.saga.bus import ConsumerSpec, EventBus, PullConsumer, StreamSpec
+from meshkit.saga.bus import EventBus
+from meshkit.saga.consumer import PullConsumer
 from meshkit.saga.dlq import CONSUMER, DLQ_STREAM, REASON
 from meshkit.saga.envelope import (
     SAGA_ID,
@@ -43,6 +44,7 @@ from meshkit.saga.envelope import (
     now_ms,
     type_name,
 )
+from meshkit.saga.streams import ConsumerSpec, StreamSpec
 
 __all__ = [
     "FINAL_STATES",

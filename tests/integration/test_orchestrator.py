@@ -13,9 +13,10 @@ import pytest
 
 from examples.es_orders.saga import ORDER_SAGA, Shop, order_request, participants
 from meshkit._pb.meshkit.v1 import saga_pb2
-from meshkit.saga.bus import ConsumerSpec, EventBus
+from meshkit.saga.bus import EventBus
 from meshkit.saga.eventstore import EventStore, EventStoreConfig
 from meshkit.saga.orchestrator import Orchestrator, OrchestratorConfig, load_status
+from meshkit.saga.streams import ConsumerSpec
 
 pytestmark = pytest.mark.integration
 

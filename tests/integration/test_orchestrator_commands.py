@@ -17,7 +17,8 @@ from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.gen.shop.v1 import orders_pb2
 from meshkit.nats import NatsServer
 from meshkit.saga import ConsumerSpec, Envelope, EventBus, list_dead_letters, replay_dead_letters
-from meshkit.saga.orchestrator import CommandContext, CommandParticipant, OrchestratorConfig
+from meshkit.saga.commands import CommandContext, CommandParticipant
+from meshkit.saga.orchestrator import OrchestratorConfig
 
 pytestmark = pytest.mark.integration
 

@@ -20,14 +20,7 @@ from meshkit.saga.eventstore import (
     Upcasters,
     _server_supports_atomic,
 )
-from meshkit.saga.orchestrator import (
-    Command,
-    PendingCommand,
-    SagaInstance,
-    SagaMachine,
-    State,
-    Step,
-)
+from meshkit.saga.machine import Command, PendingCommand, SagaInstance, SagaMachine, State, Step
 from meshkit.saga.readmodels import CheckpointMoved, MemoryReadModelStore, SqliteReadModelStore
 from meshkit.saga.snapshots import Snapshot
 

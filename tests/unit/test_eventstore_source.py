@@ -13,8 +13,8 @@ from nats.js import api
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit.errors import ConfigError
 from meshkit.saga import EventStoreSource as ExportedSource
-from meshkit.saga.bus import EventStoreSource, StreamSpec
 from meshkit.saga.eventstore import EventStore, EventStoreConfig, EventStoreError, Version
+from meshkit.saga.streams import EventStoreSource, StreamSpec
 
 pytestmark = pytest.mark.unit
 

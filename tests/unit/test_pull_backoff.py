@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from meshkit.saga.bus import ConsumerSpec, PullConsumer
+from meshkit.saga.consumer import PullConsumer
+from meshkit.saga.streams import ConsumerSpec
 
 pytestmark = pytest.mark.unit
 

@@ -180,7 +180,7 @@ async def test_the_shop_command_helper_runs_an_effect_once_per_command_id() -> N
     from examples.shop.orchestration import _INBOXES, once
     from examples.shop.store import Store
     from meshkit.saga import Envelope
-    from meshkit.saga.orchestrator import CommandContext
+    from meshkit.saga.commands import CommandContext
 
     store = Store(":memory:", "CREATE TABLE effects (n INTEGER);")
     _INBOXES[store] = SqliteInbox(store.conn, store.lock)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from meshkit.saga import EventBus, StreamSpec, cluster
-from meshkit.saga.bus import EventStoreSource
 from meshkit.saga.eventstore import EventStoreConfig
+from meshkit.saga.streams import EventStoreSource
 
 pytestmark = pytest.mark.unit
 

@@ -22,6 +22,10 @@ ASGI server in front of the gateway otherwise would not guarantee:
   chunk, or at the end of the event-loop iteration, so a streaming head is never delayed;
 * keep-alive, pipelining (in order), read and write flow control, ``Expect:
   100-continue``, ``X-Forwarded-For``/``X-Forwarded-Proto`` from trusted proxies only.
+
+Why this module is long: it is one connection state machine (parser callbacks, the
+request cycle, timers, flow control, refusals) whose states every part reads and
+writes; split across files, each part would reach into the others' private state.
 """
 
 from __future__ import annotations

@@ -1,0 +1,305 @@
+"""What a saga's streams and consumers look like: :class:`StreamSpec`,
+:class:`ConsumerSpec` and :class:`EventStoreSource` (an event store whose events
+nats-server copies into a stream), each readable from a config mapping with errors
+that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from google.protobuf.message import Message
+from nats.js import api
+
+from meshkit.errors import ConfigError
+from meshkit.saga import cluster
+from meshkit.saga.envelope import type_name
+from meshkit.saga.eventstore import EventStoreConfig
+
+__all__ = ["ConsumerSpec", "EventStoreSource", "StreamSpec"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+def _from_mapping(cls: Any, doc: Mapping[str, Any], path: str, durations: frozenset[str]) -> Any:
+    """Build a spec from a config mapping; unknown keys and bad values name their path."""
+    from meshkit.config import parse_duration
+
+    if not isinstance(doc, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", f"unknown key; expected one of {sorted(known)}")
+        if isinstance(value, list):
+            value = tuple(
+                parse_duration(v, f"{path}.{key}[{i}]") if key in durations else v
+                for i, v in enumerate(value)
+            )
+        elif key in durations and value is not None:
+            value = parse_duration(value, f"{path}.{key}")
+        kwargs[key] = value
+    try:
+        spec = cls(**kwargs)
+    except ConfigError as exc:
+        # The spec's own checks name "stream.x"/"consumer.x"; re-root them at ``path``.
+        raise ConfigError(
+            path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
+        ) from None
+    except TypeError as exc:
+        raise ConfigError(path, str(exc)) from None
+    return spec
+
+
+@dataclass(frozen=True)
+class EventStoreSource:
+    """An event store whose events nats-server copies into a stream (stream sourcing).
+
+    Each event of the listed ``types`` (full protobuf names or message classes; every
+    type when empty), stored on ``<store prefix>.<aggregate>.<id>.<type>``, lands on
+    the stream's ``<prefix>.<type>`` with its headers (ids, saga, trace) and in
+    order, where participants consume it like any other event. The store is then
+    its own outbox: an append is the only write, and the server forwards each
+    event once, across restarts, with no relay to run. A new source copies the
+    store from its first event (a stream a relay fed before would get those events
+    again). When the listed types change, :meth:`EventBus.ensure_stream` has the
+    copy go on from the last event it took, where the server alone would start
+    over: newly listed types are copied from that point on. An event the server
+    copies while the change is made may be copied twice; the stream's
+    ``Nats-Msg-Id`` dedupe window drops such a copy.
+
+    :meth:`EventBus.ensure_stream` creates a missing store with ``store``, so
+    declare the store's own config here. Copies reach pull consumers (participants)
+    at once; a projector that follows the stream through core subscriptions sees
+    them at its next poll, as the server publishes no core message for a copy.
+    """
+
+    store: EventStoreConfig
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.types, (str, Mapping)) or not isinstance(self.types, Iterable):
+            raise ConfigError("source.types", "expected a list of event types")
+        names: list[str] = []
+        for i, t in enumerate(self.types):
+            if isinstance(t, type) and issubclass(t, Message):
+                t = type_name(t)
+            if not isinstance(t, str) or not _TOKEN.match(t):
+                raise ConfigError(
+                    f"source.types[{i}]",
+                    f"{t!r}: expected an event type (dot-separated subject tokens)",
+                )
+            names.append(t)
+        object.__setattr__(self, "types", tuple(names))
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "source") -> EventStoreSource:
+        """A source in config: ``{stream: ORDERS, prefix: orders, types: [shop.v1.OrderCreated]}``.
+
+        ``storage``, ``replicas`` and ``duplicate_window`` describe the store as its
+        owner declares it, for when this side creates it first.
+        """
+        if not isinstance(doc, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
+        known = ("stream", "prefix", "types", "storage", "replicas", "duplicate_window")
+        unknown = set(doc) - set(known)
+        if unknown:
+            raise ConfigError(
+                f"{path}.{sorted(unknown)[0]}", f"unknown key; expected one of {', '.join(known)}"
+            )
+        if "stream" not in doc:
+            raise ConfigError(f"{path}.stream", "required: the event store's stream")
+        types = doc.get("types", ())
+        if types is None:
+            types = ()
+        if isinstance(types, str) or not isinstance(types, Sequence):
+            raise ConfigError(f"{path}.types", "expected a list of event types")
+        for key in ("stream", "prefix"):
+            if not isinstance(doc.get(key, ""), str):
+                raise ConfigError(f"{path}.{key}", f"{doc[key]!r}: expected a string")
+        store_options: dict[str, Any] = {}
+        if "storage" in doc:
+            store_options["storage"] = doc["storage"]
+            if doc["storage"] not in ("file", "memory"):
+                raise ConfigError(f"{path}.storage", f"{doc['storage']!r}: expected file or memory")
+        if "replicas" in doc:
+            cluster.check_replicas(doc["replicas"], f"{path}.replicas")
+            store_options["replicas"] = doc["replicas"]
+        if "duplicate_window" in doc:
+            from meshkit.config import parse_duration
+
+            store_options["duplicate_window"] = parse_duration(
+                doc["duplicate_window"], f"{path}.duplicate_window"
+            )
+        try:
+            store = EventStoreConfig(
+                stream=doc["stream"], prefix=doc.get("prefix") or "", **store_options
+            )
+            return cls(store, tuple(types))
+        except ConfigError as exc:
+            raise ConfigError(
+                path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
+            ) from None
+
+    def to_source(self, prefix: str) -> api.StreamSource:
+        """The JetStream source for a stream whose events sit under ``prefix``."""
+        head = f"{self.store.subject_prefix}.*.*"
+        pairs = [(f"{head}.{t}", f"{prefix}.{t}") for t in self.types] or [
+            (f"{head}.>", f"{prefix}.>")
+        ]
+        return api.StreamSource(
+            name=self.store.stream,
+            subject_transforms=[api.SubjectTransform(src=a, dest=b) for a, b in pairs],
+        )
+
+
+def _sources_key(
+    sources: Sequence[api.StreamSource] | None,
+) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """What identifies a stream's sources, to tell whether the server's differ."""
+    return sorted(
+        (
+            s.name,
+            tuple(sorted((t.src, t.dest) for t in (s.subject_transforms or []))),
+        )
+        for s in (sources or [])
+    )
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream holding events under ``<prefix>.<event type>`` subjects.
+
+    ``duplicate_window`` (seconds) is how long ``Nats-Msg-Id`` dedupe remembers an
+    id; ``replicas`` > 1 needs a clustered deployment, and None (the default) means
+    ``MESHKIT_NATS_REPLICAS`` (:mod:`meshkit.saga.cluster`), read when the stream is
+    ensured. ``sources``: event stores whose events the server copies in
+    (:class:`EventStoreSource`).
+    """
+
+    name: str
+    prefix: str
+    storage: Literal["file", "memory"] = "file"
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    duplicate_window: float = 120.0
+    replicas: int | None = None
+    max_age: float | None = None
+    max_msgs: int | None = None
+    max_bytes: int | None = None
+    extra_subjects: tuple[str, ...] = ()
+    description: str = ""
+    # Direct gets (ADR-31) let projections and the event store read by subject cheaply.
+    allow_direct: bool = True
+    sources: tuple[EventStoreSource, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, (str, Mapping)) or not isinstance(self.sources, Iterable):
+            raise ConfigError("stream.sources", "expected a list of event store sources")
+        sources: list[EventStoreSource] = []
+        for i, src in enumerate(self.sources):
+            if isinstance(src, Mapping):
+                src = EventStoreSource.from_dict(src, f"stream.sources[{i}]")
+            elif not isinstance(src, EventStoreSource):
+                raise ConfigError(
+                    f"stream.sources[{i}]",
+                    f"{src!r}: expected an event store source {{stream, prefix, types}}",
+                )
+            sources.append(src)
+        object.__setattr__(self, "sources", tuple(sources))
+        if not _NAME.match(self.name):
+            raise ConfigError("stream.name", f"{self.name!r} must match [A-Za-z0-9_-]+")
+        if not _TOKEN.match(self.prefix):
+            raise ConfigError(
+                "stream.prefix", f"{self.prefix!r} must be dot-separated tokens without wildcards"
+            )
+        if self.storage not in ("file", "memory"):
+            raise ConfigError("stream.storage", f"{self.storage!r}: expected 'file' or 'memory'")
+        if self.retention not in ("limits", "interest", "workqueue"):
+            raise ConfigError(
+                "stream.retention", f"{self.retention!r}: expected limits, interest or workqueue"
+            )
+        if not self.duplicate_window > 0:
+            raise ConfigError(
+                "stream.duplicate_window", f"{self.duplicate_window!r}: must be > 0 seconds"
+            )
+        cluster.check_replicas(self.replicas, "stream.replicas")
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "stream") -> StreamSpec:
+        """A stream declared in config (``{name: SHOP, prefix: shop.events, duplicate_window: 2m}``)."""
+        return _from_mapping(cls, doc, path, frozenset({"duplicate_window", "max_age"}))  # type: ignore[no-any-return]
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return (f"{self.prefix}.>", *self.extra_subjects)
+
+    def subject_for(self, event: Message | type[Message] | str) -> str:
+        """The subject events of this type are published on."""
+        name = event if isinstance(event, str) else type_name(event)
+        return f"{self.prefix}.{name}"
+
+    def to_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.name,
+            description=self.description or None,
+            subjects=list(self.subjects),
+            retention=api.RetentionPolicy(self.retention),
+            storage=api.StorageType(self.storage),
+            duplicate_window=self.duplicate_window,
+            num_replicas=cluster.replicas(self.replicas),
+            max_age=self.max_age,
+            max_msgs=self.max_msgs if self.max_msgs is not None else -1,
+            max_bytes=self.max_bytes if self.max_bytes is not None else -1,
+            allow_direct=self.allow_direct,
+            sources=[src.to_source(self.prefix) for src in self.sources] or None,
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """How a durable pull consumer receives and redelivers.
+
+    ``ack_wait``: seconds before an unacknowledged message is redelivered (handlers
+    that run longer send progress acks). ``max_deliver``: deliveries before a
+    failing message is dead-lettered. ``nak_backoff``: delays before redelivery
+    after the 1st, 2nd, ... handler error (the last one repeats).
+    ``max_in_flight``: messages handled concurrently by this process.
+    """
+
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    nak_backoff: tuple[float, ...] = (0.2, 1.0, 3.0, 5.0)
+    max_in_flight: int = 128
+    max_ack_pending: int = 2000
+    pull_expires: float = 30.0
+    idle_heartbeat: float = 1.0
+    deliver_new: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ack_wait > 0:
+            raise ConfigError("consumer.ack_wait", f"{self.ack_wait!r}: must be > 0 seconds")
+        if self.max_deliver < 1:
+            raise ConfigError("consumer.max_deliver", f"{self.max_deliver!r}: must be >= 1")
+        if not self.nak_backoff or any(d < 0 for d in self.nak_backoff):
+            raise ConfigError("consumer.nak_backoff", "expected one or more delays >= 0")
+        if self.max_in_flight < 1:
+            raise ConfigError("consumer.max_in_flight", f"{self.max_in_flight!r}: must be >= 1")
+        if not 0 < self.idle_heartbeat < self.pull_expires:
+            raise ConfigError(
+                "consumer.idle_heartbeat", "must be > 0 and shorter than consumer.pull_expires"
+            )
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "consumer") -> ConsumerSpec:
+        """Consumer settings from config (``{ack_wait: 30s, nak_backoff: [200ms, 1s]}``)."""
+        durations = frozenset({"ack_wait", "nak_backoff", "pull_expires", "idle_heartbeat"})
+        return _from_mapping(cls, doc, path, durations)  # type: ignore[no-any-return]
+
+    def nak_delay(self, deliveries: int) -> float:
+        """The redelivery delay after the ``deliveries``-th attempt failed."""
+        return self.nak_backoff[min(max(deliveries, 1), len(self.nak_backoff)) - 1]
