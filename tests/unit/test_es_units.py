@@ -18,8 +18,8 @@ from meshkit.saga.eventstore import (
     EventStoreError,
     StoredEvent,
     Upcasters,
-    _server_supports_atomic,
 )
+from meshkit.saga.eventstore.store import _server_supports_atomic
 from meshkit.saga.orchestrator import (
     Command,
     PendingCommand,

@@ -1,0 +1,46 @@
+"""The event store (a package; being split by concern, #16): everything is in
+:mod:`meshkit.saga.eventstore.store` for now, re-exported here."""
+
+from meshkit.saga.eventstore.store import (
+    AGGREGATE_ID,
+    AGGREGATE_TYPE,
+    AGGREGATE_VERSION,
+    SCHEMA_VERSION,
+    AggregateConflict,
+    AppendResult,
+    Appliers,
+    EventStore,
+    EventStoreConfig,
+    EventStoreError,
+    EventStoreUnavailable,
+    Loaded,
+    RawMessage,
+    Repository,
+    StateCodec,
+    StoredEvent,
+    Upcasters,
+    Version,
+    read_batches,
+)
+
+__all__ = [
+    "AGGREGATE_ID",
+    "AGGREGATE_TYPE",
+    "AGGREGATE_VERSION",
+    "SCHEMA_VERSION",
+    "AggregateConflict",
+    "AppendResult",
+    "Appliers",
+    "EventStore",
+    "EventStoreConfig",
+    "EventStoreError",
+    "EventStoreUnavailable",
+    "Loaded",
+    "RawMessage",
+    "Repository",
+    "StateCodec",
+    "StoredEvent",
+    "Upcasters",
+    "Version",
+    "read_batches",
+]
