@@ -19,7 +19,7 @@ from meshkit.saga.eventstore import (
     StoredEvent,
     Upcasters,
 )
-from meshkit.saga.eventstore.store import _server_supports_atomic
+from meshkit.saga.eventstore._wire import _server_supports_atomic
 from meshkit.saga.orchestrator import (
     Command,
     PendingCommand,
