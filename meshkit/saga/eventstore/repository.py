@@ -10,7 +10,7 @@ import collections
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from meshkit.errors import ConfigError
 from meshkit.saga._locks import KeyedLocks
+from meshkit.saga.envelope import now_ms
 from meshkit.saga.eventstore.appliers import Appliers
 from meshkit.saga.eventstore.errors import AggregateConflict
 from meshkit.saga.eventstore.events import _NAME, Version
@@ -38,10 +39,6 @@ class Loaded(Generic[A]):
     version: Version
     snapshot_version: int | None = None
     replayed: int = 0
-
-
-StateDump = Callable[[Any], bytes]
-StateLoad = Callable[[str, bytes], Any]
 
 
 @dataclass(frozen=True)
@@ -263,7 +260,7 @@ class Repository(Generic[A]):
             aggregate_id=loaded.aggregate_id,
             version=loaded.version.number,
             seq=loaded.version.seq,
-            timestamp_ms=_now_ms(),
+            timestamp_ms=now_ms(),
             schema=self.codec.schema,
             state=self.codec.dump(loaded.state),
         )
@@ -403,12 +400,3 @@ class Repository(Generic[A]):
         if not events and await self.catch_up(loaded):
             events = list(decide(loaded.state))
         return loaded, events
-
-    def handled_types(self) -> Iterable[str]:
-        return self.appliers.methods.keys()
-
-
-def _now_ms() -> int:
-    import time
-
-    return time.time_ns() // 1_000_000
