@@ -26,7 +26,8 @@ from meshkit._compat import grpcio as grpcio_compat
 from meshkit._compat import nats as nats_compat
 from meshkit.gateway.upstream._unary import unary_invoker
 from meshkit.saga import _client
-from meshkit.saga.eventstore import EventStoreError, _server_version
+from meshkit.saga.eventstore import EventStoreError
+from meshkit.saga.eventstore._wire import _server_version
 from tests.integration._echo import Mesh, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -538,34 +538,36 @@ async def test_no_responders_on_a_direct_stream_is_retried_without_downgrading_i
     # direct gets answer "no responders": the read is retried within the retry
     # window, and later reads stay direct.
     from meshkit.saga import eventstore
+    from meshkit.saga.eventstore import reads
 
     agg = new_id()
     await store.append("tally", agg, [paid(1), paid(2)], expected=Version())
-    real = eventstore._direct_batch
+    real = reads._direct_batch
     calls = {"fail": 1, "direct": 0}
 
     async def flaky(*args: Any) -> Any:
         calls["direct"] += 1
         if calls["fail"]:
             calls["fail"] -= 1
-            raise eventstore._NoDirect()
+            raise reads._NoDirect()
         return await real(*args)
 
-    monkeypatch.setattr(eventstore, "_direct_batch", flaky)
+    monkeypatch.setattr(reads, "_direct_batch", flaky)
     assert [e.version for e in await store.read("tally", agg)] == [1, 2]
-    assert store.stream not in eventstore._NO_DIRECT.get(nc, set())
+    assert store.stream not in reads._NO_DIRECT.get(nc, set())
     assert calls["direct"] == 2
     monkeypatch.setenv("MESHKIT_NATS_RETRY_WINDOW", "0.3")
     calls["fail"] = 1000
     with pytest.raises(eventstore.EventStoreUnavailable, match="direct get has no responders"):
         await store.read("tally", agg)
-    assert store.stream not in eventstore._NO_DIRECT.get(nc, set())
+    assert store.stream not in reads._NO_DIRECT.get(nc, set())
 
 
 async def test_a_stream_without_direct_gets_is_read_through_a_consumer(nc: Any) -> None:
     from nats.js import api
 
     from meshkit.saga import eventstore
+    from meshkit.saga.eventstore import reads
 
     name = f"NODIRECT{new_id()}"
     js = nc.jetstream()
@@ -577,4 +579,4 @@ async def test_a_stream_without_direct_gets_is_read_through_a_consumer(nc: Any) 
     async for chunk in reader:
         got += [(m.seq, m.data) for m in chunk]
     assert got == [(1, b"0"), (2, b"1"), (3, b"2")]
-    assert name in eventstore._NO_DIRECT[nc]
+    assert name in reads._NO_DIRECT[nc]

@@ -18,8 +18,8 @@ from meshkit.saga.eventstore import (
     EventStoreError,
     StoredEvent,
     Upcasters,
-    _server_supports_atomic,
 )
+from meshkit.saga.eventstore._wire import _server_supports_atomic
 from meshkit.saga.machine import Command, PendingCommand, SagaInstance, SagaMachine, State, Step
 from meshkit.saga.readmodels import CheckpointMoved, MemoryReadModelStore, SqliteReadModelStore
 from meshkit.saga.snapshots import Snapshot

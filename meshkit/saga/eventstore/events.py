@@ -1,0 +1,140 @@
+"""What the store keeps and answers: an aggregate's :class:`Version`, an event as
+stored (:class:`StoredEvent`), what an append stored (:class:`AppendResult`), the
+aggregate headers every event carries and the rules for the names in its subject
+(``<prefix>.<aggregate type>.<id>.<event type>``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from meshkit.saga.envelope import Envelope
+from meshkit.saga.eventstore.errors import EventStoreError
+
+AGGREGATE_TYPE = "Meshkit-Aggregate-Type"
+AGGREGATE_ID = "Meshkit-Aggregate-Id"
+AGGREGATE_VERSION = "Meshkit-Aggregate-Version"
+SCHEMA_VERSION = "Meshkit-Schema-Version"
+
+
+# Names in subjects: a stream, an aggregate type, an aggregate id, an event type
+# (dot-separated tokens).
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Version:
+    """An aggregate's version: how many events it has, and the stream sequence of the last.
+
+    ``Version(0, 0)`` is an aggregate with no events yet.
+    """
+
+    number: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One event as stored: payload bytes plus where and when it sits."""
+
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    seq: int
+    event_type: str
+    schema_version: int
+    data: bytes
+    envelope: Envelope
+    subject: str = ""
+    stream: str = ""
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.event_id
+
+    def version_at(self) -> Version:
+        """The aggregate's version right after this event."""
+        return Version(self.version, self.seq)
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self.envelope.timestamp_ms
+
+    def decode(self, message_type: type[Message]) -> Message:
+        """The payload parsed as ``message_type``."""
+        msg = message_type()
+        msg.ParseFromString(self.data)
+        return msg
+
+    @classmethod
+    def from_msg(
+        cls,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str] | None,
+        seq: int,
+        stream: str,
+        prefix: str = "",
+    ) -> StoredEvent:
+        """A stored message as an event. For a message without aggregate headers the
+        aggregate comes from its subject; ``prefix`` (the store's subject prefix)
+        says where in the subject it starts."""
+        h = headers or {}
+        # Server and publish-control headers (sequence, expected sequence, batch ids)
+        # describe the stored copy, not the event: keep them out of the envelope so
+        # a republished event does not carry them.
+        env = Envelope.from_headers(
+            {k: v for k, v in h.items() if not str(k).startswith("Nats-") or k == "Nats-Msg-Id"}
+        )
+        agg_type = h.get(AGGREGATE_TYPE, "")
+        agg_id = h.get(AGGREGATE_ID, "")
+        if not agg_type or not agg_id:
+            # Events published by something else on an aggregate's subjects:
+            # <prefix>.<aggregate type>.<id>.<event type>.
+            if prefix and subject.startswith(prefix + "."):
+                parts = subject[len(prefix) + 1 :].split(".")
+            else:
+                head = subject.removesuffix("." + env.event_type) if env.event_type else subject
+                parts = head.split(".")[-2:]
+            agg_type, agg_id = (parts[0], parts[1]) if len(parts) >= 2 else ("", subject)
+        return cls(
+            aggregate_type=agg_type,
+            aggregate_id=agg_id,
+            version=_int_header(h, AGGREGATE_VERSION, 0),
+            seq=seq,
+            event_type=env.event_type,
+            schema_version=_int_header(h, SCHEMA_VERSION, 1),
+            data=data,
+            envelope=env,
+            subject=subject,
+            stream=stream,
+        )
+
+
+def _int_header(h: Mapping[str, str], name: str, default: int) -> int:
+    raw = h.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EventStoreError(f"header {name}: expected an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append stored: the version right after its events, and the events."""
+
+    version: Version
+    events: tuple[StoredEvent, ...]
+    atomic: bool
+    #: True when every event was already stored (a retried append whose first try
+    #: was stored): ``version`` and ``events`` are then what that first try stored,
+    #: and nothing new was written.
+    duplicate: bool = False
