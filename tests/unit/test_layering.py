@@ -98,3 +98,22 @@ def test_the_checker_sees_violations(tmp_path: Path) -> None:
     assert "meshkit.gateway.core.app" in modules
     assert "meshkit.saga" in modules
     assert "nats.js" in modules
+
+
+#: Beyond this many lines a module must say, in its docstring, why it is one module.
+MAX_LINES = 700
+WHY_LONG = "Why this module is long:"
+
+
+def test_long_modules_say_why() -> None:
+    long = [
+        f"{path.relative_to(ROOT.parent)} ({n} lines)"
+        for path in sorted(ROOT.rglob("*.py"))
+        if "_pb" not in path.relative_to(ROOT).parts
+        and (n := len(path.read_text().splitlines())) > MAX_LINES
+        and WHY_LONG not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert not long, (
+        f"modules over {MAX_LINES} lines: split them by concern, or write "
+        f"'{WHY_LONG} ...' in the module docstring:\n" + "\n".join(long)
+    )
