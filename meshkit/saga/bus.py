@@ -11,12 +11,9 @@
     await consumer.stop()                              # drains in-flight work
     await bus.close()
 
-The pull consumer speaks JetStream's pull protocol itself rather than looping
-on ``fetch()``: it keeps a window of outstanding pull requests with idle
-heartbeats, hands each message to the handler as soon as it arrives, and when
-heartbeats stop (a server restart silently loses pull requests, the known
-nats-py weak spot) or the client reconnects, it re-creates the consumer if
-needed and pulls again.
+Stream and consumer specs are in :mod:`meshkit.saga.streams`; the pull consumer
+(:class:`~meshkit.saga.consumer.PullConsumer`: its own pull protocol, heartbeats and
+recovery after a server restart) is in :mod:`meshkit.saga.consumer`.
 """
 
 from __future__ import annotations
