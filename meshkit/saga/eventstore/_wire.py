@@ -45,7 +45,7 @@ MAX_BATCH = 1000
 
 
 class _WrongLastSequence(Exception):
-    pass
+    """The server refused an append: the aggregate's last sequence is not the expected one."""
 
 
 class _InFlight(_WrongLastSequence):

@@ -180,7 +180,7 @@ async def read_batches(
 
 
 class _NoDirect(Exception):
-    pass
+    """The stream answers no batched direct get: read through a consumer instead."""
 
 
 async def _allows_direct(nc: NATS, stream: str, wait_s: float) -> bool:
