@@ -15,10 +15,11 @@ JetStream publishes and batched reads share one reply subscription per connectio
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
@@ -37,15 +38,26 @@ _ASCII_SPACE = " \t\n\r\x0b\x0c"
 _BAD_NAME = re.compile(r"[\s\x1c-\x1f]|[^\x00-\x7f]")
 
 
+# Names seen before that needed no stripping and passed _BAD_NAME: the same dozen
+# names come with every event, and checking each again was most of the parse.
+_good_names: set[str] = set()
+
+
 def parse_header_lines(raw: bytes) -> dict[str, str]:
     """``Name: Value`` lines (CRLF-separated) into a dict, as nats-py parses them."""
     out: dict[str, str] = {}
+    good = _good_names
     for line in raw.decode("utf-8", "replace").split("\r\n"):
         name, sep, value = line.partition(":")
         if sep:
+            if name in good:
+                out[name] = value.strip(_ASCII_SPACE)
+                continue
             key = name.strip(_ASCII_SPACE)
             if _BAD_NAME.search(key) is None:
                 out[key] = value.strip(_ASCII_SPACE)
+                if key == name and len(good) < 4096:
+                    good.add(name)
     return out
 
 
@@ -194,15 +206,91 @@ class Replies:
             msg = await self.request(subject, payload, headers, within)
         except nats.errors.NoRespondersError:
             raise nats.js.errors.NoStreamResponseError from None
-        resp = json.loads(msg.data)
-        if "error" in resp:
-            raise nats.js.errors.APIError.from_error(resp["error"])
-        return api.PubAck(
-            stream=resp["stream"],
-            seq=resp["seq"],
-            domain=resp.get("domain"),
-            duplicate=resp.get("duplicate"),
-        )
+        return _pub_ack(msg)
+
+    async def jetstream_publish_many(
+        self,
+        messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        within: float,
+    ) -> list[Exception | None]:
+        """:meth:`jetstream_publish` for each of ``messages``, all sent before the first
+        ack is awaited. For each, in order: None once the stream has it (stored, or
+        a duplicate it dropped), or the error :meth:`jetstream_publish` would raise."""
+        await self.ready()
+        loop = asyncio.get_running_loop()
+        nc = self.nc
+        waiting: list[tuple[asyncio.Future[Msg], str]] = []
+        unsent: Exception | None = None
+        for subject, payload, headers in messages:
+            future: asyncio.Future[Msg] = loop.create_future()
+            reply = self.listen(functools.partial(_settle, future))
+            waiting.append((future, reply))
+            if unsent is None:
+                try:
+                    await nc.publish(subject, payload, reply=reply, headers=headers)
+                except Exception as exc:  # disconnected: this one and the rest are not sent
+                    unsent = exc
+            if unsent is not None:
+                future.set_exception(unsent)
+        timer = loop.call_later(within, _expire_all, [f for f, _ in waiting])
+        results: list[Exception | None] = []
+        try:
+            for future, _ in waiting:
+                try:
+                    msg = await future
+                except nats.errors.Error as exc:
+                    results.append(exc)
+                    continue
+                results.append(_stored(msg))
+        finally:
+            timer.cancel()
+            for _, reply in waiting:
+                self._waiting.pop(reply, None)
+        return results
+
+
+def _stored(msg: Msg) -> Exception | None:
+    """None when ``msg`` is a stream's ack, else the error a publish raises for it.
+
+    Only an answer that names an error (or is no JSON object) is decoded: an ack's
+    stream and sequence are not needed here, and decoding them was a tenth of a
+    participant's time per event.
+    """
+    data = msg.data
+    if not data:
+        if msg.headers and msg.headers.get("Status") == "503":
+            return nats.js.errors.NoStreamResponseError()
+        return ValueError("an empty answer to a JetStream publish")
+    if data[:1] == b"{" and b'"error"' not in data:
+        return None
+    try:
+        _pub_ack(msg)
+    except (nats.errors.Error, ValueError, KeyError, TypeError) as exc:
+        return exc
+    return None
+
+
+def _pub_ack(msg: Msg) -> api.PubAck:
+    """The stream's answer to a publish: its ack, or the APIError it reports."""
+    resp = json.loads(msg.data)
+    if "error" in resp:
+        raise nats.js.errors.APIError.from_error(resp["error"])
+    return api.PubAck(
+        stream=resp["stream"],
+        seq=resp["seq"],
+        domain=resp.get("domain"),
+        duplicate=resp.get("duplicate"),
+    )
+
+
+def _settle(future: asyncio.Future[Msg], msg: Msg) -> None:
+    if not future.done():
+        future.set_result(msg)
+
+
+def _expire_all(futures: list[asyncio.Future[Msg]]) -> None:
+    for future in futures:
+        _expire(future)
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:

@@ -40,11 +40,12 @@ from meshkit.saga.envelope import Envelope
 from meshkit.saga.eventstore import EventStore
 from meshkit.saga.streams import ConsumerSpec, StreamSpec, _sources_key
 
-__all__ = ["EventBus", "MessageHandler"]
+__all__ = ["BatchHandler", "EventBus", "MessageHandler"]
 
 log = logging.getLogger("meshkit.saga")
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 _RETRYABLE_PUBLISH = (
@@ -298,6 +299,28 @@ class EventBus:
             transient=_RETRYABLE_PUBLISH,
         )
 
+    async def publish_many(
+        self,
+        messages: Sequence[tuple[str, bytes, dict[str, str]]],
+        *,
+        ack_timeout: float = 5.0,
+    ) -> list[Exception | None]:
+        """:meth:`publish_raw` for each of ``messages`` (subject, payload, headers): all
+        are sent before the first stream ack is awaited. For each, in order: None once
+        the stream has it, or the error :meth:`publish_raw` would have raised for it
+        (one whose first try met a transient error is retried alone, as
+        :meth:`publish_raw` retries)."""
+        results = await self._replies.jetstream_publish_many(messages, ack_timeout)
+        for i, result in enumerate(results):
+            if isinstance(result, _RETRYABLE_PUBLISH):
+                subject, payload, headers = messages[i]
+                try:
+                    await self.publish_raw(subject, payload, headers, ack_timeout=ack_timeout)
+                    results[i] = None
+                except Exception as exc:
+                    results[i] = exc
+        return results
+
     async def publish(
         self, stream: StreamSpec, event: Message, env: Envelope, *, ack_timeout: float = 5.0
     ) -> api.PubAck:
@@ -345,19 +368,27 @@ class EventBus:
         self,
         stream: StreamSpec | str,
         durable: str,
-        handler: MessageHandler,
+        handler: MessageHandler | None = None,
         *,
         filter_subjects: Sequence[str] = (),
         spec: ConsumerSpec | None = None,
+        batch_handler: BatchHandler | None = None,
     ) -> PullConsumer:
-        """A durable pull consumer (not started) calling ``handler`` for each message.
+        """A durable pull consumer (not started) calling ``handler`` for each message,
+        or ``batch_handler`` for the messages that arrived together.
 
         The handler acknowledges (``msg.ack()``, ``nak()``, ``term()``) itself; if it
-        raises, the message is nak'ed with the spec's backoff.
+        raises, the message (or each of the batch's) is nak'ed with the spec's backoff.
         """
         name = stream if isinstance(stream, str) else stream.name
         consumer = PullConsumer(
-            self, name, durable, handler, tuple(filter_subjects), spec or ConsumerSpec()
+            self,
+            name,
+            durable,
+            handler,
+            tuple(filter_subjects),
+            spec or ConsumerSpec(),
+            batch_handler=batch_handler,
         )
         if isinstance(stream, StreamSpec):
             consumer.stream_spec = stream

@@ -5,6 +5,11 @@ keeps a window of outstanding pull requests with idle heartbeats, hands each mes
 to the handler as soon as it arrives, and when heartbeats stop (a server restart
 silently loses pull requests, the known nats-py weak spot) or the client reconnects,
 it re-creates the consumer if needed and pulls again.
+
+A handler takes one message, or (``batch_handler``) every message that arrived in
+one read from the socket: a participant then handles them in one inbox
+transaction, publishes all their outputs before awaiting the first stream ack,
+and acknowledges them together, with no task per message.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from meshkit.saga import cluster
 from meshkit.saga.streams import _NAME, ConsumerSpec, StreamSpec
 
 if TYPE_CHECKING:
-    from meshkit.saga.bus import EventBus, MessageHandler
+    from meshkit.saga.bus import BatchHandler, EventBus, MessageHandler
 
 __all__ = ["ConsumerStats", "PullConsumer"]
 
@@ -60,10 +65,14 @@ class PullConsumer:
         bus: EventBus,
         stream: str,
         durable: str,
-        handler: MessageHandler,
+        handler: MessageHandler | None,
         filter_subjects: tuple[str, ...],
         spec: ConsumerSpec,
+        *,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give a consumer either a handler or a batch_handler")
         if not _NAME.match(durable):
             raise ConfigError("consumer.durable", f"{durable!r} must match [A-Za-z0-9_-]+")
         self.bus = bus
@@ -73,6 +82,11 @@ class PullConsumer:
         self.stream_spec: StreamSpec | None = None
         self.durable = durable
         self.handler = handler
+        self.batch_handler = batch_handler
+        # Messages delivered since the last dispatch (batch_handler only): the ones one
+        # read from the socket brings are handed over together on the next loop turn.
+        self._arrived: list[Msg] = []
+        self._dispatching = False
         self.filter_subjects = filter_subjects
         self.spec = spec
         self.stats = ConsumerStats()
@@ -217,11 +231,46 @@ class PullConsumer:
             return
         self._in_flight += 1
         self._idle.clear()
+        if self.batch_handler is not None:
+            self._arrived.append(msg)
+            if not self._dispatching:
+                self._dispatching = True
+                asyncio.get_running_loop().call_soon(self._dispatch)
+            return
         task = asyncio.create_task(self._run(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _dispatch(self) -> None:
+        self._dispatching = False
+        msgs, self._arrived = self._arrived, []
+        if msgs:
+            task = asyncio.create_task(self._run_batch(msgs))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, msgs: list[Msg]) -> None:
+        assert self.batch_handler is not None
+        try:
+            await self.batch_handler(msgs)
+            self.stats.handled += len(msgs)
+        except Exception as exc:
+            # A batch handler settles each message itself; one that raises leaves them
+            # to redelivery (after the nak's backoff, or the ack wait).
+            self.stats.errors += 1
+            self.stats.last_error = repr(exc)
+            log.error("consumer %s: batch handler failed: %r", self.durable, exc)
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self.spec.nak_delay(msg.metadata.num_delivered))
+        finally:
+            self._in_flight -= len(msgs)
+            if self._in_flight == 0:
+                self._idle.set()
+            await self._pull()
+
     async def _run(self, msg: Msg) -> None:
+        assert self.handler is not None
         try:
             await self.handler(msg)
             self.stats.handled += 1

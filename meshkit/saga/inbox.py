@@ -33,7 +33,16 @@ import nats.js.errors
 
 from meshkit.saga._locks import KeyedLocks
 
-__all__ = ["IdempotentInbox", "Inbox", "KvInbox", "MemoryInbox", "Outbound", "SqliteInbox"]
+__all__ = [
+    "IdempotentInbox",
+    "Inbox",
+    "KvInbox",
+    "MemoryInbox",
+    "Outbound",
+    "Result",
+    "SqliteInbox",
+    "run_many",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,9 @@ class Outbound:
 
 
 Work = Callable[[Any], Awaitable[list[Outbound]]]
+#: What :func:`run_many` gives back for each event: (outputs, was_duplicate), or the
+#: exception its work raised.
+Result = tuple[list[Outbound], bool] | Exception
 _Item = tuple[str, Work, "asyncio.Future[tuple[list[Outbound], bool]]", contextvars.Context]
 
 # Recorded outputs, binary (since #15): this byte, then per output three length-prefixed
@@ -160,6 +172,26 @@ class Inbox(Protocol):
         ...
 
 
+async def run_many(
+    inbox: Inbox, items: Sequence[tuple[str, Work, contextvars.Context]]
+) -> list[Result]:
+    """``inbox.run_once(key, work)`` for each item, concurrently, each in its context.
+
+    An inbox with its own ``run_many`` (:class:`SqliteInbox`) takes them all at once,
+    with no task per item; any other :class:`Inbox` gets a task per item.
+    """
+    own = getattr(inbox, "run_many", None)
+    if own is not None:
+        return await own(items)  # type: ignore[no-any-return]
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(inbox.run_once(key, work), context=ctx) for key, work, ctx in items]
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in done:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result
+    return done  # type: ignore[return-value]
+
+
 class MemoryInbox:
     """A process-local inbox (tests, or effects that are themselves in memory)."""
 
@@ -253,6 +285,27 @@ class SqliteInbox:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
+
+    async def run_many(
+        self, items: Sequence[tuple[str, Work, contextvars.Context]]
+    ) -> list[Result]:
+        """:meth:`run_once` for each (key, work, context), the work run in its context;
+        each one's result or exception, in order. They join the same group commit."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for key, work, ctx in items:
+            fut: asyncio.Future[tuple[list[Outbound], bool]] = loop.create_future()
+            self._pending.append((key, work, fut, ctx))
+            futures.append(fut)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        results: list[Result] = []
+        for fut in futures:
+            try:
+                results.append(await fut)
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     async def _flush(self) -> None:
         while self._pending:

@@ -29,6 +29,8 @@ acknowledged and counted (``stats.ignored``), never blocking the consumer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from meshkit.saga.bus import EventBus
 from meshkit.saga.consumer import PullConsumer
 from meshkit.saga.dlq import dead_letter
 from meshkit.saga.envelope import EVENT_TYPE, Envelope, EnvelopeError, derive_event_id, type_name
-from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound
+from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound, run_many
 from meshkit.saga.streams import ConsumerSpec, StreamSpec
 
 __all__ = ["Context", "HandlerSpec", "Participant", "PermanentError", "RunningParticipant"]
@@ -219,8 +221,32 @@ class ParticipantStats:
     by_type: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One admitted event of a batch, on its way through the inbox, publish and ack."""
+
+    msg: Msg
+    env: Envelope
+    spec: HandlerSpec
+    event: Message
+    # The context the handler and the publish run in: the event's propagated
+    # deadline, and with tracing its consumer span (closed by ``spans``).
+    context: contextvars.Context
+    spans: contextlib.ExitStack | None = None
+    outputs: list[Outbound] = field(default_factory=list)
+    duplicate: bool = False
+
+
 class RunningParticipant:
-    """A participant consuming events; :meth:`stop` drains in-flight handlers."""
+    """A participant consuming events; :meth:`stop` drains in-flight handlers.
+
+    Events arrive in batches (those one read from the socket brought): each batch's
+    handlers run through the inbox together (one transaction with
+    :class:`~meshkit.saga.SqliteInbox`), then all their outputs are published before
+    the first stream ack is awaited, then the inputs are acknowledged. Each event is
+    still settled on its own: a failing handler, a refused publish or a bad payload
+    naks or dead-letters that event only.
+    """
 
     def __init__(
         self,
@@ -237,9 +263,9 @@ class RunningParticipant:
         self.consumer: PullConsumer = bus.consumer(
             participant.stream,
             participant.durable,
-            self._handle,
             filter_subjects=participant.subjects(),
             spec=participant.consumer_spec,
+            batch_handler=self._handle_batch,
         )
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -253,130 +279,165 @@ class RunningParticipant:
         etype = (msg.headers or {}).get(EVENT_TYPE, "")
         _telemetry.saga_metrics().event(self.participant.durable, etype, "dead_lettered")
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _admit(self, msg: Msg, tracing: bool) -> _Job | None:
+        """The event's job, or None when it was settled here (ignored, dead-lettered)."""
         p = self.participant
         headers = msg.headers or {}
         try:
             env = Envelope.from_headers(headers)
         except EnvelopeError as exc:
             await self._dead_letter(msg, f"invalid envelope: {exc}")
-            return
+            return None
         spec = p._handlers.get(env.event_type)
         if spec is None:
             self.stats.ignored += 1
             _telemetry.saga_metrics().event(p.durable, env.event_type, "ignored")
             log.debug("%s: ignoring event type %s (%s)", p.name, env.event_type, env.event_id)
             await msg.ack()
-            return
+            return None
         try:
             event = spec.message_class.FromString(msg.data)
         except (DecodeError, ValueError) as exc:
             await self._dead_letter(msg, f"undecodable {env.event_type} payload: {exc}")
-            return
+            return None
         if spec.validate is not None:
             try:
                 spec.validate(event)
             except Exception as exc:
                 await self._dead_letter(msg, f"{env.event_type} failed validation: {exc}")
-                return
+                return None
+        context = contextvars.copy_context()
+        left = env.remaining_deadline()
+        if left is not None:
+            context.run(meshkit.deadline.set_remaining, left)
+        job = _Job(msg, env, spec, event, context)
+        if tracing:
+            job.spans = contextlib.ExitStack()
+            context.run(
+                job.spans.enter_context,
+                _telemetry.consumer_span(msg.subject, env, p.durable, len(msg.data), headers),
+            )
+        return job
+
+    def _work(self, job: _Job) -> Callable[[Any], Awaitable[list[Outbound]]]:
+        p = self.participant
 
         async def work(tx: Any) -> list[Outbound]:
-            ctx = Context(env, p.name, tx, msg)
-            result = await spec.func(event, ctx)
-            produced = list(ctx._outputs)
+            ctx = Context(job.env, p.name, tx, job.msg)
+            result = await job.spec.func(job.event, ctx)
+            produced = ctx._outputs
             if isinstance(result, Message):
                 produced.append(result)
             elif result is not None:
                 produced.extend(result)
+            name, event_id = job.spec.name, job.env.event_id
             return [
-                Outbound(
-                    type_name(o), derive_event_id(env.event_id, spec.name, i), o.SerializeToString()
-                )
+                Outbound(type_name(o), derive_event_id(event_id, name, i), o.SerializeToString())
                 for i, o in enumerate(produced)
             ]
 
-        left = env.remaining_deadline()
-        token = meshkit.deadline.set_remaining(left) if left is not None else None
-        try:
-            if _telemetry.tracing():
-                with _telemetry.consumer_span(msg.subject, env, p.durable, len(msg.data), headers):
-                    duplicate = await self._process(msg, env, spec, work)
-            else:  # no SDK: skip the no-op span machinery on the hot path
-                duplicate = await self._process(msg, env, spec, work)
-        finally:
-            if token is not None:
-                meshkit.deadline.reset(token)
-        if duplicate is None:
-            return  # nak'ed or dead-lettered
-        if duplicate:
+        return work
+
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        p = self.participant
+        tracing = _telemetry.tracing()
+        jobs = [job for msg in msgs if (job := await self._admit(msg, tracing)) is not None]
+        if not jobs:
+            return
+        results = await run_many(
+            self.inbox,
+            [(f"{p.name}/{job.env.event_id}", self._work(job), job.context) for job in jobs],
+        )
+        # Committed: from here a failure (NATS down past publish_retry) is retried like
+        # a handler error; the redelivery is a duplicate that republishes the recorded
+        # outputs, and at max_deliver the event is dead-lettered rather than dropped
+        # with its outputs unpublished.
+        committed: list[_Job] = []
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, Exception):
+                await self._settle_failed(job, result)
+                continue
+            job.outputs, job.duplicate = result
+            if self._after_commit is not None:
+                try:
+                    await self._after_commit(job.env)
+                except Exception as exc:
+                    await self._settle_failed(job, exc)
+                    continue
+            committed.append(job)
+        failures = await self._publish(committed)
+        for job in committed:
+            failed = failures.get(job)
+            if failed is not None:
+                await self._settle_failed(job, failed)
+            else:
+                await self._settle_done(job)
+
+    async def _publish(self, jobs: list[_Job]) -> dict[_Job, Exception]:
+        """Publish every job's outputs at once; the first error of each job that had one."""
+        p = self.participant
+        messages: list[tuple[str, bytes, dict[str, str]]] = []
+        owners: list[_Job] = []
+        for job in jobs:
+            if not job.outputs:
+                continue
+            remaining = job.context.run(meshkit.deadline.remaining)
+            deadline_ms = int(remaining * 1000) if remaining is not None else None
+            for out in job.outputs:
+                env = job.env.caused(
+                    out.event_type, event_id=out.event_id, source=p.name, deadline_ms=deadline_ms
+                )
+                subject = p.stream.subject_for(out.event_type)
+                if job.spans is not None:  # tracing: a producer span per output
+                    env = job.context.run(
+                        job.spans.enter_context,
+                        _telemetry.producer_span(subject, env, len(out.payload)),
+                    )
+                # The cause's trace context is in ``env`` already: nothing else to add.
+                messages.append((subject, out.payload, env.to_headers()))
+                owners.append(job)
+        if not messages:
+            return {}
+        failures: dict[_Job, Exception] = {}
+        for job, error in zip(owners, await self.bus.publish_many(messages), strict=True):
+            if error is not None:
+                failures.setdefault(job, error)
+        return failures
+
+    async def _settle_done(self, job: _Job) -> None:
+        p = self.participant
+        etype = job.env.event_type
+        if job.outputs:
+            self.stats.emitted += len(job.outputs)
+            _telemetry.saga_metrics().emit(p.durable, len(job.outputs))
+        if job.duplicate:
             self.stats.duplicates += 1
         else:
             self.stats.handled += 1
-            self.stats.by_type[env.event_type] = self.stats.by_type.get(env.event_type, 0) + 1
+            self.stats.by_type[etype] = self.stats.by_type.get(etype, 0) + 1
         _telemetry.saga_metrics().event(
-            p.durable, env.event_type, "duplicate" if duplicate else "handled"
+            p.durable, etype, "duplicate" if job.duplicate else "handled"
         )
-        await msg.ack()
+        if job.spans is not None:
+            job.context.run(job.spans.close)
+        await job.msg.ack()
 
-    async def _process(
-        self,
-        msg: Msg,
-        env: Envelope,
-        spec: HandlerSpec,
-        work: Callable[[Any], Awaitable[list[Outbound]]],
-    ) -> bool | None:
-        """Run the handler through the inbox and publish its outputs.
-
-        Returns whether the event was a duplicate, or None when it was nak'ed or
-        dead-lettered instead (then it must not be acknowledged).
-        """
+    async def _settle_failed(self, job: _Job, exc: Exception) -> None:
+        """Dead-letter the event (a permanent error, or its last delivery) or nak it."""
         p = self.participant
-        try:
-            outputs, duplicate = await self.inbox.run_once(f"{p.name}/{env.event_id}", work)
-            # Committed: from here a failure (NATS down past publish_retry) is retried
-            # like a handler error; the redelivery is a duplicate that republishes the
-            # recorded outputs, and at max_deliver the event is dead-lettered rather
-            # than dropped with its outputs unpublished.
-            if self._after_commit is not None:
-                await self._after_commit(env)
-            if outputs:
-                remaining = meshkit.deadline.remaining()
-                deadline_ms = int(remaining * 1000) if remaining is not None else None
-                if len(outputs) == 1:
-                    await self._publish(env, outputs[0], deadline_ms)
-                else:
-                    await asyncio.gather(*(self._publish(env, o, deadline_ms) for o in outputs))
-                self.stats.emitted += len(outputs)
-                _telemetry.saga_metrics().emit(p.durable, len(outputs))
-        except PermanentError as exc:
+        spec, env, msg = job.spec, job.env, job.msg
+        if job.spans is not None:
+            job.context.run(job.spans.__exit__, type(exc), exc, exc.__traceback__)
+        if isinstance(exc, PermanentError):
             await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
-            return None
-        except Exception as exc:
-            deliveries = Context(env, p.name, None, msg).deliveries
-            if deliveries >= p.consumer_spec.max_deliver:
-                await self._dead_letter(
-                    msg,
-                    f"{spec.name} failed {deliveries} times (max_deliver); last error: {exc!r}",
-                )
-                return None
-            self.stats.retries += 1
-            _telemetry.saga_metrics().event(p.durable, env.event_type, "retried")
-            log.info("%s failed on %s (delivery %d): %r", spec.name, env.event_id, deliveries, exc)
-            await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
-            return None
-        return duplicate
-
-    async def _publish(self, cause: Envelope, out: Outbound, deadline_ms: int | None) -> None:
-        env = cause.caused(
-            out.event_type,
-            event_id=out.event_id,
-            source=self.participant.name,
-            deadline_ms=deadline_ms,
-        )
-        subject = self.participant.stream.subject_for(out.event_type)
-        if not _telemetry.tracing():
-            # The cause's trace context is already in ``env``: nothing else to add.
-            await self.bus.publish_raw(subject, out.payload, env.to_headers())
             return
-        with _telemetry.producer_span(subject, env, len(out.payload)) as traced:
-            await self.bus.publish_raw(subject, out.payload, traced.to_headers())
+        deliveries = Context(env, p.name, None, msg).deliveries
+        if deliveries >= p.consumer_spec.max_deliver:
+            await self._dead_letter(
+                msg, f"{spec.name} failed {deliveries} times (max_deliver); last error: {exc!r}"
+            )
+            return
+        self.stats.retries += 1
+        _telemetry.saga_metrics().event(p.durable, env.event_type, "retried")
+        log.info("%s failed on %s (delivery %d): %r", spec.name, env.event_id, deliveries, exc)
+        await msg.nak(delay=p.consumer_spec.nak_delay(deliveries))
