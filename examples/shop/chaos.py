@@ -275,7 +275,7 @@ async def _duplicates(nc: Any) -> list[str]:
             saga = msg.headers.get(envelope.SAGA_ID, "")
             etype = msg.headers.get(envelope.EVENT_TYPE, "") or msg.subject
             seen[(saga, etype)] += 1
-            ids[msg.headers.get(envelope.EVENT_ID, "")] += 1
+            ids[envelope.event_id_of(msg.headers)] += 1
     out = [f"{etype} {n} times for {saga}" for (saga, etype), n in seen.items() if n > 1]
     out += [f"event id {i} stored {n} times" for i, n in ids.items() if i and n > 1]
     return out

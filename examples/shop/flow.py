@@ -19,17 +19,18 @@ from meshkit.saga.orchestrator import OrchestratorConfig
 # The order service's aggregates (event sourced): shop_orders.order.<order id>.<event type>.
 ORDERS_STORE = EventStoreConfig(stream="SHOP_ORDERS", prefix="shop_orders")
 
-# The order aggregate's events that the rest of the saga reacts to.
-ORDER_EVENTS = ("shop.v1.OrderCreated", "shop.v1.OrderCompleted", "shop.v1.OrderCancelled")
-
 # The saga's events. The server copies the order events in from the order store
 # (stream sourcing), so the order store is its own outbox with no relay to run.
+# Every event of the store is copied (no type list: the order aggregate's events,
+# created, completed and cancelled, are all saga events): the server stamps each copy
+# with a Nats-Stream-Source header naming every filter of its source, ~330 bytes
+# for the three types listed one by one against ~100 for one wildcard.
 SHOP_STREAM = StreamSpec(
     name="SHOP",
     prefix="shop.events",
     duplicate_window=120.0,
     description="the example shop's order saga events",
-    sources=(EventStoreSource(ORDERS_STORE, ORDER_EVENTS),),
+    sources=(EventStoreSource(ORDERS_STORE),),
 )
 
 # Orchestrated mode: commands and replies (shop.orch.cmd.> / shop.orch.reply.>), and the

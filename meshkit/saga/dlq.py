@@ -20,7 +20,15 @@ from nats.aio.msg import Msg
 
 from meshkit._pb.meshkit.v1 import event_pb2
 from meshkit.saga.bus import EventBus
-from meshkit.saga.envelope import EVENT_ID, EVENT_TYPE, MSG_ID, SAGA_ID, now_ms
+from meshkit.saga.envelope import (
+    EVENT_ID,
+    EVENT_TYPE,
+    MSG_ID,
+    SAGA_ID,
+    event_id_of,
+    now_ms,
+    pin_event_id,
+)
 from meshkit.saga.streams import StreamSpec
 
 __all__ = [
@@ -74,7 +82,9 @@ async def dead_letter(bus: EventBus, msg: Msg, *, reason: str, consumer: str) ->
         REASON: reason[:500].replace("\r", " ").replace("\n", " "),
         CONSUMER: consumer,
     }
-    for key in (EVENT_ID, EVENT_TYPE, SAGA_ID):
+    if event_id_of(headers):
+        out_headers[EVENT_ID] = event_id_of(headers)
+    for key in (EVENT_TYPE, SAGA_ID):
         if headers.get(key):
             out_headers[key] = headers[key]
     await bus.publish_raw(
@@ -98,7 +108,7 @@ class DeadLetterEntry:
 
     @property
     def event_id(self) -> str:
-        return str(self.letter.headers.get(EVENT_ID, ""))
+        return event_id_of(self.letter.headers)
 
 
 async def list_dead_letters(
@@ -152,8 +162,10 @@ async def replay_dead_letters(
     done: list[DeadLetterEntry] = []
     for entry in entries:
         letter = entry.letter
-        headers = dict(letter.headers)
-        base = headers.get(EVENT_ID) or headers.get(MSG_ID) or str(letter.stream_sequence)
+        # The replay's Nats-Msg-Id is new (the original would be dropped as a
+        # duplicate): its event id, which inboxes dedupe on, goes in Meshkit-Event-Id.
+        headers = pin_event_id(dict(letter.headers))
+        base = headers.get(EVENT_ID) or str(letter.stream_sequence)
         headers[MSG_ID] = f"{base}:replay:{entry.seq}"
         await bus.publish_raw(letter.subject, bytes(letter.payload), headers)
         if delete:

@@ -4,8 +4,9 @@ The payload is the protobuf message alone; everything else travels in headers,
 so tools can route, deduplicate and trace an event without decoding it:
 
 ====================== ============================================================
-``Nats-Msg-Id``        the event id again: JetStream drops a duplicate within its window
-``Meshkit-Event-Id``   unique id of this event
+``Nats-Msg-Id``        unique id of this event: JetStream drops a duplicate within its window
+``Meshkit-Event-Id``   the event id, where it differs from ``Nats-Msg-Id`` (a dead letter,
+                       a replay); absent otherwise (:func:`event_id_of` reads either)
 ``Meshkit-Event-Type`` the protobuf full name (``shop.v1.OrderCreated``)
 ``Meshkit-Saga-Id``    correlation: every event of one saga carries the same id
 ``Meshkit-Saga-Type``  which saga definition this is (``order``)
@@ -16,6 +17,9 @@ so tools can route, deduplicate and trace an event without decoding it:
 ``Meshkit-Saga-Deadline`` when the whole saga times out, Unix epoch ms (when it has one)
 ``traceparent``        W3C trace context (and ``tracestate``)
 ====================== ============================================================
+
+Every header counts: the server stores each event with them and hands them to every
+consumer, so one that repeats another is left off.
 
 Output ids are deterministic (:func:`derive_event_id`): a handler that runs twice
 for the same input emits events with the same ids, which JetStream deduplicates.
@@ -50,6 +54,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "derive_event_id",
+    "event_id_of",
     "new_event_id",
     "type_name",
 ]
@@ -96,6 +101,20 @@ class EnvelopeError(MeshkitError, ValueError):
     def __init__(self, header: str, message: str) -> None:
         super().__init__(f"header {header}: {message}")
         self.header = header
+
+
+def event_id_of(headers: Mapping[str, str]) -> str:
+    """The id of the event with these headers: ``Meshkit-Event-Id``, else ``Nats-Msg-Id``
+    (where the two are the same, only the latter is sent); "" when neither is there."""
+    return headers.get(EVENT_ID) or headers.get(MSG_ID) or ""
+
+
+def pin_event_id(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` with the event id in ``Meshkit-Event-Id``, before something replaces
+    or drops their ``Nats-Msg-Id`` (a dead letter, a replay, a copy); returns them."""
+    if not headers.get(EVENT_ID) and headers.get(MSG_ID):
+        headers[EVENT_ID] = headers[MSG_ID]
+    return headers
 
 
 def new_event_id() -> str:
@@ -213,10 +232,9 @@ class Envelope:
         return max(0.0, (self.deadline_ms - elapsed) / 1000.0)
 
     def to_headers(self) -> dict[str, str]:
-        """The NATS headers for this envelope, ``Nats-Msg-Id`` included."""
+        """The NATS headers for this envelope, ``Nats-Msg-Id`` (the event id) included."""
         h = dict(self.extra)
         h[MSG_ID] = self.event_id
-        h[EVENT_ID] = self.event_id
         h[EVENT_TYPE] = self.event_type
         h[TIMESTAMP] = str(self.timestamp_ms)
         if self.saga_id:
@@ -242,7 +260,7 @@ class Envelope:
         """Parse headers; raises :class:`EnvelopeError` naming the bad header."""
         if not headers:
             raise EnvelopeError(EVENT_ID, "missing (the message has no headers)")
-        event_id = headers.get(EVENT_ID) or headers.get(MSG_ID) or ""
+        event_id = event_id_of(headers)
         if not event_id:
             raise EnvelopeError(EVENT_ID, "missing")
         event_type = headers.get(EVENT_TYPE, "")

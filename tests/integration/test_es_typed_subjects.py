@@ -692,6 +692,7 @@ async def _old_layout_events(
         env = Envelope.new(CREATED if i == 0 else PAID, saga_id=agg, source="old")
         headers = {
             **env.to_headers(),
+            "Meshkit-Event-Id": env.event_id,  # written then along with Nats-Msg-Id
             AGGREGATE_TYPE: "order",
             AGGREGATE_ID: agg,
             AGGREGATE_VERSION: str(i + 1),

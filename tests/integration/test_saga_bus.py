@@ -124,7 +124,7 @@ async def test_stop_drains_in_flight_work(bus: EventBus) -> None:
     async def slow(msg: Any) -> None:
         started.set()
         await asyncio.sleep(0.3)
-        finished.append(msg.headers["Meshkit-Event-Id"])
+        finished.append(msg.headers["Nats-Msg-Id"])
         await msg.ack()
 
     consumer = await bus.consumer(spec, "slow", slow, spec=FAST).start()

@@ -172,3 +172,19 @@ def test_specs_from_config_documents() -> None:
     with pytest.raises(ConfigError) as err:
         StreamSpec.from_dict(["not", "a", "mapping"])  # type: ignore[arg-type]
     assert err.value.path == "stream"
+
+
+def test_the_event_id_travels_once_and_is_pinned_before_its_msg_id_is_replaced() -> None:
+    headers = Envelope(event_id="e1", event_type="t.T", timestamp_ms=5).to_headers()
+    # Nats-Msg-Id is the event id: a second header with the same value is not sent.
+    assert headers[E.MSG_ID] == "e1" and E.EVENT_ID not in headers
+    assert E.event_id_of(headers) == "e1"
+    assert Envelope.from_headers(headers).event_id == "e1"
+    # A dead letter's replay gets a new Nats-Msg-Id; the event keeps its id.
+    pinned = E.pin_event_id(dict(headers))
+    pinned[E.MSG_ID] = "e1:replay:7"
+    assert Envelope.from_headers(pinned).event_id == "e1"
+    # Headers that name the id explicitly (older events, replays) keep it.
+    both = {E.MSG_ID: "m", E.EVENT_ID: "e", E.EVENT_TYPE: "t.T"}
+    assert E.event_id_of(both) == "e" and E.pin_event_id(dict(both))[E.EVENT_ID] == "e"
+    assert E.event_id_of({}) == ""

@@ -15,6 +15,7 @@ from dataclasses import replace
 from nats.js import api
 
 from meshkit.saga import cluster
+from meshkit.saga.envelope import pin_event_id
 from meshkit.saga.eventstore._wire import (
     _EXPECTED_SUBJECT_SEQ,
     _EXPECTED_SUBJECT_SEQ_SUBJECT,
@@ -111,7 +112,13 @@ async def upgrade_layout(store: EventStore) -> int:
                 if skip[agg]:
                     skip[agg] -= 1
                     continue
-                headers = {k: v for k, v in m.headers.items() if not str(k).startswith("Nats-")}
+                # Nats-Msg-Id is left off (the stream would drop the copy as a
+                # duplicate of its original): the event id goes in Meshkit-Event-Id.
+                headers = {
+                    k: v
+                    for k, v in pin_event_id(dict(m.headers)).items()
+                    if not str(k).startswith("Nats-")
+                }
                 headers[_EXPECTED_SUBJECT_SEQ] = str(last[agg])
                 headers[_EXPECTED_SUBJECT_SEQ_SUBJECT] = agg
                 ack = await store._request(f"{m.subject}.{etype}", m.data, headers)

@@ -18,6 +18,7 @@ from meshkit.saga.eventstore.errors import EventStoreError
 AGGREGATE_TYPE = "Meshkit-Aggregate-Type"
 AGGREGATE_ID = "Meshkit-Aggregate-Id"
 AGGREGATE_VERSION = "Meshkit-Aggregate-Version"
+# The event's payload schema version; absent when it is 1.
 SCHEMA_VERSION = "Meshkit-Schema-Version"
 
 

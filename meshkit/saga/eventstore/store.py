@@ -464,6 +464,14 @@ class EventStore:
         trace: tuple[str, str],
     ) -> Envelope:
         traceparent, tracestate = trace
+        extra = {
+            AGGREGATE_TYPE: aggregate_type,
+            AGGREGATE_ID: aggregate_id,
+            AGGREGATE_VERSION: str(version),
+        }
+        schema = self.config.schema_versions.get(etype, 1)
+        if schema != 1:  # 1 is what a reader takes when the header is not there
+            extra[SCHEMA_VERSION] = str(schema)
         return Envelope(
             event_id=event_id,
             event_type=etype,
@@ -475,12 +483,7 @@ class EventStore:
             saga_deadline_ms=saga_deadline_ms,
             traceparent=traceparent,
             tracestate=tracestate,
-            extra={
-                AGGREGATE_TYPE: aggregate_type,
-                AGGREGATE_ID: aggregate_id,
-                AGGREGATE_VERSION: str(version),
-                SCHEMA_VERSION: str(self.config.schema_versions.get(etype, 1)),
-            },
+            extra=extra,
         )
 
     async def _store(
