@@ -164,9 +164,9 @@ class SagaMetrics:
             found = self._attrs[pairs] = dict(zip(pairs[::2], pairs[1::2], strict=True))
         return found
 
-    def event(self, consumer: str, event_type: str, outcome: str) -> None:
+    def event(self, consumer: str, event_type: str, outcome: str, count: int = 1) -> None:
         self.events.add(
-            1,
+            count,
             self.attrs(
                 "messaging.consumer.group.name",
                 consumer,

@@ -266,7 +266,11 @@ class Envelope:
         event_type = headers.get(EVENT_TYPE, "")
         if not event_type:
             raise EnvelopeError(EVENT_TYPE, "missing")
-        extra = {k: v for k, v in headers.items() if k not in _KNOWN}
+        # Most events carry no header of their own: a set difference finds that out
+        # without building a dict.
+        extra = (
+            {k: v for k, v in headers.items() if k not in _KNOWN} if headers.keys() - _KNOWN else {}
+        )
         return cls(
             event_id=event_id,
             event_type=event_type,

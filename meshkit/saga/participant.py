@@ -366,12 +366,15 @@ class RunningParticipant:
                     continue
             committed.append(job)
         failures = await self._publish(committed)
+        self._count([job for job in committed if job not in failures])
         for job in committed:
             failed = failures.get(job)
             if failed is not None:
                 await self._settle_failed(job, failed)
-            else:
-                await self._settle_done(job)
+                continue
+            if job.spans is not None:
+                job.context.run(job.spans.close)
+            await job.msg.ack()
 
     async def _publish(self, jobs: list[_Job]) -> dict[_Job, Exception]:
         """Publish every job's outputs at once; the first error of each job that had one."""
@@ -404,23 +407,29 @@ class RunningParticipant:
                 failures.setdefault(job, error)
         return failures
 
-    async def _settle_done(self, job: _Job) -> None:
-        p = self.participant
-        etype = job.env.event_type
-        if job.outputs:
-            self.stats.emitted += len(job.outputs)
-            _telemetry.saga_metrics().emit(p.durable, len(job.outputs))
-        if job.duplicate:
-            self.stats.duplicates += 1
-        else:
-            self.stats.handled += 1
-            self.stats.by_type[etype] = self.stats.by_type.get(etype, 0) + 1
-        _telemetry.saga_metrics().event(
-            p.durable, etype, "duplicate" if job.duplicate else "handled"
-        )
-        if job.spans is not None:
-            job.context.run(job.spans.close)
-        await job.msg.ack()
+    def _count(self, done: list[_Job]) -> None:
+        """Stats and metrics for the batch's handled events: one metric update per
+        event type and outcome, not per event."""
+        stats = self.stats
+        tally: dict[tuple[str, str], int] = {}
+        emitted = 0
+        for job in done:
+            etype = job.env.event_type
+            emitted += len(job.outputs)
+            if job.duplicate:
+                stats.duplicates += 1
+            else:
+                stats.handled += 1
+                stats.by_type[etype] = stats.by_type.get(etype, 0) + 1
+            key = (etype, "duplicate" if job.duplicate else "handled")
+            tally[key] = tally.get(key, 0) + 1
+        stats.emitted += emitted
+        metrics = _telemetry.saga_metrics()
+        durable = self.participant.durable
+        if emitted:
+            metrics.emit(durable, emitted)
+        for (etype, outcome), n in tally.items():
+            metrics.event(durable, etype, outcome, n)
 
     async def _settle_failed(self, job: _Job, exc: Exception) -> None:
         """Dead-letter the event (a permanent error, or its last delivery) or nak it."""

@@ -228,6 +228,11 @@ def check_sizes(
     # The control headers' largest values; only the subject's depends on the call.
     control = _CONTROL_SIZE + len((name + ".>").encode())
     for i, (payload, h) in enumerate(zip(payloads, headers, strict=True)):
+        # A character is at most 4 bytes in UTF-8: when even that bound fits (nearly
+        # always), the exact size is not needed.
+        chars = sum(map(len, h)) + sum(map(len, h.values()))
+        if len(payload) + 12 + 4 * len(h) + 4 * chars + control <= limit:
+            continue
         size = len(payload) + _header_size(h) + control
         if size > limit:
             raise EventStoreError(
