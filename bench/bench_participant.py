@@ -1,0 +1,220 @@
+"""One saga participant's cost per event, meshkit against the hand-written loop, in one run.
+
+``bench_saga`` measures the whole order saga; this isolates one hop of it. The shop's
+notification participant (``examples/shop/notification.py``: handle OrderCompleted,
+insert a notification row, emit CustomerNotified) drains a backlog of N events on
+its own nats-server:
+
+* **meshkit**: ``Participant.start`` with ``SqliteInbox`` in the shop's ``Store``
+  (the batch path: one inbox transaction per arrival, every output published before
+  the first stream ack is awaited, then the acks), events published with meshkit's
+  envelope headers as the order service's would be;
+* **peer**: ``bench/_saga_peer.py``'s ``Participant`` loop for the notification role
+  (one transaction per fetched batch, publish, ack), events with ``Nats-Msg-Id`` only.
+
+The backlog is published before the clock starts; the phase ends when the durable
+consumer has nothing pending or unacknowledged. Figures are CPU microseconds per
+event of this process (the participant runs in it, as the only work) and of
+nats-server, medians over alternating rounds, and their ratios. The difference is
+meshkit's per-event work: its envelope, its inbox record (``bench_inbox`` prices
+that alone) and its batch machinery. Writes ``bench/results/participant.json``.
+
+    .venv/bin/python -m bench.bench_participant [--events 5000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_saga import _cpu_seconds  # noqa: E402
+from examples.shop.gen.shop.v1 import events_pb2 as ev  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "participant.json"
+DURABLE = "SHOP-notification"  # the same name on both sides
+
+
+async def _meshkit(url: str, tmp: str, events: int) -> tuple[Callable[[], Awaitable[Any]], Any]:
+    """Publish the backlog; return (start the participant, stop it)."""
+    from examples.shop import notification
+    from examples.shop.flow import SHOP_STREAM
+    from examples.shop.store import Store
+    from meshkit.saga import EventBus, SqliteInbox
+    from meshkit.saga.envelope import Envelope
+
+    bus = await EventBus.connect(url, name="bench-participant")
+    await bus.ensure_stream(SHOP_STREAM)
+    store = Store(os.path.join(tmp, "notification.sqlite"), notification.SCHEMA)
+    messages = []
+    for _ in range(events):
+        order_id = uuid.uuid4().hex
+        event = ev.OrderCompleted(order_id=order_id, customer_id="c-1")
+        env = Envelope.new(
+            event, saga_id=order_id, source="order", saga_type="order", causation_id=order_id
+        )
+        messages.append(
+            (SHOP_STREAM.subject_for(env.event_type), event.SerializeToString(), env.to_headers())
+        )
+    for error in await bus.publish_many(messages):
+        assert error is None, error
+    running: list[Any] = []
+
+    async def start() -> None:
+        running.append(
+            await notification.PARTICIPANT.start(bus, inbox=SqliteInbox(store.conn, store.lock))
+        )
+
+    async def stop() -> None:
+        for r in running:
+            await r.stop()
+        await bus.close()
+        store.close()
+
+    return start, stop
+
+
+async def _peer(url: str, tmp: str, events: int) -> tuple[Callable[[], Awaitable[Any]], Any]:
+    import nats
+
+    from bench import _saga_peer as peer
+
+    nc = await nats.connect(url, name="bench-participant-peer")
+    js = nc.jetstream()
+    await peer.ensure(js, "notification")
+    conn = peer.open_db(os.path.join(tmp, "peer-notification.sqlite"), "notification")
+    sends = []
+    for _ in range(events):
+        order_id = uuid.uuid4().hex
+        event = ev.OrderCompleted(order_id=order_id, customer_id="c-1")
+        headers = {"Nats-Msg-Id": peer.derive_id(order_id, "order.complete")}
+        sends.append(
+            js.publish(peer.subject(ev.OrderCompleted), event.SerializeToString(), headers=headers)
+        )
+    await asyncio.gather(*sends)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        pull = peer.PullStream(nc, peer.STREAM, DURABLE)
+        await pull.start()
+        tasks.append(asyncio.create_task(peer.Participant("notification", conn, js).run(pull)))
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await nc.close()
+        conn.close()
+
+    return start, stop
+
+
+async def _drained(url: str, events: int) -> None:
+    import nats
+
+    nc = await nats.connect(url, name="bench-participant-watch")
+    js = nc.jetstream()
+    try:
+        while True:
+            await asyncio.sleep(0.02)
+            info = await js.consumer_info("SHOP", DURABLE)
+            if (
+                info.num_pending == 0
+                and info.num_ack_pending == 0
+                and info.delivered.stream_seq >= events
+            ):
+                return
+    finally:
+        await nc.close()
+
+
+async def one_side(side: str, events: int) -> tuple[float, float]:
+    from meshkit.nats import NatsServer
+
+    async with NatsServer() as server:
+        with tempfile.TemporaryDirectory(prefix="meshkit-bench-participant-") as tmp:
+            make = _meshkit if side == "meshkit" else _peer
+            start, stop = await make(server.url, tmp, events)
+            gc.collect()
+            cpu0, srv0 = time.process_time(), _cpu_seconds(server.pid or 0)
+            await start()
+            # The watcher's polls cost the same on both sides (a few dozen requests).
+            await asyncio.wait_for(_drained(server.url, events), 120)
+            cpu, srv = time.process_time() - cpu0, _cpu_seconds(server.pid or 0) - srv0
+            await stop()
+    return cpu / events * 1e6, srv / events * 1e6
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    rows: dict[str, list[tuple[float, float]]] = {"meshkit": [], "peer": []}
+    for r in range(args.rounds):
+        for side in ("meshkit", "peer") if r % 2 == 0 else ("peer", "meshkit"):
+            proc, srv = await one_side(side, args.events)
+            rows[side].append((proc, srv))
+            print(f"round {r + 1} {side:8s} {proc:6.1f} us/event here, nats-server {srv:5.1f}")
+    proc_ratio = [m[0] / p[0] for m, p in zip(rows["meshkit"], rows["peer"], strict=True)]
+    total_ratio = [
+        (m[0] + m[1]) / (p[0] + p[1]) for m, p in zip(rows["meshkit"], rows["peer"], strict=True)
+    ]
+    summary = {
+        side: {
+            "participant_cpu_us_per_event": round(statistics.median(r[0] for r in rs), 1),
+            "nats_server_cpu_us_per_event": round(statistics.median(r[1] for r in rs), 1),
+        }
+        for side, rs in rows.items()
+    }
+    ratios = {
+        "participant_cpu_ratio": round(statistics.median(proc_ratio), 3),
+        "total_cpu_ratio": round(statistics.median(total_ratio), 3),
+    }
+    print(f"meshkit {summary['meshkit']}\npeer    {summary['peer']}\nmeshkit / peer: {ratios}")
+    return {
+        "benchmark": "participant",
+        "description": (
+            "the shop's notification participant draining a backlog: meshkit.saga "
+            "(SqliteInbox, batch path) vs bench/_saga_peer.py's loop, same handler and "
+            "table; CPU per event of the participant's process and of nats-server"
+        ),
+        "events_per_round": args.events,
+        "rounds": args.rounds,
+        **summary,
+        "ratios": ratios,
+        "ratios_per_round": {
+            "participant_cpu_ratio": [round(x, 3) for x in proc_ratio],
+            "total_cpu_ratio": [round(x, 3) for x in total_ratio],
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5000, help="events per side per round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    args = parser.parse_args()
+    try:
+        import uvloop  # both sides' services run on it
+    except ImportError:  # pragma: no cover
+        result = asyncio.run(run(args))
+    else:
+        result = uvloop.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
