@@ -30,6 +30,10 @@ __all__ = ["NatsCluster"]
 log = logging.getLogger("meshkit.nats")
 
 
+# Starts on fresh port picks after a picked port was taken (see NatsCluster.start).
+_PORT_ATTEMPTS = 3
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -125,8 +129,27 @@ class NatsCluster(_Lifecycle):
         if self.store_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="meshkit-nats-cluster-")
             self.store_dir = Path(self._tmp.name)
-        # Route ports must be known before any node starts (each lists all of them);
-        # a port taken between the pick and the bind fails that node's start clearly.
+        # Route and monitoring ports must be known before any node starts (each lists
+        # all routes), so they are picked free here; another process can take one
+        # before its node binds it. Then the nodes start again on fresh picks.
+        for attempt in range(_PORT_ATTEMPTS):
+            try:
+                self._start_nodes(deadline)
+                break
+            except NatsServerError as exc:
+                self._stop_nodes()
+                if "address already in use" not in str(exc) or attempt + 1 == _PORT_ATTEMPTS:
+                    self.stop()
+                    raise
+                log.info("a picked port was taken before its node bound it; picking again")
+            except BaseException:
+                self.stop()
+                raise
+        log.info("nats cluster %s of %d nodes at %s", self.cluster_name, self.size, self.url)
+        return self
+
+    def _start_nodes(self, deadline: float) -> None:
+        assert self.store_dir is not None
         self.route_ports = [_free_port(self.host) for _ in range(self.size)]
         self.monitor_ports = [_free_port(self.host) for _ in range(self.size)]
         routes = ",".join(f"nats://{self.host}:{p}" for p in self.route_ports)
@@ -152,16 +175,10 @@ class NatsCluster(_Lifecycle):
                     server_name=self._names[i],
                 )
             )
-        try:
-            for node in self.nodes:
-                node.start_timeout = max(1.0, deadline - time.monotonic())
-                node.start()
-            self._wait_formed(deadline)
-        except BaseException:
-            self.stop()
-            raise
-        log.info("nats cluster %s of %d nodes at %s", self.cluster_name, self.size, self.url)
-        return self
+        for node in self.nodes:
+            node.start_timeout = max(1.0, deadline - time.monotonic())
+            node.start()
+        self._wait_formed(deadline)
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index``, as a crash would; its store and ports are kept."""
@@ -183,14 +200,17 @@ class NatsCluster(_Lifecycle):
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every node (SIGTERM, then SIGKILL) and remove a temporary store."""
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                node.stop(timeout)
-        self.nodes = []
+        self._stop_nodes(timeout)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
             self.store_dir = None
+
+    def _stop_nodes(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop(timeout)
+        self.nodes = []
 
     @property
     def running(self) -> list[bool]:

@@ -32,6 +32,35 @@ def test_split_servers() -> None:
         split_servers(" , ")
 
 
+def test_cluster_starts_again_when_a_picked_port_is_taken_before_its_node_binds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from meshkit.nats import _cluster
+
+    # Another process takes the first monitoring port picked, between the pick and the bind.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks: list[int] = []
+    real = _cluster._free_port
+
+    def pick(host: str) -> int:
+        # Three route ports are picked, then three monitoring ports.
+        picks.append(taken.getsockname()[1] if len(picks) == 3 else real(host))
+        return picks[-1]
+
+    monkeypatch.setattr(_cluster, "_free_port", pick)
+    try:
+        with NatsCluster(3, start_timeout=30) as cluster:
+            assert cluster.running == [True, True, True]
+            assert len(picks) == 12  # the first six picks, then six fresh ones
+            assert taken.getsockname()[1] not in cluster.monitor_ports
+    finally:
+        taken.close()
+
+
 def test_cluster_rejects_bad_sizes() -> None:
     with pytest.raises(NatsServerError, match="expected 1 to 9"):
         NatsCluster(0)
