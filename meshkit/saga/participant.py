@@ -233,8 +233,21 @@ class _Job:
     # deadline, and with tracing its consumer span (closed by ``spans``).
     context: contextvars.Context
     spans: contextlib.ExitStack | None = None
+    # With tracing, each output's producer span, in a copy of ``context`` of its own
+    # (siblings under the consumer span, as separate publishes would make them).
+    sends: list[tuple[contextvars.Context, contextlib.ExitStack]] = field(default_factory=list)
     outputs: list[Outbound] = field(default_factory=list)
     duplicate: bool = False
+
+    def end_spans(self, exc: BaseException | None = None) -> None:
+        """Close the event's spans, marking them failed with ``exc`` when given."""
+        details = (None, None, None) if exc is None else (type(exc), exc, exc.__traceback__)
+        for context, send in self.sends:
+            context.run(send.__exit__, *details)
+        self.sends.clear()
+        if self.spans is not None:
+            self.context.run(self.spans.__exit__, *details)
+            self.spans = None
 
 
 class RunningParticipant:
@@ -372,8 +385,7 @@ class RunningParticipant:
             if failed is not None:
                 await self._settle_failed(job, failed)
                 continue
-            if job.spans is not None:
-                job.context.run(job.spans.close)
+            job.end_spans()
             await job.msg.ack()
 
     async def _publish(self, jobs: list[_Job]) -> dict[_Job, Exception]:
@@ -392,10 +404,12 @@ class RunningParticipant:
                 )
                 subject = p.stream.subject_for(out.event_type)
                 if job.spans is not None:  # tracing: a producer span per output
-                    env = job.context.run(
-                        job.spans.enter_context,
+                    context, send = job.context.copy(), contextlib.ExitStack()
+                    env = context.run(
+                        send.enter_context,
                         _telemetry.producer_span(subject, env, len(out.payload)),
                     )
+                    job.sends.append((context, send))
                 # The cause's trace context is in ``env`` already: nothing else to add.
                 messages.append((subject, out.payload, env.to_headers()))
                 owners.append(job)
@@ -435,8 +449,7 @@ class RunningParticipant:
         """Dead-letter the event (a permanent error, or its last delivery) or nak it."""
         p = self.participant
         spec, env, msg = job.spec, job.env, job.msg
-        if job.spans is not None:
-            job.context.run(job.spans.__exit__, type(exc), exc, exc.__traceback__)
+        job.end_spans(exc)
         if isinstance(exc, PermanentError):
             await self._dead_letter(msg, f"{spec.name} rejected the event: {exc}")
             return

@@ -300,6 +300,61 @@ async def test_trace_context_crosses_nats_with_messaging_spans(bus: EventBus) ->
     assert rec.seen[0][0].traceparent.split("-")[1] == format(trace_id, "032x")
 
 
+async def test_each_output_gets_its_own_send_span_under_the_process_span(
+    bus: EventBus,
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+        provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        pytest.skip("another tracer provider is installed globally")
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    stream = _stream()
+    p = Participant("fanout", stream, consumer=FAST)
+
+    @p.on(ev.OrderCreated, emits=[ev.StockReserved, ev.PaymentCompleted])
+    async def h(event: ev.OrderCreated, ctx: Context) -> Any:
+        ctx.emit(ev.StockReserved(order_id=event.order_id))
+        return ev.PaymentCompleted(order_id=event.order_id)
+
+    rec = Recorder(stream, ev.PaymentCompleted)
+    running = await p.start(bus)
+    sink = await rec.participant.start(bus)
+    with trace.get_tracer("test").start_as_current_span("client request") as root:
+        await bus.emit(stream, ev.OrderCreated(order_id="f"), saga_type="order")
+    await _wait(lambda: len(rec.seen) == 1)
+    await running.stop()
+    await sink.stop()
+    spans = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.context.trace_id == root.get_span_context().trace_id
+    ]
+    process = next(s for s in spans if s.name == f"process {stream.subject_for(ev.OrderCreated)}")
+    sends = [
+        s
+        for s in spans
+        if s.name
+        in (
+            f"send {stream.subject_for(ev.StockReserved)}",
+            f"send {stream.subject_for(ev.PaymentCompleted)}",
+        )
+    ]
+    assert len(sends) == 2
+    # Siblings: both published by the handling of one event, neither inside the other.
+    assert {s.parent.span_id for s in sends if s.parent} == {process.context.span_id}
+    assert all(s.status.is_ok for s in [process, *sends])
+
+
 async def test_kv_inbox_deduplicates_when_the_store_is_not_sqlite(bus: EventBus) -> None:
     from meshkit.saga import KvInbox
 
