@@ -203,3 +203,44 @@ async def test_a_memory_stream_lost_in_a_restart_is_declared_again() -> None:
         await bus.emit(spec, ev.OrderCreated(order_id="after"))
         await _wait(lambda: "after" in got, within=15)
         await bus.close()
+
+
+async def test_a_batch_consumer_gets_what_arrived_together_and_a_failed_batch_comes_back(
+    bus: EventBus,
+) -> None:
+    spec = _stream()
+    await bus.ensure_stream(spec)
+    for i in range(20):
+        await bus.emit(spec, ev.OrderCreated(order_id=f"o{i}"))
+    batches: list[list[str]] = []
+    failed_once = False
+
+    async def handle(msgs: list[Any]) -> None:
+        nonlocal failed_once
+        if not failed_once:  # the first batch fails as a whole: each message comes back
+            failed_once = True
+            raise RuntimeError("boom")
+        batches.append([ev.OrderCreated.FromString(m.data).order_id for m in msgs])
+        for m in msgs:
+            await m.ack()
+
+    consumer = await bus.consumer(spec, "batched", spec=FAST, batch_handler=handle).start()
+    await _wait(lambda: sum(map(len, batches)) >= 20)
+    await consumer.stop()
+    got = [o for b in batches for o in b]
+    assert sorted(got) == sorted(f"o{i}" for i in range(20))  # each once, none lost
+    assert len(got) == 20
+    # A backlog arrives in reads of several messages: fewer batches than messages.
+    assert len(batches) < 20
+    assert consumer.stats.errors == 1 and "boom" in consumer.stats.last_error
+
+
+def test_a_consumer_takes_a_handler_or_a_batch_handler(bus: EventBus) -> None:
+    async def one(msg: Any) -> None: ...
+
+    async def many(msgs: list[Any]) -> None: ...
+
+    with pytest.raises(ValueError, match="either a handler or a batch_handler"):
+        bus.consumer(_stream(), "both", one, batch_handler=many)
+    with pytest.raises(ValueError, match="either a handler or a batch_handler"):
+        bus.consumer(_stream(), "neither")
