@@ -173,15 +173,12 @@ class Replies:
     ) -> Msg:
         """The first reply, like ``nc.request``, within ``within`` seconds; raises
         nats' TimeoutError and NoRespondersError as it does."""
-        await self.ready()
+        if not self._subscribed:  # awaiting ready() each time was a coroutine per request
+            await self.ready()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
-
-        def on_reply(msg: Msg) -> None:
-            if not future.done():
-                future.set_result(msg)
-
-        reply = self.listen(on_reply)
+        # A partial, not a closure: one object fewer for the collector per request.
+        reply = self.listen(functools.partial(_settle, future))
         timer = loop.call_later(within, _expire, future)
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)

@@ -67,6 +67,7 @@ __all__ = [
     "replicas_target",
     "retry_window",
     "retrying",
+    "retrying_after",
     "source_stall",
     "stream_info_existing",
     "stream_info_or_none",
@@ -199,6 +200,22 @@ async def retrying(
         return await call()  # the usual case: no window to look up, no loop to enter
     except transient as exc:
         first: BaseException = exc
+    return await _retrying(what, call, window, transient, loop, start, first)
+
+
+async def retrying_after(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    start: float,
+    first: BaseException,
+    *,
+    window: float | None = None,
+    transient: tuple[type[BaseException], ...] = TRANSIENT,
+) -> T:
+    """:func:`retrying` for a caller that made the first try itself (a hot path that
+    cannot afford the extra coroutines): that try started at loop time ``start`` and
+    raised ``first``, one of ``transient``; the tries after it, in the same window."""
+    loop = asyncio.get_running_loop()
     return await _retrying(what, call, window, transient, loop, start, first)
 
 

@@ -563,6 +563,37 @@ async def test_no_responders_on_a_direct_stream_is_retried_without_downgrading_i
     assert store.stream not in reads._NO_DIRECT.get(nc, set())
 
 
+async def test_an_append_rides_out_unanswered_requests_then_says_what_failed(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first try is made outside cluster.retrying (the hot path): a transient
+    # failure of it still goes on to the retries, within the same window.
+    from meshkit.saga import eventstore
+
+    real = store._request
+    calls = {"fail": 2, "sent": 0}
+
+    async def flaky(subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
+        calls["sent"] += 1
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise eventstore.EventStoreUnavailable("no answer (test)")
+        return await real(subject, payload, headers)
+
+    monkeypatch.setattr(store, "_request", flaky)
+    agg = new_id()
+    r = await store.append("tally", agg, [paid(1)], expected=Version(), event_ids=[new_id()])
+    assert r.version.number == 1 and calls["sent"] == 3
+    monkeypatch.setenv("MESHKIT_NATS_RETRY_WINDOW", "0.3")
+    calls["fail"] = 1000
+    with pytest.raises(eventstore.EventStoreUnavailable) as info:
+        await store.append("tally", agg, [paid(2)], expected=r.version)
+    assert str(info.value).startswith(
+        f"append to {store.aggregate_name('tally', agg)}: JetStream did not answer within 0.3s"
+    )
+    assert isinstance(info.value.__cause__, eventstore.EventStoreUnavailable)
+
+
 async def test_a_stream_without_direct_gets_is_read_through_a_consumer(nc: Any) -> None:
     from nats.js import api
 

@@ -19,7 +19,12 @@ from meshkit.saga.eventstore import (
     StoredEvent,
     Upcasters,
 )
-from meshkit.saga.eventstore._wire import _server_supports_atomic
+from meshkit.saga.eventstore._wire import (
+    _ack_seq,
+    _Duplicate,
+    _server_supports_atomic,
+    _WrongLastSequence,
+)
 from meshkit.saga.machine import Command, PendingCommand, SagaInstance, SagaMachine, State, Step
 from meshkit.saga.readmodels import CheckpointMoved, MemoryReadModelStore, SqliteReadModelStore
 from meshkit.saga.snapshots import Snapshot
@@ -112,6 +117,32 @@ def test_config_errors_name_the_key() -> None:
 class _NC:
     def __init__(self, version: str) -> None:
         self.connected_server_version = ServerVersion(version)
+
+
+@pytest.mark.parametrize(
+    ("raw", "answer"),
+    [
+        (b'{"stream":"S","seq":7}', 7),
+        (b'{"stream":"S_1-x","seq":12345678901234567890}', 12345678901234567890),
+        (b'{"stream": "S", "seq": 7}', 7),
+        (b'{"stream":"S","seq":7,"domain":"hub"}', 7),
+        (b'{"stream":"S","seq":0}', 0),
+        (b'{"stream":"S","seq":07}', EventStoreError),
+        (b'{"stream":"S","seq":7,"duplicate":true}', _Duplicate),
+        (
+            b'{"error":{"err_code":10071,"description":"wrong last sequence: 1"}}',
+            _WrongLastSequence,
+        ),
+        (b'{"stream":"S","seq":7', EventStoreError),
+    ],
+)
+def test_a_stream_ack_reads_as_json_would(raw: bytes, answer: int | type[Exception]) -> None:
+    # Plain acks skip json.loads; every other spelling must still go through it.
+    if isinstance(answer, int):
+        assert _ack_seq(raw) == answer
+    else:
+        with pytest.raises(answer):
+            _ack_seq(raw)
 
 
 def test_atomic_batches_need_server_2_12() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import typing
 import uuid
 from collections.abc import Mapping
@@ -86,7 +87,16 @@ def _header_size(headers: Mapping[str, str]) -> int:
     return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
+# A plain acknowledgement (stored, not a duplicate, no error) as nats-server spells
+# it: its sequence read without json.loads (~2 us of every append). Any other
+# spelling (whitespace, a domain, a leading zero, an error) goes through json.
+_PLAIN_ACK = re.compile(rb'\{"stream":"[A-Za-z0-9_-]+","seq":([1-9][0-9]*)\}')
+
+
 def _ack_seq(raw: bytes, refuse_duplicate: bool = False) -> int:
+    plain = _PLAIN_ACK.fullmatch(raw)
+    if plain is not None:
+        return int(plain[1])
     try:
         ack = json.loads(raw)
     except ValueError:
@@ -142,6 +152,13 @@ async def publish_chain(
 ) -> list[int]:
     """Publish one by one, each expecting the previous; returns each one's sequence
     (not contiguous: other aggregates' events may land in between)."""
+    if len(subjects) == len(payloads) == len(headers) == 1:
+        # The usual append, one event: no zip and iterators kept alive across the
+        # await (each is an object for the garbage collector to walk).
+        h = headers[0]
+        h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
+        h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
+        return [_ack_seq(await store._request(subjects[0], payloads[0], h), only_new)]
     expected_seq = current.seq
     seqs: list[int] = []
     for subject, payload, h in zip(subjects, payloads, headers, strict=True):

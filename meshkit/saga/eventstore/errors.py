@@ -40,6 +40,17 @@ async def _riding(what: str, call: Callable[[], Awaitable[T]]) -> T:
         raise EventStoreUnavailable(str(exc)) from exc.__cause__
 
 
+async def _riding_after(
+    what: str, call: Callable[[], Awaitable[T]], start: float, first: BaseException
+) -> T:
+    """:func:`_riding` for a caller that made the first try itself, at loop time
+    ``start``, and caught ``first`` (one of ``_UNAVAILABLE``): the tries after it."""
+    try:
+        return await cluster.retrying_after(what, call, start, first, transient=_UNAVAILABLE)
+    except cluster.JetStreamUnavailable as exc:
+        raise EventStoreUnavailable(str(exc)) from exc.__cause__
+
+
 class AggregateConflict(ConcurrencyError):
     """Another writer appended to the aggregate first; reload and retry."""
 

@@ -18,12 +18,14 @@ import functools
 import logging
 import random
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
+from opentelemetry import propagate
+from opentelemetry.trace import get_current_span
 
 from meshkit.errors import ConfigError
 from meshkit.saga import _telemetry, cluster
@@ -39,9 +41,11 @@ from meshkit.saga.eventstore._wire import (
     _WrongLastSequence,
 )
 from meshkit.saga.eventstore.errors import (
+    _UNAVAILABLE,
     AggregateConflict,
     EventStoreError,
     _riding,
+    _riding_after,
 )
 from meshkit.saga.eventstore.events import (
     _ID,
@@ -59,6 +63,13 @@ from meshkit.saga.eventstore.events import (
 from meshkit.saga.eventstore.reads import RawMessage, read_batches
 
 log = logging.getLogger("meshkit.saga.eventstore")
+
+# An append's span without an OpenTelemetry SDK; nullcontext keeps no state, so one
+# serves every append.
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext(None)
+# Aggregate and event types that passed their checks: few, and checked on every append.
+_CHECKED_AGGREGATE_TYPES: set[str] = set()
+_CHECKED_EVENT_TYPES: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,11 @@ class EventStore:
 
     def aggregate_name(self, aggregate_type: str, aggregate_id: str) -> str:
         """``<prefix>.<aggregate type>.<id>``; raises ValueError naming a bad type or id."""
-        if not _NAME.match(aggregate_type):
-            raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
+        if aggregate_type not in _CHECKED_AGGREGATE_TYPES:
+            if not _NAME.match(aggregate_type):
+                raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
+            if len(_CHECKED_AGGREGATE_TYPES) < 4096:
+                _CHECKED_AGGREGATE_TYPES.add(aggregate_type)
         if not _ID.match(aggregate_id):
             raise ValueError(f"aggregate id {aggregate_id!r} must match [A-Za-z0-9_=-]+")
         return f"{self.config.subject_prefix}.{aggregate_type}.{aggregate_id}"
@@ -275,10 +289,13 @@ class EventStore:
         payloads = [event.SerializeToString() for event in events]
         # Each type once: the name is checked above, only the event types here.
         types = [type_name(event) for event in events]
-        for etype in set(types):
-            if not _TOKEN.match(etype):
-                raise ValueError(f"event type {etype!r} must be dot-separated subject tokens")
-        subjects = [f"{name}.{etype}" for etype in types]
+        if not _CHECKED_EVENT_TYPES.issuperset(types):
+            for etype in set(types):
+                if not _TOKEN.match(etype):
+                    raise ValueError(f"event type {etype!r} must be dot-separated subject tokens")
+            if len(_CHECKED_EVENT_TYPES) < 4096:
+                _CHECKED_EVENT_TYPES.update(types)
+        subjects = list(map(f"{name}.".__add__, types))  # no closure: see _envelopes
         if _telemetry.tracing():
             template = f"{self.config.subject_prefix}.{aggregate_type}.{{id}}." + (
                 types[0] if len(set(types)) == 1 else ">"
@@ -288,7 +305,7 @@ class EventStore:
                 subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
             )
         else:
-            span = contextlib.nullcontext(None)
+            span = _NO_SPAN
         with span as traced:
             trace = (
                 (traced.traceparent, traced.tracestate) if traced is not None else _current_trace()
@@ -322,41 +339,26 @@ class EventStore:
                             if done is not None:
                                 return done
                         raise AggregateConflict(name, expected, current.number)
-                envs = [
-                    self._envelope(
-                        types[i],
-                        ids[i],
-                        current.number + i + 1,
-                        aggregate_type,
-                        aggregate_id,
-                        saga_id=saga_id,
-                        saga_type=saga_type,
-                        causation_id=causation_id,
-                        timestamp_ms=timestamp_ms,
-                        saga_deadline_ms=saga_deadline_ms,
-                        trace=trace,
-                    )
-                    for i in range(len(events))
-                ]
+                envs = self._envelopes(
+                    types, ids, current.number, aggregate_type, aggregate_id, trace, meta
+                )
                 headers = [e.to_headers() for e in envs]
                 _wire.check_sizes(self.nc, name, subjects, payloads, headers, types)
+                args = (atomic, name, subjects, payloads, headers, current, only_new)
                 try:
                     # Resent as it was while the cluster elects a leader: the same
                     # Nats-Msg-Id, so one that was stored but not acknowledged is
-                    # acknowledged as a duplicate and not stored again.
-                    seqs = await _riding(
-                        f"append to {name}",
-                        functools.partial(
-                            self._store,
-                            atomic,
-                            name,
-                            subjects,
-                            payloads,
-                            headers,
-                            current,
-                            only_new,
-                        ),
-                    )
+                    # acknowledged as a duplicate and not stored again. The first try
+                    # is made here, as _riding would, without its two coroutines.
+                    start = asyncio.get_running_loop().time()
+                    try:
+                        seqs = await self._store(*args)
+                        failed = None
+                    except _UNAVAILABLE as exc:
+                        failed = exc
+                    if failed is not None:
+                        store = functools.partial(self._store, *args)
+                        seqs = await _riding_after(f"append to {name}", store, start, failed)
                     break
                 except _Duplicate as dup:
                     # The server already has our first event (a retry, or a resend
@@ -429,62 +431,68 @@ class EventStore:
                         continue
                     actual = await self._deciding_version(aggregate_type, aggregate_id)
                     raise AggregateConflict(name, current.number, actual.number) from None
-            stored = tuple(
-                StoredEvent(
-                    aggregate_type=aggregate_type,
-                    aggregate_id=aggregate_id,
-                    version=current.number + i + 1,
-                    seq=seqs[i],
-                    event_type=envs[i].event_type,
-                    schema_version=self.config.schema_versions.get(envs[i].event_type, 1),
-                    data=payloads[i],
-                    envelope=envs[i],
-                    subject=subjects[i],
-                    stream=self.stream,
+            stored = []
+            for i, env in enumerate(envs):
+                stored.append(
+                    StoredEvent(
+                        aggregate_type=aggregate_type,
+                        aggregate_id=aggregate_id,
+                        version=current.number + i + 1,
+                        seq=seqs[i],
+                        event_type=env.event_type,
+                        schema_version=self.config.schema_versions.get(env.event_type, 1),
+                        data=payloads[i],
+                        envelope=env,
+                        subject=subjects[i],
+                        stream=self.stream,
+                    )
                 )
-                for i in range(len(events))
-            )
             return self._appended(
-                AppendResult(Version(current.number + len(events), seqs[-1]), stored, atomic)
+                AppendResult(Version(current.number + len(envs), seqs[-1]), tuple(stored), atomic)
             )
 
-    def _envelope(
+    def _envelopes(
         self,
-        etype: str,
-        event_id: str,
-        version: int,
+        types: list[str],
+        ids: list[str],
+        number: int,
         aggregate_type: str,
         aggregate_id: str,
-        *,
-        saga_id: str,
-        saga_type: str,
-        causation_id: str,
-        timestamp_ms: int | None,
-        saga_deadline_ms: int | None,
         trace: tuple[str, str],
-    ) -> Envelope:
+        meta: dict[str, Any],
+    ) -> list[Envelope]:
+        """The envelopes of an append's events, after version ``number``.
+
+        Plain loops, not comprehensions: those made ``append`` keep a dozen of its
+        variables in cells, allocated on every call and walked by the collector."""
         traceparent, tracestate = trace
-        extra = {
-            AGGREGATE_TYPE: aggregate_type,
-            AGGREGATE_ID: aggregate_id,
-            AGGREGATE_VERSION: str(version),
-        }
-        schema = self.config.schema_versions.get(etype, 1)
-        if schema != 1:  # 1 is what a reader takes when the header is not there
-            extra[SCHEMA_VERSION] = str(schema)
-        return Envelope(
-            event_id=event_id,
-            event_type=etype,
-            saga_id=saga_id,
-            causation_id=causation_id,
-            timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
-            source=self.source,
-            saga_type=saga_type,
-            saga_deadline_ms=saga_deadline_ms,
-            traceparent=traceparent,
-            tracestate=tracestate,
-            extra=extra,
-        )
+        timestamp_ms = meta["timestamp_ms"]
+        envs = []
+        for i, etype in enumerate(types):
+            extra = {
+                AGGREGATE_TYPE: aggregate_type,
+                AGGREGATE_ID: aggregate_id,
+                AGGREGATE_VERSION: str(number + i + 1),
+            }
+            schema = self.config.schema_versions.get(etype, 1)
+            if schema != 1:  # 1 is what a reader takes when the header is not there
+                extra[SCHEMA_VERSION] = str(schema)
+            envs.append(
+                Envelope(
+                    event_id=ids[i],
+                    event_type=etype,
+                    saga_id=meta["saga_id"],
+                    causation_id=meta["causation_id"],
+                    timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
+                    source=self.source,
+                    saga_type=meta["saga_type"],
+                    saga_deadline_ms=meta["saga_deadline_ms"],
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                    extra=extra,
+                )
+            )
+        return envs
 
     async def _store(
         self,
@@ -528,9 +536,10 @@ class EventStore:
         """Send one message of an append without waiting for an answer."""
         await _wire.publish(self.nc, subject, payload, headers)
 
-    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> bytes:
-        """Send one message of an append; the stream's answer."""
-        return await _wire.request(self.nc, subject, payload, headers, self.config.timeout)
+    def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Awaitable[bytes]:
+        """Send one message of an append; the stream's answer (awaited: one coroutine
+        fewer than an ``async def`` wrapping it)."""
+        return _wire.request(self.nc, subject, payload, headers, self.config.timeout)
 
     # -- read -------------------------------------------------------------
 
@@ -678,9 +687,7 @@ class EventStore:
 
 def _current_trace() -> tuple[str, str]:
     """The caller's W3C trace context, stored with its events so relays carry it on."""
-    from opentelemetry import propagate, trace
-
-    if not trace.get_current_span().get_span_context().is_valid:
+    if not get_current_span().get_span_context().is_valid:
         return "", ""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
