@@ -48,7 +48,7 @@ from meshkit.saga.eventstore import EventStore, EventStoreError, Repository, Sto
 from meshkit.saga.projections import Source, relay
 from meshkit.saga.readmodels import SqliteReadModelStore
 
-_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+_ID = re.compile(r"^[A-Za-z0-9_=-]+\Z")
 log = logging.getLogger("examples.shop.order")
 
 SCHEMA = ""  # orders live in the event store; the database holds the inbox only

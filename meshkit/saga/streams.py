@@ -21,8 +21,8 @@ from meshkit.saga.eventstore import EventStoreConfig
 
 __all__ = ["ConsumerSpec", "EventStoreSource", "StreamSpec"]
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
 
 
 def _from_mapping(cls: Any, doc: Mapping[str, Any], path: str, durations: frozenset[str]) -> Any:

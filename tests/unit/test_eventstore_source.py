@@ -289,7 +289,7 @@ def test_subject_helpers_name_one_aggregate_and_its_event_subjects() -> None:
     assert nc.calls == []
 
 
-@pytest.mark.parametrize("bad", ["shop.*", "shop.>", "a..b", "", "a b", ".x"])
+@pytest.mark.parametrize("bad", ["shop.*", "shop.>", "a..b", "", "a b", ".x", "shop.v1.X\n"])
 def test_event_subject_refuses_an_event_type_that_is_not_subject_tokens(bad: str) -> None:
     store, _ = _store("2.12.0")
     with pytest.raises(ValueError, match="event type") as err:
@@ -299,7 +299,14 @@ def test_event_subject_refuses_an_event_type_that_is_not_subject_tokens(bad: str
 
 @pytest.mark.parametrize(
     ("aggregate_type", "aggregate_id", "what"),
-    [("ord.er", "o-1", "aggregate type"), ("order", "o.1", "aggregate id"), ("order", "*", "id")],
+    [
+        ("ord.er", "o-1", "aggregate type"),
+        ("order", "o.1", "aggregate id"),
+        ("order", "*", "id"),
+        # A line break would end the protocol line the subject is sent on.
+        ("order", "o-1\n", "aggregate id"),
+        ("order\n", "o-1", "aggregate type"),
+    ],
 )
 def test_aggregate_names_refuse_dots_and_wildcards(
     aggregate_type: str, aggregate_id: str, what: str

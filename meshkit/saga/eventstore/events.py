@@ -24,9 +24,9 @@ SCHEMA_VERSION = "Meshkit-Schema-Version"
 
 # Names in subjects: a stream, an aggregate type, an aggregate id, an event type
 # (dot-separated tokens).
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
+_ID = re.compile(r"^[A-Za-z0-9_=-]+\Z")
 
 
 @dataclass(frozen=True, slots=True, order=True)
