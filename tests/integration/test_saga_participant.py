@@ -248,7 +248,8 @@ async def test_the_request_deadline_travels_with_the_events(bus: EventBus) -> No
     await sink.stop()
 
 
-async def test_trace_context_crosses_nats_with_messaging_spans(bus: EventBus) -> None:
+def _span_exporter() -> Any:
+    """An in-memory exporter on the global SDK tracer provider (installed if none is)."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -256,13 +257,19 @@ async def test_trace_context_crosses_nats_with_messaging_spans(bus: EventBus) ->
 
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
+        trace.set_tracer_provider(TracerProvider())
         provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         pytest.skip("another tracer provider is installed globally")
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_trace_context_crosses_nats_with_messaging_spans(bus: EventBus) -> None:
+    from opentelemetry import trace
+
+    exporter = _span_exporter()
 
     stream = _stream()
     p = Participant("traced", stream, consumer=FAST)
@@ -304,19 +311,8 @@ async def test_each_output_gets_its_own_send_span_under_the_process_span(
     bus: EventBus,
 ) -> None:
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-        provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        pytest.skip("another tracer provider is installed globally")
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = _span_exporter()
 
     stream = _stream()
     p = Participant("fanout", stream, consumer=FAST)
