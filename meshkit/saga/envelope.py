@@ -56,6 +56,7 @@ __all__ = [
     "derive_event_id",
     "event_id_of",
     "new_event_id",
+    "pin_event_id",
     "type_name",
 ]
 
