@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sqlite3
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench._results import write
 from examples.shop.gen.shop.v1 import common_pb2
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from examples.shop.payment import SCHEMA, charge, charge_outcome
@@ -162,9 +162,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, result)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._results import write  # noqa: E402
 from bench.bench_saga import _cpu_seconds  # noqa: E402
 from examples.shop.gen.shop.v1 import events_pb2 as ev  # noqa: E402
 
@@ -210,9 +210,7 @@ def main() -> int:
         result = asyncio.run(run(args))
     else:
         result = uvloop.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, result)
     return 0
 
 
