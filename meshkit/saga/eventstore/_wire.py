@@ -152,19 +152,16 @@ async def publish_chain(
 ) -> list[int]:
     """Publish one by one, each expecting the previous; returns each one's sequence
     (not contiguous: other aggregates' events may land in between)."""
-    if len(subjects) == len(payloads) == len(headers) == 1:
-        # The usual append, one event: no zip and iterators kept alive across the
-        # await (each is an object for the garbage collector to walk).
-        h = headers[0]
-        h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
-        h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
-        return [_ack_seq(await store._request(subjects[0], payloads[0], h), only_new)]
+    if not len(subjects) == len(payloads) == len(headers):
+        raise ValueError("publish_chain: subjects, payloads and headers differ in length")
     expected_seq = current.seq
     seqs: list[int] = []
-    for subject, payload, h in zip(subjects, payloads, headers, strict=True):
+    # By index, not zip: no iterator kept alive across the await for the collector.
+    for i in range(len(subjects)):
+        h = headers[i]
         h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
         h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
-        ack = await store._request(subject, payload, h)
+        ack = await store._request(subjects[i], payloads[i], h)
         try:
             expected_seq = _ack_seq(ack, only_new)
         except _Duplicate as dup:
