@@ -34,7 +34,7 @@ from typing import Any
 
 from examples.shop import invariants
 from examples.shop.demo import EXPECT_COMPLETED, SCENARIOS, Scenario, order_request
-from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, ORDERS_STORE, SHOP_STREAM
+from examples.shop.flow import INITIAL_STOCK, ORDER_SAGA, SHOP_STREAM
 from examples.shop.runner import SERVICES, ShopCluster
 
 log = logging.getLogger("examples.shop.chaos")
@@ -46,21 +46,8 @@ STEADY: tuple[Scenario, ...] = tuple(
     s for s in SCENARIOS if "vinyl" not in s.label and s.customer not in ("frank", "ivan")
 )
 
-# Every stream and bucket the shop and the tracker use.
-SHOP_STREAMS = (SHOP_STREAM.name, ORDERS_STORE.stream, "KV_meshkit_sagas", "MESHKIT_DLQ")
-
-
-@dataclass
-class SourceSample:
-    """The SHOP stream's source from SHOP_ORDERS, as stream info had it at ``at`` s
-    after the kill (``lag``: messages not copied yet; ``active``: seconds since the
-    source last reported, -1 when it never did; ``error``: info failed)."""
-
-    at: float
-    leader: str = ""
-    lag: int = -1
-    active: float = -1.0
-    error: str = ""
+# Every stream and bucket the shop and the tracker use (the order store is in SHOP).
+SHOP_STREAMS = (SHOP_STREAM.name, "KV_meshkit_sagas", "MESHKIT_DLQ")
 
 
 @dataclass
@@ -78,16 +65,13 @@ class RunResult:
     replicas: dict[str, int] = field(default_factory=dict)
     killed: str = ""
     meta_leader: str = ""  # the JetStream meta group's leader when the node was killed
-    orders_leader: str = ""  # SHOP_ORDERS' (the source's) leader then
     new_leader: str = ""
     stall: float = 0.0  # the longest time after the kill with no saga finishing
     first_final_after_kill: float = 0.0  # how long until the first saga finished after it
     drained: float = 0.0  # kill -> every saga placed before restarting the node final
     create_retries: int = 0
     tracker_caught_up: bool = False
-    source_nudges: list[str] = field(default_factory=list)  # SourceWatch's warnings
     baseline_gap: float = 0.0  # the longest gap between finishes before the kill
-    source_samples: list[SourceSample] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # seconds each part took
     elapsed: float = 0.0
 
@@ -104,12 +88,10 @@ class RunResult:
             f"{self.started} sagas: {self.completed} completed, {self.compensated} "
             f"compensated, {self.lost} lost/pending, {len(self.wrong)} wrong; killed "
             f"{self.killed} (SHOP leader"
-            f"{', SHOP_ORDERS leader' if self.killed == self.orders_leader else ''}"
             f"{', meta leader' if self.killed == self.meta_leader else ''}"
             f", then {self.new_leader or '?'}); stall "
             f"{self.stall:.2f} s (first final {self.first_final_after_kill:.2f} s after "
-            f"the kill, drained in {self.drained:.2f} s; {len(self.source_nudges)} source "
-            f"nudge(s)); {len(self.problems)} invariant "
+            f"the kill, drained in {self.drained:.2f} s); {len(self.problems)} invariant "
             f"problems, {len(self.duplicates)} duplicates; {self.elapsed:.1f} s"
         )
 
@@ -239,30 +221,6 @@ async def _stream_leader(js: Any, stream: str, within: float = 20.0) -> str:
     return str(info.cluster.leader or "") if info.cluster is not None else ""
 
 
-async def _sample_source(nc: Any, since: float) -> SourceSample:
-    import json
-
-    sample = SourceSample(at=round(time.monotonic() - since, 2))
-    try:
-        msg = await nc.request(f"$JS.API.STREAM.INFO.{SHOP_STREAM.name}", b"", timeout=1.0)
-        info = json.loads(msg.data)
-    except Exception as exc:  # an election: the sample says so
-        sample.error = type(exc).__name__
-        return sample
-    if "error" in info:
-        sample.error = str(info["error"].get("description", info["error"]))
-        return sample
-    sample.leader = str((info.get("cluster") or {}).get("leader") or "")
-    for src in info.get("sources") or []:
-        if src.get("name") == ORDERS_STORE.stream:
-            sample.lag = int(src.get("lag") or 0)
-            active = src.get("active")
-            sample.active = round(int(active) / 1e9, 2) if active is not None else -1.0
-            if src.get("error"):
-                sample.error = str(src["error"].get("description", src["error"]))
-    return sample
-
-
 async def _duplicates(nc: Any) -> list[str]:
     """Events of one type that happened twice for one order in ``SHOP``."""
     from meshkit.saga import envelope
@@ -270,12 +228,13 @@ async def _duplicates(nc: Any) -> list[str]:
 
     seen: Counter[tuple[str, str]] = Counter()
     ids: Counter[str] = Counter()
-    async for batch in read_batches(nc, SHOP_STREAM.name, f"{SHOP_STREAM.prefix}.>", 1, 256, 5.0):
-        for msg in batch:
-            saga = msg.headers.get(envelope.SAGA_ID, "")
-            etype = msg.headers.get(envelope.EVENT_TYPE, "") or msg.subject
-            seen[(saga, etype)] += 1
-            ids[envelope.event_id_of(msg.headers)] += 1
+    for subjects in SHOP_STREAM.event_subjects:
+        async for batch in read_batches(nc, SHOP_STREAM.name, subjects, 1, 256, 5.0):
+            for msg in batch:
+                saga = envelope.saga_id_of(msg.headers)
+                etype = envelope.event_type_of(msg.headers) or msg.subject
+                seen[(saga, etype)] += 1
+                ids[envelope.event_id_of(msg.headers)] += 1
     out = [f"{etype} {n} times for {saga}" for (saga, etype), n in seen.items() if n > 1]
     out += [f"event id {i} stored {n} times" for i, n in ids.items() if i and n > 1]
     return out
@@ -287,16 +246,6 @@ def _notifications(data_dir: Path) -> Counter[str]:
     path = data_dir / "notification.sqlite"
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as c:
         return Counter(str(r[0]) for r in c.execute("SELECT order_id FROM notifications"))
-
-
-def _nudges(data_dir: Path) -> list[str]:
-    """The services' log lines where a SourceWatch asked SHOP's leader to step down."""
-    out = []
-    for log_path in sorted(data_dir.glob("*.log")):
-        for line in log_path.read_text(errors="replace").splitlines():
-            if "asking the leader to step down" in line:
-                out.append(f"{log_path.stem}: {line[:160]}")
-    return out
 
 
 async def leader_kill_run(
@@ -366,7 +315,6 @@ async def leader_kill_run(
         leader = await _stream_leader(bus.js, SHOP_STREAM.name)
         killed = nats.index_of(leader)
         res.killed = leader
-        res.orders_leader = await _stream_leader(bus.js, ORDERS_STORE.stream)
         with contextlib.suppress(Exception):
             jsz = await asyncio.to_thread(nats.jsz, killed)
             res.meta_leader = str((jsz.get("meta_cluster") or {}).get("leader") or "")
@@ -378,21 +326,8 @@ async def leader_kill_run(
                 nats.kill(killed)  # SIGKILL: returns at once
                 kill_at.append(time.monotonic())
 
-        sampling = True
-
-        async def sample() -> None:
-            while sampling:
-                if kill_at:
-                    res.source_samples.append(await _sample_source(bus.nc, kill_at[0]))
-                await asyncio.sleep(0.5)
-
-        sampler = asyncio.create_task(sample())
-        try:
-            during_ids = await placer.place(during, rate, "during", on_placed)
-            ok = await finishes.wait(during_ids, within)
-        finally:
-            sampling = False
-            await sampler
+        during_ids = await placer.place(during, rate, "during", on_placed)
+        ok = await finishes.wait(during_ids, within)
         t_kill = kill_at[0]
         done = [finishes.at[i] for i in during_ids if i in finishes.at]
         res.stall = _longest_gap(t_kill, done)
@@ -449,7 +384,6 @@ async def leader_kill_run(
         notes = _notifications(shop.data_dir)
         res.duplicates += [f"{n} notifications for {o}" for o, n in notes.items() if n > 1]
         res.duplicates += [f"no notification for {o}" for o in every if notes.get(o, 0) == 0]
-        res.source_nudges = _nudges(shop.data_dir)
         phase("checks")
     finally:
         if killed >= 0:

@@ -1,7 +1,7 @@
 """The Order aggregate: its state is the fold of its events.
 
-The one definition, used by the shop's order service (event-sourced in stream
-``SHOP_ORDERS``) and by ``examples/es_orders``.
+The one definition, used by the shop's order service (event-sourced in the saga
+stream ``SHOP``, on ``shop_orders.>``) and by ``examples/es_orders``.
 """
 
 from __future__ import annotations

@@ -6,31 +6,31 @@ draws the choreography from the participants declared in the service modules.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit._pb.meshkit.v1 import saga_pb2
-from meshkit.saga import ConsumerSpec, EventBus, EventStoreSource, SagaDefinition, StreamSpec
+from meshkit.saga import ConsumerSpec, EventBus, HostedStore, SagaDefinition, StreamSpec
 from meshkit.saga.eventstore import EventStoreConfig
 from meshkit.saga.orchestrator import OrchestratorConfig
 
-# The order service's aggregates (event sourced): shop_orders.order.<order id>.<event type>.
-ORDERS_STORE = EventStoreConfig(stream="SHOP_ORDERS", prefix="shop_orders")
+# The order service's aggregates (event sourced), kept in the saga stream itself:
+# shop_orders.order.<order id>.<event type>.
+ORDERS_STORE = EventStoreConfig(stream="SHOP", prefix="shop_orders")
 
-# The saga's events. The server copies the order events in from the order store
-# (stream sourcing), so the order store is its own outbox with no relay to run.
-# Every event of the store is copied (no type list: the order aggregate's events,
-# created, completed and cancelled, are all saga events): the server stamps each copy
-# with a Nats-Stream-Source header naming every filter of its source, ~330 bytes
-# for the three types listed one by one against ~100 for one wildcard.
+# The saga's events: shop.events.<event type>, and the order aggregate's events where
+# the order service appended them (a hosted store). The store is its own outbox (an
+# append is the only write, no relay to run), and with no copy to make each order
+# event is stored once and reaches the participants straight from the append.
 SHOP_STREAM = StreamSpec(
     name="SHOP",
     prefix="shop.events",
     duplicate_window=120.0,
-    description="the example shop's order saga events",
-    sources=(EventStoreSource(ORDERS_STORE),),
+    description="the example shop's order saga events and order aggregates",
+    hosted_stores=(
+        HostedStore(ORDERS_STORE, (ev.OrderCreated, ev.OrderCompleted, ev.OrderCancelled)),
+    ),
 )
 
 # Orchestrated mode: commands and replies (shop.orch.cmd.> / shop.orch.reply.>), and the
@@ -105,16 +105,10 @@ INITIAL_STOCK: dict[str, int] = {
 }
 
 
-def saga_stream() -> StreamSpec:
-    """The saga stream for this mode: the orchestrated saga runs on SHOP_ORCH, and
-    nothing there consumes the order events, so they are not copied in."""
-    return SHOP_STREAM if mode() == "choreography" else dataclasses.replace(SHOP_STREAM, sources=())
-
-
 async def connect_bus(url: str, *, name: str) -> EventBus:
     """Connect to NATS and make sure the shop's stream exists."""
     bus = await EventBus.connect(url, name=name, source=name.removeprefix("shop-"))
-    await bus.ensure_stream(saga_stream())
+    await bus.ensure_stream(SHOP_STREAM)
     return bus
 
 

@@ -2,10 +2,10 @@
 or cancels them.
 
 Orders are event sourced: each is an ``Order`` aggregate (``examples/shop/domain.py``)
-in the JetStream stream ``SHOP_ORDERS`` (subjects ``shop_orders.order.<id>.<event
-type>``). The store is its own outbox: nats-server copies OrderCreated,
-OrderCompleted and OrderCancelled into the saga stream ``SHOP`` (stream sourcing,
-declared in ``flow.SHOP_STREAM``), so an append is the only write. With
+kept in the saga stream ``SHOP`` itself (subjects ``shop_orders.order.<id>.<event
+type>``, a hosted store declared in ``flow.SHOP_STREAM``). The store is its own
+outbox: the participants of OrderCreated, OrderCompleted and OrderCancelled consume
+them where they were appended, so an append is the only write. With
 ``SHOP_MODE=orchestrated`` the order service runs the saga's orchestrator instead,
 and answers its commands; a relay (checkpoint in SQLite) then begins each order's
 orchestrated saga, so an order accepted just before a crash still gets one.
@@ -110,8 +110,8 @@ def _incoming_trace(context: grpc.aio.ServicerContext) -> Iterator[None]:
 class OrderService(orders_pb2_grpc.OrderServiceServicer):
     """The command side: orders are ``Order`` aggregates in the event store.
 
-    CreateOrder appends OrderCreated, which starts the saga: the relay forwards it
-    to the saga stream, or begins the orchestrated saga. Reads
+    CreateOrder appends OrderCreated, which starts the saga: its participants
+    consume it where it was appended, or the relay begins the orchestrated saga. Reads
     here replay one aggregate. Lists and views belong to the query side
     (``OrderQueryService`` in ``examples/shop/query.py``).
     """
@@ -428,8 +428,8 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
             await orchestrator.begin(stored.aggregate_id, start)
 
         ctx.background.append(_saga_starter(bus, store, _relay_db(ctx.args.db), begin_saga))
-    # In choreography the server copies the order events into the saga stream
-    # (flow.SHOP_STREAM's source): nothing to run here.
+    # In choreography the participants consume the order events where they were
+    # appended (flow.SHOP_STREAM hosts the store): nothing to run here.
     service = OrderService(orders, store, env_float("SHOP_SAGA_TIMEOUT", 0.0) or None)
 
     def add(server: grpc.aio.Server) -> None:

@@ -1,8 +1,8 @@
 """The order query service (the seed's §9 CQRS query side), its own process.
 
 A projection (:class:`~examples.shop.view.OrderView`) follows the order
-aggregates' events (stream ``SHOP_ORDERS``), the saga's events (stream ``SHOP``)
-and, in orchestrated mode, the participants' replies (``SHOP_ORCH``), and keeps
+aggregates' events and the saga's events (both in stream ``SHOP``: ``shop_orders.>``
+and ``shop.events.>``) and, in orchestrated mode, the participants' replies (``SHOP_ORCH``), and keeps
 one denormalized document per order in SQLite: the order, its items and total,
 and the status of its stock, payment and shipment. ``OrderQueryService`` serves
 it over gRPC (and, through the gateway, ``GET /v1/order-views/{order_id}`` and
@@ -33,14 +33,12 @@ VIEW = "order_view"
 
 
 def order_view(mode: str = "choreography") -> OrderView:
-    """The shop's order view: order aggregates + saga events (+ orchestration replies)."""
-    sources = [
-        Source(ORDERS_STORE.stream, f"{ORDERS_STORE.subject_prefix}.>"),
-        Source(SHOP_STREAM.name, f"{SHOP_STREAM.prefix}.>"),
-    ]
+    """The shop's order view: order aggregates and saga events, both in ``SHOP``
+    (+ orchestration replies)."""
+    sources = [Source(SHOP_STREAM.name, subjects) for subjects in SHOP_STREAM.event_subjects]
     if mode == "orchestrated":
         sources.append(Source(SHOP_ORCH.stream, f"{SHOP_ORCH.prefix}.reply.>"))
-    return OrderView(sources, name=VIEW, aggregate_stream=ORDERS_STORE.stream)
+    return OrderView(sources, name=VIEW, aggregate_prefix=ORDERS_STORE.subject_prefix)
 
 
 def projections() -> list[tuple[Any, Any]]:
@@ -100,10 +98,8 @@ async def build(ctx: ServiceContext) -> tuple[Callable[[grpc.aio.Server], None],
     bus = ctx.bus
     if bus is None:
         raise SystemExit("the query service follows JetStream streams: pass --nats-url")
-    from meshkit.saga.eventstore import EventStore
-
-    # Every stream the view follows must exist before it starts following.
-    await EventStore(bus.nc, ORDERS_STORE).ensure()
+    # Every stream the view follows must exist before it starts following (SHOP, with
+    # the order store, is ensured with the bus).
     if ctx.mode == "orchestrated":
         from meshkit.saga.orchestrator import ensure_orchestration
 

@@ -110,22 +110,22 @@ class OrderView:
         sources: Sequence[Source],
         name: str = "order_view",
         *,
-        aggregate_stream: str | None = None,
+        aggregate_prefix: str | None = None,
     ) -> None:
         self.name = name
         self.sources = tuple(sources)
-        # The order aggregate's events are also copied onto the saga stream; with both
-        # followed, they count once, from the event store.
-        self.aggregate_stream = aggregate_stream
+        # The order aggregate's events count from the order store (subjects under
+        # ``aggregate_prefix``) only: the orchestrator's replies carry them too.
+        self._aggregates = None if aggregate_prefix is None else aggregate_prefix + "."
 
     def handle(self, event: StoredEvent, tx: ReadModelTx) -> None:
         entry = HANDLERS.get(event.event_type)
         if entry is None:
             return
         if (
-            self.aggregate_stream is not None
+            self._aggregates is not None
             and event.event_type in _ORDER_EVENTS
-            and event.stream != self.aggregate_stream
+            and not event.subject.startswith(self._aggregates)
         ):
             return
         cls, handler = entry

@@ -2,7 +2,9 @@
 
 * :class:`EventBus` / :class:`StreamSpec` / :class:`ConsumerSpec` — streams, publishing
   with ``Nats-Msg-Id`` dedupe, durable pull consumers that survive server restarts;
-  :class:`EventStoreSource` — an event store's events copied into a stream by the server.
+  :class:`EventStoreSource` — an event store's events copied into a stream by the server;
+  :class:`HostedStore` — an event store kept in the saga stream, its events consumed
+  where they were appended.
 * :class:`Envelope` — the headers every event carries (ids, saga, causation, trace, deadline).
 * :class:`Participant` — ``@participant.on(Event)`` handlers and compensations; an
   :class:`Inbox` makes local effects exactly-once under redelivery.
@@ -24,7 +26,7 @@ from meshkit.saga.inbox import (
     SqliteInbox,
 )
 from meshkit.saga.participant import Context, Participant, PermanentError, RunningParticipant
-from meshkit.saga.streams import ConsumerSpec, EventStoreSource, StreamSpec
+from meshkit.saga.streams import ConsumerSpec, EventStoreSource, HostedStore, StreamSpec
 from meshkit.saga.tracker import (
     FINAL_STATES,
     SagaDefinition,
@@ -45,6 +47,7 @@ __all__ = [
     "EventStoreSource",
     "FlowGraph",
     "GraphReport",
+    "HostedStore",
     "IdempotentInbox",
     "Inbox",
     "KvInbox",

@@ -146,7 +146,9 @@ class EventBus:
         placement for the replicas, say) raises
         :class:`~meshkit.saga.cluster.JetStreamAPIError` with the server's words.
 
-        The event stores it sources from are created first when missing: a source
+        Hosted event stores (:class:`~meshkit.saga.streams.HostedStore`) are ensured
+        once the stream has their subjects. The event stores it sources from are
+        created first when missing: a source
         the server cannot find yet is retried only every few seconds. A replicated
         stream with sources is watched from then on until :meth:`close`
         (:class:`~meshkit.saga.cluster.SourceWatch`, ``MESHKIT_NATS_SOURCE_STALL``):
@@ -166,6 +168,7 @@ class EventBus:
                 )
                 self._ensured.add(spec.name)
                 self._watch_sources(spec, config.num_replicas or 1)
+                await self._ensure_hosted(spec)
                 return
             # Another process created it between our lookup and our create (its
             # group may not have a leader yet: "not found" for a moment).
@@ -214,6 +217,13 @@ class EventBus:
             await cluster.update_stream(self.js, update, f"updated stream {spec.name}")
         self._ensured.add(spec.name)
         self._watch_sources(spec, raised or have)
+        await self._ensure_hosted(spec)
+
+    async def _ensure_hosted(self, spec: StreamSpec) -> None:
+        """Each hosted store, ensured on the stream now holding its subjects (direct
+        gets, atomic batches; events in an older layout refused)."""
+        for hosted in spec.hosted_stores:
+            await EventStore(self.nc, hosted.store).ensure()
 
     def _watch_sources(self, spec: StreamSpec, replicas: int) -> None:
         """Watch a replicated stream's sources (:class:`~meshkit.saga.cluster.SourceWatch`):

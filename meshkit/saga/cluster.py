@@ -19,8 +19,8 @@ Retry window
     is that loop. See docs/operations.md for the measured stall on a node loss.
 
 Stalled sources
-    A replicated stream that sources another (the shop's ``SHOP`` from
-    ``SHOP_ORDERS``) can stop copying for ~45 s after its leader dies: the new
+    A replicated stream that sources another (an ``EventStoreSource``; the shop's
+    ``SHOP`` did until its order store moved into it) can stop copying for ~45 s after its leader dies: the new
     leader asks the source stream for a consumer, and when that request is lost
     in the same election nats-server waits 30 s for the answer and then backs
     off 10 s more. :class:`SourceWatch` (started by ``EventBus.ensure_stream``

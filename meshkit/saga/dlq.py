@@ -26,8 +26,10 @@ from meshkit.saga.envelope import (
     MSG_ID,
     SAGA_ID,
     event_id_of,
+    event_type_of,
     now_ms,
     pin_event_id,
+    saga_id_of,
 )
 from meshkit.saga.streams import StreamSpec
 
@@ -54,8 +56,14 @@ def dlq_subject(stream: str, consumer: str) -> str:
     return f"{DLQ_STREAM.prefix}.{stream}.{consumer}"
 
 
-async def dead_letter(bus: EventBus, msg: Msg, *, reason: str, consumer: str) -> None:
-    """Republish ``msg`` to the dead-letter subject with ``reason``, then terminate it."""
+async def dead_letter(
+    bus: EventBus, msg: Msg, *, reason: str, consumer: str, replay_subject: str = ""
+) -> None:
+    """Republish ``msg`` to the dead-letter subject with ``reason``, then terminate it.
+
+    ``replay_subject``: where a replay is to publish it, when not on its own subject
+    (an event store's event, read from the aggregate's subject: a replay goes to the
+    saga subject of its type instead of appending to the aggregate)."""
     if DLQ_STREAM.name not in bus._ensured:
         await bus.ensure_stream(DLQ_STREAM)
     md: Any = None
@@ -75,6 +83,7 @@ async def dead_letter(bus: EventBus, msg: Msg, *, reason: str, consumer: str) ->
         deliveries=md.num_delivered if md is not None else 0,
         headers=headers,
         payload=msg.data,
+        replay_subject=replay_subject if replay_subject != msg.subject else "",
     )
     letter.dead_at.FromMilliseconds(now_ms())
     out_headers = {
@@ -84,9 +93,11 @@ async def dead_letter(bus: EventBus, msg: Msg, *, reason: str, consumer: str) ->
     }
     if event_id_of(headers):
         out_headers[EVENT_ID] = event_id_of(headers)
-    for key in (EVENT_TYPE, SAGA_ID):
-        if headers.get(key):
-            out_headers[key] = headers[key]
+    # The dead letter's own headers name the event's type and saga one per header
+    # (whatever layout its envelope had), so its stream can be filtered and read.
+    for key, value in ((EVENT_TYPE, event_type_of(headers)), (SAGA_ID, saga_id_of(headers))):
+        if value:
+            out_headers[key] = value
     await bus.publish_raw(
         dlq_subject(stream or "unknown", consumer), letter.SerializeToString(), out_headers
     )
@@ -104,7 +115,7 @@ class DeadLetterEntry:
 
     @property
     def event_type(self) -> str:
-        return str(self.letter.headers.get(EVENT_TYPE, ""))
+        return event_type_of(self.letter.headers)
 
     @property
     def event_id(self) -> str:
@@ -149,11 +160,14 @@ async def replay_dead_letters(
     consumer: str | None = None,
     delete: bool = True,
 ) -> list[DeadLetterEntry]:
-    """Republish dead letters to their original subjects; returns those replayed.
+    """Republish dead letters to their original subjects (an event store's event: to
+    the saga subject of its type, its ``replay_subject``); returns those replayed.
 
-    The original headers go out unchanged except ``Nats-Msg-Id`` (the original
-    would be dropped as a duplicate inside the window). Replayed letters are
-    deleted from the dead-letter stream unless ``delete=False``.
+    The original headers go out unchanged except the server's ``Nats-*`` ones: a new
+    ``Nats-Msg-Id`` (the original would be dropped as a duplicate inside the window),
+    and no ``Nats-Expected-*`` condition of the original publish or ``Nats-Stream-Source``
+    stamp of a copy. Replayed letters are deleted from the dead-letter stream unless
+    ``delete=False``.
     """
     entries = await list_dead_letters(bus, stream=stream, consumer=consumer)
     if seqs is not None:
@@ -164,10 +178,12 @@ async def replay_dead_letters(
         letter = entry.letter
         # The replay's Nats-Msg-Id is new (the original would be dropped as a
         # duplicate): its event id, which inboxes dedupe on, goes in Meshkit-Event-Id.
-        headers = pin_event_id(dict(letter.headers))
+        pinned = pin_event_id(dict(letter.headers))
+        headers = {k: v for k, v in pinned.items() if not k.startswith("Nats-")}
         base = headers.get(EVENT_ID) or str(letter.stream_sequence)
         headers[MSG_ID] = f"{base}:replay:{entry.seq}"
-        await bus.publish_raw(letter.subject, bytes(letter.payload), headers)
+        subject = letter.replay_subject or letter.subject
+        await bus.publish_raw(subject, bytes(letter.payload), headers)
         if delete:
             await bus.js.delete_msg(DLQ_STREAM.name, entry.seq)
         done.append(entry)

@@ -45,7 +45,13 @@ from meshkit.saga import _telemetry
 from meshkit.saga.bus import EventBus
 from meshkit.saga.consumer import PullConsumer
 from meshkit.saga.dlq import dead_letter
-from meshkit.saga.envelope import EVENT_TYPE, Envelope, EnvelopeError, derive_event_id, type_name
+from meshkit.saga.envelope import (
+    Envelope,
+    EnvelopeError,
+    derive_event_id,
+    event_type_of,
+    type_name,
+)
 from meshkit.saga.inbox import Inbox, MemoryInbox, Outbound, run_many
 from meshkit.saga.streams import ConsumerSpec, StreamSpec
 
@@ -192,7 +198,7 @@ class Participant:
 
     def subjects(self) -> list[str]:
         """The subjects this participant's consumer filters on."""
-        return sorted(self.stream.subject_for(t) for t in self._handlers)
+        return sorted({f for t in self._handlers for f in self.stream.filters_for(t)})
 
     async def start(
         self,
@@ -286,10 +292,15 @@ class RunningParticipant:
         await self.consumer.stop(grace)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await dead_letter(self.bus, msg, reason=reason, consumer=self.participant.durable)
+        etype = event_type_of(msg.headers or {})
+        # An event a hosted store appended is replayed onto its type's saga subject,
+        # which this participant's filters take too, not appended to its aggregate again.
+        replay = self.participant.stream.subject_for(etype) if etype else ""
+        await dead_letter(
+            self.bus, msg, reason=reason, consumer=self.participant.durable, replay_subject=replay
+        )
         # Counted once it is in the dead-letter stream, so the count can be waited on.
         self.stats.dead_lettered += 1
-        etype = (msg.headers or {}).get(EVENT_TYPE, "")
         _telemetry.saga_metrics().event(self.participant.durable, etype, "dead_lettered")
 
     async def _admit(self, msg: Msg, tracing: bool) -> _Job | None:

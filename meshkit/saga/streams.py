@@ -1,7 +1,8 @@
 """What a saga's streams and consumers look like: :class:`StreamSpec`,
-:class:`ConsumerSpec` and :class:`EventStoreSource` (an event store whose events
-nats-server copies into a stream), each readable from a config mapping with errors
-that name the key."""
+:class:`ConsumerSpec`, :class:`EventStoreSource` (an event store whose events
+nats-server copies into a stream) and :class:`HostedStore` (an event store kept in the
+saga stream itself), each readable from a config mapping with errors that name the
+key."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from meshkit.saga import cluster
 from meshkit.saga.envelope import type_name
 from meshkit.saga.eventstore import EventStoreConfig
 
-__all__ = ["ConsumerSpec", "EventStoreSource", "StreamSpec"]
+__all__ = ["ConsumerSpec", "EventStoreSource", "HostedStore", "StreamSpec"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+\Z")
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
@@ -56,6 +57,70 @@ def _from_mapping(cls: Any, doc: Mapping[str, Any], path: str, durations: frozen
     return spec
 
 
+def _type_names(types: Any, path: str) -> tuple[str, ...]:
+    """Event types (full protobuf names or message classes) as names, checked."""
+    if isinstance(types, (str, Mapping)) or not isinstance(types, Iterable):
+        raise ConfigError(path, "expected a list of event types")
+    names: list[str] = []
+    for i, t in enumerate(types):
+        if isinstance(t, type) and issubclass(t, Message):
+            t = type_name(t)
+        if not isinstance(t, str) or not _TOKEN.match(t):
+            raise ConfigError(
+                f"{path}[{i}]", f"{t!r}: expected an event type (dot-separated subject tokens)"
+            )
+        names.append(t)
+    return tuple(names)
+
+
+def _store_from_dict(doc: Mapping[str, Any], path: str) -> tuple[EventStoreConfig, tuple[str, ...]]:
+    """An event store and event types from config (``{stream, prefix, types, storage,
+    replicas, duplicate_window}``); errors name the key under ``path``."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
+    known = ("stream", "prefix", "types", "storage", "replicas", "duplicate_window")
+    unknown = set(doc) - set(known)
+    if unknown:
+        raise ConfigError(
+            f"{path}.{sorted(unknown)[0]}", f"unknown key; expected one of {', '.join(known)}"
+        )
+    if "stream" not in doc:
+        raise ConfigError(f"{path}.stream", "required: the event store's stream")
+    types = doc.get("types", ())
+    if types is None:
+        types = ()
+    if isinstance(types, str) or not isinstance(types, Sequence):
+        raise ConfigError(f"{path}.types", "expected a list of event types")
+    for key in ("stream", "prefix"):
+        if not isinstance(doc.get(key, ""), str):
+            raise ConfigError(f"{path}.{key}", f"{doc[key]!r}: expected a string")
+    store_options: dict[str, Any] = {}
+    if "storage" in doc:
+        store_options["storage"] = doc["storage"]
+        if doc["storage"] not in ("file", "memory"):
+            raise ConfigError(f"{path}.storage", f"{doc['storage']!r}: expected file or memory")
+    if "replicas" in doc:
+        cluster.check_replicas(doc["replicas"], f"{path}.replicas")
+        store_options["replicas"] = doc["replicas"]
+    if "duplicate_window" in doc:
+        from meshkit.config import parse_duration
+
+        store_options["duplicate_window"] = parse_duration(
+            doc["duplicate_window"], f"{path}.duplicate_window"
+        )
+    names = _type_names(types, f"{path}.types")
+    try:
+        store = EventStoreConfig(
+            stream=doc["stream"], prefix=doc.get("prefix") or "", **store_options
+        )
+    except ConfigError as exc:
+        # EventStoreConfig names "eventstore.<key>": re-rooted at ``path``.
+        raise ConfigError(
+            path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
+        ) from None
+    return store, names
+
+
 @dataclass(frozen=True)
 class EventStoreSource:
     """An event store whose events nats-server copies into a stream (stream sourcing).
@@ -83,19 +148,7 @@ class EventStoreSource:
     types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.types, (str, Mapping)) or not isinstance(self.types, Iterable):
-            raise ConfigError("source.types", "expected a list of event types")
-        names: list[str] = []
-        for i, t in enumerate(self.types):
-            if isinstance(t, type) and issubclass(t, Message):
-                t = type_name(t)
-            if not isinstance(t, str) or not _TOKEN.match(t):
-                raise ConfigError(
-                    f"source.types[{i}]",
-                    f"{t!r}: expected an event type (dot-separated subject tokens)",
-                )
-            names.append(t)
-        object.__setattr__(self, "types", tuple(names))
+        object.__setattr__(self, "types", _type_names(self.types, "source.types"))
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "source") -> EventStoreSource:
@@ -104,47 +157,7 @@ class EventStoreSource:
         ``storage``, ``replicas`` and ``duplicate_window`` describe the store as its
         owner declares it, for when this side creates it first.
         """
-        if not isinstance(doc, Mapping):
-            raise ConfigError(path, f"expected a mapping, got {type(doc).__name__}")
-        known = ("stream", "prefix", "types", "storage", "replicas", "duplicate_window")
-        unknown = set(doc) - set(known)
-        if unknown:
-            raise ConfigError(
-                f"{path}.{sorted(unknown)[0]}", f"unknown key; expected one of {', '.join(known)}"
-            )
-        if "stream" not in doc:
-            raise ConfigError(f"{path}.stream", "required: the event store's stream")
-        types = doc.get("types", ())
-        if types is None:
-            types = ()
-        if isinstance(types, str) or not isinstance(types, Sequence):
-            raise ConfigError(f"{path}.types", "expected a list of event types")
-        for key in ("stream", "prefix"):
-            if not isinstance(doc.get(key, ""), str):
-                raise ConfigError(f"{path}.{key}", f"{doc[key]!r}: expected a string")
-        store_options: dict[str, Any] = {}
-        if "storage" in doc:
-            store_options["storage"] = doc["storage"]
-            if doc["storage"] not in ("file", "memory"):
-                raise ConfigError(f"{path}.storage", f"{doc['storage']!r}: expected file or memory")
-        if "replicas" in doc:
-            cluster.check_replicas(doc["replicas"], f"{path}.replicas")
-            store_options["replicas"] = doc["replicas"]
-        if "duplicate_window" in doc:
-            from meshkit.config import parse_duration
-
-            store_options["duplicate_window"] = parse_duration(
-                doc["duplicate_window"], f"{path}.duplicate_window"
-            )
-        try:
-            store = EventStoreConfig(
-                stream=doc["stream"], prefix=doc.get("prefix") or "", **store_options
-            )
-            return cls(store, tuple(types))
-        except ConfigError as exc:
-            raise ConfigError(
-                path + exc.path[exc.path.index(".") :], str(exc).split(": ", 1)[1]
-            ) from None
+        return cls(*_store_from_dict(doc, path))
 
     def to_source(self, prefix: str) -> api.StreamSource:
         """The JetStream source for a stream whose events sit under ``prefix``."""
@@ -156,6 +169,52 @@ class EventStoreSource:
             name=self.store.stream,
             subject_transforms=[api.SubjectTransform(src=a, dest=b) for a, b in pairs],
         )
+
+
+@dataclass(frozen=True)
+class HostedStore:
+    """An event store kept in the saga stream itself: its events are saga events with
+    no copy to make.
+
+    The store (its ``stream`` is the saga stream's name) appends on
+    ``<store prefix>.<aggregate>.<id>.<type>``, a subject space of the saga stream
+    beside ``<prefix>.>``; participants of the events of the listed ``types`` (every
+    type when empty) filter on those subjects too, and get each event straight from
+    the append: no server-side copy (:class:`EventStoreSource`), so each event is
+    stored once, without a ``Nats-Stream-Source`` header, and reaches its consumers
+    without the copy's delay. The store is the outbox: an append is the only write.
+
+    What it asks of the stream: limits retention and no age, count or size limit
+    (an aggregate is its events; none may expire), and the store's storage. An
+    event of a listed type published through the bus (a dead letter's replay, say)
+    goes to ``<prefix>.<type>`` as any event, where the participants' filters find it
+    as well. :meth:`EventBus.ensure_stream` gives the stream the store's subjects,
+    then ensures the store (direct gets, atomic batches where the server has them).
+    """
+
+    store: EventStoreConfig
+    types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "types", _type_names(self.types, "hosted_store.types"))
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], path: str = "hosted_store") -> HostedStore:
+        """A hosted store in config: ``{stream: SHOP, prefix: shop_orders, types: [...]}``."""
+        return cls(*_store_from_dict(doc, path))
+
+    @property
+    def subjects(self) -> str:
+        """Where the store's events are, in the saga stream."""
+        return f"{self.store.subject_prefix}.>"
+
+    def holds(self, event_type: str) -> bool:
+        """Whether events of this type may come from the store."""
+        return not self.types or event_type in self.types
+
+    def filter_for(self, event_type: str) -> str:
+        """The consumer filter for this type's events from the store, any aggregate."""
+        return f"{self.store.subject_prefix}.*.*.{event_type}"
 
 
 def _sources_key(
@@ -179,7 +238,8 @@ class StreamSpec:
     id; ``replicas`` > 1 needs a clustered deployment, and None (the default) means
     ``MESHKIT_NATS_REPLICAS`` (:mod:`meshkit.saga.cluster`), read when the stream is
     ensured. ``sources``: event stores whose events the server copies in
-    (:class:`EventStoreSource`).
+    (:class:`EventStoreSource`). ``hosted_stores``: event stores kept in this stream
+    (:class:`HostedStore`), whose events consumers filter on where the store put them.
     """
 
     name: str
@@ -196,6 +256,7 @@ class StreamSpec:
     # Direct gets (ADR-31) let projections and the event store read by subject cheaply.
     allow_direct: bool = True
     sources: tuple[EventStoreSource, ...] = ()
+    hosted_stores: tuple[HostedStore, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, (str, Mapping)) or not isinstance(self.sources, Iterable):
@@ -211,6 +272,7 @@ class StreamSpec:
                 )
             sources.append(src)
         object.__setattr__(self, "sources", tuple(sources))
+        object.__setattr__(self, "hosted_stores", self._check_hosted())
         if not _NAME.match(self.name):
             raise ConfigError("stream.name", f"{self.name!r} must match [A-Za-z0-9_-]+")
         if not _TOKEN.match(self.prefix):
@@ -229,6 +291,60 @@ class StreamSpec:
             )
         cluster.check_replicas(self.replicas, "stream.replicas")
 
+    def _check_hosted(self) -> tuple[HostedStore, ...]:
+        value = self.hosted_stores
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+            raise ConfigError("stream.hosted_stores", "expected a list of hosted event stores")
+        hosted: list[HostedStore] = []
+        for i, item in enumerate(value):
+            path = f"stream.hosted_stores[{i}]"
+            if isinstance(item, Mapping):
+                item = HostedStore.from_dict(item, path)
+            elif not isinstance(item, HostedStore):
+                raise ConfigError(
+                    path, f"{item!r}: expected a hosted store {{stream, prefix, types}}"
+                )
+            store = item.store
+            if store.stream != self.name:
+                raise ConfigError(
+                    f"{path}.stream",
+                    f"{store.stream!r}: a hosted store lives in this stream, {self.name!r}",
+                )
+            taken = [self.prefix, *(h.store.subject_prefix for h in hosted)]
+            for other in taken:
+                a, b = sorted((store.subject_prefix, other), key=len)
+                if b == a or b.startswith(a + "."):
+                    raise ConfigError(
+                        f"{path}.prefix",
+                        f"{store.subject_prefix!r} overlaps {other!r}: the store's subjects "
+                        "must not be another's",
+                    )
+            if not self.allow_direct:
+                raise ConfigError(
+                    "stream.allow_direct", "a stream hosting an event store needs direct gets"
+                )
+            if store.storage != self.storage:
+                raise ConfigError(
+                    f"{path}.storage",
+                    f"{store.storage!r}: the stream's storage is {self.storage!r}",
+                )
+            hosted.append(item)
+        if hosted:
+            # An aggregate is its events: none may be dropped by a limit.
+            if self.retention != "limits":
+                raise ConfigError(
+                    "stream.retention",
+                    f"{self.retention!r}: a stream hosting an event store keeps every event "
+                    "(limits retention, no limit set)",
+                )
+            for key in ("max_age", "max_msgs", "max_bytes"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"stream.{key}",
+                        "a stream hosting an event store keeps every event; leave it unset",
+                    )
+        return tuple(hosted)
+
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "stream") -> StreamSpec:
         """A stream declared in config (``{name: SHOP, prefix: shop.events, duplicate_window: 2m}``)."""
@@ -236,12 +352,30 @@ class StreamSpec:
 
     @property
     def subjects(self) -> tuple[str, ...]:
-        return (f"{self.prefix}.>", *self.extra_subjects)
+        return (
+            f"{self.prefix}.>",
+            *self.extra_subjects,
+            *(h.subjects for h in self.hosted_stores),
+        )
+
+    @property
+    def event_subjects(self) -> tuple[str, ...]:
+        """Where this stream's saga events are: ``<prefix>.>`` and the hosted stores'."""
+        return (f"{self.prefix}.>", *(h.subjects for h in self.hosted_stores))
 
     def subject_for(self, event: Message | type[Message] | str) -> str:
-        """The subject events of this type are published on."""
+        """The subject events of this type are published on (through the bus)."""
         name = event if isinstance(event, str) else type_name(event)
         return f"{self.prefix}.{name}"
+
+    def filters_for(self, event: Message | type[Message] | str) -> tuple[str, ...]:
+        """The consumer filters that find every event of this type: its subject, and
+        where a hosted store appends it."""
+        name = event if isinstance(event, str) else type_name(event)
+        return (
+            f"{self.prefix}.{name}",
+            *(h.filter_for(name) for h in self.hosted_stores if h.holds(name)),
+        )
 
     def to_config(self) -> api.StreamConfig:
         return api.StreamConfig(

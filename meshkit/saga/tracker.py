@@ -284,7 +284,7 @@ class SagaTracker:
                 self.stream,
                 self.durable,
                 self._on_event,
-                filter_subjects=[f"{self.stream.prefix}.>"],
+                filter_subjects=list(self.stream.event_subjects),
                 spec=self.consumer_spec,
             ),
             self.bus.consumer(

@@ -223,10 +223,11 @@ async def test_the_query_side_serves_the_order_view_over_rest(
     assert all(c == 0 for n, c in codes.items() if n != "gateway"), codes
 
 
-async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(
+async def test_orders_are_event_sourced_in_the_saga_stream_and_stored_once(
     nats: NatsServer, tmp_path: Path
 ) -> None:
-    """The order's events live in SHOP_ORDERS; each reaches the saga stream exactly once."""
+    """The order's events live in SHOP on the order store's subjects, each stored once:
+    the participants consume them there, with no copy on the saga subjects."""
     import httpx
 
     shop = await Shop(nats, tmp_path, "choreography").start()
@@ -248,19 +249,22 @@ async def test_orders_are_event_sourced_and_copied_to_the_saga_stream_once(
             f"{head}.shop.v1.OrderCreated": 1,
             f"{head}.shop.v1.OrderCompleted": 1,
         }
+        assert ORDERS_STORE.stream == SHOP_STREAM.name
         stored = await EventStore(shop.bus.nc, ORDERS_STORE).read("order", order_id)
-        # On the saga stream (copied by the server): the same two events, same ids.
+        # Everything of this saga in SHOP: the order's two events once each, where
+        # the store appended them, and the other participants' events.
         sinfo = await shop.bus.js.stream_info(SHOP_STREAM.name)
-        copied = []
+        saga = []
         for seq in range(sinfo.state.first_seq, sinfo.state.last_seq + 1):
             raw = await shop.bus.js.get_msg(SHOP_STREAM.name, seq)
             env = Envelope.from_headers(raw.headers)
-            if env.saga_id == order_id and env.source == "order":
-                copied.append((env.event_type, env.event_id, raw.subject))
-        assert sorted(copied) == sorted(
-            (e.event_type, e.event_id, SHOP_STREAM.subject_for(e.event_type)) for e in stored
-        )
-        assert len(copied) == 2
+            if env.saga_id == order_id:
+                saga.append((env.event_type, env.event_id, raw.subject))
+        from_order = sorted(s for s in saga if s[0] in {e.event_type for e in stored})
+        assert from_order == sorted((e.event_type, e.event_id, e.subject) for e in stored)
+        assert all(s[2].startswith(f"{head}.") for s in from_order)
+        assert len(saga) == 6  # created, reserved, charged, scheduled, completed, notified
+        assert len({s[1] for s in saga}) == 6
     finally:
         await shop.stop()
 

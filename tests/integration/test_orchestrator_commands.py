@@ -18,6 +18,7 @@ from examples.shop.gen.shop.v1 import orders_pb2
 from meshkit.nats import NatsServer
 from meshkit.saga import ConsumerSpec, Envelope, EventBus, list_dead_letters, replay_dead_letters
 from meshkit.saga.commands import CommandContext, CommandParticipant
+from meshkit.saga.envelope import saga_id_of
 from meshkit.saga.orchestrator import OrchestratorConfig
 
 pytestmark = pytest.mark.integration
@@ -85,7 +86,7 @@ async def test_commands_that_cannot_run_are_dead_lettered_with_a_reason(bus: Eve
     await _wait(four_letters)
     await _wait(lambda: _true(any(r.saga_id == "good" for r in replies)))
     letters = await list_dead_letters(bus, stream=cfg.stream)
-    reasons = {e.letter.headers.get("Meshkit-Saga-Id", "nohdr"): e.letter.reason for e in letters}
+    reasons = {saga_id_of(e.letter.headers) or "nohdr": e.letter.reason for e in letters}
     assert reasons["nohdr"].startswith("invalid envelope: header Meshkit-Event-Id")
     assert reasons["unknown"] == "inventory has no handler for command shop.v1.ReserveStockRequest"
     assert reasons["garbled"].startswith("undecodable shop.v1.CancelOrderRequest payload")
@@ -97,7 +98,7 @@ async def test_commands_that_cannot_run_are_dead_lettered_with_a_reason(bus: Eve
 
     # Fixed: the dead-lettered command replays and answers, once.
     fixed = True
-    flaky = next(e for e in letters if e.letter.headers.get("Meshkit-Saga-Id") == "flaky")
+    flaky = next(e for e in letters if saga_id_of(e.letter.headers) == "flaky")
     await replay_dead_letters(bus, seqs=[flaky.seq])
     await _wait(lambda: _true(any(r.saga_id == "flaky" for r in replies)))
     assert calls["flaky"] == 3

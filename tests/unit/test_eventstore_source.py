@@ -1,6 +1,7 @@
-"""EventStoreSource and the typed event-store subjects without a network: the
-stream-sourcing transforms, config validation with exact paths, StreamSpec's
-``sources`` and the nats-server version guard of the event store."""
+"""EventStoreSource, HostedStore and the typed event-store subjects without a network:
+the stream-sourcing transforms, config validation with exact paths, StreamSpec's
+``sources`` and ``hosted_stores``, and the nats-server version guard of the event
+store."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit.errors import ConfigError
 from meshkit.saga import EventStoreSource as ExportedSource
 from meshkit.saga.eventstore import EventStore, EventStoreConfig, EventStoreError, Version
-from meshkit.saga.streams import EventStoreSource, StreamSpec
+from meshkit.saga import Participant
+from meshkit.saga.streams import EventStoreSource, HostedStore, StreamSpec
 
 pytestmark = pytest.mark.unit
 
@@ -128,6 +130,121 @@ def test_from_dict_rejects_what_is_not_a_mapping() -> None:
     with pytest.raises(ConfigError) as err:
         EventStoreSource.from_dict(["ORDERS"], "src")  # type: ignore[arg-type]
     assert err.value.path == "src" and "expected a mapping, got list" in str(err.value)
+
+
+# -- StreamSpec.hosted_stores ----------------------------------------------------
+
+SHOP_ORDERS = EventStoreConfig(stream="SHOP", prefix="shop_orders")
+
+
+def test_a_hosted_store_adds_its_subjects_and_filters_for_its_types() -> None:
+    spec = StreamSpec(
+        name="SHOP",
+        prefix="shop.events",
+        hosted_stores=(HostedStore(SHOP_ORDERS, (ev.OrderCreated,)),),
+    )
+    assert spec.subjects == ("shop.events.>", "shop_orders.>")
+    assert spec.event_subjects == ("shop.events.>", "shop_orders.>")
+    assert spec.to_config().subjects == ["shop.events.>", "shop_orders.>"]
+    assert spec.to_config().sources is None
+    # Published through the bus on its saga subject; consumed there and from the store.
+    assert spec.subject_for(ev.OrderCreated) == f"shop.events.{CREATED}"
+    assert spec.filters_for(ev.OrderCreated) == (
+        f"shop.events.{CREATED}",
+        f"shop_orders.*.*.{CREATED}",
+    )
+    assert spec.filters_for(PAID) == (f"shop.events.{PAID}",)  # not a store type
+    every = StreamSpec(name="SHOP", prefix="shop.events", hosted_stores=(HostedStore(SHOP_ORDERS),))
+    assert every.filters_for(PAID) == (f"shop.events.{PAID}", f"shop_orders.*.*.{PAID}")
+
+    inventory = Participant("inventory", spec)
+    inventory.on(ev.OrderCreated)(_noop)
+    inventory.on(ev.PaymentCompleted)(_noop)
+    assert inventory.subjects() == [
+        f"shop.events.{CREATED}",
+        f"shop.events.{PAID}",
+        f"shop_orders.*.*.{CREATED}",
+    ]
+
+
+async def _noop(event: Any, ctx: Any) -> None:
+    return None
+
+
+def test_stream_spec_from_dict_builds_hosted_stores() -> None:
+    spec = StreamSpec.from_dict(
+        {
+            "name": "SHOP",
+            "prefix": "shop.events",
+            "hosted_stores": [{"stream": "SHOP", "prefix": "shop_orders", "types": [CREATED]}],
+        }
+    )
+    assert spec.hosted_stores == (HostedStore(SHOP_ORDERS, (CREATED,)),)
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "words"),
+    [
+        ({"hosted_stores": [{"stream": "ORDERS"}]}, "stream.hosted_stores[0].stream", "lives in"),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "shop.events.orders"}]},
+            "stream.hosted_stores[0].prefix",
+            "overlaps 'shop.events'",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "shop"}]},
+            "stream.hosted_stores[0].prefix",
+            "overlaps",
+        ),
+        (
+            {
+                "hosted_stores": [
+                    {"stream": "SHOP", "prefix": "o"},
+                    {"stream": "SHOP", "prefix": "o"},
+                ]
+            },
+            "stream.hosted_stores[1].prefix",
+            "overlaps 'o'",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders", "storage": "memory"}]},
+            "stream.hosted_stores[0].storage",
+            "stream's storage is 'file'",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders", "types": ["a.*"]}]},
+            "stream.hosted_stores[0].types[0]",
+            "",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders"}], "max_age": "1h"},
+            "stream.max_age",
+            "keeps every",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders"}], "max_msgs": 10},
+            "stream.max_msgs",
+            "keeps every",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders"}], "retention": "workqueue"},
+            "stream.retention",
+            "keeps every",
+        ),
+        (
+            {"hosted_stores": [{"stream": "SHOP", "prefix": "orders"}], "allow_direct": False},
+            "stream.allow_direct",
+            "",
+        ),
+        ({"hosted_stores": "SHOP"}, "stream.hosted_stores", "expected a list"),
+        ({"hosted_stores": [3]}, "stream.hosted_stores[0]", "expected a hosted store"),
+    ],
+)
+def test_hosted_store_errors_name_their_path(doc: dict[str, Any], path: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        StreamSpec.from_dict({"name": "SHOP", "prefix": "shop.events", **doc})
+    assert err.value.path == path
+    assert words in str(err.value)
 
 
 # -- StreamSpec.sources ----------------------------------------------------------

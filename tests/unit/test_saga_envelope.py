@@ -36,17 +36,78 @@ def test_headers_round_trip_every_field() -> None:
     )
     headers = env.to_headers()
     assert headers[E.MSG_ID] == "e1"  # JetStream dedupe uses the event id
-    assert headers[E.EVENT_TYPE] == "shop.v1.OrderCreated"
-    assert headers[E.DEADLINE] == "1500"
+    # One header for the envelope; trace context and the event's own headers by name.
+    assert headers == {
+        E.MSG_ID: "e1",
+        E.ENVELOPE: "1;shop.v1.OrderCreated;s1;order;c0;1700000000123;order;1500;1700000030000",
+        E.TRACEPARENT: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        E.TRACESTATE: "k=v",
+        "X-Custom": "1",
+    }
     assert Envelope.from_headers(headers) == env
+    assert E.event_type_of(headers) == "shop.v1.OrderCreated"
+    assert E.saga_id_of(headers) == "s1"
 
 
-def test_optional_headers_are_omitted_and_parse_as_none() -> None:
+def test_optional_fields_are_left_off_and_parse_as_none() -> None:
     env = Envelope(event_id="e1", event_type="t.T", timestamp_ms=5)
     headers = env.to_headers()
-    assert E.DEADLINE not in headers and E.SAGA_ID not in headers and E.TRACEPARENT not in headers
+    assert headers == {E.MSG_ID: "e1", E.ENVELOPE: "1;t.T;;;;5;"}
     parsed = Envelope.from_headers(headers)
     assert parsed.deadline_ms is None and parsed.saga_deadline_ms is None and parsed.saga_id == ""
+    assert parsed == env
+    # A saga deadline without a request deadline keeps the latter's field, empty.
+    with_saga_deadline = Envelope(event_id="e1", event_type="t.T", saga_deadline_ms=9)
+    assert with_saga_deadline.to_headers()[E.ENVELOPE].endswith(";;9")
+    assert Envelope.from_headers(with_saga_deadline.to_headers()) == with_saga_deadline
+    only_deadline = Envelope(event_id="e1", event_type="t.T", deadline_ms=0)
+    assert only_deadline.to_headers()[E.ENVELOPE].endswith(";0")
+    assert Envelope.from_headers(only_deadline.to_headers()).deadline_ms == 0
+
+
+def test_the_per_field_layout_of_earlier_releases_is_still_read() -> None:
+    headers = {
+        E.MSG_ID: "e1",
+        E.EVENT_TYPE: "shop.v1.OrderCreated",
+        E.SAGA_ID: "s1",
+        E.SAGA_TYPE: "order",
+        E.CAUSATION_ID: "c0",
+        E.TIMESTAMP: "1700000000123",
+        E.SOURCE: "order",
+        E.DEADLINE: "1500",
+        E.SAGA_DEADLINE: "1700000030000",
+    }
+    env = Envelope.from_headers(headers)
+    assert env == Envelope(
+        event_id="e1",
+        event_type="shop.v1.OrderCreated",
+        saga_id="s1",
+        saga_type="order",
+        causation_id="c0",
+        timestamp_ms=1_700_000_000_123,
+        source="order",
+        deadline_ms=1500,
+        saga_deadline_ms=1_700_000_030_000,
+    )
+    assert E.event_type_of(headers) == "shop.v1.OrderCreated" and E.saga_id_of(headers) == "s1"
+    # Written again, it takes the one-header layout.
+    assert E.ENVELOPE in env.to_headers() and E.EVENT_TYPE not in env.to_headers()
+
+
+def test_a_field_holding_the_separator_is_written_one_header_per_field() -> None:
+    env = Envelope(event_id="e1", event_type="t.T", saga_id="a;b", source="x", timestamp_ms=5)
+    headers = env.to_headers()
+    assert E.ENVELOPE not in headers
+    assert (headers[E.SAGA_ID], headers[E.EVENT_TYPE], headers[E.SOURCE]) == ("a;b", "t.T", "x")
+    assert Envelope.from_headers(headers) == env
+    assert E.saga_id_of(headers) == "a;b"
+
+
+def test_fields_a_later_release_appends_are_skipped() -> None:
+    headers = {E.MSG_ID: "e1", E.ENVELOPE: "1;t.T;s;order;c;5;src;;;future;fields"}
+    env = Envelope.from_headers(headers)
+    assert (env.event_type, env.saga_id, env.source, env.timestamp_ms) == ("t.T", "s", "src", 5)
+    assert env.deadline_ms is None and env.saga_deadline_ms is None
 
 
 @pytest.mark.parametrize(
@@ -57,6 +118,12 @@ def test_optional_headers_are_omitted_and_parse_as_none() -> None:
         ({E.EVENT_ID: "x"}, E.EVENT_TYPE),
         ({E.EVENT_ID: "x", E.EVENT_TYPE: "a.B", E.TIMESTAMP: "soon"}, E.TIMESTAMP),
         ({E.EVENT_ID: "x", E.EVENT_TYPE: "a.B", E.DEADLINE: "1.5s"}, E.DEADLINE),
+        ({E.MSG_ID: "x", E.ENVELOPE: "2;a.B;s;t;c;5;src"}, E.ENVELOPE),
+        ({E.MSG_ID: "x", E.ENVELOPE: "1;a.B;s;t;c;5"}, E.ENVELOPE),
+        ({E.MSG_ID: "x", E.ENVELOPE: "1;;s;t;c;5;src"}, E.ENVELOPE),
+        ({E.MSG_ID: "x", E.ENVELOPE: "1;a.B;s;t;c;soon;src"}, E.ENVELOPE),
+        ({E.MSG_ID: "x", E.ENVELOPE: "1;a.B;s;t;c;5;src;1.5s"}, E.ENVELOPE),
+        ({E.ENVELOPE: "1;a.B;s;t;c;5;src"}, E.EVENT_ID),
     ],
 )
 def test_bad_headers_name_the_culprit(headers: dict[str, str] | None, culprit: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from nats.js import api
 
 from meshkit.saga import cluster
-from meshkit.saga.envelope import pin_event_id
+from meshkit.saga.envelope import event_type_of, pin_event_id
 from meshkit.saga.eventstore._wire import (
     _EXPECTED_SUBJECT_SEQ,
     _EXPECTED_SUBJECT_SEQ_SUBJECT,
@@ -99,10 +99,10 @@ async def upgrade_layout(store: EventStore) -> int:
     async with contextlib.aclosing(reader):
         async for chunk in reader:
             for m in chunk:
-                etype = str(m.headers.get("Meshkit-Event-Type", ""))
+                etype = event_type_of(m.headers or {})
                 if not _TOKEN.match(etype):
                     raise EventStoreError(
-                        f"{m.subject} seq {m.seq}: no usable Meshkit-Event-Type header "
+                        f"{m.subject} seq {m.seq}: no usable event type in its headers "
                         f"({etype!r}); cannot place it on a typed subject"
                     )
                 agg = m.subject + ".>"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshkit/v1/event.proto\x12\nmeshkit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\rEventMetadata\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07saga_id\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x12\n\ntracestate\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\x03\x12\x0e\n\x06source\x18\t \x01(\t\"\xa0\x02\n\nDeadLetter\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x05 \x01(\x04\x12\x12\n\ndeliveries\x18\x06 \x01(\x04\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.meshkit.v1.DeadLetter.HeadersEntry\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12+\n\x07\x64\x65\x61\x64_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\"Z example.com/meshkit/v1;meshkitv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshkit/v1/event.proto\x12\nmeshkit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\rEventMetadata\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07saga_id\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x12\n\ntracestate\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x08 \x01(\x03\x12\x0e\n\x06source\x18\t \x01(\t\"\xb8\x02\n\nDeadLetter\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x17\n\x0fstream_sequence\x18\x05 \x01(\x04\x12\x12\n\ndeliveries\x18\x06 \x01(\x04\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.meshkit.v1.DeadLetter.HeadersEntry\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12+\n\x07\x64\x65\x61\x64_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereplay_subject\x18\n \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\"Z example.com/meshkit/v1;meshkitv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTMETADATA']._serialized_start=72
   _globals['_EVENTMETADATA']._serialized_end=291
   _globals['_DEADLETTER']._serialized_start=294
-  _globals['_DEADLETTER']._serialized_end=582
-  _globals['_DEADLETTER_HEADERSENTRY']._serialized_start=536
-  _globals['_DEADLETTER_HEADERSENTRY']._serialized_end=582
+  _globals['_DEADLETTER']._serialized_end=606
+  _globals['_DEADLETTER_HEADERSENTRY']._serialized_start=560
+  _globals['_DEADLETTER_HEADERSENTRY']._serialized_end=606
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class EventMetadata(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., saga_id: _Optional[str] = ..., causation_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("reason", "consumer", "stream", "subject", "stream_sequence", "deliveries", "headers", "payload", "dead_at")
+    __slots__ = ("reason", "consumer", "stream", "subject", "stream_sequence", "deliveries", "headers", "payload", "dead_at", "replay_subject")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class DeadLetter(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     DEAD_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     reason: str
     consumer: str
     stream: str
@@ -58,4 +59,5 @@ class DeadLetter(_message.Message):
     headers: _containers.ScalarMap[str, str]
     payload: bytes
     dead_at: _timestamp_pb2.Timestamp
-    def __init__(self, reason: _Optional[str] = ..., consumer: _Optional[str] = ..., stream: _Optional[str] = ..., subject: _Optional[str] = ..., stream_sequence: _Optional[int] = ..., deliveries: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., payload: _Optional[bytes] = ..., dead_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replay_subject: str
+    def __init__(self, reason: _Optional[str] = ..., consumer: _Optional[str] = ..., stream: _Optional[str] = ..., subject: _Optional[str] = ..., stream_sequence: _Optional[int] = ..., deliveries: _Optional[int] = ..., headers: _Optional[_Mapping[str, str]] = ..., payload: _Optional[bytes] = ..., dead_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replay_subject: _Optional[str] = ...) -> None: ...
