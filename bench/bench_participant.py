@@ -16,8 +16,11 @@ The backlog is published before the clock starts; the phase ends when the durabl
 consumer has nothing pending or unacknowledged. Figures are CPU microseconds per
 event of this process (the participant runs in it, as the only work) and of
 nats-server, medians over alternating rounds, and their ratios. The difference is
-meshkit's per-event work: its envelope, its inbox record (``bench_inbox`` prices
-that alone) and its batch machinery. Writes ``bench/results/participant.json``.
+meshkit's per-event work: its envelope and its batch machinery. The notification
+handler is idempotent by construction (``idempotent=True`` since #15, stop 14), so
+it runs in the inbox's transaction with no record kept; results before that stop
+include the record, which ``bench_inbox`` prices alone. Writes
+``bench/results/participant.json``.
 
     .venv/bin/python -m bench.bench_participant [--events 5000] [--rounds 5]
 """

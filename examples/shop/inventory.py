@@ -146,12 +146,16 @@ async def release_after_refund(event: ev.PaymentRefunded, ctx: Context) -> Any:
     return await _release(ctx, event.order_id, event.reason or "payment refunded")
 
 
-@PARTICIPANT.on(ev.OrderCompleted)
+# Idempotent by construction (no inbox record): the reservation's state guards both,
+# and neither emits anything, so a rerun finds nothing left to do. reserve_stock and the
+# releases that emit StockReleased are not: rerun after stock or the reservation
+# changed, they would answer differently, and their record keeps the first answer.
+@PARTICIPANT.on(ev.OrderCompleted, idempotent=True)
 async def commit_stock(event: ev.OrderCompleted, ctx: Context) -> None:
     commit(ctx.tx, event.order_id)
 
 
-@PARTICIPANT.compensate(ev.OrderCancelled)
+@PARTICIPANT.compensate(ev.OrderCancelled, idempotent=True)
 async def release_cancelled(event: ev.OrderCancelled, ctx: Context) -> None:
     # Usually already released (the release is what cancelled the order); after a
     # saga timeout this is the compensation.

@@ -57,14 +57,16 @@ def _notify(ctx: Context, order_id: str, customer_id: str, message: str) -> ev.C
     return ev.CustomerNotified(order_id=order_id, notification_id=n.notification_id)
 
 
-@PARTICIPANT.on(ev.OrderCompleted, emits=[ev.CustomerNotified])
+# Idempotent by construction (no inbox record): the notification's id is derived from
+# the event's, its insert ignores a repeat, and the output is the same on every run.
+@PARTICIPANT.on(ev.OrderCompleted, emits=[ev.CustomerNotified], idempotent=True)
 async def notify_completed(event: ev.OrderCompleted, ctx: Context) -> ev.CustomerNotified:
     return _notify(
         ctx, event.order_id, event.customer_id, f"Your order {event.order_id} is on its way."
     )
 
 
-@PARTICIPANT.on(ev.OrderCancelled, emits=[ev.CustomerNotified])
+@PARTICIPANT.on(ev.OrderCancelled, emits=[ev.CustomerNotified], idempotent=True)
 async def notify_cancelled(event: ev.OrderCancelled, ctx: Context) -> ev.CustomerNotified:
     return _notify(
         ctx,

@@ -58,7 +58,8 @@ Work = Callable[[Any], Awaitable[list[Outbound]]]
 #: What :func:`run_many` gives back for each event: (outputs, was_duplicate), or the
 #: exception its work raised.
 Result = tuple[list[Outbound], bool] | Exception
-_Item = tuple[str, Work, "asyncio.Future[tuple[list[Outbound], bool]]", contextvars.Context]
+# (key, work, its future, its context, whether to keep a record of it)
+_Item = tuple[str, Work, "asyncio.Future[tuple[list[Outbound], bool]]", contextvars.Context, bool]
 
 # Recorded outputs, binary (since #15): this byte, then per output three length-prefixed
 # fields (type, id, payload; 4-byte big-endian lengths). Records written before are JSON
@@ -173,18 +174,23 @@ class Inbox(Protocol):
 
 
 async def run_many(
-    inbox: Inbox, items: Sequence[tuple[str, Work, contextvars.Context]]
+    inbox: Inbox, items: Sequence[tuple[str, Work, contextvars.Context, bool]]
 ) -> list[Result]:
-    """``inbox.run_once(key, work)`` for each item, concurrently, each in its context.
+    """``inbox.run_once(key, work)`` for each (key, work, context, idempotent),
+    concurrently, each in its context.
 
     An inbox with its own ``run_many`` (:class:`SqliteInbox`) takes them all at once,
-    with no task per item; any other :class:`Inbox` gets a task per item.
+    with no task per item, and keeps no record of the items marked idempotent (their
+    work runs on every delivery; see ``Participant.on``); any other :class:`Inbox`
+    gets a task per item and records every one, as ``run_once`` does.
     """
     own = getattr(inbox, "run_many", None)
     if own is not None:
         return await own(items)  # type: ignore[no-any-return]
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(inbox.run_once(key, work), context=ctx) for key, work, ctx in items]
+    tasks = [
+        loop.create_task(inbox.run_once(key, work), context=ctx) for key, work, ctx, _ in items
+    ]
     done = await asyncio.gather(*tasks, return_exceptions=True)
     for result in done:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
@@ -281,21 +287,23 @@ class SqliteInbox:
         )
         # The handler runs in the flusher's task but must see the caller's context
         # (its propagated deadline, its consumer span).
-        self._pending.append((key, work, fut, contextvars.copy_context()))
+        self._pending.append((key, work, fut, contextvars.copy_context(), True))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
 
     async def run_many(
-        self, items: Sequence[tuple[str, Work, contextvars.Context]]
+        self, items: Sequence[tuple[str, Work, contextvars.Context, bool]]
     ) -> list[Result]:
-        """:meth:`run_once` for each (key, work, context), the work run in its context;
-        each one's result or exception, in order. They join the same group commit."""
+        """:meth:`run_once` for each (key, work, context, idempotent), the work run in
+        its context; each one's result or exception, in order. They join the same group
+        commit. An idempotent item's work runs in the transaction with no record looked
+        up or kept (it is never a duplicate)."""
         loop = asyncio.get_running_loop()
         futures = []
-        for key, work, ctx in items:
+        for key, work, ctx, idempotent in items:
             fut: asyncio.Future[tuple[list[Outbound], bool]] = loop.create_future()
-            self._pending.append((key, work, fut, ctx))
+            self._pending.append((key, work, fut, ctx, not idempotent))
             futures.append(fut)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -314,7 +322,7 @@ class SqliteInbox:
             try:
                 await self._run_batch(batch)
             except BaseException as exc:
-                for _, _, fut, _ in batch:
+                for _, _, fut, _, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
@@ -326,14 +334,15 @@ class SqliteInbox:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                keys = list(dict.fromkeys(item[0] for item in batch))
+                keys = list(dict.fromkeys(item[0] for item in batch if item[4]))
                 recorded: dict[str, list[Outbound]] = {}
-                for key, raw in conn.execute(
-                    f"SELECT key, outputs FROM {self.table} WHERE key IN "
-                    f"({','.join('?' * len(keys))})",
-                    keys,
-                ):
-                    recorded[key] = decode_outputs(raw)
+                if keys:
+                    for key, raw in conn.execute(
+                        f"SELECT key, outputs FROM {self.table} WHERE key IN "
+                        f"({','.join('?' * len(keys))})",
+                        keys,
+                    ):
+                        recorded[key] = decode_outputs(raw)
                 try:
                     # No savepoints while nothing fails: the whole batch is one unit.
                     records = await self._run_all(batch, recorded, results)
@@ -376,19 +385,21 @@ class SqliteInbox:
         conn = self.conn
         seen: dict[str, list[Outbound]] = {}
         records: list[tuple[str, bytes]] = []
-        for index, (key, work, fut, ctx) in enumerate(batch):
-            done = recorded.get(key)
-            if done is None:
-                done = seen.get(key)  # the same event twice in one batch
-            if done is not None:
-                results.append((fut, (done, True), True))
-                continue
+        for index, (key, work, fut, ctx, record) in enumerate(batch):
+            if record:
+                done = recorded.get(key)
+                if done is None:
+                    done = seen.get(key)  # the same event twice in one batch
+                if done is not None:
+                    results.append((fut, (done, True), True))
+                    continue
             try:
                 outputs = await _inline(work, conn, ctx)
             except Exception as exc:
                 raise _Failed(index, exc) from None
-            seen[key] = outputs
-            records.append((key, encode_outputs(outputs)))
+            if record:
+                seen[key] = outputs
+                records.append((key, encode_outputs(outputs)))
             results.append((fut, (outputs, False), True))
         return records
 
@@ -403,10 +414,12 @@ class SqliteInbox:
         conn = self.conn
         seen: dict[str, list[Outbound]] = {}
         records: list[tuple[str, bytes]] = []
-        for index, (key, work, fut, ctx) in enumerate(batch):
-            done = recorded.get(key)
-            if done is None:
-                done = seen.get(key)
+        for index, (key, work, fut, ctx, record) in enumerate(batch):
+            done = None
+            if record:
+                done = recorded.get(key)
+                if done is None:
+                    done = seen.get(key)
             if done is not None:
                 results.append((fut, (done, True), True))
                 continue
@@ -422,8 +435,9 @@ class SqliteInbox:
                 results.append((fut, exc, False))
                 continue
             conn.execute("RELEASE meshkit_event")
-            seen[key] = outputs
-            records.append((key, encode_outputs(outputs)))
+            if record:
+                seen[key] = outputs
+                records.append((key, encode_outputs(outputs)))
             results.append((fut, (outputs, False), True))
         return records
 

@@ -82,6 +82,8 @@ class HandlerSpec:
     emits: tuple[str, ...]
     compensation: bool
     validate: Callable[[Any], None] | None = None
+    # Idempotent by construction: no inbox record (see Participant.on).
+    idempotent: bool = False
 
 
 class Context:
@@ -154,11 +156,24 @@ class Participant:
         compensation: bool = False,
         validate: Callable[[E], None] | None = None,
         name: str | None = None,
+        idempotent: bool = False,
     ) -> Callable[
         [Callable[[E, Context], Awaitable[HandlerResult]]],
         Callable[[E, Context], Awaitable[HandlerResult]],
     ]:
-        """Declare the handler for ``event``; ``emits`` lists what it may emit (for the graph)."""
+        """Declare the handler for ``event``; ``emits`` lists what it may emit (for the graph).
+
+        ``idempotent=True`` says the handler is idempotent by construction: run again
+        for an event it handled (a redelivery, a duplicate), whatever happened since,
+        it changes nothing more and returns the same outputs, because its writes
+        recognise their own repeat (an upsert keyed by the event, a state guard). An
+        inbox that can (:class:`~meshkit.saga.SqliteInbox`) then keeps no record of
+        its events: the handler runs on every delivery, still inside the batch's
+        transaction, and its redeliveries count as handled, not as duplicates. A
+        handler whose answer depends on state others change (a reservation that
+        may fail once stock is gone) is not idempotent in this sense: the record is
+        what makes it exactly-once.
+        """
         etype = type_name(event)
 
         def register(
@@ -177,6 +192,7 @@ class Participant:
                 emits=tuple(e if isinstance(e, str) else type_name(e) for e in emits),
                 compensation=compensation,
                 validate=validate,
+                idempotent=idempotent,
             )
             return func
 
@@ -189,12 +205,21 @@ class Participant:
         emits: Iterable[type[Message] | str] = (),
         validate: Callable[[E], None] | None = None,
         name: str | None = None,
+        idempotent: bool = False,
     ) -> Callable[
         [Callable[[E, Context], Awaitable[HandlerResult]]],
         Callable[[E, Context], Awaitable[HandlerResult]],
     ]:
-        """Declare a compensation handler (reacting to a failure event)."""
-        return self.on(event, emits=emits, compensation=True, validate=validate, name=name)
+        """Declare a compensation handler (reacting to a failure event); ``idempotent``
+        as for :meth:`on`."""
+        return self.on(
+            event,
+            emits=emits,
+            compensation=True,
+            validate=validate,
+            name=name,
+            idempotent=idempotent,
+        )
 
     def subjects(self) -> list[str]:
         """The subjects this participant's consumer filters on."""
@@ -370,7 +395,10 @@ class RunningParticipant:
             return
         results = await run_many(
             self.inbox,
-            [(f"{p.name}/{job.env.event_id}", self._work(job), job.context) for job in jobs],
+            [
+                (f"{p.name}/{job.env.event_id}", self._work(job), job.context, job.spec.idempotent)
+                for job in jobs
+            ],
         )
         # Committed: from here a failure (NATS down past publish_retry) is retried like
         # a handler error; the redelivery is a duplicate that republishes the recorded

@@ -26,6 +26,7 @@ from meshkit.saga import (
     derive_event_id,
     list_dead_letters,
     replay_dead_letters,
+    type_name,
 )
 from meshkit.saga import envelope as E
 from meshkit.saga.cluster import JetStreamUnavailable
@@ -159,6 +160,48 @@ async def test_duplicates_and_redelivery_have_one_effect_and_one_downstream_even
     info = await bus.js.stream_info(stream.name, subjects_filter=out_subject)
     assert info.state.subjects == {out_subject: 1}
     await inv.stop()
+    await sink.stop()
+
+
+async def test_an_idempotent_handler_runs_per_delivery_with_one_effect_and_no_record(
+    bus: EventBus,
+) -> None:
+    stream = _stream()
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE notices (order_id TEXT PRIMARY KEY)")
+    p = Participant("notify", stream, consumer=FAST)
+    runs: list[str] = []
+
+    @p.on(ev.OrderCompleted, emits=[ev.CustomerNotified], idempotent=True)
+    async def notify(event: ev.OrderCompleted, ctx: Context) -> ev.CustomerNotified:
+        runs.append(ctx.event_id)
+        ctx.tx.execute("INSERT OR IGNORE INTO notices VALUES (?)", (event.order_id,))
+        return ev.CustomerNotified(order_id=event.order_id, notification_id="n-" + event.order_id)
+
+    assert p.handlers[type_name(ev.OrderCompleted)].idempotent
+    inbox = SqliteInbox(conn)
+    running = await p.start(bus, inbox=inbox)
+    rec = Recorder(stream, ev.CustomerNotified)
+    sink = await rec.participant.start(bus)
+    event = ev.OrderCompleted(order_id="o7")
+    env = Envelope.new(event, saga_type="order")
+    headers = E.pin_event_id(env.to_headers())
+    for n in range(3):  # the same event three times (fresh Nats-Msg-Ids: all stored)
+        await bus.publish_raw(
+            stream.subject_for(event),
+            event.SerializeToString(),
+            {**headers, E.MSG_ID: f"{env.event_id}-{n}"},
+        )
+    await _wait(lambda: running.stats.handled == 3)
+    await asyncio.sleep(0.3)  # room for a second downstream event to show up
+    # Run on every delivery, one effect, one output id (JetStream kept it once), and
+    # nothing in the inbox's table.
+    assert runs == [env.event_id] * 3
+    assert [r[0] for r in conn.execute("SELECT order_id FROM notices")] == ["o7"]
+    assert len(rec.seen) == 1
+    assert rec.seen[0][0].event_id == derive_event_id(env.event_id, "notify.notify", 0)
+    assert running.stats.duplicates == 0 and inbox.processed() == 0
+    await running.stop()
     await sink.stop()
 
 

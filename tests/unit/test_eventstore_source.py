@@ -14,8 +14,8 @@ from nats.js import api
 from examples.shop.gen.shop.v1 import events_pb2 as ev
 from meshkit.errors import ConfigError
 from meshkit.saga import EventStoreSource as ExportedSource
-from meshkit.saga.eventstore import EventStore, EventStoreConfig, EventStoreError, Version
 from meshkit.saga import Participant
+from meshkit.saga.eventstore import EventStore, EventStoreConfig, EventStoreError, Version
 from meshkit.saga.streams import EventStoreSource, HostedStore, StreamSpec
 
 pytestmark = pytest.mark.unit

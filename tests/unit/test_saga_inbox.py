@@ -288,3 +288,84 @@ async def test_a_handler_that_awaits_keeps_its_callers_context() -> None:
     assert seen == {"a": ("ctx-a", "ctx-a"), "b": ("ctx-b", "ctx-b")}
     assert results[0] == ([Outbound("a.B", "out-a", b"")], False)
     assert conn.execute("SELECT COUNT(*) FROM effects").fetchone()[0] == 2
+
+
+async def test_idempotent_items_run_in_the_transaction_with_no_record() -> None:
+    import contextvars
+
+    from meshkit.saga.inbox import run_many
+
+    conn = _db()
+    conn.execute("CREATE TABLE marks (key TEXT PRIMARY KEY)")
+    inbox = SqliteInbox(conn)
+    runs: dict[str, int] = {}
+
+    def work_for(key: str, *, fail: bool = False):  # type: ignore[no-untyped-def]
+        async def work(tx: sqlite3.Connection) -> list[Outbound]:
+            runs[key] = runs.get(key, 0) + 1
+            tx.execute("INSERT OR IGNORE INTO marks VALUES (?)", (key,))  # its own dedupe
+            if fail:
+                raise RuntimeError(f"{key} fails")
+            return [Outbound("a.B", f"out-{key}", b"")]
+
+        return work
+
+    ctx = contextvars.copy_context()
+    first = await run_many(
+        inbox, [("p/rec", work_for("rec"), ctx, False), ("p/idem", work_for("idem"), ctx, True)]
+    )
+    assert first == [
+        ([Outbound("a.B", "out-rec", b"")], False),
+        ([Outbound("a.B", "out-idem", b"")], False),
+    ]
+    assert inbox.commits == 1  # one transaction for both
+    # Only the recorded one has a record; the idempotent one's effect committed with it.
+    assert [r[0] for r in conn.execute("SELECT key FROM meshkit_inbox")] == ["p/rec"]
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM marks")) == ["idem", "rec"]
+
+    # Delivered again: the recorded one is a duplicate (not run), the idempotent one
+    # runs again and finds its effect done.
+    again = await run_many(
+        inbox, [("p/rec", work_for("rec"), ctx, False), ("p/idem", work_for("idem"), ctx, True)]
+    )
+    assert again == [
+        ([Outbound("a.B", "out-rec", b"")], True),
+        ([Outbound("a.B", "out-idem", b"")], False),
+    ]
+    assert runs == {"rec": 1, "idem": 2}
+    assert inbox.processed() == 1
+
+    # A failing idempotent item rolls back alone; a recorded one beside it commits.
+    mixed = await run_many(
+        inbox,
+        [
+            ("p/bad", work_for("bad", fail=True), ctx, True),
+            ("p/rec2", work_for("rec2"), ctx, False),
+        ],
+    )
+    assert isinstance(mixed[0], RuntimeError) and mixed[1] == (
+        [Outbound("a.B", "out-rec2", b"")],
+        False,
+    )
+    assert runs["bad"] == 1 and runs["rec2"] == 1
+    assert "bad" not in {r[0] for r in conn.execute("SELECT key FROM marks")}
+    assert inbox.processed() == 2
+
+
+async def test_inboxes_without_run_many_record_idempotent_items_too() -> None:
+    import contextvars
+
+    from meshkit.saga.inbox import run_many
+
+    inbox = MemoryInbox()
+    runs = 0
+
+    async def work(tx: object) -> list[Outbound]:
+        nonlocal runs
+        runs += 1
+        return []
+
+    ctx = contextvars.copy_context()
+    assert await run_many(inbox, [("p/e", work, ctx, True)]) == [([], False)]
+    assert await run_many(inbox, [("p/e", work, ctx, True)]) == [([], True)]
+    assert runs == 1  # recorded as run_once does: still exactly once
