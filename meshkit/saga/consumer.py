@@ -234,23 +234,21 @@ class PullConsumer:
         if self.batch_handler is not None:
             self._arrived.append(msg)
             if not self._dispatching:
+                # The batch's task starts on the next loop turn and takes every message
+                # that arrived by then (the rest of this socket read).
                 self._dispatching = True
-                asyncio.get_running_loop().call_soon(self._dispatch)
+                task = asyncio.create_task(self._run_batch())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return
         task = asyncio.create_task(self._run(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _dispatch(self) -> None:
+    async def _run_batch(self) -> None:
+        assert self.batch_handler is not None
         self._dispatching = False
         msgs, self._arrived = self._arrived, []
-        if msgs:
-            task = asyncio.create_task(self._run_batch(msgs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run_batch(self, msgs: list[Msg]) -> None:
-        assert self.batch_handler is not None
         try:
             await self.batch_handler(msgs)
             self.stats.handled += len(msgs)
