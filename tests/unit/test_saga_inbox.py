@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -369,3 +370,40 @@ async def test_inboxes_without_run_many_record_idempotent_items_too() -> None:
     assert await run_many(inbox, [("p/e", work, ctx, True)]) == [([], False)]
     assert await run_many(inbox, [("p/e", work, ctx, True)]) == [([], True)]
     assert runs == 1  # recorded as run_once does: still exactly once
+
+
+async def test_run_many_commits_its_own_batch_and_a_cancel_fails_only_that_batch() -> None:
+    import asyncio
+    import contextvars
+
+    from meshkit.saga.inbox import run_many
+
+    conn = _db()
+    inbox = SqliteInbox(conn)
+    release = asyncio.Event()
+
+    def work_for(n: int, *, wait: bool = False):  # type: ignore[no-untyped-def]
+        async def work(tx: sqlite3.Connection) -> list[Outbound]:
+            tx.execute("INSERT INTO effects VALUES (?)", (n,))
+            if wait:
+                await release.wait()  # suspends inside the first caller's transaction
+            return []
+
+        return work
+
+    ctx = contextvars.copy_context()
+    # Alone, a caller's batch commits in its own task: no flusher task is started.
+    assert await run_many(inbox, [("p/0", work_for(0), ctx, False)]) == [([], False)]
+    assert inbox._flusher is None and inbox.commits == 1
+
+    first = asyncio.create_task(run_many(inbox, [("p/1", work_for(1, wait=True), ctx, False)]))
+    await asyncio.sleep(0.01)  # the first caller is inside its batch, waiting
+    second = asyncio.create_task(run_many(inbox, [("p/2", work_for(2), ctx, False)]))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    # The second caller's event went to a flusher task and commits on its own.
+    assert await asyncio.wait_for(second, 5) == [([], False)]
+    assert sorted(r[0] for r in conn.execute("SELECT n FROM effects")) == [0, 2]
+    assert sorted(r[0] for r in conn.execute("SELECT key FROM meshkit_inbox")) == ["p/0", "p/2"]
