@@ -148,8 +148,8 @@ class EventBus:
 
         Hosted event stores (:class:`~meshkit.saga.streams.HostedStore`) are ensured
         once the stream has their subjects. The event stores it sources from are
-        created first when missing: a source
-        the server cannot find yet is retried only every few seconds. A replicated
+        created first when missing: a source the server cannot find yet is retried
+        only every few seconds. A replicated
         stream with sources is watched from then on until :meth:`close`
         (:class:`~meshkit.saga.cluster.SourceWatch`, ``MESHKIT_NATS_SOURCE_STALL``):
         a source left stalled by a leader election is nudged.
