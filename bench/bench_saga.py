@@ -123,7 +123,7 @@ async def bench_raw(url: str, n: int, window: int = 256) -> dict[str, Any]:
                 await js.publish(
                     f"{name.lower()}.ev",
                     payload,
-                    headers={"Nats-Msg-Id": f"{name}-{i}", "Meshkit-Event-Type": "raw"},
+                    headers={"Nats-Msg-Id": f"{name}-{i}", "Meshkit-Envelope": "1;raw;;;;0;"},
                 )
 
         await asyncio.gather(*(one(i) for i in range(n)))
