@@ -374,7 +374,8 @@ def charge(conn: sqlite3.Connection, e: ev.StockReserved, msg_id: str) -> Output
                 (e.order_id, payment_id, amount.amount_minor),
             )
     out_id = derive_id(msg_id, "payment")
-    if status != payment_pb2.PAYMENT_STATUS_CHARGED:
+    # As the shop's charge_outcome: a refunded payment was charged.
+    if status not in (payment_pb2.PAYMENT_STATUS_CHARGED, payment_pb2.PAYMENT_STATUS_REFUNDED):
         failed = ev.PaymentFailed(order_id=e.order_id, reason=reason or "payment not possible")
         return [(failed, out_id)]
     completed = ev.PaymentCompleted(

@@ -119,8 +119,10 @@ def charge(
 def charge_outcome(
     payment: payment_pb2.Payment, customer_id: str, address: Any = None
 ) -> ev.PaymentCompleted | ev.PaymentFailed:
-    """The event a charge leads to, in both saga modes."""
-    if payment.status != CHARGED:
+    """The event a charge leads to, in both saga modes: the charge's first decision,
+    whatever happened to the payment since (a refunded payment was charged), so that
+    a repeat of the charge answers as the first one did."""
+    if payment.status not in (CHARGED, REFUNDED):
         reason = payment.decline_reason or "payment not possible"
         return ev.PaymentFailed(order_id=payment.order_id, reason=reason)
     return ev.PaymentCompleted(
@@ -157,7 +159,12 @@ def refund(conn: sqlite3.Connection, order_id: str) -> str | None:
 PARTICIPANT = Participant("payment", SHOP_STREAM, consumer=consumer_spec())
 
 
-@PARTICIPANT.on(ev.StockReserved, emits=[ev.PaymentCompleted, ev.PaymentFailed])
+# Idempotent by construction (no inbox record): the payment row keyed by the order
+# holds the charge's decision (charged, declined, or the tombstone of a cancellation
+# that came first), a repeat finds it, and charge_outcome answers from it as the first
+# run did (a refund since does not change what the charge decided). The refund handler
+# that emits PaymentRefunded is not: rerun, it would find nothing left to refund.
+@PARTICIPANT.on(ev.StockReserved, emits=[ev.PaymentCompleted, ev.PaymentFailed], idempotent=True)
 async def charge_order(event: ev.StockReserved, ctx: Context) -> Any:
     payment = charge(
         ctx.tx, event.order_id, event.customer_id, event.total, f"order/{event.order_id}"
