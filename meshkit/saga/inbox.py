@@ -156,6 +156,20 @@ async def _inline(work: Work, handle: Any, ctx: contextvars.Context) -> list[Out
     return await asyncio.get_running_loop().create_task(_finish(coro, first), context=ctx)  # type: ignore[no-any-return]
 
 
+def _fail(batch: list[_Item], exc: BaseException) -> None:
+    """Settle every unsettled future of a batch that failed as a whole: cancelled when
+    the batch was (a waiter then sees CancelledError, and an abandoned future logs
+    nothing), else with the exception."""
+    cancelled = isinstance(exc, asyncio.CancelledError)
+    for _, _, fut, _, _ in batch:
+        if fut.done():
+            continue
+        if cancelled:
+            fut.cancel()
+        else:
+            fut.set_exception(exc)
+
+
 class _Failed(Exception):
     """A handler of a batch raised ``exc`` (the batch's ``index``-th event)."""
 
@@ -333,15 +347,8 @@ class SqliteInbox:
         try:
             await self._run_batch(batch)
         except BaseException as exc:
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            for _, _, fut, _, _ in batch:
-                if fut.done():
-                    continue
-                if cancelled:  # nobody will wait for these futures any more
-                    fut.cancel()
-                else:
-                    fut.set_exception(exc)
-            if cancelled:
+            _fail(batch, exc)
+            if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
             self._inline = False
@@ -355,9 +362,7 @@ class SqliteInbox:
             try:
                 await self._run_batch(batch)
             except BaseException as exc:
-                for _, _, fut, _, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                _fail(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 

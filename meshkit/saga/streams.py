@@ -319,16 +319,16 @@ class StreamSpec:
                         f"{store.subject_prefix!r} overlaps {other!r}: the store's subjects "
                         "must not be another's",
                     )
-            if not self.allow_direct:
-                raise ConfigError(
-                    "stream.allow_direct", "a stream hosting an event store needs direct gets"
-                )
             if store.storage != self.storage:
                 raise ConfigError(
                     f"{path}.storage",
                     f"{store.storage!r}: the stream's storage is {self.storage!r}",
                 )
             hosted.append(item)
+        if hosted and not self.allow_direct:
+            raise ConfigError(
+                "stream.allow_direct", "a stream hosting an event store needs direct gets"
+            )
         if hosted:
             # An aggregate is its events: none may be dropped by a limit.
             if self.retention != "limits":
