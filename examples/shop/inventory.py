@@ -4,6 +4,11 @@ Stock per SKU has ``available`` and ``reserved``; a reservation moves quantity
 from one to the other, a completed order takes it out of ``reserved``, a
 release puts it back. A release that arrives before the reservation leaves a
 tombstone, so a late reservation for a cancelled order fails instead.
+
+The saga's step answers through :func:`first_reservation`: its first decision for an
+order, kept in these tables (a refusal in ``reservation_failures``), so a redelivered
+``OrderCreated`` gets the same answer whatever happened to stock since, with no inbox
+record.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     items BLOB NOT NULL,
     state TEXT NOT NULL  -- reserved | committed | released
 );
+CREATE TABLE IF NOT EXISTS reservation_failures (
+    order_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -46,15 +55,53 @@ def _items(blob: bytes) -> list[common_pb2.LineItem]:
     return list(inventory_pb2.Reservation.FromString(blob).items)
 
 
+CANCELLED_FIRST = "order was cancelled before its stock was reserved"
+
+
 def reserve(conn: sqlite3.Connection, order_id: str, items: Any) -> tuple[str | None, str]:
-    """Reserve all items or none; returns (reservation id, failure reason)."""
+    """Reserve all items or none; returns (reservation id, failure reason).
+
+    Once per order: a reservation made is returned again while it holds; a released
+    one (or a release that came first) refuses.
+    """
     row = conn.execute(
         "SELECT reservation_id, state FROM reservations WHERE order_id = ?", (order_id,)
     ).fetchone()
     if row is not None:
         if row[1] == "released":
-            return None, "order was cancelled before its stock was reserved"
+            return None, CANCELLED_FIRST
         return str(row[0]), ""
+    return _reserve_new(conn, order_id, items)
+
+
+def first_reservation(
+    conn: sqlite3.Connection, order_id: str, items: Any
+) -> tuple[str | None, str]:
+    """:func:`reserve`, answering the first decision made for the order, whatever
+    happened since: a reservation made stays the answer once committed or released,
+    and a refusal for stock stays the answer once stock is back.
+
+    That makes the saga's step idempotent by construction (a redelivery repeats the
+    first answer and changes nothing), so it needs no inbox record.
+    """
+    failed = conn.execute(
+        "SELECT reason FROM reservation_failures WHERE order_id = ?", (order_id,)
+    ).fetchone()
+    if failed is not None:
+        return None, str(failed[0])
+    row = conn.execute(
+        "SELECT reservation_id FROM reservations WHERE order_id = ?", (order_id,)
+    ).fetchone()
+    if row is not None:
+        # A tombstone (a release before any reservation) has no id, and stays.
+        return (str(row[0]), "") if row[0] else (None, CANCELLED_FIRST)
+    reservation_id, reason = _reserve_new(conn, order_id, items)
+    if reservation_id is None:
+        conn.execute("INSERT INTO reservation_failures VALUES (?, ?)", (order_id, reason))
+    return reservation_id, reason
+
+
+def _reserve_new(conn: sqlite3.Connection, order_id: str, items: Any) -> tuple[str | None, str]:
     wanted: dict[str, int] = {}
     for item in items:
         wanted[item.sku] = wanted.get(item.sku, 0) + item.quantity
@@ -112,9 +159,13 @@ def commit(conn: sqlite3.Connection, order_id: str) -> None:
 PARTICIPANT = Participant("inventory", SHOP_STREAM, consumer=consumer_spec())
 
 
-@PARTICIPANT.on(ev.OrderCreated, emits=[ev.StockReserved, ev.StockReservationFailed])
+# Idempotent by construction (no inbox record): first_reservation answers the first
+# decision kept in the tables, and StockReserved is built from the event and that id.
+@PARTICIPANT.on(
+    ev.OrderCreated, emits=[ev.StockReserved, ev.StockReservationFailed], idempotent=True
+)
 async def reserve_stock(event: ev.OrderCreated, ctx: Context) -> Any:
-    reservation_id, reason = reserve(ctx.tx, event.order_id, event.items)
+    reservation_id, reason = first_reservation(ctx.tx, event.order_id, event.items)
     await faults.mid_handler(ctx)
     if reservation_id is None:
         return ev.StockReservationFailed(order_id=event.order_id, reason=reason)
@@ -147,9 +198,9 @@ async def release_after_refund(event: ev.PaymentRefunded, ctx: Context) -> Any:
 
 
 # Idempotent by construction (no inbox record): the reservation's state guards both,
-# and neither emits anything, so a rerun finds nothing left to do. reserve_stock and the
-# releases that emit StockReleased are not: rerun after stock or the reservation
-# changed, they would answer differently, and their record keeps the first answer.
+# and neither emits anything, so a rerun finds nothing left to do. The releases that
+# emit StockReleased are not: rerun after the release, they would emit nothing, and
+# their record keeps the first answer.
 @PARTICIPANT.on(ev.OrderCompleted, idempotent=True)
 async def commit_stock(event: ev.OrderCompleted, ctx: Context) -> None:
     commit(ctx.tx, event.order_id)

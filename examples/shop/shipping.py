@@ -42,16 +42,58 @@ def schedule(
         if row[1] == CANCELLED:
             return None, "order was cancelled"
         return shipping_pb2.Shipment.FromString(row[0]), ""
-    if shipment.address.country in UNSHIPPABLE_COUNTRIES or not shipment.address.country:
-        return None, f"cannot ship to country {shipment.address.country!r}"
-    shipment.shipment_id = uuid.uuid5(uuid.NAMESPACE_URL, f"shipment/{shipment.order_id}").hex
+    reason = _refusal(shipment.address)
+    if reason:
+        return None, reason
+    return _schedule_new(conn, shipment), ""
+
+
+def first_schedule(
+    conn: sqlite3.Connection, shipment: shipping_pb2.Shipment
+) -> tuple[shipping_pb2.Shipment | None, str]:
+    """:func:`schedule`, answering the first decision made for the order, whatever
+    happened since: an address refused is refused again (the refusal depends on the
+    address alone), and a shipment scheduled stays the answer once cancelled.
+
+    That makes the saga's step idempotent by construction (a redelivery repeats the
+    first answer and changes nothing), so it needs no inbox record.
+    """
+    reason = _refusal(shipment.address)
+    if reason:
+        return None, reason
+    row = conn.execute(
+        "SELECT data FROM shipments WHERE order_id = ?", (shipment.order_id,)
+    ).fetchone()
+    if row is not None:
+        stored = shipping_pb2.Shipment.FromString(row[0])
+        # A tombstone (a cancellation before any shipment) has an id of its own.
+        if stored.shipment_id != _shipment_id(shipment.order_id):
+            return None, "order was cancelled"
+        return stored, ""
+    return _schedule_new(conn, shipment), ""
+
+
+def _refusal(address: Any) -> str:
+    if address.country in UNSHIPPABLE_COUNTRIES or not address.country:
+        return f"cannot ship to country {address.country!r}"
+    return ""
+
+
+def _shipment_id(order_id: str) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"shipment/{order_id}").hex
+
+
+def _schedule_new(
+    conn: sqlite3.Connection, shipment: shipping_pb2.Shipment
+) -> shipping_pb2.Shipment:
+    shipment.shipment_id = _shipment_id(shipment.order_id)
     shipment.status = SCHEDULED
     shipment.eta.FromSeconds(2 * 24 * 3600)
     conn.execute(
         "INSERT INTO shipments VALUES (?, ?, ?, ?)",
         (shipment.shipment_id, shipment.order_id, shipment.SerializeToString(), SCHEDULED),
     )
-    return shipment, ""
+    return shipment
 
 
 def cancel(conn: sqlite3.Connection, order_id: str) -> None:
@@ -76,9 +118,13 @@ def cancel(conn: sqlite3.Connection, order_id: str) -> None:
 PARTICIPANT = Participant("shipping", SHOP_STREAM, consumer=consumer_spec())
 
 
-@PARTICIPANT.on(ev.PaymentCompleted, emits=[ev.ShipmentScheduled, ev.ShipmentFailed])
+# Idempotent by construction (no inbox record): first_schedule answers the first
+# decision, and cancel_shipment's writes recognise their own repeat.
+@PARTICIPANT.on(
+    ev.PaymentCompleted, emits=[ev.ShipmentScheduled, ev.ShipmentFailed], idempotent=True
+)
 async def schedule_shipment(event: ev.PaymentCompleted, ctx: Context) -> Any:
-    shipment, reason = schedule(
+    shipment, reason = first_schedule(
         ctx.tx, shipping_pb2.Shipment(order_id=event.order_id, address=event.shipping_address)
     )
     await faults.mid_handler(ctx)
@@ -87,7 +133,7 @@ async def schedule_shipment(event: ev.PaymentCompleted, ctx: Context) -> Any:
     return ev.ShipmentScheduled(order_id=event.order_id, shipment_id=shipment.shipment_id)
 
 
-@PARTICIPANT.compensate(ev.OrderCancelled)
+@PARTICIPANT.compensate(ev.OrderCancelled, idempotent=True)
 async def cancel_shipment(event: ev.OrderCancelled, ctx: Context) -> None:
     cancel(ctx.tx, event.order_id)
 
