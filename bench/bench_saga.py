@@ -11,7 +11,9 @@ event, seen on a core subscription, its payload naming the order):
 * **peer**: ``bench/_saga_peer.py``, the same six events, payloads, subjects and
   SQLite work written by hand with nats-py (no inbox, tracing, event store).
 
-Each round runs, for each side in turn (the first side alternates between rounds):
+Each round runs three phases, the sides taking turns within each phase (the first
+side alternates between rounds), so the two runs a per-round ratio compares are
+seconds apart:
 
 * **open** (backlog drain): S orders placed as fast as the order service takes them,
   at most ``--concurrency`` CreateOrder calls in flight (not sagas: the sagas pile up
@@ -543,21 +545,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await open_drain(side.driver, 200, 50)
             await closed_loop(side.driver, 200, min(args.slots, 50))
         for r in range(1, args.rounds + 1):
-            # Alternating rounds, the first side alternating too: a shared machine's
-            # noise then hits both sides alike.
+            # Alternating rounds, the first side alternating too, and within a round
+            # the sides take turns phase by phase: the two runs a ratio compares are
+            # seconds apart, so a shared machine's slow drifts hit both alike.
             names = list(sides) if r % 2 else list(reversed(sides))
+            row: dict[str, dict[str, Any]] = {name: {} for name in names}
+            for phase in ("open", "closed", "moderate"):
+                for name in names:
+                    side = sides[name]
+                    d = side.driver
+                    if phase == "open":
+                        got = await measured(
+                            side, args.sagas, open_drain(d, args.sagas, args.concurrency)
+                        )
+                    elif phase == "closed":
+                        got = await measured(
+                            side, args.sagas, closed_loop(d, args.sagas, args.slots)
+                        )
+                    else:
+                        got = await measured(side, 0, moderate(d, args.rate, args.seconds))
+                        side.latencies.extend(got.pop("latencies_ms"))
+                    row[name][phase] = got
+                    print(f"round {r}/{args.rounds} {name:8s} {phase:8s} {_brief(got)}", flush=True)
             for name in names:
-                side = sides[name]
-                d = side.driver
-                print(f"round {r}/{args.rounds} {name}:", flush=True)
-                o = await measured(side, args.sagas, open_drain(d, args.sagas, args.concurrency))
-                print(f"  open     {_brief(o)}", flush=True)
-                c = await measured(side, args.sagas, closed_loop(d, args.sagas, args.slots))
-                print(f"  closed   {_brief(c)}", flush=True)
-                m = await measured(side, 0, moderate(d, args.rate, args.seconds))
-                side.latencies.extend(m.pop("latencies_ms"))
-                print(f"  moderate {_brief(m)}", flush=True)
-                side.rounds.append({"open": o, "closed": c, "moderate": m})
+                sides[name].rounds.append(row[name])
             if with_raw and mk_url:
                 events = args.sagas * EVENTS_PER_SAGA
                 pids = {"nats-server": sides["meshkit"].pids["nats-server"], "driver": os.getpid()}
@@ -579,8 +590,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "on its own nats-server, one driver"
         ),
         "note": (
-            "alternating rounds (the first side alternates); figures are medians over the "
-            "rounds, ratios (meshkit / peer) medians of the per-round ratios, moderate "
+            "alternating rounds (the first side alternates; within a round the sides take "
+            "turns phase by phase); figures are medians over the rounds, ratios (meshkit / peer) medians of the per-round ratios, moderate "
             "latencies percentiles of all rounds' sagas pooled; CPU per saga includes "
             "nats-server and the driver. open: at most `concurrency` CreateOrder calls in "
             "flight (a backlog drain); closed: `slots` sagas in flight, each slot held "
