@@ -403,6 +403,11 @@ class ConsumerSpec:
     failing message is dead-lettered. ``nak_backoff``: delays before redelivery
     after the 1st, 2nd, ... handler error (the last one repeats).
     ``max_in_flight``: messages handled concurrently by this process.
+    ``batch_overlap`` (consumers with a batch handler, such as participants): a batch
+    starts when the one before it ends, with every message that arrived meanwhile
+    (fewer, larger batches: one transaction and one round of publishes for all of
+    them); once a batch has run this many seconds, the next starts beside it, so a
+    slow handler holds the others up for at most that long (0: no waiting).
     """
 
     ack_wait: float = 30.0
@@ -413,6 +418,7 @@ class ConsumerSpec:
     pull_expires: float = 30.0
     idle_heartbeat: float = 1.0
     deliver_new: bool = False
+    batch_overlap: float = 0.02
 
     def __post_init__(self) -> None:
         if not self.ack_wait > 0:
@@ -423,6 +429,10 @@ class ConsumerSpec:
             raise ConfigError("consumer.nak_backoff", "expected one or more delays >= 0")
         if self.max_in_flight < 1:
             raise ConfigError("consumer.max_in_flight", f"{self.max_in_flight!r}: must be >= 1")
+        if not self.batch_overlap >= 0:
+            raise ConfigError(
+                "consumer.batch_overlap", f"{self.batch_overlap!r}: must be >= 0 seconds"
+            )
         if not 0 < self.idle_heartbeat < self.pull_expires:
             raise ConfigError(
                 "consumer.idle_heartbeat", "must be > 0 and shorter than consumer.pull_expires"
@@ -431,7 +441,9 @@ class ConsumerSpec:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], path: str = "consumer") -> ConsumerSpec:
         """Consumer settings from config (``{ack_wait: 30s, nak_backoff: [200ms, 1s]}``)."""
-        durations = frozenset({"ack_wait", "nak_backoff", "pull_expires", "idle_heartbeat"})
+        durations = frozenset(
+            {"ack_wait", "nak_backoff", "pull_expires", "idle_heartbeat", "batch_overlap"}
+        )
         return _from_mapping(cls, doc, path, durations)  # type: ignore[no-any-return]
 
     def nak_delay(self, deliveries: int) -> float:

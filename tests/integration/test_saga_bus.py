@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -232,6 +233,66 @@ async def test_a_batch_consumer_gets_what_arrived_together_and_a_failed_batch_co
     # The backlog, ready before the first pull, arrives in reads of several messages.
     assert failed[0] > 1
     assert consumer.stats.errors == 1 and "boom" in consumer.stats.last_error
+
+
+async def _gated_batches(
+    bus: EventBus, overlap: float
+) -> tuple[Any, list[list[str]], asyncio.Event, list[int]]:
+    """A batch consumer whose first batch waits for a gate; the batches it ran and the
+    most batches it ever ran at once."""
+    spec = _stream()
+    await bus.ensure_stream(spec)
+    batches: list[list[str]] = []
+    gate = asyncio.Event()
+    running = [0, 0]  # now, most
+
+    async def handle(msgs: list[Any]) -> None:
+        running[0] += 1
+        running[1] = max(running)
+        try:
+            ids = [ev.OrderCreated.FromString(m.data).order_id for m in msgs]
+            batches.append(ids)
+            if ids[0] == "first":
+                await gate.wait()
+            for m in msgs:
+                await m.ack()
+        finally:
+            running[0] -= 1
+
+    settings = dataclasses.replace(FAST, batch_overlap=overlap)
+    consumer = await bus.consumer(spec, "gated", spec=settings, batch_handler=handle).start()
+    await bus.emit(spec, ev.OrderCreated(order_id="first"))
+    await _wait(lambda: len(batches) == 1)
+    for i in range(10):
+        await bus.emit(spec, ev.OrderCreated(order_id=f"o{i}"))
+    await _wait(lambda: consumer.stats.delivered == 11)
+    return consumer, batches, gate, running
+
+
+async def test_a_batch_starts_when_the_one_before_it_ends_with_all_that_arrived_meanwhile(
+    bus: EventBus,
+) -> None:
+    consumer, batches, gate, running = await _gated_batches(bus, overlap=30.0)
+    await asyncio.sleep(0.2)  # the ten are here (delivered); none may start yet
+    assert len(batches) == 1
+    gate.set()
+    await _wait(lambda: sum(map(len, batches)) == 11)
+    await consumer.stop()
+    assert batches == [["first"], [f"o{i}" for i in range(10)]]  # one batch, in order
+    assert running[1] == 1 and consumer.stats.handled == 11
+
+
+async def test_a_batch_running_past_batch_overlap_lets_the_next_start_beside_it(
+    bus: EventBus,
+) -> None:
+    consumer, batches, gate, running = await _gated_batches(bus, overlap=0.05)
+    # The first batch is still held: the others ran beside it.
+    await _wait(lambda: sum(map(len, batches)) == 11)
+    assert not gate.is_set() and running[1] == 2
+    assert sorted(o for b in batches[1:] for o in b) == sorted(f"o{i}" for i in range(10))
+    gate.set()
+    await _wait(lambda: consumer.stats.handled == 11)
+    await consumer.stop()
 
 
 def test_a_consumer_takes_a_handler_or_a_batch_handler(bus: EventBus) -> None:

@@ -204,6 +204,7 @@ def test_consumer_spec_backoff_schedule_and_validation() -> None:
         ({"nak_backoff": ()}, "consumer.nak_backoff"),
         ({"max_in_flight": 0}, "consumer.max_in_flight"),
         ({"idle_heartbeat": 40.0}, "consumer.idle_heartbeat"),
+        ({"batch_overlap": -0.1}, "consumer.batch_overlap"),
     ]:
         with pytest.raises(ConfigError) as err:
             ConsumerSpec(**kwargs)  # type: ignore[arg-type]
@@ -222,9 +223,15 @@ def test_specs_from_config_documents() -> None:
     )
     assert (spec.duplicate_window, spec.max_age, spec.replicas) == (120.0, 3600.0, 3)
     consumer = ConsumerSpec.from_dict(
-        {"ack_wait": "2s", "nak_backoff": ["100ms", "1s"], "max_deliver": 4}
+        {
+            "ack_wait": "2s",
+            "nak_backoff": ["100ms", "1s"],
+            "max_deliver": 4,
+            "batch_overlap": "50ms",
+        }
     )
     assert (consumer.ack_wait, consumer.nak_backoff, consumer.max_deliver) == (2.0, (0.1, 1.0), 4)
+    assert consumer.batch_overlap == 0.05
     with pytest.raises(ConfigError) as err:
         StreamSpec.from_dict({"name": "S", "prefix": "p", "dupe_window": 1}, "saga.streams[0]")
     assert err.value.path == "saga.streams[0].dupe_window"
