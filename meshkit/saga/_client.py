@@ -140,7 +140,11 @@ class Replies:
             return
         self._subscribing = asyncio.get_running_loop().create_future()
         try:
-            await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1)
+            nc = self.nc
+            sub = await nc.subscribe(f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1)
+            # Where nats-py allows (meshkit._compat.nats), answers skip the
+            # subscription's queue and task: settling a future needs neither.
+            _nats_compat.dispatch_directly(nc, sub, self._dispatch)
         except BaseException as exc:
             self._subscribing.set_exception(exc)
             self._subscribing.exception()  # retrieved here: the next caller retries
@@ -159,10 +163,13 @@ class Replies:
     def forget(self, subject: str) -> None:
         self._waiting.pop(subject, None)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _dispatch(self, msg: Msg) -> None:
         on_msg = self._waiting.get(msg.subject)
         if on_msg is not None:
             on_msg(msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._dispatch(msg)
 
     async def request(
         self,

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
+from meshkit._compat import nats as _nats_compat
 from meshkit.errors import ConfigError
 from meshkit.saga import cluster
 from meshkit.saga.streams import _NAME, ConsumerSpec, StreamSpec
@@ -164,7 +165,11 @@ class PullConsumer:
             return self
         await self.ensure(window=None)
         self._inbox = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        nc = self.bus.nc
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        # Where nats-py allows (meshkit._compat.nats), deliveries skip the
+        # subscription's queue and task: a batch is started, not awaited, here.
+        _nats_compat.dispatch_directly(nc, self._sub, self._deliver)
         self._remove_listener = self.bus.on_reconnect(self._on_reconnect)
         self._started = True
         self._last_activity = time.monotonic()
@@ -199,6 +204,10 @@ class PullConsumer:
             log.debug("pull for %s failed: %r", self.durable, exc)
 
     async def _on_msg(self, msg: Msg) -> None:
+        """nats-py's callback, where the message was not dispatched directly."""
+        self._deliver(msg)
+
+    def _deliver(self, msg: Msg) -> None:
         self._last_activity = time.monotonic()
         headers = msg.headers
         status = headers.get("Status") if headers else None
@@ -225,15 +234,14 @@ class PullConsumer:
                         return
                     self._back_off()
                     return
-            await self._pull()
+            self._spawn(self._pull())
             return
         self._backoff = 0.0
         self._credits = max(0, self._credits - 1)
         self.stats.delivered += 1
         if self._stopping:
             # Hand it back at once so another instance (or our next start) gets it.
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            self._spawn(_nak_quietly(msg))
             return
         self._in_flight += 1
         self._idle.clear()
@@ -245,6 +253,11 @@ class PullConsumer:
         task = asyncio.create_task(self._run(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _dispatch(self) -> None:
         """Start a batch for the waiting messages now, or when the running one has run
@@ -418,6 +431,12 @@ class PullConsumer:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+            _nats_compat.release(self.bus.nc, self._sub)
         with contextlib.suppress(ValueError):
             self.bus._consumers.remove(self)
         log.debug("consumer %s stopped", self.durable)
+
+
+async def _nak_quietly(msg: Msg) -> None:
+    with contextlib.suppress(Exception):
+        await msg.nak()

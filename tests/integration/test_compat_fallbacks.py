@@ -265,7 +265,10 @@ async def test_a_connection_s_replies_go_with_it(nats_server_module: Any) -> Non
     r = _client.replies(conn)
     assert _client.replies(conn) is r
     await r.ready()
-    assert not [k for k in vars(conn) if "meshkit" in k]  # nothing stuck on the client
+    # Nothing stuck on the client but the direct-dispatch map of its fast path (which
+    # holds the Replies the connection already keeps, and no reference back).
+    stuck = [k for k in vars(conn) if "meshkit" in k]
+    assert stuck == (["_meshkit_direct"] if nats_compat.FAST_PATHS["direct_dispatch"] else [])
     ref = weakref.ref(conn)
     await conn.close()
     del conn, r
@@ -285,3 +288,54 @@ async def test_the_event_store_reads_the_server_version_publicly(nc: NatsClient)
     assert _server_version(nc) == (reported.major, reported.minor) >= (2, 11)
     with pytest.raises(EventStoreError, match="nats-server version is unknown"):
         _server_version(NatsClient())  # never connected: no INFO yet
+
+
+async def test_deliveries_and_stream_acks_skip_the_subscription_queue_on_the_fast_path(
+    nats_mode: str, nats_server_module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from examples.shop.gen.shop.v1 import events_pb2 as ev
+    from meshkit.saga import ConsumerSpec, EventBus, StreamSpec
+    from meshkit.saga.consumer import PullConsumer
+
+    queued: list[str] = []  # what reached nats-py's callbacks (its queue and task)
+    consumer_cb, replies_cb = PullConsumer._on_msg, _client.Replies._on_msg
+
+    async def consumer_on_msg(self: Any, msg: Any) -> None:
+        queued.append(f"delivery {msg.subject}")
+        await consumer_cb(self, msg)
+
+    async def replies_on_msg(self: Any, msg: Any) -> None:
+        queued.append(f"ack {msg.subject}")
+        await replies_cb(self, msg)
+
+    monkeypatch.setattr(PullConsumer, "_on_msg", consumer_on_msg)
+    monkeypatch.setattr(_client.Replies, "_on_msg", replies_on_msg)
+    bus = await EventBus.connect(nats_server_module.url, name="compat-direct", source="test")
+    try:
+        tag = uuid.uuid4().hex[:8]
+        spec = StreamSpec(name=f"DIRECT{tag}", prefix=f"direct{tag}")
+        await bus.ensure_stream(spec)
+        for i in range(5):
+            await bus.emit(spec, ev.OrderCreated(order_id=f"o{i}"))
+        got: list[str] = []
+
+        async def handle(msgs: list[Any]) -> None:
+            got.extend(ev.OrderCreated.FromString(m.data).order_id for m in msgs)
+            for m in msgs:
+                await m.ack()
+
+        settings = ConsumerSpec(ack_wait=5.0, idle_heartbeat=0.2, pull_expires=5.0)
+        consumer = await bus.consumer(spec, "direct", spec=settings, batch_handler=handle).start()
+        await eventually(lambda: len(got) == 5)
+        await consumer.stop()
+        assert sorted(got) == [f"o{i}" for i in range(5)]
+        if nats_mode == "fast":
+            assert queued == []  # every delivery and every stream ack went direct
+            # A stopped consumer is no longer dispatched to (nor kept by the client).
+            left = list((bus.nc._meshkit_direct or {}).values())
+            assert left == [_client.replies(bus.nc)._dispatch]  # the stream acks' only
+        else:
+            assert sum(q.startswith("delivery") for q in queued) >= 5
+            assert sum(q.startswith("ack") for q in queued) == 5
+    finally:
+        await bus.close()

@@ -134,7 +134,11 @@ def test_the_bus_client_is_nats_py_s_own_when_the_fast_paths_are_off(
 
     monkeypatch.setitem(nats_compat.FAST_PATHS, "publish", False)
     monkeypatch.setitem(nats_compat.FAST_PATHS, "parse_headers", False)
-    assert nats_compat.client_class(encode_headers, parse_header_lines) is NatsClient
+    monkeypatch.setitem(nats_compat.FAST_PATHS, "direct_dispatch", False)
+    plain = nats_compat.client_class(encode_headers, parse_header_lines)
+    assert plain is NatsClient
+    # Nothing is dispatched directly on nats-py's own client: callbacks get everything.
+    assert not nats_compat.dispatch_directly(plain(), object(), lambda msg: None)
 
 
 def test_no_sync_future_invoker_when_its_fast_path_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
