@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -81,25 +82,26 @@ async def _retrying(call: Callable[[], Awaitable[T]], within: float) -> T:
             delay = min(1.0, delay * 2)
 
 
-@contextlib.contextmanager
-def _incoming_trace(context: grpc.aio.ServicerContext) -> Iterator[None]:
-    """Continue the caller's trace in the saga's events.
+def _incoming_carrier(context: grpc.aio.ServicerContext) -> dict[str, str] | None:
+    """The caller's trace context to continue in the saga's events, or None.
 
     With OpenTelemetry's grpc instrumentation installed the server span is already
-    current; without it, the caller's ``traceparent`` metadata is attached here so the
-    first event (and every event after it) still carries the caller's trace.
+    current (None: nothing to attach); without it, the caller's ``traceparent``
+    metadata is attached (see :func:`_attached`) so the first event (and every
+    event after it) still carries the caller's trace.
     """
-    if trace.get_current_span().get_span_context().is_valid:
-        yield
-        return
     carrier = {
         str(k): str(v)
         for k, v in (context.invocation_metadata() or ())
         if k in ("traceparent", "tracestate")
     }
-    if not carrier:
-        yield
-        return
+    if not carrier or trace.get_current_span().get_span_context().is_valid:
+        return None
+    return carrier
+
+
+@contextlib.contextmanager
+def _attached(carrier: dict[str, str]) -> Iterator[None]:
     token = otel_context.attach(propagate.extract(carrier))
     try:
         yield
@@ -142,9 +144,11 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"items[{i}].quantity: must be positive"
                 )
-        req = orders_pb2.CreateOrderRequest()
-        req.CopyFrom(request)
-        req.request_id = request.request_id or uuid.uuid4().hex
+        req = request
+        if not req.request_id:  # a copy with one: the caller's request stays as sent
+            req = orders_pb2.CreateOrderRequest()
+            req.CopyFrom(request)
+            req.request_id = uuid.uuid4().hex
         order_id = order_id_for(req.request_id)
         left = context.time_remaining()
         within = 15.0 if left is None else max(0.5, min(30.0, left - 0.5))
@@ -153,21 +157,27 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
             if self.saga_timeout is None
             else time.time_ns() // 1_000_000 + int(self.saga_timeout * 1000)
         )
-        with _incoming_trace(context):
-            # Idempotent: a retried create finds the order created and appends nothing.
-            loaded = await _retrying(
-                lambda: self.orders.execute(
-                    order_id,
-                    lambda o: o.create(req),
-                    event_ids=lambda i: derive_event_id(order_id, "order.create", i),
-                    saga_id=order_id,
-                    saga_type="order",
-                    # A new order most times: no read first; a retry finds its order.
-                    expect_new=True,
-                    saga_deadline_ms=saga_deadline_ms,
-                ),
-                within,
-            )
+        # Idempotent: a retried create finds the order created and appends nothing.
+        create = functools.partial(
+            _retrying,
+            lambda: self.orders.execute(
+                order_id,
+                lambda o: o.create(req),
+                event_ids=lambda i: derive_event_id(order_id, "order.create", i),
+                saga_id=order_id,
+                saga_type="order",
+                # A new order most times: no read first; a retry finds its order.
+                expect_new=True,
+                saga_deadline_ms=saga_deadline_ms,
+            ),
+            within,
+        )
+        carrier = _incoming_carrier(context)
+        if carrier is None:
+            loaded = await create()
+        else:
+            with _attached(carrier):
+                loaded = await create()
         return loaded.state.to_proto()
 
     async def GetOrder(
@@ -258,21 +268,15 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
 PARTICIPANT = Participant("order", SHOP_STREAM, consumer=consumer_spec())
 
 
-@contextlib.contextmanager
-def _event_trace(ctx: Context) -> Iterator[None]:
-    """Store the handler's events in the trace of the event it handles.
+def _event_carrier(ctx: Context) -> dict[str, str] | None:
+    """The trace context to store the handler's events in, or None (nothing to attach).
 
     With an SDK the consumer span is current already; without one, the incoming
     ``traceparent`` is attached so the appended events (and the relay) carry it.
     """
-    if trace.get_current_span().get_span_context().is_valid or not ctx.envelope.traceparent:
-        yield
-        return
-    token = otel_context.attach(propagate.extract(ctx.envelope.to_headers()))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+    if not ctx.envelope.traceparent or trace.get_current_span().get_span_context().is_valid:
+        return None
+    return ctx.envelope.to_headers()
 
 
 class OrderNotFound(RuntimeError):
@@ -309,15 +313,21 @@ async def _decide(ctx: Context, order_id: str, decide: Callable[[Order], Any]) -
         except OrderRejected:  # e.g. a timeout arriving after completion
             return []
 
-    with _event_trace(ctx):
-        await orders.execute(
-            order_id,
-            guarded,
-            event_ids=lambda i: derive_event_id(ctx.event_id, "order", i),
-            saga_id=ctx.envelope.saga_id,
-            saga_type=ctx.envelope.saga_type or "order",
-            causation_id=ctx.event_id,
-        )
+    execute = functools.partial(
+        orders.execute,
+        order_id,
+        guarded,
+        event_ids=lambda i: derive_event_id(ctx.event_id, "order", i),
+        saga_id=ctx.envelope.saga_id,
+        saga_type=ctx.envelope.saga_type or "order",
+        causation_id=ctx.event_id,
+    )
+    carrier = _event_carrier(ctx)
+    if carrier is None:
+        await execute()
+    else:
+        with _attached(carrier):
+            await execute()
 
 
 @PARTICIPANT.on(ev.ShipmentScheduled, emits=[ev.OrderCompleted])

@@ -205,6 +205,11 @@ async def run_many(
     tasks = [
         loop.create_task(inbox.run_once(key, work), context=ctx) for key, work, ctx, _ in items
     ]
+    if len(tasks) == 1:  # the common batch under light load: no gather to set up
+        try:
+            return [await tasks[0]]
+        except Exception as exc:
+            return [exc]
     done = await asyncio.gather(*tasks, return_exceptions=True)
     for result in done:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
