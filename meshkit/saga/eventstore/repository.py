@@ -342,7 +342,7 @@ class Repository(Generic[A]):
                 # earlier command returned must not change under its caller.
                 guess = Loaded(
                     aggregate_id,
-                    copy.deepcopy(cached.state),
+                    _copied(cached.state),
                     cached.version,
                     cached.snapshot_version,
                 )
@@ -400,3 +400,10 @@ class Repository(Generic[A]):
         if not events and await self.catch_up(loaded):
             events = list(decide(loaded.state))
         return loaded, events
+
+
+def _copied(state: Any) -> Any:
+    """``copy.deepcopy(state)``; a class's own ``__deepcopy__`` is called directly (the
+    copy module's memo and dispatch cost more than a small aggregate's copy)."""
+    own = getattr(type(state), "__deepcopy__", None)
+    return own(state, {}) if own is not None else copy.deepcopy(state)
