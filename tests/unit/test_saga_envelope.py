@@ -262,3 +262,31 @@ def test_the_event_id_travels_once_and_is_pinned_before_its_msg_id_is_replaced()
     both = {E.MSG_ID: "m", E.EVENT_ID: "e", E.EVENT_TYPE: "t.T"}
     assert E.event_id_of(both) == "e" and E.pin_event_id(dict(both))[E.EVENT_ID] == "e"
     assert E.event_id_of({}) == ""
+
+
+def test_the_positional_constructor_is_the_dataclass_init() -> None:
+    import dataclasses
+    import inspect
+
+    names = [f.name for f in dataclasses.fields(Envelope)]
+    assert list(inspect.signature(Envelope._of).parameters) == names  # every field, in order
+    values: dict[str, object] = {
+        "event_id": "e",
+        "event_type": "shop.v1.OrderCreated",
+        "saga_id": "s",
+        "causation_id": "c",
+        "timestamp_ms": 12,
+        "source": "src",
+        "saga_type": "order",
+        "deadline_ms": 5,
+        "saga_deadline_ms": 7,
+        "traceparent": "tp",
+        "tracestate": "ts",
+        "extra": {"X-A": "1"},
+    }
+    made = Envelope._of(*(values[n] for n in names))  # type: ignore[arg-type]
+    assert made == Envelope(**values)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.saga_id = "other"  # type: ignore[misc]
+    parsed = Envelope.from_headers(Envelope(**values).to_headers())  # type: ignore[arg-type]
+    assert parsed == Envelope(**values)  # type: ignore[arg-type]

@@ -478,18 +478,19 @@ class EventStore:
             if schema != 1:  # 1 is what a reader takes when the header is not there
                 extra[SCHEMA_VERSION] = str(schema)
             envs.append(
-                Envelope(
-                    event_id=ids[i],
-                    event_type=etype,
-                    saga_id=meta["saga_id"],
-                    causation_id=meta["causation_id"],
-                    timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms,
-                    source=self.source,
-                    saga_type=meta["saga_type"],
-                    saga_deadline_ms=meta["saga_deadline_ms"],
-                    traceparent=traceparent,
-                    tracestate=tracestate,
-                    extra=extra,
+                Envelope._of(
+                    ids[i],
+                    etype,
+                    meta["saga_id"],
+                    meta["causation_id"],
+                    now_ms() if timestamp_ms is None else timestamp_ms,
+                    self.source,
+                    meta["saga_type"],
+                    None,
+                    meta["saga_deadline_ms"],
+                    traceparent,
+                    tracestate,
+                    extra,
                 )
             )
         return envs
