@@ -22,7 +22,14 @@ it runs in the inbox's transaction with no record kept; results before that stop
 include the record, which ``bench_inbox`` prices alone. Writes
 ``bench/results/participant.json``.
 
+``--trickle RATE`` feeds the events instead, one at a time at RATE per second, from
+a publisher process of its own (the order service's headers on meshkit's side,
+``Nats-Msg-Id`` on the peer's): each batch is then one event, so the figure is the
+cost of a batch as a saga under light load makes them. Writes
+``bench/results/participant_trickle.json``.
+
     .venv/bin/python -m bench.bench_participant [--events 5000] [--rounds 5]
+        [--trickle 1500]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from bench.bench_saga import _cpu_seconds  # noqa: E402
 from examples.shop.gen.shop.v1 import events_pb2 as ev  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "participant.json"
+TRICKLE_RESULTS = ROOT / "bench" / "results" / "participant_trickle.json"
 DURABLE = "SHOP-notification"  # the same name on both sides
 
 
@@ -143,28 +151,77 @@ async def _drained(url: str, events: int) -> None:
         await nc.close()
 
 
-async def one_side(side: str, events: int) -> tuple[float, float]:
+async def one_side(side: str, events: int, trickle: float = 0.0) -> tuple[float, float]:
     from meshkit.nats import NatsServer
 
     async with NatsServer() as server:
         with tempfile.TemporaryDirectory(prefix="meshkit-bench-participant-") as tmp:
             make = _meshkit if side == "meshkit" else _peer
-            start, stop = await make(server.url, tmp, events)
+            backlog = 1 if trickle else events  # trickling: one event to start on
+            start, stop = await make(server.url, tmp, backlog)
+            if trickle:
+                await start()
+                await asyncio.wait_for(_drained(server.url, backlog), 60)
             gc.collect()
             cpu0, srv0 = time.process_time(), _cpu_seconds(server.pid or 0)
-            await start()
+            if trickle:
+                feeder = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "bench.bench_participant",
+                    "--feed",
+                    server.url,
+                    side,
+                    str(events),
+                    str(trickle),
+                    cwd=ROOT,
+                )
+                if await feeder.wait() != 0:
+                    raise RuntimeError(f"the {side} feeder failed")
+            else:
+                await start()
             # The watcher's polls cost the same on both sides (a few dozen requests).
-            await asyncio.wait_for(_drained(server.url, events), 120)
+            await asyncio.wait_for(_drained(server.url, backlog + events * bool(trickle)), 120)
             cpu, srv = time.process_time() - cpu0, _cpu_seconds(server.pid or 0) - srv0
             await stop()
     return cpu / events * 1e6, srv / events * 1e6
+
+
+async def feed(url: str, side: str, events: int, rate: float) -> None:
+    """Publish ``events`` OrderCompleted one at a time, ``rate`` per second (a process
+    of its own, so its work is not the participant's)."""
+    import nats
+
+    from bench import _saga_peer as peer
+    from meshkit.saga.envelope import Envelope
+
+    nc = await nats.connect(url, name="bench-participant-feed")
+    messages = []
+    for _ in range(events):
+        order_id = uuid.uuid4().hex
+        event = ev.OrderCompleted(order_id=order_id, customer_id="c-1")
+        if side == "meshkit":
+            headers = Envelope.new(
+                event, saga_id=order_id, source="order", saga_type="order", causation_id=order_id
+            ).to_headers()
+        else:
+            headers = {"Nats-Msg-Id": peer.derive_id(order_id, "order.complete")}
+        messages.append((peer.subject(ev.OrderCompleted), event.SerializeToString(), headers))
+    start = time.perf_counter()
+    for i, (subject, payload, headers) in enumerate(messages):
+        await nc.publish(subject, payload, headers=headers)
+        await nc.flush()
+        ahead = start + (i + 1) / rate - time.perf_counter()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+    await nc.close()
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, list[tuple[float, float]]] = {"meshkit": [], "peer": []}
     for r in range(args.rounds):
         for side in ("meshkit", "peer") if r % 2 == 0 else ("peer", "meshkit"):
-            proc, srv = await one_side(side, args.events)
+            proc, srv = await one_side(side, args.events, args.trickle)
             rows[side].append((proc, srv))
             print(f"round {r + 1} {side:8s} {proc:6.1f} us/event here, nats-server {srv:5.1f}")
     proc_ratio = [m[0] / p[0] for m, p in zip(rows["meshkit"], rows["peer"], strict=True)]
@@ -183,14 +240,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_cpu_ratio": round(statistics.median(total_ratio), 3),
     }
     print(f"meshkit {summary['meshkit']}\npeer    {summary['peer']}\nmeshkit / peer: {ratios}")
+    how = (
+        f"fed one event at a time, {args.trickle:g} per second, from a process of its own"
+        if args.trickle
+        else "draining a backlog"
+    )
     return {
-        "benchmark": "participant",
+        "benchmark": "participant_trickle" if args.trickle else "participant",
         "description": (
-            "the shop's notification participant draining a backlog: meshkit.saga "
+            f"the shop's notification participant {how}: meshkit.saga "
             "(SqliteInbox, batch path) vs bench/_saga_peer.py's loop, same handler and "
             "table; CPU per event of the participant's process and of nats-server"
         ),
         "events_per_round": args.events,
+        "trickle_events_per_s": args.trickle or None,
         "rounds": args.rounds,
         **summary,
         "ratios": ratios,
@@ -205,8 +268,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5000, help="events per side per round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    parser.add_argument(
+        "--trickle", type=float, default=0.0, help="events per second, one at a time (0: backlog)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument(
+        "--feed", nargs=4, metavar=("URL", "SIDE", "EVENTS", "RATE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.feed:
+        url, side, events, rate = args.feed
+        asyncio.run(feed(url, side, int(events), float(rate)))
+        return 0
+    if args.out is None:
+        args.out = TRICKLE_RESULTS if args.trickle else RESULTS
     try:
         import uvloop  # both sides' services run on it
     except ImportError:  # pragma: no cover
