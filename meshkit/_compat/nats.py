@@ -2,7 +2,7 @@
 
 Every saga event is a publish with a dozen headers, a stream ack, a delivery and an
 ack; nats-py's pure-Python header encoding and parsing are a measurable share of a
-participant's CPU. Two fast paths override private methods of
+participant's CPU. Three fast paths override private methods of
 ``nats.aio.client.Client`` in a subclass:
 
 ``publish``
