@@ -181,7 +181,8 @@ async def one_side(side: str, events: int, trickle: float = 0.0) -> tuple[float,
             else:
                 await start()
             # The watcher's polls cost the same on both sides (a few dozen requests).
-            await asyncio.wait_for(_drained(server.url, backlog + events * bool(trickle)), 120)
+            stored = backlog + events if trickle else events
+            await asyncio.wait_for(_drained(server.url, stored), 120)
             cpu, srv = time.process_time() - cpu0, _cpu_seconds(server.pid or 0) - srv0
             await stop()
     return cpu / events * 1e6, srv / events * 1e6

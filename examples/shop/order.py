@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import time
@@ -100,8 +99,17 @@ def _incoming_carrier(context: grpc.aio.ServicerContext) -> dict[str, str] | Non
     return carrier
 
 
+def _attached(carrier: dict[str, str] | None) -> contextlib.AbstractContextManager[None]:
+    """``carrier``'s trace context attached for the block; nothing when it is None
+    (the common case costs no generator)."""
+    return _NOTHING if carrier is None else _attaching(carrier)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def _attached(carrier: dict[str, str]) -> Iterator[None]:
+def _attaching(carrier: dict[str, str]) -> Iterator[None]:
     token = otel_context.attach(propagate.extract(carrier))
     try:
         yield
@@ -157,27 +165,21 @@ class OrderService(orders_pb2_grpc.OrderServiceServicer):
             if self.saga_timeout is None
             else time.time_ns() // 1_000_000 + int(self.saga_timeout * 1000)
         )
-        # Idempotent: a retried create finds the order created and appends nothing.
-        create = functools.partial(
-            _retrying,
-            lambda: self.orders.execute(
-                order_id,
-                lambda o: o.create(req),
-                event_ids=lambda i: derive_event_id(order_id, "order.create", i),
-                saga_id=order_id,
-                saga_type="order",
-                # A new order most times: no read first; a retry finds its order.
-                expect_new=True,
-                saga_deadline_ms=saga_deadline_ms,
-            ),
-            within,
-        )
-        carrier = _incoming_carrier(context)
-        if carrier is None:
-            loaded = await create()
-        else:
-            with _attached(carrier):
-                loaded = await create()
+        with _attached(_incoming_carrier(context)):
+            # Idempotent: a retried create finds the order created and appends nothing.
+            loaded = await _retrying(
+                lambda: self.orders.execute(
+                    order_id,
+                    lambda o: o.create(req),
+                    event_ids=lambda i: derive_event_id(order_id, "order.create", i),
+                    saga_id=order_id,
+                    saga_type="order",
+                    # A new order most times: no read first; a retry finds its order.
+                    expect_new=True,
+                    saga_deadline_ms=saga_deadline_ms,
+                ),
+                within,
+            )
         return loaded.state.to_proto()
 
     async def GetOrder(
@@ -313,21 +315,15 @@ async def _decide(ctx: Context, order_id: str, decide: Callable[[Order], Any]) -
         except OrderRejected:  # e.g. a timeout arriving after completion
             return []
 
-    execute = functools.partial(
-        orders.execute,
-        order_id,
-        guarded,
-        event_ids=lambda i: derive_event_id(ctx.event_id, "order", i),
-        saga_id=ctx.envelope.saga_id,
-        saga_type=ctx.envelope.saga_type or "order",
-        causation_id=ctx.event_id,
-    )
-    carrier = _event_carrier(ctx)
-    if carrier is None:
-        await execute()
-    else:
-        with _attached(carrier):
-            await execute()
+    with _attached(_event_carrier(ctx)):
+        await orders.execute(
+            order_id,
+            guarded,
+            event_ids=lambda i: derive_event_id(ctx.event_id, "order", i),
+            saga_id=ctx.envelope.saga_id,
+            saga_type=ctx.envelope.saga_type or "order",
+            causation_id=ctx.event_id,
+        )
 
 
 @PARTICIPANT.on(ev.ShipmentScheduled, emits=[ev.OrderCompleted])

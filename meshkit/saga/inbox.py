@@ -346,15 +346,9 @@ class SqliteInbox:
         pending and no flusher ran, so the batch is the caller's own items (no task,
         and no loop turn before the commit nor after it). What arrives meanwhile goes
         to a flusher task, so cancelling this caller fails its own batch only."""
-        batch = self._pending[: self.max_batch]
-        del self._pending[: self.max_batch]
         self._inline = True
         try:
-            await self._run_batch(batch)
-        except BaseException as exc:
-            _fail(batch, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            await self._run_next()
         finally:
             self._inline = False
             if self._pending and (self._flusher is None or self._flusher.done()):
@@ -362,14 +356,19 @@ class SqliteInbox:
 
     async def _flush(self) -> None:
         while self._pending:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            try:
-                await self._run_batch(batch)
-            except BaseException as exc:
-                _fail(batch, exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            await self._run_next()
+
+    async def _run_next(self) -> None:
+        """Commit the next batch of what is pending; a batch that fails as a whole
+        settles its own futures (a cancellation goes on up)."""
+        batch = self._pending[: self.max_batch]
+        del self._pending[: self.max_batch]
+        try:
+            await self._run_batch(batch)
+        except BaseException as exc:
+            _fail(batch, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         results: list[tuple[asyncio.Future[tuple[list[Outbound], bool]], Any, bool]] = []
