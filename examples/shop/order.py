@@ -2,8 +2,8 @@
 or cancels them.
 
 Orders are event sourced: each is an ``Order`` aggregate (``examples/shop/domain.py``)
-kept in the saga stream ``SHOP`` itself (subjects ``shop_orders.order.<id>.<event
-type>``, a hosted store declared in ``flow.SHOP_STREAM``). The store is its own
+kept in the saga stream ``SHOP`` itself (subjects ``shop_orders.<event type
+token>.order.<id>``, a hosted store declared in ``flow.SHOP_STREAM``). The store is its own
 outbox: the participants of OrderCreated, OrderCompleted and OrderCancelled consume
 them where they were appended, so an append is the only write. With
 ``SHOP_MODE=orchestrated`` the order service runs the saga's orchestrator instead,

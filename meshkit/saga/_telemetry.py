@@ -101,22 +101,33 @@ def producer_span(
 def consumer_span(
     subject: str, env: Envelope, consumer: str, size: int, headers: Mapping[str, str]
 ) -> Iterator[Span]:
-    """A CONSUMER span for handling one event, parented on the trace in its headers."""
+    """A CONSUMER span for handling one event, parented on the trace in its headers.
+
+    An event read where an event store appended it (its subject ends with its
+    aggregate's id) names the span by the subject with ``{id}`` for the id, as the
+    conventions ask for low-cardinality names.
+    """
     if not tracing():
         yield INVALID_SPAN
         return
+    from meshkit.saga.eventstore.events import AGGREGATE_ID  # the store imports this module
+
+    attributes = {
+        **_attrs(subject, env, "process", size),
+        "messaging.operation.name": "process",
+        "messaging.consumer.group.name": consumer,
+        "messaging.destination.subscription.name": consumer,
+    }
+    destination = subject
+    aggregate_id = headers.get(AGGREGATE_ID, "")
+    if aggregate_id and subject.endswith("." + aggregate_id):
+        destination = subject[: -len(aggregate_id)] + "{id}"
+        attributes["messaging.destination.template"] = destination
     parent = propagate.extract(dict(headers))
     token = otel_context.attach(parent)
     try:
         with _tracer.start_as_current_span(
-            f"process {subject}",
-            kind=SpanKind.CONSUMER,
-            attributes={
-                **_attrs(subject, env, "process", size),
-                "messaging.operation.name": "process",
-                "messaging.consumer.group.name": consumer,
-                "messaging.destination.subscription.name": consumer,
-            },
+            f"process {destination}", kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:
             try:
                 yield span

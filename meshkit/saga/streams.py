@@ -19,6 +19,7 @@ from meshkit.errors import ConfigError
 from meshkit.saga import cluster
 from meshkit.saga.envelope import type_name
 from meshkit.saga.eventstore import EventStoreConfig
+from meshkit.saga.eventstore.events import type_token
 
 __all__ = ["ConsumerSpec", "EventStoreSource", "HostedStore", "StreamSpec"]
 
@@ -126,7 +127,7 @@ class EventStoreSource:
     """An event store whose events nats-server copies into a stream (stream sourcing).
 
     Each event of the listed ``types`` (full protobuf names or message classes; every
-    type when empty), stored on ``<store prefix>.<aggregate>.<id>.<type>``, lands on
+    type when empty), stored on ``<store prefix>.<type token>.<aggregate>.<id>``, lands on
     the stream's ``<prefix>.<type>`` with its headers (ids, saga, trace) and in
     order, where participants consume it like any other event. The store is then
     its own outbox: an append is the only write, and the server forwards each
@@ -161,9 +162,10 @@ class EventStoreSource:
 
     def to_source(self, prefix: str) -> api.StreamSource:
         """The JetStream source for a stream whose events sit under ``prefix``."""
-        head = f"{self.store.subject_prefix}.*.*"
-        pairs = [(f"{head}.{t}", f"{prefix}.{t}") for t in self.types] or [
-            (f"{head}.>", f"{prefix}.>")
+        head = self.store.subject_prefix
+        # A type's token back into its name: split on the ':' it put for each '.'.
+        pairs = [(f"{head}.{type_token(t)}.*.*", f"{prefix}.{t}") for t in self.types] or [
+            (f"{head}.*.*.*", f"{prefix}.{{{{split(1,:)}}}}")
         ]
         return api.StreamSource(
             name=self.store.stream,
@@ -177,7 +179,7 @@ class HostedStore:
     no copy to make.
 
     The store (its ``stream`` is the saga stream's name) appends on
-    ``<store prefix>.<aggregate>.<id>.<type>``, a subject space of the saga stream
+    ``<store prefix>.<type token>.<aggregate>.<id>``, a subject space of the saga stream
     beside ``<prefix>.>``; participants of the events of the listed ``types`` (every
     type when empty) filter on those subjects too, and get each event straight from
     the append: no server-side copy (:class:`EventStoreSource`), so each event is
@@ -192,11 +194,12 @@ class HostedStore:
     then ensures the store (direct gets, atomic batches where the server has them).
 
     A cost to know: a participant's filters then mix literal saga subjects with the
-    store's ``<prefix>.*.*.<type>``, and nats-server serves a *backlog* to such a
-    consumer at a cost per message that grows with the aggregates in the stream
-    (``bench/bench_hosted_filters.py``: 250 µs per message at 1,000 aggregates, 885
-    at 4,000; a caught-up consumer is not affected). With many aggregates and
-    participants that may fall behind, copy the store instead
+    store's ``<prefix>.<type token>.*.*``, and nats-server serves a *backlog* to a
+    consumer with several filters at a cost per message that grows with the subjects
+    its wildcards walk: here the aggregates with events of the participant's types
+    (``bench/bench_hosted_filters.py``; a caught-up consumer is not affected, and the
+    type-first layout keeps the walk to those types' subjects). With very many
+    aggregates and participants that may fall far behind, copy the store instead
     (:class:`EventStoreSource`).
     """
 
@@ -222,7 +225,7 @@ class HostedStore:
 
     def filter_for(self, event_type: str) -> str:
         """The consumer filter for this type's events from the store, any aggregate."""
-        return f"{self.store.subject_prefix}.*.*.{event_type}"
+        return f"{self.store.subject_prefix}.{type_token(event_type)}.*.*"
 
 
 def _sources_key(

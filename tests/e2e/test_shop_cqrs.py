@@ -243,11 +243,13 @@ async def test_orders_are_event_sourced_in_the_saga_stream_and_stored_once(
         assert shop.bus is not None
         # Two events in the aggregate's stream (the retried create appended nothing),
         # each on a subject that names its type.
-        head = f"{ORDERS_STORE.subject_prefix}.order.{order_id}"
-        info = await shop.bus.js.stream_info(ORDERS_STORE.stream, subjects_filter=f"{head}.>")
+        head = ORDERS_STORE.subject_prefix
+        info = await shop.bus.js.stream_info(
+            ORDERS_STORE.stream, subjects_filter=f"{head}.*.order.{order_id}"
+        )
         assert info.state.subjects == {
-            f"{head}.shop.v1.OrderCreated": 1,
-            f"{head}.shop.v1.OrderCompleted": 1,
+            f"{head}.shop:v1:OrderCreated.order.{order_id}": 1,
+            f"{head}.shop:v1:OrderCompleted.order.{order_id}": 1,
         }
         assert ORDERS_STORE.stream == SHOP_STREAM.name
         stored = await EventStore(shop.bus.nc, ORDERS_STORE).read("order", order_id)

@@ -97,11 +97,11 @@ async def test_append_and_read_versions_and_sequences(store: EventStore) -> None
     assert [e.version for e in events] == [1, 2, 3]
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert events[-1].seq == r2.version.seq
-    # Each event on its aggregate's subject, with its type as the last tokens.
+    # Each event on its aggregate's subject, led by its type's token.
     assert [e.subject for e in events] == [
-        f"estest.tally.{agg}.shop.v1.OrderCreated",
-        f"estest.tally.{agg}.shop.v1.PaymentCompleted",
-        f"estest.tally.{agg}.shop.v1.PaymentCompleted",
+        f"estest.shop:v1:OrderCreated.tally.{agg}",
+        f"estest.shop:v1:PaymentCompleted.tally.{agg}",
+        f"estest.shop:v1:PaymentCompleted.tally.{agg}",
     ]
     assert await store.version("tally", agg) == r2.version
 

@@ -366,6 +366,28 @@ async def _wait_for(bus: EventBus, stream: str, n: int) -> list[Any]:
     return got
 
 
+async def test_with_no_types_listed_every_type_lands_on_its_own_subject(bus: EventBus) -> None:
+    """The one transform for every type turns a type's token back into its name."""
+    cfg = _config(storage="memory")
+    spec = _spec(cfg)
+    await bus.ensure_stream(spec)
+    store = EventStore(bus.nc, cfg, source="order")
+    agg = new_id()
+    await store.append("order", agg, [created(), paid()], expected=Version())
+    env = Envelope.new("Flat", source="other")
+    await bus.js.publish(
+        store.event_subject("order", agg, "Flat"),
+        b"",
+        headers={**env.to_headers(), AGGREGATE_TYPE: "order", AGGREGATE_ID: agg},
+    )
+    copied = await _wait_for(bus, spec.name, 3)
+    assert [m.subject for m in copied] == [
+        spec.subject_for(CREATED),
+        spec.subject_for(PAID),
+        spec.subject_for("Flat"),
+    ]
+
+
 async def test_listed_types_are_copied_with_their_headers_in_order(bus: EventBus) -> None:
     cfg = _config(storage="memory")
     spec = _spec(cfg, ev.OrderCreated)
@@ -479,7 +501,10 @@ async def test_ensure_stream_twice_is_a_no_op_and_new_types_update_the_sources(
     assert (counting.adds, counting.updates) == (1, [])
     before = await bus.js.stream_info(spec.name)
     assert _transforms(before) == [
-        (cfg.stream, [(f"{cfg.subject_prefix}.*.*.{CREATED}", spec.subject_for(CREATED))])
+        (
+            cfg.stream,
+            [(f"{cfg.subject_prefix}.shop:v1:OrderCreated.*.*", spec.subject_for(CREATED))],
+        )
     ]
     store_before = await bus.js.stream_info(cfg.stream)
 
@@ -503,8 +528,8 @@ async def test_ensure_stream_twice_is_a_no_op_and_new_types_update_the_sources(
         (
             cfg.stream,
             [
-                (f"{cfg.subject_prefix}.*.*.{CREATED}", spec.subject_for(CREATED)),
-                (f"{cfg.subject_prefix}.*.*.{PAID}", spec.subject_for(PAID)),
+                (f"{cfg.subject_prefix}.shop:v1:OrderCreated.*.*", spec.subject_for(CREATED)),
+                (f"{cfg.subject_prefix}.shop:v1:PaymentCompleted.*.*", spec.subject_for(PAID)),
             ],
         )
     ]
@@ -609,13 +634,13 @@ async def test_an_append_is_one_producer_span_whose_context_the_events_carry(
         r1 = await store.append("order", agg, [created()], expected=Version(), saga_id="s-9")
     (span,) = [s for s in exporter.get_finished_spans() if s.name != "command"]
     assert span.kind is SpanKind.PRODUCER
-    assert span.name.startswith("send ") and span.name.endswith(f".{{id}}.{CREATED}")
+    assert span.name.startswith("send ") and span.name.endswith(".shop:v1:OrderCreated.order.{id}")
     assert span.parent is not None and span.parent.span_id == command.get_span_context().span_id
     assert span.context.trace_id == command.get_span_context().trace_id
     attrs = dict(span.attributes or {})
     assert attrs["messaging.system"] == "nats"
     assert attrs["messaging.destination.name"] == r1.events[0].subject
-    assert attrs["messaging.destination.template"].endswith(f".{{id}}.{CREATED}")
+    assert attrs["messaging.destination.template"].endswith(".shop:v1:OrderCreated.order.{id}")
     assert attrs["messaging.message.id"] == r1.events[0].event_id
     assert attrs["messaging.message.conversation_id"] == "s-9"
     assert "messaging.batch.message_count" not in attrs
@@ -627,7 +652,7 @@ async def test_an_append_is_one_producer_span_whose_context_the_events_carry(
     r2 = await store.append("order", agg, [paid(), reserved(), paid()], expected=r1.version)
     (batch,) = exporter.get_finished_spans()
     assert batch.kind is SpanKind.PRODUCER and batch.parent is None
-    assert batch.name.endswith(".{id}.>")
+    assert batch.name.endswith(".*.order.{id}")
     assert dict(batch.attributes or {})["messaging.batch.message_count"] == 3
     stored_batch = (await store.read("order", agg))[1:]
     assert [e.event_id for e in stored_batch] == [e.event_id for e in r2.events]
@@ -641,15 +666,15 @@ async def test_the_append_span_is_named_by_its_low_cardinality_template(
     store = EventStore(nc, _config(storage="memory"))
     await store.ensure()
     agg = new_id()
-    head = f"{store.config.subject_prefix}.order"
+    head = store.config.subject_prefix
     r = await store.append("order", agg, [created()], expected=Version())
     await store.append("order", agg, [paid(), reserved()], expected=r.version)
     single, mixed = exporter.get_finished_spans()
     assert dict(single.attributes or {})["messaging.destination.template"] == (
-        f"{head}.{{id}}.{CREATED}"
+        f"{head}.shop:v1:OrderCreated.order.{{id}}"
     )
-    assert single.name == f"send {head}.{{id}}.{CREATED}"
-    assert mixed.name == f"send {head}.{{id}}.>"
+    assert single.name == f"send {head}.shop:v1:OrderCreated.order.{{id}}"
+    assert mixed.name == f"send {head}.*.order.{{id}}"
 
 
 async def test_without_an_sdk_the_events_carry_the_callers_trace(
@@ -680,16 +705,28 @@ async def test_without_an_sdk_the_events_carry_the_callers_trace(
     assert [e.envelope.traceparent for e in await store.read("order", agg)] == [want, want, ""]
 
 
-# -- the layout before typed subjects ---------------------------------------------
+# -- earlier layouts ----------------------------------------------------------------
+
+
+async def _stream_of_an_earlier_version(nc: Any, cfg: EventStoreConfig) -> None:
+    """The store's stream as meshkit made it before the layout was recorded."""
+    await nc.jetstream().add_stream(
+        name=cfg.stream,
+        subjects=[f"{cfg.subject_prefix}.>"],
+        storage=api.StorageType.MEMORY,
+        allow_direct=True,
+    )
 
 
 async def _old_layout_events(
-    nc: Any, cfg: EventStoreConfig, agg: str, n: int
+    nc: Any, cfg: EventStoreConfig, agg: str, types: list[str], layout: str
 ) -> list[tuple[str, dict[str, str], bytes]]:
-    """``n`` events stored as the store wrote them before: on ``<prefix>.order.<id>``."""
+    """Events of one aggregate as the store wrote them before: on
+    ``<prefix>.order.<id>`` (``untyped``) or ``<prefix>.order.<id>.<event type>``
+    (``aggregate first``)."""
     out = []
-    for i in range(n):
-        env = Envelope.new(CREATED if i == 0 else PAID, saga_id=agg, source="old")
+    for i, etype in enumerate(types):
+        env = Envelope.new(etype, saga_id=agg, source="old")
         headers = {
             **env.to_headers(),
             "Meshkit-Event-Id": env.event_id,  # written then along with Nats-Msg-Id
@@ -698,60 +735,95 @@ async def _old_layout_events(
             AGGREGATE_VERSION: str(i + 1),
         }
         body = (created() if i == 0 else paid(i)).SerializeToString()
-        await nc.jetstream().publish(f"{cfg.subject_prefix}.order.{agg}", body, headers=headers)
+        subject = f"{cfg.subject_prefix}.order.{agg}"
+        if layout == "aggregate first":
+            subject += f".{etype}"
+        await nc.jetstream().publish(subject, body, headers=headers)
         out.append((env.event_id, headers, body))
     return out
 
 
-async def test_a_store_with_events_in_the_old_layout_is_refused_with_the_way_out(
+async def test_a_store_with_events_in_earlier_layouts_is_refused_with_the_way_out(
     nc: Any,
 ) -> None:
     cfg = _config(storage="memory")
-    store = EventStore(nc, cfg)
-    await store.ensure()
-    a, b = new_id(), new_id()
-    await _old_layout_events(nc, cfg, a, 3)
-    await _old_layout_events(nc, cfg, b, 1)
+    await _stream_of_an_earlier_version(nc, cfg)
+    a, b, c = new_id(), new_id(), new_id()
+    await _old_layout_events(nc, cfg, a, [CREATED, PAID, PAID], "untyped")
+    await _old_layout_events(nc, cfg, b, [CREATED, PAID], "aggregate first")
+    # A one-token type: the old subject has as many tokens as a typed one.
+    await _old_layout_events(nc, cfg, c, ["Flat"], "aggregate first")
     with pytest.raises(EventStoreError) as err:
         await EventStore(nc, cfg).ensure()
     text = str(err.value)
-    assert f"stream {cfg.stream} holds 4 events of 2 aggregates" in text
+    assert f"stream {cfg.stream} holds 6 events of this store on 4 subjects" in text
     assert f"{cfg.subject_prefix}.order." in text and "upgrade_layout()" in text
+    info = await nc.jetstream().stream_info(cfg.stream)
+    assert f"meshkit.eventstore.{cfg.subject_prefix}" not in (info.config.metadata or {})
+
+
+async def test_an_unrecorded_stream_of_typed_events_is_taken_and_recorded(nc: Any) -> None:
+    """A stream someone else made, holding only typed events (a one-token type among
+    them), is this store's layout: ensure records it instead of refusing."""
+    cfg = _config(storage="memory")
+    await _stream_of_an_earlier_version(nc, cfg)
+    store = EventStore(nc, cfg)
+    agg = new_id()
+    await store.append("order", agg, [created()], expected=Version())
+    env = Envelope.new("Flat", source="other")
+    await nc.jetstream().publish(
+        store.event_subject("order", agg, "Flat"),
+        b"",
+        headers={**env.to_headers(), AGGREGATE_TYPE: "order", AGGREGATE_ID: agg},
+    )
+    await store.ensure()
+    info = await nc.jetstream().stream_info(cfg.stream)
+    assert (info.config.metadata or {})[f"meshkit.eventstore.{cfg.subject_prefix}"] == (
+        "type-first"
+    )
+    assert [e.event_type for e in await store.read("order", agg)] == [CREATED, "Flat"]
 
 
 async def test_upgrade_layout_moves_each_aggregate_in_order_and_a_rerun_adds_nothing(
     nc: Any,
 ) -> None:
     cfg = _config(storage="memory")
+    await _stream_of_an_earlier_version(nc, cfg)
     store = EventStore(nc, cfg)
-    await store.ensure()
-    a, b = new_id(), new_id()
-    old_a = await _old_layout_events(nc, cfg, a, 3)
-    old_b = await _old_layout_events(nc, cfg, b, 2)
-    ids_a = [i for i, _, _ in old_a]
-    ids_b = [i for i, _, _ in old_b]
+    a, b, c = new_id(), new_id(), new_id()
+    old_a = await _old_layout_events(nc, cfg, a, [CREATED, PAID, PAID], "untyped")
+    old_b = await _old_layout_events(nc, cfg, b, [CREATED, PAID], "aggregate first")
+    old_c = await _old_layout_events(nc, cfg, c, ["Flat", PAID], "aggregate first")
     # A first run that stopped after moving a's first event.
     _, headers, body = old_a[0]
     moved = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
-    await nc.jetstream().publish(f"{cfg.subject_prefix}.order.{a}.{CREATED}", body, headers=moved)
-    assert await store.upgrade_layout() == 4  # a's 2nd and 3rd, and both of b's
-    assert await store.upgrade_layout() == 0  # nothing left on the old subjects
+    await nc.jetstream().publish(store.event_subject("order", a, CREATED), body, headers=moved)
+    assert await store.upgrade_layout() == 6  # a's 2nd and 3rd, b's and c's
+    assert await store.upgrade_layout() == 0  # recorded: nothing to do
     await EventStore(nc, cfg).ensure()  # no longer refused
-    read_a = await store.read("order", a)
-    read_b = await store.read("order", b)
-    assert [e.event_id for e in read_a] == ids_a  # the one moved before, once
-    assert [e.version for e in read_a] == [1, 2, 3]
-    assert [e.event_id for e in read_b] == ids_b
-    assert [e.version for e in read_b] == [1, 2]
-    assert [e.subject for e in read_b] == [
-        f"{cfg.subject_prefix}.order.{b}.{CREATED}",
-        f"{cfg.subject_prefix}.order.{b}.{PAID}",
-    ]
-    assert (await store.version("order", b)).number == 2
-    # The moved aggregate takes appends at its moved version.
+    for agg, old in ((a, old_a), (b, old_b), (c, old_c)):
+        read = await store.read("order", agg)
+        assert [e.event_id for e in read] == [i for i, _, _ in old]  # a's first once
+        assert [e.version for e in read] == list(range(1, len(old) + 1))
+        assert [e.subject for e in read] == [
+            store.event_subject("order", agg, e.event_type) for e in read
+        ]
+    # Nothing is left on the old subjects.
+    subjects = await store._subjects(f"{cfg.subject_prefix}.>")
+    assert sorted(subjects) == sorted(
+        store.event_subject("order", agg, t)
+        for agg, types in ((a, [CREATED, PAID]), (b, [CREATED, PAID]), (c, ["Flat", PAID]))
+        for t in types
+    )
+    assert subjects[store.event_subject("order", a, PAID)] == 2
+    info = await nc.jetstream().stream_info(cfg.stream)
+    assert (info.config.metadata or {})[f"meshkit.eventstore.{cfg.subject_prefix}"] == (
+        "type-first"
+    )
+    # A moved aggregate takes appends at its moved version.
     r = await store.append("order", b, [paid(9)], expected=await store.version("order", b))
     assert r.version.number == 3
-    assert await store.aggregate_ids("order") == sorted([a, b])
+    assert await store.aggregate_ids("order") == sorted([a, b, c])
 
 
 async def test_version_works_on_a_pedantic_connection(nats_server_module: Any) -> None:

@@ -99,7 +99,7 @@ async def test_participants_consume_appended_events_stored_once(bus: EventBus) -
 
     assert inventory.subjects() == [
         f"{spec.prefix}.{CREATED}",
-        f"{cfg.subject_prefix}.*.*.{CREATED}",
+        f"{cfg.subject_prefix}.shop:v1:OrderCreated.*.*",
     ]
     tracker = await SagaTracker(bus, spec, SAGA).start()
     inv = await inventory.start(bus, inbox=MemoryInbox())
@@ -128,7 +128,7 @@ async def test_participants_consume_appended_events_stored_once(bus: EventBus) -
             appended.events[0].subject,
             spec.subject_for(ev.StockReserved),
         ]
-        assert appended.events[0].subject.startswith(f"{cfg.subject_prefix}.order.o1.")
+        assert appended.events[0].subject == f"{cfg.subject_prefix}.shop:v1:OrderCreated.order.o1"
         assert "Nats-Stream-Source" not in (msgs[0].headers or {})
         loaded = await store.read("order", "o1")
         assert [e.version for e in loaded] == [1]

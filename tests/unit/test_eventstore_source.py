@@ -37,21 +37,21 @@ def test_listed_types_map_from_any_aggregate_to_the_stream_subject_of_the_type()
     assert source.name == "ORDERS"
     assert source.filter_subject is None  # the transforms alone pick the subjects
     assert _pairs(source) == [
-        ("orders.*.*.shop.v1.OrderCreated", "shop.events.shop.v1.OrderCreated"),
-        ("orders.*.*.shop.v1.PaymentCompleted", "shop.events.shop.v1.PaymentCompleted"),
+        ("orders.shop:v1:OrderCreated.*.*", "shop.events.shop.v1.OrderCreated"),
+        ("orders.shop:v1:PaymentCompleted.*.*", "shop.events.shop.v1.PaymentCompleted"),
     ]
 
 
 def test_no_types_copies_every_type_with_one_wildcard_transform() -> None:
     source = EventStoreSource(ORDERS).to_source("shop.events")
     assert source.name == "ORDERS"
-    assert _pairs(source) == [("orders.*.*.>", "shop.events.>")]
+    assert _pairs(source) == [("orders.*.*.*", "shop.events.{{split(1,:)}}")]
 
 
 def test_the_store_prefix_defaults_to_the_stream_name_in_lower_case() -> None:
     source = EventStoreSource(EventStoreConfig(stream="SHOP_ORDERS"), (CREATED,))
     assert _pairs(source.to_source("bus")) == [
-        ("shop_orders.*.*.shop.v1.OrderCreated", "bus.shop.v1.OrderCreated")
+        ("shop_orders.shop:v1:OrderCreated.*.*", "bus.shop.v1.OrderCreated")
     ]
 
 
@@ -98,7 +98,7 @@ def test_from_dict_builds_the_store_config_and_the_types() -> None:
     assert source.store == EventStoreConfig(stream="ORDERS", prefix="orders.store")
     assert source.types == (CREATED, PAID)
     assert _pairs(source.to_source("bus"))[0] == (
-        "orders.store.*.*.shop.v1.OrderCreated",
+        "orders.store.shop:v1:OrderCreated.*.*",
         "bus.shop.v1.OrderCreated",
     )
     # prefix and types are optional: the stream's default prefix, every type
@@ -151,11 +151,14 @@ def test_a_hosted_store_adds_its_subjects_and_filters_for_its_types() -> None:
     assert spec.subject_for(ev.OrderCreated) == f"shop.events.{CREATED}"
     assert spec.filters_for(ev.OrderCreated) == (
         f"shop.events.{CREATED}",
-        f"shop_orders.*.*.{CREATED}",
+        "shop_orders.shop:v1:OrderCreated.*.*",
     )
     assert spec.filters_for(PAID) == (f"shop.events.{PAID}",)  # not a store type
     every = StreamSpec(name="SHOP", prefix="shop.events", hosted_stores=(HostedStore(SHOP_ORDERS),))
-    assert every.filters_for(PAID) == (f"shop.events.{PAID}", f"shop_orders.*.*.{PAID}")
+    assert every.filters_for(PAID) == (
+        f"shop.events.{PAID}",
+        "shop_orders.shop:v1:PaymentCompleted.*.*",
+    )
 
     inventory = Participant("inventory", spec)
     inventory.on(ev.OrderCreated)(_noop)
@@ -163,7 +166,7 @@ def test_a_hosted_store_adds_its_subjects_and_filters_for_its_types() -> None:
     assert inventory.subjects() == [
         f"shop.events.{CREATED}",
         f"shop.events.{PAID}",
-        f"shop_orders.*.*.{CREATED}",
+        "shop_orders.shop:v1:OrderCreated.*.*",
     ]
 
 
@@ -269,8 +272,8 @@ def test_stream_spec_from_dict_builds_event_store_sources() -> None:
     sources = spec.to_config().sources
     assert sources is not None
     assert [(s.name, _pairs(s)) for s in sources] == [
-        ("ORDERS", [("orders.*.*.shop.v1.OrderCreated", "shop.events.shop.v1.OrderCreated")]),
-        ("PAYMENTS", [("payments.*.*.>", "shop.events.>")]),
+        ("ORDERS", [("orders.shop:v1:OrderCreated.*.*", "shop.events.shop.v1.OrderCreated")]),
+        ("PAYMENTS", [("payments.*.*.*", "shop.events.{{split(1,:)}}")]),
     ]
 
 
@@ -399,9 +402,9 @@ async def test_a_server_of_2_11_or_newer_passes_the_guard(version: str) -> None:
 def test_subject_helpers_name_one_aggregate_and_its_event_subjects() -> None:
     store, nc = _store("2.12.0")
     assert store.aggregate_name("order", "o-1") == "es.order.o-1"
-    assert store.aggregate_filter("order", "o-1") == "es.order.o-1.>"
-    assert store.event_subject("order", "o-1", CREATED) == "es.order.o-1.shop.v1.OrderCreated"
-    assert store.event_subject("order", "o=1", "Flat") == "es.order.o=1.Flat"
+    assert store.aggregate_filter("order", "o-1") == "es.*.order.o-1"
+    assert store.event_subject("order", "o-1", CREATED) == "es.shop:v1:OrderCreated.order.o-1"
+    assert store.event_subject("order", "o=1", "Flat") == "es.Flat.order.o=1"
     assert store.subjects == "es.>"
     assert nc.calls == []
 

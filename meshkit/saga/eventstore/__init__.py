@@ -1,7 +1,9 @@
 """The event store: aggregates that are their events, on JetStream.
 
-Every event sits on ``<prefix>.<aggregate type>.<id>.<event type>`` in one
-stream, so one aggregate is the filter ``<prefix>.<aggregate type>.<id>.>``.
+Every event sits on ``<prefix>.<event type token>.<aggregate type>.<id>`` in one
+stream (the token: the type with ``:`` for ``.``,
+:func:`~meshkit.saga.eventstore.events.type_token`), so one aggregate is the
+filter ``<prefix>.*.<aggregate type>.<id>``.
 Appending sets ``Nats-Expected-Last-Subject-Sequence`` to the stream sequence of
 the aggregate's last event as the writer saw it, checked against that filter
 (``Nats-Expected-Last-Subject-Sequence-Subject``, nats-server >= 2.11), so of two

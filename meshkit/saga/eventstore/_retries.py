@@ -142,10 +142,9 @@ async def ending_at(
         f"reading {store.stream} seq {at.seq}",
         functools.partial(store._direct_get, {"seq": at.seq}),
     )
-    name = store.aggregate_name(aggregate_type, aggregate_id)
     if (
         last is None
-        or not last.subject.startswith(name + ".")
+        or not _holds(store, last.subject, aggregate_type, aggregate_id)
         or last.headers.get("Nats-Msg-Id") != ids[-1]
     ):
         return 0
@@ -193,3 +192,13 @@ async def _first_with_id(store: EventStore, subject: str, start_seq: int, event_
 def _replayed(mine: Sequence[StoredEvent], atomic: bool) -> AppendResult:
     """The answer to an append whose events were all stored before: those events."""
     return AppendResult(mine[-1].version_at(), tuple(mine), atomic, duplicate=True)
+
+
+def _holds(store: EventStore, subject: str, aggregate_type: str, aggregate_id: str) -> bool:
+    """Whether ``subject`` is one of the aggregate's."""
+    prefix = store.config.subject_prefix
+    return (
+        subject.startswith(prefix + ".")
+        and subject.endswith(f".{aggregate_type}.{aggregate_id}")
+        and subject.count(".") == prefix.count(".") + 3
+    )

@@ -143,7 +143,7 @@ def _server_supports_atomic(nc: NATS) -> bool:
 
 async def publish_chain(
     store: EventStore,
-    name: str,
+    where: str,
     subjects: list[str],
     payloads: list[bytes],
     headers: list[dict[str, str]],
@@ -160,7 +160,7 @@ async def publish_chain(
     for i in range(len(subjects)):
         h = headers[i]
         h[_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
-        h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
+        h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = where
         ack = await store._request(subjects[i], payloads[i], h)
         try:
             expected_seq = _ack_seq(ack, only_new)
@@ -172,7 +172,7 @@ async def publish_chain(
 
 async def publish_batch(
     store: EventStore,
-    name: str,
+    where: str,
     subjects: list[str],
     payloads: list[bytes],
     headers: list[dict[str, str]],
@@ -193,7 +193,7 @@ async def publish_batch(
         h[_BATCH_SEQ] = str(i)
         if i == 1:
             h[_EXPECTED_SUBJECT_SEQ] = str(current.seq)
-            h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = name + ".>"
+            h[_EXPECTED_SUBJECT_SEQ_SUBJECT] = where
         if i == n:
             h[_BATCH_COMMIT] = "1"
             return _ack_seq(await store._request(subject, payload, h), only_new)
@@ -227,6 +227,7 @@ async def abandon(nc: NATS, subject: str, batch_id: str, n: int) -> None:
 def check_sizes(
     nc: NATS,
     name: str,
+    where: str,
     subjects: list[str],
     payloads: list[bytes],
     headers: list[dict[str, str]],
@@ -240,7 +241,7 @@ def check_sizes(
     """
     limit = nc.max_payload
     # The control headers' largest values; only the subject's depends on the call.
-    control = _CONTROL_SIZE + len((name + ".>").encode())
+    control = _CONTROL_SIZE + len(where.encode())
     for i, (payload, h) in enumerate(zip(payloads, headers, strict=True)):
         # A character is at most 4 bytes in UTF-8: when even that bound fits (nearly
         # always), the exact size is not needed.

@@ -1,7 +1,7 @@
 """What the store keeps and answers: an aggregate's :class:`Version`, an event as
 stored (:class:`StoredEvent`), what an append stored (:class:`AppendResult`), the
 aggregate headers every event carries and the rules for the names in its subject
-(``<prefix>.<aggregate type>.<id>.<event type>``).
+(``<prefix>.<event type token>.<aggregate type>.<id>``, :func:`type_token`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,34 @@ SCHEMA_VERSION = "Meshkit-Schema-Version"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+\Z")
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
 _ID = re.compile(r"^[A-Za-z0-9_=-]+\Z")
+
+# The subject layout of the store, in a stream's metadata under LAYOUT_KEY + prefix.
+LAYOUT_KEY = "meshkit.eventstore."
+LAYOUT = "type-first"
+# Event type -> its subject token: few types, one per append.
+_TYPE_TOKENS: dict[str, str] = {}
+
+
+def type_token(event_type: str) -> str:
+    """The event type as one subject token: ``shop.v1.OrderCreated`` ->
+    ``shop:v1:OrderCreated``.
+
+    One token, so an aggregate's filter is ``<prefix>.*.<aggregate type>.<id>``
+    whatever its types' names; ``:`` cannot be part of a type's own tokens, so no
+    two types share a token. The type leads the aggregate in the subject because
+    nats-server serves a backlog to a consumer mixing several filters at a cost
+    that grows with the subjects its wildcards walk: ``<prefix>.<token>.*.*``
+    walks only that type's subjects, where ``<prefix>.*.*.<type>`` walked every
+    aggregate's (``bench/bench_hosted_filters.py``).
+    """
+    token = _TYPE_TOKENS.get(event_type)
+    if token is None:
+        if not _TOKEN.match(event_type):
+            raise ValueError(f"event type {event_type!r} must be dot-separated subject tokens")
+        token = event_type.replace(".", ":")
+        if len(_TYPE_TOKENS) < 4096:
+            _TYPE_TOKENS[event_type] = token
+    return token
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -97,13 +125,11 @@ class StoredEvent:
         agg_id = h.get(AGGREGATE_ID, "")
         if not agg_type or not agg_id:
             # Events published by something else on an aggregate's subjects:
-            # <prefix>.<aggregate type>.<id>.<event type>.
+            # <prefix>.<event type token>.<aggregate type>.<id>.
+            parts = subject.split(".")
             if prefix and subject.startswith(prefix + "."):
-                parts = subject[len(prefix) + 1 :].split(".")
-            else:
-                head = subject.removesuffix("." + env.event_type) if env.event_type else subject
-                parts = head.split(".")[-2:]
-            agg_type, agg_id = (parts[0], parts[1]) if len(parts) >= 2 else ("", subject)
+                parts = parts[prefix.count(".") + 1 :]
+            agg_type, agg_id = (parts[-2], parts[-1]) if len(parts) >= 3 else ("", subject)
         return cls(
             aggregate_type=agg_type,
             aggregate_id=agg_id,

@@ -59,6 +59,7 @@ from meshkit.saga.eventstore.events import (
     StoredEvent,
     Version,
     _int_header,
+    type_token,
 )
 from meshkit.saga.eventstore.reads import RawMessage, read_batches
 
@@ -67,17 +68,17 @@ log = logging.getLogger("meshkit.saga.eventstore")
 # An append's span without an OpenTelemetry SDK; nullcontext keeps no state, so one
 # serves every append.
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext(None)
-# Aggregate and event types that passed their checks: few, and checked on every append.
+# Aggregate types that passed their checks: few, and checked on every append.
 _CHECKED_AGGREGATE_TYPES: set[str] = set()
-_CHECKED_EVENT_TYPES: set[str] = set()
 
 
 @dataclass(frozen=True)
 class EventStoreConfig:
     """Where the events live.
 
-    ``prefix``: subjects are ``<prefix>.<aggregate type>.<id>.<event type>`` (default:
-    the stream name in lower case). ``atomic``: use atomic batch publish when the server has
+    ``prefix``: subjects are ``<prefix>.<event type token>.<aggregate type>.<id>``
+    (:func:`~meshkit.saga.eventstore.events.type_token`; default prefix: the stream
+    name in lower case). ``atomic``: use atomic batch publish when the server has
     it. ``schema_versions``: the current schema version of each event type (full
     protobuf name), written into every event; 1 when not listed. ``replicas``: the
     stream's; None takes ``MESHKIT_NATS_REPLICAS`` (:mod:`meshkit.saga.cluster`)
@@ -164,7 +165,8 @@ class EventStore:
         return f"{self.config.subject_prefix}.>"
 
     def aggregate_name(self, aggregate_type: str, aggregate_id: str) -> str:
-        """``<prefix>.<aggregate type>.<id>``; raises ValueError naming a bad type or id."""
+        """``<prefix>.<aggregate type>.<id>``, the aggregate's name in messages and
+        errors; raises ValueError naming a bad type or id."""
         if aggregate_type not in _CHECKED_AGGREGATE_TYPES:
             if not _NAME.match(aggregate_type):
                 raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
@@ -175,22 +177,23 @@ class EventStore:
         return f"{self.config.subject_prefix}.{aggregate_type}.{aggregate_id}"
 
     def aggregate_filter(self, aggregate_type: str, aggregate_id: str) -> str:
-        """The subject filter matching every event of one aggregate."""
-        return self.aggregate_name(aggregate_type, aggregate_id) + ".>"
+        """The subject filter matching every event of one aggregate,
+        ``<prefix>.*.<aggregate type>.<id>``."""
+        self.aggregate_name(aggregate_type, aggregate_id)  # checks both
+        return f"{self.config.subject_prefix}.*.{aggregate_type}.{aggregate_id}"
 
     def event_subject(self, aggregate_type: str, aggregate_id: str, event_type: str) -> str:
         """The subject one event of the aggregate is stored on."""
-        if not _TOKEN.match(event_type):
-            raise ValueError(f"event type {event_type!r} must be dot-separated subject tokens")
-        return f"{self.aggregate_name(aggregate_type, aggregate_id)}.{event_type}"
+        token = type_token(event_type)
+        self.aggregate_name(aggregate_type, aggregate_id)
+        return f"{self.config.subject_prefix}.{token}.{aggregate_type}.{aggregate_id}"
 
     async def aggregate_ids(self, aggregate_type: str) -> list[str]:
         """The ids of every aggregate of this type with at least one event, sorted."""
         if not _NAME.match(aggregate_type):
             raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
-        head = f"{self.config.subject_prefix}.{aggregate_type}."
-        subjects = await self._subjects(head + "*.>")
-        return sorted({s[len(head) :].split(".", 1)[0] for s in subjects})
+        subjects = await self._subjects(f"{self.config.subject_prefix}.*.{aggregate_type}.*")
+        return sorted({s.rsplit(".", 1)[1] for s in subjects})
 
     async def _subjects(self, subjects_filter: str) -> dict[str, int]:
         """The stream's subjects matching ``subjects_filter``, with their message counts."""
@@ -213,24 +216,28 @@ class EventStore:
     async def ensure(self) -> None:
         """Create or update the stream (direct get, and atomic batches when available).
 
-        Raises :class:`EventStoreError` when the stream holds events in the layout
-        before the event type joined the subjects (``<prefix>.<type>.<id>``): the
-        store would not see them. :meth:`upgrade_layout` moves them.
+        The stream's metadata records the store's subject layout
+        (``meshkit.eventstore.<prefix>: type-first``). Raises
+        :class:`EventStoreError` when the stream holds the store's events in an
+        earlier layout (``<prefix>.<aggregate type>.<id>`` or
+        ``<prefix>.<aggregate type>.<id>.<event type>``): the store would not see
+        them. :meth:`upgrade_layout` moves them.
         """
         self._check_server()
         self._atomic = await _stream.create_or_update(self)
         await _stream.refuse_old_layout(self)
 
     async def upgrade_layout(self) -> int:
-        """Move events stored on ``<prefix>.<type>.<id>`` onto typed subjects.
+        """Move events stored in an earlier layout onto
+        ``<prefix>.<event type token>.<aggregate type>.<id>``.
 
-        Each aggregate's events are republished in order onto
-        ``<prefix>.<type>.<id>.<event type>`` with their meshkit headers (the event
-        id stays in ``Meshkit-Event-Id``; ``Nats-Msg-Id`` is left off, or JetStream
-        would take each copy for its original), each expecting the aggregate's
-        previous one; then the old subjects are purged. A second run, after a crash
-        half way, skips what an aggregate already has. Returns how many events
-        moved. Run it once, with no other writer on the stream.
+        Each aggregate's events are republished in order with their meshkit headers
+        (the event id stays in ``Meshkit-Event-Id``; ``Nats-Msg-Id`` is left off, or
+        JetStream would take each copy for its original), each expecting the
+        aggregate's previous one; then the old subjects are purged and the stream's
+        metadata records the layout. A second run, after a crash half way, skips
+        what an aggregate already has. Returns how many events moved. Run it once,
+        with no other writer on the stream.
         """
         self._check_server()
         return await _stream.upgrade_layout(self)
@@ -279,6 +286,7 @@ class EventStore:
         """
         self._check_server()
         name = self.aggregate_name(aggregate_type, aggregate_id)
+        where = f"{self.config.subject_prefix}.*.{aggregate_type}.{aggregate_id}"
         if not events:
             raise ValueError("append needs at least one event")
         if len(events) > MAX_BATCH:
@@ -289,17 +297,12 @@ class EventStore:
         payloads = [event.SerializeToString() for event in events]
         # Each type once: the name is checked above, only the event types here.
         types = [type_name(event) for event in events]
-        if not _CHECKED_EVENT_TYPES.issuperset(types):
-            for etype in set(types):
-                if not _TOKEN.match(etype):
-                    raise ValueError(f"event type {etype!r} must be dot-separated subject tokens")
-            if len(_CHECKED_EVENT_TYPES) < 4096:
-                _CHECKED_EVENT_TYPES.update(types)
-        subjects = list(map(f"{name}.".__add__, types))  # no closure: see _envelopes
+        head = f"{self.config.subject_prefix}."
+        tail = f".{aggregate_type}.{aggregate_id}"
+        subjects = [head + type_token(t) + tail for t in types]
         if _telemetry.tracing():
-            template = f"{self.config.subject_prefix}.{aggregate_type}.{{id}}." + (
-                types[0] if len(set(types)) == 1 else ">"
-            )
+            token = type_token(types[0]) if len(set(types)) == 1 else "*"
+            template = f"{head}{token}.{aggregate_type}.{{id}}"
             probe = Envelope(event_id=ids[0], event_type=types[0], saga_id=saga_id)
             span: Any = _telemetry.producer_span(
                 subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
@@ -343,8 +346,8 @@ class EventStore:
                     types, ids, current.number, aggregate_type, aggregate_id, trace, meta
                 )
                 headers = [e.to_headers() for e in envs]
-                _wire.check_sizes(self.nc, name, subjects, payloads, headers, types)
-                args = (atomic, name, subjects, payloads, headers, current, only_new)
+                _wire.check_sizes(self.nc, name, where, subjects, payloads, headers, types)
+                args = (atomic, where, subjects, payloads, headers, current, only_new)
                 try:
                     # Resent as it was while the cluster elects a leader: the same
                     # Nats-Msg-Id, so one that was stored but not acknowledged is
@@ -498,14 +501,15 @@ class EventStore:
     async def _store(
         self,
         atomic: bool,
-        name: str,
+        where: str,
         subjects: list[str],
         payloads: list[bytes],
         headers: list[dict[str, str]],
         current: Version,
         only_new: bool,
     ) -> list[int]:
-        """Publish the events expecting ``current``; returns their sequences.
+        """Publish the events expecting ``current`` on the aggregate's filter
+        ``where``; returns their sequences.
 
         While another write to the aggregate is in flight on a replicated stream the
         server refuses ours (10164) without knowing yet whether the other one will
@@ -521,11 +525,11 @@ class EventStore:
                 if atomic:
                     # An atomic batch is stored as one contiguous run of sequences.
                     last_seq = await _wire.publish_batch(
-                        self, name, subjects, payloads, headers, current, only_new
+                        self, where, subjects, payloads, headers, current, only_new
                     )
                     return list(range(last_seq - len(payloads) + 1, last_seq + 1))
                 return await _wire.publish_chain(
-                    self, name, subjects, payloads, headers, current, only_new
+                    self, where, subjects, payloads, headers, current, only_new
                 )
             except _InFlight:
                 if loop.time() + delay >= end:
