@@ -216,12 +216,10 @@ class EventStore:
     async def ensure(self) -> None:
         """Create or update the stream (direct get, and atomic batches when available).
 
-        The stream's metadata records the store's subject layout
-        (``meshkit.eventstore.<prefix>: type-first``). Raises
+        The stream's metadata records the subject layout. Raises
         :class:`EventStoreError` when the stream holds the store's events in an
-        earlier layout (``<prefix>.<aggregate type>.<id>`` or
-        ``<prefix>.<aggregate type>.<id>.<event type>``): the store would not see
-        them. :meth:`upgrade_layout` moves them.
+        earlier layout (aggregate type first), which the store would not see:
+        :meth:`upgrade_layout` moves them.
         """
         self._check_server()
         self._atomic = await _stream.create_or_update(self)
@@ -237,7 +235,10 @@ class EventStore:
         aggregate's previous one; then the old subjects are purged and the stream's
         metadata records the layout. A second run, after a crash half way, skips
         what an aggregate already has. Returns how many events moved. Run it once,
-        with no other writer on the stream.
+        with no other writer on the stream. Consumers of the stream (a hosted
+        store's participants, projections) see the moved events as new messages
+        carrying their original event ids: inboxes drop them as duplicates; rebuild
+        a projection that does not dedupe by event id.
         """
         self._check_server()
         return await _stream.upgrade_layout(self)
