@@ -177,16 +177,15 @@ class EventStore:
         return f"{self.config.subject_prefix}.{aggregate_type}.{aggregate_id}"
 
     def aggregate_filter(self, aggregate_type: str, aggregate_id: str) -> str:
-        """The subject filter matching every event of one aggregate,
-        ``<prefix>.*.<aggregate type>.<id>``."""
+        """``<prefix>.*.<aggregate type>.<id>``, matching every event of one aggregate."""
         self.aggregate_name(aggregate_type, aggregate_id)  # checks both
         return f"{self.config.subject_prefix}.*.{aggregate_type}.{aggregate_id}"
 
     def event_subject(self, aggregate_type: str, aggregate_id: str, event_type: str) -> str:
         """The subject one event of the aggregate is stored on."""
         token = type_token(event_type)
-        self.aggregate_name(aggregate_type, aggregate_id)
-        return f"{self.config.subject_prefix}.{token}.{aggregate_type}.{aggregate_id}"
+        # The prefix has no wildcard: the first is the event type's place.
+        return self.aggregate_filter(aggregate_type, aggregate_id).replace("*", token, 1)
 
     async def aggregate_ids(self, aggregate_type: str) -> list[str]:
         """The ids of every aggregate of this type with at least one event, sorted."""
@@ -298,12 +297,12 @@ class EventStore:
         payloads = [event.SerializeToString() for event in events]
         # Each type once: the name is checked above, only the event types here.
         types = [type_name(event) for event in events]
-        head = f"{self.config.subject_prefix}."
-        tail = f".{aggregate_type}.{aggregate_id}"
-        subjects = [head + type_token(t) + tail for t in types]
+        # No comprehension (see _envelopes); the names in it are checked: no braces.
+        subject_of = where.replace("*", "{}", 1).format
+        subjects = list(map(subject_of, map(type_token, types)))
         if _telemetry.tracing():
             token = type_token(types[0]) if len(set(types)) == 1 else "*"
-            template = f"{head}{token}.{aggregate_type}.{{id}}"
+            template = f"{self.config.subject_prefix}.{token}.{aggregate_type}.{{id}}"
             probe = Envelope(event_id=ids[0], event_type=types[0], saga_id=saga_id)
             span: Any = _telemetry.producer_span(
                 subjects[0], probe, sum(map(len, payloads)), template=template, count=len(events)
