@@ -756,10 +756,26 @@ async def test_a_store_with_events_in_earlier_layouts_is_refused_with_the_way_ou
     with pytest.raises(EventStoreError) as err:
         await EventStore(nc, cfg).ensure()
     text = str(err.value)
-    assert f"stream {cfg.stream} holds 6 events of this store on 4 subjects" in text
+    # Both cheap lookups found some: the one-token type's subject is not read.
+    assert f"stream {cfg.stream} holds events of this store in an earlier layout" in text
+    assert "(5 on 3 subjects found, e.g." in text
     assert f"{cfg.subject_prefix}.order." in text and "upgrade_layout()" in text
     info = await nc.jetstream().stream_info(cfg.stream)
     assert f"meshkit.eventstore.{cfg.subject_prefix}" not in (info.config.metadata or {})
+
+
+async def test_old_events_of_a_one_token_type_alone_are_told_apart_by_their_headers(
+    nc: Any,
+) -> None:
+    """``<prefix>.order.<id>.Flat`` has as many tokens as a typed subject: the
+    headers say it is the aggregate-first layout."""
+    cfg = _config(storage="memory")
+    await _stream_of_an_earlier_version(nc, cfg)
+    agg = new_id()
+    await _old_layout_events(nc, cfg, agg, ["Flat"], "aggregate first")
+    with pytest.raises(EventStoreError) as err:
+        await EventStore(nc, cfg).ensure()
+    assert f"(1 on 1 subjects found, e.g. {cfg.subject_prefix}.order.{agg}.Flat:" in str(err.value)
 
 
 async def test_an_unrecorded_stream_of_typed_events_is_taken_and_recorded(nc: Any) -> None:

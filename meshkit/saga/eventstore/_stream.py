@@ -79,26 +79,29 @@ async def refuse_old_layout(store: EventStore) -> None:
     )
     if _marked(store, info.config):
         return
-    old = await old_layout_subjects(store)
+    old = await old_layout_subjects(store, any_will_do=True)
     if old:
         raise EventStoreError(
-            f"stream {cfg.stream} holds {sum(old.values())} events of this store on "
-            f"{len(old)} subjects of an earlier layout (e.g. {min(old)}: "
+            f"stream {cfg.stream} holds events of this store in an earlier layout "
+            f"({sum(old.values())} on {len(old)} subjects found, e.g. {min(old)}: "
             "<prefix>.<aggregate type>.<id>[.<event type>]), where the store cannot see "
             "them: move them with `await EventStore(nc, config).upgrade_layout()`"
         )
     await _mark(store)
 
 
-async def old_layout_subjects(store: EventStore) -> dict[str, int]:
+async def old_layout_subjects(store: EventStore, *, any_will_do: bool = False) -> dict[str, int]:
     """The stream's subjects holding the store's events in an earlier layout, with
     their counts: ``<prefix>.<aggregate type>.<id>`` and
-    ``<prefix>.<aggregate type>.<id>.<event type>``."""
+    ``<prefix>.<aggregate type>.<id>.<event type>``. ``any_will_do``: stop looking
+    once some are found (the subjects of one-token event types cost a read each)."""
     prefix = store.config.subject_prefix
     old = await store._subjects(f"{prefix}.*.*")
     # An event type of several tokens makes the subject longer than any typed one.
     old.update(await store._subjects(f"{prefix}.*.*.*.>"))
     for subject, count in (await store._subjects(f"{prefix}.*.*.*")).items():
+        if old and any_will_do:
+            break
         first, aggregate_type, _ = subject[len(prefix) + 1 :].split(".")
         if ":" in first:
             continue  # the token of an event type of several tokens: typed
