@@ -84,17 +84,19 @@ def first_reservation(
     That makes the saga's step idempotent by construction (a redelivery repeats the
     first answer and changes nothing), so it needs no inbox record.
     """
-    failed = conn.execute(
-        "SELECT reason FROM reservation_failures WHERE order_id = ?", (order_id,)
-    ).fetchone()
-    if failed is not None:
-        return None, str(failed[0])
+    # Both earlier answers in one statement; a refusal first (a release after it
+    # leaves a tombstone beside it).
     row = conn.execute(
-        "SELECT reservation_id FROM reservations WHERE order_id = ?", (order_id,)
+        "SELECT 0, reason FROM reservation_failures WHERE order_id = ?1"
+        " UNION ALL SELECT 1, reservation_id FROM reservations WHERE order_id = ?1"
+        " ORDER BY 1 LIMIT 1",
+        (order_id,),
     ).fetchone()
     if row is not None:
+        if not row[0]:
+            return None, str(row[1])
         # A tombstone (a release before any reservation) has no id, and stays.
-        return (str(row[0]), "") if row[0] else (None, CANCELLED_FIRST)
+        return (str(row[1]), "") if row[1] else (None, CANCELLED_FIRST)
     reservation_id, reason = _reserve_new(conn, order_id, items)
     if reservation_id is None:
         conn.execute("INSERT INTO reservation_failures VALUES (?, ?)", (order_id, reason))
