@@ -16,7 +16,7 @@ from meshkit.saga.eventstore import EventStoreConfig
 from meshkit.saga.orchestrator import OrchestratorConfig
 
 # The order service's aggregates (event sourced), kept in the saga stream itself:
-# shop_orders.order.<order id>.<event type>.
+# shop_orders.<event type token>.order.<order id>.
 ORDERS_STORE = EventStoreConfig(stream="SHOP", prefix="shop_orders")
 
 # The saga's events: shop.events.<event type>, and the order aggregate's events where

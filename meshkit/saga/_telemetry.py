@@ -65,7 +65,8 @@ def producer_span(
 ) -> Iterator[Envelope]:
     """A PRODUCER span for one publish; yields the envelope with the trace context set.
 
-    ``template``: the destination with its variable part named (``orders.order.{id}``),
+    ``template``: the destination with its variable part named
+    (``orders.shop:v1:OrderCreated.order.{id}``),
     which then names the span, as the conventions ask for low-cardinality names;
     ``count`` > 1: one span for a batch of that many messages.
     """
