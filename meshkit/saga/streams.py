@@ -19,7 +19,7 @@ from meshkit.errors import ConfigError
 from meshkit.saga import cluster
 from meshkit.saga.envelope import type_name
 from meshkit.saga.eventstore import EventStoreConfig
-from meshkit.saga.eventstore.events import type_token
+from meshkit.saga.eventstore.events import type_filter
 
 __all__ = ["ConsumerSpec", "EventStoreSource", "HostedStore", "StreamSpec"]
 
@@ -164,7 +164,7 @@ class EventStoreSource:
         """The JetStream source for a stream whose events sit under ``prefix``."""
         head = self.store.subject_prefix
         # A type's token back into its name: split on the ':' it put for each '.'.
-        pairs = [(f"{head}.{type_token(t)}.*.*", f"{prefix}.{t}") for t in self.types] or [
+        pairs = [(type_filter(head, t), f"{prefix}.{t}") for t in self.types] or [
             (f"{head}.*.*.*", f"{prefix}.{{{{split(1,:)}}}}")
         ]
         return api.StreamSource(
@@ -225,7 +225,7 @@ class HostedStore:
 
     def filter_for(self, event_type: str) -> str:
         """The consumer filter for this type's events from the store, any aggregate."""
-        return f"{self.store.subject_prefix}.{type_token(event_type)}.*.*"
+        return type_filter(self.store.subject_prefix, event_type)
 
 
 def _sources_key(

@@ -57,6 +57,11 @@ def type_token(event_type: str) -> str:
     return token
 
 
+def type_filter(prefix: str, event_type: str) -> str:
+    """The subject filter matching a store's events of one type, any aggregate."""
+    return f"{prefix}.{type_token(event_type)}.*.*"
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Version:
     """An aggregate's version: how many events it has, and the stream sequence of the last.

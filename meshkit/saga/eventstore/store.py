@@ -65,8 +65,7 @@ from meshkit.saga.eventstore.reads import RawMessage, read_batches
 
 log = logging.getLogger("meshkit.saga.eventstore")
 
-# An append's span without an OpenTelemetry SDK; nullcontext keeps no state, so one
-# serves every append.
+# An append's span without an OpenTelemetry SDK: a stateless nullcontext serves all.
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext(None)
 # Aggregate types that passed their checks: few, and checked on every append.
 _CHECKED_AGGREGATE_TYPES: set[str] = set()
@@ -165,8 +164,7 @@ class EventStore:
         return f"{self.config.subject_prefix}.>"
 
     def aggregate_name(self, aggregate_type: str, aggregate_id: str) -> str:
-        """``<prefix>.<aggregate type>.<id>``, the aggregate's name in messages and
-        errors; raises ValueError naming a bad type or id."""
+        """``<prefix>.<aggregate type>.<id>``, its name in errors; ValueError for a bad one."""
         if aggregate_type not in _CHECKED_AGGREGATE_TYPES:
             if not _NAME.match(aggregate_type):
                 raise ValueError(f"aggregate type {aggregate_type!r} must match [A-Za-z0-9_-]+")
@@ -179,6 +177,9 @@ class EventStore:
     def aggregate_filter(self, aggregate_type: str, aggregate_id: str) -> str:
         """``<prefix>.*.<aggregate type>.<id>``, matching every event of one aggregate."""
         self.aggregate_name(aggregate_type, aggregate_id)  # checks both
+        return self._filter(aggregate_type, aggregate_id)
+
+    def _filter(self, aggregate_type: str, aggregate_id: str) -> str:
         return f"{self.config.subject_prefix}.*.{aggregate_type}.{aggregate_id}"
 
     def event_subject(self, aggregate_type: str, aggregate_id: str, event_type: str) -> str:
@@ -286,7 +287,7 @@ class EventStore:
         """
         self._check_server()
         name = self.aggregate_name(aggregate_type, aggregate_id)
-        where = f"{self.config.subject_prefix}.*.{aggregate_type}.{aggregate_id}"
+        where = self._filter(aggregate_type, aggregate_id)  # checked just above
         if not events:
             raise ValueError("append needs at least one event")
         if len(events) > MAX_BATCH:
