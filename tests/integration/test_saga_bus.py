@@ -206,21 +206,27 @@ async def test_a_memory_stream_lost_in_a_restart_is_declared_again() -> None:
         await bus.close()
 
 
-async def test_a_batch_consumer_gets_what_arrived_together_and_a_failed_batch_comes_back(
+async def test_a_failed_batch_comes_back_and_each_message_is_handled_once(
     bus: EventBus,
 ) -> None:
+    """A batch handler that raises gets every message of that batch again.
+
+    (How many messages the first batch holds depends on how the server's writes
+    reach the socket; that a batch takes everything that arrived together is
+    shown deterministically by the gated tests below.)"""
     spec = _stream()
     await bus.ensure_stream(spec)
     for i in range(20):
         await bus.emit(spec, ev.OrderCreated(order_id=f"o{i}"))
     batches: list[list[str]] = []
-    failed: list[int] = []
+    failed: list[list[str]] = []
 
     async def handle(msgs: list[Any]) -> None:
+        ids = [ev.OrderCreated.FromString(m.data).order_id for m in msgs]
         if not failed:  # the first batch fails as a whole: each message comes back
-            failed.append(len(msgs))
+            failed.append(ids)
             raise RuntimeError("boom")
-        batches.append([ev.OrderCreated.FromString(m.data).order_id for m in msgs])
+        batches.append(ids)
         for m in msgs:
             await m.ack()
 
@@ -230,8 +236,7 @@ async def test_a_batch_consumer_gets_what_arrived_together_and_a_failed_batch_co
     got = [o for b in batches for o in b]
     assert sorted(got) == sorted(f"o{i}" for i in range(20))  # each once, none lost
     assert len(got) == 20
-    # The backlog, ready before the first pull, arrives in reads of several messages.
-    assert failed[0] > 1
+    assert failed[0] and all(got.count(o) == 1 for o in failed[0])
     assert consumer.stats.errors == 1 and "boom" in consumer.stats.last_error
 
 
