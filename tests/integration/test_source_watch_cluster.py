@@ -60,7 +60,15 @@ async def test_a_source_on_retry_backoff_is_nudged_and_copies_at_once(bus: Event
         bus.js, api.StreamConfig(name=origin, subjects=[f"orig{tag}.>"], num_replicas=3)
     )
     for i in range(5):
-        await bus.js.publish(f"orig{tag}.x", str(i).encode())
+        # Just created on three nodes, the stream may have no leader for a moment;
+        # the message id makes a resend safe.
+        await cluster.retrying(
+            f"publishing to {origin}",
+            lambda i=i: bus.js.publish(
+                f"orig{tag}.x", str(i).encode(), headers={"Nats-Msg-Id": f"{tag}-{i}"}
+            ),
+            transient=cluster.JUST_CREATED,
+        )
     await asyncio.sleep(1.5)
     assert await _messages(bus, copy) == 0  # stalled: nothing copied
     watch = cluster.SourceWatch(bus.nc, copy, stalled_after=2.0, interval=0.25).start()
