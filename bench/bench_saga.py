@@ -26,6 +26,9 @@ CPU per saga is user+system time (Linux /proc/<pid>/stat) of every process of th
 side, its nats-server and the driver included, over the phase, divided by its sagas:
 on a shared machine a steadier measure than wall-clock rates. Figures are medians
 over the rounds; a ratio (meshkit / peer) is the median of the per-round ratios,
+with a distribution-free interval for that median (order statistics: with 5 rounds
+the per-round range, at 94%) and, for each target, whether the interval meets it,
+misses it or straddles it ("undecided": the run cannot tell on this machine);
 moderate latencies are percentiles of every round's sagas pooled. Without
 ``--only saga`` a raw JetStream publish+consume+ack run per round (on meshkit's
 server) is reported as context. Writes bench/results/saga.json.
@@ -40,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,7 +53,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,6 +507,32 @@ def median_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def median_interval(values: list[float]) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``values`` (order statistics:
+    the k-th smallest to the k-th largest, k the largest with a binomial tail of at
+    most 5% on each side) and its coverage. Five rounds give [min, max] at 94%."""
+    n = len(values)
+    ordered = sorted(values)
+    k, tail = 0, 0.0
+    while True:
+        nxt = tail + math.comb(n, k) / 2**n
+        if nxt > 0.05 or k >= (n - 1) // 2:
+            break
+        tail, k = nxt, k + 1
+    if k == 0:  # too few rounds for 90%: the whole range, with what it covers
+        return ordered[0], ordered[-1], round(1 - 2 / 2**n, 3)
+    return ordered[k - 1], ordered[n - k], round(1 - 2 * tail, 3)
+
+
+def _verdict(low: float, high: float, ok: Callable[[float], bool]) -> str:
+    """Whether a whole interval meets a target, misses it, or straddles it."""
+    if ok(low) and ok(high):
+        return "met"
+    if not ok(low) and not ok(high):
+        return "not met"
+    return "undecided"
+
+
 def _get(row: dict[str, Any], path: str) -> float:
     value: Any = row
     for part in path.split("."):
@@ -625,6 +655,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         mk, peer = sides["meshkit"], sides["peer"]
         ratios: dict[str, Any] = {}
         per_round: dict[str, list[float]] = {}
+        intervals: dict[str, dict[str, float]] = {}
         for key, path in COMPARED:
             rs = [
                 _get(a, path) / _get(b, path)
@@ -633,6 +664,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ]
             ratios[key] = round(statistics.median(rs), 3)
             per_round[key] = [round(x, 3) for x in rs]
+            low, high, coverage = median_interval(rs)
+            intervals[key] = {"low": round(low, 3), "high": round(high, 3), "coverage": coverage}
         ratios["moderate_pooled_p50_ratio"] = round(
             result["meshkit"]["moderate_pooled"]["p50_ms"]
             / result["peer"]["moderate_pooled"]["p50_ms"],
@@ -645,6 +678,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         result["ratios"] = ratios
         result["ratios_per_round"] = per_round
+        result["ratio_intervals"] = intervals
         thr = min(ratios["open_sagas_per_s_ratio"], ratios["closed_sagas_per_s_ratio"])
         cpu = max(ratios["open_cpu_per_saga_ratio"], ratios["closed_cpu_per_saga_ratio"])
         result["targets"] = {
@@ -653,6 +687,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "throughput_met": thr >= TARGET_THROUGHPUT_RATIO,
             "cpu_met": cpu <= TARGET_CPU_RATIO,
             "moderate_p99_no_worse": ratios["moderate_pooled_p99_ratio"] <= 1.0,
+            # What the rounds' spread allows to say of each target: "undecided" when
+            # the median's interval straddles it (this run cannot tell either way).
+            "decided_by_this_run": {
+                key: _verdict(
+                    intervals[key]["low"],
+                    intervals[key]["high"],
+                    (lambda r: r >= TARGET_THROUGHPUT_RATIO)
+                    if "sagas_per_s" in key
+                    else (lambda r: r <= TARGET_CPU_RATIO),
+                )
+                for key in (
+                    "open_sagas_per_s_ratio",
+                    "closed_sagas_per_s_ratio",
+                    "open_cpu_per_saga_ratio",
+                    "closed_cpu_per_saga_ratio",
+                )
+            },
         }
     if raws:
         result["context"] = {
@@ -703,6 +754,16 @@ def _report(result: dict[str, Any]) -> None:
             f"{'met' if t['throughput_met'] else 'NOT met'}; CPU per saga <= "
             f"{t['cpu_per_saga_ratio_max']}: {'met' if t['cpu_met'] else 'NOT met'}; "
             f"moderate p99 no worse: {'yes' if t['moderate_p99_no_worse'] else 'no'}"
+        )
+        spans = result["ratio_intervals"]
+        print(
+            "median ratios' intervals (order statistics): "
+            + ", ".join(
+                f"{k} [{v['low']}, {v['high']}] at {v['coverage']:.0%}: "
+                f"{t['decided_by_this_run'][k]}"
+                for k, v in spans.items()
+                if k in t["decided_by_this_run"]
+            )
         )
     if "context" in result:
         raw = result["context"]["raw_jetstream"]
