@@ -3,71 +3,74 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 
 __all__ = ["KeyedLocks"]
-
-
-class _Entry:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
 
 
 class KeyedLocks:
     """One lock per key, kept only while someone holds or waits for it.
 
     ``async with locks.hold(key):`` serializes work on one key (one saga's KV
-    record, one inbox key) while different keys proceed concurrently. A count of
-    holders and waiters decides when to drop the lock, so a waiter never ends up
-    on a lock that a newcomer no longer sees.
+    record, one inbox key) while different keys proceed concurrently, first come
+    first served. A key nobody holds costs one dict entry while held: no lock
+    object and no future unless someone has to wait (every event takes a key or
+    two, and almost always uncontended). A holder hands the key straight to the
+    first waiter, so a newcomer never overtakes one.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        # key -> its waiters, in arrival order (None: held, nobody waiting yet).
+        self._held: dict[str, collections.deque[asyncio.Future[None]] | None] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._held)
 
     def hold(self, key: str) -> _Held:
         return _Held(self, key)
 
-    async def _acquire(self, key: str) -> _Entry:
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry()
-        entry.users += 1
+    async def _wait(self, key: str) -> None:
+        """Wait for ``key``, held by someone else, to be handed over."""
+        held = self._held
+        waiters = held[key]
+        if waiters is None:
+            waiters = held[key] = collections.deque()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
         try:
-            await entry.lock.acquire()
+            await turn
         except BaseException:
-            self._unref(key, entry)
+            if turn.done() and not turn.cancelled():
+                self._release(key)  # handed the key just as we were cancelled: pass it on
+            elif turn in waiters:
+                waiters.remove(turn)
             raise
-        return entry
 
-    def _release(self, key: str, entry: _Entry) -> None:
-        entry.lock.release()
-        self._unref(key, entry)
-
-    def _unref(self, key: str, entry: _Entry) -> None:
-        entry.users -= 1
-        if entry.users == 0:
-            del self._entries[key]
+    def _release(self, key: str) -> None:
+        waiters = self._held[key]
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():  # a cancelled waiter is skipped
+                turn.set_result(None)  # the key stays held: it is the waiter's now
+                return
+        del self._held[key]
 
 
 class _Held:
-    __slots__ = ("_entry", "_key", "_locks")
+    __slots__ = ("_key", "_locks")
 
     def __init__(self, locks: KeyedLocks, key: str) -> None:
         self._locks = locks
         self._key = key
-        self._entry: _Entry | None = None
 
     async def __aenter__(self) -> None:
-        self._entry = await self._locks._acquire(self._key)
+        held = self._locks._held
+        if self._key in held:
+            await self._locks._wait(self._key)
+        else:
+            held[self._key] = None
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._entry is not None
-        self._locks._release(self._key, self._entry)
+        self._locks._release(self._key)

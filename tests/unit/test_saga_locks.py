@@ -63,3 +63,49 @@ async def test_a_cancelled_waiter_leaves_the_lock_usable_and_then_gone() -> None
     async with locks.hold("k"):
         assert len(locks) == 1
     assert len(locks) == 0
+
+
+async def test_a_waiter_cancelled_as_the_key_is_handed_to_it_passes_the_key_on() -> None:
+    locks = KeyedLocks()
+    gate = asyncio.Event()
+    got: list[str] = []
+    waiters: list[asyncio.Task[None]] = []
+
+    async def holder() -> None:
+        async with locks.hold("k"):
+            await gate.wait()
+        waiters[0].cancel()  # the key is w1's now, and w1 has not run yet
+
+    async def waiter(name: str) -> None:
+        async with locks.hold("k"):
+            got.append(name)
+
+    h = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiters += [asyncio.create_task(waiter("w1")), asyncio.create_task(waiter("w2"))]
+    await asyncio.sleep(0)
+    gate.set()
+    await h
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[0]
+    await waiters[1]
+    assert got == ["w2"] and len(locks) == 0
+
+
+async def test_a_newcomer_does_not_overtake_a_waiter() -> None:
+    locks = KeyedLocks()
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        async with locks.hold("k"):
+            got.append(name)
+            await asyncio.sleep(0)
+
+    first = asyncio.create_task(take("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(take("second"))
+    await asyncio.sleep(0)  # second waits
+    await first  # hands the key to second, which has not run yet
+    await take("third")  # arrives while second holds the key
+    await second
+    assert got == ["first", "second", "third"] and len(locks) == 0
