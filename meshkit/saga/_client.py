@@ -122,6 +122,9 @@ class Replies:
         self._next = 0
         self._subscribed = False
         self._subscribing: asyncio.Future[None] | None = None
+        # The connection's loop, taken when subscribing: asking for the running loop
+        # on every request costs a getpid() system call (Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def nc(self) -> _NatsClient:
@@ -138,7 +141,8 @@ class Replies:
         if self._subscribing is not None:
             await asyncio.shield(self._subscribing)
             return
-        self._subscribing = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._subscribing = self._loop.create_future()
         try:
             nc = self.nc
             sub = await nc.subscribe(f"{self.prefix}.*", cb=self._on_msg, pending_msgs_limit=-1)
@@ -182,7 +186,8 @@ class Replies:
         nats' TimeoutError and NoRespondersError as it does."""
         if not self._subscribed:  # awaiting ready() each time was a coroutine per request
             await self.ready()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by ready()
         future: asyncio.Future[Msg] = loop.create_future()
         # A partial, not a closure: one object fewer for the collector per request.
         reply = self.listen(functools.partial(_settle, future))
@@ -221,7 +226,8 @@ class Replies:
         ack is awaited. For each, in order: None once the stream has it (stored, or
         a duplicate it dropped), or the error :meth:`jetstream_publish` would raise."""
         await self.ready()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by ready()
         nc = self.nc
         waiting: list[tuple[asyncio.Future[Msg], str]] = []
         unsent: Exception | None = None

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -350,11 +351,11 @@ class EventStore:
                 _wire.check_sizes(self.nc, name, where, subjects, payloads, headers, types)
                 args = (atomic, where, subjects, payloads, headers, current, only_new)
                 try:
-                    # Resent as it was while the cluster elects a leader: the same
-                    # Nats-Msg-Id, so one that was stored but not acknowledged is
-                    # acknowledged as a duplicate and not stored again. The first try
-                    # is made here, as _riding would, without its two coroutines.
-                    start = asyncio.get_running_loop().time()
+                    # Resent as it was while the cluster elects a leader: the same Nats-Msg-Id,
+                    # so one stored but not acknowledged is acknowledged as a duplicate, not
+                    # stored again. The first try is made here, without _riding's coroutines
+                    # (and its clock read only if it fails: the loop's costs a getpid() call).
+                    started = time.monotonic()
                     try:
                         seqs = await self._store(*args)
                         failed = None
@@ -362,6 +363,7 @@ class EventStore:
                         failed = exc
                     if failed is not None:
                         store = functools.partial(self._store, *args)
+                        start = asyncio.get_running_loop().time() - (time.monotonic() - started)
                         seqs = await _riding_after(f"append to {name}", store, start, failed)
                     break
                 except _Duplicate as dup:
@@ -509,8 +511,7 @@ class EventStore:
         current: Version,
         only_new: bool,
     ) -> list[int]:
-        """Publish the events expecting ``current`` on the aggregate's filter
-        ``where``; returns their sequences.
+        """Publish the events expecting ``current`` on ``where``; their sequences.
 
         While another write to the aggregate is in flight on a replicated stream the
         server refuses ours (10164) without knowing yet whether the other one will
@@ -518,8 +519,7 @@ class EventStore:
         server can say, for up to ``_IN_FLIGHT_WAIT`` seconds. Then a lost race is
         the 10071 conflict it is on one node.
         """
-        loop = asyncio.get_running_loop()
-        end = loop.time() + _IN_FLIGHT_WAIT
+        end = time.monotonic() + _IN_FLIGHT_WAIT
         delay = 0.002
         while True:
             try:
@@ -533,7 +533,7 @@ class EventStore:
                     self, where, subjects, payloads, headers, current, only_new
                 )
             except _InFlight:
-                if loop.time() + delay >= end:
+                if time.monotonic() + delay >= end:
                     raise
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.05)
