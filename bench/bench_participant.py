@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write  # noqa: E402
-from bench.bench_saga import _cpu_seconds  # noqa: E402
+from bench.bench_saga import _cpu_seconds, order_request  # noqa: E402
 from examples.shop.gen.shop.v1 import events_pb2 as ev  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "participant.json"
@@ -71,25 +71,6 @@ ROLES = ("notification", "order")
 def durable(role: str) -> str:
     """The role's consumer, the same name on both sides."""
     return f"SHOP-{role}"
-
-
-def _order_request() -> Any:
-    from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
-
-    return orders_pb2.CreateOrderRequest(
-        customer_id="c-1",
-        request_id=uuid.uuid4().hex,
-        items=[
-            common_pb2.LineItem(
-                sku="pen",
-                quantity=1,
-                unit_price=common_pb2.Money(currency="KRW", amount_minor=1200),
-            )
-        ],
-        shipping_address=common_pb2.Address(
-            name="b", line1="1", city="Seoul", postal_code="1", country="KR"
-        ),
-    )
 
 
 async def _meshkit(
@@ -160,7 +141,7 @@ async def _meshkit_orders(bus: Any, n: int) -> list[str]:
     order_service._ORDERS[:] = [orders]
     ids = []
     for _ in range(n):
-        request = _order_request()
+        request = order_request(uuid.uuid4().hex, "c-1")
         order_id = order_service.order_id_for(request.request_id)
         await orders.execute(
             order_id,
@@ -189,7 +170,7 @@ async def _peer(
     if role == "order":
         conn.execute("BEGIN IMMEDIATE")
         for _ in range(events):
-            request = _order_request()
+            request = order_request(uuid.uuid4().hex, "c-1")
             order_ids.append(peer.order_id_for(request.request_id))
             peer.create_order(conn, order_ids[-1], request)
         conn.execute("COMMIT")

@@ -145,6 +145,26 @@ async def bench_raw(url: str, n: int, window: int = 256) -> dict[str, Any]:
     return {"events": n, "seconds": round(elapsed, 3), "events_per_s": round(n / elapsed, 1)}
 
 
+def order_request(request_id: str, customer_id: str = "bench") -> Any:
+    """The order every saga of the benchmarks places: one pen, shipped to Seoul."""
+    from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
+
+    return orders_pb2.CreateOrderRequest(
+        customer_id=customer_id,
+        items=[
+            common_pb2.LineItem(
+                sku="pen",
+                quantity=1,
+                unit_price=common_pb2.Money(currency="KRW", amount_minor=1200),
+            )
+        ],
+        shipping_address=common_pb2.Address(
+            name="b", line1="1", city="Seoul", postal_code="1", country="KR"
+        ),
+        request_id=request_id,
+    )
+
+
 class SagaDriver:
     """Places orders over gRPC and times each saga until its CustomerNotified event.
 
@@ -184,22 +204,7 @@ class SagaDriver:
                 fut.set_result(None)
 
     async def order(self, request_id: str) -> str:
-        from examples.shop.gen.shop.v1 import common_pb2, orders_pb2
-
-        req = orders_pb2.CreateOrderRequest(
-            customer_id="bench",
-            items=[
-                common_pb2.LineItem(
-                    sku="pen",
-                    quantity=1,
-                    unit_price=common_pb2.Money(currency="KRW", amount_minor=1200),
-                )
-            ],
-            shipping_address=common_pb2.Address(
-                name="b", line1="1", city="Seoul", postal_code="1", country="KR"
-            ),
-            request_id=request_id,
-        )
+        req = order_request(request_id)
         t0 = time.perf_counter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         order_id = uuid.uuid5(
@@ -524,8 +529,11 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
     return ordered[k - 1], ordered[n - k], round(1 - 2 * tail, 3)
 
 
-def _verdict(low: float, high: float, ok: Callable[[float], bool]) -> str:
-    """Whether a whole interval meets a target, misses it, or straddles it."""
+def _verdict(low: float, high: float, ok: Callable[[float], bool], coverage: float = 1.0) -> str:
+    """Whether a whole interval meets a target, misses it, or straddles it (or covers too
+    little, with fewer than five rounds, to say either)."""
+    if coverage < 0.9:
+        return "undecided"
     if ok(low) and ok(high):
         return "met"
     if not ok(low) and not ok(high):
@@ -696,6 +704,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     (lambda r: r >= TARGET_THROUGHPUT_RATIO)
                     if "sagas_per_s" in key
                     else (lambda r: r <= TARGET_CPU_RATIO),
+                    intervals[key]["coverage"],
                 )
                 for key in (
                     "open_sagas_per_s_ratio",

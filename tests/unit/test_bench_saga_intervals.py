@@ -28,3 +28,6 @@ def test_verdicts() -> None:
     assert _verdict(0.95, 1.04, at_most) == "met"
     assert _verdict(1.06, 1.2, at_most) == "not met"
     assert _verdict(0.9, 1.2, at_most) == "undecided"
+    # One or a few rounds cover too little to decide anything.
+    assert _verdict(1.2, 1.2, at_most, coverage=0.0) == "undecided"
+    assert _verdict(0.95, 1.04, at_most, coverage=0.875) == "undecided"
