@@ -86,7 +86,12 @@ async def _meshkit(
 
     bus = await EventBus.connect(url, name="bench-participant")
     await bus.ensure_stream(SHOP_STREAM)
-    store = Store(os.path.join(tmp, f"{role}.sqlite"), notification.SCHEMA)
+    # The notification participant's own database (the order service keeps none).
+    store = (
+        Store(os.path.join(tmp, "notification.sqlite"), notification.SCHEMA)
+        if role == "notification"
+        else None
+    )
     order_ids = await _meshkit_orders(bus, events) if role == "order" else []
     messages = []
     for i in range(events):
@@ -109,7 +114,7 @@ async def _meshkit(
     running: list[Any] = []
 
     async def start() -> None:
-        if role == "order":
+        if store is None:
             # As examples/shop/order.py's build wires it: no inbox record.
             running.append(await order_service.PARTICIPANT.start(bus, inbox=IdempotentInbox()))
         else:
@@ -121,7 +126,8 @@ async def _meshkit(
         for r in running:
             await r.stop()
         await bus.close()
-        store.close()
+        if store is not None:
+            store.close()
 
     return start, stop
 
