@@ -13,10 +13,10 @@ class KeyedLocks:
 
     ``async with locks.hold(key):`` serializes work on one key (one saga's KV
     record, one inbox key) while different keys proceed concurrently, first come
-    first served. A key nobody holds costs one dict entry while held: no lock
-    object and no future unless someone has to wait (every event takes a key or
-    two, and almost always uncontended). A holder hands the key straight to the
-    first waiter, so a newcomer never overtakes one.
+    first served. A held key costs one dict entry, and a future only for each
+    holder-to-be that has to wait: no lock object (every event takes a key or two,
+    almost always uncontended). A holder hands the key straight to the first
+    waiter, so a newcomer never overtakes one.
     """
 
     __slots__ = ("_held",)
