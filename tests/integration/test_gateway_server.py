@@ -682,6 +682,65 @@ async def test_cli_workers_and_sighup_reload(echo: Backend, tmp_path: Path) -> N
     assert proc.returncode == 0, out
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+async def test_cli_workers_survive_sighup_while_starting_and_reload(
+    echo: Backend, tmp_path: Path
+) -> None:
+    """A SIGHUP forwarded to a worker still starting (before its app installed its
+    handler) neither ends it nor is lost: it reloads once it can."""
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway:\n  fallback_routes: unannotated\n")
+    port = free_port()
+    args = ["--descriptor-set", str(descriptor_sets()["gwtest"])]
+    args += ["--upstream", f"127.0.0.1:{echo.port}", "--port", str(port)]
+    proc = _spawn([*args, "--workers", "2", "--config", str(cfg)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # The parent starts its workers only once it forwards (or ignores) SIGHUP.
+        for _ in range(600):
+            if _children(proc.pid) or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.01)
+        cfg.write_text("gateway:\n  fallback_routes: all\n")
+        answering = False
+        for _ in range(600):  # SIGHUPs all through the workers' start, and a while after
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.05)
+            if not answering:
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    answering = True
+                    after = 10
+            else:
+                after -= 1
+                if after == 0:
+                    break
+        assert answering, "the gateway did not come up"
+        for _ in range(8):  # fresh connections land on either worker: both reloaded
+            async with httpx.AsyncClient(base_url=base, timeout=10) as fresh:
+                r = await fresh.post("/gwtest.v1.EchoService/Echo", json={"name": "r"})
+                assert r.status_code == 200, r.text
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert len(_workers_reloads(out)) >= 2, out
+
+
+def _workers_reloads(log: str) -> set[str]:
+    """The pids of the workers that logged a reload."""
+    return set(re.findall(r"gateway reloaded: \d+ routes \(pid (\d+)\)", log))
+
+
 async def test_cli_single_process_drains_on_sigterm_and_exits_0(echo: Backend) -> None:
     port = free_port()
     args = ["--descriptor-set", str(descriptor_sets()["gwtest"])]

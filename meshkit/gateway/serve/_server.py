@@ -57,6 +57,26 @@ class ServeSpec:
 #: Set in a worker process of :func:`serve` (``--workers``): its parent forwards
 #: SIGHUP to every worker, so a reload asked of one worker goes through the parent.
 _worker_of_serve = False
+#: A SIGHUP reached this worker before its app could reload (it was starting): the
+#: reload runs as soon as the app installs its handler (see :func:`_install_sighup`).
+_sighup_while_starting = False
+
+
+def _note_sighup(_signum: int, _frame: Any) -> None:
+    global _sighup_while_starting
+    _sighup_while_starting = True
+
+
+def _install_sighup(reload: Callable[[], None]) -> None:
+    """From now on SIGHUP runs ``reload`` in the running loop; one that came while the
+    worker was starting (its configuration may have been read before the change) runs
+    it at once."""
+    global _sighup_while_starting
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    if _sighup_while_starting:
+        _sighup_while_starting = False
+        reload()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +148,7 @@ def _with_sighup(app: ASGIApp, on_sighup: Callable[[], None]) -> ASGIApp:
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+            _install_sighup(on_sighup)
         await app(scope, receive, send)
 
     return wrapper
@@ -231,8 +250,7 @@ def build_app(spec: ServeSpec) -> ASGIApp:
             log.error("gateway reload failed, keeping the previous configuration: %s", exc)
 
     async def install_sighup() -> None:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+        _install_sighup(reload)
 
     app.on_startup.append(install_sighup)
     return app
@@ -272,6 +290,9 @@ def run_worker(
 def _worker_main(spec: ServeSpec) -> None:
     global _worker_of_serve
     _worker_of_serve = True
+    # SIGHUP was ignored since the parent started this process (see serve); from here
+    # on one is noted, and the app reloads once it can.
+    signal.signal(signal.SIGHUP, _note_sighup)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -333,11 +354,15 @@ def serve(spec: ServeSpec) -> int:
                     os.kill(p.pid, signum)
 
     # Before the workers start: a worker may ask for a reload (SIGHUP to this process)
-    # as soon as it serves, and SIGHUP's default action would end the parent.
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    # as soon as it serves, and SIGHUP's default action would end the parent. The
+    # workers start with SIGHUP ignored (an ignored signal stays ignored across exec):
+    # one forwarded while a worker is still starting must not end it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for p in procs:
         p.start()
+    signal.signal(signal.SIGHUP, forward)
     if _wait_until_answering(spec.host, port, procs):
         log.info("meshkit gateway on %s:%d with %d workers", spec.host, port, spec.workers)
     code = 0
