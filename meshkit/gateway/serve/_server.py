@@ -72,6 +72,7 @@ def _install_sighup(reload: Callable[[], None]) -> None:
     worker was starting (its configuration may have been read before the change) runs
     it at once."""
     global _sighup_while_starting
+    # No loop signal handlers off the main thread or on Windows: no SIGHUP reload there.
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     if _sighup_while_starting:
